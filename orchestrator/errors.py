@@ -1,0 +1,73 @@
+"""Typed errors shared by the orchestrator and the workers.
+
+Every error is raised where the problem is detected and carries what a user needs to act:
+the file, the worker, the numbers. The gRPC boundary maps these types to status codes in
+one table (``orchestrator.wire.status``); nothing else converts them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class OrchError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+# --- model files -----------------------------------------------------------------------
+
+
+class GGUFError(OrchError):
+    """A file cannot be used as a GGUF model. Names the file and the problem."""
+
+    def __init__(self, path: Path | str, problem: str) -> None:
+        self.path = Path(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+class NotGGUFError(GGUFError):
+    """The file is not a GGUF file at all (wrong magic, empty, a directory...)."""
+
+
+class TruncatedGGUFError(GGUFError):
+    """The file ends before its header or its tensor data does (interrupted download?)."""
+
+
+class CorruptGGUFError(GGUFError):
+    """The header parses but contradicts itself or the file (bad counts, bad offsets)."""
+
+
+class UnsupportedModelError(GGUFError):
+    """A valid GGUF this project cannot split exactly (architecture, missing metadata)."""
+
+
+class LayerRangeError(OrchError, ValueError):
+    """A layer range outside ``[0, n_layers)`` or empty."""
+
+
+# --- engine ------------------------------------------------------------------------------
+
+
+class EngineError(OrchError):
+    """The stage engine failed; subclasses say how."""
+
+
+class ShardLoadError(EngineError):
+    """llama.cpp refused to load a shard (its log line is in the message)."""
+
+
+class ContextFullError(EngineError):
+    """A session has no room left in its KV cache (context length reached)."""
+
+
+class InvalidInputError(EngineError, ValueError):
+    """Forward input of the wrong kind or shape for this stage."""
+
+
+class ComputeError(EngineError):
+    """llama_decode failed while computing the graph."""
+
+
+class SessionError(EngineError):
+    """Unknown session, or no free session slot."""

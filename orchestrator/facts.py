@@ -1,0 +1,335 @@
+"""Model facts read from a GGUF header: pure data, never tensor contents.
+
+``read_model_facts(path)`` memory-maps the file, parses the header with gguf-py and
+returns an immutable ``ModelFacts``: architecture, shape, and the byte size of every layer
+and of the embedding, output and norm tensors. The planner sizes layer ranges from these
+numbers, the shard writer copies the tensors they describe. Key names and type sizes come
+from gguf-py's tables (``gguf.Keys``, ``gguf.GGML_QUANT_SIZES``), never re-typed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType, Keys, MODEL_TENSOR, TENSOR_NAMES
+
+from orchestrator.errors import (
+    CorruptGGUFError,
+    GGUFError,
+    NotGGUFError,
+    TruncatedGGUFError,
+    UnsupportedModelError,
+)
+
+# Architectures whose layer ranges are proven exact by the test suite (tests/test_exact_*).
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+
+# "blk.{bid}.attn_q" -> "blk.", the prefix every per-layer tensor name shares.
+BLOCK_PREFIX = TENSOR_NAMES[MODEL_TENSOR.ATTN_Q].split("{bid}")[0]
+_BLOCK_NAME = re.compile(re.escape(BLOCK_PREFIX) + r"(\d+)\.(.+)")
+TOKEN_EMBD = TENSOR_NAMES[MODEL_TENSOR.TOKEN_EMBD] + ".weight"
+OUTPUT = TENSOR_NAMES[MODEL_TENSOR.OUTPUT] + ".weight"
+OUTPUT_NORM = TENSOR_NAMES[MODEL_TENSOR.OUTPUT_NORM] + ".weight"
+
+# Smallest possible GGUF header: magic, version, tensor count, kv count.
+_MIN_HEADER_BYTES = 4 + 4 + 8 + 8
+
+
+@dataclass(frozen=True)
+class TensorFacts:
+    """Where one tensor lives in its file and how big it is."""
+
+    name: str
+    ggml_type: GGMLQuantizationType
+    shape: tuple[int, ...]  # GGUF order: shape[0] is the contiguous (row) dimension
+    n_bytes: int
+    offset: int  # absolute byte offset of the data in the file
+
+    @property
+    def block(self) -> int | None:
+        """Layer index for ``blk.N.*`` tensors, else None."""
+        match = _BLOCK_NAME.fullmatch(self.name)
+        return int(match.group(1)) if match else None
+
+
+def rename_block(name: str, new_block: int) -> str:
+    """``blk.7.attn_q.weight`` with new_block=2 -> ``blk.2.attn_q.weight``."""
+    match = _BLOCK_NAME.fullmatch(name)
+    if match is None:
+        raise ValueError(f"not a per-layer tensor name: {name!r}")
+    return f"{BLOCK_PREFIX}{new_block}.{match.group(2)}"
+
+
+def type_bytes(ggml_type: GGMLQuantizationType, n_elements: int) -> int:
+    """Bytes of ``n_elements`` values of ``ggml_type`` (whole blocks)."""
+    block_size, type_size = gguf.GGML_QUANT_SIZES[ggml_type]
+    return n_elements * type_size // block_size
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the planner and the shard writer need to know about one GGUF model."""
+
+    path: Path
+    file_size: int
+    arch: str
+    n_layers: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim_k: int
+    head_dim_v: int
+    n_ctx_train: int
+    n_vocab: int
+    tied_output: bool  # True when the lm head is the token embedding (no output.weight)
+    tensors: tuple[TensorFacts, ...]
+    metadata: dict[str, Any]  # scalar and short-array keys, for display; no tokenizer lists
+    data_offset: int
+    alignment: int
+
+    @cached_property
+    def by_name(self) -> dict[str, TensorFacts]:
+        return {t.name: t for t in self.tensors}
+
+    @cached_property
+    def layer_bytes(self) -> tuple[int, ...]:
+        """Bytes of each layer's tensors, index = layer."""
+        sizes = [0] * self.n_layers
+        for tensor in self.tensors:
+            if tensor.block is not None:
+                sizes[tensor.block] += tensor.n_bytes
+        return tuple(sizes)
+
+    @property
+    def embedding_bytes(self) -> int:
+        return self.by_name[TOKEN_EMBD].n_bytes
+
+    @property
+    def output_bytes(self) -> int:
+        """Bytes of the lm head: ``output.weight``, or the embedding again when tied."""
+        return self.by_name[OUTPUT].n_bytes if not self.tied_output else self.embedding_bytes
+
+    @property
+    def output_norm_bytes(self) -> int:
+        tensor = self.by_name.get(OUTPUT_NORM)
+        return tensor.n_bytes if tensor else 0
+
+    @property
+    def global_tensors(self) -> tuple[TensorFacts, ...]:
+        """Tensors outside any layer other than embedding/output/norm (e.g. rope_freqs)."""
+        special = {TOKEN_EMBD, OUTPUT, OUTPUT_NORM}
+        return tuple(t for t in self.tensors if t.block is None and t.name not in special)
+
+    def layer_tensors(self, layer: int) -> tuple[TensorFacts, ...]:
+        return tuple(t for t in self.tensors if t.block == layer)
+
+    def kv_bytes_per_token_per_layer(
+        self, cache_type: GGMLQuantizationType = GGMLQuantizationType.F16
+    ) -> int:
+        """KV-cache bytes one token costs in one layer (K and V) for ``cache_type``."""
+        k = type_bytes(cache_type, self.head_dim_k * self.n_head_kv)
+        v = type_bytes(cache_type, self.head_dim_v * self.n_head_kv)
+        return k + v
+
+    @property
+    def is_supported(self) -> bool:
+        return self.arch in SUPPORTED_ARCHITECTURES
+
+    def require_supported(self) -> None:
+        if not self.is_supported:
+            raise UnsupportedModelError(
+                self.path,
+                f"architecture {self.arch!r} is not supported for layer splitting; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}",
+            )
+
+
+class _CheckedReader(gguf.GGUFReader):
+    """GGUFReader that checks every tensor lies inside the file before mapping it.
+
+    gguf-py would otherwise fail with a bare reshape error; we name the tensor.
+    ``_build_tensors`` is the reader's hook that receives the parsed tensor-info fields.
+    """
+
+    def _build_tensors(self, start_offs: int, fields: list[gguf.ReaderField]) -> None:
+        file_size = len(self.data)
+        for field in fields:
+            _len, name_data, _n_dims, dims, raw_dtype, offset_tensor = field.parts
+            name = bytes(name_data).decode("utf-8", errors="replace")
+            try:
+                ggml_type = GGMLQuantizationType(int(raw_dtype[0]))
+            except ValueError:
+                raise _TensorProblem(f"tensor {name!r} has unknown type {int(raw_dtype[0])}")
+            n_bytes = type_bytes(ggml_type, int(np.prod(dims.astype(np.uint64))))
+            start = start_offs + int(offset_tensor[0])
+            if start + n_bytes > file_size:
+                raise _TensorProblem(
+                    f"tensor {name!r} data [{start}, {start + n_bytes}) lies past the end of "
+                    f"the file ({file_size} bytes): truncated or corrupt file"
+                )
+        super()._build_tensors(start_offs, fields)
+
+
+class _TensorProblem(Exception):
+    pass
+
+
+def open_gguf(path: Path | str) -> gguf.GGUFReader:
+    """A parsed header of ``path``, shared while the file is unchanged.
+
+    gguf-py parses metadata arrays (the tokenizer's 50k-150k strings) in Python, which
+    takes seconds on large vocabularies, so each file version is parsed once per process.
+    """
+    path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError:
+        stat = None
+    if stat is None or not path.is_file():
+        return _open_reader(path)  # raises the right error
+    return _cached_reader(path.resolve(), stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=4)
+def _cached_reader(path: Path, _mtime_ns: int, _size: int) -> gguf.GGUFReader:
+    return _open_reader(path)
+
+
+def _open_reader(path: Path) -> gguf.GGUFReader:
+    if not path.exists():
+        raise NotGGUFError(path, "no such file")
+    if not path.is_file():
+        raise NotGGUFError(path, "not a regular file")
+    size = path.stat().st_size
+    if size < _MIN_HEADER_BYTES:
+        raise TruncatedGGUFError(path, f"only {size} bytes, shorter than a GGUF header")
+    with path.open("rb") as f:
+        magic = int.from_bytes(f.read(4), "little")
+    if magic != gguf.GGUF_MAGIC:
+        raise NotGGUFError(path, f"not a GGUF file (magic {magic:#010x}, expected "
+                                 f"{gguf.GGUF_MAGIC:#010x})")
+    try:
+        return _CheckedReader(path)
+    except _TensorProblem as exc:
+        raise TruncatedGGUFError(path, str(exc)) from None
+    except (ValueError, KeyError, IndexError, OverflowError, UnicodeDecodeError) as exc:
+        # gguf-py reads past the end as short arrays, which then fail to unpack/reshape.
+        raise CorruptGGUFError(path, f"header cannot be parsed ({exc}); the file is "
+                                     f"truncated or corrupt") from None
+
+
+def _scalar(reader: gguf.GGUFReader, key: str, path: Path, default: Any = None) -> Any:
+    field = reader.get_field(key)
+    if field is None:
+        if default is None:
+            raise UnsupportedModelError(path, f"missing metadata key {key!r}")
+        return default
+    return field.contents()
+
+
+def _metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key.startswith("tokenizer.ggml."):
+            continue
+        if field.types and field.types[0] == gguf.GGUFValueType.ARRAY and len(field.data) > 64:
+            continue
+        out[key] = field.contents()
+    return out
+
+
+def read_model_facts(path: Path | str) -> ModelFacts:
+    """Parse the header of a GGUF file. Raises a ``GGUFError`` subclass naming the file."""
+    path = Path(path)
+    reader = open_gguf(path)
+    arch = _scalar(reader, Keys.General.ARCHITECTURE, path)
+    fmt = {"arch": arch}
+    n_embd = int(_scalar(reader, Keys.LLM.EMBEDDING_LENGTH.format(**fmt), path))
+    n_head = int(_scalar(reader, Keys.Attention.HEAD_COUNT.format(**fmt), path))
+    n_head_kv = int(_scalar(reader, Keys.Attention.HEAD_COUNT_KV.format(**fmt), path, n_head))
+    if n_head <= 0 or n_embd % n_head:
+        raise CorruptGGUFError(path, f"embedding length {n_embd} not divisible by "
+                                     f"head count {n_head}")
+    head_dim = n_embd // n_head
+    tensors = tuple(
+        TensorFacts(
+            name=t.name,
+            ggml_type=GGMLQuantizationType(t.tensor_type),
+            shape=tuple(int(d) for d in t.shape),
+            n_bytes=int(t.n_bytes),
+            offset=int(t.data_offset),
+        )
+        for t in reader.tensors
+    )
+    names = {t.name for t in tensors}
+    if TOKEN_EMBD not in names:
+        raise UnsupportedModelError(path, f"no {TOKEN_EMBD} tensor")
+    n_vocab = _vocab_size(reader, fmt, tensors, path)
+    facts = ModelFacts(
+        path=path,
+        file_size=path.stat().st_size,
+        arch=arch,
+        n_layers=int(_scalar(reader, Keys.LLM.BLOCK_COUNT.format(**fmt), path)),
+        n_embd=n_embd,
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        head_dim_k=int(_scalar(reader, Keys.Attention.KEY_LENGTH.format(**fmt), path, head_dim)),
+        head_dim_v=int(_scalar(reader, Keys.Attention.VALUE_LENGTH.format(**fmt), path,
+                               head_dim)),
+        n_ctx_train=int(_scalar(reader, Keys.LLM.CONTEXT_LENGTH.format(**fmt), path, 0) or 0),
+        n_vocab=n_vocab,
+        tied_output=OUTPUT not in names,
+        tensors=tensors,
+        metadata=_metadata(reader),
+        data_offset=int(reader.data_offset),
+        alignment=int(reader.alignment),
+    )
+    _check_layers(facts)
+    return facts
+
+
+def _vocab_size(
+    reader: gguf.GGUFReader, fmt: dict[str, str], tensors: tuple[TensorFacts, ...], path: Path
+) -> int:
+    """Rows of the token embedding: the vocabulary the lm head scores."""
+    embd = next(t for t in tensors if t.name == TOKEN_EMBD)
+    if len(embd.shape) != 2:
+        raise CorruptGGUFError(path, f"{TOKEN_EMBD} has shape {embd.shape}, expected 2-D")
+    return int(embd.shape[1])
+
+
+def _check_layers(facts: ModelFacts) -> None:
+    if facts.n_layers <= 0:
+        raise CorruptGGUFError(facts.path, f"block count {facts.n_layers} is not positive")
+    for tensor in facts.tensors:
+        if tensor.block is not None and tensor.block >= facts.n_layers:
+            raise CorruptGGUFError(
+                facts.path,
+                f"tensor {tensor.name!r} belongs to layer {tensor.block} but the model has "
+                f"{facts.n_layers} layers",
+            )
+    empty = [i for i, size in enumerate(facts.layer_bytes) if size == 0]
+    if empty:
+        raise CorruptGGUFError(facts.path, f"layers without tensors: {empty[:8]}")
+
+
+__all__ = [
+    "BLOCK_PREFIX",
+    "GGUFError",
+    "ModelFacts",
+    "OUTPUT",
+    "OUTPUT_NORM",
+    "SUPPORTED_ARCHITECTURES",
+    "TOKEN_EMBD",
+    "TensorFacts",
+    "open_gguf",
+    "read_model_facts",
+    "rename_block",
+    "type_bytes",
+]

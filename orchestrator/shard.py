@@ -1,0 +1,320 @@
+"""Shards: one contiguous layer range of a GGUF model as a standalone GGUF file.
+
+The layout (which tensors a shard holds, under which names, with which metadata) is a pure
+function of the model facts and the range: ``shard_layout``. ``write_shard`` streams the
+bytes: memory use does not depend on the model size, and the same inputs always give the
+same bytes (no timestamps, fixed order), so shards are cached by sha256.
+
+What each shard carries (llama.cpp loads every one of them as an ordinary model):
+
+* every shard: its layers renumbered from 0, ``block_count`` = its layer count, global
+  tensors such as ``rope_freqs``, the final norm (the loader requires it; ``n_embd``
+  floats), and no tokenizer: ``tokenizer.ggml.model = "none"`` (llama.cpp then makes
+  dummy tokens up to ``{arch}.vocab_size``).
+* non-final shards: ``vocab_size = 1`` and a 1-row zero ``token_embd``: no vocabulary, no
+  lm head; their lm head costs one dot product and the engine stops the graph before it.
+* the final shard: the lm head as ``token_embd.weight`` (the embedding for tied models,
+  ``output.weight`` renamed for untied ones: llama.cpp uses ``token_embd`` as the output
+  matrix when ``output.weight`` is absent, so the product is the same).
+* the first shard of a chain of two or more: the real embedding matrix, stored after the
+  GGUF tensor data (an *input table* that llama.cpp never sees; see
+  ``docs/shard-format.md``). The worker looks rows up with ggml's own dequantisation
+  (``ggml_get_type_traits(type)->to_float``, the function llama.cpp's CPU ``get_rows``
+  calls), and feeds them as embeddings, so the first stage costs no lm-head memory.
+* a shard holding every layer is the model itself minus the tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFValueType, Keys
+
+from orchestrator.errors import LayerRangeError, UnsupportedModelError
+from orchestrator.facts import (
+    OUTPUT,
+    OUTPUT_NORM,
+    TOKEN_EMBD,
+    ModelFacts,
+    TensorFacts,
+    open_gguf,
+    read_model_facts,
+    rename_block,
+)
+
+# Metadata keys of our own, under a namespace no GGUF reader interprets.
+KEY_LAYER_START = "orch.shard.layer_start"
+KEY_LAYER_END = "orch.shard.layer_end"
+KEY_SOURCE_LAYERS = "orch.shard.source_layers"
+KEY_SOURCE_VOCAB = "orch.shard.source_vocab_size"
+KEY_INPUT_TYPE = "orch.shard.input_embedding.type"
+KEY_INPUT_ROWS = "orch.shard.input_embedding.rows"
+KEY_INPUT_OFFSET = "orch.shard.input_embedding.offset"  # relative to the data section
+NO_VOCAB = "none"
+
+_COPY_CHUNK = 4 << 20
+
+
+@dataclass(frozen=True, order=True)
+class LayerRange:
+    """Half-open range of layers ``[start, end)``."""
+
+    start: int
+    end: int
+
+    def __post_init__(self) -> None:
+        if self.start < 0 or self.end <= self.start:
+            raise LayerRangeError(f"layer range [{self.start}, {self.end}) is empty or negative")
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def __str__(self) -> str:
+        return f"[{self.start}, {self.end})"
+
+    def check_within(self, n_layers: int, what: str = "the model") -> None:
+        if self.end > n_layers:
+            raise LayerRangeError(
+                f"layer range {self} lies outside [0, {n_layers}) of {what}"
+            )
+
+
+def even_ranges(n_layers: int, n_parts: int) -> tuple[LayerRange, ...]:
+    """Cut ``n_layers`` into ``n_parts`` contiguous ranges differing by at most one layer."""
+    if not 1 <= n_parts <= n_layers:
+        raise LayerRangeError(f"cannot cut {n_layers} layers into {n_parts} non-empty ranges")
+    bounds = [round(i * n_layers / n_parts) for i in range(n_parts + 1)]
+    return tuple(LayerRange(a, b) for a, b in zip(bounds, bounds[1:]))
+
+
+def ranges_from_cuts(n_layers: int, cuts: Iterable[int]) -> tuple[LayerRange, ...]:
+    """``ranges_from_cuts(30, [1, 29])`` -> ``[0,1) [1,29) [29,30)``."""
+    bounds = [0, *cuts, n_layers]
+    return tuple(LayerRange(a, b) for a, b in zip(bounds, bounds[1:]))
+
+
+@dataclass(frozen=True)
+class ShardTensor:
+    """One tensor of a shard: copied from ``source`` or, when None, written as zeros."""
+
+    name: str
+    ggml_type: GGMLQuantizationType
+    shape: tuple[int, ...]  # GGUF order
+    n_bytes: int
+    source: TensorFacts | None
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    source: Path
+    arch: str
+    layers: LayerRange
+    n_source_layers: int
+    n_source_vocab: int
+    vocab_size: int
+    tensors: tuple[ShardTensor, ...]
+    input_table: TensorFacts | None  # first stage of a chain: embedding rows for lookup
+    alignment: int
+
+    @property
+    def is_first(self) -> bool:
+        return self.layers.start == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.layers.end == self.n_source_layers
+
+    def padded(self, n: int) -> int:
+        return -(-n // self.alignment) * self.alignment
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(self.padded(t.n_bytes) for t in self.tensors)
+
+    @property
+    def total_tensor_bytes(self) -> int:
+        extra = self.input_table.n_bytes if self.input_table else 0
+        return sum(t.n_bytes for t in self.tensors) + extra
+
+
+def _copied(tensor: TensorFacts, name: str | None = None) -> ShardTensor:
+    return ShardTensor(name or tensor.name, tensor.ggml_type, tensor.shape, tensor.n_bytes, tensor)
+
+
+def shard_layout(facts: ModelFacts, layers: LayerRange) -> ShardLayout:
+    """Which tensors the shard for ``layers`` holds. Pure: reads no file."""
+    facts.require_supported()
+    layers.check_within(facts.n_layers, str(facts.path))
+    if "split.count" in facts.metadata and int(facts.metadata["split.count"]) > 1:
+        raise UnsupportedModelError(facts.path, "split GGUF (several files); merge it first "
+                                                "with llama-gguf-split --merge")
+    first, last = layers.start == 0, layers.end == facts.n_layers
+    by_name = facts.by_name
+    embd = by_name[TOKEN_EMBD]
+    tensors: list[ShardTensor] = [_copied(t) for t in facts.global_tensors]
+    if first and last:
+        tensors.append(_copied(embd))
+    elif last:
+        lm_head = embd if facts.tied_output else by_name[OUTPUT]
+        tensors.append(_copied(lm_head, TOKEN_EMBD))
+    else:
+        one_row = GGMLQuantizationType.F32
+        tensors.append(ShardTensor(TOKEN_EMBD, one_row, (facts.n_embd, 1),
+                                   gguf.GGML_QUANT_SIZES[one_row][1] * facts.n_embd, None))
+    for layer in range(layers.start, layers.end):
+        tensors += [_copied(t, rename_block(t.name, layer - layers.start))
+                    for t in facts.layer_tensors(layer)]
+    if OUTPUT_NORM in by_name:
+        tensors.append(_copied(by_name[OUTPUT_NORM]))
+    if first and last and not facts.tied_output:
+        tensors.append(_copied(by_name[OUTPUT]))
+    return ShardLayout(
+        source=facts.path,
+        arch=facts.arch,
+        layers=layers,
+        n_source_layers=facts.n_layers,
+        n_source_vocab=facts.n_vocab,
+        vocab_size=facts.n_vocab if last else 1,
+        tensors=tuple(tensors),
+        input_table=embd if first and not last else None,
+        alignment=facts.alignment,
+    )
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    path: Path
+    sha256: str
+    size: int
+    layout: ShardLayout
+
+
+def _per_layer_keys(arch: str) -> set[str]:
+    """Keys that some models store as one value per layer (sliced with the range)."""
+    templates = (Keys.Attention.HEAD_COUNT, Keys.Attention.HEAD_COUNT_KV,
+                 Keys.LLM.FEED_FORWARD_LENGTH)
+    return {t.format(arch=arch) for t in templates}
+
+
+def _shard_metadata(facts: ModelFacts, reader: gguf.GGUFReader, layout: ShardLayout
+                    ) -> list[tuple[str, Any, GGUFValueType, GGUFValueType | None]]:
+    """Metadata of the shard, in the source's key order, then our own keys."""
+    arch = facts.arch
+    per_layer = _per_layer_keys(arch)
+    replaced = {
+        Keys.LLM.BLOCK_COUNT.format(arch=arch): (len(layout.layers), GGUFValueType.UINT32),
+        Keys.LLM.VOCAB_SIZE.format(arch=arch): (layout.vocab_size, GGUFValueType.UINT32),
+    }
+    out: list[tuple[str, Any, GGUFValueType, GGUFValueType | None]] = []
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key.startswith("tokenizer.") or key in replaced:
+            continue
+        if key == Keys.General.ARCHITECTURE:
+            continue  # GGUFWriter writes it first from its ``arch`` argument
+        vtype = field.types[0]
+        sub = field.types[1] if vtype == GGUFValueType.ARRAY and len(field.types) > 1 else None
+        value = field.contents()
+        if vtype == GGUFValueType.ARRAY and not value:
+            continue  # gguf-py cannot write empty arrays; llama.cpp treats them as absent
+        if key in per_layer and isinstance(value, list) and len(value) == facts.n_layers:
+            value = value[layout.layers.start:layout.layers.end]
+        out.append((key, value, vtype, sub))
+    for key, (value, vtype) in replaced.items():
+        out.append((key, value, vtype, None))
+    out.append((Keys.Tokenizer.MODEL, NO_VOCAB, GGUFValueType.STRING, None))
+    out.append((KEY_LAYER_START, layout.layers.start, GGUFValueType.UINT32, None))
+    out.append((KEY_LAYER_END, layout.layers.end, GGUFValueType.UINT32, None))
+    out.append((KEY_SOURCE_LAYERS, facts.n_layers, GGUFValueType.UINT32, None))
+    out.append((KEY_SOURCE_VOCAB, facts.n_vocab, GGUFValueType.UINT32, None))
+    if layout.input_table is not None:
+        table = layout.input_table
+        out.append((KEY_INPUT_TYPE, int(table.ggml_type), GGUFValueType.UINT32, None))
+        out.append((KEY_INPUT_ROWS, table.shape[1], GGUFValueType.UINT32, None))
+        out.append((KEY_INPUT_OFFSET, layout.data_bytes, GGUFValueType.UINT64, None))
+    return out
+
+
+ProgressFn = Callable[[int, int], None]
+
+
+def write_shard(
+    source: Path | str,
+    layers: LayerRange,
+    dest: Path | str,
+    *,
+    facts: ModelFacts | None = None,
+    progress: ProgressFn | None = None,
+) -> ShardFile:
+    """Write the shard for ``layers`` of ``source`` to ``dest`` atomically; return its hash."""
+    source, dest = Path(source), Path(dest)
+    facts = facts or read_model_facts(source)
+    layout = shard_layout(facts, layers)
+    reader = open_gguf(source)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+    try:
+        _write(layout, _shard_metadata(facts, reader, layout), tmp, progress)
+        digest = _sha256(tmp)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return ShardFile(dest, digest, dest.stat().st_size, layout)
+
+
+def _write(layout: ShardLayout, metadata: list, tmp: Path, progress: ProgressFn | None) -> None:
+    writer = gguf.GGUFWriter(tmp, layout.arch)
+    writer.data_alignment = layout.alignment
+    for key, value, vtype, sub in metadata:
+        writer.add_key_value(key, value, vtype, sub_type=sub)
+    for tensor in layout.tensors:
+        writer.add_tensor_info(tensor.name, tuple(reversed(tensor.shape)),
+                               np.dtype(np.float32), tensor.n_bytes, raw_dtype=tensor.ggml_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    out = writer.fout[0]
+    writer.write_padding(out, out.tell())
+    total, done = layout.total_tensor_bytes, 0
+    with layout.source.open("rb") as src:
+        blobs = [(t.source, t.n_bytes) for t in layout.tensors]
+        if layout.input_table is not None:
+            blobs.append((layout.input_table, layout.input_table.n_bytes))
+        for tensor, n_bytes in blobs:
+            if tensor is None:
+                out.write(bytes(n_bytes))
+            else:
+                _copy_range(src, tensor.offset, n_bytes, out)
+            writer.write_padding(out, n_bytes)
+            done += n_bytes
+            if progress:
+                progress(done, total)
+    out.flush()
+    os.fsync(out.fileno())
+    writer.close()
+
+
+def _copy_range(src: Any, offset: int, n_bytes: int, out: Any) -> None:
+    src.seek(offset)
+    buf = bytearray(min(_COPY_CHUNK, max(n_bytes, 1)))
+    view = memoryview(buf)
+    left = n_bytes
+    while left:
+        got = src.readinto(view[:min(left, len(buf))])
+        if not got:
+            raise OSError(f"{src.name}: unexpected end of file at {offset + n_bytes - left}")
+        out.write(view[:got])
+        left -= got
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_COPY_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()

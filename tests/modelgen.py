@@ -1,0 +1,386 @@
+"""Random-weight GGUF models that llama.cpp loads and runs, for tests and benchmarks.
+
+A model is described by one value, `ModelSpec`, and `write_model` turns it into a file.
+The same spec always gives the same bytes. Names, keys and block sizes come from the
+`gguf` package's tables; the only format facts typed here are the positions of the f16
+scale fields inside a quantized block (`_BLOCK_SCALES`), which gguf-py does not describe
+as data, and which the tests check against gguf's own dequantizer.
+
+Weights are random but tame (matrices ~N(0, 0.02), norms ~1, small biases), so
+activations stay finite through every layer and logits differ between tokens. They mean
+nothing: these models are good for shapes, sizes, speed and exactness, not for text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import itertools
+import string
+import zlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import gguf
+import numpy as np
+import numpy.typing as npt
+
+_MATRIX_STD = 0.02  # standard deviation of the 2-D weight matrices
+_NORM_NOISE = 0.1  # norm weights are 1 + _NORM_NOISE * N(0, 1)
+_BIAS_STD = 0.02
+_RMS_EPS = 1e-5
+_ROPE_FREQ_BASE = 10000.0
+
+GType = gguf.GGMLQuantizationType
+
+
+class _BlockScales(NamedTuple):
+    """Where a quantized block keeps its f16 scale (d) and, for some types, its min.
+
+    Offsets are bytes from the block start (negative: from its end), as laid out in
+    ggml-common.h. A min field holds `min_per_d * d`, chosen so weights centre near zero.
+    """
+
+    d_offset: int
+    min_offset: int | None = None
+    min_per_d: float = 0.0
+
+
+_BLOCK_SCALES: Mapping[GType, _BlockScales] = {
+    GType.Q8_0: _BlockScales(0),
+    GType.Q4_0: _BlockScales(0),
+    GType.Q4_1: _BlockScales(0, 2, -7.5),  # x = d * q + m, q in 0..15
+    GType.Q5_0: _BlockScales(0),
+    GType.Q5_1: _BlockScales(0, 2, -15.5),  # x = d * q + m, q in 0..31
+    GType.Q4_K: _BlockScales(0, 2, 7.5),  # x = d * sc * q - dmin * m, q in 0..15
+    GType.Q5_K: _BlockScales(0, 2, 15.5),  # x = d * sc * q - dmin * m, q in 0..31
+    GType.Q6_K: _BlockScales(-2),  # d is the block's last field
+}
+RANDOM_BLOCK_TYPES: tuple[GType, ...] = tuple(_BLOCK_SCALES)
+
+_FILE_TYPES: Mapping[GType, gguf.LlamaFileType] = {
+    GType.F32: gguf.LlamaFileType.ALL_F32,
+    GType.F16: gguf.LlamaFileType.MOSTLY_F16,
+    GType.BF16: gguf.LlamaFileType.MOSTLY_BF16,
+    GType.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
+    GType.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
+    GType.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
+    GType.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0,
+    GType.Q5_1: gguf.LlamaFileType.MOSTLY_Q5_1,
+    GType.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_S,
+    GType.Q5_K: gguf.LlamaFileType.MOSTLY_Q5_K_S,
+    GType.Q6_K: gguf.LlamaFileType.MOSTLY_Q6_K,
+}
+SUPPORTED_WEIGHT_TYPES: tuple[GType, ...] = tuple(_FILE_TYPES)
+
+_T = gguf.MODEL_TENSOR
+_ATTN_BIASES = (_T.ATTN_Q, _T.ATTN_K, _T.ATTN_V)
+_HEAD_NORMS = (_T.ATTN_Q_NORM, _T.ATTN_K_NORM)
+# per architecture: does it get q/k/v biases, does it get per-head q/k norms
+_ARCH_EXTRAS: Mapping[gguf.MODEL_ARCH, tuple[bool, bool]] = {
+    gguf.MODEL_ARCH.LLAMA: (False, False),
+    gguf.MODEL_ARCH.QWEN2: (True, False),
+    gguf.MODEL_ARCH.QWEN3: (False, True),
+}
+_ARCH_BY_NAME: Mapping[str, gguf.MODEL_ARCH] = {
+    gguf.MODEL_ARCH_NAMES[arch]: arch for arch in _ARCH_EXTRAS
+}
+
+# SentencePiece tokenizer: special pieces, then byte fallback, then normal pieces.
+_SPECIAL_TOKENS = (
+    ("<unk>", gguf.TokenType.UNKNOWN),
+    ("<s>", gguf.TokenType.CONTROL),
+    ("</s>", gguf.TokenType.CONTROL),
+)
+_WORD_START = "\u2581"  # SentencePiece's word-boundary marker; must be in the vocabulary
+_BYTE_PIECE = "<0x{:02X}>"  # the byte-fallback piece llama.cpp looks up for each byte
+MIN_VOCAB = len(_SPECIAL_TOKENS) + 256 + 1
+
+
+class SpecError(ValueError):
+    """A ModelSpec field has a value no valid model can have."""
+
+    def __init__(self, field: str, value: object, reason: str) -> None:
+        super().__init__(f"ModelSpec.{field}={value!r}: {reason}")
+        self.field = field
+        self.value = value
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shape, types and seed of a random-weight model; validated on construction."""
+
+    arch: str = "llama"  # "llama", "qwen2" (q/k/v biases), "qwen3" (per-head q/k norms)
+    n_layers: int = 4
+    n_embd: int = 64
+    n_head: int = 4
+    n_head_kv: int = 2  # == n_head: multi-head attention; a divisor of n_head: GQA
+    n_ff: int = 128
+    n_vocab: int = 384  # at least MIN_VOCAB: specials, 256 byte pieces and the word marker
+    tied: bool = True  # False: a separate output.weight instead of reusing token_embd
+    weight_type: GType = GType.F32  # type of the 2-D matrices; norms and biases stay F32
+    context_length: int = 512  # tokens
+    seed: int = 0
+    # True: quantized matrices are random valid blocks made directly (fast, memory of one
+    # tensor). False: N(0, 0.02) floats quantized by gguf.quants, except for types gguf
+    # cannot quantize (the K-quants in gguf 0.19), which always get random blocks.
+    random_blocks: bool = False
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def n_embd_kv(self) -> int:
+        return self.head_dim * self.n_head_kv
+
+
+def _validate(spec: ModelSpec) -> None:
+    if spec.arch not in _ARCH_BY_NAME:
+        raise SpecError("arch", spec.arch, f"supported: {sorted(_ARCH_BY_NAME)}")
+    for field in ("n_layers", "n_embd", "n_head", "n_head_kv", "n_ff", "context_length"):
+        if getattr(spec, field) < 1:
+            raise SpecError(field, getattr(spec, field), "must be at least 1")
+    if spec.seed < 0:
+        raise SpecError("seed", spec.seed, "must be non-negative")
+    if spec.n_vocab < MIN_VOCAB:
+        raise SpecError("n_vocab", spec.n_vocab, f"the tokenizer needs at least {MIN_VOCAB}")
+    if spec.n_embd % spec.n_head:
+        raise SpecError("n_head", spec.n_head, f"must divide n_embd={spec.n_embd}")
+    if spec.head_dim % 2:
+        raise SpecError("n_head", spec.n_head, "n_embd / n_head must be even for RoPE")
+    if spec.n_head % spec.n_head_kv:
+        raise SpecError("n_head_kv", spec.n_head_kv, f"must divide n_head={spec.n_head}")
+    if spec.weight_type not in _FILE_TYPES:
+        names = [t.name for t in SUPPORTED_WEIGHT_TYPES]
+        raise SpecError("weight_type", spec.weight_type, f"supported: {names}")
+    block_size, _ = gguf.GGML_QUANT_SIZES[spec.weight_type]
+    for field in ("n_embd", "n_ff"):  # the row lengths of the matrices
+        if getattr(spec, field) % block_size:
+            raise SpecError(
+                field, getattr(spec, field),
+                f"must be a multiple of {block_size}, the {spec.weight_type.name} block size",
+            )
+
+
+class Role(enum.Enum):
+    MATRIX = "matrix"  # spec.weight_type, ~N(0, 0.02)
+    NORM = "norm"  # F32, ~1
+    BIAS = "bias"  # F32, small
+
+
+class TensorSpec(NamedTuple):
+    name: str
+    shape: tuple[int, ...]  # numpy order: (rows, row length), the reverse of ggml's ne
+    role: Role
+    qtype: GType
+
+
+def tensor_plan(spec: ModelSpec) -> list[TensorSpec]:
+    """Every tensor of the model, in file order."""
+
+    def tensor(kind: gguf.MODEL_TENSOR, suffix: str, shape: tuple[int, ...], role: Role,
+               bid: int | None = None) -> TensorSpec:
+        base = gguf.TENSOR_NAMES[kind].format(bid=bid)
+        qtype = spec.weight_type if role is Role.MATRIX else GType.F32
+        return TensorSpec(f"{base}.{suffix}", shape, role, qtype)
+
+    d, d_kv, n_ff = spec.n_embd, spec.n_embd_kv, spec.n_ff
+    biases, head_norms = _ARCH_EXTRAS[_ARCH_BY_NAME[spec.arch]]
+    plan = [tensor(_T.TOKEN_EMBD, "weight", (spec.n_vocab, d), Role.MATRIX)]
+    for i in range(spec.n_layers):
+        plan += [
+            tensor(_T.ATTN_NORM, "weight", (d,), Role.NORM, i),
+            tensor(_T.ATTN_Q, "weight", (d, d), Role.MATRIX, i),
+            tensor(_T.ATTN_K, "weight", (d_kv, d), Role.MATRIX, i),
+            tensor(_T.ATTN_V, "weight", (d_kv, d), Role.MATRIX, i),
+        ]
+        if biases:
+            sizes = (d, d_kv, d_kv)
+            plan += [tensor(k, "bias", (n,), Role.BIAS, i) for k, n in zip(_ATTN_BIASES, sizes)]
+        if head_norms:
+            plan += [tensor(k, "weight", (spec.head_dim,), Role.NORM, i) for k in _HEAD_NORMS]
+        plan += [
+            tensor(_T.ATTN_OUT, "weight", (d, d), Role.MATRIX, i),
+            tensor(_T.FFN_NORM, "weight", (d,), Role.NORM, i),
+            tensor(_T.FFN_GATE, "weight", (n_ff, d), Role.MATRIX, i),
+            tensor(_T.FFN_UP, "weight", (n_ff, d), Role.MATRIX, i),
+            tensor(_T.FFN_DOWN, "weight", (d, n_ff), Role.MATRIX, i),
+        ]
+    plan.append(tensor(_T.OUTPUT_NORM, "weight", (d,), Role.NORM))
+    if not spec.tied:
+        plan.append(tensor(_T.OUTPUT, "weight", (spec.n_vocab, d), Role.MATRIX))
+    return plan
+
+
+def n_params(spec: ModelSpec) -> int:
+    return sum(int(np.prod(t.shape)) for t in tensor_plan(spec))
+
+
+def write_model(path: Path, spec: ModelSpec) -> Path:
+    """Write the model described by `spec` to `path`, one tensor at a time; return `path`.
+
+    Memory use is that of the largest tensor. The file appears under its name only when
+    complete (it is written as `<name>.partial` and renamed).
+    """
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    plan = tensor_plan(spec)
+    writer = gguf.GGUFWriter(partial, spec.arch)
+    try:
+        _add_hparams(writer, spec)
+        _add_tokenizer(writer, spec.n_vocab)
+        for t in plan:
+            byte_shape = _byte_shape(t)
+            writer.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8),
+                                   int(np.prod(byte_shape)), raw_dtype=t.qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t in plan:
+            writer.write_tensor_data(_tensor_bytes(t, spec))
+    except BaseException:
+        writer.close()
+        partial.unlink(missing_ok=True)
+        raise
+    writer.close()
+    partial.replace(path)
+    return path
+
+
+def _add_hparams(writer: gguf.GGUFWriter, spec: ModelSpec) -> None:
+    writer.add_name(f"modelgen-{spec.arch}-{spec.weight_type.name}-seed{spec.seed}")
+    writer.add_context_length(spec.context_length)
+    writer.add_embedding_length(spec.n_embd)
+    writer.add_block_count(spec.n_layers)
+    writer.add_feed_forward_length(spec.n_ff)
+    writer.add_head_count(spec.n_head)
+    writer.add_head_count_kv(spec.n_head_kv)
+    writer.add_rope_dimension_count(spec.head_dim)
+    writer.add_rope_freq_base(_ROPE_FREQ_BASE)
+    writer.add_layer_norm_rms_eps(_RMS_EPS)
+    writer.add_vocab_size(spec.n_vocab)
+    writer.add_file_type(_FILE_TYPES[spec.weight_type])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _add_tokenizer(writer: gguf.GGUFWriter, n_vocab: int) -> None:
+    """A SentencePiece ("llama") vocabulary with byte fallback and generated pieces."""
+    tokens = [text for text, _ in _SPECIAL_TOKENS]
+    types = [kind for _, kind in _SPECIAL_TOKENS]
+    tokens += [_BYTE_PIECE.format(b) for b in range(256)]
+    types += [gguf.TokenType.BYTE] * 256
+    n_normal = n_vocab - len(tokens)
+    tokens += itertools.islice(_normal_pieces(), n_normal)
+    types += [gguf.TokenType.NORMAL] * n_normal
+    # SPM merges the highest-scoring pair first: earlier pieces count as more frequent
+    scores = [0.0] * (n_vocab - n_normal) + [-float(rank) for rank in range(n_normal)]
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    for text, add_id in zip(("<unk>", "<s>", "</s>"), (
+            writer.add_unk_token_id, writer.add_bos_token_id, writer.add_eos_token_id)):
+        add_id(tokens.index(text))
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+
+
+def _normal_pieces() -> Iterator[str]:
+    """The word marker, printable ASCII, then marked and bare lowercase words by length."""
+    yield _WORD_START
+    yield from (c for c in string.printable if not c.isspace())
+    for length in itertools.count(1):
+        for letters in itertools.product(string.ascii_lowercase, repeat=length):
+            word = "".join(letters)
+            yield _WORD_START + word
+            if length > 1:  # single letters came with printable ASCII
+                yield word
+
+
+def _byte_shape(t: TensorSpec) -> tuple[int, ...]:
+    return gguf.quant_shape_to_byte_shape(t.shape, t.qtype)
+
+
+def _tensor_bytes(t: TensorSpec, spec: ModelSpec) -> npt.NDArray[np.uint8]:
+    # one generator per tensor, keyed by its name: a tensor does not depend on the others
+    rng = np.random.default_rng([spec.seed, zlib.crc32(t.name.encode())])
+    if t.role is Role.NORM:
+        values = 1.0 + _NORM_NOISE * rng.standard_normal(t.shape, dtype=np.float32)
+    elif t.role is Role.BIAS:
+        values = _BIAS_STD * rng.standard_normal(t.shape, dtype=np.float32)
+    elif t.qtype in _BLOCK_SCALES and (spec.random_blocks or not _gguf_quantizes(t.qtype)):
+        return random_blocks(rng, t.shape, t.qtype)
+    else:
+        values = _MATRIX_STD * rng.standard_normal(t.shape, dtype=np.float32)
+    return gguf.quants.quantize(values, t.qtype).view(np.uint8)
+
+
+def random_blocks(rng: np.random.Generator, shape: tuple[int, ...], qtype: GType,
+                  std: float = _MATRIX_STD) -> npt.NDArray[np.uint8]:
+    """Quantized bytes of a `shape` tensor: random quants, f16 scales giving about `std`."""
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    n_blocks = int(np.prod(shape)) // block_size
+    blocks = rng.integers(0, 256, size=(n_blocks, type_size), dtype=np.uint8)
+    d = std / _unit_std(qtype) * rng.uniform(0.5, 1.5, size=n_blocks)
+    _set_scales(blocks, qtype, d)
+    return blocks.reshape(gguf.quant_shape_to_byte_shape(shape, qtype))
+
+
+def _set_scales(blocks: npt.NDArray[np.uint8], qtype: GType, d: npt.NDArray[np.float64]) -> None:
+    layout = _BLOCK_SCALES[qtype]
+    _, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    fields = [(layout.d_offset, d)]
+    if layout.min_offset is not None:
+        fields.append((layout.min_offset, layout.min_per_d * d))
+    for offset, value in fields:
+        start = offset % type_size
+        blocks[:, start:start + 2] = value.astype(np.float16).view(np.uint8).reshape(-1, 2)
+
+
+@functools.cache
+def _unit_std(qtype: GType) -> float:
+    """Standard deviation of random blocks with d = 1, measured with gguf's dequantizer."""
+    _, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 256, size=(256, type_size), dtype=np.uint8)
+    _set_scales(blocks, qtype, np.ones(len(blocks)))
+    return float(gguf.quants.dequantize(blocks, qtype).std())
+
+
+@functools.cache
+def _gguf_quantizes(qtype: GType) -> bool:
+    block_size, _ = gguf.GGML_QUANT_SIZES[qtype]
+    try:
+        gguf.quants.quantize(np.zeros((1, block_size), dtype=np.float32), qtype)
+    except NotImplementedError:
+        return False
+    return True
+
+
+PRESETS: Mapping[str, ModelSpec] = {
+    "tiny-llama-gqa": ModelSpec(),
+    "tiny-llama-mha-untied": ModelSpec(n_head_kv=4, tied=False),
+    "tiny-qwen2": ModelSpec(arch="qwen2"),
+    "tiny-qwen3": ModelSpec(arch="qwen3"),
+    # Llama-3.2-1B-like body with a 32k vocabulary: 1.04e9 parameters, about 586 MB
+    "bench-1b-q4_0": ModelSpec(
+        n_layers=16, n_embd=2048, n_head=32, n_head_kv=8, n_ff=8192, n_vocab=32000,
+        weight_type=GType.Q4_0, context_length=2048, random_blocks=True,
+    ),
+}
+
+
+def preset(name: str, **changes: object) -> ModelSpec:
+    """A named spec, optionally with some fields changed (validated again)."""
+    try:
+        spec = PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}") from None
+    return dataclasses.replace(spec, **changes) if changes else spec

