@@ -71,3 +71,38 @@ class ComputeError(EngineError):
 
 class SessionError(EngineError):
     """Unknown session, or no free session slot."""
+
+
+# --- cluster ---------------------------------------------------------------------------
+
+
+class WorkerError(OrchError):
+    """A worker failed or refused; names the worker and says what to do."""
+
+    def __init__(self, worker: str, message: str) -> None:
+        self.worker = worker
+        super().__init__(f"worker {worker}: {message}")
+
+
+class WorkerUnreachableError(WorkerError):
+    """No answer from the worker (down, wrong address, firewall)."""
+
+
+class AuthError(WorkerError):
+    """The worker refused the cluster token."""
+
+
+class ProtocolMismatchError(WorkerError):
+    """The worker speaks another protocol version."""
+
+
+class ShardHashError(OrchError):
+    """Received shard bytes do not hash to the announced sha256."""
+
+
+class MemoryBudgetError(OrchError):
+    """Loading would exceed the worker's memory budget (numbers in the message)."""
+
+
+class MessageTooLargeError(OrchError):
+    """A message exceeds the configured gRPC size limit."""

@@ -17,7 +17,7 @@ from typing import Any
 
 import gguf
 import numpy as np
-from gguf import GGMLQuantizationType, Keys, MODEL_TENSOR, TENSOR_NAMES
+from gguf import MODEL_TENSOR, TENSOR_NAMES, GGMLQuantizationType, Keys
 
 from orchestrator.errors import (
     CorruptGGUFError,
@@ -321,12 +321,12 @@ def _check_layers(facts: ModelFacts) -> None:
 
 __all__ = [
     "BLOCK_PREFIX",
-    "GGUFError",
-    "ModelFacts",
     "OUTPUT",
     "OUTPUT_NORM",
     "SUPPORTED_ARCHITECTURES",
     "TOKEN_EMBD",
+    "GGUFError",
+    "ModelFacts",
     "TensorFacts",
     "open_gguf",
     "read_model_facts",

