@@ -165,7 +165,8 @@ class _CheckedReader(gguf.GGUFReader):
             try:
                 ggml_type = GGMLQuantizationType(int(raw_dtype[0]))
             except ValueError:
-                raise _TensorProblem(f"tensor {name!r} has unknown type {int(raw_dtype[0])}")
+                raise _TensorProblem(
+                    f"tensor {name!r} has unknown type {int(raw_dtype[0])}") from None
             n_bytes = type_bytes(ggml_type, int(np.prod(dims.astype(np.uint64))))
             start = start_offs + int(offset_tensor[0])
             if start + n_bytes > file_size:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from itertools import pairwise
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,13 +92,13 @@ def even_ranges(n_layers: int, n_parts: int) -> tuple[LayerRange, ...]:
     if not 1 <= n_parts <= n_layers:
         raise LayerRangeError(f"cannot cut {n_layers} layers into {n_parts} non-empty ranges")
     bounds = [round(i * n_layers / n_parts) for i in range(n_parts + 1)]
-    return tuple(LayerRange(a, b) for a, b in zip(bounds, bounds[1:]))
+    return tuple(LayerRange(a, b) for a, b in pairwise(bounds))
 
 
 def ranges_from_cuts(n_layers: int, cuts: Iterable[int]) -> tuple[LayerRange, ...]:
     """``ranges_from_cuts(30, [1, 29])`` -> ``[0,1) [1,29) [29,30)``."""
     bounds = [0, *cuts, n_layers]
-    return tuple(LayerRange(a, b) for a, b in zip(bounds, bounds[1:]))
+    return tuple(LayerRange(a, b) for a, b in pairwise(bounds))
 
 
 @dataclass(frozen=True)

@@ -391,7 +391,7 @@ class StreamDecoder:
 
 
 class StopMatcher:
-    """Text chunks in, text out until the first stop string; the stop is not emitted.
+    """Text chunks in, text out until a stop string ends; the stop is not emitted.
 
     ``feed`` returns ``(text_to_emit, stopped)``. The longest end of the text so far that
     could begin a stop string is held back until the next chunk decides it; ``flush()``
@@ -430,8 +430,16 @@ class StopMatcher:
         return held
 
     def _first_stop(self, text: str) -> tuple[int, str] | None:
-        hits = [(at, stop) for stop in self.stops if (at := text.find(stop)) >= 0]
-        return min(hits, key=lambda hit: hit[0]) if hits else None
+        """The stop that ends first in ``text`` (the longer one on a tie) and where it starts.
+
+        Ending first, not starting first: that is the one a stream sees complete first, so
+        the result does not depend on how the text was cut into chunks.
+        """
+        hits = [(at + len(stop), at, stop) for stop in self.stops if (at := text.find(stop)) >= 0]
+        if not hits:
+            return None
+        _, at, stop = min(hits)
+        return at, stop
 
     def _partial_stop_length(self, text: str) -> int:
         """Length of the longest end of ``text`` that is the start of a stop string."""

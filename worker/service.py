@@ -1,0 +1,299 @@
+"""The worker's gRPC service: ``orch worker`` runs ``serve(settings)``.
+
+Every call is authenticated when a cluster token is set (``TokenAuth``), maps our typed
+errors to status codes through ``orchestrator.wire.status``, and never blocks without a
+bound: the long-lived streams end when the stage is unloaded or the peer goes away.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from orchestrator import __version__
+from orchestrator.errors import (
+    InvalidInputError,
+    MemoryBudgetError,
+    OrchError,
+)
+from orchestrator.facts import read_model_facts
+from orchestrator.wire import PROTOCOL_VERSION, status
+from orchestrator.wire import worker_pb2 as pb
+from orchestrator.wire import worker_pb2_grpc as pb_grpc
+from worker.cpu import cpu_info, memory_info
+from worker.engine import EngineConfig, StageEngine
+from worker.settings import WorkerSettings
+from worker.shardcache import ShardCache
+from worker.stage import Stage, channel_options
+
+log = logging.getLogger(__name__)
+
+_COMPUTE_OVERHEAD_BYTES = 64 << 20  # graph/compute buffers beyond weights and KV, estimated
+_UNAUTHENTICATED = ("missing or wrong cluster token: give the orchestrator the same token "
+                    "as the workers (--token or ORCH_TOKEN)")
+
+
+class TokenAuth(grpc.ServerInterceptor):
+    """Rejects every call whose ``authorization`` metadata lacks the cluster token."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails
+                          ) -> grpc.RpcMethodHandler | None:
+        given = dict(details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(given.encode(), self._expected):
+            return continuation(details)
+        handler = continuation(details)
+        if handler is None:
+            return None
+        return _denied(handler)
+
+
+def _denied(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def deny(_request: Any, context: grpc.ServicerContext) -> None:
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, _UNAUTHENTICATED)
+
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    make = kinds[(handler.request_streaming, handler.response_streaming)]
+    return make(deny, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+
+
+def _rpc(method: Callable) -> Callable:
+    """Abort with the status code of our typed errors, and the message as details."""
+
+    @functools.wraps(method)
+    def wrapper(self: WorkerService, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except (OrchError, ValueError) as exc:
+            log.warning("%s failed: %s", method.__name__, exc)
+            context.abort(status.to_status(exc), str(exc))
+
+    return wrapper
+
+
+def worker_id(cache_dir: Path) -> str:
+    """A random id made once per cache folder: cloned machines get their own on first run."""
+    path = cache_dir / "worker-id"
+    if not path.exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(uuid.uuid4().hex + "\n")
+    return path.read_text().strip()
+
+
+class WorkerService(pb_grpc.WorkerServicer):
+    def __init__(self, settings: WorkerSettings, name: str) -> None:
+        self.settings = settings
+        self.name = name
+        self.cache = ShardCache(settings.cache_dir)
+        self.id = worker_id(settings.cache_dir)
+        self.token = settings.token.get_secret_value() if settings.token else None
+        self.budget = (settings.memory_budget_mb << 20 if settings.memory_budget_mb
+                       else max(0, memory_info().available - (512 << 20)))
+        self.stage: Stage | None = None
+        self._lock = threading.Lock()
+
+    # --- info --------------------------------------------------------------------------
+
+    @_rpc
+    def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.WorkerInfo:
+        cpu, mem = cpu_info(), memory_info()
+        info = pb.WorkerInfo(
+            protocol_version=PROTOCOL_VERSION, worker_id=self.id, hostname=socket.gethostname(),
+            software_version=__version__, ram_total_bytes=mem.total,
+            ram_available_bytes=mem.available, memory_budget_bytes=self.budget,
+            cores=cpu.cores, cpu_model=cpu.model, cpu_flags=sorted(cpu.flags), arch=cpu.arch,
+            cached_shards=self.cache.list())
+        stage = self.stage
+        if stage is not None:
+            role = stage.engine.role
+            info.loaded.CopyFrom(pb.LoadedShard(
+                sha256=stage.sha256, layer_start=role.start, layer_end=role.end,
+                source_layers=role.source_layers, pipeline_id=stage.pipeline_id))
+        return info
+
+    # --- shards ------------------------------------------------------------------------
+
+    @_rpc
+    def UploadShard(self, request_iterator: Iterator[pb.ShardChunk],
+                    context: grpc.ServicerContext) -> pb.ShardReceipt:
+        header = next(request_iterator, None)
+        if header is None or not header.sha256:
+            raise InvalidInputError("UploadShard: the first message must name sha256 and size")
+        if self.cache.has(header.sha256):
+            return pb.ShardReceipt(sha256=header.sha256, size=header.size, already_cached=True)
+        self._check_budget(header.size, 0, what=f"shard {header.sha256[:12]}")
+        chunks = (c.data for c in _prepend(header, request_iterator) if c.data)
+        self.cache.store(header.sha256, header.size, chunks)
+        log.info("stored shard %s (%d bytes)", header.sha256[:12], header.size)
+        return pb.ShardReceipt(sha256=header.sha256, size=header.size)
+
+    @_rpc
+    def LoadShard(self, request: pb.LoadShardRequest, context: grpc.ServicerContext
+                  ) -> pb.LoadShardReply:
+        started = time.perf_counter()
+        if not self.cache.has(request.sha256):
+            context.abort(grpc.StatusCode.NOT_FOUND,
+                          f"shard {request.sha256[:12]} is not cached here; upload it first")
+        path = self.cache.path(request.sha256)
+        config = self._engine_config(request.engine)
+        with self._lock:
+            self._unload()
+            needed = self._estimate(path, config)
+            self._check_budget(needed, 0, what=f"layers [{request.layer_start}, "
+                                               f"{request.layer_end})")
+            engine = StageEngine(path, config)
+            role = engine.role
+            if (role.start, role.end) != (request.layer_start, request.layer_end):
+                engine.close()
+                raise InvalidInputError(
+                    f"shard {request.sha256[:12]} holds layers [{role.start}, {role.end}), "
+                    f"not [{request.layer_start}, {request.layer_end})")
+            try:
+                self.stage = Stage(engine, request, worker_name=self.name, token=self.token,
+                                   max_message_bytes=self.settings.max_message_mb << 20)
+            except BaseException:
+                engine.close()
+                raise
+        log.info("loaded layers [%d, %d) for pipeline %s", role.start, role.end,
+                 request.pipeline_id)
+        return pb.LoadShardReply(resident_bytes=needed,
+                                 load_seconds=time.perf_counter() - started)
+
+    def _engine_config(self, settings: pb.EngineSettings) -> EngineConfig:
+        return EngineConfig(
+            context_tokens=settings.context_tokens or 2048,
+            max_sessions=settings.max_sessions or 4,
+            batch_tokens=settings.batch_tokens or 512,
+            threads=settings.threads or self.settings.threads,
+        )
+
+    def _estimate(self, path: Path, config: EngineConfig) -> int:
+        facts = read_model_facts(path)
+        kv = (facts.kv_bytes_per_token_per_layer() * facts.n_layers * config.context_tokens
+              * config.max_sessions)
+        logits = facts.n_vocab * config.batch_tokens * 4 * 2 if facts.n_vocab > 1 else 0
+        return path.stat().st_size + kv + logits + _COMPUTE_OVERHEAD_BYTES
+
+    def _check_budget(self, needed: int, held: int, what: str) -> None:
+        if needed + held > self.budget:
+            mib = 1 << 20
+            raise MemoryBudgetError(
+                f"worker {self.name}: {what} needs about {needed // mib} MiB but the memory "
+                f"budget is {self.budget // mib} MiB; use more workers, a shorter context, or "
+                f"raise --memory-budget-mb")
+
+    @_rpc
+    def Unload(self, request: pb.UnloadRequest, context: grpc.ServicerContext
+               ) -> pb.UnloadReply:
+        with self._lock:
+            stage = self.stage
+            if stage is None or (request.pipeline_id and
+                                 stage.pipeline_id != request.pipeline_id):
+                return pb.UnloadReply(was_loaded=False)
+            self._unload()
+        return pb.UnloadReply(was_loaded=True)
+
+    def _unload(self) -> None:
+        if self.stage is not None:
+            stage, self.stage = self.stage, None
+            stage.close()
+
+    # --- data path ---------------------------------------------------------------------
+
+    def _current(self, pipeline_id: str) -> Stage:
+        stage = self.stage
+        if stage is None or stage.pipeline_id != pipeline_id:
+            raise InvalidInputError(f"pipeline {pipeline_id!r} is not loaded on {self.name}")
+        return stage
+
+    @_rpc
+    def Forward(self, request_iterator: Iterator[pb.StageInput],
+                context: grpc.ServicerContext) -> pb.ForwardSummary:
+        count = 0
+        for msg in request_iterator:
+            self._current(msg.pipeline_id).submit(msg)
+            count += 1
+        return pb.ForwardSummary(chunks=count)
+
+    def Results(self, request: pb.ResultsRequest, context: grpc.ServicerContext
+                ) -> Iterator[pb.StageOutput]:
+        try:
+            stage = self._current(request.pipeline_id)
+        except OrchError as exc:
+            context.abort(status.to_status(exc), str(exc))
+        if not stage.is_last:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"{self.name} is not the last stage of {request.pipeline_id}")
+        q = stage.subscribe()
+        context.add_callback(lambda: stage.unsubscribe(q))
+        while (out := q.get()) is not None:
+            yield out
+
+    @_rpc
+    def EndSession(self, request: pb.EndSessionRequest, context: grpc.ServicerContext
+                   ) -> pb.EndSessionReply:
+        stage = self.stage
+        if stage is None:
+            return pb.EndSessionReply(existed=False)
+        existed = request.session in stage.engine.sessions
+        stage.end_session_here(request.session)
+        return pb.EndSessionReply(existed=existed)
+
+    def close(self) -> None:
+        with self._lock:
+            self._unload()
+
+
+def _prepend(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
+    yield first
+    yield from rest
+
+
+def serve(settings: WorkerSettings, *, stop: threading.Event | None = None) -> None:
+    """Run a worker until SIGTERM/SIGINT (or ``stop`` is set)."""
+    max_bytes = settings.max_message_mb << 20
+    token = settings.token.get_secret_value() if settings.token else None
+    interceptors = [TokenAuth(token)] if token else []
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="rpc"),
+                         interceptors=interceptors, options=channel_options(max_bytes))
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    name = f"{settings.host}:{port}"
+    service = WorkerService(settings, name)
+    pb_grpc.add_WorkerServicer_to_server(service, server)
+    server.start()
+    if not token and settings.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("no cluster token set: anyone on the network can use this worker")
+    log.info("worker %s listening on %s (cache %s)", service.id[:8], name, settings.cache_dir)
+    if settings.ready_file:
+        tmp = settings.ready_file.with_suffix(".tmp")
+        tmp.write_text(name)
+        os.replace(tmp, settings.ready_file)
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.info("worker %s stopping", name)
+    server.stop(grace=2).wait(5)
+    service.close()

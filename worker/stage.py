@@ -1,0 +1,237 @@
+"""A loaded stage: its engine, its place in the pipeline, and the data path through it.
+
+Chunks arrive on ``submit`` (from the Forward stream of the previous stage or the
+orchestrator) and are computed one at a time, in arrival order, by one compute thread.
+A non-final stage sends its output straight to the next stage over a long-lived Forward
+stream (``DownstreamLink``); the final stage samples and publishes ``StageOutput``s to the
+orchestrator's Results stream. An error on a chunk travels on down the same path, so the
+orchestrator learns about it in order, with the failing worker named.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+
+from orchestrator.errors import InvalidInputError, OrchError
+from orchestrator.wire import convert, status
+from orchestrator.wire import worker_pb2 as pb
+from orchestrator.wire import worker_pb2_grpc as pb_grpc
+from worker.engine import StageEngine
+from worker.sampling import TokenSampler
+
+log = logging.getLogger(__name__)
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+class DownstreamLink:
+    """The Forward stream from this stage to the next one, open for the pipeline's life."""
+
+    def __init__(self, address: str, token: str | None, max_message_bytes: int) -> None:
+        self.address = address
+        self._channel = grpc.insecure_channel(address, options=channel_options(
+            max_message_bytes))
+        self._queue: queue.SimpleQueue[pb.StageInput | None] = queue.SimpleQueue()
+        stub = pb_grpc.WorkerStub(self._channel)
+        self._call = stub.Forward.future(self._requests(), metadata=auth_metadata(token))
+
+    def _requests(self) -> Iterator[pb.StageInput]:
+        while (item := self._queue.get()) is not None:
+            yield item
+
+    def send(self, msg: pb.StageInput) -> None:
+        if self._call.done():
+            raise ConnectionError(f"next stage {self.address} closed the stream: "
+                                  f"{_call_problem(self._call)}")
+        self._queue.put(msg)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._channel.close()
+
+
+def _call_problem(call: grpc.Future) -> str:
+    try:
+        call.result(timeout=0)
+    except grpc.RpcError as exc:
+        return f"{exc.code().name}: {exc.details()}"
+    except Exception as exc:
+        return repr(exc)
+    return "finished"
+
+
+class _LocalEnd:
+    def __init__(self, session: str) -> None:
+        self.session = session
+
+
+class Stage:
+    def __init__(self, engine: StageEngine, request: pb.LoadShardRequest, *, worker_name: str,
+                 token: str | None, max_message_bytes: int) -> None:
+        self.engine = engine
+        self.pipeline_id = request.pipeline_id
+        self.sha256 = request.sha256
+        self.index = request.stage_index
+        self.count = request.stage_count
+        self.codec = request.codec or "f32"
+        self.worker_name = worker_name
+        self.is_last = engine.role.is_last
+        self.next = (DownstreamLink(request.next_address, token, max_message_bytes)
+                     if request.next_address else None)
+        if self.is_last == bool(self.next):
+            raise InvalidInputError(
+                f"stage {self.index}: a next_address is needed exactly when the shard is not "
+                f"the last one (layers end at {engine.role.end} of {engine.role.source_layers})")
+        self._inbox: queue.SimpleQueue[tuple[pb.StageInput, float] | None] = queue.SimpleQueue()
+        self._subscribers: list[queue.SimpleQueue[pb.StageOutput | None]] = []
+        self._samplers: dict[str, TokenSampler] = {}
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name=f"stage-{self.index}",
+                                        daemon=True)
+        self._thread.start()
+
+    # --- inputs and outputs ------------------------------------------------------------
+
+    def submit(self, msg: pb.StageInput) -> None:
+        self._inbox.put((msg, time.perf_counter()))
+
+    def end_session_here(self, session: str) -> None:
+        """End a session on this stage only, in order with the chunks already queued."""
+        self._inbox.put((_LocalEnd(session), time.perf_counter()))
+
+    def subscribe(self) -> queue.SimpleQueue[pb.StageOutput | None]:
+        q: queue.SimpleQueue[pb.StageOutput | None] = queue.SimpleQueue()
+        with self._lock:
+            self._subscribers.append(q)
+        return q
+
+    def unsubscribe(self, q: queue.SimpleQueue) -> None:
+        with self._lock:
+            if q in self._subscribers:
+                self._subscribers.remove(q)
+        q.put(None)
+
+    def _publish(self, out: pb.StageOutput) -> None:
+        with self._lock:
+            subscribers = list(self._subscribers)
+        if not subscribers:
+            log.warning("stage %d: result for session %s chunk %d has no subscriber",
+                        self.index, out.session, out.chunk)
+        for q in subscribers:
+            q.put(out)
+
+    # --- the compute loop --------------------------------------------------------------
+
+    def _run(self) -> None:
+        while (item := self._inbox.get()) is not None:
+            msg, arrived = item
+            if isinstance(msg, _LocalEnd):
+                self.end_session(msg.session)
+                continue
+            try:
+                self._handle(msg, arrived)
+            except Exception:
+                log.exception("stage %d: unexpected failure on session %s chunk %d",
+                              self.index, msg.session, msg.chunk)
+
+    def _handle(self, msg: pb.StageInput, arrived: float) -> None:
+        started = time.perf_counter()
+        token = -1
+        if msg.HasField("error"):
+            pass  # an earlier stage failed: pass the error on untouched
+        elif msg.end_session:
+            self.end_session(msg.session)
+        else:
+            try:
+                token = self._compute(msg)
+            except (OrchError, ValueError) as exc:
+                msg.ClearField("hidden")
+                msg.error.CopyFrom(pb.Error(code=status.error_code(exc), message=str(exc),
+                                            worker=self.worker_name))
+        computed = time.perf_counter()
+        timing = msg.timings.add(stage_index=self.index, queue_ms=(started - arrived) * 1e3,
+                                 compute_ms=(computed - started) * 1e3)
+        if self.next is not None:
+            timing.sent_bytes = msg.ByteSize()
+            self._send_on(msg)
+            timing.send_ms = (time.perf_counter() - computed) * 1e3
+        elif msg.want_token or msg.HasField("error") or msg.end_session:
+            self._publish(pb.StageOutput(session=msg.session, chunk=msg.chunk, token=token,
+                                         timings=msg.timings, error=msg.error if msg.HasField(
+                                             "error") else None,
+                                         session_ended=msg.end_session, sent_at=msg.sent_at))
+
+    def _send_on(self, msg: pb.StageInput) -> None:
+        try:
+            self.next.send(msg)
+        except ConnectionError as exc:
+            log.error("stage %d: %s", self.index, exc)
+
+    def _compute(self, msg: pb.StageInput) -> int:
+        tokens = np.asarray(msg.tokens, dtype=np.int32)
+        positions = np.arange(msg.start_pos, msg.start_pos + len(tokens), dtype=np.int32)
+        if self.engine.role.is_first:
+            out = self.engine.forward(msg.session, positions, tokens=tokens)
+        else:
+            if not msg.HasField("hidden"):
+                raise InvalidInputError(f"stage {self.index} needs hidden states")
+            hidden = convert.hidden_from_proto(msg.hidden)
+            out = self.engine.forward(msg.session, positions, hidden=hidden)
+        if not self.is_last:
+            msg.hidden.CopyFrom(convert.hidden_to_proto(out, self.codec))
+            return -1
+        sampler = self._sampler(msg)
+        sampler.accept(tokens.tolist())
+        return sampler.sample(out[-1]) if msg.want_token else -1
+
+    def _sampler(self, msg: pb.StageInput) -> TokenSampler:
+        sampler = self._samplers.get(msg.session)
+        if sampler is None:
+            if not msg.HasField("sampling"):
+                raise InvalidInputError(f"session {msg.session!r}: the first chunk must carry "
+                                        f"sampling parameters")
+            params = convert.sampling_from_proto(msg.sampling)
+            sampler = self._samplers[msg.session] = TokenSampler(params, self.engine.n_vocab)
+        return sampler
+
+    # --- lifetime ----------------------------------------------------------------------
+
+    def end_session(self, session: str) -> bool:
+        sampler = self._samplers.pop(session, None)
+        if sampler is not None:
+            sampler.close()
+        return self.engine.end_session(session)
+
+    def close(self) -> None:
+        self._inbox.put(None)
+        self._thread.join(timeout=30)
+        with self._lock:
+            for q in self._subscribers:
+                q.put(None)
+            self._subscribers.clear()
+        if self.next is not None:
+            self.next.close()
+        for sampler in self._samplers.values():
+            sampler.close()
+        self._samplers.clear()
+        self.engine.close()
