@@ -14,9 +14,11 @@ import grpc
 
 from orchestrator.errors import (
     AuthError,
+    MemoryBudgetError,
     MessageTooLargeError,
     OrchError,
     ProtocolMismatchError,
+    ShardHashError,
     WorkerError,
     WorkerUnreachableError,
 )
@@ -47,6 +49,10 @@ def rpc_error(worker: str, exc: grpc.RpcError) -> OrchError:
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "message" in details.lower():
         return MessageTooLargeError(f"worker {worker}: {details}; raise --max-message-mb "
                                     f"on the workers or use smaller prompt chunks")
+    if code == grpc.StatusCode.DATA_LOSS:
+        return ShardHashError(f"worker {worker}: {details}")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "budget" in details:
+        return MemoryBudgetError(details)
     if code == grpc.StatusCode.CANCELLED:
         return WorkerUnreachableError(worker, f"connection lost ({details})")
     return WorkerError(worker, f"{code.name}: {details}")

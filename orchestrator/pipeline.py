@@ -66,9 +66,10 @@ def make_plan(facts: ModelFacts, workers: Sequence[str], *, codec: str = "f32",
         raise UnknownCodecError(f"unknown codec {codec!r}; choose one of {', '.join(CODEC_NAMES)}")
     facts.require_supported()
     ranges = even_ranges(facts.n_layers, len(workers))
-    return Plan(facts.path, facts.n_layers,
-                tuple(StagePlan(i, r, w) for i, (r, w) in enumerate(zip(ranges, workers, strict=True))),
-                codec, context_tokens, max_sessions, batch_tokens)
+    stages = tuple(StagePlan(i, r, w)
+                   for i, (r, w) in enumerate(zip(ranges, workers, strict=True)))
+    return Plan(facts.path, facts.n_layers, stages, codec, context_tokens, max_sessions,
+                batch_tokens)
 
 
 @dataclass

@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-from itertools import pairwise
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from orchestrator.codecs import get_codec
 from orchestrator.facts import read_model_facts
 from orchestrator.shard import LayerRange, ranges_from_cuts, write_shard
 from worker.engine import EngineConfig, StageEngine
@@ -14,7 +15,10 @@ from worker.engine import EngineConfig, StageEngine
 
 class Chain:
     def __init__(self, model: Path, cuts: Sequence[int], workdir: Path,
-                 config: EngineConfig) -> None:
+                 config: EngineConfig, codec: str = "f32") -> None:
+        """``codec``: hidden states cross every hop encoded and decoded with this wire
+        codec, exactly as between workers."""
+        self.codec = get_codec(codec)
         facts = read_model_facts(model)
         self.ranges: tuple[LayerRange, ...] = ranges_from_cuts(facts.n_layers, cuts)
         self.stages = [
@@ -28,6 +32,7 @@ class Chain:
         out = self.stages[0].forward(session, positions, tokens=list(tokens),
                                      all_logits=all_logits)
         for stage in self.stages[1:]:
+            out = self.codec.decode(self.codec.encode(out), *out.shape)
             out = stage.forward(session, positions, hidden=out, all_logits=all_logits)
         return out
 

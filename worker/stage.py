@@ -96,6 +96,7 @@ class Stage:
         self.codec = request.codec or "f32"
         self.worker_name = worker_name
         self.is_last = engine.role.is_last
+        self.max_message_bytes = max_message_bytes
         self.next = (DownstreamLink(request.next_address, token, max_message_bytes)
                      if request.next_address else None)
         if self.is_last == bool(self.next):
@@ -168,6 +169,14 @@ class Stage:
                 msg.ClearField("hidden")
                 msg.error.CopyFrom(pb.Error(code=status.error_code(exc), message=str(exc),
                                             worker=self.worker_name))
+        if msg.ByteSize() > self.max_message_bytes:
+            size = msg.ByteSize()
+            msg.ClearField("hidden")
+            msg.error.CopyFrom(pb.Error(
+                code="message_too_large", worker=self.worker_name,
+                message=f"hidden states of {size} bytes exceed the {self.max_message_bytes}-byte "
+                        f"message limit; use the q8_0 codec, smaller prompt chunks, or raise "
+                        f"--max-message-mb on the workers"))
         computed = time.perf_counter()
         timing = msg.timings.add(stage_index=self.index, queue_ms=(started - arrived) * 1e3,
                                  compute_ms=(computed - started) * 1e3)
