@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 INFO_DEADLINE_S = 5.0
 LOAD_DEADLINE_S = 300.0
-UPLOAD_CHUNK = 1 << 20
+UPLOAD_CHUNK = 256 << 10  # well under the smallest message limit a worker accepts (1 MiB)
 
 
 def rpc_error(worker: str, exc: grpc.RpcError) -> OrchError:
