@@ -125,6 +125,39 @@ def info(model: Annotated[str, typer.Argument(help="A .gguf file or a known mode
     console.print(table)
 
 
+@app.command()
+def verify(
+    model: Annotated[str, typer.Argument(help="A .gguf file or a known model name.")],
+    prompt: Annotated[str, typer.Option(help="Prompt to evaluate.")] =
+        "The capital of France is",
+    stages: Annotated[int, typer.Option(min=2, help="Number of layer ranges.")] = 3,
+    steps: Annotated[int, typer.Option(min=0, help="Greedy decode steps after the prompt.")] = 32,
+    threads: Annotated[int, typer.Option(min=0, help="llama.cpp threads; 0 = all.")] = 0,
+) -> None:
+    """Check that MODEL cut into layer ranges gives exactly the unsplit logits (one process)."""
+    from orchestrator.modelstore import resolve_model
+    from orchestrator.tokenizer import Tokenizer
+    from orchestrator.verify import verify_split
+
+    try:
+        path = resolve_model(model)
+        with Tokenizer.from_gguf(path) as tokenizer:
+            tokens = tokenizer.encode(prompt)
+            with err.status(f"running the model whole and in {stages} ranges"):
+                result = verify_split(path, tokens, stages, steps, threads)
+            text = tokenizer.decode(list(result.tokens_split))
+    except OrchError as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+    console.print(f"ranges: {' '.join(str(r) for r in result.ranges)}")
+    console.print(f"{prompt}[bold]{text}[/]", highlight=False)
+    verdict = "[green]identical[/]" if result.exact else "[red]DIFFERENT[/]"
+    console.print(f"logits of {result.identical_steps}/{result.steps} steps {verdict} to the "
+                  f"unsplit model (max abs diff {result.max_abs_diff:g})")
+    if not result.exact:
+        raise typer.Exit(2)
+
+
 def main() -> None:
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     app()

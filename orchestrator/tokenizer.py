@@ -35,6 +35,7 @@ from gguf import Keys
 
 from orchestrator.errors import GGUFError, OrchError, UnsupportedModelError
 from orchestrator.facts import open_gguf
+from worker.llama_ext import llama_log
 
 _PIECE_BYTES = 64  # first buffer size for one token's text; longer pieces retry
 _INT32_MAX = 2**31 - 1
@@ -62,6 +63,7 @@ def _init_backend() -> None:
     global _backend_ready
     with _backend_lock:
         if not _backend_ready:
+            llama_log()  # route llama.cpp's log to logging before it says anything
             llama_cpp.llama_backend_init()
             _backend_ready = True
 

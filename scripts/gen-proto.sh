@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-orchestrator/wire}"
+mkdir -p "$out"
 python="${PYTHON:-.venv/bin/python}"
 "$python" -m grpc_tools.protoc -Iproto/orch/v1 --python_out="$out" --grpc_python_out="$out" \
     --pyi_out="$out" proto/orch/v1/worker.proto

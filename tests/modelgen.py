@@ -203,7 +203,7 @@ def tensor_plan(spec: ModelSpec) -> list[TensorSpec]:
         ]
         if biases:
             sizes = (d, d_kv, d_kv)
-            plan += [tensor(k, "bias", (n,), Role.BIAS, i) for k, n in zip(_ATTN_BIASES, sizes)]
+            plan += [tensor(k, "bias", (n,), Role.BIAS, i) for k, n in zip(_ATTN_BIASES, sizes, strict=True)]
         if head_norms:
             plan += [tensor(k, "weight", (spec.head_dim,), Role.NORM, i) for k in _HEAD_NORMS]
         plan += [
@@ -286,7 +286,8 @@ def _add_tokenizer(writer: gguf.GGUFWriter, n_vocab: int) -> None:
     writer.add_token_scores(scores)
     writer.add_token_types(types)
     for text, add_id in zip(("<unk>", "<s>", "</s>"), (
-            writer.add_unk_token_id, writer.add_bos_token_id, writer.add_eos_token_id)):
+            writer.add_unk_token_id, writer.add_bos_token_id, writer.add_eos_token_id),
+            strict=True):
         add_id(tokens.index(text))
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)

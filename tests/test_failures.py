@@ -4,6 +4,7 @@ worker and saying what to do; nothing hangs; nothing is left running."""
 from __future__ import annotations
 
 import hashlib
+import re
 import subprocess
 import sys
 import threading
@@ -90,7 +91,7 @@ def test_protocol_mismatch_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr("worker.service.PROTOCOL_VERSION", 99)
     with worker_server(tmp_path) as address:
         client = WorkerClient(address, None)
-        with pytest.raises(ProtocolMismatchError, match=f"{address}.*protocol 99"):
+        with pytest.raises(ProtocolMismatchError, match=rf"{re.escape(address)}.*protocol 99"):
             client.check_protocol()
         client.close()
 

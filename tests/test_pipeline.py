@@ -7,7 +7,6 @@ import os
 import signal
 import time
 
-import numpy as np
 import psutil
 import pytest
 from reference import ReferenceModel

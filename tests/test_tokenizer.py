@@ -238,10 +238,12 @@ def test_held_prefix_released_when_not_a_stop() -> None:
     assert not matcher.stopped
 
 
-def test_earliest_stop_wins() -> None:
+def test_first_completed_stop_wins() -> None:
     matcher = StopMatcher(["world", "lo w"])
     assert matcher.feed("hello world") == ("hel", True)
     assert matcher.stop == "lo w"
+    for chunks in (["baa"], ["ba", "a"]):  # "a" ends before "baa" however the text is cut
+        assert _run_stops(["baa", "a"], chunks) == ("b", "a")
 
 
 def test_no_stops_passes_text_through() -> None:
@@ -263,20 +265,27 @@ def test_empty_stop_string_rejected() -> None:
 def test_stop_matcher_property(text: str, stops: list[str], cuts: list[int]) -> None:
     bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
     chunks = [text[a:b] for a, b in itertools.pairwise(bounds)]
+    emitted, stop = _run_stops(stops, chunks)
+    assert (emitted, stop) == _run_stops(stops, [text])  # however the text was cut
+    assert not any(s in emitted for s in stops)
+    if stop is not None:
+        assert text.startswith(emitted + stop)
+        assert len(emitted + stop) == min(text.find(s) + len(s) for s in stops if s in text)
+    else:
+        assert emitted == text
+        assert not any(s in text for s in stops)
+
+
+def _run_stops(stops: list[str], chunks: list[str]) -> tuple[str, str | None]:
+    """Emitted text (plus what flush() releases when no stop came) and the stop found."""
     matcher = StopMatcher(stops)
     emitted = ""
     for chunk in chunks:
         out, stopped = matcher.feed(chunk)
         emitted += out
-        assert not any(s in emitted for s in stops)
         if stopped:
-            break
-    if matcher.stop is not None:
-        assert text.startswith(emitted + matcher.stop)
-        assert emitted == text[:min(text.find(s) for s in stops if s in text)]
-    else:
-        assert emitted + matcher.flush() == text
-        assert not any(s in text for s in stops)
+            return emitted, matcher.stop
+    return emitted + matcher.flush(), None
 
 
 # --- chat templates --------------------------------------------------------------------

@@ -1,10 +1,8 @@
-from collections.abc import Iterable as _Iterable
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar
-
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from google.protobuf.internal import containers as _containers
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -13,7 +11,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("arch", "cached_shards", "cores", "cpu_flags", "cpu_model", "hostname", "loaded", "memory_budget_bytes", "protocol_version", "ram_available_bytes", "ram_total_bytes", "software_version", "worker_id")
+    __slots__ = ("protocol_version", "worker_id", "hostname", "software_version", "ram_total_bytes", "ram_available_bytes", "memory_budget_bytes", "cores", "cpu_model", "cpu_flags", "arch", "cached_shards", "loaded")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
@@ -40,10 +38,10 @@ class WorkerInfo(_message.Message):
     arch: str
     cached_shards: _containers.RepeatedScalarFieldContainer[str]
     loaded: LoadedShard
-    def __init__(self, protocol_version: int | None = ..., worker_id: str | None = ..., hostname: str | None = ..., software_version: str | None = ..., ram_total_bytes: int | None = ..., ram_available_bytes: int | None = ..., memory_budget_bytes: int | None = ..., cores: int | None = ..., cpu_model: str | None = ..., cpu_flags: _Iterable[str] | None = ..., arch: str | None = ..., cached_shards: _Iterable[str] | None = ..., loaded: LoadedShard | _Mapping | None = ...) -> None: ...
+    def __init__(self, protocol_version: _Optional[int] = ..., worker_id: _Optional[str] = ..., hostname: _Optional[str] = ..., software_version: _Optional[str] = ..., ram_total_bytes: _Optional[int] = ..., ram_available_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., cores: _Optional[int] = ..., cpu_model: _Optional[str] = ..., cpu_flags: _Optional[_Iterable[str]] = ..., arch: _Optional[str] = ..., cached_shards: _Optional[_Iterable[str]] = ..., loaded: _Optional[_Union[LoadedShard, _Mapping]] = ...) -> None: ...
 
 class LoadedShard(_message.Message):
-    __slots__ = ("layer_end", "layer_start", "pipeline_id", "resident_bytes", "sha256", "source_layers")
+    __slots__ = ("sha256", "layer_start", "layer_end", "source_layers", "pipeline_id", "resident_bytes")
     SHA256_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
@@ -56,30 +54,30 @@ class LoadedShard(_message.Message):
     source_layers: int
     pipeline_id: str
     resident_bytes: int
-    def __init__(self, sha256: str | None = ..., layer_start: int | None = ..., layer_end: int | None = ..., source_layers: int | None = ..., pipeline_id: str | None = ..., resident_bytes: int | None = ...) -> None: ...
+    def __init__(self, sha256: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., source_layers: _Optional[int] = ..., pipeline_id: _Optional[str] = ..., resident_bytes: _Optional[int] = ...) -> None: ...
 
 class ShardChunk(_message.Message):
-    __slots__ = ("data", "sha256", "size")
+    __slots__ = ("sha256", "size", "data")
     SHA256_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     sha256: str
     size: int
     data: bytes
-    def __init__(self, sha256: str | None = ..., size: int | None = ..., data: bytes | None = ...) -> None: ...
+    def __init__(self, sha256: _Optional[str] = ..., size: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ShardReceipt(_message.Message):
-    __slots__ = ("already_cached", "sha256", "size")
+    __slots__ = ("sha256", "size", "already_cached")
     SHA256_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     ALREADY_CACHED_FIELD_NUMBER: _ClassVar[int]
     sha256: str
     size: int
     already_cached: bool
-    def __init__(self, sha256: str | None = ..., size: int | None = ..., already_cached: bool | None = ...) -> None: ...
+    def __init__(self, sha256: _Optional[str] = ..., size: _Optional[int] = ..., already_cached: _Optional[bool] = ...) -> None: ...
 
 class EngineSettings(_message.Message):
-    __slots__ = ("batch_tokens", "context_tokens", "max_sessions", "threads")
+    __slots__ = ("context_tokens", "max_sessions", "batch_tokens", "threads")
     CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -88,10 +86,10 @@ class EngineSettings(_message.Message):
     max_sessions: int
     batch_tokens: int
     threads: int
-    def __init__(self, context_tokens: int | None = ..., max_sessions: int | None = ..., batch_tokens: int | None = ..., threads: int | None = ...) -> None: ...
+    def __init__(self, context_tokens: _Optional[int] = ..., max_sessions: _Optional[int] = ..., batch_tokens: _Optional[int] = ..., threads: _Optional[int] = ...) -> None: ...
 
 class LoadShardRequest(_message.Message):
-    __slots__ = ("codec", "engine", "layer_end", "layer_start", "next_address", "pipeline_id", "sha256", "stage_count", "stage_index")
+    __slots__ = ("pipeline_id", "sha256", "layer_start", "layer_end", "engine", "next_address", "codec", "stage_index", "stage_count")
     PIPELINE_ID_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
@@ -110,30 +108,30 @@ class LoadShardRequest(_message.Message):
     codec: str
     stage_index: int
     stage_count: int
-    def __init__(self, pipeline_id: str | None = ..., sha256: str | None = ..., layer_start: int | None = ..., layer_end: int | None = ..., engine: EngineSettings | _Mapping | None = ..., next_address: str | None = ..., codec: str | None = ..., stage_index: int | None = ..., stage_count: int | None = ...) -> None: ...
+    def __init__(self, pipeline_id: _Optional[str] = ..., sha256: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., engine: _Optional[_Union[EngineSettings, _Mapping]] = ..., next_address: _Optional[str] = ..., codec: _Optional[str] = ..., stage_index: _Optional[int] = ..., stage_count: _Optional[int] = ...) -> None: ...
 
 class LoadShardReply(_message.Message):
-    __slots__ = ("load_seconds", "resident_bytes")
+    __slots__ = ("resident_bytes", "load_seconds")
     RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     resident_bytes: int
     load_seconds: float
-    def __init__(self, resident_bytes: int | None = ..., load_seconds: float | None = ...) -> None: ...
+    def __init__(self, resident_bytes: _Optional[int] = ..., load_seconds: _Optional[float] = ...) -> None: ...
 
 class UnloadRequest(_message.Message):
     __slots__ = ("pipeline_id",)
     PIPELINE_ID_FIELD_NUMBER: _ClassVar[int]
     pipeline_id: str
-    def __init__(self, pipeline_id: str | None = ...) -> None: ...
+    def __init__(self, pipeline_id: _Optional[str] = ...) -> None: ...
 
 class UnloadReply(_message.Message):
     __slots__ = ("was_loaded",)
     WAS_LOADED_FIELD_NUMBER: _ClassVar[int]
     was_loaded: bool
-    def __init__(self, was_loaded: bool | None = ...) -> None: ...
+    def __init__(self, was_loaded: _Optional[bool] = ...) -> None: ...
 
 class Sampling(_message.Message):
-    __slots__ = ("min_p", "repeat_last_n", "repeat_penalty", "seed", "temperature", "top_k", "top_p")
+    __slots__ = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed")
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
@@ -148,10 +146,10 @@ class Sampling(_message.Message):
     repeat_penalty: float
     repeat_last_n: int
     seed: int
-    def __init__(self, temperature: float | None = ..., top_k: int | None = ..., top_p: float | None = ..., min_p: float | None = ..., repeat_penalty: float | None = ..., repeat_last_n: int | None = ..., seed: int | None = ...) -> None: ...
+    def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., repeat_penalty: _Optional[float] = ..., repeat_last_n: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class Hidden(_message.Message):
-    __slots__ = ("codec", "cols", "data", "rows")
+    __slots__ = ("codec", "rows", "cols", "data")
     CODEC_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     COLS_FIELD_NUMBER: _ClassVar[int]
@@ -160,10 +158,10 @@ class Hidden(_message.Message):
     rows: int
     cols: int
     data: bytes
-    def __init__(self, codec: str | None = ..., rows: int | None = ..., cols: int | None = ..., data: bytes | None = ...) -> None: ...
+    def __init__(self, codec: _Optional[str] = ..., rows: _Optional[int] = ..., cols: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class StageTiming(_message.Message):
-    __slots__ = ("compute_ms", "queue_ms", "send_ms", "sent_bytes", "stage_index")
+    __slots__ = ("stage_index", "compute_ms", "queue_ms", "sent_bytes", "send_ms")
     STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
@@ -174,7 +172,7 @@ class StageTiming(_message.Message):
     queue_ms: float
     sent_bytes: int
     send_ms: float
-    def __init__(self, stage_index: int | None = ..., compute_ms: float | None = ..., queue_ms: float | None = ..., sent_bytes: int | None = ..., send_ms: float | None = ...) -> None: ...
+    def __init__(self, stage_index: _Optional[int] = ..., compute_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., sent_bytes: _Optional[int] = ..., send_ms: _Optional[float] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message", "worker")
@@ -184,10 +182,10 @@ class Error(_message.Message):
     code: str
     message: str
     worker: str
-    def __init__(self, code: str | None = ..., message: str | None = ..., worker: str | None = ...) -> None: ...
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., worker: _Optional[str] = ...) -> None: ...
 
 class StageInput(_message.Message):
-    __slots__ = ("chunk", "end_session", "error", "hidden", "pipeline_id", "sampling", "sent_at", "session", "start_pos", "timings", "tokens", "want_token")
+    __slots__ = ("pipeline_id", "session", "chunk", "start_pos", "tokens", "hidden", "want_token", "sampling", "end_session", "timings", "error", "sent_at")
     PIPELINE_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
@@ -212,10 +210,10 @@ class StageInput(_message.Message):
     timings: _containers.RepeatedCompositeFieldContainer[StageTiming]
     error: Error
     sent_at: float
-    def __init__(self, pipeline_id: str | None = ..., session: str | None = ..., chunk: int | None = ..., start_pos: int | None = ..., tokens: _Iterable[int] | None = ..., hidden: Hidden | _Mapping | None = ..., want_token: bool | None = ..., sampling: Sampling | _Mapping | None = ..., end_session: bool | None = ..., timings: _Iterable[StageTiming | _Mapping] | None = ..., error: Error | _Mapping | None = ..., sent_at: float | None = ...) -> None: ...
+    def __init__(self, pipeline_id: _Optional[str] = ..., session: _Optional[str] = ..., chunk: _Optional[int] = ..., start_pos: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Hidden, _Mapping]] = ..., want_token: _Optional[bool] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., end_session: _Optional[bool] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., sent_at: _Optional[float] = ...) -> None: ...
 
 class StageOutput(_message.Message):
-    __slots__ = ("chunk", "error", "sent_at", "session", "session_ended", "timings", "token")
+    __slots__ = ("session", "chunk", "token", "timings", "error", "session_ended", "sent_at")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -230,28 +228,28 @@ class StageOutput(_message.Message):
     error: Error
     session_ended: bool
     sent_at: float
-    def __init__(self, session: str | None = ..., chunk: int | None = ..., token: int | None = ..., timings: _Iterable[StageTiming | _Mapping] | None = ..., error: Error | _Mapping | None = ..., session_ended: bool | None = ..., sent_at: float | None = ...) -> None: ...
+    def __init__(self, session: _Optional[str] = ..., chunk: _Optional[int] = ..., token: _Optional[int] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., session_ended: _Optional[bool] = ..., sent_at: _Optional[float] = ...) -> None: ...
 
 class ForwardSummary(_message.Message):
     __slots__ = ("chunks",)
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     chunks: int
-    def __init__(self, chunks: int | None = ...) -> None: ...
+    def __init__(self, chunks: _Optional[int] = ...) -> None: ...
 
 class ResultsRequest(_message.Message):
     __slots__ = ("pipeline_id",)
     PIPELINE_ID_FIELD_NUMBER: _ClassVar[int]
     pipeline_id: str
-    def __init__(self, pipeline_id: str | None = ...) -> None: ...
+    def __init__(self, pipeline_id: _Optional[str] = ...) -> None: ...
 
 class EndSessionRequest(_message.Message):
     __slots__ = ("session",)
     SESSION_FIELD_NUMBER: _ClassVar[int]
     session: str
-    def __init__(self, session: str | None = ...) -> None: ...
+    def __init__(self, session: _Optional[str] = ...) -> None: ...
 
 class EndSessionReply(_message.Message):
     __slots__ = ("existed",)
     EXISTED_FIELD_NUMBER: _ClassVar[int]
     existed: bool
-    def __init__(self, existed: bool | None = ...) -> None: ...
+    def __init__(self, existed: _Optional[bool] = ...) -> None: ...

@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# The whole test suite (and lint). Extra arguments go to pytest.
+source "$(dirname "$0")/setup.sh"
+ruff check .
+python -m pytest "$@"
