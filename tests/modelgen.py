@@ -203,7 +203,8 @@ def tensor_plan(spec: ModelSpec) -> list[TensorSpec]:
         ]
         if biases:
             sizes = (d, d_kv, d_kv)
-            plan += [tensor(k, "bias", (n,), Role.BIAS, i) for k, n in zip(_ATTN_BIASES, sizes, strict=True)]
+            plan += [tensor(k, "bias", (n,), Role.BIAS, i)
+                     for k, n in zip(_ATTN_BIASES, sizes, strict=True)]
         if head_norms:
             plan += [tensor(k, "weight", (spec.head_dim,), Role.NORM, i) for k in _HEAD_NORMS]
         plan += [

@@ -121,7 +121,7 @@ def test_memory_budget_refuses_with_numbers(tmp_path, small_shard):
 def test_unreachable_worker_is_named_quickly():
     client = WorkerClient("127.0.0.1:9", None)
     started = time.monotonic()
-    with pytest.raises(WorkerUnreachableError, match="127.0.0.1:9"):
+    with pytest.raises(WorkerUnreachableError, match=r"127\.0\.0\.1:9"):
         client.info(deadline=2.0)
     assert time.monotonic() - started < 5
     client.close()
