@@ -165,12 +165,14 @@ class _CheckedReader(gguf.GGUFReader):
             try:
                 ggml_type = GGMLQuantizationType(int(raw_dtype[0]))
             except ValueError:
-                raise _TensorProblem(
-                    f"tensor {name!r} has unknown type {int(raw_dtype[0])}") from None
+                raise _TensorProblem(CorruptGGUFError,
+                                     f"tensor {name!r} has unknown type {int(raw_dtype[0])}"
+                                     ) from None
             n_bytes = type_bytes(ggml_type, int(np.prod(dims.astype(np.uint64))))
             start = start_offs + int(offset_tensor[0])
             if start + n_bytes > file_size:
                 raise _TensorProblem(
+                    TruncatedGGUFError,
                     f"tensor {name!r} data [{start}, {start + n_bytes}) lies past the end of "
                     f"the file ({file_size} bytes): truncated or corrupt file"
                 )
@@ -178,7 +180,9 @@ class _CheckedReader(gguf.GGUFReader):
 
 
 class _TensorProblem(Exception):
-    pass
+    def __init__(self, error: type[GGUFError], message: str) -> None:
+        super().__init__(message)
+        self.error = error
 
 
 def open_gguf(path: Path | str) -> gguf.GGUFReader:
@@ -218,7 +222,7 @@ def _open_reader(path: Path) -> gguf.GGUFReader:
     try:
         return _CheckedReader(path)
     except _TensorProblem as exc:
-        raise TruncatedGGUFError(path, str(exc)) from None
+        raise exc.error(path, str(exc)) from None
     except (ValueError, KeyError, IndexError, OverflowError, UnicodeDecodeError) as exc:
         # gguf-py reads past the end as short arrays, which then fail to unpack/reshape.
         raise CorruptGGUFError(path, f"header cannot be parsed ({exc}); the file is "
@@ -250,6 +254,17 @@ def read_model_facts(path: Path | str) -> ModelFacts:
     path = Path(path)
     reader = open_gguf(path)
     arch = _scalar(reader, Keys.General.ARCHITECTURE, path)
+    try:
+        return _facts(path, reader, arch)
+    except UnsupportedModelError as exc:
+        if arch in SUPPORTED_ARCHITECTURES:
+            raise
+        raise UnsupportedModelError(
+            path, f"architecture {arch!r} is not supported; supported: "
+                  f"{', '.join(SUPPORTED_ARCHITECTURES)} ({exc.problem})") from None
+
+
+def _facts(path: Path, reader: gguf.GGUFReader, arch: str) -> ModelFacts:
     fmt = {"arch": arch}
     n_embd = int(_scalar(reader, Keys.LLM.EMBEDDING_LENGTH.format(**fmt), path))
     n_head = int(_scalar(reader, Keys.Attention.HEAD_COUNT.format(**fmt), path))
@@ -271,7 +286,7 @@ def read_model_facts(path: Path | str) -> ModelFacts:
     names = {t.name for t in tensors}
     if TOKEN_EMBD not in names:
         raise UnsupportedModelError(path, f"no {TOKEN_EMBD} tensor")
-    n_vocab = _vocab_size(reader, fmt, tensors, path)
+    n_vocab = _vocab_size(tensors, path)
     facts = ModelFacts(
         path=path,
         file_size=path.stat().st_size,
@@ -295,9 +310,7 @@ def read_model_facts(path: Path | str) -> ModelFacts:
     return facts
 
 
-def _vocab_size(
-    reader: gguf.GGUFReader, fmt: dict[str, str], tensors: tuple[TensorFacts, ...], path: Path
-) -> int:
+def _vocab_size(tensors: tuple[TensorFacts, ...], path: Path) -> int:
     """Rows of the token embedding: the vocabulary the lm head scores."""
     embd = next(t for t in tensors if t.name == TOKEN_EMBD)
     if len(embd.shape) != 2:

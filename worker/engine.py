@@ -269,8 +269,8 @@ class StageEngine:
         positions = np.asarray(positions, dtype=np.int32)
         n = len(positions)
         self._check_input(n, tokens, hidden)
+        self._check_positions(session, self.session_length(session), positions)
         seq = self._seq(session)
-        self._check_positions(session, seq, positions)
         if self.role.is_first and self._lookup is None:
             out = self._forward_tokens(seq, positions, np.asarray(tokens, dtype=np.int32),
                                        all_logits)
@@ -300,8 +300,7 @@ class StageEngine:
                 raise InvalidInputError(f"hidden states of shape {hidden.shape}, expected "
                                         f"({n}, {self.n_embd})")
 
-    def _check_positions(self, session: str, seq: int, positions: np.ndarray) -> None:
-        expected = self._next_pos[seq]
+    def _check_positions(self, session: str, expected: int, positions: np.ndarray) -> None:
         if positions[0] != expected or np.any(np.diff(positions) != 1):
             raise InvalidInputError(
                 f"session {session!r}: positions must continue at {expected} and be "
