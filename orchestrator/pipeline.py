@@ -120,7 +120,9 @@ class Pipeline:
         self.id = uuid.uuid4().hex[:12]
         self.clients = [WorkerClient(s.worker, token) for s in plan.stages]
         self._alive_check = alive
-        self._results: queue.SimpleQueue[pb.StageOutput | Exception] = queue.SimpleQueue()
+        # Results are routed per session, so several sessions can be in flight at once.
+        self._results: dict[str, queue.SimpleQueue[pb.StageOutput | Exception]] = {}
+        self._broken: Exception | None = None
         self._inputs: queue.SimpleQueue[pb.StageInput | None] = queue.SimpleQueue()
         self._forward: grpc.Future | None = None
         self._results_call = None
@@ -166,21 +168,38 @@ class Pipeline:
 
         self._forward = first.stub.Forward.future(inputs(), metadata=auth_metadata(self.token))
 
+    def _session_queue(self, session: str) -> queue.SimpleQueue:
+        with self._lock:
+            return self._results.setdefault(session, queue.SimpleQueue())
+
     def _read_results(self) -> None:
         try:
             for out in self._results_call:
-                self._results.put(out)
-            self._results.put(WorkerUnreachableError(self.plan.stages[-1].worker,
-                                                     "results stream ended"))
+                if out.session_ended:
+                    with self._lock:
+                        self._results.pop(out.session, None)
+                else:
+                    self._session_queue(out.session).put(out)
+            broken: Exception = WorkerUnreachableError(self.plan.stages[-1].worker,
+                                                       "results stream ended")
         except grpc.RpcError as exc:
-            self._results.put(rpc_error(self.plan.stages[-1].worker, exc))
+            broken = rpc_error(self.plan.stages[-1].worker, exc)
+        with self._lock:
+            self._broken = broken
+            waiting = list(self._results.values())
+        for q in waiting:
+            q.put(broken)
 
     # --- generation --------------------------------------------------------------------
 
-    def _send(self, session: str, start: int, tokens: Sequence[int], want: bool,
-              sampling: SamplingParams | None) -> int:
+    def _next_chunk(self) -> int:
         with self._lock:
             chunk, self._chunk = self._chunk, self._chunk + 1
+        return chunk
+
+    def _send(self, session: str, start: int, tokens: Sequence[int], want: bool,
+              sampling: SamplingParams | None) -> int:
+        chunk = self._next_chunk()
         msg = pb.StageInput(pipeline_id=self.id, session=session, chunk=chunk, start_pos=start,
                             tokens=list(tokens), want_token=want, sent_at=time.time())
         if sampling is not None:
@@ -188,12 +207,16 @@ class Pipeline:
         self._inputs.put(msg)
         return chunk
 
-    def _wait(self, chunk: int, deadline_s: float) -> pb.StageOutput:
+    def _wait(self, session: str, chunk: int, deadline_s: float) -> pb.StageOutput:
         """The result of ``chunk``; raises a typed error naming the failing worker."""
         give_up = time.monotonic() + deadline_s
+        results = self._session_queue(session)
         while True:
+            if self._broken is not None and results.empty():
+                self.probe()
+                raise self._broken
             try:
-                out = self._results.get(timeout=POLL_S)
+                out = results.get(timeout=POLL_S)
             except queue.Empty:
                 self.probe()
                 if time.monotonic() > give_up:
@@ -240,7 +263,7 @@ class Pipeline:
         for i, part in enumerate(chunks):  # all prompt chunks in flight at once
             last = self._send(session, i * size, part, want=i == len(chunks) - 1,
                               sampling=sampling if i == 0 else None)
-        out = self._wait(last, step_deadline_s)
+        out = self._wait(session, last, step_deadline_s)
         stats.prompt_tokens += len(prompt)
         stats.prompt_s += time.perf_counter() - started
         stats.first_token_s = time.perf_counter() - started
@@ -251,7 +274,8 @@ class Pipeline:
             if produced + 1 == max_tokens:
                 break
             t0 = time.perf_counter()
-            out = self._wait(self._send(session, pos, [token], True, None), step_deadline_s)
+            out = self._wait(session, self._send(session, pos, [token], True, None),
+                             step_deadline_s)
             stats.decode_s += time.perf_counter() - t0
             stats.decode_tokens += 1
             stats.add_decode(out.timings)
@@ -259,7 +283,7 @@ class Pipeline:
 
     def end_session(self, session: str) -> None:
         self._inputs.put(pb.StageInput(pipeline_id=self.id, session=session,
-                                       chunk=self._chunk, end_session=True))
+                                       chunk=self._next_chunk(), end_session=True))
 
     # --- lifetime ----------------------------------------------------------------------
 

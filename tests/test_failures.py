@@ -150,7 +150,7 @@ def test_wrong_hidden_shape_is_a_clear_error(smollm2_path, tmp_path):
                             sampling=convert.sampling_to_proto(SamplingParams(temperature=0)))
         last.stub.Forward(iter([bad]), timeout=10)
         with pytest.raises(InvalidInputError, match=rf"{last.address}.*\(1, 100\).*576"):
-            pipeline._wait(7, deadline_s=10)
+            pipeline._wait("s", 7, deadline_s=10)
 
 
 def test_oversized_message_is_a_clear_error(smollm2_path, tmp_path):

@@ -129,3 +129,30 @@ def test_worker_killed_mid_answer_fails_fast_and_names_it(smollm2_path, expected
         cluster.stop()
     assert not [pid for pid in pids if psutil.pid_exists(pid)
                 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+
+
+def test_sessions_back_to_back_and_in_flight_together(smollm2_path, expected, cluster3,
+                                                      tmp_path):
+    """Sessions one after another, and two sessions advanced in turn, each give the unsplit
+    model's tokens; results are routed to their own session."""
+    prompt, want = expected
+    facts = read_model_facts(smollm2_path)
+    plan = make_plan(facts, cluster3.addresses[:2], context_tokens=512)
+    pipeline = Pipeline(plan, facts, cluster3.token)
+    try:
+        pipeline.deploy(ShardStore(tmp_path / "shards-out"))
+        for session in ("first", "second"):
+            assert list(pipeline.generate(session, prompt, GREEDY, 12)) == want[:12]
+            pipeline.end_session(session)
+        a = pipeline.generate("a", prompt, GREEDY, 12)
+        b = pipeline.generate("b", prompt[:-3], GREEDY, 12)
+        got_a, got_b = [], []
+        for _ in range(12):
+            got_a.append(next(a))
+            got_b.append(next(b))
+        assert got_a == want[:12]
+        pipeline.end_session("a")
+        pipeline.end_session("b")
+        assert got_b == list(pipeline.generate("c", prompt[:-3], GREEDY, 12))
+    finally:
+        pipeline.close()
