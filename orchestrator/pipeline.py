@@ -34,6 +34,7 @@ from worker.stage import auth_metadata
 log = logging.getLogger(__name__)
 
 POLL_S = 1.0  # how often a wait for results checks that every worker is alive
+SUBSCRIBE_DEADLINE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,7 @@ class Pipeline:
         # Results are routed per session, so several sessions can be in flight at once.
         self._results: dict[str, queue.SimpleQueue[pb.StageOutput | Exception]] = {}
         self._broken: Exception | None = None
+        self._subscribed = threading.Event()
         self._inputs: queue.SimpleQueue[pb.StageInput | None] = queue.SimpleQueue()
         self._forward: grpc.Future | None = None
         self._results_call = None
@@ -161,6 +163,11 @@ class Pipeline:
         self._results_call = last.stub.Results(pb.ResultsRequest(pipeline_id=self.id),
                                                metadata=auth_metadata(self.token))
         threading.Thread(target=self._read_results, daemon=True).start()
+        # The last stage announces the subscription with an empty message; until then a
+        # result could be published to nobody.
+        if not self._subscribed.wait(SUBSCRIBE_DEADLINE_S):
+            raise self._broken or WorkerUnreachableError(
+                last.address, f"results stream not open after {SUBSCRIBE_DEADLINE_S:.0f} s")
 
         def inputs() -> Iterator[pb.StageInput]:
             while (item := self._inputs.get()) is not None:
@@ -175,7 +182,9 @@ class Pipeline:
     def _read_results(self) -> None:
         try:
             for out in self._results_call:
-                if out.session_ended:
+                if not out.session:
+                    self._subscribed.set()
+                elif out.session_ended:
                     with self._lock:
                         self._results.pop(out.session, None)
                 else:
@@ -187,6 +196,7 @@ class Pipeline:
         with self._lock:
             self._broken = broken
             waiting = list(self._results.values())
+        self._subscribed.set()
         for q in waiting:
             q.put(broken)
 

@@ -247,6 +247,7 @@ class WorkerService(pb_grpc.WorkerServicer):
                           f"{self.name} is not the last stage of {request.pipeline_id}")
         q = stage.subscribe()
         context.add_callback(lambda: stage.unsubscribe(q))
+        yield pb.StageOutput()  # subscribed: results published from now on reach this stream
         while (out := q.get()) is not None:
             yield out
 

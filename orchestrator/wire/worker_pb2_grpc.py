@@ -110,7 +110,8 @@ class WorkerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Results(self, request, context):
-        """Last stage only: sampled tokens and errors, for the orchestrator.
+        """Last stage only: sampled tokens and errors, for the orchestrator. The first message
+        is empty (no session): it says the subscription is in place.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
