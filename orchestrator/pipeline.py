@@ -249,11 +249,15 @@ class Pipeline:
             self._alive_check()
         for stage, client in zip(self.plan.stages, self.clients, strict=True):
             try:
-                client.info(deadline=2.0)
+                info = client.info(deadline=2.0)
             except WorkerUnreachableError as exc:
                 raise WorkerUnreachableError(
                     stage.worker, f"stage {stage.index} (layers {stage.layers}) stopped "
                                   f"answering: {exc}") from None
+            if info.loaded.link_error:
+                raise WorkerUnreachableError(
+                    stage.worker, f"stage {stage.index} lost its link to the next stage: "
+                                  f"{info.loaded.link_error}")
         if self._forward is not None and self._forward.done():
             raise rpc_error(self.plan.stages[0].worker, self._forward.exception()) \
                 if isinstance(self._forward.exception(), grpc.RpcError) else \

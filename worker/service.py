@@ -129,7 +129,8 @@ class WorkerService(pb_grpc.WorkerServicer):
             role = stage.engine.role
             info.loaded.CopyFrom(pb.LoadedShard(
                 sha256=stage.sha256, layer_start=role.start, layer_end=role.end,
-                source_layers=role.source_layers, pipeline_id=stage.pipeline_id))
+                source_layers=role.source_layers, pipeline_id=stage.pipeline_id,
+                link_error=stage.link_error))
         return info
 
     # --- shards ------------------------------------------------------------------------

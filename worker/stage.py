@@ -97,6 +97,7 @@ class Stage:
         self.worker_name = worker_name
         self.is_last = engine.role.is_last
         self.max_message_bytes = max_message_bytes
+        self.link_error = ""
         self.next = (DownstreamLink(request.next_address, token, max_message_bytes)
                      if request.next_address else None)
         if self.is_last == bool(self.next):
@@ -194,6 +195,7 @@ class Stage:
         try:
             self.next.send(msg)
         except ConnectionError as exc:
+            self.link_error = str(exc)  # reported by Info, which the orchestrator polls
             log.error("stage %d: %s", self.index, exc)
 
     def _compute(self, msg: pb.StageInput) -> int:
