@@ -167,9 +167,11 @@ class Stage:
             try:
                 token = self._compute(msg)
             except (OrchError, ValueError) as exc:
-                msg.ClearField("hidden")
-                msg.error.CopyFrom(pb.Error(code=status.error_code(exc), message=str(exc),
-                                            worker=self.worker_name))
+                self._fail(msg, exc)
+            except Exception as exc:  # a bug: report it down the path instead of going silent
+                log.exception("stage %d: unexpected failure on session %s chunk %d",
+                              self.index, msg.session, msg.chunk)
+                self._fail(msg, exc)
         if msg.ByteSize() > self.max_message_bytes:
             size = msg.ByteSize()
             msg.ClearField("hidden")
@@ -190,6 +192,11 @@ class Stage:
                                          timings=msg.timings, error=msg.error if msg.HasField(
                                              "error") else None,
                                          session_ended=msg.end_session, sent_at=msg.sent_at))
+
+    def _fail(self, msg: pb.StageInput, exc: BaseException) -> None:
+        msg.ClearField("hidden")
+        msg.error.CopyFrom(pb.Error(code=status.error_code(exc), message=str(exc),
+                                    worker=self.worker_name))
 
     def _send_on(self, msg: pb.StageInput) -> None:
         try:
