@@ -186,10 +186,11 @@ class _TensorProblem(Exception):
 
 
 def open_gguf(path: Path | str) -> gguf.GGUFReader:
-    """A parsed header of ``path``, shared while the file is unchanged.
+    """A parsed header of ``path`` for the shard writer, shared while the file is unchanged.
 
     gguf-py parses metadata arrays (the tokenizer's 50k-150k strings) in Python, which
-    takes seconds on large vocabularies, so each file version is parsed once per process.
+    takes seconds on large vocabularies, so cutting one model into several shards parses
+    it once. Only the two most recent files are kept.
     """
     path = Path(path)
     try:
@@ -201,7 +202,7 @@ def open_gguf(path: Path | str) -> gguf.GGUFReader:
     return _cached_reader(path.resolve(), stat.st_mtime_ns, stat.st_size)
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=2)
 def _cached_reader(path: Path, _mtime_ns: int, _size: int) -> gguf.GGUFReader:
     return _open_reader(path)
 
@@ -250,9 +251,24 @@ def _metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
 
 
 def read_model_facts(path: Path | str) -> ModelFacts:
-    """Parse the header of a GGUF file. Raises a ``GGUFError`` subclass naming the file."""
+    """Parse the header of a GGUF file. Raises a ``GGUFError`` subclass naming the file.
+
+    Facts are small and kept per file version; the parsed header is not (gguf-py's view of
+    a 150k-token vocabulary takes over 150 MiB).
+    """
     path = Path(path)
-    reader = open_gguf(path)
+    try:
+        stat = path.stat()
+    except OSError:
+        stat = None
+    if stat is None or not path.is_file():
+        _open_reader(path)  # raises the right error
+    return _cached_facts(path.resolve(), stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=32)
+def _cached_facts(path: Path, _mtime_ns: int, _size: int) -> ModelFacts:
+    reader = _open_reader(path)
     arch = _scalar(reader, Keys.General.ARCHITECTURE, path)
     try:
         return _facts(path, reader, arch)

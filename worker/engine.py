@@ -184,7 +184,11 @@ class StageEngine:
         params = llama_cpp.llama_model_default_params()
         extra = self.config.extra_buffer_types
         params.use_extra_bufts = use_extra_buffer_types() if extra is None else extra
-        params.use_mmap = True
+        # With extra buffer types llama.cpp repacks weights (e.g. Q4_0) into buffers of its
+        # own; memory-mapped file pages it read them from would stay resident as a second
+        # copy, so the file is read instead. Without repacking, mapping keeps one copy.
+        params.load_mode = (llama_cpp.LLAMA_LOAD_MODE_NONE if params.use_extra_bufts
+                            else llama_cpp.LLAMA_LOAD_MODE_MMAP)
         model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
         if not model:
             raise ShardLoadError(f"{self.path}: llama.cpp could not load the shard: "
