@@ -3,8 +3,8 @@
 Every measurement runs in a fresh interpreter (this script with ``--child``), which loads
 one ``StageEngine``, runs a prompt and some decode steps in one session (so the KV cache,
 the compute buffers and every weight page are touched), then reports ``ru_maxrss`` and
-``VmHWM``. llama.cpp maps the weights from the file: touched file pages count in RSS,
-which is what a machine has to hold.
+``VmHWM``. Mapped file pages that were touched count in RSS, which is what a machine has
+to hold.
 
 Target (issue): a process holding half the layers peaks within
 ``weights of its shard + its KV cache + 150 MiB``, where weights = the tensor bytes of the
@@ -12,10 +12,10 @@ shard file and KV = kv bytes per token per layer x layers x context tokens x ses
 
 Variants (``--variants``):
 
-* ``engine``: the engine exactly as configured in worker/engine.py.
-* ``load-none``: the same, with ``llama_model_params.load_mode = LLAMA_LOAD_MODE_NONE``
-  (weights read into llama.cpp buffers instead of mapped), patched in the child process
-  only. Shows what the mapped-and-repacked double count costs (see docs/benchmarks.md).
+* ``engine``: the engine as configured by default (on a CPU where llama.cpp repacks the
+  weights, the file is read rather than mapped).
+* ``mmap``: ``EngineConfig(mmap=True)``: the file mapped even when weights are repacked,
+  so the pages read during the repack stay resident next to the repacked copy.
 * ``no-repack``: ``EngineConfig(extra_buffer_types=False)``: weights used straight from
   the mapping, no repacked copy.
 
@@ -42,7 +42,7 @@ from rich.table import Table
 from orchestrator.facts import read_model_facts
 from worker.engine import EngineConfig
 
-VARIANTS = ("engine", "load-none", "no-repack")
+VARIANTS = ("engine", "mmap", "no-repack")
 _DEFAULTS = {f.name: f.default for f in fields(EngineConfig)}
 
 
@@ -61,19 +61,6 @@ def _proc_status() -> dict[str, int]:
     return out
 
 
-def _patch_load_mode_none() -> None:
-    import llama_cpp
-
-    original = llama_cpp.llama_model_default_params
-
-    def with_load_mode_none() -> llama_cpp.llama_model_params:
-        params = original()
-        params.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE
-        return params
-
-    llama_cpp.llama_model_default_params = with_load_mode_none
-
-
 def run_child(args: argparse.Namespace) -> None:
     """Load ``args.child`` (or nothing: ``none``), run prompt + decode, print JSON."""
     import numpy as np
@@ -82,12 +69,11 @@ def run_child(args: argparse.Namespace) -> None:
 
     result: dict[str, object] = {"path": args.child, "variant": args.variant}
     if args.child != "none":
-        if args.variant == "load-none":
-            _patch_load_mode_none()
         config = EngineConfig(
             context_tokens=args.context_tokens, max_sessions=args.max_sessions,
             threads=args.threads,
-            extra_buffer_types=False if args.variant == "no-repack" else None)
+            extra_buffer_types=False if args.variant == "no-repack" else None,
+            mmap=True if args.variant == "mmap" else None)
         t0 = time.perf_counter()
         engine = StageEngine(args.child, config)
         t1 = time.perf_counter()

@@ -73,6 +73,7 @@ class EngineConfig:
     batch_tokens: int = 512  # most rows one forward call may carry
     threads: int = 0  # 0 = every core this process may use
     extra_buffer_types: bool | None = None  # None = decide from the CPU (AMX -> off)
+    mmap: bool | None = None  # None = map the file unless llama.cpp repacks the weights
 
     def resolved_threads(self) -> int:
         return self.threads if self.threads > 0 else cpu_info().cores
@@ -187,8 +188,9 @@ class StageEngine:
         # With extra buffer types llama.cpp repacks weights (e.g. Q4_0) into buffers of its
         # own; memory-mapped file pages it read them from would stay resident as a second
         # copy, so the file is read instead. Without repacking, mapping keeps one copy.
-        params.load_mode = (llama_cpp.LLAMA_LOAD_MODE_NONE if params.use_extra_bufts
-                            else llama_cpp.LLAMA_LOAD_MODE_MMAP)
+        mmap = not params.use_extra_bufts if self.config.mmap is None else self.config.mmap
+        params.load_mode = (llama_cpp.LLAMA_LOAD_MODE_MMAP if mmap
+                            else llama_cpp.LLAMA_LOAD_MODE_NONE)
         model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
         if not model:
             raise ShardLoadError(f"{self.path}: llama.cpp could not load the shard: "
