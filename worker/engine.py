@@ -307,7 +307,9 @@ class StageEngine:
                                         f"({n}, {self.n_embd})")
 
     def _check_positions(self, session: str, expected: int, positions: np.ndarray) -> None:
-        if positions[0] != expected or np.any(np.diff(positions) != 1):
+        n = len(positions)
+        if positions[0] != expected or (n > 1 and positions[-1] - positions[0] != n - 1) or (
+                n > 2 and np.any(np.diff(positions) != 1)):
             raise InvalidInputError(
                 f"session {session!r}: positions must continue at {expected} and be "
                 f"consecutive, got {positions[0]}..{positions[-1]}")
@@ -348,8 +350,9 @@ class StageEngine:
         if last:
             return self._logits(n, all_logits)
         if self._tap.captured_rows != n:
-            raise ComputeError(f"{self.path}: expected {n} hidden rows from the graph, "
-                               f"got {self._tap.captured_rows}")
+            raise ComputeError(f"{self.path}: expected {n} rows of {self._tap.target.decode()} "
+                               f"from the graph, got {self._tap.captured_rows} "
+                               f"{self._tap.problem}".rstrip())
         return self._tap.buffer[:n].copy()
 
     def _decode(self, batch: llama_cpp.llama_batch) -> None:
@@ -371,9 +374,11 @@ class StageEngine:
     def _logits(self, n: int, all_logits: bool) -> np.ndarray:
         rows = range(n) if all_logits else [n - 1]
         out = np.empty((len(rows), self.n_vocab), dtype=np.float32)
+        row_type = ctypes.c_float * self.n_vocab
         for j, i in enumerate(rows):
             ptr = llama_cpp.llama_get_logits_ith(self._ctx, i)
-            out[j] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+            out[j] = np.frombuffer(row_type.from_address(ctypes.addressof(ptr.contents)),
+                                   dtype=np.float32)
         return out
 
     # --- lifetime --------------------------------------------------------------------

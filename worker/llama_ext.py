@@ -105,44 +105,44 @@ class RowDequantizer:
 class GraphTap:
     """Copies the graph tensor named ``target`` out of each decode, then stops the graph.
 
-    llama.cpp asks the callback about every node (``ask=True``); answering True for the
-    target makes the scheduler compute up to it and call back with ``ask=False``, where we
-    copy the data and return False, which ends the computation of that graph split.
+    llama.cpp asks the callback about every node (``ask=True``, ~470 times per token on a
+    30-layer model, so that path reads the name straight from the struct); answering True
+    for the target makes the scheduler compute up to it and call back with ``ask=False``,
+    where we copy the data and return False, which ends the computation of that split.
     """
 
     def __init__(self, target: str, row_len: int, max_rows: int) -> None:
         self.target = target.encode()
-        self._probe = self.target + b"\0"
+        probe = self.target + b"\0"
         self.buffer = np.zeros((max_rows, row_len), dtype=np.float32)
         self.row_bytes = row_len * 4
         self.captured_rows = 0
-        self._checked = False
-        self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_node)
+        self.problem = ""  # set when the captured tensor was not what we expected
+        name_at = (ctypes.c_char * len(probe)).from_address
+
+        def on_node(tensor: int, ask: bool, _user_data: int) -> bool:
+            if ask:
+                return name_at(tensor + _NAME_OFFSET).raw == probe
+            return self._capture(tensor)
+
+        self.callback = llama_cpp.ggml_backend_sched_eval_callback(on_node)
 
     def reset(self) -> None:
         self.captured_rows = 0
 
-    def _on_node(self, tensor: int, ask: bool, _user_data: int) -> bool:
-        if ask:
-            if not self._checked:
-                self._check_layout(tensor)
-            return ctypes.string_at(tensor + _NAME_OFFSET, len(self._probe)) == self._probe
+    def _capture(self, tensor: int) -> bool:
+        if _ggml.ggml_get_name(tensor) != self.target:
+            self.problem = ("ggml_tensor layout differs from the pinned build (name offset); "
+                            "this llama-cpp-python version is unsupported")
+            return False
         n_bytes = _ggml.ggml_nbytes(tensor)
         rows = n_bytes // self.row_bytes
         if n_bytes % self.row_bytes or rows > len(self.buffer):
-            log.error("tap %s: unexpected size %d bytes", self.target.decode(), n_bytes)
+            self.problem = f"{self.target.decode()} has {n_bytes} bytes, not whole rows"
             return False
         _ggml.ggml_backend_tensor_get(tensor, self.buffer.ctypes.data, 0, n_bytes)
         self.captured_rows = rows
-        return False
-
-    def _check_layout(self, tensor: int) -> None:
-        name = _ggml.ggml_get_name(tensor)
-        raw = ctypes.string_at(tensor + _NAME_OFFSET, len(name) + 1)
-        if raw != name + b"\0":
-            raise RuntimeError("ggml_tensor layout differs from the pinned build "
-                               "(name offset); this llama-cpp-python version is unsupported")
-        self._checked = True
+        return False  # stop the graph: nothing after this tensor is needed
 
 
 class LlamaLog:

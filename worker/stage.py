@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 
-from orchestrator.errors import InvalidInputError, OrchError
+from orchestrator.errors import InvalidInputError, MessageTooLargeError, OrchError
 from orchestrator.wire import convert, status
 from orchestrator.wire import worker_pb2 as pb
 from orchestrator.wire import worker_pb2_grpc as pb_grpc
@@ -172,19 +172,18 @@ class Stage:
                 log.exception("stage %d: unexpected failure on session %s chunk %d",
                               self.index, msg.session, msg.chunk)
                 self._fail(msg, exc)
-        if msg.ByteSize() > self.max_message_bytes:
+        size = msg.ByteSize()
+        if size > self.max_message_bytes:
+            self._fail(msg, MessageTooLargeError(
+                f"hidden states of {size} bytes exceed the {self.max_message_bytes}-byte "
+                f"message limit; use the q8_0 codec, smaller prompt chunks, or raise "
+                f"--max-message-mb on the workers"))
             size = msg.ByteSize()
-            msg.ClearField("hidden")
-            msg.error.CopyFrom(pb.Error(
-                code="message_too_large", worker=self.worker_name,
-                message=f"hidden states of {size} bytes exceed the {self.max_message_bytes}-byte "
-                        f"message limit; use the q8_0 codec, smaller prompt chunks, or raise "
-                        f"--max-message-mb on the workers"))
         computed = time.perf_counter()
         timing = msg.timings.add(stage_index=self.index, queue_ms=(started - arrived) * 1e3,
                                  compute_ms=(computed - started) * 1e3)
         if self.next is not None:
-            timing.sent_bytes = msg.ByteSize()
+            timing.sent_bytes = size
             self._send_on(msg)
             timing.send_ms = (time.perf_counter() - computed) * 1e3
         elif msg.want_token or msg.HasField("error") or msg.end_session:
