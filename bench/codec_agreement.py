@@ -80,6 +80,7 @@ def main() -> None:
                     "mean KL (nats)", "top-1 agreement"):
             table.add_column(col, justify="right")
         for codec in args.codecs.split(","):
+            (Path(tmp) / codec).mkdir()
             chain = Chain(model.path, [args.cut], Path(tmp) / codec,
                           EngineConfig(threads=args.threads, context_tokens=ctx * 2,
                                        max_sessions=1, batch_tokens=ctx * 2), codec=codec)

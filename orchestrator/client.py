@@ -48,7 +48,7 @@ def rpc_error(worker: str, exc: grpc.RpcError) -> OrchError:
         return AuthError(worker, details)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "message" in details.lower():
         return MessageTooLargeError(f"worker {worker}: {details}; raise --max-message-mb "
-                                    f"on the workers or use smaller prompt chunks")
+                                    f"on the workers")
     if code == grpc.StatusCode.DATA_LOSS:
         return ShardHashError(f"worker {worker}: {details}")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "budget" in details:

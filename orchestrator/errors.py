@@ -42,6 +42,18 @@ class UnsupportedModelError(GGUFError):
     """A valid GGUF this project cannot split exactly (architecture, missing metadata)."""
 
 
+class InvalidSettingError(OrchError, ValueError):
+    """A setting or option outside its allowed range (names it and the range)."""
+
+
+class ModelNotFoundError(OrchError, LookupError):
+    """A model name that is neither known nor an existing file."""
+
+
+class ModelFetchError(OrchError):
+    """A known model could not be fetched or failed verification."""
+
+
 class LayerRangeError(OrchError, ValueError):
     """A layer range outside ``[0, n_layers)`` or empty."""
 

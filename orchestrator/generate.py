@@ -60,7 +60,9 @@ def run_model(opts: RunOptions, out: Console, err: Console) -> None:
         if opts.workers:
             addresses, token = opts.workers, opts.token
         else:
-            threads = max(1, cpu_info().cores // opts.local)
+            # In one stream the stages take turns, so each may use every core while it
+            # computes (docs/benchmarks.md: 2 x 2 threads beat 2 x 1 on 2 cores).
+            threads = cpu_info().cores
             with err.status(f"starting {opts.local} local workers"):
                 cluster = stack.enter_context(LocalCluster(
                     opts.local, cache_dir() / "local", threads))

@@ -45,6 +45,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from orchestrator.errors import ModelFetchError, ModelNotFoundError, NotGGUFError
+
 __all__ = [
     "BUILTIN_MODELS",
     "ModelFetchError",
@@ -61,18 +63,6 @@ logger = logging.getLogger(__name__)
 
 _CHUNK: Final = 1 << 20  # bytes per read while extracting or hashing
 _PIP_TAIL_LINES: Final = 20
-
-
-class ModelNotFoundError(LookupError):
-    """The name is neither a known model nor an existing file."""
-
-
-class ModelFetchError(RuntimeError):
-    """A built-in model could not be fetched or failed verification."""
-
-
-class NotGGUFError(ValueError):
-    """A file was given as a model but is not a GGUF file."""
 
 
 @dataclass(frozen=True)
@@ -188,10 +178,8 @@ def _check_gguf(path: Path) -> None:
         head = fh.read(4)
     if len(head) == 4 and int.from_bytes(head, "little") == GGUF_MAGIC:
         return
-    raise NotGGUFError(
-        f"{path} is not a GGUF model: it does not start with the GGUF magic "
-        f"and its name does not end in .gguf"
-    )
+    raise NotGGUFError(path, "not a GGUF model: it does not start with the GGUF magic and "
+                             "its name does not end in .gguf")
 
 
 def _not_found_message(name: str, candidate: Path, registry: Mapping[str, WheelSource]) -> str:

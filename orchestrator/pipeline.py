@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -25,7 +26,7 @@ from orchestrator.client import WorkerClient, data_path_error, rpc_error
 from orchestrator.codecs import CODEC_NAMES, UnknownCodecError
 from orchestrator.errors import OrchError, WorkerUnreachableError
 from orchestrator.facts import ModelFacts
-from orchestrator.shard import LayerRange, even_ranges, write_shard
+from orchestrator.shard import SHARD_FORMAT, LayerRange, even_ranges, write_shard
 from orchestrator.wire import convert
 from orchestrator.wire import worker_pb2 as pb
 from worker.sampling import SamplingParams
@@ -102,13 +103,16 @@ class ShardStore:
     def get(self, facts: ModelFacts, layers: LayerRange,
             progress: Callable[[int, int], None] | None = None) -> tuple[Path, str]:
         stat = facts.path.stat()
-        key = f"{facts.path.stem}-{stat.st_size}-{stat.st_mtime_ns}-{layers.start}-{layers.end}"
+        key = (f"{facts.path.stem}-{stat.st_size}-{stat.st_mtime_ns}-{layers.start}-"
+               f"{layers.end}-v{SHARD_FORMAT}")
         path, meta = self.root / f"{key}.gguf", self.root / f"{key}.json"
         if path.exists() and meta.exists():
             return path, json.loads(meta.read_text())["sha256"]
         self.root.mkdir(parents=True, exist_ok=True)
         shard = write_shard(facts.path, layers, path, facts=facts, progress=progress)
-        meta.write_text(json.dumps({"sha256": shard.sha256, "source": str(facts.path)}))
+        tmp = meta.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"sha256": shard.sha256, "source": str(facts.path)}))
+        os.replace(tmp, meta)
         return path, shard.sha256
 
 
@@ -246,7 +250,15 @@ class Pipeline:
     def probe(self) -> None:
         """Raise for the first stage whose worker does not answer (named, with its layers)."""
         if self._alive_check is not None:
-            self._alive_check()
+            try:
+                self._alive_check()
+            except WorkerUnreachableError as exc:
+                stage = next((s for s in self.plan.stages if s.worker == exc.worker), None)
+                if stage is None:
+                    raise
+                raise WorkerUnreachableError(
+                    stage.worker, f"stage {stage.index} (layers {stage.layers}): "
+                                  f"{str(exc).split(': ', 1)[-1]}") from None
         for stage, client in zip(self.plan.stages, self.clients, strict=True):
             try:
                 info = client.info(deadline=2.0)

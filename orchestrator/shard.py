@@ -50,6 +50,9 @@ from orchestrator.facts import (
     rename_block,
 )
 
+# Bumped whenever the bytes of a shard for the same source and range change.
+SHARD_FORMAT = 1
+
 # Metadata keys of our own, under a namespace no GGUF reader interprets.
 KEY_LAYER_START = "orch.shard.layer_start"
 KEY_LAYER_END = "orch.shard.layer_end"

@@ -9,12 +9,14 @@ if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
     echo "orch needs Python 3.11 or newer (found: $("$python" --version 2>&1)); set PYTHON=..." >&2
     exit 1
 fi
-for tool in cc cmake; do
+for tool in cc c++ cmake; do
     command -v "$tool" >/dev/null || { echo "orch needs '$tool' to build llama.cpp; install it first" >&2; exit 1; }
 done
 stamp=".venv/.orch-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    [ -d .venv ] || "$python" -m venv .venv
+    [ -x .venv/bin/pip ] || "$python" -m venv --clear .venv || {
+        echo "could not create .venv: install your Python's venv module (e.g. python3-venv)" >&2
+        exit 1; }
     echo "installing orch into .venv (the first time builds llama.cpp: ~5 min on 2 cores)" >&2
     .venv/bin/python -m pip install --quiet --upgrade pip
     .venv/bin/python -m pip install --quiet -e '.[dev]'

@@ -14,10 +14,12 @@ import llama_cpp
 import numpy as np
 
 from worker.cpu import use_extra_buffer_types
+from worker.llama_ext import llama_log
 
 
 class ReferenceModel:
     def __init__(self, path: Path, *, n_ctx: int = 512, threads: int = 2) -> None:
+        llama_log()  # llama.cpp's log to logging, not stderr
         llama_cpp.llama_backend_init()
         mparams = llama_cpp.llama_model_default_params()
         mparams.use_extra_bufts = use_extra_buffer_types()

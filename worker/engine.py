@@ -45,6 +45,7 @@ from orchestrator.shard import (
     KEY_LAYER_END,
     KEY_LAYER_START,
     KEY_SOURCE_LAYERS,
+    KEY_SOURCE_VOCAB,
 )
 from worker.cpu import cpu_info, use_extra_buffer_types
 from worker.llama_ext import GraphTap, RowDequantizer, llama_log
@@ -296,7 +297,7 @@ class StageEngine:
                 raise InvalidInputError(f"{len(tokens)} tokens for {n} positions")
             ids = np.asarray(tokens)
             if ids.min() < 0 or ids.max() >= self.facts.metadata.get(
-                    "orch.shard.source_vocab_size", self.n_vocab):
+                    KEY_SOURCE_VOCAB, self.n_vocab):
                 raise InvalidInputError(f"token id out of range: {int(ids.min())}.."
                                         f"{int(ids.max())}")
         else:
@@ -316,7 +317,8 @@ class StageEngine:
         if positions[-1] >= self.config.context_tokens:
             raise ContextFullError(
                 f"session {session!r}: position {int(positions[-1])} exceeds the context "
-                f"length of {self.config.context_tokens} tokens")
+                f"length of {self.config.context_tokens} tokens; start a new session or use a "
+                f"longer context (orch run --context)")
 
     def _forward_tokens(self, seq: int, positions: np.ndarray, tokens: np.ndarray,
                         all_logits: bool) -> np.ndarray:

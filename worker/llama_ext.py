@@ -11,7 +11,8 @@ Three things, each owning its C-side memory and callbacks:
   failed load can say why.
 
 Everything here is bound to the llama-cpp-python build pinned in pyproject.toml; the
-struct offset used by ``GraphTap`` is checked against ``ggml_get_name`` at start-up.
+struct offset used by ``GraphTap`` is checked against ``ggml_get_name`` on the first node
+it sees, and a mismatch is reported with the failed forward.
 """
 
 from __future__ import annotations
@@ -119,9 +120,13 @@ class GraphTap:
         self.captured_rows = 0
         self.problem = ""  # set when the captured tensor was not what we expected
         name_at = (ctypes.c_char * len(probe)).from_address
+        unchecked = [True]
 
         def on_node(tensor: int, ask: bool, _user_data: int) -> bool:
             if ask:
+                if unchecked[0]:
+                    unchecked[0] = False
+                    self._check_layout(tensor)
                 return name_at(tensor + _NAME_OFFSET).raw == probe
             return self._capture(tensor)
 
@@ -129,6 +134,13 @@ class GraphTap:
 
     def reset(self) -> None:
         self.captured_rows = 0
+
+    def _check_layout(self, tensor: int) -> None:
+        """Once: the name read at our struct offset must be the one ggml reports."""
+        name = _ggml.ggml_get_name(tensor)
+        if ctypes.string_at(tensor + _NAME_OFFSET, len(name) + 1) != name + b"\0":
+            self.problem = ("ggml_tensor layout differs from the pinned build (name offset); "
+                            "this llama-cpp-python version is unsupported")
 
     def _capture(self, tensor: int) -> bool:
         if _ggml.ggml_get_name(tensor) != self.target:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import llama_cpp
 import numpy as np
 
-from orchestrator.errors import ComputeError, InvalidInputError
+from orchestrator.errors import ComputeError, InvalidInputError, InvalidSettingError
 
 RANDOM_SEED = llama_cpp.LLAMA_DEFAULT_SEED  # 0xFFFFFFFF: llama.cpp picks a random seed
 MAX_TOP_K = 2**31 - 1  # int32_t in llama_sampler_init_top_k
@@ -51,14 +51,14 @@ def _check_float(name: str, value: object, low: float, high: float, *, low_open:
                  allowed: str) -> float:
     ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
     if not ok or value < low or (low_open and value == low) or value > high:
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+        raise InvalidSettingError(f"{name} must be {allowed}, got {value!r}")
     return float(value)
 
 
 def _check_int(name: str, value: object, low: int, high: int, *, allowed: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not (
             low <= value <= high):
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+        raise InvalidSettingError(f"{name} must be {allowed}, got {value!r}")
     return int(value)
 
 

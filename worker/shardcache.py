@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -32,10 +33,11 @@ class ShardCache:
     def store(self, sha256: str, size: int, chunks: Iterable[bytes]) -> Path:
         """Write ``chunks`` under a temporary name; keep it only if size and hash match."""
         dest = self.path(sha256)
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+        fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=self.root)
+        tmp = Path(name)
         digest, got = hashlib.sha256(), 0
         try:
-            with tmp.open("wb") as out:
+            with os.fdopen(fd, "wb") as out:
                 for chunk in chunks:
                     got += len(chunk)
                     if got > size:

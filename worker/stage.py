@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 
+from orchestrator.codecs import get_codec
 from orchestrator.errors import InvalidInputError, MessageTooLargeError, OrchError
 from orchestrator.wire import convert, status
 from orchestrator.wire import worker_pb2 as pb
@@ -27,6 +28,8 @@ from worker.engine import StageEngine
 from worker.sampling import TokenSampler
 
 log = logging.getLogger(__name__)
+
+_CLOSE_WAIT_S = 600.0  # longest a chunk in progress may take to finish when unloading
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -98,12 +101,14 @@ class Stage:
         self.is_last = engine.role.is_last
         self.max_message_bytes = max_message_bytes
         self.link_error = ""
-        self.next = (DownstreamLink(request.next_address, token, max_message_bytes)
-                     if request.next_address else None)
-        if self.is_last == bool(self.next):
+        if self.is_last == bool(request.next_address):
             raise InvalidInputError(
                 f"stage {self.index}: a next_address is needed exactly when the shard is not "
                 f"the last one (layers end at {engine.role.end} of {engine.role.source_layers})")
+        get_codec(self.codec)  # refuse an unknown codec before connecting
+        self.next = (DownstreamLink(request.next_address, token, max_message_bytes)
+                     if request.next_address else None)
+        self._closing = False
         self._inbox: queue.SimpleQueue[tuple[pb.StageInput, float] | None] = queue.SimpleQueue()
         self._subscribers: list[queue.SimpleQueue[pb.StageOutput | None]] = []
         self._samplers: dict[str, TokenSampler] = {}
@@ -147,6 +152,8 @@ class Stage:
     def _run(self) -> None:
         while (item := self._inbox.get()) is not None:
             msg, arrived = item
+            if self._closing:
+                continue  # unloading: drop what is still queued
             if isinstance(msg, _LocalEnd):
                 self.end_session(msg.session)
                 continue
@@ -176,8 +183,8 @@ class Stage:
         if size > self.max_message_bytes:
             self._fail(msg, MessageTooLargeError(
                 f"hidden states of {size} bytes exceed the {self.max_message_bytes}-byte "
-                f"message limit; use the q8_0 codec, smaller prompt chunks, or raise "
-                f"--max-message-mb on the workers"))
+                f"message limit; use the q8_0 codec or raise --max-message-mb on the "
+                f"workers"))
             size = msg.ByteSize()
         computed = time.perf_counter()
         timing = msg.timings.add(stage_index=self.index, queue_ms=(started - arrived) * 1e3,
@@ -240,8 +247,14 @@ class Stage:
         return self.engine.end_session(session)
 
     def close(self) -> None:
+        self._closing = True
         self._inbox.put(None)
-        self._thread.join(timeout=30)
+        # The engine may only be freed once the compute thread is out of llama_decode.
+        self._thread.join(timeout=_CLOSE_WAIT_S)
+        if self._thread.is_alive():
+            log.error("stage %d: compute thread still busy after %.0f s; leaving its engine "
+                      "allocated", self.index, _CLOSE_WAIT_S)
+            return
         with self._lock:
             for q in self._subscribers:
                 q.put(None)
