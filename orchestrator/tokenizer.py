@@ -21,7 +21,6 @@ from __future__ import annotations
 import codecs
 import ctypes
 import json
-import threading
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
@@ -35,7 +34,7 @@ from gguf import Keys
 
 from orchestrator.errors import GGUFError, OrchError, UnsupportedModelError
 from orchestrator.facts import open_gguf
-from worker.llama_ext import llama_log
+from worker.llama_ext import init_backend
 
 _PIECE_BYTES = 64  # first buffer size for one token's text; longer pieces retry
 _INT32_MAX = 2**31 - 1
@@ -55,23 +54,10 @@ class ChatTemplateError(OrchError, ValueError):
 
 # --- loading ---------------------------------------------------------------------------
 
-_backend_lock = threading.Lock()
-_backend_ready = False
-
-
-def _init_backend() -> None:
-    global _backend_ready
-    with _backend_lock:
-        if not _backend_ready:
-            llama_log()  # route llama.cpp's log to logging before it says anything
-            llama_cpp.llama_backend_init()
-            _backend_ready = True
-
-
 def _load_vocab_only(path: Path) -> llama_cpp.llama_model_p:
     if not path.is_file():
         raise _load_error(path)
-    _init_backend()
+    init_backend()
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = True
     params.use_extra_bufts = False  # no weights here; on AMX CPUs they crash (FINDINGS 1)

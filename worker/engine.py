@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,22 +47,9 @@ from orchestrator.shard import (
     KEY_SOURCE_VOCAB,
 )
 from worker.cpu import cpu_info, use_extra_buffer_types
-from worker.llama_ext import GraphTap, RowDequantizer, llama_log
+from worker.llama_ext import GraphTap, RowDequantizer, init_backend, llama_log
 
 log = logging.getLogger(__name__)
-
-_backend_ready = threading.Lock()
-_backend_initialised = False
-
-
-def _init_backend() -> None:
-    global _backend_initialised
-    with _backend_ready:
-        if not _backend_initialised:
-            llama_log()
-            llama_cpp.llama_backend_init()
-            _backend_initialised = True
-
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -162,7 +148,7 @@ class StageEngine:
         self.role = StageRole.of(self.facts)
         self.n_embd = self.facts.n_embd
         self.n_vocab = self.facts.n_vocab
-        _init_backend()
+        init_backend()
         self._model = self._load_model()
         self._owned: list = []
         self._finalizer = weakref.finalize(self, _free, self._model, self._owned)

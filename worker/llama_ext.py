@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import threading
 from collections import deque
 from pathlib import Path
 
@@ -190,3 +191,17 @@ def llama_log() -> LlamaLog:
         _LOG = LlamaLog()
         _LOG.install()
     return _LOG
+
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+
+
+def init_backend() -> None:
+    """Route llama.cpp's log to ``logging``, then initialise its backend, once per process."""
+    global _backend_ready
+    with _backend_lock:
+        if not _backend_ready:
+            llama_log()
+            llama_cpp.llama_backend_init()
+            _backend_ready = True
