@@ -14,18 +14,16 @@ import grpc
 
 from orchestrator.errors import (
     AuthError,
-    MemoryBudgetError,
     MessageTooLargeError,
     OrchError,
     ProtocolMismatchError,
-    ShardHashError,
     WorkerError,
     WorkerUnreachableError,
 )
 from orchestrator.wire import PROTOCOL_VERSION
 from orchestrator.wire import worker_pb2 as pb
 from orchestrator.wire import worker_pb2_grpc as pb_grpc
-from orchestrator.wire.status import from_code
+from orchestrator.wire.status import ERROR_CODE_KEY, from_code
 from worker.stage import auth_metadata, channel_options
 
 log = logging.getLogger(__name__)
@@ -36,8 +34,15 @@ UPLOAD_CHUNK = 256 << 10  # well under the smallest message limit a worker accep
 
 
 def rpc_error(worker: str, exc: grpc.RpcError) -> OrchError:
-    """The typed error for a failed call to ``worker``."""
+    """The typed error for a failed call to ``worker``.
+
+    A worker's own errors carry their code (``orchestrator.wire.status``) in trailing
+    metadata and come back as the same type; the rest are transport failures.
+    """
     code, details = exc.code(), exc.details() or ""
+    trailers = dict(exc.trailing_metadata() or ()) if hasattr(exc, "trailing_metadata") else {}
+    if ERROR_CODE_KEY in trailers:
+        return from_code(trailers[ERROR_CODE_KEY], worker, details)
     if code == grpc.StatusCode.UNAVAILABLE:
         return WorkerUnreachableError(worker, f"unreachable ({details}); is `orch worker` "
                                               f"running there and the port open?")
@@ -46,13 +51,9 @@ def rpc_error(worker: str, exc: grpc.RpcError) -> OrchError:
                                               "or hung: check its log")
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return AuthError(worker, details)
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "message" in details.lower():
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # gRPC's own size limit
         return MessageTooLargeError(f"worker {worker}: {details}; raise --max-message-mb "
                                     f"on the workers")
-    if code == grpc.StatusCode.DATA_LOSS:
-        return ShardHashError(f"worker {worker}: {details}")
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "budget" in details:
-        return MemoryBudgetError(details)
     if code == grpc.StatusCode.CANCELLED:
         return WorkerUnreachableError(worker, f"connection lost ({details})")
     return WorkerError(worker, f"{code.name}: {details}")

@@ -87,6 +87,7 @@ def _rpc(method: Callable) -> Callable:
             return method(self, request, context)
         except (OrchError, ValueError) as exc:
             log.warning("%s failed: %s", method.__name__, exc)
+            context.set_trailing_metadata(((status.ERROR_CODE_KEY, status.error_code(exc)),))
             context.abort(status.to_status(exc), str(exc))
 
     return wrapper

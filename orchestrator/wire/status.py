@@ -12,6 +12,9 @@ import grpc
 from orchestrator import errors
 from orchestrator.codecs import CodecError
 
+# Trailing-metadata key under which a worker sends the data-path code of its error.
+ERROR_CODE_KEY = "orch-error"
+
 # (error type, gRPC status, data-path code). First match wins, so subclasses come first.
 _TABLE: tuple[tuple[type[Exception], grpc.StatusCode, str], ...] = (
     (errors.ContextFullError, grpc.StatusCode.RESOURCE_EXHAUSTED, "context_full"),
@@ -49,4 +52,6 @@ def from_code(code: str, worker: str, message: str) -> errors.OrchError:
     exc_type = _BY_CODE.get(code)
     if exc_type is None or issubclass(exc_type, errors.GGUFError):
         return errors.WorkerError(worker, message)
+    if worker in message:
+        return exc_type(message)
     return exc_type(f"worker {worker}: {message}")
