@@ -24,24 +24,26 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RunOptions:
+    """What ``orch run`` was asked to do; the CLI's options are the one place with defaults."""
+
     model: str
     prompt: str | None
     workers: list[str] | None
-    local: int = 2
-    max_tokens: int = 256
-    temperature: float = 0.0
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    seed: int = 42
-    codec: str = "f32"
-    context: int = 2048
-    stops: tuple[str, ...] = ()
-    chat: bool = True
-    system: str | None = None
-    token: str | None = None
-    stats: bool = False
+    local: int
+    max_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    repeat_penalty: float
+    seed: int
+    codec: str
+    context: int
+    stops: tuple[str, ...]
+    chat: bool
+    system: str | None
+    token: str | None
+    stats: bool
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,

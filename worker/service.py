@@ -183,10 +183,11 @@ class WorkerService(pb_grpc.WorkerServicer):
                                  load_seconds=time.perf_counter() - started)
 
     def _engine_config(self, settings: pb.EngineSettings) -> EngineConfig:
+        default = EngineConfig()  # unset (0) fields keep the engine's defaults
         return EngineConfig(
-            context_tokens=settings.context_tokens or 2048,
-            max_sessions=settings.max_sessions or 4,
-            batch_tokens=settings.batch_tokens or 512,
+            context_tokens=settings.context_tokens or default.context_tokens,
+            max_sessions=settings.max_sessions or default.max_sessions,
+            batch_tokens=settings.batch_tokens or default.batch_tokens,
             threads=settings.threads or self.settings.threads,
         )
 
