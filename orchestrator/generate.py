@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 from orchestrator.facts import read_model_facts
@@ -73,9 +82,10 @@ def run_model(opts: RunOptions, out: Console, err: Console) -> None:
         pipeline = Pipeline(plan, facts, token, alive=alive)
         stack.callback(pipeline.close)
         pipeline.check_workers()
-        with err.status("preparing shards and loading workers") as status:
-            pipeline.deploy(ShardStore(cache_dir() / "shards-out"),
-                            on_event=lambda m: status.update(m))
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                      DownloadColumn(), TransferSpeedColumn(), console=err,
+                      transient=True) as bars:
+            pipeline.deploy(ShardStore(cache_dir() / "shards-out"), RichProgress(bars))
         for line in plan.describe():
             err.print(f"[dim]{line}[/]")
         if opts.prompt is not None:
@@ -83,6 +93,24 @@ def run_model(opts: RunOptions, out: Console, err: Console) -> None:
                     err)
         else:
             _chat(pipeline, tokenizer, opts, sampling, out, err)
+
+
+class RichProgress:
+    """Deployment steps as rich progress bars (bytes for writes and uploads)."""
+
+    def __init__(self, bars: Progress) -> None:
+        self.bars = bars
+        self.current: TaskID | None = None
+
+    def task(self, description: str, total: int | None) -> Callable[[int, int], None]:
+        if self.current is not None:
+            self.bars.update(self.current, visible=False)
+        task = self.current = self.bars.add_task(description, total=total)
+
+        def advance(done: int, total: int) -> None:
+            self.bars.update(task, completed=done, total=total)
+
+        return advance
 
 
 def _messages(opts: RunOptions, history: list[dict[str, str]], text: str

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 
@@ -116,6 +117,18 @@ class ShardStore:
         return path, shard.sha256
 
 
+class DeployProgress(Protocol):
+    """Where deployment reports its steps; ``task`` returns ``advance(done, total)``."""
+
+    def task(self, description: str, total: int | None) -> Callable[[int, int], None]: ...
+
+
+class LogProgress:
+    def task(self, description: str, total: int | None) -> Callable[[int, int], None]:
+        log.info("%s", description)
+        return lambda done, total: None
+
+
 class Pipeline:
     def __init__(self, plan: Plan, facts: ModelFacts, token: str | None,
                  alive: Callable[[], None] | None = None) -> None:
@@ -140,27 +153,40 @@ class Pipeline:
     def check_workers(self) -> list[pb.WorkerInfo]:
         return [c.check_protocol() for c in self.clients]
 
-    def deploy(self, store: ShardStore, on_event: Callable[[str], None] = log.info,
-               upload_progress: Callable[[int], None] | None = None) -> None:
-        plan = self.plan
-        for stage, client in zip(reversed(plan.stages), reversed(self.clients), strict=True):
-            path, sha = store.get(self.facts, stage.layers)
-            info = client.info()
-            if sha not in info.cached_shards:
-                on_event(f"sending layers {stage.layers} ({path.stat().st_size >> 20} MiB) "
-                         f"to {stage.worker}")
-                client.upload_shard(path, sha, upload_progress)
-            nxt = plan.stages[stage.index + 1].worker if stage.index + 1 < len(plan.stages) \
-                else ""
-            client.load_shard(pb.LoadShardRequest(
-                pipeline_id=self.id, sha256=sha, layer_start=stage.layers.start,
-                layer_end=stage.layers.end, next_address=nxt, codec=plan.codec,
-                stage_index=stage.index, stage_count=len(plan.stages),
-                engine=pb.EngineSettings(context_tokens=plan.context_tokens,
-                                         max_sessions=plan.max_sessions,
-                                         batch_tokens=plan.batch_tokens)))
-            on_event(f"stage {stage.index}: layers {stage.layers} loaded on {stage.worker}")
+    def deploy(self, store: ShardStore, progress: DeployProgress | None = None) -> None:
+        """Write, send and load every stage's shard (last stage first); then open the data
+        path."""
+        for stage, client in zip(reversed(self.plan.stages), reversed(self.clients),
+                                 strict=True):
+            self._deploy_stage(stage, client, store, progress or LogProgress())
         self._open_streams()
+
+    def _deploy_stage(self, stage: StagePlan, client: WorkerClient, store: ShardStore,
+                      progress: DeployProgress) -> None:
+        plan = self.plan
+        path, sha = store.get(self.facts, stage.layers,
+                              progress=progress.task(f"writing layers {stage.layers}", None))
+        if sha not in client.info().cached_shards:
+            size = path.stat().st_size
+            advance = progress.task(f"sending layers {stage.layers} to {stage.worker}", size)
+            sent = 0
+
+            def on_chunk(n: int) -> None:
+                nonlocal sent
+                sent += n
+                advance(sent, size)
+
+            client.upload_shard(path, sha, on_chunk)
+        progress.task(f"loading layers {stage.layers} on {stage.worker}", None)
+        last = stage.index + 1 == len(plan.stages)
+        client.load_shard(pb.LoadShardRequest(
+            pipeline_id=self.id, sha256=sha, layer_start=stage.layers.start,
+            layer_end=stage.layers.end, next_address="" if last else
+            plan.stages[stage.index + 1].worker, codec=plan.codec,
+            stage_index=stage.index, stage_count=len(plan.stages),
+            engine=pb.EngineSettings(context_tokens=plan.context_tokens,
+                                     max_sessions=plan.max_sessions,
+                                     batch_tokens=plan.batch_tokens)))
 
     def _open_streams(self) -> None:
         first, last = self.clients[0], self.clients[-1]
