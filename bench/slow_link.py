@@ -2,11 +2,10 @@
 
     sudo .venv/bin/python bench/slow_link.py --rate 20mbit --delay 2ms
 
-Needs root (``ip netns``, ``tc``). Builds its own test network and removes it afterwards:
-three network namespaces (the orchestrator and two workers), each joined by a veth pair to
-a bridge in a fourth namespace, addresses in 10.231.7.0/24, and on every host's interface
-a ``tc netem`` qdisc limiting the rate and adding delay (or, on kernels without netem, a
-``tbf`` token bucket limiting the rate only). Nothing is sent outside those
+Needs root (``ip netns``, ``tc``). Builds its own test network with ``tests/netns.py`` and
+removes it afterwards: three network namespaces (the orchestrator and two workers) joined
+through a bridge, every link shaped by ``tc`` (netem rate + delay, or on kernels without
+netem a ``tbf`` token bucket: rate only). Nothing is sent outside those
 namespaces. The workers are real ``orch worker`` processes; the orchestrator runs the same
 ``Pipeline`` as ``orch run``. Reported per codec: time to first token of a 512-token
 prompt and decode tokens/s. All processes share this machine's CPUs, so compute is as
@@ -26,64 +25,18 @@ import time
 from pathlib import Path
 
 from _common import ROOT, console, print_header, prompt_tokens
+from netns import network, ns_exec
 
-PREFIX = "orchbench"
-SUBNET = "10.231.7"
-HOSTS = {"orch": 10, "w0": 11, "w1": 12}
-SHAPING = {"kind": "netem"}
+HOSTS = ("orch", "w0", "w1")
 
 
-def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, check=check, capture_output=True, text=True)
-
-
-def netns(name: str) -> str:
-    return f"{PREFIX}-{name}"
-
-
-def build_network(rate: str, delay: str) -> None:
-    teardown()
-    sh("ip", "netns", "add", netns("br"))
-    sh("ip", "netns", "exec", netns("br"), "ip", "link", "add", "br0", "type", "bridge")
-    sh("ip", "netns", "exec", netns("br"), "ip", "link", "set", "br0", "up")
-    for host, octet in HOSTS.items():
-        ns = netns(host)
-        sh("ip", "netns", "add", ns)
-        sh("ip", "link", "add", f"ob-{host}", "type", "veth", "peer", "name", f"oh-{host}")
-        sh("ip", "link", "set", f"ob-{host}", "netns", netns("br"))
-        sh("ip", "link", "set", f"oh-{host}", "netns", ns)
-        sh("ip", "netns", "exec", netns("br"), "ip", "link", "set", f"ob-{host}", "master",
-           "br0")
-        sh("ip", "netns", "exec", netns("br"), "ip", "link", "set", f"ob-{host}", "up")
-        sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{SUBNET}.{octet}/24", "dev",
-           f"oh-{host}")
-        sh("ip", "netns", "exec", ns, "ip", "link", "set", f"oh-{host}", "up")
-        sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
-        shape_link(ns, f"oh-{host}", rate, delay)
-
-
-def shape_link(ns: str, dev: str, rate: str, delay: str) -> None:
-    """netem (rate + delay) where the kernel has it, else a token bucket (rate only)."""
-    netem = sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "netem",
-               "rate", rate, "delay", delay, check=False)
-    if netem.returncode:
-        sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate",
-           rate, "burst", "32kbit", "latency", "400ms")
-        SHAPING["kind"] = "tbf: rate only, no added delay (this kernel has no netem)"
-
-
-def teardown() -> None:
-    for name in (*HOSTS, "br"):
-        sh("ip", "netns", "del", netns(name), check=False)
-
-
-def start_worker(host: str, token: str, cache: Path, logs: Path) -> subprocess.Popen:
-    address = f"{SUBNET}.{HOSTS[host]}"
+def start_worker(host: str, address: str, token: str, cache: Path, logs: Path
+                 ) -> subprocess.Popen:
     env = dict(os.environ, ORCH_WORKER_TOKEN=token)
     log = (logs / f"{host}.log").open("w")
     return subprocess.Popen(
-        ["ip", "netns", "exec", netns(host), sys.executable, "-m", "orchestrator.cli", "worker",
-         "--host", address, "--port", "50151", "--cache-dir", str(cache / host)],
+        [*ns_exec(host), sys.executable, "-m", "orchestrator.cli", "worker", "--host", address,
+         "--port", "50151", "--cache-dir", str(cache / host)],
         env=env, stdout=log, stderr=log, cwd=ROOT)
 
 
@@ -96,7 +49,7 @@ def inner(args: argparse.Namespace) -> None:
     from worker.sampling import SamplingParams
 
     facts = read_model_facts(resolve_model("smollm2-135m", progress=False))
-    workers = [f"{SUBNET}.{HOSTS[h]}:50151" for h in ("w0", "w1")]
+    workers = args.workers.split(",")
     prompt = prompt_tokens(args.prompt_tokens, facts.n_vocab)
     for codec in args.codecs.split(","):
         plan = make_plan(facts, workers, codec=codec,
@@ -126,6 +79,7 @@ def main() -> None:
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--token", help=argparse.SUPPRESS)
     ap.add_argument("--shards", help=argparse.SUPPRESS)
+    ap.add_argument("--workers", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.inner:
         inner(args)
@@ -135,17 +89,19 @@ def main() -> None:
     out = console()
     print_header(out, f"Pipeline over a {args.rate}, {args.delay} link (network namespaces)")
     token = secrets.token_urlsafe(16)
-    with tempfile.TemporaryDirectory(prefix="orch-slowlink-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="orch-slowlink-") as tmp, \
+            network(HOSTS, rate=args.rate, delay=args.delay) as net:
+        addresses = net.addresses
         tmp_path = Path(tmp)
-        procs = []
+        procs = [start_worker(h, addresses[h], token, tmp_path, tmp_path) for h in ("w0", "w1")]
         try:
-            build_network(args.rate, args.delay)
-            procs = [start_worker(h, token, tmp_path, tmp_path) for h in ("w0", "w1")]
             time.sleep(4)
-            run = sh("ip", "netns", "exec", netns("orch"), sys.executable, __file__, "--inner",
-                     "--token", token, "--shards", str(tmp_path / "shards"), "--codecs",
-                     args.codecs, "--prompt-tokens", str(args.prompt_tokens),
-                     "--decode-tokens", str(args.decode_tokens), check=False)
+            run = subprocess.run(
+                [*ns_exec("orch"), sys.executable, __file__, "--inner", "--token", token,
+                 "--shards", str(tmp_path / "shards"), "--codecs", args.codecs,
+                 "--workers", ",".join(f"{addresses[h]}:50151" for h in ("w0", "w1")),
+                 "--prompt-tokens", str(args.prompt_tokens),
+                 "--decode-tokens", str(args.decode_tokens)], capture_output=True, text=True)
             if run.returncode:
                 raise SystemExit(f"inner run failed:\n{run.stderr[-3000:]}")
             rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
@@ -154,11 +110,11 @@ def main() -> None:
                 proc.terminate()
             for proc in procs:
                 proc.wait(timeout=20)
-            teardown()
+        shaping = net.shaping
     from rich.table import Table
 
     table = Table(title=f"SmolLM2-135M, 2 workers, {args.prompt_tokens}-token prompt, "
-                        f"links of {args.rate}, {SHAPING['kind']}")
+                        f"links: {shaping}")
     for col in ("codec", "bytes/token/hop", "first token ms", "decode tok/s"):
         table.add_column(col, justify="right")
     for r in rows:
