@@ -44,7 +44,8 @@ class LocalCluster:
         self.threads = threads_per_worker
         self.token = token or secrets.token_urlsafe(24)
         self._tmp = tempfile.TemporaryDirectory(prefix="orch-local-")
-        self.log_dir = log_dir or Path(self._tmp.name)
+        self.log_dir = log_dir or cache_root / "logs"  # kept after stop, for post-mortems
+        self._logs: list = []
         self.procs: list[subprocess.Popen] = []
         self.addresses: list[str] = []
 
@@ -57,7 +58,9 @@ class LocalCluster:
             cmd = [sys.executable, "-m", "orchestrator.cli", "worker", "--host", "127.0.0.1",
                    "--port", "0", "--cache-dir", str(self.cache_root / f"worker-{i}"),
                    "--threads", str(self.threads), "--ready-file", str(ready)]
-            logf = (self.log_dir / f"worker-{i}.log").open("ab")
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            logf = (self.log_dir / f"worker-{i}.log").open("wb")
+            self._logs.append(logf)
             self.procs.append(subprocess.Popen(
                 cmd, env=env, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None))
@@ -87,7 +90,8 @@ class LocalCluster:
             if proc.poll() is not None:
                 name = self.addresses[i] if i < len(self.addresses) else f"local #{i}"
                 raise WorkerUnreachableError(
-                    name, f"the local worker process exited with code {proc.returncode}")
+                    name, f"the local worker process exited with code {proc.returncode} "
+                          f"(log {self.log_dir / f'worker-{i}.log'}: {self.log_tail(i, 2)})")
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -101,6 +105,9 @@ class LocalCluster:
                 proc.kill()
                 proc.wait(timeout=5)
         self.procs.clear()
+        for logf in self._logs:
+            logf.close()
+        self._logs.clear()
         self._tmp.cleanup()
 
     def __enter__(self) -> LocalCluster:
