@@ -8,6 +8,7 @@ rate with ``tc`` (netem where the kernel has it, else a token bucket).
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -23,6 +24,8 @@ def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 def netns_available() -> str | None:
     """None when namespaces can be made here, else the reason."""
+    if shutil.which("ip") is None:
+        return "iproute2 ('ip') is not installed"
     probe = sh("ip", "netns", "add", f"{PREFIX}-probe", check=False)
     if probe.returncode:
         return f"cannot create network namespaces: {probe.stderr.strip()}"
