@@ -192,14 +192,15 @@ def open_gguf(path: Path | str) -> gguf.GGUFReader:
     takes seconds on large vocabularies, so cutting one model into several shards parses
     it once. Only the two most recent files are kept.
     """
-    path = Path(path)
-    try:
-        stat = path.stat()
-    except OSError:
-        stat = None
-    if stat is None or not path.is_file():
-        return _open_reader(path)  # raises the right error
-    return _cached_reader(path.resolve(), stat.st_mtime_ns, stat.st_size)
+    return _cached_reader(*_file_version(Path(path)))
+
+
+def _file_version(path: Path) -> tuple[Path, int, int]:
+    """``(resolved path, mtime, size)``: the cache key of a file's current contents."""
+    if not path.is_file():
+        _open_reader(path)  # raises the typed error naming the problem
+    stat = path.stat()
+    return path.resolve(), stat.st_mtime_ns, stat.st_size
 
 
 @lru_cache(maxsize=2)
@@ -256,14 +257,7 @@ def read_model_facts(path: Path | str) -> ModelFacts:
     Facts are small and kept per file version; the parsed header is not (gguf-py's view of
     a 150k-token vocabulary takes over 150 MiB).
     """
-    path = Path(path)
-    try:
-        stat = path.stat()
-    except OSError:
-        stat = None
-    if stat is None or not path.is_file():
-        _open_reader(path)  # raises the right error
-    return _cached_facts(path.resolve(), stat.st_mtime_ns, stat.st_size)
+    return _cached_facts(*_file_version(Path(path)))
 
 
 @lru_cache(maxsize=32)
