@@ -148,6 +148,9 @@ class StageEngine:
         self.role = StageRole.of(self.facts)
         self.n_embd = self.facts.n_embd
         self.n_vocab = self.facts.n_vocab
+        # Token ids the first stage accepts: the source model's vocabulary (a first shard of
+        # a chain keeps it in its input table, not in llama.cpp's vocab_size).
+        self._token_limit = int(self.facts.metadata.get(KEY_SOURCE_VOCAB, self.n_vocab))
         init_backend()
         self._model = self._load_model()
         self._owned: list = []
@@ -282,8 +285,7 @@ class StageEngine:
             if len(tokens) != n:
                 raise InvalidInputError(f"{len(tokens)} tokens for {n} positions")
             ids = np.asarray(tokens)
-            if ids.min() < 0 or ids.max() >= self.facts.metadata.get(
-                    KEY_SOURCE_VOCAB, self.n_vocab):
+            if ids.min() < 0 or ids.max() >= self._token_limit:
                 raise InvalidInputError(f"token id out of range: {int(ids.min())}.."
                                         f"{int(ids.max())}")
         else:
@@ -295,8 +297,7 @@ class StageEngine:
 
     def _check_positions(self, session: str, expected: int, positions: np.ndarray) -> None:
         n = len(positions)
-        if positions[0] != expected or (n > 1 and positions[-1] - positions[0] != n - 1) or (
-                n > 2 and np.any(np.diff(positions) != 1)):
+        if positions[0] != expected or (n > 1 and np.any(np.diff(positions) != 1)):
             raise InvalidInputError(
                 f"session {session!r}: positions must continue at {expected} and be "
                 f"consecutive, got {positions[0]}..{positions[-1]}")
