@@ -8,11 +8,13 @@ bit for bit.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from orchestrator.codecs import get_codec
 from orchestrator.facts import read_model_facts
 from orchestrator.shard import LayerRange, even_ranges, write_shard
 from worker.engine import EngineConfig, StageEngine
@@ -32,6 +34,46 @@ class VerifyResult:
         return self.identical_steps == self.steps
 
 
+class LocalChain:
+    """A chain of stage engines in this process: the split model, without sockets.
+
+    Hidden states cross every hop encoded and decoded with ``codec``, exactly as between
+    workers (f32 is a plain copy).
+    """
+
+    def __init__(self, model: Path, ranges: Sequence[LayerRange], workdir: Path,
+                 config: EngineConfig, codec: str = "f32") -> None:
+        facts = read_model_facts(model)
+        self.codec = get_codec(codec)
+        self.ranges = tuple(ranges)
+        self.stages: list[StageEngine] = []
+        try:
+            for r in self.ranges:
+                shard = write_shard(model, r, workdir / f"shard-{r.start}-{r.end}.gguf",
+                                    facts=facts)
+                self.stages.append(StageEngine(shard.path, config))
+        except BaseException:
+            self.close()
+            raise
+
+    def forward(self, session: str, positions: Sequence[int], tokens: Sequence[int],
+                all_logits: bool = False) -> np.ndarray:
+        out = self.stages[0].forward(session, positions, tokens=list(tokens),
+                                     all_logits=all_logits)
+        for stage in self.stages[1:]:
+            out = self.codec.decode(self.codec.encode(out), *out.shape)
+            out = stage.forward(session, positions, hidden=out, all_logits=all_logits)
+        return out
+
+    def end_session(self, session: str) -> None:
+        for stage in self.stages:
+            stage.end_session(session)
+
+    def close(self) -> None:
+        for stage in self.stages:
+            stage.close()
+
+
 def verify_split(model: Path, prompt: list[int], n_stages: int, decode_steps: int = 32,
                  threads: int = 0) -> VerifyResult:
     facts = read_model_facts(model)
@@ -40,28 +82,22 @@ def verify_split(model: Path, prompt: list[int], n_stages: int, decode_steps: in
     config = EngineConfig(context_tokens=len(prompt) + decode_steps + 8, max_sessions=1,
                           batch_tokens=max(len(prompt), 1), threads=threads)
     with tempfile.TemporaryDirectory(prefix="orch-verify-") as tmp:
-        shards = [write_shard(model, r, Path(tmp) / f"{r.start}-{r.end}.gguf", facts=facts).path
-                  for r in ranges]
-        whole = StageEngine(model, config)
-        chain = [StageEngine(p, config) for p in shards]
+        chain = LocalChain(model, ranges, Path(tmp), config)
         try:
-            return _compare(whole, chain, ranges, prompt, decode_steps)
+            whole = StageEngine(model, config)
+            try:
+                return _compare(whole, chain, prompt, decode_steps)
+            finally:
+                whole.close()
         finally:
-            for engine in [whole, *chain]:
-                engine.close()
+            chain.close()
 
 
-def _compare(whole: StageEngine, chain: list[StageEngine], ranges: tuple[LayerRange, ...],
-             prompt: list[int], steps: int) -> VerifyResult:
-    def run_chain(positions: list[int], tokens: list[int]) -> np.ndarray:
-        out = chain[0].forward("v", positions, tokens=tokens)
-        for stage in chain[1:]:
-            out = stage.forward("v", positions, hidden=out)
-        return out
-
+def _compare(whole: StageEngine, chain: LocalChain, prompt: list[int], steps: int
+             ) -> VerifyResult:
     positions = list(range(len(prompt)))
     a = whole.forward("v", positions, tokens=prompt)
-    b = run_chain(positions, prompt)
+    b = chain.forward("v", positions, prompt)
     same, worst = 0, 0.0
     tok_a: list[int] = []
     tok_b: list[int] = []
@@ -74,5 +110,5 @@ def _compare(whole: StageEngine, chain: list[StageEngine], ranges: tuple[LayerRa
             break
         pos = [len(prompt) + step]
         a = whole.forward("v", pos, tokens=[tok_a[-1]])
-        b = run_chain(pos, [tok_a[-1]])  # same input to both, so every step is comparable
-    return VerifyResult(ranges, steps + 1, same, worst, tuple(tok_a), tuple(tok_b))
+        b = chain.forward("v", pos, [tok_a[-1]])  # same input to both: every step compares
+    return VerifyResult(chain.ranges, steps + 1, same, worst, tuple(tok_a), tuple(tok_b))

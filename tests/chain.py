@@ -1,4 +1,5 @@
-"""An in-process chain of stage engines: the split model, without sockets."""
+"""The product's in-process chain (``orchestrator.verify.LocalChain``), cut by layer
+boundaries, and a replay helper for exactness tests."""
 
 from __future__ import annotations
 
@@ -7,42 +8,19 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestrator.codecs import get_codec
 from orchestrator.facts import read_model_facts
-from orchestrator.shard import LayerRange, ranges_from_cuts, write_shard
-from worker.engine import EngineConfig, StageEngine
+from orchestrator.shard import ranges_from_cuts
+from orchestrator.verify import LocalChain
+from worker.engine import EngineConfig
 
 
-class Chain:
+class Chain(LocalChain):
+    """``LocalChain`` cut at explicit layer boundaries: ``Chain(model, [10, 20], ...)``."""
+
     def __init__(self, model: Path, cuts: Sequence[int], workdir: Path,
                  config: EngineConfig, codec: str = "f32") -> None:
-        """``codec``: hidden states cross every hop encoded and decoded with this wire
-        codec, exactly as between workers."""
-        self.codec = get_codec(codec)
-        facts = read_model_facts(model)
-        self.ranges: tuple[LayerRange, ...] = ranges_from_cuts(facts.n_layers, cuts)
-        self.stages = [
-            StageEngine(write_shard(model, r, workdir / f"shard-{r.start}-{r.end}.gguf",
-                                    facts=facts).path, config)
-            for r in self.ranges
-        ]
-
-    def forward(self, session: str, positions: Sequence[int], tokens: Sequence[int],
-                all_logits: bool = False) -> np.ndarray:
-        out = self.stages[0].forward(session, positions, tokens=list(tokens),
-                                     all_logits=all_logits)
-        for stage in self.stages[1:]:
-            out = self.codec.decode(self.codec.encode(out), *out.shape)
-            out = stage.forward(session, positions, hidden=out, all_logits=all_logits)
-        return out
-
-    def end_session(self, session: str) -> None:
-        for stage in self.stages:
-            stage.end_session(session)
-
-    def close(self) -> None:
-        for stage in self.stages:
-            stage.close()
+        n_layers = read_model_facts(model).n_layers
+        super().__init__(model, ranges_from_cuts(n_layers, cuts), workdir, config, codec)
 
 
 def replay(chain: Chain, prompt: list[int], generated: list[int],
