@@ -27,8 +27,8 @@ for _p in (ROOT, ROOT / "tests"):
 import numpy as np  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from orchestrator.facts import read_model_facts  # noqa: E402
-from orchestrator.shard import LayerRange, even_ranges, write_shard  # noqa: E402
+from orchcore.facts import read_model_facts  # noqa: E402
+from orchcore.shard import LayerRange, even_ranges, write_shard  # noqa: E402
 
 MIB = 1 << 20
 GENERATED = "bench-1b-q4_0"  # tests/modelgen.py preset: ~1.04e9 parameters, Q4_0
@@ -116,7 +116,7 @@ def command_line() -> str:
 
 
 def machine_facts() -> dict[str, str]:
-    from worker.cpu import cpu_info, memory_info, use_extra_buffer_types
+    from orchcore.cpu import cpu_info, memory_info, use_extra_buffer_types
 
     cpu, mem = cpu_info(), memory_info()
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"

@@ -23,8 +23,8 @@ from chain import Chain
 from reference import ReferenceModel
 from rich.table import Table
 
-from orchestrator.facts import read_model_facts
-from worker.engine import EngineConfig
+from orchcore.engine import EngineConfig
+from orchcore.facts import read_model_facts
 
 PROMPTS = (
     "Write a short story about a robot who learns to paint.",

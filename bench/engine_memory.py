@@ -39,8 +39,8 @@ from _common import MIB, mib
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.facts import read_model_facts
-from worker.engine import EngineConfig
+from orchcore.engine import EngineConfig
+from orchcore.facts import read_model_facts
 
 VARIANTS = ("engine", "mmap", "no-repack")
 _DEFAULTS = {f.name: f.default for f in fields(EngineConfig)}
@@ -65,7 +65,7 @@ def run_child(args: argparse.Namespace) -> None:
     """Load ``args.child`` (or nothing: ``none``), run prompt + decode, print JSON."""
     import numpy as np
 
-    from worker.engine import StageEngine
+    from orchcore.engine import StageEngine
 
     result: dict[str, object] = {"path": args.child, "variant": args.variant}
     if args.child != "none":

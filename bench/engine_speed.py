@@ -44,10 +44,10 @@ from reference import ReferenceModel
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.facts import read_model_facts
-from worker.cpu import use_extra_buffer_types
-from worker.engine import EngineConfig, StageEngine
-from worker.llama_ext import GraphTap
+from orchcore.cpu import use_extra_buffer_types
+from orchcore.engine import EngineConfig, StageEngine
+from orchcore.facts import read_model_facts
+from orchcore.llama_ext import GraphTap
 
 TARGET = 0.95  # chain / unsplit, decode tokens/s, on the 1B model
 
@@ -255,15 +255,18 @@ class _NoOpTap:
 
 
 class _CountingTap(GraphTap):
-    """The engine's GraphTap, counting the calls it gets."""
+    """The engine's GraphTap, counting the calls it gets (its callback, wrapped)."""
 
     def __init__(self, *a: object) -> None:
-        self.calls = 0
         super().__init__(*a)
+        self.calls = 0
+        inner = self.on_node
 
-    def _on_node(self, tensor: int, ask: bool, user_data: int) -> bool:
-        self.calls += 1
-        return super()._on_node(tensor, ask, user_data)
+        def counting(tensor: int, ask: bool, user_data: int) -> bool:
+            self.calls += 1
+            return inner(tensor, ask, user_data)
+
+        self.callback = llama_cpp.ggml_backend_sched_eval_callback(counting)
 
 
 class RawStage:

@@ -15,7 +15,7 @@ import argparse
 import time
 from pathlib import Path
 
-from _common import (
+from _common import (  # first: puts the repository and tests/ on sys.path
     console,
     get_model,
     median,
@@ -24,15 +24,13 @@ from _common import (
     prompt_tokens,
     work_directory,
 )
+from cluster import greedy_tokens, open_model
 from reference import ReferenceModel
 from rich.table import Table
 
-from orchestrator.facts import read_model_facts
+from orchcore.facts import read_model_facts
 from orchestrator.localcluster import LocalCluster
-from orchestrator.pipeline import Pipeline, ShardStore, StepStats, make_plan
-from worker.sampling import SamplingParams
-
-GREEDY = SamplingParams(temperature=0.0)
+from orchestrator.session import GenerationStats, RunningModel
 
 
 def unsplit_run(path: Path, prompt: list[int], decode: int, threads: int
@@ -52,12 +50,9 @@ def unsplit_run(path: Path, prompt: list[int], decode: int, threads: int
         ref.close()
 
 
-def pipeline_run(pipeline: Pipeline, prompt: list[int], decode: int, session: str
-                 ) -> StepStats:
-    stats = StepStats()
-    for _ in pipeline.generate(session, prompt, GREEDY, decode + 1, stats):
-        pass
-    pipeline.end_session(session)
+def pipeline_run(model: RunningModel, prompt: list[int], decode: int) -> GenerationStats:
+    stats = GenerationStats()
+    greedy_tokens(model, prompt, decode + 1, stats)
     return stats
 
 
@@ -117,21 +112,18 @@ def bench_model(out, model, workdir: Path, args: argparse.Namespace) -> None:
 
 
 def run_setting(model, facts, prompt, workdir, args, worker_threads: int, codec: str,
-                repeats: int | None = None) -> list[tuple[float, float, float, StepStats]]:
+                repeats: int | None = None) -> list[tuple[float, float, float,
+                                                        GenerationStats]]:
     rows = []
-    with LocalCluster(args.workers, workdir / "workers", worker_threads) as cluster:
-        plan = make_plan(facts, cluster.addresses, codec=codec,
-                         context_tokens=len(prompt) + args.decode_tokens + 16, batch_tokens=256)
-        pipeline = Pipeline(plan, facts, cluster.token, alive=cluster.check_alive)
-        try:
-            pipeline.deploy(ShardStore(workdir / "shards-out"))
-            pipeline_run(pipeline, prompt[:16], 4, "warm-up")
-            for i in range(repeats or args.repeats):
-                prompt_s, dec = unsplit_run(model.path, prompt, args.decode_tokens, args.threads)
-                stats = pipeline_run(pipeline, prompt, args.decode_tokens, f"r{i}")
-                rows.append((prompt_s, dec, 0.0, stats))
-        finally:
-            pipeline.close()
+    with LocalCluster(args.workers, workdir / "workers", worker_threads) as cluster, \
+            open_model(model.path, cluster.addresses, cluster.token, workdir, codec=codec,
+                       context_tokens=len(prompt) + args.decode_tokens + 16, batch_tokens=256,
+                       threads=worker_threads) as running:
+        pipeline_run(running, prompt[:16], 4)  # warm-up
+        for _ in range(repeats or args.repeats):
+            prompt_s, dec = unsplit_run(model.path, prompt, args.decode_tokens, args.threads)
+            stats = pipeline_run(running, prompt, args.decode_tokens)
+            rows.append((prompt_s, dec, 0.0, stats))
     return rows
 
 

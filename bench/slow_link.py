@@ -43,30 +43,25 @@ def start_worker(host: str, address: str, token: str, cache: Path, logs: Path
 def inner(args: argparse.Namespace) -> None:
     """Runs inside the orchestrator's namespace: one line of JSON per codec."""
     sys.path.insert(0, str(ROOT))
-    from orchestrator.facts import read_model_facts
-    from orchestrator.modelstore import resolve_model
-    from orchestrator.pipeline import Pipeline, ShardStore, StepStats, make_plan
-    from worker.sampling import SamplingParams
+    from cluster import greedy_tokens, open_model
 
-    facts = read_model_facts(resolve_model("smollm2-135m", progress=False))
+    from orchcore.facts import read_model_facts
+    from orchestrator.modelstore import resolve_model
+    from orchestrator.session import GenerationStats
+
+    path = resolve_model("smollm2-135m", progress=False)
+    facts = read_model_facts(path)
     workers = args.workers.split(",")
     prompt = prompt_tokens(args.prompt_tokens, facts.n_vocab)
     for codec in args.codecs.split(","):
-        plan = make_plan(facts, workers, codec=codec,
-                         context_tokens=args.prompt_tokens + args.decode_tokens + 16)
-        pipeline = Pipeline(plan, facts, args.token)
-        try:
-            pipeline.deploy(ShardStore(Path(args.shards)))
-            stats = StepStats()
-            for _ in pipeline.generate("s", prompt, SamplingParams(temperature=0),
-                                       args.decode_tokens + 1, stats):
-                pass
+        with open_model(path, workers, args.token, Path(args.shards), codec=codec,
+                        context_tokens=args.prompt_tokens + args.decode_tokens + 16) as model:
+            stats = GenerationStats()
+            greedy_tokens(model, prompt, args.decode_tokens + 1, stats)
             per_hop = sum(stats.wire_bytes.values()) / max(1, stats.decode_tokens)
             print(json.dumps({"codec": codec, "ttft_ms": stats.first_token_s * 1e3,
                               "decode": stats.decode_tokens / stats.decode_s,
                               "bytes": per_hop}), flush=True)
-        finally:
-            pipeline.close()
 
 
 def main() -> None:

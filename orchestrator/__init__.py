@@ -1,3 +1,1 @@
-"""orch: run GGUF language models across the ordinary computers of a home or office."""
-
-__version__ = "0.1.0"
+"""orch's orchestrator: plans a model across workers, deploys it, drives generation."""

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.errors import OrchError
+from orchcore.errors import InvalidSettingError, OrchError
+from orchestrator.settings import OrchSettings, describe_validation, parse_workers
 
 app = typer.Typer(
     help="Run GGUF language models across the ordinary computers of a home or office.\n\n"
@@ -26,55 +28,77 @@ def _setup_logging(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _opt(field: str, *flags: str) -> typer.models.OptionInfo:
+    """A flag whose help, default and ORCH_* variable come from ``OrchSettings``."""
+    info = OrchSettings.model_fields[field]
+    default = info.default.get_secret_value() if hasattr(info.default, "get_secret_value") \
+        else info.default
+    shown = "" if default is None else f"default {default}; "
+    return typer.Option(*flags, help=f"{info.description} ({shown}env ORCH_{field.upper()})",
+                        show_default=False)
+
+
 @app.command()
 def run(
     model: Annotated[str, typer.Argument(help="A .gguf file, or a known name: smollm2-135m.")],
     prompt: Annotated[str | None, typer.Argument(
         help="Prompt to answer; omit it for an interactive chat.")] = None,
     workers: Annotated[str | None, typer.Option(
-        help="Running workers as HOST:PORT,HOST:PORT (in pipeline order).")] = None,
-    local: Annotated[int, typer.Option(
-        min=1, max=16, help="Without --workers: local worker processes to start.")] = 2,
-    max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to generate.")] = 256,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
-    top_k: Annotated[int, typer.Option(min=0, help="0 = off.")] = 40,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="1 = off.")] = 0.95,
-    min_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="0 = off.")] = 0.05,
-    repeat_penalty: Annotated[float, typer.Option(min=0.0, help="1 = off.")] = 1.0,
-    seed: Annotated[int, typer.Option(min=0, help="Sampling seed (reproducible runs).")] = 42,
-    codec: Annotated[str, typer.Option(
-        help="Hidden states on the wire: f32 (exact), f16 (half the bytes), q8_0 "
-             "(3.8x fewer bytes).")] = "f32",
-    context: Annotated[int, typer.Option(min=64, help="Context length in tokens.")] = 2048,
+        help="Running workers as HOST:PORT,HOST:PORT (in pipeline order); without it, "
+             "local worker processes are started.")] = None,
+    local: Annotated[int | None, _opt("local_workers", "--local")] = None,
+    max_tokens: Annotated[int | None, _opt("max_tokens", "--max-tokens")] = None,
+    temperature: Annotated[float | None, _opt("temperature", "--temperature")] = None,
+    top_k: Annotated[int | None, _opt("top_k", "--top-k")] = None,
+    top_p: Annotated[float | None, _opt("top_p", "--top-p")] = None,
+    min_p: Annotated[float | None, _opt("min_p", "--min-p")] = None,
+    repeat_penalty: Annotated[float | None, _opt("repeat_penalty", "--repeat-penalty")] = None,
+    seed: Annotated[int | None, _opt("seed", "--seed")] = None,
+    codec: Annotated[str | None, _opt("codec", "--codec")] = None,
+    context: Annotated[int | None, _opt("context_tokens", "--context")] = None,
+    max_sessions: Annotated[int | None, _opt("max_sessions", "--max-sessions")] = None,
+    threads: Annotated[int | None, _opt("threads", "--threads")] = None,
     stop: Annotated[list[str] | None, typer.Option(
         help="Stop when this text appears (repeatable).")] = None,
     chat: Annotated[bool, typer.Option(
         help="Wrap the prompt in the model's chat template.")] = True,
     system: Annotated[str | None, typer.Option(help="System message for chat.")] = None,
     token: Annotated[str | None, typer.Option(
-        envvar="ORCH_TOKEN", help="Cluster token of the workers (--workers).")] = None,
+        help="Cluster token of the workers (--workers); prefer the ORCH_TOKEN variable: "
+             "command lines are visible to other users.")] = None,
     stats: Annotated[bool, typer.Option(
         help="Print tokens/s, per-stage compute and wire bytes.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Generate with MODEL split across workers: local processes, or --workers."""
-    _setup_logging(verbose)
-    from orchestrator.generate import RunOptions, run_model
+    """Generate with MODEL split across workers: local processes, or --workers.
 
-    options = RunOptions(
-        model=model, prompt=prompt, workers=workers.split(",") if workers else None,
-        local=local, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
-        top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, codec=codec,
-        context=context, stops=tuple(stop or ()), chat=chat, system=system, token=token,
-        stats=stats)
+    Every default can also be set with an ORCH_* variable (shown with each flag).
+    """
+    _setup_logging(verbose)
+    from orchestrator.run import Reported, RunRequest, run_model
+
     try:
-        run_model(options, console, err)
-    except OrchError as exc:
-        err.print(f"[bold red]error:[/] {exc}")
+        settings = OrchSettings.load(
+            local_workers=local, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+            top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, codec=codec,
+            context_tokens=context, max_sessions=max_sessions, threads=threads, token=token)
+        request = RunRequest(
+            model=model, prompt=prompt,
+            workers=parse_workers(workers) if workers is not None else None,
+            stops=tuple(stop or ()), chat=chat, system=system, stats=stats)
+        run_model(request, settings, console, err)
+    except Reported:
         raise typer.Exit(1) from None
+    except OrchError as exc:
+        _fail(exc)
     except KeyboardInterrupt:
         err.print("interrupted")
         raise typer.Exit(130) from None
+
+
+def _fail(exc: OrchError) -> NoReturn:
+    err.print(f"[bold red]error:[/] {exc}", highlight=False)
+    raise typer.Exit(1) from None
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
@@ -84,18 +108,24 @@ def worker(ctx: typer.Context) -> None:
     from worker.service import serve
     from worker.settings import WorkerSettings
 
-    settings = WorkerSettings(_cli_parse_args=ctx.args, _cli_prog_name="orch worker",
-                              _cli_kebab_case=True)
+    try:
+        settings = WorkerSettings(_cli_parse_args=ctx.args, _cli_prog_name="orch worker",
+                                  _cli_kebab_case=True)
+    except ValidationError as exc:
+        _fail(InvalidSettingError(describe_validation(exc)))
     _setup_logging(False)
     logging.getLogger("worker").setLevel(logging.INFO)
-    serve(settings)
+    try:
+        serve(settings)
+    except OrchError as exc:
+        _fail(exc)
 
 
 @app.command()
 def info(model: Annotated[str, typer.Argument(help="A .gguf file or a known model name.")]
          ) -> None:
     """Show what a GGUF model is made of: shape, layers, bytes, KV cache per token."""
-    from orchestrator.facts import read_model_facts
+    from orchcore.facts import read_model_facts
     from orchestrator.modelstore import resolve_model
 
     try:

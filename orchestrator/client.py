@@ -1,7 +1,8 @@
 """The orchestrator's handle on one worker: unary calls with deadlines, typed errors.
 
-gRPC failures become our errors here and only here, each naming the worker and saying
-what to do next.
+gRPC failures become our errors here and only here. A worker's own errors carry their
+code (``orchcore.wire.status``) in trailing metadata and come back as the same type;
+the rest are transport failures, named by gRPC status code, never by message text.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import grpc
 
-from orchestrator.errors import (
+from orchcore.errors import (
     AuthError,
     MessageTooLargeError,
     OrchError,
@@ -20,30 +21,29 @@ from orchestrator.errors import (
     WorkerError,
     WorkerUnreachableError,
 )
-from orchestrator.wire import PROTOCOL_VERSION
-from orchestrator.wire import worker_pb2 as pb
-from orchestrator.wire import worker_pb2_grpc as pb_grpc
-from orchestrator.wire.status import ERROR_CODE_KEY, from_code
-from worker.stage import auth_metadata, channel_options
+from orchcore.wire import PROTOCOL_VERSION
+from orchcore.wire import worker_pb2 as pb
+from orchcore.wire import worker_pb2_grpc as pb_grpc
+from orchcore.wire.channel import auth_metadata, open_channel
+from orchcore.wire.status import ERROR_CODE_KEY, from_code
+from orchestrator.settings import OrchSettings
 
 log = logging.getLogger(__name__)
 
-INFO_DEADLINE_S = 5.0
-LOAD_DEADLINE_S = 300.0
 UPLOAD_CHUNK = 256 << 10  # well under the smallest message limit a worker accepts (1 MiB)
 
 
-def rpc_error(worker: str, exc: grpc.RpcError) -> OrchError:
-    """The typed error for a failed call to ``worker``.
-
-    A worker's own errors carry their code (``orchestrator.wire.status``) in trailing
-    metadata and come back as the same type; the rest are transport failures.
-    """
+def rpc_error(worker: str, exc: grpc.RpcError, *, answered_before: bool = False
+              ) -> OrchError:
+    """The typed error for a failed call to ``worker``."""
     code, details = exc.code(), exc.details() or ""
     trailers = dict(exc.trailing_metadata() or ()) if hasattr(exc, "trailing_metadata") else {}
     if ERROR_CODE_KEY in trailers:
         return from_code(trailers[ERROR_CODE_KEY], worker, details)
     if code == grpc.StatusCode.UNAVAILABLE:
+        if answered_before:
+            return WorkerUnreachableError(worker, f"connection lost ({details}); is it still "
+                                                  f"running?")
         return WorkerUnreachableError(worker, f"unreachable ({details}); is `orch worker` "
                                               f"running there and the port open?")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -60,22 +60,25 @@ def rpc_error(worker: str, exc: grpc.RpcError) -> OrchError:
 
 
 class WorkerClient:
-    def __init__(self, address: str, token: str | None, max_message_bytes: int = 64 << 20
-                 ) -> None:
+    def __init__(self, address: str, token: str | None, settings: OrchSettings) -> None:
         self.address = address
+        self.settings = settings
         self.metadata = auth_metadata(token)
-        self.channel = grpc.insecure_channel(address, options=channel_options(
-            max_message_bytes))
+        self.channel = open_channel(address)
         self.stub = pb_grpc.WorkerStub(self.channel)
+        self.answered = False  # has this worker ever answered a call?
 
     def _call(self, method: Callable, request: object, deadline: float) -> object:
         try:
-            return method(request, timeout=deadline, metadata=self.metadata)
+            reply = method(request, timeout=deadline, metadata=self.metadata)
         except grpc.RpcError as exc:
-            raise rpc_error(self.address, exc) from None
+            raise rpc_error(self.address, exc, answered_before=self.answered) from None
+        self.answered = True
+        return reply
 
-    def info(self, deadline: float = INFO_DEADLINE_S) -> pb.WorkerInfo:
-        return self._call(self.stub.Info, pb.InfoRequest(), deadline)
+    def info(self, deadline: float | None = None) -> pb.WorkerInfo:
+        return self._call(self.stub.Info, pb.InfoRequest(),
+                          deadline or self.settings.info_deadline_s)
 
     def check_protocol(self) -> pb.WorkerInfo:
         info = self.info()
@@ -98,23 +101,16 @@ class WorkerClient:
                     if progress:
                         progress(len(data))
 
-        deadline = LOAD_DEADLINE_S + size / (1 << 20)  # at least 1 MiB/s
+        deadline = self.settings.load_deadline_s + size / (
+            self.settings.upload_min_mib_s * (1 << 20))
         return self._call(self.stub.UploadShard, chunks(), deadline)
 
     def load_shard(self, request: pb.LoadShardRequest) -> pb.LoadShardReply:
-        return self._call(self.stub.LoadShard, request, LOAD_DEADLINE_S)
+        return self._call(self.stub.LoadShard, request, self.settings.load_deadline_s)
 
-    def unload(self, pipeline_id: str) -> pb.UnloadReply:
+    def unload(self, pipeline_id: str, deadline: float) -> pb.UnloadReply:
         return self._call(self.stub.Unload, pb.UnloadRequest(pipeline_id=pipeline_id),
-                          INFO_DEADLINE_S * 6)
-
-    def end_session(self, session: str) -> pb.EndSessionReply:
-        return self._call(self.stub.EndSession, pb.EndSessionRequest(session=session),
-                          INFO_DEADLINE_S)
+                          deadline)
 
     def close(self) -> None:
         self.channel.close()
-
-
-def data_path_error(error: pb.Error) -> OrchError:
-    return from_code(error.code, error.worker, error.message)

@@ -14,15 +14,13 @@ import secrets
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from orchestrator.errors import WorkerUnreachableError
+from orchcore.errors import WorkerUnreachableError
 
 log = logging.getLogger(__name__)
 
-START_DEADLINE_S = 60.0
 _PR_SET_PDEATHSIG = 1
 
 
@@ -35,15 +33,16 @@ def _die_with_parent() -> None:
 
 
 class LocalCluster:
-    def __init__(self, n_workers: int, cache_root: Path, threads_per_worker: int,
-                 token: str | None = None, log_dir: Path | None = None) -> None:
+    def __init__(self, n_workers: int, cache_root: Path, threads_per_worker: int = 0,
+                 token: str | None = None, log_dir: Path | None = None,
+                 start_deadline_s: float = 60.0) -> None:
         if n_workers < 1:
             raise ValueError("a local cluster needs at least one worker")
         self.n_workers = n_workers
         self.cache_root = cache_root
-        self.threads = threads_per_worker
+        self.threads = threads_per_worker  # 0 = every core
+        self.start_deadline_s = start_deadline_s
         self.token = token or secrets.token_urlsafe(24)
-        self._tmp = tempfile.TemporaryDirectory(prefix="orch-local-")
         self.log_dir = log_dir or cache_root / "logs"  # kept after stop, for post-mortems
         self._logs: list = []
         self.procs: list[subprocess.Popen] = []
@@ -52,7 +51,10 @@ class LocalCluster:
     def start(self) -> list[str]:
         ready_files = []
         for i in range(self.n_workers):
-            ready = Path(self._tmp.name) / f"worker-{i}.ready"
+            # Next to the logs, named by this process: no temporary folder to leave behind
+            # if we are killed, and read then deleted at once.
+            ready = self.log_dir / f"worker-{i}.{os.getpid()}.ready"
+            ready.unlink(missing_ok=True)
             ready_files.append(ready)
             env = dict(os.environ, ORCH_WORKER_TOKEN=self.token)
             cmd = [sys.executable, "-m", "orchestrator.cli", "worker", "--host", "127.0.0.1",
@@ -68,15 +70,18 @@ class LocalCluster:
         return self.addresses
 
     def _await_ready(self, i: int, ready: Path) -> str:
-        give_up = time.monotonic() + START_DEADLINE_S
+        give_up = time.monotonic() + self.start_deadline_s
         while time.monotonic() < give_up:
             if ready.exists():
-                return ready.read_text().strip()
+                address = ready.read_text().strip()
+                ready.unlink(missing_ok=True)
+                return address
             if self.procs[i].poll() is not None:
                 raise WorkerUnreachableError(f"local #{i}", f"exited at start with code "
                                              f"{self.procs[i].returncode}: {self.log_tail(i)}")
             time.sleep(0.05)
-        raise WorkerUnreachableError(f"local #{i}", f"not ready after {START_DEADLINE_S:.0f} s")
+        raise WorkerUnreachableError(f"local #{i}",
+                                     f"not ready after {self.start_deadline_s:.0f} s")
 
     def log_tail(self, i: int, lines: int = 5) -> str:
         path = self.log_dir / f"worker-{i}.log"
@@ -97,6 +102,7 @@ class LocalCluster:
         for proc in self.procs:
             if proc.poll() is None:
                 proc.terminate()
+                proc.send_signal(signal.SIGCONT)  # a stopped (hung) worker handles TERM too
         deadline = time.monotonic() + 10
         for proc in self.procs:
             try:
@@ -108,7 +114,8 @@ class LocalCluster:
         for logf in self._logs:
             logf.close()
         self._logs.clear()
-        self._tmp.cleanup()
+        for ready in self.log_dir.glob(f"worker-*.{os.getpid()}.ready"):
+            ready.unlink(missing_ok=True)
 
     def __enter__(self) -> LocalCluster:
         try:

@@ -47,7 +47,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from orchestrator.errors import ModelFetchError, ModelNotFoundError, NotGGUFError
+from orchcore.errors import ModelFetchError, ModelNotFoundError, NotGGUFError
+from orchcore.paths import cache_dir
 
 __all__ = [
     "ModelFetchError",
@@ -124,15 +125,6 @@ def load_registry(path: Path) -> Mapping[str, WheelSource]:
 def known_models() -> Mapping[str, WheelSource]:
     """The registry this installation uses (read on first use, not at import)."""
     return load_registry(registry_path())
-
-
-def cache_dir() -> Path:
-    """``$ORCH_CACHE_DIR``, else ``$XDG_CACHE_HOME/orch``, else ``~/.cache/orch``."""
-    if explicit := os.environ.get("ORCH_CACHE_DIR"):
-        return Path(explicit).expanduser()
-    if xdg := os.environ.get("XDG_CACHE_HOME"):
-        return Path(xdg).expanduser() / "orch"
-    return Path.home() / ".cache" / "orch"
 
 
 def cached_model_path(source: WheelSource, cache: Path | None = None) -> Path:

@@ -32,9 +32,9 @@ from typing import Any, Self
 import llama_cpp
 from gguf import Keys
 
-from orchestrator.errors import GGUFError, OrchError, UnsupportedModelError
-from orchestrator.facts import open_gguf
-from worker.llama_ext import init_backend
+from orchcore.errors import GGUFError, OrchError, UnsupportedModelError
+from orchcore.facts import open_gguf
+from orchcore.llama_ext import init_backend
 
 _PIECE_BYTES = 64  # first buffer size for one token's text; longer pieces retry
 _INT32_MAX = 2**31 - 1

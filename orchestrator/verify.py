@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestrator.codecs import get_codec
-from orchestrator.facts import read_model_facts
-from orchestrator.shard import LayerRange, even_ranges, write_shard
-from worker.engine import EngineConfig, StageEngine
+from orchcore.codecs import get_codec
+from orchcore.engine import EngineConfig, StageEngine
+from orchcore.facts import read_model_facts
+from orchcore.shard import LayerRange, even_ranges, write_shard
 
 
 @dataclass(frozen=True)

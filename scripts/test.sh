@@ -2,4 +2,5 @@
 # The whole test suite (and lint). Extra arguments go to pytest.
 source "$(dirname "$0")/setup.sh"
 ruff check .
+lint-imports --no-cache
 python -m pytest "$@"

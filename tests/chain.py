@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestrator.facts import read_model_facts
-from orchestrator.shard import ranges_from_cuts
+from orchcore.engine import EngineConfig
+from orchcore.facts import read_model_facts
+from orchcore.shard import ranges_from_cuts
 from orchestrator.verify import LocalChain
-from worker.engine import EngineConfig
 
 
 class Chain(LocalChain):

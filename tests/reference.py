@@ -1,6 +1,6 @@
 """The unsplit baseline: a GGUF run whole by llama-cpp-python in this process.
 
-Deliberately independent of worker.engine: plain low-level llama-cpp-python calls on the
+Deliberately independent of orchcore.engine: plain low-level llama-cpp-python calls on the
 original file, token input, logits out. The only setting shared with the engine is the one
 the pinned build needs on AMX CPUs (extra buffer types off).
 """
@@ -13,8 +13,8 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-from worker.cpu import use_extra_buffer_types
-from worker.llama_ext import llama_log
+from orchcore.cpu import use_extra_buffer_types
+from orchcore.llama_ext import llama_log
 
 
 class ReferenceModel:

@@ -18,7 +18,7 @@ import pytest
 from chain import Chain
 from reference import ReferenceModel
 
-from worker.engine import EngineConfig
+from orchcore.engine import EngineConfig
 
 TEXT = (
     "The history of the printing press begins in the fifteenth century, when Johannes "

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from orchestrator.codecs import (
+from orchcore.codecs import (
     CODEC_NAMES,
     CODECS,
     Codec,

@@ -18,9 +18,9 @@ import pytest
 from chain import Chain
 from reference import ReferenceModel
 
-from orchestrator.errors import ContextFullError, InvalidInputError, SessionError
-from worker.cpu import CpuInfo, cpu_info, use_extra_buffer_types
-from worker.engine import EngineConfig
+from orchcore.cpu import CpuInfo, cpu_info, use_extra_buffer_types
+from orchcore.engine import EngineConfig
+from orchcore.errors import ContextFullError, InvalidInputError, SessionError
 
 PROMPTS = {
     "A": "The capital of France is Paris. The capital of Italy is",
@@ -275,7 +275,7 @@ def test_extra_buffer_types_off_exactly_with_amx():
 
 _ONE_FORWARD = textwrap.dedent("""
     import sys
-    from worker.engine import EngineConfig, StageEngine
+    from orchcore.engine import EngineConfig, StageEngine
     extra = {"on": True, "auto": None}[sys.argv[2]]
     config = EngineConfig(threads=1, context_tokens=16, max_sessions=1, batch_tokens=4,
                           extra_buffer_types=extra)

@@ -10,7 +10,7 @@ from chain import Chain, replay
 from modelgen import GType, preset, write_model
 from reference import ReferenceModel
 
-from worker.engine import EngineConfig
+from orchcore.engine import EngineConfig
 
 STEPS = 12
 PROMPT = [1, 17, 300, 42, 99, 5, 260, 77]

@@ -12,7 +12,7 @@ import pytest
 from chain import Chain, replay
 from reference import ReferenceModel
 
-from worker.engine import EngineConfig
+from orchcore.engine import EngineConfig
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"
 STEPS = 32

@@ -20,16 +20,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from modelgen import ModelSpec, preset, write_model
 
-from orchestrator.errors import (
+from orchcore.engine import EngineConfig, StageEngine
+from orchcore.errors import (
     CorruptGGUFError,
     GGUFError,
     NotGGUFError,
     TruncatedGGUFError,
     UnsupportedModelError,
 )
-from orchestrator.facts import SUPPORTED_ARCHITECTURES, read_model_facts
-from orchestrator.shard import LayerRange, shard_layout
-from worker.engine import EngineConfig, StageEngine
+from orchcore.facts import SUPPORTED_ARCHITECTURES, read_model_facts
+from orchcore.shard import LayerRange, shard_layout
 
 SPEC = ModelSpec()  # tiny llama: 4 layers, n_embd 64, vocab 384
 ENGINE = EngineConfig(threads=1, context_tokens=32, max_sessions=1, batch_tokens=8)

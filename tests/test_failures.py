@@ -4,59 +4,42 @@ worker and saying what to do; nothing hangs; nothing is left running."""
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import subprocess
 import sys
-import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import grpc
 import numpy as np
 import psutil
 import pytest
+from cluster import GREEDY, greedy_tokens, open_model, worker_server
 
-from orchestrator.client import WorkerClient
-from orchestrator.errors import (
+from orchcore.errors import (
     AuthError,
     InvalidInputError,
     MemoryBudgetError,
     MessageTooLargeError,
     ProtocolMismatchError,
     ShardHashError,
+    StageFaultError,
     WorkerUnreachableError,
 )
-from orchestrator.facts import read_model_facts
-from orchestrator.pipeline import Pipeline, ShardStore, make_plan
-from orchestrator.shard import LayerRange, write_shard
-from orchestrator.wire import convert
-from orchestrator.wire import worker_pb2 as pb
-from orchestrator.wire import worker_pb2_grpc as pb_grpc
-from worker.sampling import SamplingParams
-from worker.service import serve
-from worker.settings import WorkerSettings
-from worker.stage import auth_metadata
+from orchcore.shard import LayerRange, write_shard
+from orchcore.wire import convert, status
+from orchcore.wire import worker_pb2 as pb
+from orchcore.wire import worker_pb2_grpc as pb_grpc
+from orchcore.wire.channel import StreamClosedError, auth_metadata
+from orchestrator.client import WorkerClient
+from orchestrator.settings import OrchSettings
+
+SETTINGS = OrchSettings.load()
 
 
-@contextmanager
-def worker_server(root: Path, **settings):
-    """A real worker gRPC server on loopback, in a thread of this process."""
-    ready = root / "ready"
-    stop = threading.Event()
-    config = WorkerSettings(host="127.0.0.1", port=0, cache_dir=root / "cache", ready_file=ready,
-                            threads=1, **settings)
-    thread = threading.Thread(target=serve, args=(config,), kwargs={"stop": stop}, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if ready.exists():
-            break
-        time.sleep(0.05)
-    try:
-        yield ready.read_text().strip()
-    finally:
-        stop.set()
-        thread.join(timeout=20)
+def client_for(address: str, token: str | None = None) -> WorkerClient:
+    return WorkerClient(address, token, SETTINGS)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +51,7 @@ def small_shard(smollm2_path, tmp_path_factory):
 def test_wrong_or_missing_token_is_rejected_and_nothing_happens(tmp_path, small_shard):
     with worker_server(tmp_path, token="right-token") as address:
         for token in (None, "wrong-token"):
-            client = WorkerClient(address, token)
+            client = client_for(address, token)
             with pytest.raises(AuthError, match=address):
                 client.info()
             with pytest.raises(AuthError):
@@ -81,7 +64,7 @@ def test_wrong_or_missing_token_is_rejected_and_nothing_happens(tmp_path, small_
                              metadata=auth_metadata(token))
             assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
             client.close()
-        good = WorkerClient(address, "right-token")
+        good = client_for(address, "right-token")
         info = good.info()
         assert list(info.cached_shards) == [] and not info.HasField("loaded")
         good.close()
@@ -90,7 +73,7 @@ def test_wrong_or_missing_token_is_rejected_and_nothing_happens(tmp_path, small_
 def test_protocol_mismatch_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr("worker.service.PROTOCOL_VERSION", 99)
     with worker_server(tmp_path) as address:
-        client = WorkerClient(address, None)
+        client = client_for(address)
         with pytest.raises(ProtocolMismatchError, match=rf"{re.escape(address)}.*protocol 99"):
             client.check_protocol()
         client.close()
@@ -98,7 +81,7 @@ def test_protocol_mismatch_is_refused(tmp_path, monkeypatch):
 
 def test_shard_hash_mismatch_is_refused_and_not_kept(tmp_path, small_shard):
     with worker_server(tmp_path) as address:
-        client = WorkerClient(address, None)
+        client = client_for(address)
         wrong = hashlib.sha256(b"something else").hexdigest()
         with pytest.raises(ShardHashError, match=address):
             client.upload_shard(small_shard.path, wrong)
@@ -111,15 +94,30 @@ def test_shard_hash_mismatch_is_refused_and_not_kept(tmp_path, small_shard):
 
 
 def test_memory_budget_refuses_with_numbers(tmp_path, small_shard):
-    with worker_server(tmp_path, memory_budget_mb=8) as address:
-        client = WorkerClient(address, None)
-        with pytest.raises(MemoryBudgetError, match=r"needs about \d+ MiB.*budget is 8 MiB"):
-            client.upload_shard(small_shard.path, small_shard.sha256)
+    with worker_server(tmp_path, memory_budget_mb=64) as address:
+        client = client_for(address)
+        client.upload_shard(small_shard.path, small_shard.sha256)
+        with pytest.raises(MemoryBudgetError, match=r"need \d+ MiB \(weights.*budget is 64 MiB"):
+            client.load_shard(pb.LoadShardRequest(
+                pipeline_id="p", sha256=small_shard.sha256, layer_start=10, layer_end=20,
+                next_address="127.0.0.1:9"))
+        assert str(client.info().memory_budget_bytes) == str(64 << 20)
+        client.close()
+
+
+def test_threads_are_bounded_by_the_cores(tmp_path, small_shard):
+    with worker_server(tmp_path) as address:
+        client = client_for(address)
+        client.upload_shard(small_shard.path, small_shard.sha256)
+        reply = client.load_shard(pb.LoadShardRequest(
+            pipeline_id="p", sha256=small_shard.sha256, layer_start=10, layer_end=20,
+            next_address="127.0.0.1:9", engine=pb.EngineSettings(threads=2**32 - 1)))
+        assert 1 <= reply.engine.threads <= len(os.sched_getaffinity(0))
         client.close()
 
 
 def test_unreachable_worker_is_named_quickly():
-    client = WorkerClient("127.0.0.1:9", None)
+    client = client_for("127.0.0.1:9")
     started = time.monotonic()
     with pytest.raises(WorkerUnreachableError, match=r"127\.0\.0\.1:9"):
         client.info(deadline=2.0)
@@ -128,36 +126,59 @@ def test_unreachable_worker_is_named_quickly():
 
 
 @contextmanager
-def two_stage_pipeline(smollm2_path, tmp_path, **settings):
+def two_stage_model(smollm2_path, tmp_path, **settings):
     with worker_server(tmp_path / "a", **settings) as a, \
-            worker_server(tmp_path / "b", **settings) as b:
-        facts = read_model_facts(smollm2_path)
-        plan = make_plan(facts, [a, b], context_tokens=1024, batch_tokens=512)
-        pipeline = Pipeline(plan, facts, None)
-        try:
-            pipeline.deploy(ShardStore(tmp_path / "shards-out"))
-            yield pipeline
-        finally:
-            pipeline.close()
+            worker_server(tmp_path / "b", **settings) as b, \
+            open_model(smollm2_path, [a, b], None, tmp_path, context_tokens=1024,
+                       batch_tokens=512) as model:
+        yield model
 
 
 def test_wrong_hidden_shape_is_a_clear_error(smollm2_path, tmp_path):
-    with two_stage_pipeline(smollm2_path, tmp_path) as pipeline:
-        last = pipeline.clients[1]
-        bad = pb.StageInput(pipeline_id=pipeline.id, session="s", chunk=7, start_pos=0,
-                            tokens=[1], want_token=True,
+    with two_stage_model(smollm2_path, tmp_path) as model:
+        last = model.path.clients[1]
+        bad = pb.StageInput(pipeline_id=model.path.pipeline_id, session="s", chunk=7,
+                            start_pos=0, tokens=[1], want_token=True,
                             hidden=convert.hidden_to_proto(np.zeros((1, 100), np.float32), "f32"),
-                            sampling=convert.sampling_to_proto(SamplingParams(temperature=0)))
+                            sampling=convert.sampling_to_proto(GREEDY))
         last.stub.Forward(iter([bad]), timeout=10)
-        with pytest.raises(InvalidInputError, match=rf"{last.address}.*\(1, 100\).*576"):
-            pipeline._wait("s", 7, deadline_s=10)
+        with pytest.raises(InvalidInputError, match=rf"{last.address}.*\(1, 100\).*576") as info:
+            model.path.wait("s", 7)
+        assert str(info.value).count(last.address) == 1
+        assert not status.retryable(info.value)
 
 
 def test_oversized_message_is_a_clear_error(smollm2_path, tmp_path):
-    with two_stage_pipeline(smollm2_path, tmp_path, max_message_mb=1) as pipeline:
+    with two_stage_model(smollm2_path, tmp_path, max_message_mb=1) as model:
         prompt = [1 + i % 1000 for i in range(500)]  # 500 x 576 f32 = 1.15 MB > 1 MiB
         with pytest.raises(MessageTooLargeError, match="q8_0"):
-            list(pipeline.generate("s", prompt, SamplingParams(temperature=0), 2))
+            greedy_tokens(model, prompt, 2)
+
+
+def _fail(*_args, **_kwargs):
+    raise RuntimeError("injected failure")
+
+
+def _closed(*_args, **_kwargs):
+    raise StreamClosedError("next stage 127.0.0.1:1 closed the stream: injected")
+
+
+@pytest.mark.parametrize(("target", "replacement", "stage"), [
+    ("worker.stage.Stage._publish", _fail, 1),  # the last stage cannot hand out a result
+    ("worker.stage.DownstreamLink.send", _closed, 0),  # stage 0 cannot send on
+])
+def test_failure_after_compute_reaches_the_orchestrator_within_seconds(
+        smollm2_path, tmp_path, monkeypatch, target, replacement, stage):
+    with two_stage_model(smollm2_path, tmp_path) as model:
+        assert greedy_tokens(model, [1, 2, 3], 2)  # the pipeline works
+        monkeypatch.setattr(target, replacement)
+        started = time.monotonic()
+        with pytest.raises(StageFaultError) as info:
+            greedy_tokens(model, [1, 2, 3], 2)
+        assert time.monotonic() - started < 5  # not the step deadline (600 s)
+        worker = model.plan.stages[stage].worker
+        assert worker in str(info.value) and f"stage {stage}" in str(info.value)
+        assert status.retryable(info.value)
 
 
 ORPHAN_SCRIPT = """

@@ -9,17 +9,15 @@ import time
 
 import psutil
 import pytest
+from cluster import GREEDY, greedy_tokens, open_model
 from reference import ReferenceModel
 
-from orchestrator.errors import WorkerUnreachableError
-from orchestrator.facts import read_model_facts
+from orchcore.errors import WorkerUnreachableError
 from orchestrator.localcluster import LocalCluster
-from orchestrator.pipeline import Pipeline, ShardStore, StepStats, make_plan
-from worker.sampling import SamplingParams
+from orchestrator.session import GenerationStats
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"
 STEPS = 48
-GREEDY = SamplingParams(temperature=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -31,19 +29,11 @@ def expected(smollm2_path, threads):
     return prompt, generated
 
 
-def generate(model, addresses, token, codec, prompt, n, tmp_path, alive=None, batch=256):
-    facts = read_model_facts(model)
-    plan = make_plan(facts, addresses, codec=codec, context_tokens=512, batch_tokens=batch)
-    pipeline = Pipeline(plan, facts, token, alive=alive)
-    try:
-        pipeline.check_workers()
-        pipeline.deploy(ShardStore(tmp_path / "shards-out"))
-        stats = StepStats()
-        tokens = list(pipeline.generate("s1", prompt, GREEDY, n, stats))
-        pipeline.end_session("s1")
-        return tokens, stats
-    finally:
-        pipeline.close()
+def generate(model, addresses, token, codec, prompt, n, tmp_path, batch=256):
+    with open_model(model, addresses, token, tmp_path, codec=codec,
+                    batch_tokens=batch) as running:
+        stats = GenerationStats()
+        return greedy_tokens(running, prompt, n, stats), stats
 
 
 @pytest.fixture(scope="module")
@@ -110,22 +100,22 @@ def test_worker_killed_mid_answer_fails_fast_and_names_it(smollm2_path, expected
     cluster.start()
     pids = [p.pid for p in cluster.procs]
     victim = cluster.addresses[1]
-    facts = read_model_facts(smollm2_path)
-    pipeline = Pipeline(make_plan(facts, cluster.addresses, context_tokens=512), facts,
-                        cluster.token, alive=cluster.check_alive)
     try:
-        pipeline.deploy(ShardStore(tmp_path / "shards-out"))
-        stream = pipeline.generate("s", prompt, GREEDY, 400)
-        assert [next(stream) for _ in range(3)]
-        os.kill(cluster.procs[1].pid, signal.SIGKILL)
-        started = time.monotonic()
-        with pytest.raises(WorkerUnreachableError) as info:
-            for _ in stream:
-                pass
-        assert time.monotonic() - started < 10
-        assert victim in str(info.value)
+        with open_model(smollm2_path, cluster.addresses, cluster.token, tmp_path,
+                        alive=cluster.check_alive) as model:
+            stream = model.stream(model.new_session(GREEDY), prompt, 400)
+            assert [next(stream) for _ in range(3)]
+            os.kill(cluster.procs[1].pid, signal.SIGKILL)
+            started = time.monotonic()
+            with pytest.raises(WorkerUnreachableError) as info:
+                for _ in stream:
+                    pass
+            assert time.monotonic() - started < 10
+            assert victim in str(info.value) and "stage 1" in str(info.value)
+            assert str(info.value).count(victim) == 1
+            started = time.monotonic()
+        assert time.monotonic() - started < 5  # cleanup skips the dead worker
     finally:
-        pipeline.close(unload=False)
         cluster.stop()
     assert not [pid for pid in pids if psutil.pid_exists(pid)
                 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
@@ -136,23 +126,16 @@ def test_sessions_back_to_back_and_in_flight_together(smollm2_path, expected, cl
     """Sessions one after another, and two sessions advanced in turn, each give the unsplit
     model's tokens; results are routed to their own session."""
     prompt, want = expected
-    facts = read_model_facts(smollm2_path)
-    plan = make_plan(facts, cluster3.addresses[:2], context_tokens=512)
-    pipeline = Pipeline(plan, facts, cluster3.token)
-    try:
-        pipeline.deploy(ShardStore(tmp_path / "shards-out"))
-        for session in ("first", "second"):
-            assert list(pipeline.generate(session, prompt, GREEDY, 12)) == want[:12]
-            pipeline.end_session(session)
-        a = pipeline.generate("a", prompt, GREEDY, 12)
-        b = pipeline.generate("b", prompt[:-3], GREEDY, 12)
+    with open_model(smollm2_path, cluster3.addresses[:2], cluster3.token, tmp_path) as model:
+        for _ in range(2):
+            assert greedy_tokens(model, prompt, 12) == want[:12]
+        a = model.stream(model.new_session(GREEDY), prompt, 12)
+        b = model.stream(model.new_session(GREEDY), prompt[:-3], 12)
         got_a, got_b = [], []
         for _ in range(12):
             got_a.append(next(a))
             got_b.append(next(b))
         assert got_a == want[:12]
-        pipeline.end_session("a")
-        pipeline.end_session("b")
-        assert got_b == list(pipeline.generate("c", prompt[:-3], GREEDY, 12))
-    finally:
-        pipeline.close()
+        a.close()
+        b.close()
+        assert got_b == greedy_tokens(model, prompt[:-3], 12)

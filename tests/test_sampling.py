@@ -1,4 +1,5 @@
-"""worker.sampling: parameter validation, and llama.cpp's sampler chain driven from logits.
+"""orchcore.sampling and worker.sampler: parameter validation, and llama.cpp's sampler
+chain driven from logits.
 
 Everything but the last test runs on synthetic logits (no model); the last one checks that
 ``TokenSampler.sample`` + ``accept`` on the engine's logits picks exactly the tokens that
@@ -14,8 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from orchestrator.errors import InvalidInputError
-from worker.sampling import RANDOM_SEED, SamplingParams, TokenSampler
+from orchcore.errors import InvalidInputError
+from orchcore.sampling import RANDOM_SEED, SamplingParams
+from worker.sampler import TokenSampler
 
 GREEDY = SamplingParams(temperature=0.0)
 # No truncation: the chain is temperature + dist only.
@@ -64,7 +66,8 @@ def test_params_defaults_and_edges_are_valid() -> None:
     numpy_scalars = SamplingParams(temperature=np.float32(0.5), top_k=np.int64(5))
     assert type(numpy_scalars.temperature) is float and type(numpy_scalars.top_k) is int
     assert numpy_scalars == SamplingParams(temperature=0.5, top_k=5)
-    assert GREEDY.greedy and not SamplingParams().greedy
+    assert GREEDY.greedy and SamplingParams().greedy  # greedy by default, as `orch run`
+    assert not SamplingParams(temperature=0.8).greedy
     assert not SamplingParams(repeat_penalty=1.1, repeat_last_n=0).penalised
     assert SamplingParams(repeat_penalty=1.1).penalised
 
@@ -232,7 +235,7 @@ def test_engine_logits_sample_like_llama_sampler_sample(smollm2_path, threads) -
     """Our apply-then-accept-on-input loop picks llama_sampler_sample's tokens, seed for seed."""
     from reference import ReferenceModel
 
-    from worker.engine import EngineConfig, StageEngine
+    from orchcore.engine import EngineConfig, StageEngine
 
     params = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, min_p=0.05,
                             repeat_penalty=1.3, repeat_last_n=16, seed=42)

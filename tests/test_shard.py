@@ -20,9 +20,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from modelgen import preset, write_model
 
-from orchestrator.errors import LayerRangeError
-from orchestrator.facts import TensorFacts, read_model_facts
-from orchestrator.shard import (
+from orchcore.errors import LayerRangeError
+from orchcore.facts import TensorFacts, read_model_facts
+from orchcore.shard import (
     KEY_INPUT_OFFSET,
     KEY_INPUT_ROWS,
     KEY_INPUT_TYPE,

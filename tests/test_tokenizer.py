@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.errors import GGUFError, NotGGUFError
+from orchcore.errors import GGUFError, NotGGUFError
 from orchestrator.tokenizer import (
     ChatTemplateError,
     NoChatTemplateError,

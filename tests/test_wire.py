@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
+from concurrent import futures
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 
-from orchestrator import errors
-from orchestrator.codecs import CodecError
-from orchestrator.wire import convert, status
-from worker.sampling import SamplingParams
+from orchcore import errors
+from orchcore.codecs import CodecError
+from orchcore.sampling import SamplingParams
+from orchcore.wire import channel, convert, status
+from orchcore.wire import worker_pb2 as pb
+from orchcore.wire import worker_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).parent.parent
 
@@ -22,7 +27,7 @@ def test_committed_generated_code_matches_proto(tmp_path):
     subprocess.run(["bash", str(ROOT / "scripts/gen-proto.sh"), str(tmp_path)], check=True,
                    env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"})
     for name in ("worker_pb2.py", "worker_pb2.pyi", "worker_pb2_grpc.py"):
-        assert (tmp_path / name).read_text() == (ROOT / "orchestrator/wire" / name).read_text(), \
+        assert (tmp_path / name).read_text() == (ROOT / "orchcore/wire" / name).read_text(), \
             f"{name} is stale: run scripts/gen-proto.sh"
 
 
@@ -43,18 +48,72 @@ def test_sampling_round_trip():
     assert convert.sampling_from_proto(convert.sampling_to_proto(params)) == params
 
 
-@pytest.mark.parametrize(("exc", "code", "name"), [
-    (errors.ContextFullError("x"), grpc.StatusCode.RESOURCE_EXHAUSTED, "context_full"),
-    (errors.InvalidInputError("x"), grpc.StatusCode.INVALID_ARGUMENT, "invalid_input"),
-    (CodecError("x"), grpc.StatusCode.INVALID_ARGUMENT, "codec"),
-    (errors.ShardHashError("x"), grpc.StatusCode.DATA_LOSS, "shard_hash"),
-    (errors.ComputeError("x"), grpc.StatusCode.INTERNAL, "compute"),
-    (RuntimeError("x"), grpc.StatusCode.INTERNAL, "internal"),
+@pytest.mark.parametrize(("exc", "code", "name", "retryable"), [
+    (errors.ContextFullError("x"), grpc.StatusCode.RESOURCE_EXHAUSTED, "context_full", False),
+    (errors.InvalidInputError("x"), grpc.StatusCode.INVALID_ARGUMENT, "invalid_input", False),
+    (CodecError("x"), grpc.StatusCode.INVALID_ARGUMENT, "codec", False),
+    (errors.ShardHashError("x"), grpc.StatusCode.DATA_LOSS, "shard_hash", True),
+    (errors.ComputeError("x"), grpc.StatusCode.INTERNAL, "compute", True),
+    (errors.NotLoadedError("x"), grpc.StatusCode.FAILED_PRECONDITION, "not_loaded", True),
+    (errors.StageFaultError("x"), grpc.StatusCode.INTERNAL, "stage_fault", True),
+    (errors.InvalidSettingError("x"), grpc.StatusCode.INVALID_ARGUMENT, "invalid_setting",
+     False),
+    (errors.UnsupportedModelError("m.gguf", "x"), grpc.StatusCode.INVALID_ARGUMENT,
+     "unsupported_model", False),
+    (errors.WorkerUnreachableError("w", "x"), grpc.StatusCode.UNAVAILABLE, "unreachable", True),
+    (errors.AuthError("w", "x"), grpc.StatusCode.UNAUTHENTICATED, "auth", False),
+    (RuntimeError("x"), grpc.StatusCode.INTERNAL, "internal", True),
 ])
-def test_status_table(exc, code, name):
+def test_status_table(exc, code, name, retryable):
     assert status.to_status(exc) == code
     assert status.error_code(exc) == name
+    assert status.retryable(exc) is retryable
     back = status.from_code(name, "10.0.0.7:50151", "boom")
-    assert "10.0.0.7:50151" in str(back) and "boom" in str(back)
-    if name not in ("internal",):
-        assert isinstance(back, (type(exc), errors.WorkerError))
+    assert str(back).count("10.0.0.7:50151") == 1 and "boom" in str(back)
+    assert back.worker == "10.0.0.7:50151"
+    assert status.retryable(back) is retryable
+    if name != "internal":
+        assert type(back) is type(exc)
+
+
+class _Slow(pb_grpc.WorkerServicer):
+    """Results: one message, then a second once ``go`` is set (a stream left idle)."""
+
+    def __init__(self) -> None:
+        self.go = threading.Event()
+
+    def Results(self, request, context):
+        yield pb.StageOutput(session="a")
+        self.go.wait(30)
+        yield pb.StageOutput(session="b")
+
+
+def _idle_stream(server_options: list, idle_s: float) -> str:
+    """A real server and client on loopback; a results stream idles, then carries on."""
+    servicer = _Slow()
+    server = grpc.server(futures.ThreadPoolExecutor(4), options=server_options)
+    pb_grpc.add_WorkerServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    chan = channel.open_channel(f"127.0.0.1:{port}")
+    try:
+        results = pb_grpc.WorkerStub(chan).Results(pb.ResultsRequest(), timeout=30)
+        assert next(results).session == "a"
+        time.sleep(idle_s)
+        servicer.go.set()
+        return next(results).session
+    finally:
+        servicer.go.set()
+        chan.close()
+        server.stop(0)
+
+
+def test_keepalive_policies_agree(monkeypatch):
+    """A stream left idle survives: the server accepts the client's keepalive pings. With
+    gRPC's default server policy the same client is sent away ("too_many_pings"), which is
+    how an idle chat used to die after ~45 s (here the interval is 1/20 of the real one)."""
+    monkeypatch.setattr(channel, "KEEPALIVE_S", 1.0)
+    assert _idle_stream(channel.server_options(), 5.0) == "b"
+    with pytest.raises(grpc.RpcError) as info:
+        _idle_stream([], 5.0)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -1,0 +1,1 @@
+"""orch worker: serves one stage of a model over gRPC."""

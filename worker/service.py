@@ -1,7 +1,7 @@
 """The worker's gRPC service: ``orch worker`` runs ``serve(settings)``.
 
 Every call is authenticated when a cluster token is set (``TokenAuth``), maps our typed
-errors to status codes through ``orchestrator.wire.status``, and never blocks without a
+errors to status codes through ``orchcore.wire.status``, and never blocks without a
 bound: the long-lived streams end when the stage is unloaded or the peer goes away.
 """
 
@@ -23,25 +23,30 @@ from typing import Any
 
 import grpc
 
-from orchestrator import __version__
-from orchestrator.errors import (
+from orchcore import __version__
+from orchcore.cpu import cpu_info, host_id, memory_info
+from orchcore.engine import StageEngine
+from orchcore.errors import (
     InvalidInputError,
+    InvalidSettingError,
     MemoryBudgetError,
+    NotLoadedError,
     OrchError,
+    ShardMissingError,
 )
-from orchestrator.facts import read_model_facts
-from orchestrator.wire import PROTOCOL_VERSION, status
-from orchestrator.wire import worker_pb2 as pb
-from orchestrator.wire import worker_pb2_grpc as pb_grpc
-from worker.cpu import cpu_info, memory_info
-from worker.engine import EngineConfig, StageEngine
+from orchcore.facts import read_model_facts
+from orchcore.memory import MIB, estimate_shard
+from orchcore.wire import PROTOCOL_VERSION, convert, status
+from orchcore.wire import worker_pb2 as pb
+from orchcore.wire import worker_pb2_grpc as pb_grpc
+from orchcore.wire.channel import server_options
 from worker.settings import WorkerSettings
 from worker.shardcache import ShardCache
-from worker.stage import Stage, channel_options
+from worker.stage import Stage
 
 log = logging.getLogger(__name__)
 
-_COMPUTE_OVERHEAD_BYTES = 64 << 20  # graph/compute buffers beyond weights and KV, estimated
+_RECENT_PIPELINES = 16  # unloaded pipelines whose late messages are dropped quietly
 _UNAUTHENTICATED = ("missing or wrong cluster token: give the orchestrator the same token "
                     "as the workers (--token or ORCH_TOKEN)")
 
@@ -86,7 +91,7 @@ def _rpc(method: Callable) -> Callable:
         try:
             return method(self, request, context)
         except (OrchError, ValueError) as exc:
-            log.warning("%s failed: %s", method.__name__, exc)
+            log.info("%s refused: %s", method.__name__, exc)
             context.set_trailing_metadata(((status.ERROR_CODE_KEY, status.error_code(exc)),))
             context.abort(status.to_status(exc), str(exc))
 
@@ -109,9 +114,10 @@ class WorkerService(pb_grpc.WorkerServicer):
         self.cache = ShardCache(settings.cache_dir)
         self.id = worker_id(settings.cache_dir)
         self.token = settings.token.get_secret_value() if settings.token else None
-        self.budget = (settings.memory_budget_mb << 20 if settings.memory_budget_mb
-                       else max(0, memory_info().available - (512 << 20)))
+        self.budget = settings.budget_bytes(memory_info().available)
+        self.host_id = host_id()
         self.stage: Stage | None = None
+        self._unloaded: list[str] = []  # recently unloaded pipeline ids, newest last
         self._lock = threading.Lock()
 
     # --- info --------------------------------------------------------------------------
@@ -124,14 +130,16 @@ class WorkerService(pb_grpc.WorkerServicer):
             software_version=__version__, ram_total_bytes=mem.total,
             ram_available_bytes=mem.available, memory_budget_bytes=self.budget,
             cores=cpu.cores, cpu_model=cpu.model, cpu_flags=sorted(cpu.flags), arch=cpu.arch,
-            cached_shards=self.cache.list())
+            cached_shards=self.cache.list(), host_id=self.host_id)
         stage = self.stage
         if stage is not None:
             role = stage.engine.role
             info.loaded.CopyFrom(pb.LoadedShard(
                 sha256=stage.sha256, layer_start=role.start, layer_end=role.end,
                 source_layers=role.source_layers, pipeline_id=stage.pipeline_id,
-                link_error=stage.link_error))
+                resident_bytes=stage.resident_bytes))
+            if stage.fault is not None:
+                info.loaded.fault.CopyFrom(stage.fault)
         return info
 
     # --- shards ------------------------------------------------------------------------
@@ -144,7 +152,6 @@ class WorkerService(pb_grpc.WorkerServicer):
             raise InvalidInputError("UploadShard: the first message must name sha256 and size")
         if self.cache.has(header.sha256):
             return pb.ShardReceipt(sha256=header.sha256, size=header.size, already_cached=True)
-        self._check_budget(header.size, 0, what=f"shard {header.sha256[:12]}")
         chunks = (c.data for c in _prepend(header, request_iterator) if c.data)
         self.cache.store(header.sha256, header.size, chunks)
         log.info("stored shard %s (%d bytes)", header.sha256[:12], header.size)
@@ -155,15 +162,19 @@ class WorkerService(pb_grpc.WorkerServicer):
                   ) -> pb.LoadShardReply:
         started = time.perf_counter()
         if not self.cache.has(request.sha256):
-            context.abort(grpc.StatusCode.NOT_FOUND,
-                          f"shard {request.sha256[:12]} is not cached here; upload it first")
+            raise ShardMissingError(f"shard {request.sha256[:12]} is not cached here; upload "
+                                    f"it first")
         path = self.cache.path(request.sha256)
-        config = self._engine_config(request.engine)
+        cores = cpu_info().cores
+        config = convert.engine_from_proto(request.engine, self.settings.threads or cores, cores)
         with self._lock:
             self._unload()
-            needed = self._estimate(path, config)
-            self._check_budget(needed, 0, what=f"layers [{request.layer_start}, "
-                                               f"{request.layer_end})")
+            needed = estimate_shard(read_model_facts(path), config)
+            if needed.total > self.budget:
+                raise MemoryBudgetError(
+                    f"layers [{request.layer_start}, {request.layer_end}) need "
+                    f"{needed.describe()}, but the memory budget is {self.budget // MIB} MiB; "
+                    f"use more workers, a shorter context, or raise --memory-budget-mb")
             engine = StageEngine(path, config)
             role = engine.role
             if (role.start, role.end) != (request.layer_start, request.layer_end):
@@ -173,38 +184,16 @@ class WorkerService(pb_grpc.WorkerServicer):
                     f"not [{request.layer_start}, {request.layer_end})")
             try:
                 self.stage = Stage(engine, request, worker_name=self.name, token=self.token,
-                                   max_message_bytes=self.settings.max_message_mb << 20)
+                                   max_message_bytes=self.settings.max_message_mb << 20,
+                                   resident_bytes=needed.total)
             except BaseException:
                 engine.close()
                 raise
         log.info("loaded layers [%d, %d) for pipeline %s", role.start, role.end,
                  request.pipeline_id)
-        return pb.LoadShardReply(resident_bytes=needed,
-                                 load_seconds=time.perf_counter() - started)
-
-    def _engine_config(self, settings: pb.EngineSettings) -> EngineConfig:
-        default = EngineConfig()  # unset (0) fields keep the engine's defaults
-        return EngineConfig(
-            context_tokens=settings.context_tokens or default.context_tokens,
-            max_sessions=settings.max_sessions or default.max_sessions,
-            batch_tokens=settings.batch_tokens or default.batch_tokens,
-            threads=settings.threads or self.settings.threads,
-        )
-
-    def _estimate(self, path: Path, config: EngineConfig) -> int:
-        facts = read_model_facts(path)
-        kv = (facts.kv_bytes_per_token_per_layer() * facts.n_layers * config.context_tokens
-              * config.max_sessions)
-        logits = facts.n_vocab * config.batch_tokens * 4 * 2 if facts.n_vocab > 1 else 0
-        return path.stat().st_size + kv + logits + _COMPUTE_OVERHEAD_BYTES
-
-    def _check_budget(self, needed: int, held: int, what: str) -> None:
-        if needed + held > self.budget:
-            mib = 1 << 20
-            raise MemoryBudgetError(
-                f"worker {self.name}: {what} needs about {needed // mib} MiB but the memory "
-                f"budget is {self.budget // mib} MiB; use more workers, a shorter context, or "
-                f"raise --memory-budget-mb")
+        return pb.LoadShardReply(resident_bytes=needed.total,
+                                 load_seconds=time.perf_counter() - started,
+                                 engine=convert.engine_to_proto(config))
 
     @_rpc
     def Unload(self, request: pb.UnloadRequest, context: grpc.ServicerContext
@@ -220,6 +209,7 @@ class WorkerService(pb_grpc.WorkerServicer):
     def _unload(self) -> None:
         if self.stage is not None:
             stage, self.stage = self.stage, None
+            self._unloaded = [*self._unloaded[-_RECENT_PIPELINES + 1:], stage.pipeline_id]
             stage.close()
 
     # --- data path ---------------------------------------------------------------------
@@ -227,7 +217,7 @@ class WorkerService(pb_grpc.WorkerServicer):
     def _current(self, pipeline_id: str) -> Stage:
         stage = self.stage
         if stage is None or stage.pipeline_id != pipeline_id:
-            raise InvalidInputError(f"pipeline {pipeline_id!r} is not loaded on {self.name}")
+            raise NotLoadedError(f"pipeline {pipeline_id!r} is not loaded here")
         return stage
 
     @_rpc
@@ -235,6 +225,8 @@ class WorkerService(pb_grpc.WorkerServicer):
                 context: grpc.ServicerContext) -> pb.ForwardSummary:
         count = 0
         for msg in request_iterator:
+            if msg.pipeline_id in self._unloaded:
+                continue  # in flight while its pipeline was unloaded: nothing to do
             self._current(msg.pipeline_id).submit(msg)
             count += 1
         return pb.ForwardSummary(chunks=count)
@@ -247,7 +239,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             context.abort(status.to_status(exc), str(exc))
         if not stage.is_last:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"{self.name} is not the last stage of {request.pipeline_id}")
+                          f"not the last stage of {request.pipeline_id}")
         q = stage.subscribe()
         context.add_callback(lambda: stage.unsubscribe(q))
         yield pb.StageOutput()  # subscribed: results published from now on reach this stream
@@ -274,14 +266,27 @@ def _prepend(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
     yield from rest
 
 
+def _reachable_host(host: str) -> str:
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return host
+
+
 def serve(settings: WorkerSettings, *, stop: threading.Event | None = None) -> None:
     """Run a worker until SIGTERM/SIGINT (or ``stop`` is set)."""
     max_bytes = settings.max_message_mb << 20
     token = settings.token.get_secret_value() if settings.token else None
     interceptors = [TokenAuth(token)] if token else []
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="rpc"),
-                         interceptors=interceptors, options=channel_options(max_bytes))
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+                         interceptors=interceptors, options=server_options(max_bytes))
+    try:
+        port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    except RuntimeError as exc:  # gRPC's way of saying the address is taken or invalid
+        raise InvalidSettingError(f"cannot listen on {settings.host}:{settings.port} ({exc}); "
+                                  f"is another worker using the port? Choose another with "
+                                  f"--port") from None
     name = f"{settings.host}:{port}"
     service = WorkerService(settings, name)
     pb_grpc.add_WorkerServicer_to_server(service, server)
@@ -289,9 +294,9 @@ def serve(settings: WorkerSettings, *, stop: threading.Event | None = None) -> N
     if not token and settings.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("no cluster token set: anyone on the network can use this worker")
     log.info("worker %s listening on %s (cache %s)", service.id[:8], name, settings.cache_dir)
-    if settings.ready_file:
+    if settings.ready_file:  # an address others can connect to, even when bound to all
         tmp = settings.ready_file.with_suffix(".tmp")
-        tmp.write_text(name)
+        tmp.write_text(f"{_reachable_host(settings.host)}:{port}")
         os.replace(tmp, settings.ready_file)
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():

@@ -1,20 +1,19 @@
 """Settings of one worker process: flags of ``orch worker`` and ``ORCH_WORKER_*`` variables.
 
-One class is the single source of truth: the CLI builds its flags from these fields.
+One class is the single source of truth: the CLI builds its flags from these fields, and
+every flag also reads its ``ORCH_WORKER_<NAME>`` variable (listed by ``--help``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from orchcore.paths import cache_dir
 
-def _default_cache_dir() -> Path:
-    from orchestrator.modelstore import cache_dir
 
-    return cache_dir() / "shards"
 
 
 class WorkerSettings(BaseSettings):
@@ -22,12 +21,18 @@ class WorkerSettings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 for the LAN).")
     port: int = Field(50151, ge=0, le=65535, description="TCP port; 0 picks a free one.")
-    cache_dir: Path = Field(default_factory=_default_cache_dir,
-                            description="Where received shards are kept, by sha256.")
+    cache_dir: Path | None = Field(
+        None, validate_default=True,
+        description="Where received shards are kept, by sha256; unset = shards/ in orch's "
+                    "cache (~/.cache/orch, or $ORCH_CACHE_DIR).")
     threads: int = Field(0, ge=0, le=1024, description="llama.cpp threads; 0 = all cores.")
     memory_budget_mb: int = Field(
-        0, ge=0, description="Most memory shards + KV caches may use, in MiB; 0 = the RAM "
-                             "available at start minus 512 MiB.")
+        0, ge=0, description="Most memory this whole worker process may use, in MiB "
+                             "(weights, KV cache, buffers, interpreter); 0 = the RAM "
+                             "available at start minus --memory-reserve-mb.")
+    memory_reserve_mb: int = Field(
+        512, ge=0, description="With no budget set: RAM left to the rest of the machine, "
+                               "in MiB.")
     token: SecretStr | None = Field(
         None, description="Cluster token; every call must carry it. Prefer the "
                           "ORCH_WORKER_TOKEN variable: command lines are visible to other "
@@ -36,3 +41,18 @@ class WorkerSettings(BaseSettings):
                                 description="Largest gRPC message accepted, in MiB.")
     ready_file: Path | None = Field(
         None, description="Write 'host:port' here once serving (for supervisors and tests).")
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _cache_dir(cls, value: Path | None) -> Path:
+        return value if value is not None else cache_dir() / "shards"
+
+    def budget_bytes(self, available_bytes: int) -> int:
+        """The memory budget in bytes, given the RAM available now."""
+        if self.memory_budget_mb:
+            return self.memory_budget_mb << 20
+        return max(0, available_bytes - (self.memory_reserve_mb << 20))
+
+
+for _name, _field in WorkerSettings.model_fields.items():  # `orch worker --help` names them
+    _field.description = f"{_field.description} Env: ORCH_WORKER_{_name.upper()}."

@@ -9,7 +9,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from orchestrator.errors import InvalidInputError, ShardHashError
+from orchcore.errors import InvalidInputError, ShardHashError
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 

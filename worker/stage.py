@@ -5,7 +5,10 @@ orchestrator) and are computed one at a time, in arrival order, by one compute t
 A non-final stage sends its output straight to the next stage over a long-lived Forward
 stream (``DownstreamLink``); the final stage samples and publishes ``StageOutput``s to the
 orchestrator's Results stream. An error on a chunk travels on down the same path, so the
-orchestrator learns about it in order, with the failing worker named.
+orchestrator learns about it in order, with the failing worker named. A failure outside
+that path (the link to the next stage, publishing a result, a bug) becomes the stage's
+``fault``: reported by Info, which the orchestrator polls while it waits, so it is named
+within seconds instead of a step deadline later.
 """
 
 from __future__ import annotations
@@ -14,37 +17,25 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
 
-import grpc
 import numpy as np
 
-from orchestrator.codecs import get_codec
-from orchestrator.errors import InvalidInputError, MessageTooLargeError, OrchError
-from orchestrator.wire import convert, status
-from orchestrator.wire import worker_pb2 as pb
-from orchestrator.wire import worker_pb2_grpc as pb_grpc
-from worker.engine import StageEngine
-from worker.sampling import TokenSampler
+from orchcore.codecs import get_codec
+from orchcore.engine import StageEngine
+from orchcore.errors import (
+    InvalidInputError,
+    MessageTooLargeError,
+    OrchError,
+    StageFaultError,
+)
+from orchcore.wire import convert, status
+from orchcore.wire import worker_pb2 as pb
+from orchcore.wire.channel import ForwardStream, StreamClosedError, open_channel
+from worker.sampler import TokenSampler
 
 log = logging.getLogger(__name__)
 
 _CLOSE_WAIT_S = 600.0  # longest a chunk in progress may take to finish when unloading
-
-
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.keepalive_time_ms", 10_000),
-        ("grpc.keepalive_timeout_ms", 5_000),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),
-    ]
-
-
-def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {token}"),) if token else ()
 
 
 class DownstreamLink:
@@ -52,35 +43,19 @@ class DownstreamLink:
 
     def __init__(self, address: str, token: str | None, max_message_bytes: int) -> None:
         self.address = address
-        self._channel = grpc.insecure_channel(address, options=channel_options(
-            max_message_bytes))
-        self._queue: queue.SimpleQueue[pb.StageInput | None] = queue.SimpleQueue()
-        stub = pb_grpc.WorkerStub(self._channel)
-        self._call = stub.Forward.future(self._requests(), metadata=auth_metadata(token))
-
-    def _requests(self) -> Iterator[pb.StageInput]:
-        while (item := self._queue.get()) is not None:
-            yield item
+        self._channel = open_channel(address, max_message_bytes)
+        self._stream = ForwardStream(self._channel, token)
 
     def send(self, msg: pb.StageInput) -> None:
-        if self._call.done():
-            raise ConnectionError(f"next stage {self.address} closed the stream: "
-                                  f"{_call_problem(self._call)}")
-        self._queue.put(msg)
+        try:
+            self._stream.send(msg)
+        except StreamClosedError as exc:
+            raise StreamClosedError(f"next stage {self.address} closed the stream: {exc}"
+                                    ) from None
 
     def close(self) -> None:
-        self._queue.put(None)
+        self._stream.close()
         self._channel.close()
-
-
-def _call_problem(call: grpc.Future) -> str:
-    try:
-        call.result(timeout=0)
-    except grpc.RpcError as exc:
-        return f"{exc.code().name}: {exc.details()}"
-    except Exception as exc:
-        return repr(exc)
-    return "finished"
 
 
 class _LocalEnd:
@@ -90,7 +65,7 @@ class _LocalEnd:
 
 class Stage:
     def __init__(self, engine: StageEngine, request: pb.LoadShardRequest, *, worker_name: str,
-                 token: str | None, max_message_bytes: int) -> None:
+                 token: str | None, max_message_bytes: int, resident_bytes: int = 0) -> None:
         self.engine = engine
         self.pipeline_id = request.pipeline_id
         self.sha256 = request.sha256
@@ -100,7 +75,8 @@ class Stage:
         self.worker_name = worker_name
         self.is_last = engine.role.is_last
         self.max_message_bytes = max_message_bytes
-        self.link_error = ""
+        self.resident_bytes = resident_bytes
+        self.fault: pb.Error | None = None  # set once; Info reports it
         if self.is_last == bool(request.next_address):
             raise InvalidInputError(
                 f"stage {self.index}: a next_address is needed exactly when the shard is not "
@@ -141,7 +117,7 @@ class Stage:
     def _publish(self, out: pb.StageOutput) -> None:
         with self._lock:
             subscribers = list(self._subscribers)
-        if not subscribers:
+        if not subscribers and not out.session_ended:
             log.warning("stage %d: result for session %s chunk %d has no subscriber",
                         self.index, out.session, out.chunk)
         for q in subscribers:
@@ -159,9 +135,10 @@ class Stage:
                 continue
             try:
                 self._handle(msg, arrived)
-            except Exception:
-                log.exception("stage %d: unexpected failure on session %s chunk %d",
-                              self.index, msg.session, msg.chunk)
+            except Exception as exc:  # after compute: publishing, sending on, or a bug
+                log.exception("stage %d: failure on session %s chunk %d", self.index,
+                              msg.session, msg.chunk)
+                self._set_fault(exc)
 
     def _handle(self, msg: pb.StageInput, arrived: float) -> None:
         started = time.perf_counter()
@@ -197,7 +174,12 @@ class Stage:
             self._publish(pb.StageOutput(session=msg.session, chunk=msg.chunk, token=token,
                                          timings=msg.timings, error=msg.error if msg.HasField(
                                              "error") else None,
-                                         session_ended=msg.end_session, sent_at=msg.sent_at))
+                                         session_ended=msg.end_session))
+
+    def _set_fault(self, exc: BaseException) -> None:
+        if self.fault is None:
+            self.fault = pb.Error(code=status.error_code(exc), message=str(exc) or repr(exc),
+                                  worker=self.worker_name)
 
     def _fail(self, msg: pb.StageInput, exc: BaseException) -> None:
         msg.ClearField("hidden")
@@ -207,9 +189,8 @@ class Stage:
     def _send_on(self, msg: pb.StageInput) -> None:
         try:
             self.next.send(msg)
-        except ConnectionError as exc:
-            self.link_error = str(exc)  # reported by Info, which the orchestrator polls
-            log.error("stage %d: %s", self.index, exc)
+        except StreamClosedError as exc:
+            raise StageFaultError(str(exc)) from None
 
     def _compute(self, msg: pb.StageInput) -> int:
         tokens = np.asarray(msg.tokens, dtype=np.int32)

@@ -38,8 +38,8 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType, Keys
 
-from orchestrator.errors import LayerRangeError, UnsupportedModelError
-from orchestrator.facts import (
+from orchcore.errors import LayerRangeError, UnsupportedModelError
+from orchcore.facts import (
     OUTPUT,
     OUTPUT_NORM,
     TOKEN_EMBD,

@@ -19,7 +19,7 @@ import gguf
 import numpy as np
 from gguf import MODEL_TENSOR, TENSOR_NAMES, GGMLQuantizationType, Keys
 
-from orchestrator.errors import (
+from orchcore.errors import (
     CorruptGGUFError,
     GGUFError,
     NotGGUFError,
@@ -85,6 +85,7 @@ class ModelFacts:
     n_head_kv: int
     head_dim_k: int
     head_dim_v: int
+    n_ff: int  # feed-forward width (sizes llama.cpp's compute buffers)
     n_ctx_train: int
     n_vocab: int
     tied_output: bool  # True when the lm head is the token embedding (no output.weight)
@@ -240,6 +241,11 @@ def _scalar(reader: gguf.GGUFReader, key: str, path: Path, default: Any = None) 
     return field.contents()
 
 
+def _widest(value: Any) -> int:
+    """A per-model width, or the largest of per-layer widths (some models list them)."""
+    return max(int(v) for v in value) if isinstance(value, list) else int(value)
+
+
 def _metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, field in reader.fields.items():
@@ -308,6 +314,8 @@ def _facts(path: Path, reader: gguf.GGUFReader, arch: str) -> ModelFacts:
         head_dim_k=int(_scalar(reader, Keys.Attention.KEY_LENGTH.format(**fmt), path, head_dim)),
         head_dim_v=int(_scalar(reader, Keys.Attention.VALUE_LENGTH.format(**fmt), path,
                                head_dim)),
+        n_ff=_widest(_scalar(reader, Keys.LLM.FEED_FORWARD_LENGTH.format(**fmt), path,
+                             4 * n_embd)),
         n_ctx_train=int(_scalar(reader, Keys.LLM.CONTEXT_LENGTH.format(**fmt), path, 0) or 0),
         n_vocab=n_vocab,
         tied_output=OUTPUT not in names,

@@ -1,9 +1,9 @@
 """Next-token sampling on the last stage, with llama.cpp's own sampler chain.
 
-``SamplingParams`` is a pure, validated value (it travels with a session). ``TokenSampler``
-owns one ``llama_sampler`` chain for one session and samples from logits the stage engine
-already computed, so the chain runs exactly the C++ code ``llama_sampler_sample`` would run,
-without needing the llama.cpp context that produced the logits.
+``TokenSampler`` turns a session's ``SamplingParams`` (``orchcore.sampling``) into one
+``llama_sampler`` chain and samples from logits the stage engine already computed, so the
+chain runs exactly the C++ code ``llama_sampler_sample`` would run, without needing the
+llama.cpp context that produced the logits.
 
 How the pinned llama.cpp (``src/llama-sampler.cpp``) splits the work, and what follows:
 
@@ -27,85 +27,17 @@ Temperature 0 is a chain of penalties and ``greedy`` only (argmax, ties to the l
 from __future__ import annotations
 
 import ctypes
-import math
-import numbers
 import weakref
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import llama_cpp
 import numpy as np
 
-from orchestrator.errors import ComputeError, InvalidInputError, InvalidSettingError
-
-RANDOM_SEED = llama_cpp.LLAMA_DEFAULT_SEED  # 0xFFFFFFFF: llama.cpp picks a random seed
-MAX_TOP_K = 2**31 - 1  # int32_t in llama_sampler_init_top_k
-# The penalties sampler allocates its ring buffer of repeat_last_n tokens up front.
-MAX_REPEAT_LAST_N = 1 << 20
+from orchcore.errors import ComputeError, InvalidInputError
+from orchcore.sampling import SamplingParams, check_int
 
 # Layout of llama_token_data (id int32, logit float, p float), taken from the binding itself.
 TOKEN_DATA = np.dtype(llama_cpp.llama_token_data)
-
-
-def _check_float(name: str, value: object, low: float, high: float, *, low_open: bool = False,
-                 allowed: str) -> float:
-    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
-    if not ok or value < low or (low_open and value == low) or value > high:
-        raise InvalidSettingError(f"{name} must be {allowed}, got {value!r}")
-    return float(value)
-
-
-def _check_int(name: str, value: object, low: int, high: int, *, allowed: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not (
-            low <= value <= high):
-        raise InvalidSettingError(f"{name} must be {allowed}, got {value!r}")
-    return int(value)
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one session picks its next token. Every "off" value makes its sampler a no-op."""
-
-    temperature: float = 0.8  # 0 = greedy: argmax, ties to the lowest token id
-    top_k: int = 40  # keep the k most likely tokens; 0 = off
-    top_p: float = 0.95  # keep the smallest set with probability mass >= top_p; 1.0 = off
-    min_p: float = 0.05  # drop tokens below min_p x the top probability; 0.0 = off
-    repeat_penalty: float = 1.0  # divide (positive) / multiply (negative) logits of recent
-    #                              tokens by this; 1.0 = off
-    repeat_last_n: int = 64  # how many of the latest input tokens are "recent"; 0 = off
-    seed: int = RANDOM_SEED  # RANDOM_SEED (0xFFFFFFFF) = random; any other value reproducible
-
-    def __post_init__(self) -> None:
-        inf = math.inf
-        checked = {
-            "temperature": _check_float("temperature", self.temperature, 0.0, inf,
-                                        allowed="a finite number >= 0 (0 = greedy)"),
-            "top_k": _check_int("top_k", self.top_k, 0, MAX_TOP_K,
-                                allowed=f"an integer in [0, {MAX_TOP_K}] (0 = off)"),
-            "top_p": _check_float("top_p", self.top_p, 0.0, 1.0, low_open=True,
-                                  allowed="a number in (0, 1] (1 = off)"),
-            "min_p": _check_float("min_p", self.min_p, 0.0, 1.0,
-                                  allowed="a number in [0, 1] (0 = off)"),
-            "repeat_penalty": _check_float("repeat_penalty", self.repeat_penalty, 0.0, inf,
-                                           low_open=True, allowed="a finite number > 0 (1 = off)"),
-            "repeat_last_n": _check_int(
-                "repeat_last_n", self.repeat_last_n, 0, MAX_REPEAT_LAST_N,
-                allowed=f"an integer in [0, {MAX_REPEAT_LAST_N}] (0 = off)"),
-            "seed": _check_int(
-                "seed", self.seed, 0, RANDOM_SEED,
-                allowed=f"an integer in [0, {RANDOM_SEED:#x}] ({RANDOM_SEED:#x} = random)"),
-        }
-        for name, value in checked.items():  # numpy scalars become plain Python numbers
-            object.__setattr__(self, name, value)
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-    @property
-    def penalised(self) -> bool:
-        """Whether the repeat penalty does anything (llama.cpp's own "disabled" test)."""
-        return self.repeat_last_n > 0 and self.repeat_penalty != 1.0
 
 
 def _build_chain(params: SamplingParams, n_vocab: int) -> llama_cpp.llama_sampler_p:
@@ -145,7 +77,7 @@ class TokenSampler:
     """
 
     def __init__(self, params: SamplingParams, n_vocab: int) -> None:
-        _check_int("n_vocab", n_vocab, 1, 2**31 - 1, allowed=f"an integer in [1, {2**31 - 1}]")
+        check_int("n_vocab", n_vocab, 1, 2**31 - 1, allowed=f"an integer in [1, {2**31 - 1}]")
         self.params = params
         self.n_vocab = n_vocab
         self._chain = _build_chain(params, n_vocab)

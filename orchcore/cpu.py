@@ -61,3 +61,17 @@ class MemoryInfo:
 def memory_info() -> MemoryInfo:
     mem = psutil.virtual_memory()
     return MemoryInfo(total=int(mem.total), available=int(mem.available))
+
+
+def host_id() -> str:
+    """The same for every process on one running machine, different on every other.
+
+    Linux's boot id: random at each boot, so cloned SD cards that share a machine id
+    still differ; workers on one machine report the same id and the planner counts their
+    memory against one RAM. Elsewhere: the host name.
+    """
+    boot_id = Path("/proc/sys/kernel/random/boot_id")
+    try:
+        return boot_id.read_text().strip()
+    except OSError:
+        return platform.node()

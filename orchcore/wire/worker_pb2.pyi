@@ -11,7 +11,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("protocol_version", "worker_id", "hostname", "software_version", "ram_total_bytes", "ram_available_bytes", "memory_budget_bytes", "cores", "cpu_model", "cpu_flags", "arch", "cached_shards", "loaded")
+    __slots__ = ("protocol_version", "worker_id", "hostname", "software_version", "ram_total_bytes", "ram_available_bytes", "memory_budget_bytes", "cores", "cpu_model", "cpu_flags", "arch", "cached_shards", "loaded", "host_id")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,7 @@ class WorkerInfo(_message.Message):
     ARCH_FIELD_NUMBER: _ClassVar[int]
     CACHED_SHARDS_FIELD_NUMBER: _ClassVar[int]
     LOADED_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     worker_id: str
     hostname: str
@@ -38,25 +39,26 @@ class WorkerInfo(_message.Message):
     arch: str
     cached_shards: _containers.RepeatedScalarFieldContainer[str]
     loaded: LoadedShard
-    def __init__(self, protocol_version: _Optional[int] = ..., worker_id: _Optional[str] = ..., hostname: _Optional[str] = ..., software_version: _Optional[str] = ..., ram_total_bytes: _Optional[int] = ..., ram_available_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., cores: _Optional[int] = ..., cpu_model: _Optional[str] = ..., cpu_flags: _Optional[_Iterable[str]] = ..., arch: _Optional[str] = ..., cached_shards: _Optional[_Iterable[str]] = ..., loaded: _Optional[_Union[LoadedShard, _Mapping]] = ...) -> None: ...
+    host_id: str
+    def __init__(self, protocol_version: _Optional[int] = ..., worker_id: _Optional[str] = ..., hostname: _Optional[str] = ..., software_version: _Optional[str] = ..., ram_total_bytes: _Optional[int] = ..., ram_available_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., cores: _Optional[int] = ..., cpu_model: _Optional[str] = ..., cpu_flags: _Optional[_Iterable[str]] = ..., arch: _Optional[str] = ..., cached_shards: _Optional[_Iterable[str]] = ..., loaded: _Optional[_Union[LoadedShard, _Mapping]] = ..., host_id: _Optional[str] = ...) -> None: ...
 
 class LoadedShard(_message.Message):
-    __slots__ = ("sha256", "layer_start", "layer_end", "source_layers", "pipeline_id", "resident_bytes", "link_error")
+    __slots__ = ("sha256", "layer_start", "layer_end", "source_layers", "pipeline_id", "resident_bytes", "fault")
     SHA256_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
     SOURCE_LAYERS_FIELD_NUMBER: _ClassVar[int]
     PIPELINE_ID_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
-    LINK_ERROR_FIELD_NUMBER: _ClassVar[int]
+    FAULT_FIELD_NUMBER: _ClassVar[int]
     sha256: str
     layer_start: int
     layer_end: int
     source_layers: int
     pipeline_id: str
     resident_bytes: int
-    link_error: str
-    def __init__(self, sha256: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., source_layers: _Optional[int] = ..., pipeline_id: _Optional[str] = ..., resident_bytes: _Optional[int] = ..., link_error: _Optional[str] = ...) -> None: ...
+    fault: Error
+    def __init__(self, sha256: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., source_layers: _Optional[int] = ..., pipeline_id: _Optional[str] = ..., resident_bytes: _Optional[int] = ..., fault: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class ShardChunk(_message.Message):
     __slots__ = ("sha256", "size", "data")
@@ -113,12 +115,14 @@ class LoadShardRequest(_message.Message):
     def __init__(self, pipeline_id: _Optional[str] = ..., sha256: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., engine: _Optional[_Union[EngineSettings, _Mapping]] = ..., next_address: _Optional[str] = ..., codec: _Optional[str] = ..., stage_index: _Optional[int] = ..., stage_count: _Optional[int] = ...) -> None: ...
 
 class LoadShardReply(_message.Message):
-    __slots__ = ("resident_bytes", "load_seconds")
+    __slots__ = ("resident_bytes", "load_seconds", "engine")
     RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
     resident_bytes: int
     load_seconds: float
-    def __init__(self, resident_bytes: _Optional[int] = ..., load_seconds: _Optional[float] = ...) -> None: ...
+    engine: EngineSettings
+    def __init__(self, resident_bytes: _Optional[int] = ..., load_seconds: _Optional[float] = ..., engine: _Optional[_Union[EngineSettings, _Mapping]] = ...) -> None: ...
 
 class UnloadRequest(_message.Message):
     __slots__ = ("pipeline_id",)
@@ -187,7 +191,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., worker: _Optional[str] = ...) -> None: ...
 
 class StageInput(_message.Message):
-    __slots__ = ("pipeline_id", "session", "chunk", "start_pos", "tokens", "hidden", "want_token", "sampling", "end_session", "timings", "error", "sent_at")
+    __slots__ = ("pipeline_id", "session", "chunk", "start_pos", "tokens", "hidden", "want_token", "sampling", "end_session", "timings", "error")
     PIPELINE_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
@@ -199,7 +203,6 @@ class StageInput(_message.Message):
     END_SESSION_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
-    SENT_AT_FIELD_NUMBER: _ClassVar[int]
     pipeline_id: str
     session: str
     chunk: int
@@ -211,26 +214,23 @@ class StageInput(_message.Message):
     end_session: bool
     timings: _containers.RepeatedCompositeFieldContainer[StageTiming]
     error: Error
-    sent_at: float
-    def __init__(self, pipeline_id: _Optional[str] = ..., session: _Optional[str] = ..., chunk: _Optional[int] = ..., start_pos: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Hidden, _Mapping]] = ..., want_token: _Optional[bool] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., end_session: _Optional[bool] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., sent_at: _Optional[float] = ...) -> None: ...
+    def __init__(self, pipeline_id: _Optional[str] = ..., session: _Optional[str] = ..., chunk: _Optional[int] = ..., start_pos: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Hidden, _Mapping]] = ..., want_token: _Optional[bool] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., end_session: _Optional[bool] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class StageOutput(_message.Message):
-    __slots__ = ("session", "chunk", "token", "timings", "error", "session_ended", "sent_at")
+    __slots__ = ("session", "chunk", "token", "timings", "error", "session_ended")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     SESSION_ENDED_FIELD_NUMBER: _ClassVar[int]
-    SENT_AT_FIELD_NUMBER: _ClassVar[int]
     session: str
     chunk: int
     token: int
     timings: _containers.RepeatedCompositeFieldContainer[StageTiming]
     error: Error
     session_ended: bool
-    sent_at: float
-    def __init__(self, session: _Optional[str] = ..., chunk: _Optional[int] = ..., token: _Optional[int] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., session_ended: _Optional[bool] = ..., sent_at: _Optional[float] = ...) -> None: ...
+    def __init__(self, session: _Optional[str] = ..., chunk: _Optional[int] = ..., token: _Optional[int] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., session_ended: _Optional[bool] = ...) -> None: ...
 
 class ForwardSummary(_message.Message):
     __slots__ = ("chunks",)

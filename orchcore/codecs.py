@@ -25,7 +25,7 @@ from typing import Final, NoReturn, Protocol, runtime_checkable
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from orchestrator.errors import OrchError
+from orchcore.errors import OrchError
 
 __all__ = [
     "CODECS",

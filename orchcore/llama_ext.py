@@ -131,6 +131,7 @@ class GraphTap:
                 return name_at(tensor + _NAME_OFFSET).raw == probe
             return self._capture(tensor)
 
+        self.on_node = on_node  # the Python function behind ``callback`` (for profiling)
         self.callback = llama_cpp.ggml_backend_sched_eval_callback(on_node)
 
     def reset(self) -> None:

@@ -9,11 +9,11 @@ The three input paths:
 
 * a whole model (first and last stage at once): tokens go straight to llama.cpp;
 * the first stage of a chain: tokens are looked up in the shard's input table with ggml's
-  own dequantisation, then go in as embeddings (see ``orchestrator/shard.py``);
+  own dequantisation, then go in as embeddings (see ``orchcore/shard.py``);
 * later stages: hidden states go in as embeddings.
 
 On CPUs with AMX the pinned build crashes in its AMX kernels unless extra buffer types
-are off (FINDINGS 1); ``worker.cpu.use_extra_buffer_types`` decides per CPU. Non-final
+are off (FINDINGS 1); ``orchcore.cpu.use_extra_buffer_types`` decides per CPU. Non-final
 stages must request an output for every row, or llama.cpp computes only the requested
 rows in the last layer and the residual stream we read would be trimmed.
 """
@@ -29,15 +29,18 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-from orchestrator.errors import (
+from orchcore.config import EngineConfig
+from orchcore.cpu import cpu_info, use_extra_buffer_types
+from orchcore.errors import (
     ComputeError,
     ContextFullError,
     InvalidInputError,
     SessionError,
     ShardLoadError,
 )
-from orchestrator.facts import ModelFacts, read_model_facts
-from orchestrator.shard import (
+from orchcore.facts import ModelFacts, read_model_facts
+from orchcore.llama_ext import GraphTap, RowDequantizer, init_backend, llama_log
+from orchcore.shard import (
     KEY_INPUT_OFFSET,
     KEY_INPUT_ROWS,
     KEY_INPUT_TYPE,
@@ -46,25 +49,8 @@ from orchestrator.shard import (
     KEY_SOURCE_LAYERS,
     KEY_SOURCE_VOCAB,
 )
-from worker.cpu import cpu_info, use_extra_buffer_types
-from worker.llama_ext import GraphTap, RowDequantizer, init_backend, llama_log
 
 log = logging.getLogger(__name__)
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """How a stage engine runs. Units in the names."""
-
-    context_tokens: int = 2048  # KV-cache room of each session
-    max_sessions: int = 4  # sessions that can hold a KV cache at once
-    batch_tokens: int = 512  # most rows one forward call may carry
-    threads: int = 0  # 0 = every core this process may use
-    extra_buffer_types: bool | None = None  # None = decide from the CPU (AMX -> off)
-    mmap: bool | None = None  # None = map the file unless llama.cpp repacks the weights
-
-    def resolved_threads(self) -> int:
-        return self.threads if self.threads > 0 else cpu_info().cores
-
 
 @dataclass(frozen=True)
 class StageRole:
@@ -163,9 +149,11 @@ class StageEngine:
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._embd = _EmbdBatch(self.n_embd, cfg.batch_tokens)
         self._owned.append(("batch", self._embd))
-        self._tokens = llama_cpp.llama_batch_init(cfg.batch_tokens, 0, 1)
-        self._owned.append(("tokens", self._tokens))
         self._lookup = self._input_table()
+        self._tokens = None  # a token batch: only a whole model takes token ids directly
+        if self.role.is_first and self._lookup is None:
+            self._tokens = llama_cpp.llama_batch_init(cfg.batch_tokens, 0, 1)
+            self._owned.append(("tokens", self._tokens))
         self._sessions: dict[str, int] = {}
         self._next_pos: dict[int, int] = {}
 
@@ -196,7 +184,7 @@ class StageEngine:
         params.n_ctx = cfg.context_tokens * cfg.max_sessions
         params.kv_unified = False
         params.n_batch = params.n_ubatch = cfg.batch_tokens
-        params.n_threads = params.n_threads_batch = cfg.resolved_threads()
+        params.n_threads = params.n_threads_batch = cfg.threads or cpu_info().cores
         params.no_perf = True
         if self._tap is not None:
             params.cb_eval = self._tap.callback

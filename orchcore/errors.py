@@ -2,7 +2,7 @@
 
 Every error is raised where the problem is detected and carries what a user needs to act:
 the file, the worker, the numbers. The gRPC boundary maps these types to status codes in
-one table (``orchestrator.wire.status``); nothing else converts them.
+one table (``orchcore.wire.status``); nothing else converts them.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from pathlib import Path
 
 class OrchError(Exception):
     """Base of every error this project raises on purpose."""
+
+    worker: str | None = None  # the worker that raised it, when it came over the wire
 
 
 # --- model files -----------------------------------------------------------------------
@@ -85,6 +87,19 @@ class SessionError(EngineError):
     """Unknown session, or no free session slot."""
 
 
+class NotLoadedError(EngineError):
+    """A data-path call for a pipeline this worker does not hold (unloaded, replaced)."""
+
+
+class ShardMissingError(EngineError):
+    """Loading a shard the worker has not received (upload it first)."""
+
+
+class StageFaultError(OrchError):
+    """A stage failed outside its engine (publishing a result, sending to the next stage,
+    a bug); the stage reports it instead of going silent."""
+
+
 # --- cluster ---------------------------------------------------------------------------
 
 
@@ -93,6 +108,7 @@ class WorkerError(OrchError):
 
     def __init__(self, worker: str, message: str) -> None:
         self.worker = worker
+        self.reason = message
         super().__init__(f"worker {worker}: {message}")
 
 
@@ -118,3 +134,7 @@ class MemoryBudgetError(OrchError):
 
 class MessageTooLargeError(OrchError):
     """A message exceeds the configured gRPC size limit."""
+
+
+class PlanError(OrchError):
+    """No plan fits the model on the given workers; says what is missing, in numbers."""

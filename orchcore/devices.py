@@ -1,0 +1,26 @@
+"""What the planner knows about one worker's machine: ``DeviceFacts``, a pure value.
+
+Made once from a worker's ``WorkerInfo`` (``orchcore.wire.convert.device_from_proto``).
+Workers that report the same ``host_id`` run on one machine and share its RAM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    address: str  # host:port the orchestrator reaches the worker at
+    worker_id: str  # stable per worker install
+    host_id: str  # same for every worker on one running machine
+    hostname: str
+    arch: str
+    cores: int
+    ram_total_bytes: int
+    ram_available_bytes: int
+    memory_budget_bytes: int  # the most the worker's whole process may use
+
+    @property
+    def label(self) -> str:
+        return f"{self.address} ({self.hostname})" if self.hostname else self.address

@@ -1,0 +1,198 @@
+"""The data path of one deployed pipeline, seen from the orchestrator.
+
+Token ids go into stage 0 over one long-lived Forward stream; sampled tokens come back
+from the last stage over one Results stream and are routed to the session that waits
+for them. Hidden states flow stage to stage and never pass through here.
+
+While a step waits, every worker is probed (``probe``) each ``probe_interval_s``: a dead
+or hung worker, a stage that reports a fault, or a worker that lost the pipeline is named
+within seconds, with its stage and layers.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import grpc
+
+from orchcore.errors import NotLoadedError, OrchError, WorkerUnreachableError
+from orchcore.sampling import SamplingParams
+from orchcore.wire import convert
+from orchcore.wire import worker_pb2 as pb
+from orchcore.wire.channel import ForwardStream, auth_metadata
+from orchcore.wire.status import from_code
+from orchestrator.client import WorkerClient, rpc_error
+from orchestrator.plan import Plan
+from orchestrator.settings import OrchSettings
+
+log = logging.getLogger(__name__)
+
+
+class DataPath:
+    def __init__(self, plan: Plan, pipeline_id: str, clients: Sequence[WorkerClient],
+                 token: str | None, settings: OrchSettings,
+                 alive: Callable[[], None] | None = None) -> None:
+        self.plan = plan
+        self.pipeline_id = pipeline_id
+        self.clients = list(clients)
+        self.settings = settings
+        self._token = token
+        self._alive = alive
+        self._results: dict[str, queue.SimpleQueue[pb.StageOutput | Exception]] = {}
+        self._broken: OrchError | None = None
+        self._subscribed = threading.Event()
+        self._lock = threading.Lock()
+        self._chunk = 0
+        self._results_call = None
+        self._forward: ForwardStream | None = None
+        self.failed: set[str] = set()  # workers found dead or hung: cleanup skips them
+
+    # --- streams -----------------------------------------------------------------------
+
+    def open(self) -> None:
+        first, last = self.clients[0], self.clients[-1]
+        self._results_call = last.stub.Results(pb.ResultsRequest(pipeline_id=self.pipeline_id),
+                                               metadata=auth_metadata(self._token))
+        threading.Thread(target=self._read_results, name="results", daemon=True).start()
+        # The last stage announces the subscription with an empty message; until then a
+        # result could be published to nobody.
+        if not self._subscribed.wait(self.settings.subscribe_deadline_s):
+            raise self._broken or WorkerUnreachableError(
+                last.address, f"results stream not open after "
+                              f"{self.settings.subscribe_deadline_s:.0f} s")
+        if self._broken is not None:
+            raise self._broken
+        self._forward = ForwardStream(first.channel, self._token)
+
+    def _read_results(self) -> None:
+        last = self.plan.stages[-1].worker
+        try:
+            for out in self._results_call:
+                if not out.session:
+                    self._subscribed.set()
+                elif out.session_ended:
+                    with self._lock:
+                        self._results.pop(out.session, None)
+                else:
+                    self._queue(out.session).put(out)
+            broken: OrchError = WorkerUnreachableError(last, "results stream ended")
+        except grpc.RpcError as exc:
+            broken = rpc_error(last, exc, answered_before=True)
+        with self._lock:
+            self._broken = broken
+            waiting = list(self._results.values())
+        self._subscribed.set()
+        for q in waiting:
+            q.put(broken)
+
+    def _queue(self, session: str) -> queue.SimpleQueue:
+        with self._lock:
+            return self._results.setdefault(session, queue.SimpleQueue())
+
+    # --- steps -------------------------------------------------------------------------
+
+    def send(self, session: str, start: int, tokens: Sequence[int], want_token: bool,
+             sampling: SamplingParams | None = None) -> int:
+        """Queue one chunk of ``session`` into stage 0; returns its chunk number."""
+        with self._lock:
+            chunk, self._chunk = self._chunk, self._chunk + 1
+        msg = pb.StageInput(pipeline_id=self.pipeline_id, session=session, chunk=chunk,
+                            start_pos=start, tokens=list(tokens), want_token=want_token)
+        if sampling is not None:
+            msg.sampling.CopyFrom(convert.sampling_to_proto(sampling))
+        self._queue(session)  # results of this session are routed from now on
+        self._send(msg)
+        return chunk
+
+    def _send(self, msg: pb.StageInput) -> None:
+        try:
+            self._forward.send(msg)
+        except ConnectionError:
+            self.probe()
+            raise WorkerUnreachableError(self.plan.stages[0].worker,
+                                         f"input stream closed: {self._forward.problem()}"
+                                         ) from None
+
+    def wait(self, session: str, chunk: int) -> pb.StageOutput:
+        """The result of ``chunk``; raises a typed error naming the failing worker."""
+        deadline_s = self.settings.step_deadline_s
+        give_up = time.monotonic() + deadline_s
+        results = self._queue(session)
+        while True:
+            try:
+                out = results.get(timeout=self.settings.probe_interval_s)
+            except queue.Empty:
+                self.probe()
+                if time.monotonic() > give_up:
+                    raise WorkerUnreachableError(
+                        self.plan.stages[-1].worker,
+                        f"no result after {deadline_s:.0f} s; every worker answers, so a stage "
+                        f"is stuck: check the workers' logs") from None
+                continue
+            if isinstance(out, Exception):
+                self.probe()  # a named stage failure explains a broken stream best
+                raise out
+            if out.HasField("error"):
+                raise from_code(out.error.code, out.error.worker, out.error.message)
+            if out.chunk == chunk:
+                return out
+
+    def end_session(self, session: str) -> None:
+        """Free ``session`` on every stage (in order behind its chunks)."""
+        if self._forward is None or self._forward.closed:
+            return
+        with self._lock:
+            chunk, self._chunk = self._chunk, self._chunk + 1
+        self._forward.send(pb.StageInput(pipeline_id=self.pipeline_id, session=session,
+                                         chunk=chunk, end_session=True))
+
+    # --- health ------------------------------------------------------------------------
+
+    def probe(self) -> None:
+        """Raise for the first stage that is dead, hung, faulty or lost the pipeline."""
+        try:
+            if self._alive is not None:
+                self._alive()
+            for stage, client in zip(self.plan.stages, self.clients, strict=True):
+                self._probe_stage(stage.index, client)
+            if self._forward is not None and self._forward.closed:
+                raise WorkerUnreachableError(self.plan.stages[0].worker,
+                                             f"input stream closed: {self._forward.problem()}")
+        except OrchError as exc:
+            if isinstance(exc, WorkerUnreachableError):
+                self.failed.add(exc.worker)
+            raise self._with_stage(exc) from None
+
+    def _probe_stage(self, index: int, client: WorkerClient) -> None:
+        info = client.info(deadline=self.settings.probe_deadline_s)
+        loaded = info.loaded
+        if not info.HasField("loaded") or loaded.pipeline_id != self.pipeline_id:
+            lost = NotLoadedError(f"worker {client.address}: no longer holds this pipeline "
+                                  f"(restarted?)")
+            lost.worker = client.address
+            raise lost
+        if loaded.HasField("fault"):
+            raise from_code(loaded.fault.code, client.address, loaded.fault.message)
+
+    def _with_stage(self, exc: OrchError) -> OrchError:
+        """``exc`` with the failing stage and its layers named after the worker."""
+        stage = self.plan.stage_of(exc.worker) if exc.worker else None
+        if stage is None:
+            return exc
+        where = f"stage {stage.index} (layers {stage.layers})"
+        if isinstance(exc, WorkerUnreachableError):
+            return WorkerUnreachableError(stage.worker, f"{where}: {exc.reason}")
+        exc.args = (f"{exc} [{where}]",)
+        return exc
+
+    # --- lifetime ----------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._forward is not None:
+            self._forward.close()
+        if self._results_call is not None:
+            self._results_call.cancel()

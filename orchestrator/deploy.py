@@ -1,0 +1,109 @@
+"""Deployment: each stage's shard written, sent unless the worker has it, and loaded.
+
+Shards are written by the orchestrator from the model file and kept in ``ShardStore``
+while the source file is unchanged; workers keep received shards by sha256, so a second
+run sends nothing. Stages are loaded last first, so each one's next stage is listening
+when it connects.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from orchcore.errors import OrchError
+from orchcore.facts import ModelFacts
+from orchcore.shard import SHARD_FORMAT, LayerRange, write_shard
+from orchcore.wire import convert
+from orchcore.wire import worker_pb2 as pb
+from orchestrator.client import WorkerClient
+from orchestrator.plan import Plan, StagePlan
+
+log = logging.getLogger(__name__)
+
+
+class ShardStore:
+    """Shards written by the orchestrator, reused while the source file is unchanged."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def get(self, facts: ModelFacts, layers: LayerRange,
+            progress: Callable[[int, int], None] | None = None) -> tuple[Path, str]:
+        stat = facts.path.stat()
+        key = (f"{facts.path.stem}-{stat.st_size}-{stat.st_mtime_ns}-{layers.start}-"
+               f"{layers.end}-v{SHARD_FORMAT}")
+        path, meta = self.root / f"{key}.gguf", self.root / f"{key}.json"
+        if path.exists() and meta.exists():
+            return path, json.loads(meta.read_text())["sha256"]
+        self.root.mkdir(parents=True, exist_ok=True)
+        shard = write_shard(facts.path, layers, path, facts=facts, progress=progress)
+        tmp = meta.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"sha256": shard.sha256, "source": str(facts.path)}))
+        os.replace(tmp, meta)
+        return path, shard.sha256
+
+
+class DeployProgress(Protocol):
+    """Where deployment reports its steps; ``task`` returns ``advance(done, total)``."""
+
+    def task(self, description: str, total: int | None) -> Callable[[int, int], None]: ...
+
+
+class LogProgress:
+    def task(self, description: str, total: int | None) -> Callable[[int, int], None]:
+        log.info("%s", description)
+        return lambda done, total: None
+
+
+def deploy(plan: Plan, facts: ModelFacts, clients: Sequence[WorkerClient], store: ShardStore,
+           progress: DeployProgress | None = None) -> str:
+    """Load every stage of ``plan`` (last stage first); returns the new pipeline id."""
+    pipeline_id = uuid.uuid4().hex[:12]
+    for stage in reversed(plan.stages):
+        _deploy_stage(plan, stage, clients[stage.index], facts, store, pipeline_id,
+                      progress or LogProgress())
+    return pipeline_id
+
+
+def _deploy_stage(plan: Plan, stage: StagePlan, client: WorkerClient, facts: ModelFacts,
+                  store: ShardStore, pipeline_id: str, progress: DeployProgress) -> None:
+    path, sha = store.get(facts, stage.layers,
+                          progress=progress.task(f"writing layers {stage.layers}", None))
+    if sha not in client.info().cached_shards:
+        size = path.stat().st_size
+        advance = progress.task(f"sending layers {stage.layers} to {stage.worker}", size)
+        sent = 0
+
+        def on_chunk(n: int) -> None:
+            nonlocal sent
+            sent += n
+            advance(sent, size)
+
+        client.upload_shard(path, sha, on_chunk)
+    progress.task(f"loading layers {stage.layers} on {stage.worker}", None)
+    last = stage.index + 1 == len(plan.stages)
+    client.load_shard(pb.LoadShardRequest(
+        pipeline_id=pipeline_id, sha256=sha, layer_start=stage.layers.start,
+        layer_end=stage.layers.end,
+        next_address="" if last else plan.stages[stage.index + 1].worker,
+        codec=plan.codec, stage_index=stage.index, stage_count=len(plan.stages),
+        engine=convert.engine_to_proto(stage.engine)))
+
+
+def undeploy(pipeline_id: str, clients: Sequence[WorkerClient], deadline_s: float,
+             skip: set[str] = frozenset()) -> None:
+    """Unload the pipeline in stage order (upstream first, so nothing is sent to a stage
+    that is gone), with short deadlines, never waiting on workers known dead."""
+    for client in clients:
+        if client.address in skip:
+            continue
+        try:
+            client.unload(pipeline_id, deadline_s)
+        except OrchError as exc:
+            log.debug("unload on %s: %s", client.address, exc)

@@ -1,0 +1,183 @@
+"""``orch run``: resolve the model, get workers, show the plan, deploy it, render events.
+
+Everything here is terminal output around the session API (``orchestrator.session``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from orchcore.errors import ContextFullError, InvalidInputError, OrchError
+from orchcore.facts import read_model_facts
+from orchcore.paths import cache_dir
+from orchestrator.deploy import ShardStore
+from orchestrator.localcluster import LocalCluster
+from orchestrator.modelstore import resolve_model
+from orchestrator.plan import PlanOptions, make_plan
+from orchestrator.session import Cluster, Finished, GenerationStats, RunningModel, TextPiece
+from orchestrator.settings import OrchSettings
+from orchestrator.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What ``orch run`` was asked beyond the settings: the model, the prompt, the workers."""
+
+    model: str
+    prompt: str | None
+    workers: tuple[str, ...] | None  # validated HOST:PORT, in pipeline order
+    stops: tuple[str, ...] = ()
+    chat: bool = True
+    system: str | None = None
+    stats: bool = False
+
+
+class Reported(OrchError):
+    """An error already shown to the user; the CLI only sets the exit code."""
+
+
+def report(err: Console, exc: BaseException) -> None:
+    err.print(f"[bold red]error:[/] {exc}", highlight=False)
+
+
+def run_model(req: RunRequest, settings: OrchSettings, out: Console, err: Console) -> None:
+    """Errors met while answering are shown before the workers are tidied up (which may
+    wait on slow ones), then raised as ``Reported``."""
+    path = resolve_model(req.model)
+    facts = read_model_facts(path)
+    facts.require_supported()
+    with ExitStack() as stack:
+        tokenizer = stack.enter_context(Tokenizer.from_gguf(path))
+        alive = None
+        if req.workers:
+            addresses, token = list(req.workers), settings.token_value
+        else:
+            with err.status(f"starting {settings.local_workers} local workers"):
+                local = stack.enter_context(LocalCluster(
+                    settings.local_workers, cache_dir() / "local", settings.threads,
+                    start_deadline_s=settings.start_deadline_s))
+            addresses, token, alive = local.addresses, local.token, local.check_alive
+        cluster = Cluster.connect(addresses, token, settings, alive)
+        stack.callback(cluster.close)
+        plan = make_plan(facts, cluster.devices,
+                         PlanOptions(codec=settings.codec, engine=settings.engine()))
+        for line in plan.describe():
+            err.print(f"[dim]{line}[/]", highlight=False)
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                      DownloadColumn(), TransferSpeedColumn(), console=err,
+                      transient=True) as bars:
+            model = cluster.open(plan, facts, tokenizer, ShardStore(cache_dir() / "shards-out"),
+                                 RichProgress(bars))
+        stack.callback(model.close)
+        try:
+            if req.prompt is not None:
+                _answer(model, req, settings, _prompt(req, [], req.prompt), out, err)
+            else:
+                _chat(model, req, settings, out, err)
+        except OrchError as exc:
+            report(err, exc)
+            raise Reported(str(exc)) from None
+
+
+class RichProgress:
+    """Deployment steps as rich progress bars (bytes for writes and uploads)."""
+
+    def __init__(self, bars: Progress) -> None:
+        self.bars = bars
+        self.current: TaskID | None = None
+
+    def task(self, description: str, total: int | None) -> Callable[[int, int], None]:
+        if self.current is not None:
+            self.bars.update(self.current, visible=False)
+        task = self.current = self.bars.add_task(description, total=total)
+
+        def advance(done: int, total: int) -> None:
+            self.bars.update(task, completed=done, total=total)
+
+        return advance
+
+
+def _prompt(req: RunRequest, history: list[dict[str, str]], text: str
+            ) -> list[dict[str, str]] | str:
+    if not req.chat:
+        return text
+    system = [{"role": "system", "content": req.system}] if req.system else []
+    return [*system, *history, {"role": "user", "content": text}]
+
+
+def _answer(model: RunningModel, req: RunRequest, settings: OrchSettings,
+            prompt: list[dict[str, str]] | str, out: Console, err: Console) -> str:
+    text = ""
+    for event in model.generate(prompt, settings.sampling(), stops=req.stops,
+                                max_tokens=settings.max_tokens, chat=req.chat):
+        if isinstance(event, TextPiece):
+            out.print(event.text, end="", markup=False, highlight=False, soft_wrap=True)
+            text += event.text
+        elif isinstance(event, Finished):
+            out.print()
+            if req.stats:
+                _print_stats(event.stats, model, err)
+    return text
+
+
+def _chat(model: RunningModel, req: RunRequest, settings: OrchSettings, out: Console,
+          err: Console) -> None:
+    err.print("[dim]chat: empty line or Ctrl-D to quit[/]")
+    history: list[dict[str, str]] = []
+    while True:
+        try:
+            line = out.input("[bold]> [/]")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        try:
+            answer = _answer(model, req, settings, _prompt(req, history, line), out, err)
+        except (ContextFullError, InvalidInputError) as exc:  # this question, not the chat
+            report(err, exc)
+            if isinstance(exc, ContextFullError) and history:
+                err.print("[dim]the conversation no longer fits the context: quit and start "
+                          "a new chat, or raise --context[/]")
+            continue
+        history += [{"role": "user", "content": line}, {"role": "assistant", "content": answer}]
+
+
+def _print_stats(stats: GenerationStats, model: RunningModel, err: Console) -> None:
+    table = Table(title="run statistics")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    if stats.prompt_s:
+        table.add_row("prompt", f"{stats.prompt_tokens} tokens, "
+                                f"{stats.prompt_tokens / stats.prompt_s:.1f} tokens/s")
+        table.add_row("time to first token", f"{stats.first_token_s * 1e3:.0f} ms")
+    n = stats.decode_tokens
+    if n:
+        per_token = stats.decode_s / n * 1e3
+        table.add_row("decode", f"{n} tokens, {n / stats.decode_s:.1f} tokens/s "
+                                f"({per_token:.1f} ms/token)")
+        compute = sum(stats.compute_ms.values()) / n
+        for stage in model.plan.stages:
+            ms = stats.compute_ms.get(stage.index, 0.0) / n
+            table.add_row(f"stage {stage.index} {stage.layers} compute", f"{ms:.2f} ms/token")
+        for index, total in sorted(stats.wire_bytes.items()):
+            table.add_row(f"hop {index}->{index + 1} ({model.plan.codec})",
+                          f"{total / n:.0f} bytes/token")
+        table.add_row("wire + queues", f"{max(0.0, per_token - compute):.2f} ms/token")
+    err.print(table)

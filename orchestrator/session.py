@@ -1,0 +1,251 @@
+"""The session API: a model opened on workers, generating events. No terminal output.
+
+    cluster = Cluster.connect(addresses, token, settings)     # Info from every worker
+    plan = make_plan(facts, cluster.devices, options)         # pure; show it
+    with cluster.open(plan, facts, tokenizer, store) as model:
+        for event in model.generate("Hi", sampling, stops=["\\n"], max_tokens=64):
+            ...  # TextPiece(text) ... then one Finished(reason, stats, session)
+
+A ``Session`` owns its token history: the prompt in the chunks it was sent in, then each
+generated token; and its sampling parameters with the concrete seed and the number of
+draws, which is enough to rebuild the last stage's sampler elsewhere. ``orch run`` only
+renders events; the HTTP server and failover build on the same objects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from orchcore.devices import DeviceFacts
+from orchcore.errors import ContextFullError, InvalidInputError, OrchError
+from orchcore.facts import ModelFacts
+from orchcore.sampling import RANDOM_SEED, SamplingParams
+from orchcore.wire import convert
+from orchcore.wire import worker_pb2 as pb
+from orchestrator.client import WorkerClient
+from orchestrator.datapath import DataPath
+from orchestrator.deploy import DeployProgress, ShardStore, deploy, undeploy
+from orchestrator.plan import Plan
+from orchestrator.settings import OrchSettings
+from orchestrator.tokenizer import StopMatcher, StreamDecoder, Tokenizer
+
+FinishReason = Literal["length", "stop", "end"]  # max tokens or context; stop text; EOG
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    prompt_s: float = 0.0
+    first_token_s: float = 0.0
+    decode_tokens: int = 0
+    decode_s: float = 0.0
+    compute_ms: dict[int, float] = field(default_factory=dict)  # per stage, decode steps
+    wire_bytes: dict[int, int] = field(default_factory=dict)  # per hop, decode steps
+
+    def add_decode(self, timings: Sequence[pb.StageTiming]) -> None:
+        for t in timings:
+            self.compute_ms[t.stage_index] = self.compute_ms.get(t.stage_index, 0) + t.compute_ms
+            if t.sent_bytes:
+                self.wire_bytes[t.stage_index] = (self.wire_bytes.get(t.stage_index, 0)
+                                                  + t.sent_bytes)
+
+
+@dataclass
+class Session:
+    """One answer's state: what entered the model, in its batch shapes, and the sampler's."""
+
+    id: str
+    sampling: SamplingParams  # seed concrete: a random seed is drawn once, here
+    prompt_chunks: list[tuple[int, ...]] = field(default_factory=list)
+    generated: list[int] = field(default_factory=list)
+    draws: int = 0  # tokens the last stage's sampler has drawn
+
+    @property
+    def prompt(self) -> list[int]:
+        return [t for chunk in self.prompt_chunks for t in chunk]
+
+    @property
+    def length(self) -> int:
+        """Positions this session holds in every stage's KV cache."""
+        return sum(len(c) for c in self.prompt_chunks) + max(0, len(self.generated) - 1)
+
+
+@dataclass(frozen=True)
+class TextPiece:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: FinishReason
+    stats: GenerationStats
+    session: Session
+
+
+Event = TextPiece | Finished
+Prompt = str | Sequence[Mapping[str, str]]
+
+
+class Cluster:
+    """Connected workers: a client for each, and what each reported about its machine."""
+
+    def __init__(self, clients: list[WorkerClient], devices: list[DeviceFacts], token: str | None,
+                 settings: OrchSettings, alive: Callable[[], None] | None) -> None:
+        self.clients = clients
+        self.devices = devices
+        self.token = token
+        self.settings = settings
+        self.alive = alive
+
+    @classmethod
+    def connect(cls, addresses: Sequence[str], token: str | None, settings: OrchSettings,
+                alive: Callable[[], None] | None = None) -> Cluster:
+        clients = [WorkerClient(a, token, settings) for a in addresses]
+        try:
+            devices = [convert.device_from_proto(c.address, c.check_protocol()) for c in clients]
+        except BaseException:
+            for c in clients:
+                c.close()
+            raise
+        return cls(clients, devices, token, settings, alive)
+
+    def open(self, plan: Plan, facts: ModelFacts, tokenizer: Tokenizer, store: ShardStore,
+             progress: DeployProgress | None = None) -> RunningModel:
+        """Deploy ``plan`` (made for ``self.devices``) and open its data path."""
+        by_address = {c.address: c for c in self.clients}
+        clients = [by_address[s.worker] for s in plan.stages]
+        pipeline_id = deploy(plan, facts, clients, store, progress)
+        path = DataPath(plan, pipeline_id, clients, self.token, self.settings, self.alive)
+        model = RunningModel(plan, tokenizer, path, self.settings)
+        try:
+            path.open()
+        except BaseException:
+            model.close()
+            raise
+        return model
+
+    def close(self) -> None:
+        for c in self.clients:
+            c.close()
+
+
+class RunningModel:
+    """A model deployed on workers; ``generate`` yields events; ``close`` unloads it."""
+
+    def __init__(self, plan: Plan, tokenizer: Tokenizer, path: DataPath,
+                 settings: OrchSettings) -> None:
+        self.plan = plan
+        self.tokenizer = tokenizer
+        self.path = path
+        self.settings = settings
+        self._closed = False
+
+    def encode(self, prompt: Prompt, *, chat: bool = True) -> list[int]:
+        """Token ids of a text, or of chat messages through the model's template."""
+        if isinstance(prompt, str):
+            tokens = self.tokenizer.encode(prompt)
+        elif chat and self.tokenizer.chat_template:
+            tokens = self.tokenizer.encode_chat(prompt)
+        else:
+            tokens = self.tokenizer.encode(prompt[-1]["content"] if prompt else "")
+        return tokens
+
+    def new_session(self, sampling: SamplingParams) -> Session:
+        if sampling.seed == RANDOM_SEED and not sampling.greedy:
+            sampling = replace(sampling, seed=secrets.randbelow(RANDOM_SEED))
+        return Session(uuid.uuid4().hex[:12], sampling)
+
+    def generate(self, prompt: Prompt, sampling: SamplingParams | None = None, *,
+                 stops: Sequence[str] = (), max_tokens: int | None = None,
+                 chat: bool = True) -> Iterator[Event]:
+        """Text pieces of the answer, then one ``Finished``."""
+        tokens = self.encode(prompt, chat=chat)
+        session = self.new_session(sampling or self.settings.sampling())
+        stats = GenerationStats(prompt_tokens=len(tokens))
+        stops_at = StopMatcher(stops)
+        decoder = StreamDecoder(self.tokenizer)
+        reason: FinishReason = "length"
+        for token in self.stream(session, tokens, max_tokens, stats):
+            if self.tokenizer.is_end_of_generation(token):
+                reason = "end"
+                break
+            text, stopped = stops_at.feed(decoder.feed(token))
+            if text:
+                yield TextPiece(text)
+            if stopped:
+                reason = "stop"
+                break
+        if reason != "stop":
+            tail, _ = stops_at.feed(decoder.flush())
+            if tail := tail + stops_at.flush():
+                yield TextPiece(tail)
+        yield Finished(reason, stats, session)
+
+    def stream(self, session: Session, prompt: Sequence[int], max_tokens: int | None = None,
+               stats: GenerationStats | None = None) -> Iterator[int]:
+        """Sampled token ids for ``prompt`` (token ids), at most ``max_tokens`` and never past
+        the context; ends the session when the caller stops iterating."""
+        context = self.plan.context_tokens
+        if not prompt:
+            raise InvalidInputError("the prompt is empty: give some text")
+        if len(prompt) >= context:
+            raise ContextFullError(
+                f"the prompt has {len(prompt)} tokens but the context holds {context}; "
+                f"shorten it or raise --context")
+        limit = min(max_tokens or self.settings.max_tokens, context - len(prompt))
+        try:
+            yield from self._tokens(session, list(prompt), limit, stats or GenerationStats())
+        finally:
+            self.end(session)
+
+    def _tokens(self, session: Session, prompt: list[int], limit: int,
+                stats: GenerationStats) -> Iterator[int]:
+        """Sampled token ids: the prompt's chunks all in flight at once, then one by one."""
+        path, size = self.path, self.plan.batch_tokens
+        started = time.perf_counter()
+        chunk = 0
+        for start in range(0, len(prompt), size):
+            part = tuple(prompt[start:start + size])
+            last = start + size >= len(prompt)
+            chunk = path.send(session.id, start, part, want_token=last,
+                              sampling=session.sampling if start == 0 else None)
+            session.prompt_chunks.append(part)
+        out = path.wait(session.id, chunk)
+        stats.prompt_s = stats.first_token_s = time.perf_counter() - started
+        for produced in range(limit):
+            session.draws += 1
+            session.generated.append(out.token)
+            yield out.token
+            if produced + 1 == limit:
+                break
+            t0 = time.perf_counter()
+            out = path.wait(session.id, path.send(session.id, session.length, [out.token],
+                                                  want_token=True))
+            stats.decode_s += time.perf_counter() - t0
+            stats.decode_tokens += 1
+            stats.add_decode(out.timings)
+
+    def end(self, session: Session) -> None:
+        with contextlib.suppress(OrchError):  # a broken pipeline: closing it frees all
+            self.path.end_session(session.id)
+
+    def close(self) -> None:
+        """Close the streams and unload every stage, skipping workers found dead or hung."""
+        if self._closed:
+            return
+        self._closed = True
+        self.path.close()
+        undeploy(self.path.pipeline_id, self.path.clients, self.settings.cleanup_deadline_s,
+                 skip=self.path.failed)
+
+    def __enter__(self) -> RunningModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,132 @@
+"""Settings of the orchestrator: every default of ``orch run`` and the plan, in one class.
+
+``ORCH_*`` variables set them (``ORCH_CONTEXT_TOKENS=4096``), ``orch run`` flags override
+them, and their defaults are the engine's and the sampler's own (``orchcore.config``,
+``orchcore.sampling``), so a value has one default whether it comes from the CLI, the
+plan or a worker.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from orchcore.codecs import CODEC_NAMES
+from orchcore.config import MAX_BATCH_TOKENS, MAX_CONTEXT_TOKENS, MAX_SESSIONS, EngineConfig
+from orchcore.errors import InvalidSettingError
+from orchcore.sampling import MAX_REPEAT_LAST_N, MAX_TOP_K, RANDOM_SEED, SamplingParams
+
+_ENGINE = EngineConfig()
+_SAMPLING = SamplingParams()
+
+
+class OrchSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ORCH_", extra="forbid", frozen=True)
+
+    # --- the plan and each stage's engine ----------------------------------------------
+    codec: str = Field("f32", description="Hidden states on the wire: f32 (exact), f16 "
+                                          "(half the bytes), q8_0 (3.8x fewer bytes).")
+    context_tokens: int = Field(_ENGINE.context_tokens, ge=16, le=MAX_CONTEXT_TOKENS,
+                                description="Context length of a session, in tokens.")
+    max_sessions: int = Field(_ENGINE.max_sessions, ge=1, le=MAX_SESSIONS,
+                              description="Sessions each stage holds a KV cache for at once.")
+    batch_tokens: int = Field(_ENGINE.batch_tokens, ge=1, le=MAX_BATCH_TOKENS,
+                              description="Prompt tokens per chunk sent down the pipeline.")
+    threads: int = Field(0, ge=0, le=1024,
+                         description="llama.cpp threads per worker; 0 = all its cores.")
+    local_workers: int = Field(2, ge=1, le=16, description="Worker processes to start on "
+                                                           "this machine without --workers.")
+    token: SecretStr | None = Field(None, description="Cluster token of the workers.")
+
+    # --- generation ----------------------------------------------------------------------
+    max_tokens: int = Field(256, ge=1, le=1 << 20, description="Most tokens to generate.")
+    temperature: float = Field(_SAMPLING.temperature, ge=0.0, description="0 = greedy.")
+    top_k: int = Field(_SAMPLING.top_k, ge=0, le=MAX_TOP_K, description="0 = off.")
+    top_p: float = Field(_SAMPLING.top_p, gt=0.0, le=1.0, description="1 = off.")
+    min_p: float = Field(_SAMPLING.min_p, ge=0.0, le=1.0, description="0 = off.")
+    repeat_penalty: float = Field(_SAMPLING.repeat_penalty, gt=0.0, description="1 = off.")
+    repeat_last_n: int = Field(_SAMPLING.repeat_last_n, ge=0, le=MAX_REPEAT_LAST_N,
+                               description="Tokens the repeat penalty looks back on.")
+    seed: int = Field(_SAMPLING.seed, ge=0, le=RANDOM_SEED,
+                      description=f"Sampling seed; {RANDOM_SEED} = a random one (each "
+                                  f"answer records the seed it used).")
+
+    # --- deadlines -----------------------------------------------------------------------
+    info_deadline_s: float = Field(5.0, gt=0, description="Deadline of a worker's Info call.")
+    load_deadline_s: float = Field(300.0, gt=0, description="Deadline of loading a shard.")
+    upload_min_mib_s: float = Field(1.0, gt=0, description="Slowest accepted shard upload; "
+                                                           "sets the upload deadline.")
+    step_deadline_s: float = Field(600.0, gt=0, description="Longest wait for one step's "
+                                   "result while every worker still answers.")
+    probe_interval_s: float = Field(1.0, gt=0, description="How often a waiting step checks "
+                                                           "that every worker is alive.")
+    subscribe_deadline_s: float = Field(10.0, gt=0, description="Longest wait for the last "
+                                        "stage to open its results stream.")
+    probe_deadline_s: float = Field(2.0, gt=0, description="Deadline of each liveness probe.")
+    cleanup_deadline_s: float = Field(2.0, gt=0, description="Deadline of each call that "
+                                      "tidies workers up after a run or a failure.")
+    start_deadline_s: float = Field(60.0, gt=0, description="Longest wait for local workers "
+                                                            "to start.")
+
+    @field_validator("codec")
+    @classmethod
+    def _known_codec(cls, value: str) -> str:
+        if value not in CODEC_NAMES:
+            raise ValueError(f"unknown codec {value!r}; choose one of {', '.join(CODEC_NAMES)}")
+        return value
+
+    @classmethod
+    def load(cls, **given: object) -> OrchSettings:
+        """Environment, then the values ``given`` (None = not given); typed errors."""
+        try:
+            return cls(**{k: v for k, v in given.items() if v is not None})
+        except ValidationError as exc:
+            raise InvalidSettingError(describe_validation(exc)) from None
+
+    def engine(self, threads: int | None = None) -> EngineConfig:
+        return EngineConfig(context_tokens=self.context_tokens, max_sessions=self.max_sessions,
+                            batch_tokens=self.batch_tokens,
+                            threads=self.threads if threads is None else threads)
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                              min_p=self.min_p, repeat_penalty=self.repeat_penalty,
+                              repeat_last_n=self.repeat_last_n, seed=self.seed)
+
+    @property
+    def token_value(self) -> str | None:
+        return self.token.get_secret_value() if self.token else None
+
+
+def describe_validation(exc: ValidationError) -> str:
+    """Pydantic's errors as one line per setting: 'context_tokens: ...'."""
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "settings"
+        message = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{where}: {message} (got {err.get('input')!r})")
+    return "; ".join(lines)
+
+
+def parse_workers(text: str) -> tuple[str, ...]:
+    """``--workers`` as validated ``HOST:PORT`` addresses, in order, each listed once."""
+    entries = [e.strip() for e in text.split(",")]
+    if not any(entries):
+        raise InvalidSettingError("--workers is empty; give HOST:PORT,HOST:PORT")
+    seen: set[str] = set()
+    for entry in entries:
+        if not entry:
+            raise InvalidSettingError(f"--workers {text!r} has an empty entry; give "
+                                      f"HOST:PORT,HOST:PORT with no stray commas")
+        host, sep, port = entry.rpartition(":")
+        if not sep or not host or host in ("[", "[]") or not port.isdigit():
+            raise InvalidSettingError(f"--workers: {entry!r} is not HOST:PORT (an IPv6 host "
+                                      f"goes in brackets: [::1]:50151)")
+        if not 1 <= int(port) <= 65535:
+            raise InvalidSettingError(f"--workers: port {port} of {entry!r} is outside "
+                                      f"1..65535")
+        if entry in seen:
+            raise InvalidSettingError(f"--workers: {entry} is listed twice; each worker "
+                                      f"runs one stage")
+        seen.add(entry)
+    return tuple(entries)
