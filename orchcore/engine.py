@@ -291,9 +291,8 @@ class StageEngine:
                 f"consecutive, got {positions[0]}..{positions[-1]}")
         if positions[-1] >= self.config.context_tokens:
             raise ContextFullError(
-                f"session {session!r}: position {int(positions[-1])} exceeds the context "
-                f"length of {self.config.context_tokens} tokens; start a new session or use a "
-                f"longer context (orch run --context)")
+                f"session {session!r}: position {int(positions[-1])} is past the context "
+                f"length of {self.config.context_tokens} tokens (--context)")
 
     def _forward_tokens(self, seq: int, positions: np.ndarray, tokens: np.ndarray,
                         all_logits: bool) -> np.ndarray:

@@ -9,6 +9,7 @@ from gguf-py's tables (``gguf.Keys``, ``gguf.GGML_QUANT_SIZES``), never re-typed
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
@@ -37,6 +38,9 @@ TOKEN_EMBD = TENSOR_NAMES[MODEL_TENSOR.TOKEN_EMBD] + ".weight"
 OUTPUT = TENSOR_NAMES[MODEL_TENSOR.OUTPUT] + ".weight"
 OUTPUT_NORM = TENSOR_NAMES[MODEL_TENSOR.OUTPUT_NORM] + ".weight"
 
+log = logging.getLogger(__name__)
+
+_READABLE_VERSIONS = (2, gguf.GGUF_VERSION)  # what gguf-py's reader accepts
 # Smallest possible GGUF header: magic, version, tensor count, kv count.
 _MIN_HEADER_BYTES = 4 + 4 + 8 + 8
 
@@ -219,17 +223,24 @@ def _open_reader(path: Path) -> gguf.GGUFReader:
         raise TruncatedGGUFError(path, f"only {size} bytes, shorter than a GGUF header")
     with path.open("rb") as f:
         magic = int.from_bytes(f.read(4), "little")
+        version = int.from_bytes(f.read(4), "little")
     if magic != gguf.GGUF_MAGIC:
         raise NotGGUFError(path, f"not a GGUF file (magic {magic:#010x}, expected "
                                  f"{gguf.GGUF_MAGIC:#010x})")
+    if version not in _READABLE_VERSIONS:
+        raise CorruptGGUFError(path, f"GGUF version {version}: only versions "
+                                     f"{', '.join(map(str, _READABLE_VERSIONS))} can be read")
     try:
         return _CheckedReader(path)
     except _TensorProblem as exc:
         raise exc.error(path, str(exc)) from None
-    except (ValueError, KeyError, IndexError, OverflowError, UnicodeDecodeError) as exc:
-        # gguf-py reads past the end as short arrays, which then fail to unpack/reshape.
-        raise CorruptGGUFError(path, f"header cannot be parsed ({exc}); the file is "
-                                     f"truncated or corrupt") from None
+    except (ValueError, KeyError, IndexError, OverflowError, UnicodeDecodeError,
+            MemoryError) as exc:
+        # gguf-py reads past the end as short arrays, which then fail to unpack/reshape:
+        # its message speaks of numpy, not of the file, so it only goes to the debug log.
+        log.debug("%s: gguf-py could not parse the header: %r", path, exc)
+        raise CorruptGGUFError(path, f"the header cannot be read: the file ({size} bytes) "
+                                     f"is truncated or corrupt; download it again") from None
 
 
 def _scalar(reader: gguf.GGUFReader, key: str, path: Path, default: Any = None) -> Any:

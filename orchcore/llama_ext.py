@@ -171,7 +171,7 @@ class LlamaLog:
         self._partial += text.decode("utf-8", errors="replace")
         while "\n" in self._partial:
             line, self._partial = self._partial.split("\n", 1)
-            if line.strip():
+            if line.strip(" .\t"):  # progress dots say nothing about a failure
                 self.lines.append(line)
                 log.debug("%s", line)
 

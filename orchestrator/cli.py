@@ -166,12 +166,14 @@ def verify(
     threads: Annotated[int, typer.Option(min=0, help="llama.cpp threads; 0 = all.")] = 0,
 ) -> None:
     """Check that MODEL cut into layer ranges gives exactly the unsplit logits (one process)."""
+    from orchcore.facts import read_model_facts
     from orchestrator.modelstore import resolve_model
     from orchestrator.tokenizer import Tokenizer
     from orchestrator.verify import verify_split
 
     try:
         path = resolve_model(model)
+        read_model_facts(path).require_supported()  # before the vocabulary: the real reason
         with Tokenizer.from_gguf(path) as tokenizer:
             tokens = tokenizer.encode(prompt)
             with err.status(f"running the model whole and in {stages} ranges"):

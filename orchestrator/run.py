@@ -29,7 +29,14 @@ from orchestrator.deploy import ShardStore
 from orchestrator.localcluster import LocalCluster
 from orchestrator.modelstore import resolve_model
 from orchestrator.plan import PlanOptions, make_plan
-from orchestrator.session import Cluster, Finished, GenerationStats, RunningModel, TextPiece
+from orchestrator.session import (
+    Cluster,
+    Finished,
+    GenerationStats,
+    RunningModel,
+    TextPiece,
+    encode_prompt,
+)
 from orchestrator.settings import OrchSettings
 from orchestrator.tokenizer import Tokenizer
 
@@ -65,6 +72,9 @@ def run_model(req: RunRequest, settings: OrchSettings, out: Console, err: Consol
     facts.require_supported()
     with ExitStack() as stack:
         tokenizer = stack.enter_context(Tokenizer.from_gguf(path))
+        if req.prompt is not None:  # refuse a bad prompt before starting anything
+            encode_prompt(tokenizer, _prompt(req, [], req.prompt), settings.context_tokens,
+                          chat=req.chat)
         alive = None
         if req.workers:
             addresses, token = list(req.workers), settings.token_value

@@ -92,6 +92,29 @@ Event = TextPiece | Finished
 Prompt = str | Sequence[Mapping[str, str]]
 
 
+def encode_prompt(tokenizer: Tokenizer, prompt: Prompt, context_tokens: int, *,
+                  chat: bool = True) -> list[int]:
+    """Token ids of a text, or of chat messages through the model's template; refused
+    before anything is sent when empty or longer than the context."""
+    if isinstance(prompt, str):
+        tokens = tokenizer.encode(prompt)
+    elif chat and tokenizer.chat_template:
+        tokens = tokenizer.encode_chat(prompt)
+    else:
+        tokens = tokenizer.encode(prompt[-1]["content"] if prompt else "")
+    check_prompt(tokens, context_tokens)
+    return tokens
+
+
+def check_prompt(tokens: Sequence[int], context_tokens: int) -> None:
+    if not tokens:
+        raise InvalidInputError("the prompt is empty: give some text")
+    if len(tokens) >= context_tokens:
+        raise ContextFullError(
+            f"the prompt has {len(tokens)} tokens but the context holds {context_tokens}; "
+            f"shorten it or raise --context")
+
+
 class Cluster:
     """Connected workers: a client for each, and what each reported about its machine."""
 
@@ -147,14 +170,7 @@ class RunningModel:
         self._closed = False
 
     def encode(self, prompt: Prompt, *, chat: bool = True) -> list[int]:
-        """Token ids of a text, or of chat messages through the model's template."""
-        if isinstance(prompt, str):
-            tokens = self.tokenizer.encode(prompt)
-        elif chat and self.tokenizer.chat_template:
-            tokens = self.tokenizer.encode_chat(prompt)
-        else:
-            tokens = self.tokenizer.encode(prompt[-1]["content"] if prompt else "")
-        return tokens
+        return encode_prompt(self.tokenizer, prompt, self.plan.context_tokens, chat=chat)
 
     def new_session(self, sampling: SamplingParams) -> Session:
         if sampling.seed == RANDOM_SEED and not sampling.greedy:
@@ -192,12 +208,7 @@ class RunningModel:
         """Sampled token ids for ``prompt`` (token ids), at most ``max_tokens`` and never past
         the context; ends the session when the caller stops iterating."""
         context = self.plan.context_tokens
-        if not prompt:
-            raise InvalidInputError("the prompt is empty: give some text")
-        if len(prompt) >= context:
-            raise ContextFullError(
-                f"the prompt has {len(prompt)} tokens but the context holds {context}; "
-                f"shorten it or raise --context")
+        check_prompt(prompt, context)
         limit = min(max_tokens or self.settings.max_tokens, context - len(prompt))
         try:
             yield from self._tokens(session, list(prompt), limit, stats or GenerationStats())

@@ -32,7 +32,7 @@ from typing import Any, Self
 import llama_cpp
 from gguf import Keys
 
-from orchcore.errors import GGUFError, OrchError, UnsupportedModelError
+from orchcore.errors import GGUFError, InvalidInputError, OrchError, UnsupportedModelError
 from orchcore.facts import open_gguf
 from orchcore.llama_ext import init_backend
 
@@ -42,6 +42,10 @@ _INT32_MAX = 2**31 - 1
 
 class TokenIdError(OrchError, ValueError):
     """A token id outside the vocabulary (llama.cpp would abort the process on it)."""
+
+
+class TextEncodingError(InvalidInputError):
+    """Text that is not valid UTF-8 (a terminal in another encoding, a bad JSON string)."""
 
 
 class NoChatTemplateError(GGUFError):
@@ -157,7 +161,7 @@ class Tokenizer:
         it off for untrusted text that must not inject control tokens.
         """
         vocab = self._live_vocab()
-        data = text.encode("utf-8")
+        data = utf8(text)
         if len(data) >= _INT32_MAX:
             raise ValueError(f"text of {len(data)} bytes is too long for llama.cpp "
                              f"(limit {_INT32_MAX - 1}); split it")
@@ -279,7 +283,7 @@ def _turns(messages: Sequence[Mapping[str, str]]) -> list[tuple[str, str]]:
 def _builtin_chat(template: str, turns: Sequence[tuple[str, str]],
                   add_assistant: bool) -> str | None:
     """llama.cpp's rendering with a template it recognises; None when it does not."""
-    encoded = [(role.encode(), content.encode()) for role, content in turns]
+    encoded = [(utf8(role), utf8(content)) for role, content in turns]
     chat = (llama_cpp.llama_chat_message * len(encoded))(
         *(llama_cpp.llama_chat_message(role, content) for role, content in encoded))
     tmpl = template.encode()
@@ -354,6 +358,23 @@ def render_jinja(template: str, messages: Sequence[Mapping[str, Any]], *,
 
 
 # --- streaming -------------------------------------------------------------------------
+
+
+def utf8(text: str) -> bytes:
+    """``text`` as UTF-8, or a typed error naming the first byte that is not UTF-8.
+
+    Command-line arguments that are not UTF-8 reach Python as lone surrogates
+    (``\udce9`` for the byte 0xe9); JSON can carry them too.
+    """
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        char = text[exc.start]
+        code = ord(char) - 0xDC00 if 0xDC80 <= ord(char) <= 0xDCFF else None
+        what = f"the byte {code:#04x}" if code is not None else f"{char!r}"
+        raise TextEncodingError(f"the text is not valid UTF-8 ({what} at character "
+                                f"{exc.start}); check your terminal's character encoding"
+                                ) from None
 
 
 class StreamDecoder:

@@ -67,3 +67,46 @@ def test_bad_input_is_a_message_not_a_traceback(smollm2_path, tmp_path, args, me
     assert message in done.stderr
     assert "Traceback" not in done.stderr
     assert _no_workers_left()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("run", "MODEL", "", "--no-chat"), "the prompt is empty"),
+    (("run", "MODEL", b"caf\xe9 \xff"), "not valid UTF-8 (the byte 0xe9 at character 3)"),
+    (("run", "MODEL", "word " * 200, "--context", "64"), "holds 64; shorten it"),
+    (("run", "MODEL", "hi", "--workers", "127.0.0.1:99999"), "outside 1..65535"),
+    (("run", "MODEL", "hi", "--workers", "127.0.0.1:5,127.0.0.1:5"), "listed twice"),
+    (("run", "MODEL", "hi", "--workers", "127.0.0.1:5,"), "empty entry"),
+    (("run", "MODEL", "hi", "--temperature", "-1"), "temperature"),
+    (("worker", "--port", "99999"), "port"),
+])
+def test_refused_early_with_a_message(smollm2_path, tmp_path, args, message):
+    """Refused before any worker starts or any gRPC call, without log noise."""
+    args = tuple(str(smollm2_path) if a == "MODEL" else a for a in args)
+    done = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args],
+                          env=dict(os.environ, ORCH_CACHE_DIR=str(tmp_path), COLUMNS="200"),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert message in done.stderr.replace("\n", " ")
+    assert "Traceback" not in done.stderr and "stage 0" not in done.stderr
+    assert "grpc" not in done.stderr.lower()
+    assert not (tmp_path / "local").exists()  # no local worker was started
+
+
+def test_header_errors_and_unsupported_architectures_say_what_is_wrong(smollm2_path, tmp_path):
+    data = smollm2_path.read_bytes()[:4 << 20]
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:1000])
+    done = orch("info", str(cut), cache=tmp_path)
+    assert "truncated or corrupt" in done.stderr and "numpy" not in done.stderr
+    assert "out of bounds" not in done.stderr and "dtype" not in done.stderr
+    other = tmp_path / "bloom.gguf"  # same bytes, another architecture name (same length)
+    other.write_bytes(smollm2_path.read_bytes().replace(b"llama", b"bloom"))
+    done = orch("verify", str(other), "--steps", "1", cache=tmp_path)
+    assert done.returncode == 1
+    assert "'bloom' is not supported" in done.stderr and "vocabulary" not in done.stderr
+
+
+def test_worker_help_lists_its_environment_variables(tmp_path):
+    done = orch("worker", "--help", cache=tmp_path)
+    for name in ("ORCH_WORKER_PORT", "ORCH_WORKER_TOKEN", "ORCH_WORKER_MEMORY_BUDGET_MB"):
+        assert name in done.stdout

@@ -139,3 +139,32 @@ def test_sessions_back_to_back_and_in_flight_together(smollm2_path, expected, cl
         a.close()
         b.close()
         assert got_b == greedy_tokens(model, prompt[:-3], 12)
+
+
+def test_hung_worker_is_reported_first_and_cleanup_does_not_wait_on_it(smollm2_path, expected,
+                                                                       tmp_path):
+    """A worker that stops answering (SIGSTOP) is named within seconds, and closing the
+    model and the local cluster takes seconds too: nothing waits out a long deadline."""
+    prompt, _ = expected
+    cluster = LocalCluster(2, tmp_path / "w", threads_per_worker=1)
+    cluster.start()
+    victim = cluster.procs[1]
+    try:
+        with open_model(smollm2_path, cluster.addresses, cluster.token, tmp_path,
+                        alive=cluster.check_alive) as model:
+            stream = model.stream(model.new_session(GREEDY), prompt, 400)
+            next(stream)
+            os.kill(victim.pid, signal.SIGSTOP)
+            started = time.monotonic()
+            with pytest.raises(WorkerUnreachableError, match="did not answer in time") as info:
+                for _ in stream:
+                    pass
+            assert time.monotonic() - started < 8
+            assert cluster.addresses[1] in str(info.value)
+            closing = time.monotonic()
+        cluster.stop()
+        assert time.monotonic() - closing < 8
+    finally:
+        if victim.poll() is None:
+            os.kill(victim.pid, signal.SIGCONT)
+        cluster.stop()

@@ -302,7 +302,10 @@ def serve(settings: WorkerSettings, *, stop: threading.Event | None = None) -> N
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    # Wake up every second: a signal delivered to another thread (as after SIGSTOP and
+    # SIGCONT) only runs its Python handler once the main thread wakes.
+    while not stop.wait(1.0):
+        pass
     log.info("worker %s stopping", name)
     server.stop(grace=2).wait(5)
     service.close()

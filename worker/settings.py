@@ -14,8 +14,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from orchcore.paths import cache_dir
 
 
-
-
 class WorkerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ORCH_WORKER_", extra="forbid")
 
