@@ -13,11 +13,14 @@ tested against the peak RSS of real worker processes (tests/test_memory.py).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
+
+from gguf import GGMLQuantizationType
 
 from orchcore.config import EngineConfig
 from orchcore.facts import ModelFacts, type_bytes
-from orchcore.shard import KEY_INPUT_ROWS, KEY_INPUT_TYPE, LayerRange, shard_layout
+from orchcore.shard import KEY_INPUT_ROWS, KEY_INPUT_TYPE, LayerRange
 
 MIB = 1 << 20
 # A worker process with nothing loaded: Python, numpy, gRPC, llama.cpp's libraries.
@@ -63,14 +66,46 @@ def _estimate(*, weights: int, kv_per_token: int, n_vocab_out: int, n_embd: int,
                           compute=compute)
 
 
+class StageMemory:
+    """The planner's estimate for any layer range of one model, in O(1) per range.
+
+    The same bytes as the shard layout (``orchcore.shard.shard_layout``) would give, from
+    prefix sums: a planner tries thousands of ranges.
+    """
+
+    def __init__(self, facts: ModelFacts, config: EngineConfig) -> None:
+        self.n_layers = facts.n_layers
+        self.config = config
+        self._facts = facts
+        self._prefix = [0, *itertools.accumulate(facts.layer_bytes)]
+        self._shared = sum(t.n_bytes for t in facts.global_tensors) + facts.output_norm_bytes
+        self._embd = facts.embedding_bytes
+        self._untied = 0 if facts.tied_output else facts.output_bytes
+        self._one_row = type_bytes(GGMLQuantizationType.F32, facts.n_embd)
+        self._kv = facts.kv_bytes_per_token_per_layer()
+
+    def weights(self, start: int, end: int) -> int:
+        first, last = start == 0, end == self.n_layers
+        own = self._prefix[end] - self._prefix[start] + self._shared
+        if first and last:
+            return own + self._embd + self._untied
+        if last:  # the lm head, stored as token_embd
+            return own + (self._untied or self._embd)
+        # a one-row token_embd; the first stage also keeps the embedding as its input table
+        return own + self._one_row + (self._embd if first else 0)
+
+    def __call__(self, start: int, end: int) -> MemoryEstimate:
+        facts = self._facts
+        return _estimate(weights=self.weights(start, end), kv_per_token=self._kv * (end - start),
+                         n_vocab_out=facts.n_vocab if end == self.n_layers else 1,
+                         n_embd=facts.n_embd, n_ff=facts.n_ff, config=self.config)
+
+
 def estimate_stage(facts: ModelFacts, layers: LayerRange, config: EngineConfig
                    ) -> MemoryEstimate:
     """The planner's figure for the stage running ``layers`` of the model ``facts``."""
-    layout = shard_layout(facts, layers)
-    return _estimate(weights=layout.total_tensor_bytes,
-                     kv_per_token=facts.kv_bytes_per_token_per_layer() * len(layers),
-                     n_vocab_out=layout.vocab_size, n_embd=facts.n_embd, n_ff=facts.n_ff,
-                     config=config)
+    layers.check_within(facts.n_layers, str(facts.path))
+    return StageMemory(facts, config)(layers.start, layers.end)
 
 
 def estimate_shard(shard: ModelFacts, config: EngineConfig) -> MemoryEstimate:

@@ -2,30 +2,62 @@
 
 ``make_plan(model facts, devices, options) -> Plan`` reads no file and opens no socket.
 It is made once, shown to the user before anything is sent, and then deployed; nobody
-re-derives it. Devices are ``DeviceFacts`` (one per worker, in pipeline order); workers
-reporting the same host share that host's RAM.
+re-derives it.
+
+The cut is sized per device: each stage must fit its device's memory budget (the whole
+worker process, ``orchcore.memory``), and among the cuts that fit the planner picks the
+best one for the objective:
+
+* ``latency`` (default): the least time per token of one stream, the sum of the stages'
+  compute and their links. It fills the fastest devices first and may leave slow or
+  small devices out: a device that only adds a hop is not used.
+* ``throughput``: the smallest slowest stage, for many sessions at once.
+
+A device's time per layer comes from ``DeviceFacts.decode_s_per_layer`` (measured); when
+nothing is measured every device counts as equally fast. Each stage costs its device's
+``link_s`` too, the hop into it and out of it (order-free: on a home network every hop
+crosses the same switch).
+
+Search, exact: every choice of first and last device (the first holds the input table,
+the last the lm head and logits), and between them a dynamic programme over contiguous
+ranges that gives each remaining device either nothing or a range. Devices between the
+first and the last are taken in a fixed order; with layers of equal size (every
+architecture orch splits) their order changes neither memory nor time, so the result is
+the optimum over all device orders (tests compare it with brute force).
+
+Workers on one host share its RAM: each gets at most its share of the host's available
+memory, in proportion to its budget.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 from orchcore.codecs import get_codec
 from orchcore.config import EngineConfig
 from orchcore.devices import DeviceFacts
 from orchcore.errors import PlanError
 from orchcore.facts import ModelFacts
-from orchcore.memory import MIB, MemoryEstimate, estimate_stage
-from orchcore.shard import LayerRange, even_ranges
+from orchcore.memory import MIB, MemoryEstimate, StageMemory
+from orchcore.shard import LayerRange
+
+Objective = Literal["latency", "throughput"]
+OBJECTIVES: tuple[Objective, ...] = ("latency", "throughput")
+UNMEASURED_S_PER_LAYER = 1.0  # every device equally fast when nothing is measured
+DEFAULT_LINK_S = 0.0005  # a hop on a home LAN, when not measured
 
 
 @dataclass(frozen=True)
 class PlanOptions:
     codec: str = "f32"
     engine: EngineConfig = field(default_factory=EngineConfig)  # threads 0 = device cores
+    objective: Objective = "latency"
+    use_all: bool = False  # every device gets a stage (``--local N``: exactly N stages)
 
 
 @dataclass(frozen=True)
@@ -35,10 +67,18 @@ class StagePlan:
     device: DeviceFacts
     engine: EngineConfig  # threads resolved for this device
     memory: MemoryEstimate
+    budget: int  # the bytes this stage may use: the device's budget or its host share
+    decode_s: float | None  # predicted compute per token, when the device was measured
 
     @property
     def worker(self) -> str:
         return self.device.address
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    device: DeviceFacts
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -47,6 +87,8 @@ class Plan:
     n_layers: int
     stages: tuple[StagePlan, ...]
     codec: str
+    objective: Objective = "latency"
+    left_out: tuple[LeftOut, ...] = ()
 
     @property
     def batch_tokens(self) -> int:
@@ -56,46 +98,87 @@ class Plan:
     def context_tokens(self) -> int:
         return self.stages[0].engine.context_tokens
 
+    @property
+    def predicted_decode_s(self) -> float | None:
+        """Compute time per token of one stream (links aside), when every stage is measured."""
+        times = [s.decode_s for s in self.stages]
+        return None if None in times else sum(times)
+
     def stage_of(self, address: str) -> StagePlan | None:
         return next((s for s in self.stages if s.worker == address), None)
 
     def describe(self) -> list[str]:
         lines = []
         for s in self.stages:
-            budget = s.device.memory_budget_bytes / MIB
+            speed = f", {s.decode_s * 1e3:.1f} ms/token" if s.decode_s is not None else ""
             lines.append(f"stage {s.index}: layers {s.layers} on {s.device.label}: "
-                         f"{s.memory.total / MIB:.0f} of {budget:.0f} MiB, "
-                         f"{s.engine.threads} threads")
+                         f"{s.memory.total / MIB:.0f} of {s.budget / MIB:.0f} MiB, "
+                         f"{s.engine.threads} threads{speed}")
+        for out in self.left_out:
+            lines.append(f"standby: {out.device.label}: {out.reason}")
         engine = self.stages[0].engine
         lines.append(f"context {engine.context_tokens} tokens x {engine.max_sessions} "
-                     f"sessions, chunks of {engine.batch_tokens}, {self.codec} between stages")
+                     f"sessions, chunks of {engine.batch_tokens}, {self.codec} between stages, "
+                     f"objective {self.objective}")
         return lines
 
 
 def make_plan(facts: ModelFacts, devices: Sequence[DeviceFacts],
-              options: PlanOptions = PlanOptions()) -> Plan:
-    """Contiguous, even layer ranges over ``devices`` in order, checked against their memory.
+              options: PlanOptions | None = None) -> Plan:
+    """The best cut of ``facts`` over ``devices`` for ``options.objective``.
 
-    Raises ``PlanError`` saying what is missing when the stages do not fit.
+    Raises ``PlanError`` saying by how many MiB and on which devices when nothing fits.
     """
+    options = options or PlanOptions()
     get_codec(options.codec)  # refuses an unknown codec, naming the valid ones
+    if options.objective not in OBJECTIVES:
+        raise PlanError(f"unknown objective {options.objective!r}; choose one of "
+                        f"{', '.join(OBJECTIVES)}")
     facts.require_supported()
-    _check_devices(facts, devices)
+    _check_devices(facts, devices, options)
+    memory = StageMemory(facts, options.engine)
+    budgets = host_shares(devices)
+    search = _Search(memory, devices, budgets, options)
+    best = search.best()
+    if best is None:
+        raise PlanError(_shortfall(memory, devices, budgets, options))
     stages = []
-    for i, (layers, device) in enumerate(zip(even_ranges(facts.n_layers, len(devices)),
-                                             devices, strict=True)):
+    for i, (d, start, end) in enumerate(best):
+        device = devices[d]
         engine = replace(options.engine, threads=options.engine.threads or device.cores)
-        stages.append(StagePlan(i, layers, device, engine,
-                                estimate_stage(facts, layers, engine)))
-    plan = Plan(facts.path, facts.n_layers, tuple(stages), options.codec)
-    _check_memory(plan)
-    return plan
+        stages.append(StagePlan(
+            i, LayerRange(start, end), device, engine, memory(start, end), budgets[d],
+            None if device.decode_s_per_layer is None else (end - start) *
+            device.decode_s_per_layer))
+    used = {d for d, _, _ in best}
+    left_out = tuple(LeftOut(devices[d], search.why_unused(d)) for d in range(len(devices))
+                     if d not in used)
+    return Plan(facts.path, facts.n_layers, tuple(stages), options.codec, options.objective,
+                left_out)
 
 
-def _check_devices(facts: ModelFacts, devices: Sequence[DeviceFacts]) -> None:
+def host_shares(devices: Sequence[DeviceFacts]) -> list[int]:
+    """Each device's usable bytes: its budget, capped by its share of a shared host's RAM."""
+    by_host: dict[str, list[int]] = defaultdict(list)
+    for i, d in enumerate(devices):
+        by_host[d.host_id].append(i)
+    budgets = [d.memory_budget_bytes for d in devices]
+    for members in by_host.values():
+        if len(members) < 2:
+            continue
+        ram = max(devices[i].ram_available_bytes for i in members)
+        total = sum(budgets[i] for i in members)
+        if total > ram:
+            for i in members:
+                budgets[i] = budgets[i] * ram // total
+    return budgets
+
+
+def _check_devices(facts: ModelFacts, devices: Sequence[DeviceFacts],
+                   options: PlanOptions) -> None:
     if not devices:
         raise PlanError("no workers to run the model on")
-    if len(devices) > facts.n_layers:
+    if options.use_all and len(devices) > facts.n_layers:
         raise PlanError(f"{len(devices)} workers for {facts.n_layers} layers: every worker "
                         f"needs at least one layer; use at most {facts.n_layers} workers")
     seen: dict[str, str] = {}
@@ -106,26 +189,112 @@ def _check_devices(facts: ModelFacts, devices: Sequence[DeviceFacts]) -> None:
         seen[d.worker_id] = d.address
 
 
-def _check_memory(plan: Plan) -> None:
-    missing = [f"stage {s.index} (layers {s.layers}) on {s.worker} needs "
-               f"{s.memory.describe()}, but its budget is "
-               f"{s.device.memory_budget_bytes / MIB:.0f} MiB"
-               for s in plan.stages if s.memory.total > s.device.memory_budget_bytes]
-    by_host: dict[str, list[StagePlan]] = defaultdict(list)
-    for s in plan.stages:
-        by_host[s.device.host_id].append(s)
-    for stages in by_host.values():
-        if len(stages) < 2:
-            continue
-        need = sum(s.memory.total for s in stages)
-        have = max(s.device.ram_available_bytes for s in stages)
-        if need > have:
-            names = ", ".join(s.worker for s in stages)
-            missing.append(f"workers {names} share one machine ({stages[0].device.hostname}) "
-                           f"and need {need / MIB:.0f} MiB together, but it has "
-                           f"{have / MIB:.0f} MiB available")
-    if missing:
-        raise PlanError("the model does not fit: " + "; ".join(missing) +
-                        ". Add workers, shorten the context (--context), hold fewer "
-                        "sessions (--max-sessions), or raise the workers' "
-                        "--memory-budget-mb")
+Cost = tuple[float, float]  # (objective, tie-break): compared lexicographically
+Assignment = tuple[tuple[int, int, int], ...]  # (device index, start, end) in stage order
+
+
+class _Search:
+    def __init__(self, memory: StageMemory, devices: Sequence[DeviceFacts], budgets: list[int],
+                 options: PlanOptions) -> None:
+        self.memory = memory
+        self.devices = devices
+        self.budgets = budgets
+        self.use_all = options.use_all
+        self.latency = options.objective == "latency"
+        self.n = memory.n_layers
+        self.t = [d.decode_s_per_layer if d.decode_s_per_layer is not None
+                  else UNMEASURED_S_PER_LAYER for d in devices]
+        self.link = [d.link_s if d.link_s is not None else DEFAULT_LINK_S for d in devices]
+
+    def fits(self, d: int, start: int, end: int) -> bool:
+        return self.memory(start, end).total <= self.budgets[d]
+
+    def stage_cost(self, d: int, layers: int) -> Cost:
+        time = layers * self.t[d] + self.link[d]
+        return (time, time)
+
+    def combine(self, a: Cost, b: Cost) -> Cost:
+        # Rounded to a picosecond, so float rounding never decides between equal cuts.
+        if self.latency:  # total time; ties go to the smaller slowest stage
+            return (round(a[0] + b[0], 12), max(a[1], b[1]))
+        return (max(a[0], b[0]), round(a[1] + b[1], 12))  # slowest stage; ties: the total
+
+    def best(self) -> Assignment | None:
+        found: tuple[Cost, Assignment] | None = None
+        count = len(self.devices)
+        for first in range(count):
+            for last in range(count):
+                if self.use_all and count > 1 and first == last:
+                    continue
+                candidate = self._with_ends(first, last)
+                if candidate is not None and (found is None or candidate[0] < found[0]):
+                    found = candidate
+        return None if found is None else found[1]
+
+    def _with_ends(self, first: int, last: int) -> tuple[Cost, Assignment] | None:
+        n = self.n
+        if first == last:
+            if self.fits(first, 0, n):
+                return self.stage_cost(first, n), ((first, 0, n),)
+            return None
+        # frontier[l]: the best way to run layers [0, l) with the devices seen so far
+        frontier: dict[int, tuple[Cost, Assignment]] = {}
+        for end in range(1, n):
+            if not self.fits(first, 0, end):
+                break  # memory grows with the range
+            frontier[end] = (self.stage_cost(first, end), ((first, 0, end),))
+        for d in range(len(self.devices)):
+            if d in (first, last):
+                continue
+            frontier = self._extend(frontier, d)
+        best: tuple[Cost, Assignment] | None = None
+        for start, (cost, done) in frontier.items():
+            if self.fits(last, start, n):
+                total = self.combine(cost, self.stage_cost(last, n - start))
+                if best is None or total < best[0]:
+                    best = (total, (*done, (last, start, n)))
+        return best
+
+    def _extend(self, frontier: dict[int, tuple[Cost, Assignment]], d: int
+                ) -> dict[int, tuple[Cost, Assignment]]:
+        """Give device ``d`` a range after each frontier point, or (unless every device
+        must be used) nothing."""
+        nxt: dict[int, tuple[Cost, Assignment]] = {} if self.use_all else dict(frontier)
+        for start, (cost, done) in frontier.items():
+            for end in range(start + 1, self.n):
+                if not self.fits(d, start, end):
+                    break
+                total = self.combine(cost, self.stage_cost(d, end - start))
+                if end not in nxt or total < nxt[end][0]:
+                    nxt[end] = (total, (*done, (d, start, end)))
+        return nxt
+
+    def why_unused(self, d: int) -> str:
+        one_layer = min(self.memory(s, s + 1).total for s in range(1, max(2, self.n - 1)))
+        if one_layer > self.budgets[d]:
+            return (f"too small for one layer (needs {one_layer / MIB:.0f} MiB, may use "
+                    f"{self.budgets[d] / MIB:.0f} MiB)")
+        return "not needed: the plan is faster without one more hop"
+
+
+def _shortfall(memory: StageMemory, devices: Sequence[DeviceFacts], budgets: list[int],
+               options: PlanOptions) -> str:
+    """What is missing, in MiB: the whole model cut over every device, against the budgets."""
+    n, count = memory.n_layers, min(len(devices), memory.n_layers)
+    # Every stage pays the process, compute and logits overhead; the layers, the input
+    # table and the head are paid once.
+    per_stage = memory(1, 2).total - (memory.weights(1, 2) + memory(1, 2).kv_cache)
+    need = (memory(0, n).total - per_stage) + count * per_stage
+    have = sum(budgets)
+    names = ", ".join(f"{d.address} {b / MIB:.0f} MiB" for d, b in zip(devices, budgets,
+                                                                         strict=True))
+    engine = options.engine
+    advice = (f"Add workers or memory, shorten the context (--context, now "
+              f"{engine.context_tokens}), or hold fewer sessions (--max-sessions, now "
+              f"{engine.max_sessions})")
+    if need > have:
+        return (f"the model does not fit: it needs about {need / MIB:.0f} MiB across "
+                f"{count} workers, {math.ceil((need - have) / MIB)} MiB more than their "
+                f"budgets ({names}). {advice}.")
+    return (f"the model does not fit: {have / MIB:.0f} MiB of budgets in all ({names}), but "
+            f"no cut into whole layers fits each worker's share. {advice}.")

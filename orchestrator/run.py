@@ -28,7 +28,7 @@ from orchcore.paths import cache_dir
 from orchestrator.deploy import ShardStore
 from orchestrator.localcluster import LocalCluster
 from orchestrator.modelstore import resolve_model
-from orchestrator.plan import PlanOptions, make_plan
+from orchestrator.plan import make_plan
 from orchestrator.session import (
     Cluster,
     Finished,
@@ -86,8 +86,8 @@ def run_model(req: RunRequest, settings: OrchSettings, out: Console, err: Consol
             addresses, token, alive = local.addresses, local.token, local.check_alive
         cluster = Cluster.connect(addresses, token, settings, alive)
         stack.callback(cluster.close)
-        plan = make_plan(facts, cluster.devices,
-                         PlanOptions(codec=settings.codec, engine=settings.engine()))
+        plan = make_plan(facts, cluster.devices, settings.plan_options(
+            use_all=not req.workers))  # --local N: exactly N stages
         for line in plan.describe():
             err.print(f"[dim]{line}[/]", highlight=False)
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),

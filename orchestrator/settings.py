@@ -15,6 +15,7 @@ from orchcore.codecs import CODEC_NAMES
 from orchcore.config import MAX_BATCH_TOKENS, MAX_CONTEXT_TOKENS, MAX_SESSIONS, EngineConfig
 from orchcore.errors import InvalidSettingError
 from orchcore.sampling import MAX_REPEAT_LAST_N, MAX_TOP_K, RANDOM_SEED, SamplingParams
+from orchestrator.plan import Objective, PlanOptions
 
 _ENGINE = EngineConfig()
 _SAMPLING = SamplingParams()
@@ -32,6 +33,9 @@ class OrchSettings(BaseSettings):
                               description="Sessions each stage holds a KV cache for at once.")
     batch_tokens: int = Field(_ENGINE.batch_tokens, ge=1, le=MAX_BATCH_TOKENS,
                               description="Prompt tokens per chunk sent down the pipeline.")
+    objective: Objective = Field("latency", description="What the plan optimises: latency "
+                                 "(one stream's time per token; may leave slow workers out) "
+                                 "or throughput (the slowest stage, for many sessions).")
     threads: int = Field(0, ge=0, le=1024,
                          description="llama.cpp threads per worker; 0 = all its cores.")
     local_workers: int = Field(2, ge=1, le=16, description="Worker processes to start on "
@@ -87,6 +91,10 @@ class OrchSettings(BaseSettings):
         return EngineConfig(context_tokens=self.context_tokens, max_sessions=self.max_sessions,
                             batch_tokens=self.batch_tokens,
                             threads=self.threads if threads is None else threads)
+
+    def plan_options(self, *, use_all: bool = False) -> PlanOptions:
+        return PlanOptions(codec=self.codec, engine=self.engine(), objective=self.objective,
+                           use_all=use_all)
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,

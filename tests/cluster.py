@@ -12,7 +12,7 @@ from pathlib import Path
 from orchcore.facts import read_model_facts
 from orchcore.sampling import SamplingParams
 from orchestrator.deploy import ShardStore
-from orchestrator.plan import PlanOptions, make_plan
+from orchestrator.plan import make_plan
 from orchestrator.session import Cluster, GenerationStats, RunningModel
 from orchestrator.settings import OrchSettings
 from orchestrator.tokenizer import Tokenizer
@@ -50,8 +50,7 @@ def open_model(model: Path, addresses: Sequence[str], token: str | None, workdir
     facts = read_model_facts(model)
     cluster = Cluster.connect(addresses, token, config, alive)
     try:
-        plan = make_plan(facts, cluster.devices,
-                         PlanOptions(codec=config.codec, engine=config.engine()))
+        plan = make_plan(facts, cluster.devices, config.plan_options(use_all=True))
         with Tokenizer.from_gguf(model) as tokenizer, \
                 cluster.open(plan, facts, tokenizer, ShardStore(workdir / "shards-out")) as opened:
             yield opened

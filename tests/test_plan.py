@@ -4,25 +4,30 @@ beyond the model's header; it checks memory against each device and each shared 
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from orchcore.config import EngineConfig
 from orchcore.devices import DeviceFacts
 from orchcore.errors import InvalidSettingError, PlanError
 from orchcore.facts import read_model_facts
-from orchcore.memory import MIB, estimate_shard, estimate_stage
+from orchcore.memory import MIB, StageMemory, estimate_shard, estimate_stage
 from orchcore.shard import LayerRange, write_shard
-from orchestrator.plan import PlanOptions, make_plan
+from orchestrator.plan import PlanOptions, host_shares, make_plan
 from orchestrator.settings import OrchSettings, parse_workers
 
 GIB = 1 << 30
 
 
 def device(i: int, budget: int = 4 * GIB, host: str | None = None, cores: int = 4,
-           available: int = 8 * GIB) -> DeviceFacts:
+           available: int = 8 * GIB, speed: float | None = None) -> DeviceFacts:
     return DeviceFacts(address=f"10.0.0.{i}:50151", worker_id=f"id{i}", host_id=host or f"h{i}",
                        hostname=f"pi{i}", arch="aarch64", cores=cores,
                        ram_total_bytes=8 * GIB, ram_available_bytes=available,
-                       memory_budget_bytes=budget)
+                       memory_budget_bytes=budget, decode_s_per_layer=speed)
+
+
+ALL = PlanOptions(use_all=True)
 
 
 @pytest.fixture(scope="module")
@@ -31,38 +36,61 @@ def facts(smollm2_path):
 
 
 def test_plan_is_contiguous_and_carries_each_stage_engine(facts):
-    plan = make_plan(facts, [device(1, cores=4), device(2, cores=2)],
-                     PlanOptions(codec="q8_0", engine=EngineConfig(context_tokens=1024)))
+    options = PlanOptions(codec="q8_0", engine=EngineConfig(context_tokens=1024), use_all=True)
+    plan = make_plan(facts, [device(1, cores=4), device(2, cores=2)], options)
     assert [s.layers for s in plan.stages] == [LayerRange(0, 15), LayerRange(15, 30)]
     assert [s.engine.threads for s in plan.stages] == [4, 2]  # 0 = the device's cores
     assert all(s.engine.context_tokens == 1024 for s in plan.stages)
     assert plan.codec == "q8_0" and plan.stages[1].worker == "10.0.0.2:50151"
     text = "\n".join(plan.describe())
     assert "layers [0, 15) on 10.0.0.1:50151 (pi1)" in text and "MiB" in text
-    assert make_plan(facts, [device(1, cores=4), device(2, cores=2)],
-                     PlanOptions(codec="q8_0", engine=EngineConfig(context_tokens=1024))) == plan
+    assert make_plan(facts, [device(1, cores=4), device(2, cores=2)], options) == plan
 
 
-def test_a_stage_over_its_budget_is_refused_with_numbers(facts):
-    with pytest.raises(PlanError, match=r"stage 1 \(layers \[15, 30\)\) on 10\.0\.0\.2:50151 "
-                                        r"needs \d+ MiB.*budget is 100 MiB.*--context"):
-        make_plan(facts, [device(1), device(2, budget=100 * MIB)])
+def test_a_model_that_cannot_fit_gives_the_shortfall(facts):
+    with pytest.raises(PlanError, match=r"needs about \d+ MiB across 2 workers, \d+ MiB more "
+                                        r"than their budgets \(10\.0\.0\.1:50151 200 MiB, "
+                                        r"10\.0\.0\.2:50151 100 MiB\).*--context, now 2048"):
+        make_plan(facts, [device(1, budget=200 * MIB), device(2, budget=100 * MIB)])
 
 
 def test_workers_on_one_host_share_its_ram(facts):
     small_host = 400 * MIB  # each stage fits its own budget, the two do not fit together
     devices = [device(1, host="same", available=small_host),
                device(2, host="same", available=small_host)]
-    with pytest.raises(PlanError, match=r"share one machine .* need \d+ MiB together"):
-        make_plan(facts, devices)
-    make_plan(facts, [device(1, host="same"), device(2, host="same")])  # 8 GiB: fits
+    with pytest.raises(PlanError, match=r"MiB more than their budgets .*200 MiB.*200 MiB"):
+        make_plan(facts, devices, ALL)
+    plan = make_plan(facts, [device(1, host="same"), device(2, host="same")], ALL)
+    assert [s.budget for s in plan.stages] == [4 * GIB, 4 * GIB]  # 8 GiB: fits
+
+
+def test_latency_uses_the_fewest_hops_and_names_standbys(facts):
+    plan = make_plan(facts, [device(1), device(2)])  # both hold the model: one stage
+    assert [s.layers for s in plan.stages] == [LayerRange(0, 30)]
+    assert "not needed" in plan.left_out[0].reason
+    assert "standby: 10.0.0.2:50151" in "\n".join(plan.describe())
+
+
+def test_a_device_too_small_for_one_layer_is_left_out(facts):
+    plan = make_plan(facts, [device(1, budget=150 * MIB), device(2), device(3)],
+                     PlanOptions(objective="throughput"))
+    assert plan.stages and all(s.worker != "10.0.0.1:50151" for s in plan.stages)
+    assert "too small for one layer" in plan.left_out[0].reason
+
+
+def test_a_faster_device_gets_more_layers(facts):
+    fast, slow = device(1, speed=0.001), device(2, speed=0.002)
+    plan = make_plan(facts, [slow, fast], PlanOptions(objective="throughput"))
+    layers = {s.worker: len(s.layers) for s in plan.stages}
+    assert layers[fast.address] == 2 * layers[slow.address] == 20
+    assert plan.predicted_decode_s == pytest.approx(0.040)
 
 
 def test_bad_device_lists_are_refused(facts):
     with pytest.raises(PlanError, match="no workers"):
         make_plan(facts, [])
     with pytest.raises(PlanError, match="at least one layer"):
-        make_plan(facts, [device(i) for i in range(31)])
+        make_plan(facts, [device(i) for i in range(31)], ALL)
     twin = device(2)
     twin = DeviceFacts(**{**twin.__dict__, "worker_id": "id1"})
     with pytest.raises(PlanError, match="same worker"):
@@ -109,3 +137,71 @@ def test_worker_lists_are_validated(text, message):
 
 def test_worker_lists_keep_order():
     assert parse_workers(" pi1:50151, [::1]:7 ") == ("pi1:50151", "[::1]:7")
+
+
+# --- the search equals brute force ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_facts(tmp_path_factory):
+    import modelgen
+
+    path = tmp_path_factory.mktemp("plan") / "six.gguf"
+    return read_model_facts(modelgen.write_model(path, modelgen.preset("tiny-llama-gqa",
+                                                                       n_layers=6)))
+
+
+def _brute_force(facts, devices, options):
+    """Every ordered subset of devices and every cut: the best objective value."""
+    from itertools import combinations, permutations
+
+    memory = StageMemory(facts, options.engine)
+    budgets = host_shares(devices)
+    n = facts.n_layers
+    best = None
+    sizes = range(len(devices), len(devices) + 1) if options.use_all else \
+        range(1, len(devices) + 1)
+    for k in sizes:
+        for order in permutations(range(len(devices)), k):
+            for cuts in combinations(range(1, n), k - 1):
+                bounds = [0, *cuts, n]
+                stages = list(zip(order, bounds, bounds[1:], strict=False))
+                if any(memory(a, b).total > budgets[d] for d, a, b in stages):
+                    continue
+                times = [(b - a) * devices[d].decode_s_per_layer + devices[d].link_s
+                         for d, a, b in stages]
+                value = sum(times) if options.objective == "latency" else max(times)
+                best = value if best is None else min(best, value)
+    return best
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_search_equals_brute_force_and_every_limit_holds(small_facts, data):
+    memory = StageMemory(small_facts, EngineConfig())
+    sizes = sorted({memory(a, b).total for a in range(6) for b in range(a + 1, 7)})
+    count = data.draw(st.integers(1, 4))
+    devices = [DeviceFacts(
+        address=f"w{i}:1", worker_id=f"w{i}", host_id=f"h{i}", hostname="", arch="x86_64",
+        cores=1, ram_total_bytes=GIB, ram_available_bytes=GIB,
+        memory_budget_bytes=data.draw(st.sampled_from(sizes)) + data.draw(st.integers(0, 4096)),
+        decode_s_per_layer=data.draw(st.sampled_from([0.001, 0.002, 0.003, 0.005])),
+        link_s=data.draw(st.sampled_from([0.0, 0.0005, 0.004])))
+        for i in range(count)]
+    options = PlanOptions(objective=data.draw(st.sampled_from(["latency", "throughput"])),
+                          use_all=data.draw(st.booleans()))
+    want = _brute_force(small_facts, devices, options)
+    if want is None:
+        with pytest.raises(PlanError, match="does not fit"):
+            make_plan(small_facts, devices, options)
+        return
+    plan = make_plan(small_facts, devices, options)
+    times = [len(s.layers) * s.device.decode_s_per_layer + s.device.link_s for s in plan.stages]
+    got = sum(times) if options.objective == "latency" else max(times)
+    assert got == pytest.approx(want, abs=1e-9)
+    assert plan.stages[0].layers.start == 0
+    assert plan.stages[-1].layers.end == 6
+    assert all(a.layers.end == b.layers.start for a, b in zip(plan.stages, plan.stages[1:],
+                                                               strict=False))
+    assert all(s.memory.total <= s.budget <= s.device.memory_budget_bytes for s in plan.stages)
+    if options.use_all:
+        assert len(plan.stages) == count
