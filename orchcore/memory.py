@@ -23,6 +23,7 @@ from orchcore.facts import ModelFacts, type_bytes
 from orchcore.shard import KEY_INPUT_ROWS, KEY_INPUT_TYPE, LayerRange
 
 MIB = 1 << 20
+DEFAULT_RESERVE_MB = 512  # a worker without a budget leaves this much RAM to the machine
 # A worker process with nothing loaded: Python, numpy, gRPC, llama.cpp's libraries.
 PROCESS_BASELINE_BYTES = 160 * MIB
 # llama.cpp's compute buffer: graph intermediates per row of a batch, in floats of width
@@ -51,6 +52,11 @@ class MemoryEstimate:
         return (f"{mib(self.total)} MiB (weights {mib(self.weights)}, KV {mib(self.kv_cache)}, "
                 f"logits {mib(self.logits)}, compute {mib(self.compute)}, process "
                 f"{mib(self.baseline)})")
+
+
+def default_budget(available_bytes: int, reserve_mb: int = DEFAULT_RESERVE_MB) -> int:
+    """A worker's budget when none is set: the RAM available at start minus a reserve."""
+    return max(0, available_bytes - (reserve_mb << 20))
 
 
 def _estimate(*, weights: int, kv_per_token: int, n_vocab_out: int, n_embd: int, n_ff: int,

@@ -101,6 +101,41 @@ def _fail(exc: OrchError) -> NoReturn:
     raise typer.Exit(1) from None
 
 
+@app.command()
+def plan(
+    model: Annotated[str, typer.Argument(help="A .gguf file, or a known name: smollm2-135m.")],
+    workers: Annotated[str | None, typer.Option(
+        help="Running workers as HOST:PORT,HOST:PORT; without it, the plan for --local "
+             "workers on this machine.")] = None,
+    local: Annotated[int | None, _opt("local_workers", "--local")] = None,
+    context: Annotated[int | None, _opt("context_tokens", "--context")] = None,
+    max_sessions: Annotated[int | None, _opt("max_sessions", "--max-sessions")] = None,
+    objective: Annotated[str | None, _opt("objective", "--objective")] = None,
+    codec: Annotated[str | None, _opt("codec", "--codec")] = None,
+    token: Annotated[str | None, typer.Option(
+        help="Cluster token of the workers (or ORCH_TOKEN).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Show how MODEL would be cut across the workers, and what each stage needs, without
+    sending anything."""
+    _setup_logging(False)
+    from orchestrator.run import plan_only
+
+    try:
+        settings = OrchSettings.load(local_workers=local, context_tokens=context,
+                                     max_sessions=max_sessions, objective=objective,
+                                     codec=codec, token=token)
+        made = plan_only(model, parse_workers(workers) if workers is not None else None,
+                         settings)
+    except OrchError as exc:
+        _fail(exc)
+    if as_json:
+        console.print_json(data=made.to_json())
+        return
+    for line in made.describe():
+        console.print(line, highlight=False)
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
                                "help_option_names": []})
 def worker(ctx: typer.Context) -> None:

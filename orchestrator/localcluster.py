@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from orchcore.errors import WorkerUnreachableError
@@ -35,13 +36,17 @@ def _die_with_parent() -> None:
 class LocalCluster:
     def __init__(self, n_workers: int, cache_root: Path, threads_per_worker: int = 0,
                  token: str | None = None, log_dir: Path | None = None,
-                 start_deadline_s: float = 60.0) -> None:
+                 start_deadline_s: float = 60.0,
+                 memory_budgets_mb: Sequence[int] | None = None) -> None:
         if n_workers < 1:
             raise ValueError("a local cluster needs at least one worker")
         self.n_workers = n_workers
         self.cache_root = cache_root
         self.threads = threads_per_worker  # 0 = every core
         self.start_deadline_s = start_deadline_s
+        if memory_budgets_mb is not None and len(memory_budgets_mb) != n_workers:
+            raise ValueError(f"{len(memory_budgets_mb)} budgets for {n_workers} workers")
+        self.budgets_mb = memory_budgets_mb  # None: each worker's default
         self.token = token or secrets.token_urlsafe(24)
         self.log_dir = log_dir or cache_root / "logs"  # kept after stop, for post-mortems
         self._logs: list = []
@@ -60,6 +65,8 @@ class LocalCluster:
             cmd = [sys.executable, "-m", "orchestrator.cli", "worker", "--host", "127.0.0.1",
                    "--port", "0", "--cache-dir", str(self.cache_root / f"worker-{i}"),
                    "--threads", str(self.threads), "--ready-file", str(ready)]
+            if self.budgets_mb is not None:
+                cmd += ["--memory-budget-mb", str(self.budgets_mb[i])]
             self.log_dir.mkdir(parents=True, exist_ok=True)
             logf = (self.log_dir / f"worker-{i}.log").open("wb")
             self._logs.append(logf)

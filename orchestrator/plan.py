@@ -104,6 +104,21 @@ class Plan:
         times = [s.decode_s for s in self.stages]
         return None if None in times else sum(times)
 
+    def to_json(self) -> dict:
+        """The plan for scripts (``orch plan --json``): bytes, seconds, half-open ranges."""
+        return {
+            "model": str(self.model), "layers": self.n_layers, "codec": self.codec,
+            "objective": self.objective, "context_tokens": self.context_tokens,
+            "predicted_decode_s": self.predicted_decode_s,
+            "stages": [{"index": s.index, "worker": s.worker, "worker_id": s.device.worker_id,
+                        "host": s.device.hostname, "layers": [s.layers.start, s.layers.end],
+                        "memory_bytes": s.memory.total, "budget_bytes": s.budget,
+                        "threads": s.engine.threads, "predicted_decode_s": s.decode_s}
+                       for s in self.stages],
+            "standby": [{"worker": o.device.address, "reason": o.reason}
+                        for o in self.left_out],
+        }
+
     def stage_of(self, address: str) -> StagePlan | None:
         return next((s for s in self.stages if s.worker == address), None)
 

@@ -6,6 +6,7 @@ Everything here is terminal output around the session API (``orchestrator.sessio
 from __future__ import annotations
 
 import logging
+import platform
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -22,13 +23,16 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from orchcore.cpu import cpu_info, host_id, memory_info
+from orchcore.devices import DeviceFacts
 from orchcore.errors import ContextFullError, InvalidInputError, OrchError
 from orchcore.facts import read_model_facts
+from orchcore.memory import default_budget
 from orchcore.paths import cache_dir
 from orchestrator.deploy import ShardStore
 from orchestrator.localcluster import LocalCluster
 from orchestrator.modelstore import resolve_model
-from orchestrator.plan import make_plan
+from orchestrator.plan import Plan, make_plan
 from orchestrator.session import (
     Cluster,
     Finished,
@@ -104,6 +108,32 @@ def run_model(req: RunRequest, settings: OrchSettings, out: Console, err: Consol
         except OrchError as exc:
             report(err, exc)
             raise Reported(str(exc)) from None
+
+
+def plan_only(model: str, workers: tuple[str, ...] | None, settings: OrchSettings) -> Plan:
+    """``orch plan``: the plan for listed workers (asked for their facts) or for local
+    workers on this machine (their facts known without starting them)."""
+    facts = read_model_facts(resolve_model(model))
+    facts.require_supported()
+    if workers is None:
+        return make_plan(facts, local_devices(settings.local_workers),
+                         settings.plan_options(use_all=True))
+    cluster = Cluster.connect(workers, settings.token_value, settings)
+    try:
+        return make_plan(facts, cluster.devices, settings.plan_options())
+    finally:
+        cluster.close()
+
+
+def local_devices(count: int) -> list[DeviceFacts]:
+    """What ``count`` local workers would report: this machine, each with the default
+    budget (they share its RAM, which the planner accounts for)."""
+    cpu, mem, host = cpu_info(), memory_info(), host_id()
+    return [DeviceFacts(address=f"local #{i}", worker_id=f"local-{i}", host_id=host,
+                        hostname=platform.node(), arch=cpu.arch, cores=cpu.cores,
+                        ram_total_bytes=mem.total, ram_available_bytes=mem.available,
+                        memory_budget_bytes=default_budget(mem.available))
+            for i in range(count)]
 
 
 class RichProgress:

@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from orchcore.memory import DEFAULT_RESERVE_MB, default_budget
 from orchcore.paths import cache_dir
 
 
@@ -29,8 +30,8 @@ class WorkerSettings(BaseSettings):
                              "(weights, KV cache, buffers, interpreter); 0 = the RAM "
                              "available at start minus --memory-reserve-mb.")
     memory_reserve_mb: int = Field(
-        512, ge=0, description="With no budget set: RAM left to the rest of the machine, "
-                               "in MiB.")
+        DEFAULT_RESERVE_MB, ge=0,
+        description="With no budget set: RAM left to the rest of the machine, in MiB.")
     token: SecretStr | None = Field(
         None, description="Cluster token; every call must carry it. Prefer the "
                           "ORCH_WORKER_TOKEN variable: command lines are visible to other "
@@ -49,7 +50,7 @@ class WorkerSettings(BaseSettings):
         """The memory budget in bytes, given the RAM available now."""
         if self.memory_budget_mb:
             return self.memory_budget_mb << 20
-        return max(0, available_bytes - (self.memory_reserve_mb << 20))
+        return default_budget(available_bytes, self.memory_reserve_mb)
 
 
 for _name, _field in WorkerSettings.model_fields.items():  # `orch worker --help` names them

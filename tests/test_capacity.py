@@ -1,0 +1,78 @@
+"""Capacity: a model bigger than any one worker runs exactly across workers whose unequal
+budgets the planner sizes the layer ranges to; every worker's peak RSS stays in budget."""
+
+from __future__ import annotations
+
+import modelgen
+import numpy as np
+import pytest
+from chain import replay
+from cluster import greedy_tokens
+from reference import ReferenceModel
+
+from orchcore.facts import read_model_facts
+from orchcore.memory import MIB, StageMemory
+from orchcore.shard import even_ranges
+from orchestrator.deploy import ShardStore
+from orchestrator.localcluster import LocalCluster
+from orchestrator.plan import make_plan
+from orchestrator.session import Cluster
+from orchestrator.settings import OrchSettings
+from orchestrator.tokenizer import Tokenizer
+from orchestrator.verify import LocalChain
+
+# In this order an even cut overflows the first worker; 140 MiB holds no layer at all.
+BUDGETS_MB = [260, 310, 300, 140, 310, 305, 300, 295]
+PROMPT = [1 + (i * 37) % 31000 for i in range(40)]
+
+
+def _peak_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status
+                    if line.startswith("VmHWM:"))
+
+
+@pytest.mark.slow
+def test_a_model_larger_than_any_worker_runs_exactly(tmp_path):
+    model = modelgen.write_model(tmp_path / "1b.gguf", modelgen.preset("bench-1b-q4_0"))
+    facts = read_model_facts(model)
+    assert facts.file_size / MIB >= 1.8 * max(BUDGETS_MB)
+    settings = OrchSettings.load(context_tokens=512, max_sessions=1, batch_tokens=64,
+                                 threads=1)
+    memory = StageMemory(facts, settings.engine())
+    first_even = even_ranges(facts.n_layers, len(BUDGETS_MB))[0]
+    assert memory(first_even.start, first_even.end).total > BUDGETS_MB[0] * MIB
+
+    ref = ReferenceModel(model, threads=1)
+    want, want_logits = ref.greedy(PROMPT, 6)
+    ref.close()
+    with LocalCluster(len(BUDGETS_MB), tmp_path / "w", threads_per_worker=1,
+                      memory_budgets_mb=BUDGETS_MB) as local:
+        cluster = Cluster.connect(local.addresses, local.token, settings, local.check_alive)
+        try:
+            plan = make_plan(facts, cluster.devices, settings.plan_options())
+            print("\n".join(plan.describe()))
+            small = local.addresses[BUDGETS_MB.index(140)]
+            reasons = {o.device.address: o.reason for o in plan.left_out}
+            assert "too small for one layer" in reasons[small]
+            assert len(plan.stages) >= 5  # no worker could hold more than 3 of 16 layers
+            middle = plan.stages[1:-1]
+            for a in middle:  # a larger budget never gets fewer layers
+                for b in middle:
+                    if a.budget > b.budget:
+                        assert len(a.layers) >= len(b.layers)
+            with Tokenizer.from_gguf(model) as tokenizer, \
+                    cluster.open(plan, facts, tokenizer, ShardStore(tmp_path / "s")) as running:
+                assert greedy_tokens(running, PROMPT, 6) == want
+            for stage in plan.stages:
+                proc = local.procs[local.addresses.index(stage.worker)]
+                assert _peak_rss(proc.pid) <= stage.budget, stage
+        finally:
+            cluster.close()
+    # The same cut in one process: f32 logits equal the unsplit model's, bit for bit.
+    chain = LocalChain(model, [s.layers for s in plan.stages], tmp_path, settings.engine())
+    try:
+        got = replay(chain, PROMPT, want)
+    finally:
+        chain.close()
+    assert all(np.array_equal(a, b) for a, b in zip(got, want_logits, strict=True))
