@@ -128,6 +128,10 @@ class ShardHashError(OrchError):
     """Received shard bytes do not hash to the announced sha256."""
 
 
+class WorkerBusyError(OrchError):
+    """The worker runs a stage for another orchestrator, whose lease is live."""
+
+
 class MemoryBudgetError(OrchError):
     """Loading would exceed the worker's memory budget (numbers in the message)."""
 

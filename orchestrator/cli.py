@@ -58,6 +58,7 @@ def run(
     context: Annotated[int | None, _opt("context_tokens", "--context")] = None,
     max_sessions: Annotated[int | None, _opt("max_sessions", "--max-sessions")] = None,
     threads: Annotated[int | None, _opt("threads", "--threads")] = None,
+    objective: Annotated[str | None, _opt("objective", "--objective")] = None,
     stop: Annotated[list[str] | None, typer.Option(
         help="Stop when this text appears (repeatable).")] = None,
     chat: Annotated[bool, typer.Option(
@@ -68,11 +69,15 @@ def run(
              "command lines are visible to other users.")] = None,
     stats: Annotated[bool, typer.Option(
         help="Print tokens/s, per-stage compute and wire bytes.")] = False,
+    force: Annotated[bool, typer.Option(
+        help="Take over workers that run another orchestrator's model.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Generate with MODEL split across workers: local processes, or --workers.
+    """Generate with MODEL split across workers.
 
-    Every default can also be set with an ORCH_* variable (shown with each flag).
+    Workers: --workers as listed; --local N worker processes on this machine; neither:
+    the workers of this cluster found on the LAN (zeroconf, ORCH_DISCOVERY), else 2 local
+    ones. Every default can also be set with an ORCH_* variable (shown with each flag).
     """
     _setup_logging(verbose)
     from orchestrator.run import Reported, RunRequest, run_model
@@ -81,11 +86,13 @@ def run(
         settings = OrchSettings.load(
             local_workers=local, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
             top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, codec=codec,
-            context_tokens=context, max_sessions=max_sessions, threads=threads, token=token)
+            context_tokens=context, max_sessions=max_sessions, threads=threads, token=token,
+            objective=objective)
         request = RunRequest(
             model=model, prompt=prompt,
             workers=parse_workers(workers) if workers is not None else None,
-            stops=tuple(stop or ()), chat=chat, system=system, stats=stats)
+            stops=tuple(stop or ()), chat=chat, system=system, stats=stats,
+            discover=workers is None and local is None, force=force)
         run_model(request, settings, console, err)
     except Reported:
         raise typer.Exit(1) from None
@@ -117,7 +124,7 @@ def plan(
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:
     """Show how MODEL would be cut across the workers, and what each stage needs, without
-    sending anything."""
+    sending anything (workers as for `orch run`: listed, local, or found on the LAN)."""
     _setup_logging(False)
     from orchestrator.run import plan_only
 
@@ -126,7 +133,7 @@ def plan(
                                      max_sessions=max_sessions, objective=objective,
                                      codec=codec, token=token)
         made = plan_only(model, parse_workers(workers) if workers is not None else None,
-                         settings)
+                         settings, discover_workers=workers is None and local is None, err=err)
     except OrchError as exc:
         _fail(exc)
     if as_json:

@@ -76,6 +76,9 @@ class WorkerClient:
         self.answered = True
         return reply
 
+    def prove(self, nonce: bytes, deadline: float) -> pb.ProveReply:
+        return self._call(self.stub.Prove, pb.ProveRequest(nonce=nonce), deadline)
+
     def info(self, deadline: float | None = None) -> pb.WorkerInfo:
         return self._call(self.stub.Info, pb.InfoRequest(),
                           deadline or self.settings.info_deadline_s)
@@ -108,9 +111,13 @@ class WorkerClient:
     def load_shard(self, request: pb.LoadShardRequest) -> pb.LoadShardReply:
         return self._call(self.stub.LoadShard, request, self.settings.load_deadline_s)
 
-    def unload(self, pipeline_id: str, deadline: float) -> pb.UnloadReply:
-        return self._call(self.stub.Unload, pb.UnloadRequest(pipeline_id=pipeline_id),
-                          deadline)
+    def unload(self, pipeline_id: str, holder: str, deadline: float) -> pb.UnloadReply:
+        return self._call(self.stub.Unload,
+                          pb.UnloadRequest(pipeline_id=pipeline_id, holder=holder), deadline)
+
+    def renew(self, pipeline_id: str, holder: str, deadline: float) -> bool:
+        return self._call(self.stub.Renew, pb.RenewRequest(pipeline_id=pipeline_id,
+                                                           holder=holder), deadline).held
 
     def close(self) -> None:
         self.channel.close()

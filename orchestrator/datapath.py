@@ -78,7 +78,10 @@ class DataPath:
                     with self._lock:
                         self._results.pop(out.session, None)
                 else:
-                    self._queue(out.session).put(out)
+                    with self._lock:  # a shared stage also carries other orchestrators'
+                        mine = self._results.get(out.session)
+                    if mine is not None:
+                        mine.put(out)
             broken: OrchError = WorkerUnreachableError(last, "results stream ended")
         except grpc.RpcError as exc:
             broken = rpc_error(last, exc, answered_before=True)
@@ -171,8 +174,11 @@ class DataPath:
         info = client.info(deadline=self.settings.probe_deadline_s)
         loaded = info.loaded
         if not info.HasField("loaded") or loaded.pipeline_id != self.pipeline_id:
-            lost = NotLoadedError(f"worker {client.address}: no longer holds this pipeline "
-                                  f"(restarted?)")
+            why = (f"another orchestrator took it over (it now runs layers "
+                   f"[{loaded.layer_start}, {loaded.layer_end}) of {loaded.model or 'a model'})"
+                   if info.HasField("loaded") else "it was restarted or unloaded")
+            lost = NotLoadedError(f"worker {client.address}: no longer holds this pipeline: "
+                                  f"{why}")
             lost.worker = client.address
             raise lost
         if loaded.HasField("fault"):

@@ -13,6 +13,7 @@ import logging
 import os
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -61,24 +62,41 @@ class LogProgress:
         return lambda done, total: None
 
 
+@dataclass(frozen=True)
+class Deployment:
+    pipeline_id: str
+    holder: str  # our lease on every stage
+    sent_bytes: int  # shard bytes uploaded: 0 when every worker had its shard cached
+    shared: bool  # the stages were loaded already, by another orchestrator: now shared
+
+
 def deploy(plan: Plan, facts: ModelFacts, clients: Sequence[WorkerClient], store: ShardStore,
-           progress: DeployProgress | None = None) -> str:
-    """Load every stage of ``plan`` (last stage first); returns the new pipeline id."""
-    pipeline_id = uuid.uuid4().hex[:12]
+           progress: DeployProgress | None = None, *, force: bool = False) -> Deployment:
+    """Load every stage of ``plan``, last stage first, each under a lease of ours.
+
+    A worker that already runs the very same stage shares it; the pipeline then keeps the
+    id the last stage already has, so the whole chain agrees on it.
+    """
+    pipeline_id, holder = uuid.uuid4().hex[:12], uuid.uuid4().hex[:12]
+    sent, shared = 0, []
     for stage in reversed(plan.stages):
-        _deploy_stage(plan, stage, clients[stage.index], facts, store, pipeline_id,
-                      progress or LogProgress())
-    return pipeline_id
+        reply, n = _deploy_stage(plan, stage, clients[stage.index], facts, store,
+                                 pipeline_id, holder, progress or LogProgress(), force)
+        pipeline_id = reply.pipeline_id or pipeline_id
+        sent += n
+        shared.append(reply.shared)
+    return Deployment(pipeline_id, holder, sent, all(shared))
 
 
 def _deploy_stage(plan: Plan, stage: StagePlan, client: WorkerClient, facts: ModelFacts,
-                  store: ShardStore, pipeline_id: str, progress: DeployProgress) -> None:
+                  store: ShardStore, pipeline_id: str, holder: str, progress: DeployProgress,
+                  force: bool) -> tuple[pb.LoadShardReply, int]:
     path, sha = store.get(facts, stage.layers,
                           progress=progress.task(f"writing layers {stage.layers}", None))
+    sent = 0
     if sha not in client.info().cached_shards:
         size = path.stat().st_size
         advance = progress.task(f"sending layers {stage.layers} to {stage.worker}", size)
-        sent = 0
 
         def on_chunk(n: int) -> None:
             nonlocal sent
@@ -88,22 +106,25 @@ def _deploy_stage(plan: Plan, stage: StagePlan, client: WorkerClient, facts: Mod
         client.upload_shard(path, sha, on_chunk)
     progress.task(f"loading layers {stage.layers} on {stage.worker}", None)
     last = stage.index + 1 == len(plan.stages)
-    client.load_shard(pb.LoadShardRequest(
+    reply = client.load_shard(pb.LoadShardRequest(
         pipeline_id=pipeline_id, sha256=sha, layer_start=stage.layers.start,
         layer_end=stage.layers.end,
         next_address="" if last else plan.stages[stage.index + 1].worker,
         codec=plan.codec, stage_index=stage.index, stage_count=len(plan.stages),
-        engine=convert.engine_to_proto(stage.engine)))
+        engine=convert.engine_to_proto(stage.engine), holder=holder, model=plan.model.name,
+        force=force))
+    return reply, sent
 
 
-def undeploy(pipeline_id: str, clients: Sequence[WorkerClient], deadline_s: float,
+def undeploy(deployment: Deployment, clients: Sequence[WorkerClient], deadline_s: float,
              skip: set[str] = frozenset()) -> None:
-    """Unload the pipeline in stage order (upstream first, so nothing is sent to a stage
-    that is gone), with short deadlines, never waiting on workers known dead."""
+    """Give up our lease on every stage in stage order (upstream first, so nothing is sent
+    to a stage that is gone), with short deadlines, never waiting on workers known dead.
+    A stage another orchestrator still holds stays loaded."""
     for client in clients:
         if client.address in skip:
             continue
         try:
-            client.unload(pipeline_id, deadline_s)
+            client.unload(deployment.pipeline_id, deployment.holder, deadline_s)
         except OrchError as exc:
             log.debug("unload on %s: %s", client.address, exc)

@@ -29,7 +29,8 @@ from orchcore.errors import ContextFullError, InvalidInputError, OrchError
 from orchcore.facts import read_model_facts
 from orchcore.memory import default_budget
 from orchcore.paths import cache_dir
-from orchestrator.deploy import ShardStore
+from orchestrator.deploy import Deployment, ShardStore
+from orchestrator.discover import discover
 from orchestrator.localcluster import LocalCluster
 from orchestrator.modelstore import resolve_model
 from orchestrator.plan import Plan, make_plan
@@ -58,6 +59,8 @@ class RunRequest:
     chat: bool = True
     system: str | None = None
     stats: bool = False
+    discover: bool = False  # neither --workers nor --local: look for workers on the LAN
+    force: bool = False  # take workers over from another orchestrator
 
 
 class Reported(OrchError):
@@ -80,8 +83,11 @@ def run_model(req: RunRequest, settings: OrchSettings, out: Console, err: Consol
             encode_prompt(tokenizer, _prompt(req, [], req.prompt), settings.context_tokens,
                           chat=req.chat)
         alive = None
-        if req.workers:
-            addresses, token = list(req.workers), settings.token_value
+        workers = req.workers
+        if workers is None and req.discover:
+            workers = _discovered(settings, err)
+        if workers:
+            addresses, token = list(workers), settings.token_value
         else:
             with err.status(f"starting {settings.local_workers} local workers"):
                 local = stack.enter_context(LocalCluster(
@@ -91,15 +97,16 @@ def run_model(req: RunRequest, settings: OrchSettings, out: Console, err: Consol
         cluster = Cluster.connect(addresses, token, settings, alive)
         stack.callback(cluster.close)
         plan = make_plan(facts, cluster.devices, settings.plan_options(
-            use_all=not req.workers))  # --local N: exactly N stages
+            use_all=not workers))  # --local N: exactly N stages
         for line in plan.describe():
             err.print(f"[dim]{line}[/]", highlight=False)
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                       DownloadColumn(), TransferSpeedColumn(), console=err,
                       transient=True) as bars:
             model = cluster.open(plan, facts, tokenizer, ShardStore(cache_dir() / "shards-out"),
-                                 RichProgress(bars))
+                                 RichProgress(bars), force=req.force)
         stack.callback(model.close)
+        _report_deployment(model.deployment, err)
         try:
             if req.prompt is not None:
                 _answer(model, req, settings, _prompt(req, [], req.prompt), out, err)
@@ -110,11 +117,32 @@ def run_model(req: RunRequest, settings: OrchSettings, out: Console, err: Consol
             raise Reported(str(exc)) from None
 
 
-def plan_only(model: str, workers: tuple[str, ...] | None, settings: OrchSettings) -> Plan:
-    """``orch plan``: the plan for listed workers (asked for their facts) or for local
-    workers on this machine (their facts known without starting them)."""
+def _discovered(settings: OrchSettings, err: Console) -> tuple[str, ...] | None:
+    """Workers of this cluster found on the LAN, after saying what was found."""
+    if settings.discovery == "off":
+        return None
+    with err.status(f"looking for workers ({settings.discovery_timeout_s:g} s)"):
+        found = discover(settings)
+    for worker, why in found.others:
+        err.print(f"[dim]not used: {worker.address} (worker {worker.advert.worker_id[:8]}): "
+                  f"{why}[/]", highlight=False)
+    if not found.members:
+        err.print(f"[dim]no workers of this cluster on the network; starting "
+                  f"{settings.local_workers} local workers[/]")
+        return None
+    err.print(f"[dim]found {len(found.members)} workers: "
+              f"{', '.join(w.address for w in found.members)}[/]", highlight=False)
+    return tuple(w.address for w in found.members)
+
+
+def plan_only(model: str, workers: tuple[str, ...] | None, settings: OrchSettings, *,
+              discover_workers: bool = False, err: Console | None = None) -> Plan:
+    """``orch plan``: the plan for listed or discovered workers (asked for their facts), or
+    for local workers on this machine (their facts known without starting them)."""
     facts = read_model_facts(resolve_model(model))
     facts.require_supported()
+    if workers is None and discover_workers:
+        workers = _discovered(settings, err or Console(stderr=True))
     if workers is None:
         return make_plan(facts, local_devices(settings.local_workers),
                          settings.plan_options(use_all=True))
@@ -134,6 +162,14 @@ def local_devices(count: int) -> list[DeviceFacts]:
                         ram_total_bytes=mem.total, ram_available_bytes=mem.available,
                         memory_budget_bytes=default_budget(mem.available))
             for i in range(count)]
+
+
+def _report_deployment(deployment: Deployment, err: Console) -> None:
+    sent = deployment.sent_bytes
+    shards = (f"{sent / (1 << 20):.1f} MiB of shards sent" if sent else
+              "0 bytes of shards sent: every worker had its shard cached")
+    shared = "; sharing the stages another orchestrator loaded" if deployment.shared else ""
+    err.print(f"[dim]{shards}{shared}[/]")
 
 
 class RichProgress:

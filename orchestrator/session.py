@@ -15,7 +15,9 @@ renders events; the HTTP server and failover build on the same objects.
 from __future__ import annotations
 
 import contextlib
+import logging
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -30,10 +32,12 @@ from orchcore.wire import convert
 from orchcore.wire import worker_pb2 as pb
 from orchestrator.client import WorkerClient
 from orchestrator.datapath import DataPath
-from orchestrator.deploy import DeployProgress, ShardStore, deploy, undeploy
+from orchestrator.deploy import Deployment, DeployProgress, ShardStore, deploy, undeploy
 from orchestrator.plan import Plan
 from orchestrator.settings import OrchSettings
 from orchestrator.tokenizer import StopMatcher, StreamDecoder, Tokenizer
+
+log = logging.getLogger(__name__)
 
 FinishReason = Literal["length", "stop", "end"]  # max tokens or context; stop text; EOG
 
@@ -139,13 +143,14 @@ class Cluster:
         return cls(clients, devices, token, settings, alive)
 
     def open(self, plan: Plan, facts: ModelFacts, tokenizer: Tokenizer, store: ShardStore,
-             progress: DeployProgress | None = None) -> RunningModel:
+             progress: DeployProgress | None = None, *, force: bool = False) -> RunningModel:
         """Deploy ``plan`` (made for ``self.devices``) and open its data path."""
         by_address = {c.address: c for c in self.clients}
         clients = [by_address[s.worker] for s in plan.stages]
-        pipeline_id = deploy(plan, facts, clients, store, progress)
-        path = DataPath(plan, pipeline_id, clients, self.token, self.settings, self.alive)
-        model = RunningModel(plan, tokenizer, path, self.settings)
+        deployment = deploy(plan, facts, clients, store, progress, force=force)
+        path = DataPath(plan, deployment.pipeline_id, clients, self.token, self.settings,
+                        self.alive)
+        model = RunningModel(plan, tokenizer, path, self.settings, deployment)
         try:
             path.open()
         except BaseException:
@@ -162,12 +167,29 @@ class RunningModel:
     """A model deployed on workers; ``generate`` yields events; ``close`` unloads it."""
 
     def __init__(self, plan: Plan, tokenizer: Tokenizer, path: DataPath,
-                 settings: OrchSettings) -> None:
+                 settings: OrchSettings, deployment: Deployment) -> None:
         self.plan = plan
         self.tokenizer = tokenizer
         self.path = path
         self.settings = settings
-        self._closed = False
+        self.deployment = deployment
+        self._closed = threading.Event()
+        self._renewer = threading.Thread(target=self._renew_leases, name="leases", daemon=True)
+        self._renewer.start()
+
+    def _renew_leases(self) -> None:
+        """Keep our leases on the stages for as long as the model is open (days, for a
+        server); a lease lapses about 30 s after we are gone."""
+        while not self._closed.wait(self.settings.lease_renew_s):
+            for client in self.path.clients:
+                if client.address in self.path.failed:
+                    continue
+                try:
+                    if not client.renew(self.path.pipeline_id, self.deployment.holder,
+                                        self.settings.probe_deadline_s):
+                        log.warning("worker %s no longer holds our stage", client.address)
+                except OrchError as exc:
+                    log.debug("renewing the lease on %s: %s", client.address, exc)
 
     def encode(self, prompt: Prompt, *, chat: bool = True) -> list[int]:
         return encode_prompt(self.tokenizer, prompt, self.plan.context_tokens, chat=chat)
@@ -248,11 +270,11 @@ class RunningModel:
 
     def close(self) -> None:
         """Close the streams and unload every stage, skipping workers found dead or hung."""
-        if self._closed:
+        if self._closed.is_set():
             return
-        self._closed = True
+        self._closed.set()
         self.path.close()
-        undeploy(self.path.pipeline_id, self.path.clients, self.settings.cleanup_deadline_s,
+        undeploy(self.deployment, self.path.clients, self.settings.cleanup_deadline_s,
                  skip=self.path.failed)
 
     def __enter__(self) -> RunningModel:

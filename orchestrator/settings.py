@@ -41,6 +41,11 @@ class OrchSettings(BaseSettings):
     local_workers: int = Field(2, ge=1, le=16, description="Worker processes to start on "
                                                            "this machine without --workers.")
     token: SecretStr | None = Field(None, description="Cluster token of the workers.")
+    discovery: str = Field("auto", description="Find workers with zeroconf: auto (LAN "
+                           "interfaces, never containers or bridges), off, or an interface "
+                           "name (eth0, wlan0, lo).")
+    discovery_timeout_s: float = Field(2.0, gt=0, le=60, description="How long to listen "
+                                       "for workers' announcements.")
 
     # --- generation ----------------------------------------------------------------------
     max_tokens: int = Field(256, ge=1, le=1 << 20, description="Most tokens to generate.")
@@ -69,6 +74,8 @@ class OrchSettings(BaseSettings):
     probe_deadline_s: float = Field(2.0, gt=0, description="Deadline of each liveness probe.")
     cleanup_deadline_s: float = Field(2.0, gt=0, description="Deadline of each call that "
                                       "tidies workers up after a run or a failure.")
+    lease_renew_s: float = Field(5.0, gt=0, le=25, description="How often the orchestrator "
+                                 "renews its lease on each stage (leases lapse after 30 s).")
     start_deadline_s: float = Field(60.0, gt=0, description="Longest wait for local workers "
                                                             "to start.")
 

@@ -11,6 +11,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/ helpers: modelgen, reference, chain
 
+# No test multicasts on the machine's own network: discovery is off for this process and
+# every process it starts; tests of discovery pin it to loopback or their own namespaces.
+os.environ["ORCH_DISCOVERY"] = "off"
+os.environ["ORCH_WORKER_DISCOVERY"] = "off"
+
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:

@@ -20,20 +20,22 @@ _unavailable = netns_available()
 pytestmark = pytest.mark.skipif(_unavailable is not None, reason=_unavailable or "")
 
 
-def _start_worker(host, address, token, root):
+def _start_worker(host, address, token, root, iface):
     ready = root / f"{host}.ready"
     log = (root / f"{host}.log").open("w")
     proc = subprocess.Popen(
         [*ns_exec(host), sys.executable, "-m", "orchestrator.cli", "worker", "--host", address,
          "--port", "50151", "--cache-dir", str(root / host), "--ready-file", str(ready),
          "--threads", "1"],
-        env=dict(os.environ, ORCH_WORKER_TOKEN=token), stdout=log, stderr=log)
+        env=dict(os.environ, ORCH_WORKER_TOKEN=token, ORCH_WORKER_DISCOVERY=iface),
+        stdout=log, stderr=log)
     return proc, ready
 
 
-def _run(args, env_cache, timeout=180):
+def _run(args, env_cache, timeout=180, **env):
     return subprocess.run([*ns_exec("orch"), sys.executable, "-m", "orchestrator.cli", *args],
-                          env=dict(os.environ, ORCH_CACHE_DIR=str(env_cache), COLUMNS="200"),
+                          env=dict(os.environ, ORCH_CACHE_DIR=str(env_cache), COLUMNS="200",
+                                   **env),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -43,9 +45,11 @@ def test_run_across_hosts_equals_unsplit(smollm2_path, tmp_path, threads):
     want = ref.detokenize(generated)
     ref.close()
     token = secrets.token_urlsafe(16)
-    with network(["orch", "w0", "w1"]) as net:
+    hosts = ["orch", "w0", "w1", "w2"]  # in namespace i the link is called oh{i}
+    with network(hosts) as net:
         addresses = net.addresses
-        procs = [_start_worker(h, addresses[h], token, tmp_path) for h in ("w0", "w1")]
+        procs = [_start_worker(h, addresses[h], token, tmp_path, f"oh{hosts.index(h)}")
+                 for h in hosts[1:]]
         try:
             deadline = time.monotonic() + 60
             while not all(r.exists() for _, r in procs) and time.monotonic() < deadline:
@@ -53,10 +57,18 @@ def test_run_across_hosts_equals_unsplit(smollm2_path, tmp_path, threads):
             assert all(r.exists() for _, r in procs), "workers did not start"
             workers = ",".join(f"{addresses[h]}:50151" for h in ("w0", "w1"))
             done = _run(["run", str(smollm2_path), PROMPT, "--no-chat", "--workers", workers,
-                         "--token", token, "--max-tokens", str(STEPS)], tmp_path)
+                         "--token", token, "--max-tokens", str(STEPS), "--objective",
+                         "throughput"], tmp_path)
             assert done.returncode == 0, done.stderr
             assert done.stdout.strip() == want.strip()
             assert f"on {addresses['w1']}:50151" in done.stderr
+            # No list: the three workers are found by multicast across the bridge.
+            found = _run(["run", str(smollm2_path), PROMPT, "--no-chat", "--max-tokens",
+                          str(STEPS), "--objective", "throughput"], tmp_path,
+                         ORCH_DISCOVERY="oh0", ORCH_TOKEN=token)
+            assert found.returncode == 0, found.stderr
+            assert "found 3 workers" in found.stderr
+            assert found.stdout.strip() == want.strip()
             refused = _run(["run", str(smollm2_path), PROMPT, "--no-chat", "--workers",
                             workers, "--token", "wrong", "--max-tokens", "2"], tmp_path)
             assert refused.returncode == 1

@@ -25,6 +25,7 @@ import grpc
 
 from orchcore import __version__
 from orchcore.cpu import cpu_info, host_id, memory_info
+from orchcore.discovery import Advert, proof
 from orchcore.engine import StageEngine
 from orchcore.errors import (
     InvalidInputError,
@@ -33,6 +34,7 @@ from orchcore.errors import (
     NotLoadedError,
     OrchError,
     ShardMissingError,
+    WorkerBusyError,
 )
 from orchcore.facts import read_model_facts
 from orchcore.memory import MIB, estimate_shard
@@ -40,12 +42,14 @@ from orchcore.wire import PROTOCOL_VERSION, convert, status
 from orchcore.wire import worker_pb2 as pb
 from orchcore.wire import worker_pb2_grpc as pb_grpc
 from orchcore.wire.channel import server_options
+from worker.advertise import Advertiser, advertised_addresses
 from worker.settings import WorkerSettings
 from worker.shardcache import ShardCache
 from worker.stage import Stage
 
 log = logging.getLogger(__name__)
 
+_PROVE = "/orch.v1.Worker/Prove"  # the one call without a token: it proves ours
 _RECENT_PIPELINES = 16  # unloaded pipelines whose late messages are dropped quietly
 _UNAUTHENTICATED = ("missing or wrong cluster token: give the orchestrator the same token "
                     "as the workers (--token or ORCH_TOKEN)")
@@ -60,7 +64,7 @@ class TokenAuth(grpc.ServerInterceptor):
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails
                           ) -> grpc.RpcMethodHandler | None:
         given = dict(details.invocation_metadata or ()).get("authorization", "")
-        if hmac.compare_digest(given.encode(), self._expected):
+        if details.method == _PROVE or hmac.compare_digest(given.encode(), self._expected):
             return continuation(details)
         handler = continuation(details)
         if handler is None:
@@ -98,12 +102,15 @@ def _rpc(method: Callable) -> Callable:
     return wrapper
 
 
-def worker_id(cache_dir: Path) -> str:
-    """A random id made once per cache folder: cloned machines get their own on first run."""
-    path = cache_dir / "worker-id"
-    if not path.exists():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(uuid.uuid4().hex + "\n")
+def worker_id(state_dir: Path, *, renew: bool = False) -> str:
+    """A random id made once per install and kept in its state folder (``renew``: make a
+    new one, when a cloned machine's id turns out to be taken)."""
+    path = state_dir / "worker-id"
+    if renew or not path.exists():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(uuid.uuid4().hex + "\n")
+        os.replace(tmp, path)
     return path.read_text().strip()
 
 
@@ -137,7 +144,8 @@ class WorkerService(pb_grpc.WorkerServicer):
             info.loaded.CopyFrom(pb.LoadedShard(
                 sha256=stage.sha256, layer_start=role.start, layer_end=role.end,
                 source_layers=role.source_layers, pipeline_id=stage.pipeline_id,
-                resident_bytes=stage.resident_bytes))
+                resident_bytes=stage.resident_bytes, model=stage.request.model,
+                holders=stage.leases.to_proto(time.monotonic())))
             if stage.fault is not None:
                 info.loaded.fault.CopyFrom(stage.fault)
         return info
@@ -168,6 +176,17 @@ class WorkerService(pb_grpc.WorkerServicer):
         cores = cpu_info().cores
         config = convert.engine_from_proto(request.engine, self.settings.threads or cores, cores)
         with self._lock:
+            current, now = self.stage, time.monotonic()
+            if current is not None and current.same_as(request, config.threads):
+                current.leases.hold(request.holder, now)
+                log.info("layers [%d, %d) shared with pipeline %s", request.layer_start,
+                         request.layer_end, current.pipeline_id)
+                return pb.LoadShardReply(
+                    resident_bytes=current.resident_bytes, pipeline_id=current.pipeline_id,
+                    shared=True, engine=convert.engine_to_proto(current.engine.config))
+            if current is not None and current.leases.others(request.holder, now) \
+                    and not request.force:
+                raise WorkerBusyError(self._busy(current, now))
             self._unload()
             needed = estimate_shard(read_model_facts(path), config)
             if needed.total > self.budget:
@@ -189,11 +208,30 @@ class WorkerService(pb_grpc.WorkerServicer):
             except BaseException:
                 engine.close()
                 raise
+            self.stage.leases.hold(request.holder, time.monotonic())
         log.info("loaded layers [%d, %d) for pipeline %s", role.start, role.end,
                  request.pipeline_id)
         return pb.LoadShardReply(resident_bytes=needed.total,
                                  load_seconds=time.perf_counter() - started,
-                                 engine=convert.engine_to_proto(config))
+                                 engine=convert.engine_to_proto(config),
+                                 pipeline_id=request.pipeline_id)
+
+    @staticmethod
+    def _busy(stage: Stage, now: float) -> str:
+        since = time.strftime("%H:%M:%S", time.localtime(stage.loaded_at))
+        count = len(stage.leases.others("", now))
+        return (f"busy: it runs layers [{stage.request.layer_start}, "
+                f"{stage.request.layer_end}) of {stage.request.model or 'another model'} for "
+                f"{count} other orchestrator{'s' if count > 1 else ''} since {since}; wait for "
+                f"it to finish, use other workers, or take the worker over with --force")
+
+    @_rpc
+    def Renew(self, request: pb.RenewRequest, context: grpc.ServicerContext) -> pb.RenewReply:
+        with self._lock:
+            stage = self.stage
+            held = stage is not None and stage.pipeline_id == request.pipeline_id and \
+                stage.leases.renew(request.holder, time.monotonic())
+        return pb.RenewReply(held=held)
 
     @_rpc
     def Unload(self, request: pb.UnloadRequest, context: grpc.ServicerContext
@@ -203,6 +241,9 @@ class WorkerService(pb_grpc.WorkerServicer):
             if stage is None or (request.pipeline_id and
                                  stage.pipeline_id != request.pipeline_id):
                 return pb.UnloadReply(was_loaded=False)
+            stage.leases.drop(request.holder)
+            if request.holder and stage.leases.others(request.holder, time.monotonic()):
+                return pb.UnloadReply(was_loaded=True)  # still held by another orchestrator
             self._unload()
         return pb.UnloadReply(was_loaded=True)
 
@@ -245,6 +286,20 @@ class WorkerService(pb_grpc.WorkerServicer):
         yield pb.StageOutput()  # subscribed: results published from now on reach this stream
         while (out := q.get()) is not None:
             yield out
+
+    def Prove(self, request: pb.ProveRequest, context: grpc.ServicerContext) -> pb.ProveReply:
+        if len(request.nonce) < 16:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a nonce of 16 or more bytes")
+        answer = proof(self.token, request.nonce, b"worker") if self.token else b""
+        return pb.ProveReply(proof=answer, worker_id=self.id)
+
+    def renew_id(self) -> str:
+        self.id = worker_id(self.settings.cache_dir, renew=True)
+        return self.id
+
+    def advert(self, port: int) -> Advert:
+        return Advert(worker_id=self.id, protocol=PROTOCOL_VERSION, arch=cpu_info().arch,
+                      cores=cpu_info().cores, budget_mb=self.budget >> 20, port=port)
 
     @_rpc
     def EndSession(self, request: pb.EndSessionRequest, context: grpc.ServicerContext
@@ -294,6 +349,9 @@ def serve(settings: WorkerSettings, *, stop: threading.Event | None = None) -> N
     if not token and settings.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("no cluster token set: anyone on the network can use this worker")
     log.info("worker %s listening on %s (cache %s)", service.id[:8], name, settings.cache_dir)
+    advertiser = Advertiser(advertised_addresses(settings.discovery, settings.host),
+                            lambda: service.advert(port), service.renew_id)
+    advertiser.start()
     if settings.ready_file:  # an address others can connect to, even when bound to all
         tmp = settings.ready_file.with_suffix(".tmp")
         tmp.write_text(f"{_reachable_host(settings.host)}:{port}")
@@ -307,5 +365,6 @@ def serve(settings: WorkerSettings, *, stop: threading.Event | None = None) -> N
     while not stop.wait(1.0):
         pass
     log.info("worker %s stopping", name)
+    advertiser.close()
     server.stop(grace=2).wait(5)
     service.close()

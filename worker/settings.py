@@ -38,6 +38,10 @@ class WorkerSettings(BaseSettings):
                           "users. Unset = no auth (only for loopback).")
     max_message_mb: int = Field(64, ge=1, le=1024,
                                 description="Largest gRPC message accepted, in MiB.")
+    discovery: str = Field(
+        "auto", description="Announce this worker with zeroconf: auto (the LAN interfaces "
+                            "it listens on, never containers or bridges), off, or an "
+                            "interface name (eth0, wlan0, lo).")
     ready_file: Path | None = Field(
         None, description="Write 'host:port' here once serving (for supervisors and tests).")
 

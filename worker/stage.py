@@ -36,6 +36,41 @@ from worker.sampler import TokenSampler
 log = logging.getLogger(__name__)
 
 _CLOSE_WAIT_S = 600.0  # longest a chunk in progress may take to finish when unloading
+LEASE_S = 30.0  # a lease lapses this long after its orchestrator's last renewal
+
+
+class Leases:
+    """Which orchestrators hold a stage, until when. Not thread-safe: the service locks."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, tuple[float, float]] = {}  # holder -> (since, expires)
+
+    def hold(self, holder: str, now: float) -> None:
+        since = self._held.get(holder, (time.time(), 0.0))[0]
+        self._held[holder] = (since, now + LEASE_S)
+
+    def renew(self, holder: str, now: float) -> bool:
+        if self._live(now).get(holder) is None:
+            return False
+        self.hold(holder, now)
+        return True
+
+    def drop(self, holder: str) -> None:
+        self._held.pop(holder, None)
+
+    def _live(self, now: float) -> dict[str, tuple[float, float]]:
+        self._held = {h: v for h, v in self._held.items() if v[1] > now}
+        return self._held
+
+    def others(self, holder: str, now: float) -> list[str]:
+        return [h for h in self._live(now) if h != holder]
+
+    def to_proto(self, now: float) -> list[pb.Holder]:
+        return [pb.Holder(id=h, since=since, expires_in_s=expires - now)
+                for h, (since, expires) in sorted(self._live(now).items())]
+
+    def __bool__(self) -> bool:
+        return bool(self._held)
 
 
 class DownstreamLink:
@@ -76,6 +111,9 @@ class Stage:
         self.is_last = engine.role.is_last
         self.max_message_bytes = max_message_bytes
         self.resident_bytes = resident_bytes
+        self.request = request  # what was asked: an identical request shares this stage
+        self.leases = Leases()
+        self.loaded_at = time.time()
         self.fault: pb.Error | None = None  # set once; Info reports it
         if self.is_last == bool(request.next_address):
             raise InvalidInputError(
@@ -92,6 +130,17 @@ class Stage:
         self._thread = threading.Thread(target=self._run, name=f"stage-{self.index}",
                                         daemon=True)
         self._thread.start()
+
+    def same_as(self, request: pb.LoadShardRequest, config_threads: int) -> bool:
+        """Whether ``request`` asks for exactly this stage (then it is shared, not reloaded)."""
+        mine, theirs = self.request, request
+        return (mine.sha256, mine.layer_start, mine.layer_end, mine.next_address, mine.codec,
+                mine.stage_index, mine.stage_count, mine.engine.context_tokens,
+                mine.engine.max_sessions, mine.engine.batch_tokens) == (
+            theirs.sha256, theirs.layer_start, theirs.layer_end, theirs.next_address,
+            theirs.codec, theirs.stage_index, theirs.stage_count,
+            theirs.engine.context_tokens, theirs.engine.max_sessions,
+            theirs.engine.batch_tokens) and self.engine.config.threads == config_threads
 
     # --- inputs and outputs ------------------------------------------------------------
 

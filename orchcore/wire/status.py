@@ -34,6 +34,7 @@ _TABLE: tuple[Row, ...] = (
     Row(errors.MessageTooLargeError, grpc.StatusCode.RESOURCE_EXHAUSTED, "message_too_large",
         False),
     Row(errors.SessionError, grpc.StatusCode.FAILED_PRECONDITION, "session", True),
+    Row(errors.WorkerBusyError, grpc.StatusCode.FAILED_PRECONDITION, "busy", True),
     Row(errors.NotLoadedError, grpc.StatusCode.FAILED_PRECONDITION, "not_loaded", True),
     Row(errors.ShardMissingError, grpc.StatusCode.NOT_FOUND, "shard_missing", True),
     Row(errors.InvalidSettingError, grpc.StatusCode.INVALID_ARGUMENT, "invalid_setting", False),

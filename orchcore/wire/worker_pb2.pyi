@@ -6,6 +6,44 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class RenewRequest(_message.Message):
+    __slots__ = ("pipeline_id", "holder")
+    PIPELINE_ID_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    pipeline_id: str
+    holder: str
+    def __init__(self, pipeline_id: _Optional[str] = ..., holder: _Optional[str] = ...) -> None: ...
+
+class RenewReply(_message.Message):
+    __slots__ = ("held",)
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    held: bool
+    def __init__(self, held: _Optional[bool] = ...) -> None: ...
+
+class Holder(_message.Message):
+    __slots__ = ("id", "since", "expires_in_s")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_S_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    since: float
+    expires_in_s: float
+    def __init__(self, id: _Optional[str] = ..., since: _Optional[float] = ..., expires_in_s: _Optional[float] = ...) -> None: ...
+
+class ProveRequest(_message.Message):
+    __slots__ = ("nonce",)
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    nonce: bytes
+    def __init__(self, nonce: _Optional[bytes] = ...) -> None: ...
+
+class ProveReply(_message.Message):
+    __slots__ = ("proof", "worker_id")
+    PROOF_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    proof: bytes
+    worker_id: str
+    def __init__(self, proof: _Optional[bytes] = ..., worker_id: _Optional[str] = ...) -> None: ...
+
 class InfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -43,7 +81,7 @@ class WorkerInfo(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., worker_id: _Optional[str] = ..., hostname: _Optional[str] = ..., software_version: _Optional[str] = ..., ram_total_bytes: _Optional[int] = ..., ram_available_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., cores: _Optional[int] = ..., cpu_model: _Optional[str] = ..., cpu_flags: _Optional[_Iterable[str]] = ..., arch: _Optional[str] = ..., cached_shards: _Optional[_Iterable[str]] = ..., loaded: _Optional[_Union[LoadedShard, _Mapping]] = ..., host_id: _Optional[str] = ...) -> None: ...
 
 class LoadedShard(_message.Message):
-    __slots__ = ("sha256", "layer_start", "layer_end", "source_layers", "pipeline_id", "resident_bytes", "fault")
+    __slots__ = ("sha256", "layer_start", "layer_end", "source_layers", "pipeline_id", "resident_bytes", "fault", "holders", "model")
     SHA256_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +89,8 @@ class LoadedShard(_message.Message):
     PIPELINE_ID_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     FAULT_FIELD_NUMBER: _ClassVar[int]
+    HOLDERS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     sha256: str
     layer_start: int
     layer_end: int
@@ -58,7 +98,9 @@ class LoadedShard(_message.Message):
     pipeline_id: str
     resident_bytes: int
     fault: Error
-    def __init__(self, sha256: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., source_layers: _Optional[int] = ..., pipeline_id: _Optional[str] = ..., resident_bytes: _Optional[int] = ..., fault: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    holders: _containers.RepeatedCompositeFieldContainer[Holder]
+    model: str
+    def __init__(self, sha256: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., source_layers: _Optional[int] = ..., pipeline_id: _Optional[str] = ..., resident_bytes: _Optional[int] = ..., fault: _Optional[_Union[Error, _Mapping]] = ..., holders: _Optional[_Iterable[_Union[Holder, _Mapping]]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class ShardChunk(_message.Message):
     __slots__ = ("sha256", "size", "data")
@@ -93,7 +135,7 @@ class EngineSettings(_message.Message):
     def __init__(self, context_tokens: _Optional[int] = ..., max_sessions: _Optional[int] = ..., batch_tokens: _Optional[int] = ..., threads: _Optional[int] = ...) -> None: ...
 
 class LoadShardRequest(_message.Message):
-    __slots__ = ("pipeline_id", "sha256", "layer_start", "layer_end", "engine", "next_address", "codec", "stage_index", "stage_count")
+    __slots__ = ("pipeline_id", "sha256", "layer_start", "layer_end", "engine", "next_address", "codec", "stage_index", "stage_count", "holder", "model", "force")
     PIPELINE_ID_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +145,9 @@ class LoadShardRequest(_message.Message):
     CODEC_FIELD_NUMBER: _ClassVar[int]
     STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
     STAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
     pipeline_id: str
     sha256: str
     layer_start: int
@@ -112,23 +157,32 @@ class LoadShardRequest(_message.Message):
     codec: str
     stage_index: int
     stage_count: int
-    def __init__(self, pipeline_id: _Optional[str] = ..., sha256: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., engine: _Optional[_Union[EngineSettings, _Mapping]] = ..., next_address: _Optional[str] = ..., codec: _Optional[str] = ..., stage_index: _Optional[int] = ..., stage_count: _Optional[int] = ...) -> None: ...
+    holder: str
+    model: str
+    force: bool
+    def __init__(self, pipeline_id: _Optional[str] = ..., sha256: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., engine: _Optional[_Union[EngineSettings, _Mapping]] = ..., next_address: _Optional[str] = ..., codec: _Optional[str] = ..., stage_index: _Optional[int] = ..., stage_count: _Optional[int] = ..., holder: _Optional[str] = ..., model: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class LoadShardReply(_message.Message):
-    __slots__ = ("resident_bytes", "load_seconds", "engine")
+    __slots__ = ("resident_bytes", "load_seconds", "engine", "pipeline_id", "shared")
     RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARED_FIELD_NUMBER: _ClassVar[int]
     resident_bytes: int
     load_seconds: float
     engine: EngineSettings
-    def __init__(self, resident_bytes: _Optional[int] = ..., load_seconds: _Optional[float] = ..., engine: _Optional[_Union[EngineSettings, _Mapping]] = ...) -> None: ...
+    pipeline_id: str
+    shared: bool
+    def __init__(self, resident_bytes: _Optional[int] = ..., load_seconds: _Optional[float] = ..., engine: _Optional[_Union[EngineSettings, _Mapping]] = ..., pipeline_id: _Optional[str] = ..., shared: _Optional[bool] = ...) -> None: ...
 
 class UnloadRequest(_message.Message):
-    __slots__ = ("pipeline_id",)
+    __slots__ = ("pipeline_id", "holder")
     PIPELINE_ID_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
     pipeline_id: str
-    def __init__(self, pipeline_id: _Optional[str] = ...) -> None: ...
+    holder: str
+    def __init__(self, pipeline_id: _Optional[str] = ..., holder: _Optional[str] = ...) -> None: ...
 
 class UnloadReply(_message.Message):
     __slots__ = ("was_loaded",)

@@ -69,6 +69,16 @@ class WorkerStub:
                 request_serializer=worker__pb2.EndSessionRequest.SerializeToString,
                 response_deserializer=worker__pb2.EndSessionReply.FromString,
                 _registered_method=True)
+        self.Prove = channel.unary_unary(
+                '/orch.v1.Worker/Prove',
+                request_serializer=worker__pb2.ProveRequest.SerializeToString,
+                response_deserializer=worker__pb2.ProveReply.FromString,
+                _registered_method=True)
+        self.Renew = channel.unary_unary(
+                '/orch.v1.Worker/Renew',
+                request_serializer=worker__pb2.RenewRequest.SerializeToString,
+                response_deserializer=worker__pb2.RenewReply.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -124,6 +134,23 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Prove(self, request, context):
+        """Membership proof, the one call that needs no token: the worker answers the
+        orchestrator's nonce with an HMAC keyed by the cluster token, so an orchestrator
+        sends its token only to workers that already hold it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Renew(self, request, context):
+        """Keep holding a loaded pipeline: leases expire LEASE seconds after the last renewal,
+        so a worker whose orchestrator is gone can be used by another one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -161,6 +188,16 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.EndSession,
                     request_deserializer=worker__pb2.EndSessionRequest.FromString,
                     response_serializer=worker__pb2.EndSessionReply.SerializeToString,
+            ),
+            'Prove': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prove,
+                    request_deserializer=worker__pb2.ProveRequest.FromString,
+                    response_serializer=worker__pb2.ProveReply.SerializeToString,
+            ),
+            'Renew': grpc.unary_unary_rpc_method_handler(
+                    servicer.Renew,
+                    request_deserializer=worker__pb2.RenewRequest.FromString,
+                    response_serializer=worker__pb2.RenewReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -352,6 +389,60 @@ class Worker:
             '/orch.v1.Worker/EndSession',
             worker__pb2.EndSessionRequest.SerializeToString,
             worker__pb2.EndSessionReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prove(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orch.v1.Worker/Prove',
+            worker__pb2.ProveRequest.SerializeToString,
+            worker__pb2.ProveReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Renew(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orch.v1.Worker/Renew',
+            worker__pb2.RenewRequest.SerializeToString,
+            worker__pb2.RenewReply.FromString,
             options,
             channel_credentials,
             insecure,
