@@ -27,6 +27,8 @@ from orchestrator.plan import Plan, StagePlan
 
 log = logging.getLogger(__name__)
 
+CLEANUP_DEADLINE_S = 2.0  # unloading after a failed deployment
+
 
 class ShardStore:
     """Shards written by the orchestrator, reused while the source file is unchanged."""
@@ -78,13 +80,19 @@ def deploy(plan: Plan, facts: ModelFacts, clients: Sequence[WorkerClient], store
     id the last stage already has, so the whole chain agrees on it.
     """
     pipeline_id, holder = uuid.uuid4().hex[:12], uuid.uuid4().hex[:12]
-    sent, shared = 0, []
-    for stage in reversed(plan.stages):
-        reply, n = _deploy_stage(plan, stage, clients[stage.index], facts, store,
-                                 pipeline_id, holder, progress or LogProgress(), force)
-        pipeline_id = reply.pipeline_id or pipeline_id
-        sent += n
-        shared.append(reply.shared)
+    sent, shared, loaded = 0, [], []
+    try:
+        for stage in reversed(plan.stages):
+            client = clients[stage.index]
+            reply, n = _deploy_stage(plan, stage, client, facts, store, pipeline_id, holder,
+                                     progress or LogProgress(), force)
+            loaded.append(client)
+            pipeline_id = reply.pipeline_id or pipeline_id
+            sent += n
+            shared.append(reply.shared)
+    except BaseException:  # give back what we hold, or it stays busy until the lease lapses
+        undeploy(Deployment(pipeline_id, holder, sent, False), loaded, CLEANUP_DEADLINE_S)
+        raise
     return Deployment(pipeline_id, holder, sent, all(shared))
 
 

@@ -44,7 +44,7 @@ def worker_server(root: Path, **settings: object) -> Iterator[str]:
 
 @contextmanager
 def open_model(model: Path, addresses: Sequence[str], token: str | None, workdir: Path,
-               alive=None, **settings: object) -> Iterator[RunningModel]:
+               alive=None, force: bool = False, **settings: object) -> Iterator[RunningModel]:
     """``model`` deployed on ``addresses`` (in order) with ``OrchSettings(**settings)``."""
     config = OrchSettings.load(**{"context_tokens": 512, **settings})
     facts = read_model_facts(model)
@@ -52,7 +52,8 @@ def open_model(model: Path, addresses: Sequence[str], token: str | None, workdir
     try:
         plan = make_plan(facts, cluster.devices, config.plan_options(use_all=True))
         with Tokenizer.from_gguf(model) as tokenizer, \
-                cluster.open(plan, facts, tokenizer, ShardStore(workdir / "shards-out")) as opened:
+                cluster.open(plan, facts, tokenizer, ShardStore(workdir / "shards-out"),
+                             force=force) as opened:
             yield opened
     finally:
         cluster.close()
