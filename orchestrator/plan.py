@@ -237,8 +237,9 @@ class _Search:
     def best(self) -> Assignment | None:
         found: tuple[Cost, Assignment] | None = None
         count = len(self.devices)
+        # Among equally good plans the first found wins: the devices in the order given.
         for first in range(count):
-            for last in range(count):
+            for last in reversed(range(count)):
                 if self.use_all and count > 1 and first == last:
                     continue
                 candidate = self._with_ends(first, last)
