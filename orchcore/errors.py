@@ -132,6 +132,10 @@ class WorkerBusyError(OrchError):
     """The worker runs a stage for another orchestrator, whose lease is live."""
 
 
+class CacheFullError(OrchError):
+    """A shard does not fit the worker's shard cache limit."""
+
+
 class MemoryBudgetError(OrchError):
     """Loading would exceed the worker's memory budget (numbers in the message)."""
 

@@ -118,7 +118,7 @@ class WorkerService(pb_grpc.WorkerServicer):
     def __init__(self, settings: WorkerSettings, name: str) -> None:
         self.settings = settings
         self.name = name
-        self.cache = ShardCache(settings.cache_dir)
+        self.cache = ShardCache(settings.cache_dir, settings.cache_max_mb << 20)
         self.id = worker_id(settings.cache_dir)
         self.token = settings.token.get_secret_value() if settings.token else None
         self.budget = settings.budget_bytes(memory_info().available)
@@ -137,7 +137,9 @@ class WorkerService(pb_grpc.WorkerServicer):
             software_version=__version__, ram_total_bytes=mem.total,
             ram_available_bytes=mem.available, memory_budget_bytes=self.budget,
             cores=cpu.cores, cpu_model=cpu.model, cpu_flags=sorted(cpu.flags), arch=cpu.arch,
-            cached_shards=self.cache.list(), host_id=self.host_id)
+            cached_shards=self.cache.list(), host_id=self.host_id,
+            cache_used_bytes=self.cache.used_bytes(), cache_free_bytes=self.cache.free_bytes(),
+            cache_max_bytes=self.cache.max_bytes)
         stage = self.stage
         if stage is not None:
             role = stage.engine.role
@@ -160,6 +162,10 @@ class WorkerService(pb_grpc.WorkerServicer):
             raise InvalidInputError("UploadShard: the first message must name sha256 and size")
         if self.cache.has(header.sha256):
             return pb.ShardReceipt(sha256=header.sha256, size=header.size, already_cached=True)
+        stage = self.stage
+        evicted = self.cache.make_room(header.size, {stage.sha256} if stage else set())
+        if evicted:
+            log.info("evicted %d least recently used shards to make room", len(evicted))
         chunks = (c.data for c in _prepend(header, request_iterator) if c.data)
         self.cache.store(header.sha256, header.size, chunks)
         log.info("stored shard %s (%d bytes)", header.sha256[:12], header.size)
@@ -173,6 +179,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             raise ShardMissingError(f"shard {request.sha256[:12]} is not cached here; upload "
                                     f"it first")
         path = self.cache.path(request.sha256)
+        self.cache.touch(request.sha256)
         cores = cpu_info().cores
         config = convert.engine_from_proto(request.engine, self.settings.threads or cores, cores)
         with self._lock:

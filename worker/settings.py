@@ -24,6 +24,9 @@ class WorkerSettings(BaseSettings):
         None, validate_default=True,
         description="Where received shards are kept, by sha256; unset = shards/ in orch's "
                     "cache (~/.cache/orch, or $ORCH_CACHE_DIR).")
+    cache_max_mb: int = Field(0, ge=0, description="Most disk the shard cache may use, in "
+                                                   "MiB; 0 = half the free disk at start. "
+                                                   "Least recently used shards go first.")
     threads: int = Field(0, ge=0, le=1024, description="llama.cpp threads; 0 = all cores.")
     memory_budget_mb: int = Field(
         0, ge=0, description="Most memory this whole worker process may use, in MiB "

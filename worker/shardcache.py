@@ -1,23 +1,67 @@
-"""Shards on a worker's disk, named by sha256, so a restart needs no new transfer."""
+"""Shards on a worker's disk, named by sha256, so a restart needs no new transfer.
+
+The cache has a size limit (SD cards are small): storing a shard evicts the least
+recently used shards that no loaded stage holds, until the cache fits again.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from orchcore.errors import InvalidInputError, ShardHashError
+from orchcore.errors import CacheFullError, InvalidInputError, ShardHashError
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class ShardCache:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, max_bytes: int | None = None) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
+        # Default: half of the disk space free now, counting what the cache holds already.
+        self.max_bytes = max_bytes if max_bytes else (self.free_bytes() + self.used_bytes()) // 2
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def used_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self._files())
+
+    def _files(self) -> list[Path]:
+        return [p for p in self.root.glob("*.gguf") if _SHA256.fullmatch(p.stem)]
+
+    def touch(self, sha256: str) -> None:
+        """Mark a shard as just used (eviction goes by least recent use)."""
+        os.utime(self.path(sha256))
+
+    def make_room(self, incoming: int, keep: set[str]) -> list[str]:
+        """Evict least recently used shards, never those in ``keep``, so ``incoming`` more
+        bytes fit; returns the evicted hashes. Refuses a shard larger than the limit."""
+        if incoming > self.max_bytes:
+            raise CacheFullError(f"a shard of {incoming >> 20} MiB does not fit the shard "
+                                 f"cache limit of {self.max_bytes >> 20} MiB; raise "
+                                 f"--cache-max-mb")
+        files = sorted(self._files(), key=lambda p: p.stat().st_mtime)
+        used = sum(p.stat().st_size for p in files)
+        evicted = []
+        for path in files:
+            if used + incoming <= self.max_bytes:
+                break
+            if path.stem in keep:
+                continue
+            used -= path.stat().st_size
+            path.unlink(missing_ok=True)
+            evicted.append(path.stem)
+        if used + incoming > self.max_bytes:
+            raise CacheFullError(f"the shard cache ({used >> 20} MiB of "
+                                 f"{self.max_bytes >> 20} MiB) is held by loaded stages; "
+                                 f"raise --cache-max-mb")
+        return evicted
 
     def path(self, sha256: str) -> Path:
         if not _SHA256.fullmatch(sha256):
@@ -28,7 +72,7 @@ class ShardCache:
         return self.path(sha256).is_file()
 
     def list(self) -> list[str]:
-        return sorted(p.stem for p in self.root.glob("*.gguf") if _SHA256.fullmatch(p.stem))
+        return sorted(p.stem for p in self._files())
 
     def store(self, sha256: str, size: int, chunks: Iterable[bytes]) -> Path:
         """Write ``chunks`` under a temporary name; keep it only if size and hash match."""

@@ -31,6 +31,7 @@ class Row(NamedTuple):
 _TABLE: tuple[Row, ...] = (
     Row(errors.ContextFullError, grpc.StatusCode.RESOURCE_EXHAUSTED, "context_full", False),
     Row(errors.MemoryBudgetError, grpc.StatusCode.RESOURCE_EXHAUSTED, "memory_budget", False),
+    Row(errors.CacheFullError, grpc.StatusCode.RESOURCE_EXHAUSTED, "cache_full", False),
     Row(errors.MessageTooLargeError, grpc.StatusCode.RESOURCE_EXHAUSTED, "message_too_large",
         False),
     Row(errors.SessionError, grpc.StatusCode.FAILED_PRECONDITION, "session", True),

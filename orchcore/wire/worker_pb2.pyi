@@ -49,7 +49,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("protocol_version", "worker_id", "hostname", "software_version", "ram_total_bytes", "ram_available_bytes", "memory_budget_bytes", "cores", "cpu_model", "cpu_flags", "arch", "cached_shards", "loaded", "host_id")
+    __slots__ = ("protocol_version", "worker_id", "hostname", "software_version", "ram_total_bytes", "ram_available_bytes", "memory_budget_bytes", "cores", "cpu_model", "cpu_flags", "arch", "cached_shards", "loaded", "host_id", "cache_used_bytes", "cache_free_bytes", "cache_max_bytes")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +64,9 @@ class WorkerInfo(_message.Message):
     CACHED_SHARDS_FIELD_NUMBER: _ClassVar[int]
     LOADED_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    CACHE_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     worker_id: str
     hostname: str
@@ -78,7 +81,10 @@ class WorkerInfo(_message.Message):
     cached_shards: _containers.RepeatedScalarFieldContainer[str]
     loaded: LoadedShard
     host_id: str
-    def __init__(self, protocol_version: _Optional[int] = ..., worker_id: _Optional[str] = ..., hostname: _Optional[str] = ..., software_version: _Optional[str] = ..., ram_total_bytes: _Optional[int] = ..., ram_available_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., cores: _Optional[int] = ..., cpu_model: _Optional[str] = ..., cpu_flags: _Optional[_Iterable[str]] = ..., arch: _Optional[str] = ..., cached_shards: _Optional[_Iterable[str]] = ..., loaded: _Optional[_Union[LoadedShard, _Mapping]] = ..., host_id: _Optional[str] = ...) -> None: ...
+    cache_used_bytes: int
+    cache_free_bytes: int
+    cache_max_bytes: int
+    def __init__(self, protocol_version: _Optional[int] = ..., worker_id: _Optional[str] = ..., hostname: _Optional[str] = ..., software_version: _Optional[str] = ..., ram_total_bytes: _Optional[int] = ..., ram_available_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., cores: _Optional[int] = ..., cpu_model: _Optional[str] = ..., cpu_flags: _Optional[_Iterable[str]] = ..., arch: _Optional[str] = ..., cached_shards: _Optional[_Iterable[str]] = ..., loaded: _Optional[_Union[LoadedShard, _Mapping]] = ..., host_id: _Optional[str] = ..., cache_used_bytes: _Optional[int] = ..., cache_free_bytes: _Optional[int] = ..., cache_max_bytes: _Optional[int] = ...) -> None: ...
 
 class LoadedShard(_message.Message):
     __slots__ = ("sha256", "layer_start", "layer_end", "source_layers", "pipeline_id", "resident_bytes", "fault", "holders", "model")
