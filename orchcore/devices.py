@@ -21,7 +21,7 @@ class DeviceFacts:
     ram_available_bytes: int
     memory_budget_bytes: int  # the most the worker's whole process may use
     decode_s_per_layer: float | None = None  # measured for the model at hand; None = unknown
-    link_s: float | None = None  # a hop into and out of this worker, per token; None = unknown
+    link_s: float | None = None  # measured round trip to this worker; None = unknown
 
     @property
     def label(self) -> str:

@@ -143,6 +143,61 @@ def plan(
         console.print(line, highlight=False)
 
 
+@app.command()
+def cluster(
+    workers: Annotated[str | None, typer.Option(
+        help="Workers as HOST:PORT,HOST:PORT; without it, the workers found on the LAN.")
+    ] = None,
+    token: Annotated[str | None, typer.Option(
+        help="Cluster token of the workers (or ORCH_TOKEN).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the map as JSON.")] = False,
+) -> None:
+    """Map the cluster: each worker's machine, memory, cache and loaded stage, and the
+    measured links (orchestrator to each worker, each worker to the next)."""
+    _setup_logging(False)
+    from orchestrator.run import _discovered
+    from orchestrator.topology import survey, to_json
+
+    try:
+        settings = OrchSettings.load(token=token)
+        addresses = parse_workers(workers) if workers is not None else \
+            _discovered(settings, err, fallback=None)
+        if not addresses:
+            _fail(OrchError("no workers: give --workers HOST:PORT,... or start workers on the "
+                            "LAN (discovery: ORCH_DISCOVERY)"))
+        with err.status("asking the workers and measuring links"):
+            views = survey(addresses, settings)
+    except OrchError as exc:
+        _fail(exc)
+    if as_json:
+        console.print_json(data=to_json(views))
+        return
+    _print_cluster(views)
+
+
+def _print_cluster(views) -> None:
+    table = Table(title="cluster")
+    for col in ("worker", "host / arch", "cores", "RAM free/total", "budget", "cache",
+                "loaded", "link", "to next"):
+        table.add_column(col)
+
+    def link(lk) -> str:
+        if lk is None:
+            return ""
+        if lk.error:
+            return f"[red]{lk.error}[/]"
+        return f"{lk.rtt_ms:.1f} ms, {lk.bandwidth_mb_s:.0f} MB/s"
+
+    for v in views:
+        table.add_row(
+            f"{v.address}\n{v.worker_id[:8]}", f"{v.host}\n{v.arch} {' '.join(v.flags)}",
+            str(v.cores), f"{v.ram_available_mb}/{v.ram_total_mb} MiB", f"{v.budget_mb} MiB",
+            f"{v.cached_shards} shards, {v.cache_used_mb} of {v.cache_max_mb} MiB",
+            f"{v.loaded}" + (f"\n{v.holders} holders" if v.holders else ""),
+            link(v.link), link(v.next_link))
+    console.print(table)
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
                                "help_option_names": []})
 def worker(ctx: typer.Context) -> None:

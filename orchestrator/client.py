@@ -8,6 +8,7 @@ the rest are transport failures, named by gRPC status code, never by message tex
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -79,6 +80,15 @@ class WorkerClient:
     def prove(self, nonce: bytes, deadline: float) -> pb.ProveReply:
         return self._call(self.stub.Prove, pb.ProveRequest(nonce=nonce), deadline)
 
+    def round_trip_s(self, tries: int = 3) -> float:
+        """The quickest of a few empty calls: the link's round trip, for the planner."""
+        best = float("inf")
+        for _ in range(tries):
+            started = time.perf_counter()
+            self._call(self.stub.Ping, pb.PingRequest(), self.settings.info_deadline_s)
+            best = min(best, time.perf_counter() - started)
+        return best
+
     def info(self, deadline: float | None = None) -> pb.WorkerInfo:
         return self._call(self.stub.Info, pb.InfoRequest(),
                           deadline or self.settings.info_deadline_s)
@@ -114,6 +124,11 @@ class WorkerClient:
     def unload(self, pipeline_id: str, holder: str, deadline: float) -> pb.UnloadReply:
         return self._call(self.stub.Unload,
                           pb.UnloadRequest(pipeline_id=pipeline_id, holder=holder), deadline)
+
+    def measure_link_to(self, address: str, payload_bytes: int, deadline: float
+                        ) -> pb.LinkMeasure:
+        return self._call(self.stub.MeasureLink, pb.MeasureLinkRequest(
+            address=address, payload_bytes=payload_bytes), deadline)
 
     def renew(self, pipeline_id: str, holder: str, deadline: float) -> bool:
         return self._call(self.stub.Renew, pb.RenewRequest(pipeline_id=pipeline_id,

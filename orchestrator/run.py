@@ -117,7 +117,8 @@ def run_model(req: RunRequest, settings: OrchSettings, out: Console, err: Consol
             raise Reported(str(exc)) from None
 
 
-def _discovered(settings: OrchSettings, err: Console) -> tuple[str, ...] | None:
+def _discovered(settings: OrchSettings, err: Console, fallback: str | None = "local"
+                ) -> tuple[str, ...] | None:
     """Workers of this cluster found on the LAN, after saying what was found."""
     if settings.discovery == "off":
         return None
@@ -127,8 +128,8 @@ def _discovered(settings: OrchSettings, err: Console) -> tuple[str, ...] | None:
         err.print(f"[dim]not used: {worker.address} (worker {worker.advert.worker_id[:8]}): "
                   f"{why}[/]", highlight=False)
     if not found.members:
-        err.print(f"[dim]no workers of this cluster on the network; starting "
-                  f"{settings.local_workers} local workers[/]")
+        then = f"; using {settings.local_workers} local workers" if fallback else ""
+        err.print(f"[dim]no workers of this cluster on the network{then}[/]")
         return None
     err.print(f"[dim]found {len(found.members)} workers: "
               f"{', '.join(w.address for w in found.members)}[/]", highlight=False)

@@ -135,7 +135,8 @@ class Cluster:
                 alive: Callable[[], None] | None = None) -> Cluster:
         clients = [WorkerClient(a, token, settings) for a in addresses]
         try:
-            devices = [convert.device_from_proto(c.address, c.check_protocol()) for c in clients]
+            devices = [replace(convert.device_from_proto(c.address, c.check_protocol()),
+                               link_s=c.round_trip_s()) for c in clients]
         except BaseException:
             for c in clients:
                 c.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -110,3 +111,19 @@ def test_worker_help_lists_its_environment_variables(tmp_path):
     done = orch("worker", "--help", cache=tmp_path)
     for name in ("ORCH_WORKER_PORT", "ORCH_WORKER_TOKEN", "ORCH_WORKER_MEMORY_BUDGET_MB"):
         assert name in done.stdout
+
+
+def test_cluster_map_lists_workers_and_measured_links(tmp_path):
+    from orchestrator.localcluster import LocalCluster
+
+    with LocalCluster(2, tmp_path / "w", memory_budgets_mb=[700, 900]) as workers:
+        env = dict(os.environ, ORCH_TOKEN=workers.token, ORCH_CACHE_DIR=str(tmp_path))
+        done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "cluster", "--workers",
+                               ",".join(workers.addresses), "--json"], env=env,
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    views = json.loads(done.stdout)
+    assert [v["address"] for v in views] == workers.addresses
+    assert [v["budget_mb"] for v in views] == [700, 900]
+    assert all(v["link"]["rtt_ms"] > 0 and v["link"]["bandwidth_mb_s"] > 0 for v in views)
+    assert views[0]["next_link"]["rtt_ms"] > 0 and views[1]["next_link"] is None

@@ -41,7 +41,7 @@ from orchcore.memory import MIB, estimate_shard
 from orchcore.wire import PROTOCOL_VERSION, convert, status
 from orchcore.wire import worker_pb2 as pb
 from orchcore.wire import worker_pb2_grpc as pb_grpc
-from orchcore.wire.channel import server_options
+from orchcore.wire.channel import measure_link, open_channel, server_options
 from worker.advertise import Advertiser, advertised_addresses
 from worker.settings import WorkerSettings
 from worker.shardcache import ShardCache
@@ -50,7 +50,8 @@ from worker.stage import Stage
 log = logging.getLogger(__name__)
 
 _PROVE = "/orch.v1.Worker/Prove"  # the one call without a token: it proves ours
-_RECENT_PIPELINES = 16  # unloaded pipelines whose late messages are dropped quietly
+_RECENT_PIPELINES = 16
+_LINK_DEADLINE_S = 10.0  # unloaded pipelines whose late messages are dropped quietly
 _UNAUTHENTICATED = ("missing or wrong cluster token: give the orchestrator the same token "
                     "as the workers (--token or ORCH_TOKEN)")
 
@@ -299,6 +300,24 @@ class WorkerService(pb_grpc.WorkerServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a nonce of 16 or more bytes")
         answer = proof(self.token, request.nonce, b"worker") if self.token else b""
         return pb.ProveReply(proof=answer, worker_id=self.id)
+
+    @_rpc
+    def Ping(self, request: pb.PingRequest, context: grpc.ServicerContext) -> pb.PingReply:
+        return pb.PingReply(received=len(request.payload))
+
+    @_rpc
+    def MeasureLink(self, request: pb.MeasureLinkRequest, context: grpc.ServicerContext
+                    ) -> pb.LinkMeasure:
+        channel = open_channel(request.address, self.settings.max_message_mb << 20)
+        try:
+            rtt, bandwidth = measure_link(channel, self.token,
+                                          min(request.payload_bytes or 1 << 20, 16 << 20),
+                                          _LINK_DEADLINE_S)
+        except grpc.RpcError as exc:
+            return pb.LinkMeasure(error=f"{exc.code().name}: {exc.details()}")
+        finally:
+            channel.close()
+        return pb.LinkMeasure(rtt_s=rtt, bandwidth_bytes_s=bandwidth)
 
     def renew_id(self) -> str:
         self.id = worker_id(self.settings.cache_dir, renew=True)

@@ -9,6 +9,7 @@ GOAWAY "too_many_pings" after two strikes, which killed idle chats after ~45 s.
 from __future__ import annotations
 
 import queue
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -101,3 +102,22 @@ class ForwardStream:
 
     def close(self) -> None:
         self._queue.put(None)
+
+
+def measure_link(channel: grpc.Channel, token: str | None, payload_bytes: int,
+                 deadline_s: float) -> tuple[float, float]:
+    """(round-trip seconds, bytes per second) to the worker behind ``channel``: the best of
+    three empty pings, then one ``payload_bytes`` ping."""
+    stub = pb_grpc.WorkerStub(channel)
+    metadata = auth_metadata(token)
+    rtts = []
+    for _ in range(3):
+        started = time.perf_counter()
+        stub.Ping(pb.PingRequest(), timeout=deadline_s, metadata=metadata)
+        rtts.append(time.perf_counter() - started)
+    rtt = min(rtts)
+    started = time.perf_counter()
+    stub.Ping(pb.PingRequest(payload=bytes(payload_bytes)), timeout=deadline_s,
+              metadata=metadata)
+    elapsed = max(time.perf_counter() - started - rtt, 1e-6)
+    return rtt, payload_bytes / elapsed

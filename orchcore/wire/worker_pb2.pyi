@@ -6,6 +6,36 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class PingRequest(_message.Message):
+    __slots__ = ("payload",)
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    def __init__(self, payload: _Optional[bytes] = ...) -> None: ...
+
+class PingReply(_message.Message):
+    __slots__ = ("received",)
+    RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    received: int
+    def __init__(self, received: _Optional[int] = ...) -> None: ...
+
+class MeasureLinkRequest(_message.Message):
+    __slots__ = ("address", "payload_bytes")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    payload_bytes: int
+    def __init__(self, address: _Optional[str] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
+
+class LinkMeasure(_message.Message):
+    __slots__ = ("rtt_s", "bandwidth_bytes_s", "error")
+    RTT_S_FIELD_NUMBER: _ClassVar[int]
+    BANDWIDTH_BYTES_S_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    rtt_s: float
+    bandwidth_bytes_s: float
+    error: str
+    def __init__(self, rtt_s: _Optional[float] = ..., bandwidth_bytes_s: _Optional[float] = ..., error: _Optional[str] = ...) -> None: ...
+
 class RenewRequest(_message.Message):
     __slots__ = ("pipeline_id", "holder")
     PIPELINE_ID_FIELD_NUMBER: _ClassVar[int]

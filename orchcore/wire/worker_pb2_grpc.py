@@ -79,6 +79,16 @@ class WorkerStub:
                 request_serializer=worker__pb2.RenewRequest.SerializeToString,
                 response_deserializer=worker__pb2.RenewReply.FromString,
                 _registered_method=True)
+        self.Ping = channel.unary_unary(
+                '/orch.v1.Worker/Ping',
+                request_serializer=worker__pb2.PingRequest.SerializeToString,
+                response_deserializer=worker__pb2.PingReply.FromString,
+                _registered_method=True)
+        self.MeasureLink = channel.unary_unary(
+                '/orch.v1.Worker/MeasureLink',
+                request_serializer=worker__pb2.MeasureLinkRequest.SerializeToString,
+                response_deserializer=worker__pb2.LinkMeasure.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -151,6 +161,21 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Ping(self, request, context):
+        """Echo for link measurements: the round trip of an empty payload, the bandwidth of a
+        large one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MeasureLink(self, request, context):
+        """Measure this worker's link to another worker (the next stage, say).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -198,6 +223,16 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Renew,
                     request_deserializer=worker__pb2.RenewRequest.FromString,
                     response_serializer=worker__pb2.RenewReply.SerializeToString,
+            ),
+            'Ping': grpc.unary_unary_rpc_method_handler(
+                    servicer.Ping,
+                    request_deserializer=worker__pb2.PingRequest.FromString,
+                    response_serializer=worker__pb2.PingReply.SerializeToString,
+            ),
+            'MeasureLink': grpc.unary_unary_rpc_method_handler(
+                    servicer.MeasureLink,
+                    request_deserializer=worker__pb2.MeasureLinkRequest.FromString,
+                    response_serializer=worker__pb2.LinkMeasure.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -443,6 +478,60 @@ class Worker:
             '/orch.v1.Worker/Renew',
             worker__pb2.RenewRequest.SerializeToString,
             worker__pb2.RenewReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Ping(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orch.v1.Worker/Ping',
+            worker__pb2.PingRequest.SerializeToString,
+            worker__pb2.PingReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MeasureLink(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orch.v1.Worker/MeasureLink',
+            worker__pb2.MeasureLinkRequest.SerializeToString,
+            worker__pb2.LinkMeasure.FromString,
             options,
             channel_credentials,
             insecure,

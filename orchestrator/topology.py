@@ -1,0 +1,107 @@
+"""``orch cluster``: the topology map. What each worker is, holds and runs, and the links
+measured from the orchestrator to each worker and between consecutive workers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import grpc
+
+from orchcore.errors import OrchError
+from orchcore.wire import worker_pb2 as pb
+from orchcore.wire.channel import measure_link
+from orchestrator.client import WorkerClient
+from orchestrator.settings import OrchSettings
+
+# CPU features that decide llama.cpp's speed (x86: AVX2/AVX-512/AMX; ARM: dot product,
+# fp16, int8 matrix multiply, SVE).
+NOTABLE_FLAGS = ("avx2", "avx512f", "avx512_vnni", "amx_tile", "asimd", "asimddp", "asimdhp",
+                 "i8mm", "sve")
+PAYLOAD_BYTES = 4 << 20
+
+
+@dataclass(frozen=True)
+class Link:
+    rtt_ms: float | None
+    bandwidth_mb_s: float | None
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    address: str
+    worker_id: str
+    host: str
+    arch: str
+    cores: int
+    cpu: str
+    flags: tuple[str, ...]
+    ram_total_mb: int
+    ram_available_mb: int
+    budget_mb: int
+    cache_used_mb: int
+    cache_free_mb: int
+    cache_max_mb: int
+    cached_shards: int
+    loaded: str  # "model [start, end)" or ""
+    holders: int
+    link: Link  # from the orchestrator
+    next_link: Link | None  # to the next worker in the list
+
+
+def survey(addresses: Sequence[str], settings: OrchSettings) -> list[WorkerView]:
+    """Ask every worker about itself; measure the links (raises for an unreachable one)."""
+    clients = [WorkerClient(a, settings.token_value, settings) for a in addresses]
+    try:
+        infos = [c.check_protocol() for c in clients]
+        views = []
+        for i, (client, info) in enumerate(zip(clients, infos, strict=True)):
+            nxt = addresses[i + 1] if i + 1 < len(addresses) else None
+            views.append(_view(client, info, _link(client, settings), nxt and _next_link(
+                client, nxt, settings)))
+        return views
+    finally:
+        for c in clients:
+            c.close()
+
+
+def _view(client: WorkerClient, info: pb.WorkerInfo, link: Link, next_link: Link | None
+          ) -> WorkerView:
+    mib = 1 << 20
+    loaded = ""
+    if info.HasField("loaded"):
+        loaded = (f"{info.loaded.model or 'a model'} "
+                  f"[{info.loaded.layer_start}, {info.loaded.layer_end})")
+    return WorkerView(
+        address=client.address, worker_id=info.worker_id, host=info.hostname, arch=info.arch,
+        cores=info.cores, cpu=info.cpu_model,
+        flags=tuple(f for f in NOTABLE_FLAGS if f in set(info.cpu_flags)),
+        ram_total_mb=info.ram_total_bytes // mib, ram_available_mb=info.ram_available_bytes // mib,
+        budget_mb=info.memory_budget_bytes // mib, cache_used_mb=info.cache_used_bytes // mib,
+        cache_free_mb=info.cache_free_bytes // mib, cache_max_mb=info.cache_max_bytes // mib,
+        cached_shards=len(info.cached_shards), loaded=loaded, holders=len(info.loaded.holders),
+        link=link, next_link=next_link)
+
+
+def _link(client: WorkerClient, settings: OrchSettings) -> Link:
+    try:
+        rtt, bandwidth = measure_link(client.channel, settings.token_value, PAYLOAD_BYTES,
+                                      settings.info_deadline_s * 4)
+    except grpc.RpcError as exc:
+        return Link(None, None, f"{exc.code().name}: {exc.details()}")
+    return Link(rtt * 1e3, bandwidth / 1e6)
+
+
+def _next_link(client: WorkerClient, address: str, settings: OrchSettings) -> Link:
+    try:
+        got = client.measure_link_to(address, PAYLOAD_BYTES, settings.info_deadline_s * 6)
+    except OrchError as exc:
+        return Link(None, None, str(exc))
+    if got.error:
+        return Link(None, None, got.error)
+    return Link(got.rtt_s * 1e3, got.bandwidth_bytes_s / 1e6)
+
+
+def to_json(views: Sequence[WorkerView]) -> list[dict]:
+    return [asdict(v) for v in views]
