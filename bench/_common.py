@@ -1,7 +1,7 @@
 """Helpers shared by the engine benchmarks: the header, the models, the shards.
 
 The benchmarks run from a checkout (``python bench/engine_speed.py``): this module puts
-the repository root and ``tests/`` (for ``modelgen``) on ``sys.path``.
+the repository root and ``tests/`` (for ``reference``) on ``sys.path``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from orchcore.facts import read_model_facts  # noqa: E402
 from orchcore.shard import LayerRange, even_ranges, write_shard  # noqa: E402
 
 MIB = 1 << 20
-GENERATED = "bench-1b-q4_0"  # tests/modelgen.py preset: ~1.04e9 parameters, Q4_0
+GENERATED = "bench-1b-q4_0"  # orchcore/modelgen.py preset: ~1.04e9 parameters, Q4_0
 REAL = "smollm2-135m"  # orchestrator/modelstore.py built-in model
 MODEL_CHOICES = {"1b": GENERATED, "135m": REAL}
 
@@ -58,7 +58,7 @@ def parse_models(text: str) -> list[str]:
 def get_model(key: str, workdir: Path) -> BenchModel:
     """The generated 1B model (written once into ``workdir``) or the real 135M model."""
     if key == "1b":
-        from modelgen import n_params, preset, write_model
+        from orchcore.modelgen import n_params, preset, write_model
 
         spec = preset(GENERATED)
         path = workdir / f"{GENERATED}.gguf"

@@ -44,8 +44,8 @@ def run(
     prompt: Annotated[str | None, typer.Argument(
         help="Prompt to answer; omit it for an interactive chat.")] = None,
     workers: Annotated[str | None, typer.Option(
-        help="Running workers as HOST:PORT,HOST:PORT (in pipeline order); without it, "
-             "local worker processes are started.")] = None,
+        help="Workers as HOST:PORT,HOST:PORT, or @FILE with one per line; without it, the "
+             "workers found on the LAN, else local worker processes.")] = None,
     local: Annotated[int | None, _opt("local_workers", "--local")] = None,
     max_tokens: Annotated[int | None, _opt("max_tokens", "--max-tokens")] = None,
     temperature: Annotated[float | None, _opt("temperature", "--temperature")] = None,

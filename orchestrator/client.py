@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import grpc
@@ -22,6 +23,7 @@ from orchcore.errors import (
     WorkerError,
     WorkerUnreachableError,
 )
+from orchcore.probe import LayerShape
 from orchcore.wire import PROTOCOL_VERSION
 from orchcore.wire import worker_pb2 as pb
 from orchcore.wire import worker_pb2_grpc as pb_grpc
@@ -129,6 +131,10 @@ class WorkerClient:
                         ) -> pb.LinkMeasure:
         return self._call(self.stub.MeasureLink, pb.MeasureLinkRequest(
             address=address, payload_bytes=payload_bytes), deadline)
+
+    def probe(self, shape: LayerShape) -> pb.ProbeReply:
+        return self._call(self.stub.Probe, pb.ProbeRequest(**asdict(shape)),
+                          self.settings.load_deadline_s)
 
     def renew(self, pipeline_id: str, holder: str, deadline: float) -> bool:
         return self._call(self.stub.Renew, pb.RenewRequest(pipeline_id=pipeline_id,

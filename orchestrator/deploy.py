@@ -27,8 +27,6 @@ from orchestrator.plan import Plan, StagePlan
 
 log = logging.getLogger(__name__)
 
-CLEANUP_DEADLINE_S = 2.0  # unloading after a failed deployment
-
 
 class ShardStore:
     """Shards written by the orchestrator, reused while the source file is unchanged."""
@@ -91,7 +89,8 @@ def deploy(plan: Plan, facts: ModelFacts, clients: Sequence[WorkerClient], store
             sent += n
             shared.append(reply.shared)
     except BaseException:  # give back what we hold, or it stays busy until the lease lapses
-        undeploy(Deployment(pipeline_id, holder, sent, False), loaded, CLEANUP_DEADLINE_S)
+        deadline = clients[0].settings.cleanup_deadline_s
+        undeploy(Deployment(pipeline_id, holder, sent, False), loaded, deadline)
         raise
     return Deployment(pipeline_id, holder, sent, all(shared))
 

@@ -37,7 +37,8 @@ class LocalCluster:
     def __init__(self, n_workers: int, cache_root: Path, threads_per_worker: int = 0,
                  token: str | None = None, log_dir: Path | None = None,
                  start_deadline_s: float = 60.0,
-                 memory_budgets_mb: Sequence[int] | None = None) -> None:
+                 memory_budgets_mb: Sequence[int] | None = None,
+                 pin_cores: bool = False) -> None:
         if n_workers < 1:
             raise ValueError("a local cluster needs at least one worker")
         self.n_workers = n_workers
@@ -47,6 +48,7 @@ class LocalCluster:
         if memory_budgets_mb is not None and len(memory_budgets_mb) != n_workers:
             raise ValueError(f"{len(memory_budgets_mb)} budgets for {n_workers} workers")
         self.budgets_mb = memory_budgets_mb  # None: each worker's default
+        self.pin_cores = pin_cores  # worker i on core i alone: separate hosts, in benchmarks
         self.token = token or secrets.token_urlsafe(24)
         self.log_dir = log_dir or cache_root / "logs"  # kept after stop, for post-mortems
         self._logs: list = []
@@ -72,9 +74,19 @@ class LocalCluster:
             self._logs.append(logf)
             self.procs.append(subprocess.Popen(
                 cmd, env=env, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None))
+                preexec_fn=self._preexec(i) if sys.platform == "linux" else None))
         self.addresses = [self._await_ready(i, f) for i, f in enumerate(ready_files)]
         return self.addresses
+
+    def _preexec(self, i: int):
+        cores = sorted(os.sched_getaffinity(0))
+
+        def setup() -> None:
+            _die_with_parent()
+            if self.pin_cores:
+                os.sched_setaffinity(0, {cores[i % len(cores)]})
+
+        return setup
 
     def _await_ready(self, i: int, ready: Path) -> str:
         give_up = time.monotonic() + self.start_deadline_s

@@ -29,6 +29,7 @@ from orchcore.errors import ContextFullError, InvalidInputError, OrchError
 from orchcore.facts import read_model_facts
 from orchcore.memory import default_budget
 from orchcore.paths import cache_dir
+from orchcore.probe import layer_shape
 from orchestrator.deploy import Deployment, ShardStore
 from orchestrator.discover import discover
 from orchestrator.localcluster import LocalCluster
@@ -43,6 +44,7 @@ from orchestrator.session import (
     encode_prompt,
 )
 from orchestrator.settings import OrchSettings
+from orchestrator.speeds import SpeedBook
 from orchestrator.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,10 @@ def run_model(req: RunRequest, settings: OrchSettings, out: Console, err: Consol
             addresses, token, alive = local.addresses, local.token, local.check_alive
         cluster = Cluster.connect(addresses, token, settings, alive)
         stack.callback(cluster.close)
+        book = SpeedBook(cache_dir() / "speeds.json")
+        if workers and len(addresses) > 1 and settings.probe:
+            with err.status("timing each worker on this model's layers (once per shape)"):
+                cluster.measure_speeds(facts, book)
         plan = make_plan(facts, cluster.devices, settings.plan_options(
             use_all=not workers))  # --local N: exactly N stages
         for line in plan.describe():
@@ -107,11 +113,12 @@ def run_model(req: RunRequest, settings: OrchSettings, out: Console, err: Consol
                                  RichProgress(bars), force=req.force)
         stack.callback(model.close)
         _report_deployment(model.deployment, err)
+        answering = _Answering(model, req, settings, out, err, book, layer_shape(facts).key)
         try:
             if req.prompt is not None:
-                _answer(model, req, settings, _prompt(req, [], req.prompt), out, err)
+                answering.answer(_prompt(req, [], req.prompt))
             else:
-                _chat(model, req, settings, out, err)
+                answering.chat()
         except OrchError as exc:
             report(err, exc)
             raise Reported(str(exc)) from None
@@ -149,6 +156,8 @@ def plan_only(model: str, workers: tuple[str, ...] | None, settings: OrchSetting
                          settings.plan_options(use_all=True))
     cluster = Cluster.connect(workers, settings.token_value, settings)
     try:
+        if len(workers) > 1 and settings.probe:
+            cluster.measure_speeds(facts)
         return make_plan(facts, cluster.devices, settings.plan_options())
     finally:
         cluster.close()
@@ -199,41 +208,51 @@ def _prompt(req: RunRequest, history: list[dict[str, str]], text: str
     return [*system, *history, {"role": "user", "content": text}]
 
 
-def _answer(model: RunningModel, req: RunRequest, settings: OrchSettings,
-            prompt: list[dict[str, str]] | str, out: Console, err: Console) -> str:
-    text = ""
-    for event in model.generate(prompt, settings.sampling(), stops=req.stops,
-                                max_tokens=settings.max_tokens, chat=req.chat):
-        if isinstance(event, TextPiece):
-            out.print(event.text, end="", markup=False, highlight=False, soft_wrap=True)
-            text += event.text
-        elif isinstance(event, Finished):
-            out.print()
-            if req.stats:
-                _print_stats(event.stats, model, err)
-    return text
+class _Answering:
+    """Renders answers as they stream, and keeps the stages' measured speeds."""
 
+    def __init__(self, model: RunningModel, req: RunRequest, settings: OrchSettings,
+                 out: Console, err: Console, book: SpeedBook, shape_key: str) -> None:
+        self.model, self.req, self.settings = model, req, settings
+        self.out, self.err = out, err
+        self.book, self.shape_key = book, shape_key
 
-def _chat(model: RunningModel, req: RunRequest, settings: OrchSettings, out: Console,
-          err: Console) -> None:
-    err.print("[dim]chat: empty line or Ctrl-D to quit[/]")
-    history: list[dict[str, str]] = []
-    while True:
-        try:
-            line = out.input("[bold]> [/]")
-        except EOFError:
-            break
-        if not line.strip():
-            break
-        try:
-            answer = _answer(model, req, settings, _prompt(req, history, line), out, err)
-        except (ContextFullError, InvalidInputError) as exc:  # this question, not the chat
-            report(err, exc)
-            if isinstance(exc, ContextFullError) and history:
-                err.print("[dim]the conversation no longer fits the context: quit and start "
-                          "a new chat, or raise --context[/]")
-            continue
-        history += [{"role": "user", "content": line}, {"role": "assistant", "content": answer}]
+    def answer(self, prompt: list[dict[str, str]] | str) -> str:
+        text = ""
+        for event in self.model.generate(prompt, self.settings.sampling(), stops=self.req.stops,
+                                         max_tokens=self.settings.max_tokens,
+                                         chat=self.req.chat):
+            if isinstance(event, TextPiece):
+                self.out.print(event.text, end="", markup=False, highlight=False,
+                               soft_wrap=True)
+                text += event.text
+            elif isinstance(event, Finished):
+                self.out.print()
+                self.model.record_speeds(event.stats, self.book, self.shape_key)
+                if self.req.stats:
+                    _print_stats(event.stats, self.model, self.err)
+        return text
+
+    def chat(self) -> None:
+        self.err.print("[dim]chat: empty line or Ctrl-D to quit[/]")
+        history: list[dict[str, str]] = []
+        while True:
+            try:
+                line = self.out.input("[bold]> [/]")
+            except EOFError:
+                break
+            if not line.strip():
+                break
+            try:
+                answer = self.answer(_prompt(self.req, history, line))
+            except (ContextFullError, InvalidInputError) as exc:  # this question only
+                report(self.err, exc)
+                if isinstance(exc, ContextFullError) and history:
+                    self.err.print("[dim]the conversation no longer fits the context: quit "
+                                   "and start a new chat, or raise --context[/]")
+                continue
+            history += [{"role": "user", "content": line},
+                        {"role": "assistant", "content": answer}]
 
 
 def _print_stats(stats: GenerationStats, model: RunningModel, err: Console) -> None:
@@ -252,7 +271,10 @@ def _print_stats(stats: GenerationStats, model: RunningModel, err: Console) -> N
         compute = sum(stats.compute_ms.values()) / n
         for stage in model.plan.stages:
             ms = stats.compute_ms.get(stage.index, 0.0) / n
-            table.add_row(f"stage {stage.index} {stage.layers} compute", f"{ms:.2f} ms/token")
+            predicted = (f" (predicted {stage.decode_s * 1e3:.2f})"
+                         if stage.decode_s is not None else "")
+            table.add_row(f"stage {stage.index} {stage.layers} on {stage.worker} compute",
+                          f"{ms:.2f} ms/token{predicted}")
         for index, total in sorted(stats.wire_bytes.items()):
             table.add_row(f"hop {index}->{index + 1} ({model.plan.codec})",
                           f"{total / n:.0f} bytes/token")

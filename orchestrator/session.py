@@ -27,6 +27,7 @@ from typing import Literal
 from orchcore.devices import DeviceFacts
 from orchcore.errors import ContextFullError, InvalidInputError, OrchError
 from orchcore.facts import ModelFacts
+from orchcore.probe import layer_shape
 from orchcore.sampling import RANDOM_SEED, SamplingParams
 from orchcore.wire import convert
 from orchcore.wire import worker_pb2 as pb
@@ -35,10 +36,12 @@ from orchestrator.datapath import DataPath
 from orchestrator.deploy import Deployment, DeployProgress, ShardStore, deploy, undeploy
 from orchestrator.plan import Plan
 from orchestrator.settings import OrchSettings
+from orchestrator.speeds import MIN_DECODE_TOKENS, SpeedBook
 from orchestrator.tokenizer import StopMatcher, StreamDecoder, Tokenizer
 
 log = logging.getLogger(__name__)
 
+REFINE_BEYOND = 0.25  # relative difference between a run's speed and the probe's that counts
 FinishReason = Literal["length", "stop", "end"]  # max tokens or context; stop text; EOG
 
 
@@ -142,6 +145,21 @@ class Cluster:
                 c.close()
             raise
         return cls(clients, devices, token, settings, alive)
+
+    def measure_speeds(self, facts: ModelFacts, book: SpeedBook | None = None) -> None:
+        """Each worker's time per layer on this model's shape: refined by earlier runs
+        (``book``), else timed by the worker's probe (cached by the worker)."""
+        shape = layer_shape(facts)
+        devices = []
+        for device, client in zip(self.devices, self.clients, strict=True):
+            speed = client.probe(shape).decode_s_per_layer
+            known = book.get(device.worker_id, shape.key) if book else None
+            # Runs refine the probe's figure only when they disagree beyond noise, so the
+            # same cluster keeps the same plan (and its workers their cached shards).
+            if known is not None and abs(known / speed - 1) > REFINE_BEYOND:
+                speed = known
+            devices.append(replace(device, decode_s_per_layer=speed))
+        self.devices = devices
 
     def open(self, plan: Plan, facts: ModelFacts, tokenizer: Tokenizer, store: ShardStore,
              progress: DeployProgress | None = None, *, force: bool = False) -> RunningModel:
@@ -264,6 +282,16 @@ class RunningModel:
             stats.decode_s += time.perf_counter() - t0
             stats.decode_tokens += 1
             stats.add_decode(out.timings)
+
+    def record_speeds(self, stats: GenerationStats, book: SpeedBook, shape_key: str) -> None:
+        """Keep each stage's measured time per layer, for the next plan."""
+        n = stats.decode_tokens
+        if n < MIN_DECODE_TOKENS:
+            return
+        for stage in self.plan.stages:
+            if stage.index in stats.compute_ms:
+                book.record(stage.device.worker_id, shape_key,
+                            stats.compute_ms[stage.index] / 1e3 / n / len(stage.layers))
 
     def end(self, session: Session) -> None:
         with contextlib.suppress(OrchError):  # a broken pipeline: closing it frees all

@@ -8,6 +8,8 @@ plan or a worker.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -36,6 +38,9 @@ class OrchSettings(BaseSettings):
     objective: Objective = Field("latency", description="What the plan optimises: latency "
                                  "(one stream's time per token; may leave slow workers out) "
                                  "or throughput (the slowest stage, for many sessions).")
+    probe: bool = Field(True, description="Time each listed or discovered worker on a few "
+                                          "of the model's layers before planning (cached "
+                                          "per worker and shape).")
     threads: int = Field(0, ge=0, le=1024,
                          description="llama.cpp threads per worker; 0 = all its cores.")
     local_workers: int = Field(2, ge=1, le=16, description="Worker processes to start on "
@@ -124,7 +129,16 @@ def describe_validation(exc: ValidationError) -> str:
 
 
 def parse_workers(text: str) -> tuple[str, ...]:
-    """``--workers`` as validated ``HOST:PORT`` addresses, in order, each listed once."""
+    """``--workers`` as validated ``HOST:PORT`` addresses, in order, each listed once;
+    ``@FILE`` reads them from a cluster file (one per line, ``#`` comments)."""
+    if text.startswith("@"):
+        try:
+            lines = Path(text[1:]).expanduser().read_text().splitlines()
+        except OSError as exc:
+            raise InvalidSettingError(f"--workers {text}: cannot read the cluster file "
+                                      f"({exc.strerror})") from None
+        text = ",".join(line.split("#", 1)[0].strip() for line in lines
+                        if line.split("#", 1)[0].strip())
     entries = [e.strip() for e in text.split(",")]
     if not any(entries):
         raise InvalidSettingError("--workers is empty; give HOST:PORT,HOST:PORT")

@@ -3,13 +3,13 @@ budgets the planner sizes the layer ranges to; every worker's peak RSS stays in 
 
 from __future__ import annotations
 
-import modelgen
 import numpy as np
 import pytest
 from chain import replay
 from cluster import greedy_tokens
 from reference import ReferenceModel
 
+from orchcore import modelgen
 from orchcore.facts import read_model_facts
 from orchcore.memory import MIB, StageMemory
 from orchcore.shard import even_ranges

@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from chain import Chain, replay
-from modelgen import GType, preset, write_model
 from reference import ReferenceModel
 
 from orchcore.engine import EngineConfig
+from orchcore.modelgen import GType, preset, write_model
 
 STEPS = 12
 PROMPT = [1, 17, 300, 42, 99, 5, 260, 77]

@@ -18,7 +18,6 @@ import pytest
 from gguf import GGMLQuantizationType, Keys
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from modelgen import ModelSpec, preset, write_model
 
 from orchcore.engine import EngineConfig, StageEngine
 from orchcore.errors import (
@@ -29,6 +28,7 @@ from orchcore.errors import (
     UnsupportedModelError,
 )
 from orchcore.facts import SUPPORTED_ARCHITECTURES, read_model_facts
+from orchcore.modelgen import ModelSpec, preset, write_model
 from orchcore.shard import LayerRange, shard_layout
 
 SPEC = ModelSpec()  # tiny llama: 4 layers, n_embd 64, vocab 384

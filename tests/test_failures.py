@@ -141,6 +141,7 @@ def test_wrong_hidden_shape_is_a_clear_error(smollm2_path, tmp_path):
                             start_pos=0, tokens=[1], want_token=True,
                             hidden=convert.hidden_to_proto(np.zeros((1, 100), np.float32), "f32"),
                             sampling=convert.sampling_to_proto(GREEDY))
+        model.path._queue("s")  # route the session's results here (``send`` would)
         last.stub.Forward(iter([bad]), timeout=10)
         with pytest.raises(InvalidInputError, match=rf"{last.address}.*\(1, 100\).*576") as info:
             model.path.wait("s", 7)

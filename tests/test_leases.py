@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import time
 
-import modelgen
 import pytest
 from cluster import GREEDY, greedy_tokens, open_model, worker_server
 from reference import ReferenceModel
 
+from orchcore import modelgen
 from orchcore.errors import WorkerBusyError
 from orchestrator.client import WorkerClient
 from orchestrator.localcluster import LocalCluster

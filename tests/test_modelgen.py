@@ -10,11 +10,12 @@ from pathlib import Path
 
 import gguf
 import llama_cpp
-import modelgen
 import numpy as np
 import numpy.typing as npt
 import pytest
-from modelgen import GType, ModelSpec, SpecError
+
+from orchcore import modelgen
+from orchcore.modelgen import GType, ModelSpec, SpecError
 
 PROMPT = "The capital of France is"
 TINY_PRESETS = [name for name in modelgen.PRESETS if name.startswith("tiny-")]

@@ -76,8 +76,9 @@ def test_second_run_reuses_cached_shards(smollm2_path, expected, cluster3, tmp_p
     prompt, want = expected
     generate(smollm2_path, cluster3.addresses[:2], cluster3.token, "f32", prompt, 2, tmp_path)
     cached = [set(os.listdir(cluster3.cache_root / f"worker-{i}")) for i in range(2)]
-    got, _ = generate(smollm2_path, cluster3.addresses[:2], cluster3.token, "f32", prompt, 4,
-                      tmp_path)
+    with open_model(smollm2_path, cluster3.addresses[:2], cluster3.token, tmp_path) as again:
+        assert again.deployment.sent_bytes == 0  # sticky: the same plan, every shard cached
+        got = greedy_tokens(again, prompt, 4)
     assert got == want[:4]
     assert cached == [set(os.listdir(cluster3.cache_root / f"worker-{i}")) for i in range(2)]
 

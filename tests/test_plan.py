@@ -135,15 +135,20 @@ def test_worker_lists_are_validated(text, message):
         parse_workers(text)
 
 
-def test_worker_lists_keep_order():
+def test_worker_lists_keep_order_and_come_from_a_cluster_file(tmp_path):
     assert parse_workers(" pi1:50151, [::1]:7 ") == ("pi1:50151", "[::1]:7")
+    listed = tmp_path / "cluster.txt"
+    listed.write_text("# the house\npi1:50151\n\nlaptop:50151  # upstairs\n")
+    assert parse_workers(f"@{listed}") == ("pi1:50151", "laptop:50151")
+    with pytest.raises(InvalidSettingError, match="cannot read the cluster file"):
+        parse_workers(f"@{tmp_path / 'missing'}")
 
 
 # --- the search equals brute force ------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def small_facts(tmp_path_factory):
-    import modelgen
+    from orchcore import modelgen
 
     path = tmp_path_factory.mktemp("plan") / "six.gguf"
     return read_model_facts(modelgen.write_model(path, modelgen.preset("tiny-llama-gqa",

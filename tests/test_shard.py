@@ -18,10 +18,10 @@ import pytest
 from gguf import Keys
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from modelgen import preset, write_model
 
 from orchcore.errors import LayerRangeError
 from orchcore.facts import TensorFacts, read_model_facts
+from orchcore.modelgen import preset, write_model
 from orchcore.shard import (
     KEY_INPUT_OFFSET,
     KEY_INPUT_ROWS,

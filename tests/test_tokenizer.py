@@ -9,11 +9,11 @@ import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
-import modelgen
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from orchcore import modelgen
 from orchcore.errors import GGUFError, NotGGUFError
 from orchestrator.tokenizer import (
     ChatTemplateError,

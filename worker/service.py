@@ -38,11 +38,13 @@ from orchcore.errors import (
 )
 from orchcore.facts import read_model_facts
 from orchcore.memory import MIB, estimate_shard
+from orchcore.probe import LayerShape
 from orchcore.wire import PROTOCOL_VERSION, convert, status
 from orchcore.wire import worker_pb2 as pb
 from orchcore.wire import worker_pb2_grpc as pb_grpc
 from orchcore.wire.channel import measure_link, open_channel, server_options
 from worker.advertise import Advertiser, advertised_addresses
+from worker.probe import probe
 from worker.settings import WorkerSettings
 from worker.shardcache import ShardCache
 from worker.stage import Stage
@@ -318,6 +320,19 @@ class WorkerService(pb_grpc.WorkerServicer):
         finally:
             channel.close()
         return pb.LinkMeasure(rtt_s=rtt, bandwidth_bytes_s=bandwidth)
+
+    @_rpc
+    def Probe(self, request: pb.ProbeRequest, context: grpc.ServicerContext) -> pb.ProbeReply:
+        shape = LayerShape(arch=request.arch, n_embd=request.n_embd, n_ff=request.n_ff,
+                           n_head=request.n_head, n_head_kv=request.n_head_kv,
+                           weight_type=request.weight_type, layer_bytes=request.layer_bytes)
+        if min(shape.n_embd, shape.n_ff, shape.n_head, shape.n_head_kv) < 1 or \
+                shape.n_embd > 1 << 16 or shape.n_ff > 1 << 18:
+            raise InvalidInputError(f"not a layer shape to probe: {shape}")
+        threads = self.settings.threads or cpu_info().cores
+        decode, prefill, cached = probe(shape, self.settings.cache_dir, threads)
+        return pb.ProbeReply(decode_s_per_layer=decode, prefill_s_per_token_per_layer=prefill,
+                             cached=cached)
 
     def renew_id(self) -> str:
         self.id = worker_id(self.settings.cache_dir, renew=True)

@@ -6,6 +6,34 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ProbeRequest(_message.Message):
+    __slots__ = ("arch", "n_embd", "n_ff", "n_head", "n_head_kv", "weight_type", "layer_bytes")
+    ARCH_FIELD_NUMBER: _ClassVar[int]
+    N_EMBD_FIELD_NUMBER: _ClassVar[int]
+    N_FF_FIELD_NUMBER: _ClassVar[int]
+    N_HEAD_FIELD_NUMBER: _ClassVar[int]
+    N_HEAD_KV_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    LAYER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    arch: str
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    weight_type: int
+    layer_bytes: int
+    def __init__(self, arch: _Optional[str] = ..., n_embd: _Optional[int] = ..., n_ff: _Optional[int] = ..., n_head: _Optional[int] = ..., n_head_kv: _Optional[int] = ..., weight_type: _Optional[int] = ..., layer_bytes: _Optional[int] = ...) -> None: ...
+
+class ProbeReply(_message.Message):
+    __slots__ = ("decode_s_per_layer", "prefill_s_per_token_per_layer", "cached")
+    DECODE_S_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_S_PER_TOKEN_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
+    decode_s_per_layer: float
+    prefill_s_per_token_per_layer: float
+    cached: bool
+    def __init__(self, decode_s_per_layer: _Optional[float] = ..., prefill_s_per_token_per_layer: _Optional[float] = ..., cached: _Optional[bool] = ...) -> None: ...
+
 class PingRequest(_message.Message):
     __slots__ = ("payload",)
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]

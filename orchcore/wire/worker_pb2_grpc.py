@@ -89,6 +89,11 @@ class WorkerStub:
                 request_serializer=worker__pb2.MeasureLinkRequest.SerializeToString,
                 response_deserializer=worker__pb2.LinkMeasure.FromString,
                 _registered_method=True)
+        self.Probe = channel.unary_unary(
+                '/orch.v1.Worker/Probe',
+                request_serializer=worker__pb2.ProbeRequest.SerializeToString,
+                response_deserializer=worker__pb2.ProbeReply.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -176,6 +181,13 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Probe(self, request, context):
+        """Time a few layers of the given shape here (cached per shape): the planner's speed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -233,6 +245,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.MeasureLink,
                     request_deserializer=worker__pb2.MeasureLinkRequest.FromString,
                     response_serializer=worker__pb2.LinkMeasure.SerializeToString,
+            ),
+            'Probe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Probe,
+                    request_deserializer=worker__pb2.ProbeRequest.FromString,
+                    response_serializer=worker__pb2.ProbeReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -532,6 +549,33 @@ class Worker:
             '/orch.v1.Worker/MeasureLink',
             worker__pb2.MeasureLinkRequest.SerializeToString,
             worker__pb2.LinkMeasure.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Probe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orch.v1.Worker/Probe',
+            worker__pb2.ProbeRequest.SerializeToString,
+            worker__pb2.ProbeReply.FromString,
             options,
             channel_credentials,
             insecure,

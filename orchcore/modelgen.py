@@ -1,4 +1,5 @@
-"""Random-weight GGUF models that llama.cpp loads and runs, for tests and benchmarks.
+"""Random-weight GGUF models that llama.cpp loads and runs: for tests, benchmarks, and
+the capability probe that times a worker on layers shaped like the model at hand.
 
 A model is described by one value, `ModelSpec`, and `write_model` turns it into a file.
 The same spec always gives the same bytes. Names, keys and block sizes come from the

@@ -1,0 +1,65 @@
+"""The capability probe's shared half: which layer shape to time a worker on.
+
+A worker's speed on *this* model is what the planner needs, so the probe runs a few
+random-weight layers of the model's own shape and quantization type (``orchcore.modelgen``)
+and reports seconds per layer per token. Decoding on a CPU reads every weight once per
+token, so a probe layer of another size (an unsupported type is probed as the nearest
+supported one) is scaled by the bytes per layer of the real model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import gguf
+
+from orchcore import modelgen
+from orchcore.facts import ModelFacts
+
+PROBE_LAYERS = 4
+PROBE_VOCAB = 512
+_FALLBACK_TYPES = (modelgen.GType.Q4_0, modelgen.GType.Q8_0, modelgen.GType.F16)
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    arch: str
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    weight_type: int  # ggml type of the layer's largest matrices
+    layer_bytes: int  # bytes of one of the real model's layers (the mean)
+
+    @property
+    def key(self) -> str:
+        text = repr(sorted(asdict(self).items()))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def spec(self) -> modelgen.ModelSpec:
+        """A small model of this layer shape that modelgen can write quickly."""
+        wanted = modelgen.GType(self.weight_type)
+        candidates = [wanted] if wanted in modelgen.SUPPORTED_WEIGHT_TYPES else []
+        for qtype in [*candidates, *_FALLBACK_TYPES]:
+            block = gguf.GGML_QUANT_SIZES[qtype][0]
+            if self.n_embd % block == 0 and self.n_ff % block == 0:
+                break
+        arch = self.arch if self.arch in ("llama", "qwen2", "qwen3") else "llama"
+        return modelgen.ModelSpec(
+            arch=arch, n_layers=PROBE_LAYERS, n_embd=self.n_embd, n_head=self.n_head,
+            n_head_kv=self.n_head_kv, n_ff=self.n_ff, n_vocab=PROBE_VOCAB, weight_type=qtype,
+            context_length=512, random_blocks=qtype in modelgen.RANDOM_BLOCK_TYPES)
+
+
+def layer_shape(facts: ModelFacts) -> LayerShape:
+    tensors = facts.layer_tensors(0)
+    by_type: Counter[int] = Counter()
+    for t in tensors:
+        if len(t.shape) == 2:
+            by_type[int(t.ggml_type)] += t.n_bytes
+    weight_type = by_type.most_common(1)[0][0] if by_type else int(modelgen.GType.F32)
+    return LayerShape(arch=facts.arch, n_embd=facts.n_embd, n_ff=facts.n_ff,
+                      n_head=facts.n_head, n_head_kv=facts.n_head_kv, weight_type=weight_type,
+                      layer_bytes=sum(facts.layer_bytes) // facts.n_layers)

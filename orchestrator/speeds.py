@@ -1,0 +1,45 @@
+"""Measured speeds, refined by real runs: seconds per layer per decoded token, for each
+worker (by id) and layer shape, kept in the orchestrator's cache.
+
+The capability probe gives a first figure; every answer of 8 or more decode steps then
+gives the stages' own ``StageTiming``s, which replace it (an average with the previous
+figure), so plans follow what the cluster really does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MIN_DECODE_TOKENS = 8
+
+
+class SpeedBook:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _load(self) -> dict[str, float]:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def get(self, worker_id: str, shape_key: str) -> float | None:
+        return self._load().get(f"{worker_id}:{shape_key}")
+
+    def record(self, worker_id: str, shape_key: str, s_per_layer: float) -> None:
+        book = self._load()
+        key = f"{worker_id}:{shape_key}"
+        old = book.get(key)
+        book[key] = s_per_layer if old is None else (old + s_per_layer) / 2
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(book, indent=1))
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            log.debug("cannot keep measured speeds in %s: %s", self.path, exc)

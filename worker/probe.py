@@ -1,0 +1,74 @@
+"""The capability probe's worker half: time a few layers of a given shape on this machine.
+
+The probe model is written into the shard cache folder, timed with the same engine and
+threads a stage would use, then deleted; the result is kept per shape in
+``probe.json`` there, so a worker is measured once per model shape.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from orchcore import modelgen
+from orchcore.config import EngineConfig
+from orchcore.engine import StageEngine
+from orchcore.facts import read_model_facts
+from orchcore.probe import PROBE_LAYERS, LayerShape
+
+log = logging.getLogger(__name__)
+
+PREFILL_TOKENS = 64
+DECODE_TOKENS = 24
+_LOCK = threading.Lock()  # one probe at a time: they would time each other
+
+
+def probe(shape: LayerShape, folder: Path, threads: int) -> tuple[float, float, bool]:
+    """(decode s per layer, prefill s per token per layer, whether it was cached)."""
+    results = folder / "probe.json"
+    with _LOCK:
+        known = json.loads(results.read_text()) if results.exists() else {}
+        key = f"{shape.key}-t{threads}"
+        if key in known:
+            return known[key]["decode"], known[key]["prefill"], True
+        decode, prefill = _measure(shape, folder, threads)
+        known[key] = {"decode": decode, "prefill": prefill}
+        tmp = results.with_suffix(".tmp")
+        tmp.write_text(json.dumps(known, indent=1))
+        os.replace(tmp, results)
+    log.info("probe %s: %.2f ms per layer per token (decode)", shape.key, decode * 1e3)
+    return decode, prefill, False
+
+
+def _measure(shape: LayerShape, folder: Path, threads: int) -> tuple[float, float]:
+    spec = shape.spec()
+    path = folder / f".probe-{shape.key}.gguf"
+    modelgen.write_model(path, spec)
+    try:
+        engine = StageEngine(path, EngineConfig(context_tokens=256, max_sessions=1,
+                                                batch_tokens=PREFILL_TOKENS, threads=threads))
+        try:
+            tokens = (np.arange(PREFILL_TOKENS) % (spec.n_vocab - 1) + 1).tolist()
+            engine.forward("warm", list(range(8)), tokens=tokens[:8])
+            engine.end_session("warm")
+            started = time.perf_counter()
+            engine.forward("p", list(range(PREFILL_TOKENS)), tokens=tokens)
+            prefill = time.perf_counter() - started
+            started = time.perf_counter()
+            for i in range(DECODE_TOKENS):
+                engine.forward("p", [PREFILL_TOKENS + i], tokens=[tokens[i]])
+            decode = (time.perf_counter() - started) / DECODE_TOKENS
+        finally:
+            engine.close()
+        probe_layer_bytes = sum(t.n_bytes for t in read_model_facts(path).layer_tensors(0))
+    finally:
+        path.unlink(missing_ok=True)
+    scale = shape.layer_bytes / max(probe_layer_bytes, 1)
+    return (decode / PROBE_LAYERS * scale,
+            prefill / PREFILL_TOKENS / PROBE_LAYERS * scale)
