@@ -14,7 +14,9 @@ best one for the objective:
 * ``throughput``: the smallest slowest stage, for many sessions at once.
 
 A device's time per layer comes from ``DeviceFacts.decode_s_per_layer`` (measured); when
-nothing is measured every device counts as equally fast. Each stage costs its device's
+nothing is measured every device counts as equally fast. The last stage also runs the lm
+head, which costs as many layers as its bytes are worth (``head_layers``): decoding reads
+every weight once per token. Each stage costs its device's
 ``link_s`` too, the hop into it and out of it (order-free: on a home network every hop
 crosses the same switch).
 
@@ -153,7 +155,8 @@ def make_plan(facts: ModelFacts, devices: Sequence[DeviceFacts],
     _check_devices(facts, devices, options)
     memory = StageMemory(facts, options.engine)
     budgets = host_shares(devices)
-    search = _Search(memory, devices, budgets, options)
+    head = head_layers(facts)
+    search = _Search(memory, devices, budgets, options, head)
     best = search.best()
     if best is None:
         raise PlanError(_shortfall(memory, devices, budgets, options))
@@ -163,13 +166,18 @@ def make_plan(facts: ModelFacts, devices: Sequence[DeviceFacts],
         engine = replace(options.engine, threads=options.engine.threads or device.cores)
         stages.append(StagePlan(
             i, LayerRange(start, end), device, engine, memory(start, end), budgets[d],
-            None if device.decode_s_per_layer is None else (end - start) *
-            device.decode_s_per_layer))
+            None if device.decode_s_per_layer is None else
+            (end - start + (head if end == facts.n_layers else 0)) * device.decode_s_per_layer))
     used = {d for d, _, _ in best}
     left_out = tuple(LeftOut(devices[d], search.why_unused(d)) for d in range(len(devices))
                      if d not in used)
     return Plan(facts.path, facts.n_layers, tuple(stages), options.codec, options.objective,
                 left_out)
+
+
+def head_layers(facts: ModelFacts) -> float:
+    """The lm head's decode cost in layers: its bytes over a mean layer's."""
+    return facts.output_bytes / (sum(facts.layer_bytes) / facts.n_layers)
 
 
 def host_shares(devices: Sequence[DeviceFacts]) -> list[int]:
@@ -210,8 +218,9 @@ Assignment = tuple[tuple[int, int, int], ...]  # (device index, start, end) in s
 
 class _Search:
     def __init__(self, memory: StageMemory, devices: Sequence[DeviceFacts], budgets: list[int],
-                 options: PlanOptions) -> None:
+                 options: PlanOptions, head: float) -> None:
         self.memory = memory
+        self.head = head
         self.devices = devices
         self.budgets = budgets
         self.use_all = options.use_all
@@ -224,8 +233,8 @@ class _Search:
     def fits(self, d: int, start: int, end: int) -> bool:
         return self.memory(start, end).total <= self.budgets[d]
 
-    def stage_cost(self, d: int, layers: int) -> Cost:
-        time = layers * self.t[d] + self.link[d]
+    def stage_cost(self, d: int, layers: int, last: bool = False) -> Cost:
+        time = (layers + (self.head if last else 0)) * self.t[d] + self.link[d]
         return (time, time)
 
     def combine(self, a: Cost, b: Cost) -> Cost:
@@ -251,7 +260,7 @@ class _Search:
         n = self.n
         if first == last:
             if self.fits(first, 0, n):
-                return self.stage_cost(first, n), ((first, 0, n),)
+                return self.stage_cost(first, n, last=True), ((first, 0, n),)
             return None
         # frontier[l]: the best way to run layers [0, l) with the devices seen so far
         frontier: dict[int, tuple[Cost, Assignment]] = {}
@@ -266,7 +275,7 @@ class _Search:
         best: tuple[Cost, Assignment] | None = None
         for start, (cost, done) in frontier.items():
             if self.fits(last, start, n):
-                total = self.combine(cost, self.stage_cost(last, n - start))
+                total = self.combine(cost, self.stage_cost(last, n - start, last=True))
                 if best is None or total < best[0]:
                     best = (total, (*done, (last, start, n)))
         return best
