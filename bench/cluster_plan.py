@@ -24,10 +24,11 @@ from cluster import greedy_tokens
 from rich.table import Table
 
 from orchcore.facts import read_model_facts
+from orchestrator.cluster import Cluster
 from orchestrator.deploy import ShardStore
 from orchestrator.localcluster import LocalCluster
 from orchestrator.plan import make_plan
-from orchestrator.session import Cluster, GenerationStats
+from orchestrator.session import GenerationStats
 from orchestrator.settings import OrchSettings
 from orchestrator.tokenizer import Tokenizer
 

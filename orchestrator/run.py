@@ -30,13 +30,13 @@ from orchcore.facts import read_model_facts
 from orchcore.memory import default_budget
 from orchcore.paths import cache_dir
 from orchcore.probe import layer_shape
+from orchestrator.cluster import Cluster
 from orchestrator.deploy import Deployment, ShardStore
 from orchestrator.discover import discover
 from orchestrator.localcluster import LocalCluster
 from orchestrator.modelstore import resolve_model
 from orchestrator.plan import Plan, make_plan
 from orchestrator.session import (
-    Cluster,
     Finished,
     GenerationStats,
     RunningModel,

@@ -1,6 +1,6 @@
 """The session API: a model opened on workers, generating events. No terminal output.
 
-    cluster = Cluster.connect(addresses, token, settings)     # Info from every worker
+    cluster = Cluster.connect(addresses, token, settings)     # orchestrator/cluster.py
     plan = make_plan(facts, cluster.devices, options)         # pure; show it
     with cluster.open(plan, facts, tokenizer, store) as model:
         for event in model.generate("Hi", sampling, stops=["\\n"], max_tokens=64):
@@ -20,20 +20,15 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from orchcore.devices import DeviceFacts
 from orchcore.errors import ContextFullError, InvalidInputError, OrchError
-from orchcore.facts import ModelFacts
-from orchcore.probe import layer_shape
 from orchcore.sampling import RANDOM_SEED, SamplingParams
-from orchcore.wire import convert
 from orchcore.wire import worker_pb2 as pb
-from orchestrator.client import WorkerClient
 from orchestrator.datapath import DataPath
-from orchestrator.deploy import Deployment, DeployProgress, ShardStore, deploy, undeploy
+from orchestrator.deploy import Deployment, undeploy
 from orchestrator.plan import Plan
 from orchestrator.settings import OrchSettings
 from orchestrator.speeds import MIN_DECODE_TOKENS, SpeedBook
@@ -41,7 +36,6 @@ from orchestrator.tokenizer import StopMatcher, StreamDecoder, Tokenizer
 
 log = logging.getLogger(__name__)
 
-REFINE_BEYOND = 0.25  # relative difference between a run's speed and the probe's that counts
 FinishReason = Literal["length", "stop", "end"]  # max tokens or context; stop text; EOG
 
 
@@ -120,66 +114,6 @@ def check_prompt(tokens: Sequence[int], context_tokens: int) -> None:
         raise ContextFullError(
             f"the prompt has {len(tokens)} tokens but the context holds {context_tokens}; "
             f"shorten it or raise --context")
-
-
-class Cluster:
-    """Connected workers: a client for each, and what each reported about its machine."""
-
-    def __init__(self, clients: list[WorkerClient], devices: list[DeviceFacts], token: str | None,
-                 settings: OrchSettings, alive: Callable[[], None] | None) -> None:
-        self.clients = clients
-        self.devices = devices
-        self.token = token
-        self.settings = settings
-        self.alive = alive
-
-    @classmethod
-    def connect(cls, addresses: Sequence[str], token: str | None, settings: OrchSettings,
-                alive: Callable[[], None] | None = None) -> Cluster:
-        clients = [WorkerClient(a, token, settings) for a in addresses]
-        try:
-            devices = [replace(convert.device_from_proto(c.address, c.check_protocol()),
-                               link_s=c.round_trip_s()) for c in clients]
-        except BaseException:
-            for c in clients:
-                c.close()
-            raise
-        return cls(clients, devices, token, settings, alive)
-
-    def measure_speeds(self, facts: ModelFacts, book: SpeedBook | None = None) -> None:
-        """Each worker's time per layer on this model's shape: refined by earlier runs
-        (``book``), else timed by the worker's probe (cached by the worker)."""
-        shape = layer_shape(facts)
-        devices = []
-        for device, client in zip(self.devices, self.clients, strict=True):
-            speed = client.probe(shape).decode_s_per_layer
-            known = book.get(device.worker_id, shape.key) if book else None
-            # Runs refine the probe's figure only when they disagree beyond noise, so the
-            # same cluster keeps the same plan (and its workers their cached shards).
-            if known is not None and abs(known / speed - 1) > REFINE_BEYOND:
-                speed = known
-            devices.append(replace(device, decode_s_per_layer=speed))
-        self.devices = devices
-
-    def open(self, plan: Plan, facts: ModelFacts, tokenizer: Tokenizer, store: ShardStore,
-             progress: DeployProgress | None = None, *, force: bool = False) -> RunningModel:
-        """Deploy ``plan`` (made for ``self.devices``) and open its data path."""
-        by_address = {c.address: c for c in self.clients}
-        clients = [by_address[s.worker] for s in plan.stages]
-        deployment = deploy(plan, facts, clients, store, progress, force=force)
-        path = DataPath(plan, deployment.pipeline_id, clients, self.token, self.settings,
-                        self.alive)
-        model = RunningModel(plan, tokenizer, path, self.settings, deployment)
-        try:
-            path.open()
-        except BaseException:
-            model.close()
-            raise
-        return model
-
-    def close(self) -> None:
-        for c in self.clients:
-            c.close()
 
 
 class RunningModel:

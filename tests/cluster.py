@@ -11,9 +11,10 @@ from pathlib import Path
 
 from orchcore.facts import read_model_facts
 from orchcore.sampling import SamplingParams
+from orchestrator.cluster import Cluster
 from orchestrator.deploy import ShardStore
 from orchestrator.plan import make_plan
-from orchestrator.session import Cluster, GenerationStats, RunningModel
+from orchestrator.session import GenerationStats, RunningModel
 from orchestrator.settings import OrchSettings
 from orchestrator.tokenizer import Tokenizer
 from worker.service import serve

@@ -13,10 +13,10 @@ from orchcore import modelgen
 from orchcore.facts import read_model_facts
 from orchcore.memory import MIB, StageMemory
 from orchcore.shard import even_ranges
+from orchestrator.cluster import Cluster
 from orchestrator.deploy import ShardStore
 from orchestrator.localcluster import LocalCluster
 from orchestrator.plan import make_plan
-from orchestrator.session import Cluster
 from orchestrator.settings import OrchSettings
 from orchestrator.tokenizer import Tokenizer
 from orchestrator.verify import LocalChain
