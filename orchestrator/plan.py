@@ -37,6 +37,7 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from itertools import pairwise
 from pathlib import Path
 from typing import Literal
 
@@ -50,6 +51,7 @@ from orchcore.shard import LayerRange
 
 Objective = Literal["latency", "throughput"]
 OBJECTIVES: tuple[Objective, ...] = ("latency", "throughput")
+STICKY = 0.05  # a previous plan is kept while it is at most 5% worse than the best
 UNMEASURED_S_PER_LAYER = 1.0  # every device equally fast when nothing is measured
 DEFAULT_LINK_S = 0.0005  # a hop on a home LAN, when not measured
 
@@ -60,6 +62,9 @@ class PlanOptions:
     engine: EngineConfig = field(default_factory=EngineConfig)  # threads 0 = device cores
     objective: Objective = "latency"
     use_all: bool = False  # every device gets a stage (``--local N``: exactly N stages)
+    # The cut used last time, as (worker id, start, end): kept while it still fits and is
+    # within ``STICKY`` of the best, so measurement noise never re-cuts (and re-sends) it.
+    prefer: tuple[tuple[str, int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -157,9 +162,10 @@ def make_plan(facts: ModelFacts, devices: Sequence[DeviceFacts],
     budgets = host_shares(devices)
     head = head_layers(facts)
     search = _Search(memory, devices, budgets, options, head)
-    best = search.best()
-    if best is None:
+    found = search.best()
+    if found is None:
         raise PlanError(_shortfall(memory, devices, budgets, options))
+    best = search.previous(options.prefer, found[0]) or found[1]
     stages = []
     for i, (d, start, end) in enumerate(best):
         device = devices[d]
@@ -243,7 +249,27 @@ class _Search:
             return (round(a[0] + b[0], 12), max(a[1], b[1]))
         return (max(a[0], b[0]), round(a[1] + b[1], 12))  # slowest stage; ties: the total
 
-    def best(self) -> Assignment | None:
+    def previous(self, prefer: Sequence[tuple[str, int, int]], best: Cost
+                 ) -> Assignment | None:
+        """The preferred cut, if it still fits and is within ``STICKY`` of ``best``."""
+        index = {d.worker_id: i for i, d in enumerate(self.devices)}
+        if not prefer or any(w not in index for w, _, _ in prefer):
+            return None
+        cut = tuple((index[w], a, b) for w, a, b in prefer)
+        contiguous = cut[0][1] == 0 and cut[-1][2] == self.n and all(
+            b == next_a for (_, _, b), (_, next_a, _) in pairwise(cut))
+        distinct = len({d for d, _, _ in cut}) == len(cut)
+        if not contiguous or not distinct or (self.use_all and len(cut) != len(self.devices)):
+            return None
+        if not all(self.fits(d, a, b) for d, a, b in cut):
+            return None
+        cost: Cost | None = None
+        for d, a, b in cut:
+            stage = self.stage_cost(d, b - a, last=b == self.n)
+            cost = stage if cost is None else self.combine(cost, stage)
+        return cut if cost[0] <= best[0] * (1 + STICKY) else None
+
+    def best(self) -> tuple[Cost, Assignment] | None:
         found: tuple[Cost, Assignment] | None = None
         count = len(self.devices)
         # Among equally good plans the first found wins: the devices in the order given.
@@ -254,7 +280,7 @@ class _Search:
                 candidate = self._with_ends(first, last)
                 if candidate is not None and (found is None or candidate[0] < found[0]):
                     found = candidate
-        return None if found is None else found[1]
+        return found
 
     def _with_ends(self, first: int, last: int) -> tuple[Cost, Assignment] | None:
         n = self.n

@@ -9,7 +9,7 @@ import logging
 import platform
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from rich.console import Console
 from rich.progress import (
@@ -26,7 +26,7 @@ from rich.table import Table
 from orchcore.cpu import cpu_info, host_id, memory_info
 from orchcore.devices import DeviceFacts
 from orchcore.errors import ContextFullError, InvalidInputError, OrchError
-from orchcore.facts import read_model_facts
+from orchcore.facts import ModelFacts, read_model_facts
 from orchcore.memory import default_budget
 from orchcore.paths import cache_dir
 from orchcore.probe import layer_shape
@@ -35,7 +35,7 @@ from orchestrator.deploy import Deployment, ShardStore
 from orchestrator.discover import discover
 from orchestrator.localcluster import LocalCluster
 from orchestrator.modelstore import resolve_model
-from orchestrator.plan import Plan, make_plan
+from orchestrator.plan import Plan, PlanOptions, make_plan
 from orchestrator.session import (
     Finished,
     GenerationStats,
@@ -45,6 +45,7 @@ from orchestrator.session import (
 )
 from orchestrator.settings import OrchSettings
 from orchestrator.speeds import SpeedBook
+from orchestrator.sticky import PlanBook
 from orchestrator.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ def run_model(req: RunRequest, settings: OrchSettings, out: Console, err: Consol
         if workers and len(addresses) > 1 and settings.probe:
             with err.status("timing each worker on this model's layers (once per shape)"):
                 cluster.measure_speeds(facts, book)
-        plan = make_plan(facts, cluster.devices, settings.plan_options(
+        plan = _sticky_plan(facts, cluster.devices, settings.plan_options(
             use_all=not workers))  # --local N: exactly N stages
         for line in plan.describe():
             err.print(f"[dim]{line}[/]", highlight=False)
@@ -122,6 +123,15 @@ def run_model(req: RunRequest, settings: OrchSettings, out: Console, err: Consol
         except OrchError as exc:
             report(err, exc)
             raise Reported(str(exc)) from None
+
+
+def _sticky_plan(facts: ModelFacts, devices: list[DeviceFacts], options: PlanOptions) -> Plan:
+    """``make_plan``, keeping the cut this cluster used for this model last time while it is
+    still as good (``PlanBook``)."""
+    book = PlanBook(cache_dir() / "plans.json")
+    plan = make_plan(facts, devices, replace(options, prefer=book.last(facts, devices, options)))
+    book.keep(facts, devices, options, plan)
+    return plan
 
 
 def _discovered(settings: OrchSettings, err: Console, fallback: str | None = "local"
@@ -158,7 +168,7 @@ def plan_only(model: str, workers: tuple[str, ...] | None, settings: OrchSetting
     try:
         if len(workers) > 1 and settings.probe:
             cluster.measure_speeds(facts)
-        return make_plan(facts, cluster.devices, settings.plan_options())
+        return _sticky_plan(facts, cluster.devices, settings.plan_options())
     finally:
         cluster.close()
 

@@ -30,7 +30,11 @@ def test_run_answers_and_cleans_up(smollm2_path, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "Paris" in done.stdout
     assert "decode" in done.stderr and "bytes/token" in done.stderr
+    assert "MiB of shards sent" in done.stderr
     assert _no_workers_left()
+    again = orch("run", str(smollm2_path), "What is the capital of France?", "--max-tokens",
+                 "4", cache=tmp_path)
+    assert "0 bytes of shards sent" in again.stderr  # sticky: the same plan, all cached
 
 
 def test_interactive_chat_keeps_turns_apart(smollm2_path, tmp_path):

@@ -3,6 +3,8 @@ beyond the model's header; it checks memory against each device and each shared 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -217,3 +219,18 @@ def test_search_equals_brute_force_and_every_limit_holds(small_facts, data):
     assert all(s.memory.total <= s.budget <= s.device.memory_budget_bytes for s in plan.stages)
     if options.use_all:
         assert len(plan.stages) == count
+
+
+def test_the_previous_cut_is_kept_while_it_is_nearly_as_good(facts):
+    devices = [device(1, speed=0.0010), device(2, speed=0.0010)]
+    options = PlanOptions(objective="throughput", use_all=True)
+    best = make_plan(facts, devices, options)
+    moved = [(s.device.worker_id, s.layers.start, s.layers.end) for s in best.stages]
+    a, b = moved[0][2], moved[1][1]
+    nearly = ((moved[0][0], 0, a + 1), (moved[1][0], b + 1, 30))  # one layer over: < 5% worse
+    kept = make_plan(facts, devices, replace(options, prefer=nearly))
+    assert [(s.layers.start, s.layers.end) for s in kept.stages] == [(0, a + 1), (a + 1, 30)]
+    far = ((moved[0][0], 0, 3), (moved[1][0], 3, 30))  # much worse: the best cut instead
+    assert make_plan(facts, devices, replace(options, prefer=far)) == best
+    stranger = (("someone-else", 0, 15), (moved[1][0], 15, 30))
+    assert make_plan(facts, devices, replace(options, prefer=stranger)) == best
