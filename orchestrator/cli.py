@@ -176,25 +176,28 @@ def cluster(
 
 
 def _print_cluster(views) -> None:
-    table = Table(title="cluster")
-    for col in ("worker", "host / arch", "cores", "RAM free/total", "budget", "cache",
-                "loaded", "link", "to next"):
+    table = Table(title="cluster", show_lines=True)
+    table.add_column("worker", no_wrap=True)
+    for col in ("machine", "memory (MiB)", "shard cache", "loaded", "links"):
         table.add_column(col)
 
     def link(lk) -> str:
-        if lk is None:
-            return ""
         if lk.error:
             return f"[red]{lk.error}[/]"
         return f"{lk.rtt_ms:.1f} ms, {lk.bandwidth_mb_s:.0f} MB/s"
 
     for v in views:
+        links = f"from here: {link(v.link)}"
+        if v.next_link is not None:
+            links += f"\nto next: {link(v.next_link)}"
         table.add_row(
-            f"{v.address}\n{v.worker_id[:8]}", f"{v.host}\n{v.arch} {' '.join(v.flags)}",
-            str(v.cores), f"{v.ram_available_mb}/{v.ram_total_mb} MiB", f"{v.budget_mb} MiB",
-            f"{v.cached_shards} shards, {v.cache_used_mb} of {v.cache_max_mb} MiB",
-            f"{v.loaded}" + (f"\n{v.holders} holders" if v.holders else ""),
-            link(v.link), link(v.next_link))
+            f"{v.address}\nid {v.worker_id[:8]}",
+            f"{v.host}, {v.arch}, {v.cores} cores\n{' '.join(v.flags)}",
+            f"budget {v.budget_mb}\nfree {v.ram_available_mb} of {v.ram_total_mb}",
+            f"{v.cached_shards} shards\n{v.cache_used_mb} of {v.cache_max_mb} MiB",
+            v.loaded + (f"\n{v.holders} holder{'s' if v.holders > 1 else ''}"
+                        if v.holders else ""),
+            links)
     console.print(table)
 
 
