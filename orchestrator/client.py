@@ -8,6 +8,7 @@ the rest are transport failures, named by gRPC status code, never by message tex
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
@@ -83,13 +84,15 @@ class WorkerClient:
         return self._call(self.stub.Prove, pb.ProveRequest(nonce=nonce), deadline)
 
     def round_trip_s(self, tries: int = 3) -> float:
-        """The quickest of a few empty calls: the link's round trip, for the planner."""
+        """The quickest of a few empty calls, rounded up to whole milliseconds: the link's
+        round trip for the planner, coarse enough that jitter never reorders two workers
+        on the same switch (which would re-cut the model and send shards again)."""
         best = float("inf")
         for _ in range(tries):
             started = time.perf_counter()
             self._call(self.stub.Ping, pb.PingRequest(), self.settings.info_deadline_s)
             best = min(best, time.perf_counter() - started)
-        return best
+        return math.ceil(best * 1e3) / 1e3
 
     def info(self, deadline: float | None = None) -> pb.WorkerInfo:
         return self._call(self.stub.Info, pb.InfoRequest(),

@@ -7,7 +7,6 @@ and the cluster's random token. On Linux the children also die with their parent
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import secrets
@@ -21,16 +20,6 @@ from pathlib import Path
 from orchcore.errors import WorkerUnreachableError
 
 log = logging.getLogger(__name__)
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
 
 
 class LocalCluster:
@@ -63,7 +52,10 @@ class LocalCluster:
             ready = self.log_dir / f"worker-{i}.{os.getpid()}.ready"
             ready.unlink(missing_ok=True)
             ready_files.append(ready)
-            env = dict(os.environ, ORCH_WORKER_TOKEN=self.token)
+            # The worker asks to die with us (PR_SET_PDEATHSIG) itself: no preexec_fn, whose
+            # fork in a process with live gRPC threads can abort the child.
+            env = dict(os.environ, ORCH_WORKER_TOKEN=self.token,
+                       ORCH_WORKER_PARENT_PID=str(os.getpid()))
             cmd = [sys.executable, "-m", "orchestrator.cli", "worker", "--host", "127.0.0.1",
                    "--port", "0", "--cache-dir", str(self.cache_root / f"worker-{i}"),
                    "--threads", str(self.threads), "--ready-file", str(ready)]
@@ -73,20 +65,12 @@ class LocalCluster:
             logf = (self.log_dir / f"worker-{i}.log").open("wb")
             self._logs.append(logf)
             self.procs.append(subprocess.Popen(
-                cmd, env=env, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                preexec_fn=self._preexec(i) if sys.platform == "linux" else None))
+                cmd, env=env, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf))
+            if self.pin_cores:  # set while the new process is still single-threaded
+                cores = sorted(os.sched_getaffinity(0))
+                os.sched_setaffinity(self.procs[-1].pid, {cores[i % len(cores)]})
         self.addresses = [self._await_ready(i, f) for i, f in enumerate(ready_files)]
         return self.addresses
-
-    def _preexec(self, i: int):
-        cores = sorted(os.sched_getaffinity(0))
-
-        def setup() -> None:
-            _die_with_parent()
-            if self.pin_cores:
-                os.sched_setaffinity(0, {cores[i % len(cores)]})
-
-        return setup
 
     def _await_ready(self, i: int, ready: Path) -> str:
         give_up = time.monotonic() + self.start_deadline_s

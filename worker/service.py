@@ -7,12 +7,14 @@ bound: the long-lived streams end when the stage is unloaded or the peer goes aw
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hmac
 import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -51,6 +53,7 @@ from worker.stage import Stage
 
 log = logging.getLogger(__name__)
 
+_PR_SET_PDEATHSIG = 1
 _PROVE = "/orch.v1.Worker/Prove"  # the one call without a token: it proves ours
 _RECENT_PIPELINES = 16
 _LINK_DEADLINE_S = 10.0  # unloaded pipelines whose late messages are dropped quietly
@@ -370,8 +373,20 @@ def _reachable_host(host: str) -> str:
     return host
 
 
+def _die_with(parent_pid: int) -> None:
+    """SIGTERM this process when ``parent_pid`` exits (Linux PR_SET_PDEATHSIG); exit now if
+    it already has."""
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent_pid:
+        raise SystemExit(f"parent process {parent_pid} is gone")
+
+
 def serve(settings: WorkerSettings, *, stop: threading.Event | None = None) -> None:
     """Run a worker until SIGTERM/SIGINT (or ``stop`` is set)."""
+    if settings.parent_pid:
+        _die_with(settings.parent_pid)
     max_bytes = settings.max_message_mb << 20
     token = settings.token.get_secret_value() if settings.token else None
     interceptors = [TokenAuth(token)] if token else []

@@ -45,6 +45,9 @@ class WorkerSettings(BaseSettings):
         "auto", description="Announce this worker with zeroconf: auto (the LAN interfaces "
                             "it listens on, never containers or bridges), off, or an "
                             "interface name (eth0, wlan0, lo).")
+    parent_pid: int | None = Field(
+        None, ge=1, description="Stop when this process exits (orch run sets it for the "
+                                "local workers it starts).")
     ready_file: Path | None = Field(
         None, description="Write 'host:port' here once serving (for supervisors and tests).")
 
