@@ -35,6 +35,8 @@ def test_run_answers_and_cleans_up(smollm2_path, tmp_path):
     again = orch("run", str(smollm2_path), "What is the capital of France?", "--max-tokens",
                  "4", cache=tmp_path)
     assert "0 bytes of shards sent" in again.stderr  # sticky: the same plan, all cached
+    for log in (tmp_path / "local" / "logs").glob("worker-*.log"):  # a normal run is quiet
+        assert "WARNING" not in log.read_text() and "ERROR" not in log.read_text(), log
 
 
 def test_interactive_chat_keeps_turns_apart(smollm2_path, tmp_path):

@@ -22,6 +22,7 @@ from orchcore.errors import (
     InvalidInputError,
     MemoryBudgetError,
     MessageTooLargeError,
+    OrchError,
     ProtocolMismatchError,
     ShardHashError,
     StageFaultError,
@@ -211,3 +212,19 @@ def _running(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_a_broken_shard_is_named_by_the_model_not_the_cache_path(tmp_path):
+    junk = b"GGUF" + bytes(4000)  # stored fine (its hash is its hash), unusable as a model
+    sha = hashlib.sha256(junk).hexdigest()
+    with worker_server(tmp_path) as address:
+        client = client_for(address)
+        path = tmp_path / "junk.gguf"
+        path.write_bytes(junk)
+        client.upload_shard(path, sha)
+        with pytest.raises(OrchError, match=r"the shard of layers \[0, 4\) of mine\.gguf") as info:
+            client.load_shard(pb.LoadShardRequest(pipeline_id="p", sha256=sha, layer_start=0,
+                                                  layer_end=4, model="mine.gguf"))
+        assert str(tmp_path / "cache") not in str(info.value)
+        assert str(info.value).count(address) == 1
+        client.close()

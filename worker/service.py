@@ -30,11 +30,13 @@ from orchcore.cpu import cpu_info, host_id, memory_info
 from orchcore.discovery import Advert, proof
 from orchcore.engine import StageEngine
 from orchcore.errors import (
+    GGUFError,
     InvalidInputError,
     InvalidSettingError,
     MemoryBudgetError,
     NotLoadedError,
     OrchError,
+    ShardLoadError,
     ShardMissingError,
     WorkerBusyError,
 )
@@ -201,13 +203,21 @@ class WorkerService(pb_grpc.WorkerServicer):
                     and not request.force:
                 raise WorkerBusyError(self._busy(current, now))
             self._unload()
-            needed = estimate_shard(read_model_facts(path), config)
+            what = (f"the shard of layers [{request.layer_start}, {request.layer_end}) of "
+                    f"{request.model or 'the model'}")
+            try:
+                needed = estimate_shard(read_model_facts(path), config)
+            except GGUFError as exc:  # name what the user asked for, not our cache file
+                raise ShardLoadError(f"{what}: {exc.problem}") from None
             if needed.total > self.budget:
                 raise MemoryBudgetError(
                     f"layers [{request.layer_start}, {request.layer_end}) need "
                     f"{needed.describe()}, but the memory budget is {self.budget // MIB} MiB; "
                     f"use more workers, a shorter context, or raise --memory-budget-mb")
-            engine = StageEngine(path, config)
+            try:
+                engine = StageEngine(path, config)
+            except ShardLoadError as exc:
+                raise ShardLoadError(str(exc).replace(str(path), what)) from None
             role = engine.role
             if (role.start, role.end) != (request.layer_start, request.layer_end):
                 engine.close()
