@@ -21,7 +21,9 @@ class DeviceFacts:
     ram_available_bytes: int
     memory_budget_bytes: int  # the most the worker's whole process may use
     decode_s_per_layer: float | None = None  # measured for the model at hand; None = unknown
+    prefill_s_per_layer: float | None = None  # per prompt token, measured likewise
     link_s: float | None = None  # measured round trip to this worker; None = unknown
+    bandwidth_bytes_s: float | None = None  # measured from the orchestrator; None = unknown
 
     @property
     def label(self) -> str:

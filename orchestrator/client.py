@@ -94,6 +94,13 @@ class WorkerClient:
             best = min(best, time.perf_counter() - started)
         return math.ceil(best * 1e3) / 1e3
 
+    def bandwidth_bytes_s(self, rtt_s: float, payload_bytes: int = 256 << 10) -> float:
+        """Bytes per second to this worker: one ``payload_bytes`` call, less a round trip."""
+        started = time.perf_counter()
+        self._call(self.stub.Ping, pb.PingRequest(payload=bytes(payload_bytes)),
+                   self.settings.info_deadline_s)
+        return payload_bytes / max(time.perf_counter() - started - rtt_s, 1e-6)
+
     def info(self, deadline: float | None = None) -> pb.WorkerInfo:
         return self._call(self.stub.Info, pb.InfoRequest(),
                           deadline or self.settings.info_deadline_s)

@@ -44,8 +44,12 @@ class Cluster:
                 alive: Callable[[], None] | None = None) -> Cluster:
         clients = [WorkerClient(a, token, settings) for a in addresses]
         try:
-            devices = [replace(convert.device_from_proto(c.address, c.check_protocol()),
-                               link_s=c.round_trip_s()) for c in clients]
+            devices = []
+            for c in clients:
+                device = convert.device_from_proto(c.address, c.check_protocol())
+                rtt = c.round_trip_s()
+                devices.append(replace(device, link_s=rtt,
+                                       bandwidth_bytes_s=c.bandwidth_bytes_s(rtt)))
         except BaseException:
             for c in clients:
                 c.close()
@@ -58,13 +62,15 @@ class Cluster:
         shape = layer_shape(facts)
         devices = []
         for device, client in zip(self.devices, self.clients, strict=True):
-            speed = client.probe(shape).decode_s_per_layer
+            probed = client.probe(shape)
+            speed = probed.decode_s_per_layer
             known = book.get(device.worker_id, shape.key) if book else None
             # Runs refine the probe's figure only when they disagree beyond noise, so the
             # same cluster keeps the same plan (and its workers their cached shards).
             if known is not None and abs(known / speed - 1) > REFINE_BEYOND:
                 speed = known
-            devices.append(replace(device, decode_s_per_layer=speed))
+            devices.append(replace(device, decode_s_per_layer=speed,
+                                   prefill_s_per_layer=probed.prefill_s_per_token_per_layer))
         self.devices = devices
 
     def open(self, plan: Plan, facts: ModelFacts, tokenizer: Tokenizer, store: ShardStore,

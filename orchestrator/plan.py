@@ -16,7 +16,9 @@ best one for the objective:
 A device's time per layer comes from ``DeviceFacts.decode_s_per_layer`` (measured); when
 nothing is measured every device counts as equally fast. The last stage also runs the lm
 head, which costs as many layers as its bytes are worth (``head_layers``): decoding reads
-every weight once per token. Each stage costs its device's
+every weight once per token. A stage's link costs its round trip plus a token's hidden
+state in and out at its measured bandwidth (with the chosen codec), counted in whole
+milliseconds so that jitter never reorders equal devices. Each stage costs its device's
 ``link_s`` too, the hop into it and out of it (order-free: on a home network every hop
 crosses the same switch).
 
@@ -111,12 +113,21 @@ class Plan:
         times = [s.decode_s for s in self.stages]
         return None if None in times else sum(times)
 
+    @property
+    def predicted_prompt_tokens_s(self) -> float | None:
+        """Prompt tokens per second through the stages in turn, when every stage is measured
+        (one chunk at a time; the lm head runs once per chunk and is left out)."""
+        per_token = [None if s.device.prefill_s_per_layer is None else
+                     len(s.layers) * s.device.prefill_s_per_layer for s in self.stages]
+        return None if None in per_token or not sum(per_token) else 1 / sum(per_token)
+
     def to_json(self) -> dict:
         """The plan for scripts (``orch plan --json``): bytes, seconds, half-open ranges."""
         return {
             "model": str(self.model), "layers": self.n_layers, "codec": self.codec,
             "objective": self.objective, "context_tokens": self.context_tokens,
             "predicted_decode_s": self.predicted_decode_s,
+            "predicted_prompt_tokens_s": self.predicted_prompt_tokens_s,
             "stages": [{"index": s.index, "worker": s.worker, "worker_id": s.device.worker_id,
                         "host": s.device.hostname, "layers": [s.layers.start, s.layers.end],
                         "memory_bytes": s.memory.total, "budget_bytes": s.budget,
@@ -138,6 +149,10 @@ class Plan:
                          f"{s.engine.threads} threads{speed}")
         for out in self.left_out:
             lines.append(f"standby: {out.device.label}: {out.reason}")
+        decode, prompt = self.predicted_decode_s, self.predicted_prompt_tokens_s
+        if decode is not None and prompt is not None:
+            lines.append(f"predicted: {decode * 1e3:.1f} ms of compute per token, "
+                         f"prompts at {prompt:.0f} tokens/s")
         engine = self.stages[0].engine
         lines.append(f"context {engine.context_tokens} tokens x {engine.max_sessions} "
                      f"sessions, chunks of {engine.batch_tokens}, {self.codec} between stages, "
@@ -161,7 +176,8 @@ def make_plan(facts: ModelFacts, devices: Sequence[DeviceFacts],
     memory = StageMemory(facts, options.engine)
     budgets = host_shares(devices)
     head = head_layers(facts)
-    search = _Search(memory, devices, budgets, options, head)
+    hop_bytes = get_codec(options.codec).encoded_size(1, facts.n_embd)
+    search = _Search(memory, devices, budgets, options, head, hop_bytes)
     found = search.best()
     if found is None:
         raise PlanError(_shortfall(memory, devices, budgets, options))
@@ -224,7 +240,7 @@ Assignment = tuple[tuple[int, int, int], ...]  # (device index, start, end) in s
 
 class _Search:
     def __init__(self, memory: StageMemory, devices: Sequence[DeviceFacts], budgets: list[int],
-                 options: PlanOptions, head: float) -> None:
+                 options: PlanOptions, head: float, hop_bytes: int = 0) -> None:
         self.memory = memory
         self.head = head
         self.devices = devices
@@ -234,7 +250,9 @@ class _Search:
         self.n = memory.n_layers
         self.t = [d.decode_s_per_layer if d.decode_s_per_layer is not None
                   else UNMEASURED_S_PER_LAYER for d in devices]
-        self.link = [d.link_s if d.link_s is not None else DEFAULT_LINK_S for d in devices]
+        self.link = [(d.link_s if d.link_s is not None else DEFAULT_LINK_S) + (
+            math.ceil(2e3 * hop_bytes / d.bandwidth_bytes_s) / 1e3 if d.bandwidth_bytes_s
+            else 0.0) for d in devices]
 
     def fits(self, d: int, start: int, end: int) -> bool:
         return self.memory(start, end).total <= self.budgets[d]

@@ -234,3 +234,12 @@ def test_the_previous_cut_is_kept_while_it_is_nearly_as_good(facts):
     assert make_plan(facts, devices, replace(options, prefer=far)) == best
     stranger = (("someone-else", 0, 15), (moved[1][0], 15, 30))
     assert make_plan(facts, devices, replace(options, prefer=stranger)) == best
+
+
+def test_a_slow_link_counts(facts):
+    fast = device(1, speed=0.001)
+    slow = DeviceFacts(**{**device(2, speed=0.001).__dict__, "bandwidth_bytes_s": 100e3})
+    assert [s.worker for s in make_plan(facts, [slow, fast]).stages] == [fast.address]
+    # through the slow link, 576 f32 values in and out cost 47 ms a token: more than
+    # running all 30 layers (and the head) on the other device
+    assert [s.worker for s in make_plan(facts, [fast, slow]).stages] == [fast.address]

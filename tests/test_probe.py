@@ -32,7 +32,9 @@ def test_probe_times_the_model_shape_once_and_feeds_the_planner(smollm2_path, tm
                        for d in cluster.devices)
             plan = make_plan(facts, cluster.devices, PlanOptions(objective="throughput"))
             assert plan.predicted_decode_s is not None and plan.predicted_decode_s > 0
+            assert plan.predicted_prompt_tokens_s > 1 / plan.predicted_decode_s  # batching
             assert "ms/token" in "\n".join(plan.describe())
+            assert "prompts at" in "\n".join(plan.describe())
         finally:
             cluster.close()
     assert not list((tmp_path / "a" / "cache").glob(".probe-*"))  # the probe model is gone
