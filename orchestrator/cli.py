@@ -155,13 +155,13 @@ def cluster(
     """Map the cluster: each worker's machine, memory, cache and loaded stage, and the
     measured links (orchestrator to each worker, each worker to the next)."""
     _setup_logging(False)
-    from orchestrator.run import _discovered
+    from orchestrator.run import discovered_workers
     from orchestrator.topology import survey, to_json
 
     try:
         settings = OrchSettings.load(token=token)
         addresses = parse_workers(workers) if workers is not None else \
-            _discovered(settings, err, fallback=None)
+            discovered_workers(settings, err, local_fallback=False)
         if not addresses:
             _fail(OrchError("no workers: give --workers HOST:PORT,... or start workers on the "
                             "LAN (discovery: ORCH_DISCOVERY)"))

@@ -57,7 +57,7 @@ class RunRequest:
 
     model: str
     prompt: str | None
-    workers: tuple[str, ...] | None  # validated HOST:PORT, in pipeline order
+    workers: tuple[str, ...] | None  # validated HOST:PORT; the plan keeps this order among equals
     stops: tuple[str, ...] = ()
     chat: bool = True
     system: str | None = None
@@ -88,7 +88,7 @@ def run_model(req: RunRequest, settings: OrchSettings, out: Console, err: Consol
         alive = None
         workers = req.workers
         if workers is None and req.discover:
-            workers = _discovered(settings, err)
+            workers = discovered_workers(settings, err)
         if workers:
             addresses, token = list(workers), settings.token_value
         else:
@@ -134,8 +134,8 @@ def _sticky_plan(facts: ModelFacts, devices: list[DeviceFacts], options: PlanOpt
     return plan
 
 
-def _discovered(settings: OrchSettings, err: Console, fallback: str | None = "local"
-                ) -> tuple[str, ...] | None:
+def discovered_workers(settings: OrchSettings, err: Console, *, local_fallback: bool = True
+                       ) -> tuple[str, ...] | None:
     """Workers of this cluster found on the LAN, after saying what was found."""
     if settings.discovery == "off":
         return None
@@ -145,7 +145,7 @@ def _discovered(settings: OrchSettings, err: Console, fallback: str | None = "lo
         err.print(f"[dim]not used: {worker.address} (worker {worker.advert.worker_id[:8]}): "
                   f"{why}[/]", highlight=False)
     if not found.members:
-        then = f"; using {settings.local_workers} local workers" if fallback else ""
+        then = f"; using {settings.local_workers} local workers" if local_fallback else ""
         err.print(f"[dim]no workers of this cluster on the network{then}[/]")
         return None
     err.print(f"[dim]found {len(found.members)} workers: "
@@ -160,7 +160,7 @@ def plan_only(model: str, workers: tuple[str, ...] | None, settings: OrchSetting
     facts = read_model_facts(resolve_model(model))
     facts.require_supported()
     if workers is None and discover_workers:
-        workers = _discovered(settings, err or Console(stderr=True))
+        workers = discovered_workers(settings, err or Console(stderr=True))
     if workers is None:
         return make_plan(facts, local_devices(settings.local_workers),
                          settings.plan_options(use_all=True))
