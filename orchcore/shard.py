@@ -26,7 +26,6 @@ What each shard carries (llama.cpp loads every one of them as an ordinary model)
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ from orchcore.facts import (
     read_model_facts,
     rename_block,
 )
+from orchcore.files import sha256_file
 
 # Bumped whenever the bytes of a shard for the same source and range change.
 SHARD_FORMAT = 1
@@ -264,7 +264,7 @@ def write_shard(
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
     try:
         _write(layout, _shard_metadata(facts, reader, layout), tmp, progress)
-        digest = _sha256(tmp)
+        digest = sha256_file(tmp)
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
@@ -315,10 +315,3 @@ def _copy_range(src: Any, offset: int, n_bytes: int, out: Any) -> None:
         out.write(view[:got])
         left -= got
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_COPY_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()

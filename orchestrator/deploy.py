@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import Protocol
 
 from orchcore.errors import OrchError
 from orchcore.facts import ModelFacts
+from orchcore.files import read_json, write_atomic
 from orchcore.shard import SHARD_FORMAT, LayerRange, write_shard
 from orchcore.wire import convert
 from orchcore.wire import worker_pb2 as pb
@@ -40,13 +40,11 @@ class ShardStore:
         key = (f"{facts.path.stem}-{stat.st_size}-{stat.st_mtime_ns}-{layers.start}-"
                f"{layers.end}-v{SHARD_FORMAT}")
         path, meta = self.root / f"{key}.gguf", self.root / f"{key}.json"
-        if path.exists() and meta.exists():
-            return path, json.loads(meta.read_text())["sha256"]
+        if path.exists() and "sha256" in (known := read_json(meta)):
+            return path, known["sha256"]
         self.root.mkdir(parents=True, exist_ok=True)
         shard = write_shard(facts.path, layers, path, facts=facts, progress=progress)
-        tmp = meta.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"sha256": shard.sha256, "source": str(facts.path)}))
-        os.replace(tmp, meta)
+        write_atomic(meta, json.dumps({"sha256": shard.sha256, "source": str(facts.path)}))
         return path, shard.sha256
 
 

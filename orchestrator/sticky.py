@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from orchcore.devices import DeviceFacts
 from orchcore.facts import ModelFacts
+from orchcore.files import read_json, write_atomic
 from orchestrator.plan import Plan, PlanOptions
 
 log = logging.getLogger(__name__)
@@ -28,26 +28,17 @@ class PlanBook:
         return (f"{facts.path.name}:{facts.file_size}:{workers}:{options.objective}:"
                 f"{engine.context_tokens}x{engine.max_sessions}:{options.use_all}")
 
-    def _load(self) -> dict[str, list[list]]:
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
-
     def last(self, facts: ModelFacts, devices: Sequence[DeviceFacts], options: PlanOptions
              ) -> tuple[tuple[str, int, int], ...]:
-        cut = self._load().get(self._key(facts, devices, options), [])
+        cut = read_json(self.path).get(self._key(facts, devices, options), [])
         return tuple((str(w), int(a), int(b)) for w, a, b in cut)
 
     def keep(self, facts: ModelFacts, devices: Sequence[DeviceFacts], options: PlanOptions,
              plan: Plan) -> None:
-        book = self._load()
+        book = read_json(self.path)
         book[self._key(facts, devices, options)] = [
             [s.device.worker_id, s.layers.start, s.layers.end] for s in plan.stages]
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(book, indent=1))
-            os.replace(tmp, self.path)
+            write_atomic(self.path, json.dumps(book, indent=1))
         except OSError as exc:
             log.debug("cannot keep the plan in %s: %s", self.path, exc)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from orchcore import modelgen
 from orchcore.config import EngineConfig
 from orchcore.engine import StageEngine
 from orchcore.facts import read_model_facts
+from orchcore.files import read_json, write_atomic
 from orchcore.probe import PROBE_LAYERS, LayerShape
 
 log = logging.getLogger(__name__)
@@ -33,15 +33,13 @@ def probe(shape: LayerShape, folder: Path, threads: int) -> tuple[float, float, 
     """(decode s per layer, prefill s per token per layer, whether it was cached)."""
     results = folder / "probe.json"
     with _LOCK:
-        known = json.loads(results.read_text()) if results.exists() else {}
+        known = read_json(results)
         key = f"{shape.key}-t{threads}"
         if key in known:
             return known[key]["decode"], known[key]["prefill"], True
         decode, prefill = _measure(shape, folder, threads)
         known[key] = {"decode": decode, "prefill": prefill}
-        tmp = results.with_suffix(".tmp")
-        tmp.write_text(json.dumps(known, indent=1))
-        os.replace(tmp, results)
+        write_atomic(results, json.dumps(known, indent=1))
     log.info("probe %s: %.2f ms per layer per token (decode)", shape.key, decode * 1e3)
     return decode, prefill, False
 

@@ -41,6 +41,7 @@ from orchcore.errors import (
     WorkerBusyError,
 )
 from orchcore.facts import read_model_facts
+from orchcore.files import write_atomic
 from orchcore.memory import MIB, estimate_shard
 from orchcore.probe import LayerShape
 from orchcore.wire import PROTOCOL_VERSION, convert, status
@@ -115,10 +116,7 @@ def worker_id(state_dir: Path, *, renew: bool = False) -> str:
     new one, when a cloned machine's id turns out to be taken)."""
     path = state_dir / "worker-id"
     if renew or not path.exists():
-        state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(uuid.uuid4().hex + "\n")
-        os.replace(tmp, path)
+        write_atomic(path, uuid.uuid4().hex + "\n")
     return path.read_text().strip()
 
 
@@ -419,9 +417,7 @@ def serve(settings: WorkerSettings, *, stop: threading.Event | None = None) -> N
                             lambda: service.advert(port), service.renew_id)
     advertiser.start()
     if settings.ready_file:  # an address others can connect to, even when bound to all
-        tmp = settings.ready_file.with_suffix(".tmp")
-        tmp.write_text(f"{_reachable_host(settings.host)}:{port}")
-        os.replace(tmp, settings.ready_file)
+        write_atomic(settings.ready_file, f"{_reachable_host(settings.host)}:{port}")
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):

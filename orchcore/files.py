@@ -1,0 +1,73 @@
+"""Small file operations every part of orch needs the same way: replace a file whole,
+read a JSON record that may be missing, hash a file, hold a lock across processes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 4 << 20
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all (a temporary name of this process,
+    then ``os.replace``), creating the folder if needed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; empty when the file is missing or unreadable."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+if sys.platform == "win32":
+
+    @contextmanager
+    def locked(lock_path: Path) -> Iterator[None]:
+        # No flock on Windows: concurrent writers each use their own temporary file and
+        # os.replace keeps the result whole; they only duplicate work.
+        yield
+
+else:
+    import fcntl
+
+    @contextmanager
+    def locked(lock_path: Path) -> Iterator[None]:
+        """Hold an exclusive flock on ``lock_path`` (released when the process dies)."""
+        with lock_path.open("a+b") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("waiting for another process holding %s", lock_path)
+                fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
