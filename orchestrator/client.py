@@ -8,8 +8,6 @@ the rest are transport failures, named by gRPC status code, never by message tex
 from __future__ import annotations
 
 import logging
-import math
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -28,7 +26,7 @@ from orchcore.probe import LayerShape
 from orchcore.wire import PROTOCOL_VERSION
 from orchcore.wire import worker_pb2 as pb
 from orchcore.wire import worker_pb2_grpc as pb_grpc
-from orchcore.wire.channel import auth_metadata, open_channel
+from orchcore.wire.channel import auth_metadata, measure_link, open_channel
 from orchcore.wire.status import ERROR_CODE_KEY, from_code
 from orchestrator.settings import OrchSettings
 
@@ -67,6 +65,7 @@ class WorkerClient:
     def __init__(self, address: str, token: str | None, settings: OrchSettings) -> None:
         self.address = address
         self.settings = settings
+        self._token = token
         self.metadata = auth_metadata(token)
         self.channel = open_channel(address)
         self.stub = pb_grpc.WorkerStub(self.channel)
@@ -83,23 +82,14 @@ class WorkerClient:
     def prove(self, nonce: bytes, deadline: float) -> pb.ProveReply:
         return self._call(self.stub.Prove, pb.ProveRequest(nonce=nonce), deadline)
 
-    def round_trip_s(self, tries: int = 3) -> float:
-        """The quickest of a few empty calls, rounded up to whole milliseconds: the link's
-        round trip for the planner, coarse enough that jitter never reorders two workers
-        on the same switch (which would re-cut the model and send shards again)."""
-        best = float("inf")
-        for _ in range(tries):
-            started = time.perf_counter()
-            self._call(self.stub.Ping, pb.PingRequest(), self.settings.info_deadline_s)
-            best = min(best, time.perf_counter() - started)
-        return math.ceil(best * 1e3) / 1e3
-
-    def bandwidth_bytes_s(self, rtt_s: float, payload_bytes: int = 256 << 10) -> float:
-        """Bytes per second to this worker: one ``payload_bytes`` call, less a round trip."""
-        started = time.perf_counter()
-        self._call(self.stub.Ping, pb.PingRequest(payload=bytes(payload_bytes)),
-                   self.settings.info_deadline_s)
-        return payload_bytes / max(time.perf_counter() - started - rtt_s, 1e-6)
+    def measure_link(self, payload_bytes: int, deadline: float | None = None
+                     ) -> tuple[float, float]:
+        """(round-trip seconds, bytes per second) to this worker."""
+        try:
+            return measure_link(self.channel, self._token, payload_bytes,
+                                deadline or self.settings.info_deadline_s)
+        except grpc.RpcError as exc:
+            raise rpc_error(self.address, exc, answered_before=self.answered) from None
 
     def info(self, deadline: float | None = None) -> pb.WorkerInfo:
         return self._call(self.stub.Info, pb.InfoRequest(),

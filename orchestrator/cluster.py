@@ -9,6 +9,7 @@ step from a plan to a running model (``open``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
@@ -25,6 +26,7 @@ from orchestrator.settings import OrchSettings
 from orchestrator.speeds import SpeedBook
 from orchestrator.tokenizer import Tokenizer
 
+LINK_PAYLOAD_BYTES = 256 << 10  # measures each worker's bandwidth when connecting
 REFINE_BEYOND = 0.25  # relative difference between a run's speed and the probe's that counts
 
 
@@ -47,9 +49,11 @@ class Cluster:
             devices = []
             for c in clients:
                 device = convert.device_from_proto(c.address, c.check_protocol())
-                rtt = c.round_trip_s()
-                devices.append(replace(device, link_s=rtt,
-                                       bandwidth_bytes_s=c.bandwidth_bytes_s(rtt)))
+                rtt, bandwidth = c.measure_link(LINK_PAYLOAD_BYTES)
+                # Whole milliseconds: jitter must never reorder two workers on one switch
+                # (that would re-cut the model and send shards again).
+                devices.append(replace(device, link_s=math.ceil(rtt * 1e3) / 1e3,
+                                       bandwidth_bytes_s=bandwidth))
         except BaseException:
             for c in clients:
                 c.close()

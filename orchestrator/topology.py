@@ -6,11 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-import grpc
-
 from orchcore.errors import OrchError
 from orchcore.wire import worker_pb2 as pb
-from orchcore.wire.channel import measure_link
 from orchestrator.client import WorkerClient
 from orchestrator.settings import OrchSettings
 
@@ -86,10 +83,9 @@ def _view(client: WorkerClient, info: pb.WorkerInfo, link: Link, next_link: Link
 
 def _link(client: WorkerClient, settings: OrchSettings) -> Link:
     try:
-        rtt, bandwidth = measure_link(client.channel, settings.token_value, PAYLOAD_BYTES,
-                                      settings.info_deadline_s * 4)
-    except grpc.RpcError as exc:
-        return Link(None, None, f"{exc.code().name}: {exc.details()}")
+        rtt, bandwidth = client.measure_link(PAYLOAD_BYTES, settings.info_deadline_s * 4)
+    except OrchError as exc:
+        return Link(None, None, str(exc))
     return Link(rtt * 1e3, bandwidth / 1e6)
 
 
