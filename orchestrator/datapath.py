@@ -101,14 +101,18 @@ class DataPath:
     def send(self, session: str, start: int, tokens: Sequence[int], want_token: bool,
              sampling: SamplingParams | None = None) -> int:
         """Queue one chunk of ``session`` into stage 0; returns its chunk number."""
-        with self._lock:
-            chunk, self._chunk = self._chunk, self._chunk + 1
+        chunk = self._next_chunk()
         msg = pb.StageInput(pipeline_id=self.pipeline_id, session=session, chunk=chunk,
                             start_pos=start, tokens=list(tokens), want_token=want_token)
         if sampling is not None:
             msg.sampling.CopyFrom(convert.sampling_to_proto(sampling))
         self._queue(session)  # results of this session are routed from now on
         self._send(msg)
+        return chunk
+
+    def _next_chunk(self) -> int:
+        with self._lock:
+            chunk, self._chunk = self._chunk, self._chunk + 1
         return chunk
 
     def _send(self, msg: pb.StageInput) -> None:
@@ -148,10 +152,8 @@ class DataPath:
         """Free ``session`` on every stage (in order behind its chunks)."""
         if self._forward is None or self._forward.closed:
             return
-        with self._lock:
-            chunk, self._chunk = self._chunk, self._chunk + 1
         self._forward.send(pb.StageInput(pipeline_id=self.pipeline_id, session=session,
-                                         chunk=chunk, end_session=True))
+                                         chunk=self._next_chunk(), end_session=True))
 
     # --- health ------------------------------------------------------------------------
 
