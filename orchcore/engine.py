@@ -126,8 +126,10 @@ class _EmbdBatch:
 class StageEngine:
     """One shard in llama.cpp. Not thread-safe: one forward at a time (the worker queues)."""
 
-    def __init__(self, shard_path: Path | str, config: EngineConfig | None = None) -> None:
+    def __init__(self, shard_path: Path | str, config: EngineConfig | None = None, *,
+                 label: str | None = None) -> None:
         self.path = Path(shard_path)
+        self.label = label or str(self.path)  # how errors name this shard
         self.config = config or EngineConfig()
         self.facts = read_model_facts(self.path)
         self.facts.require_supported()
@@ -171,7 +173,7 @@ class StageEngine:
                             else llama_cpp.LLAMA_LOAD_MODE_NONE)
         model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
         if not model:
-            raise ShardLoadError(f"{self.path}: llama.cpp could not load the shard: "
+            raise ShardLoadError(f"{self.label}: llama.cpp could not load the shard: "
                                  f"{llama_log().tail()}")
         return model
 
@@ -190,7 +192,7 @@ class StageEngine:
             params.cb_eval = self._tap.callback
         ctx = llama_cpp.llama_init_from_model(self._model, params)
         if not ctx:
-            raise ShardLoadError(f"{self.path}: llama.cpp could not create a context "
+            raise ShardLoadError(f"{self.label}: llama.cpp could not create a context "
                                  f"({params.n_ctx} tokens): {llama_log().tail()}")
         return ctx
 
@@ -326,7 +328,7 @@ class StageEngine:
         if last:
             return self._logits(n, all_logits)
         if self._tap.captured_rows != n:
-            raise ComputeError(f"{self.path}: expected {n} rows of {self._tap.target.decode()} "
+            raise ComputeError(f"{self.label}: expected {n} rows of {self._tap.target.decode()} "
                                f"from the graph, got {self._tap.captured_rows} "
                                f"{self._tap.problem}".rstrip())
         return self._tap.buffer[:n].copy()
@@ -336,15 +338,15 @@ class StageEngine:
         if code == 0:
             return
         if code == 1:
-            raise ContextFullError(f"{self.path}: no room left in the KV cache "
+            raise ContextFullError(f"{self.label}: no room left in the KV cache "
                                    f"({self.config.max_sessions} sessions x "
                                    f"{self.config.context_tokens} tokens)")
         if code == 2:
-            raise ComputeError(f"{self.path}: decode aborted")
+            raise ComputeError(f"{self.label}: decode aborted")
         if code == -1:
-            raise InvalidInputError(f"{self.path}: llama.cpp rejected the batch: "
+            raise InvalidInputError(f"{self.label}: llama.cpp rejected the batch: "
                                     f"{llama_log().tail(2)}")
-        raise ComputeError(f"{self.path}: llama_decode failed with code {code}: "
+        raise ComputeError(f"{self.label}: llama_decode failed with code {code}: "
                            f"{llama_log().tail(2)}")
 
     def _logits(self, n: int, all_logits: bool) -> np.ndarray:

@@ -212,10 +212,7 @@ class WorkerService(pb_grpc.WorkerServicer):
                     f"layers [{request.layer_start}, {request.layer_end}) need "
                     f"{needed.describe()}, but the memory budget is {self.budget // MIB} MiB; "
                     f"use more workers, a shorter context, or raise --memory-budget-mb")
-            try:
-                engine = StageEngine(path, config)
-            except ShardLoadError as exc:
-                raise ShardLoadError(str(exc).replace(str(path), what)) from None
+            engine = StageEngine(path, config, label=what)
             role = engine.role
             if (role.start, role.end) != (request.layer_start, request.layer_end):
                 engine.close()
