@@ -1,24 +1,31 @@
-"""Model facts read from a GGUF header: pure data, never tensor contents.
+"""Model facts read from GGUF headers: pure data, never tensor contents.
 
 ``read_model_facts(path)`` memory-maps the file, parses the header with gguf-py and
 returns an immutable ``ModelFacts``: architecture, shape, and the byte size of every layer
 and of the embedding, output and norm tensors. The planner sizes layer ranges from these
 numbers, the shard writer copies the tensors they describe. Key names and type sizes come
 from gguf-py's tables (``gguf.Keys``, ``gguf.GGML_QUANT_SIZES``), never re-typed.
+
+A model published as a gguf-split set (``NAME-00001-of-00003.gguf`` ...) is read from its
+first file, as llama.cpp loads it: that file holds every metadata key and ``split.count``;
+the other files' names follow from it (``split_part_paths``), and each file's header lists
+the tensors stored in it. The facts merge them; every tensor records its file (``part``).
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import gguf
 import numpy as np
-from gguf import MODEL_TENSOR, TENSOR_NAMES, GGMLQuantizationType, Keys
+from gguf import MODEL_TENSOR, SHARD_NAME_FORMAT, TENSOR_NAMES, GGMLQuantizationType, Keys
 
 from orchcore.errors import (
     CorruptGGUFError,
@@ -37,6 +44,10 @@ _BLOCK_NAME = re.compile(re.escape(BLOCK_PREFIX) + r"(\d+)\.(.+)")
 TOKEN_EMBD = TENSOR_NAMES[MODEL_TENSOR.TOKEN_EMBD] + ".weight"
 OUTPUT = TENSOR_NAMES[MODEL_TENSOR.OUTPUT] + ".weight"
 OUTPUT_NORM = TENSOR_NAMES[MODEL_TENSOR.OUTPUT_NORM] + ".weight"
+# The keys gguf-split adds to every file of a set; they describe files, not the model.
+_SPLIT_NO, _SPLIT_COUNT, _SPLIT_TENSORS = SPLIT_KEYS = (
+    Keys.Split.LLM_KV_SPLIT_NO, Keys.Split.LLM_KV_SPLIT_COUNT,
+    Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT)
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +58,14 @@ _MIN_HEADER_BYTES = 4 + 4 + 8 + 8
 
 @dataclass(frozen=True)
 class TensorFacts:
-    """Where one tensor lives in its file and how big it is."""
+    """Where one tensor lives (which file of the model, where in it) and how big it is."""
 
     name: str
     ggml_type: GGMLQuantizationType
     shape: tuple[int, ...]  # GGUF order: shape[0] is the contiguous (row) dimension
     n_bytes: int
-    offset: int  # absolute byte offset of the data in the file
+    offset: int  # absolute byte offset of the data in its file, ``ModelFacts.parts[part]``
+    part: int = 0  # index of that file in ``ModelFacts.parts``; 0 unless a split set
 
     @property
     def block(self) -> int | None:
@@ -80,8 +92,9 @@ def type_bytes(ggml_type: GGMLQuantizationType, n_elements: int) -> int:
 class ModelFacts:
     """What the planner and the shard writer need to know about one GGUF model."""
 
-    path: Path
-    file_size: int
+    path: Path  # the file llama.cpp loads: the model, or the first file of a split set
+    parts: tuple[Path, ...]  # every file of the model in split order; ``(path,)`` if one
+    file_size: int  # bytes of all files of the model together
     arch: str
     n_layers: int
     n_embd: int
@@ -95,7 +108,7 @@ class ModelFacts:
     tied_output: bool  # True when the lm head is the token embedding (no output.weight)
     tensors: tuple[TensorFacts, ...]
     metadata: dict[str, Any]  # scalar and short-array keys, for display; no tokenizer lists
-    data_offset: int
+    data_offset: int  # start of the first file's tensor data
     alignment: int
 
     @cached_property
@@ -195,12 +208,16 @@ def open_gguf(path: Path | str) -> gguf.GGUFReader:
 
     gguf-py parses metadata arrays (the tokenizer's 50k-150k strings) in Python, which
     takes seconds on large vocabularies, so cutting one model into several shards parses
-    it once. Only the two most recent files are kept.
+    it once. Only the two most recent files are kept. For a split set, this is the first
+    file's header: it holds the model's metadata, but only that file's tensors.
     """
     return _cached_reader(*_file_version(Path(path)))
 
 
-def _file_version(path: Path) -> tuple[Path, int, int]:
+_Version = tuple[Path, int, int]  # (resolved path, mtime, size) of one file
+
+
+def _file_version(path: Path) -> _Version:
     """``(resolved path, mtime, size)``: the cache key of a file's current contents."""
     if not path.is_file():
         _open_reader(path)  # raises the typed error naming the problem
@@ -268,21 +285,58 @@ def _metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
     return out
 
 
-def read_model_facts(path: Path | str) -> ModelFacts:
-    """Parse the header of a GGUF file. Raises a ``GGUFError`` subclass naming the file.
+def split_part_paths(first: Path | str, count: int) -> tuple[Path, ...]:
+    """The files of a ``count``-file gguf-split set, named after its ``first``, in order.
 
-    Facts are small and kept per file version; the parsed header is not (gguf-py's view of
-    a 150k-token vocabulary takes over 150 MiB).
+    llama.cpp's naming: ``m-00001-of-00003.gguf`` -> ``m-00001-of-00003.gguf``,
+    ``m-00002-of-00003.gguf``, ``m-00003-of-00003.gguf`` in the same folder. A model in one
+    file (``count`` 1) is its own set, whatever its name. Pure: looks at no file.
     """
-    return _cached_facts(*_file_version(Path(path)))
+    first = Path(first)
+    if count < 1:
+        raise ValueError(f"a split set has at least one file, not {count}")
+    if count == 1:
+        return (first,)
+    suffix = SHARD_NAME_FORMAT.format("", 1, count)
+    if not first.name.endswith(suffix) or first.name == suffix:
+        raise UnsupportedModelError(
+            first, f"the first of {count} split files must be named NAME{suffix}, as "
+                   f"llama.cpp finds the other files by that name; rename the files")
+    prefix = first.name.removesuffix(suffix)
+    return tuple(first.with_name(SHARD_NAME_FORMAT.format(prefix, no, count))
+                 for no in range(1, count + 1))
 
 
-@lru_cache(maxsize=32)
-def _cached_facts(path: Path, _mtime_ns: int, _size: int) -> ModelFacts:
-    reader = _open_reader(path)
-    arch = _scalar(reader, Keys.General.ARCHITECTURE, path)
+class _Split(NamedTuple):
+    """A file's place in its gguf-split set; an ordinary file is file 0 of 1."""
+
+    no: int  # index of the file in the set, from 0
+    count: int  # files in the set
+    n_tensors: int | None  # tensors of the whole set, as the set's files state it
+
+
+def _split_of(reader: gguf.GGUFReader, path: Path) -> _Split:
+    fields = (reader.get_field(key) for key in SPLIT_KEYS)
+    no, count, n_tensors = (None if f is None else int(f.contents()) for f in fields)
+    split = _Split(no or 0, 1 if count is None else count, n_tensors)
+    if not 0 <= split.no < split.count:
+        raise CorruptGGUFError(path, f"{_SPLIT_NO} {split.no} does not fit {_SPLIT_COUNT} "
+                                     f"{split.count}: download the model again")
+    return split
+
+
+def _first_file_name(path: Path, split: _Split) -> str:
+    """The name of the first file of the set ``path`` belongs to (``NAME`` if unknown)."""
+    suffix = SHARD_NAME_FORMAT.format("", split.no + 1, split.count)
+    prefix = path.name.removesuffix(suffix) if path.name.endswith(suffix) else "NAME"
+    return SHARD_NAME_FORMAT.format(prefix, 1, split.count)
+
+
+@contextmanager
+def _arch_named(path: Path, arch: str) -> Iterator[None]:
+    """A model of an unsupported architecture lacking keys or tensors: name the first."""
     try:
-        return _facts(path, reader, arch)
+        yield
     except UnsupportedModelError as exc:
         if arch in SUPPORTED_ARCHITECTURES:
             raise
@@ -291,7 +345,52 @@ def _cached_facts(path: Path, _mtime_ns: int, _size: int) -> ModelFacts:
                   f"{', '.join(SUPPORTED_ARCHITECTURES)} ({exc.problem})") from None
 
 
-def _facts(path: Path, reader: gguf.GGUFReader, arch: str) -> ModelFacts:
+def read_model_facts(path: Path | str) -> ModelFacts:
+    """Parse the header(s) of a GGUF model: one file, or the first file of a split set.
+
+    Raises a ``GGUFError`` subclass naming the file (for a set: the file at fault, or the
+    missing one). Facts are small and kept per version of all the model's files; the parsed
+    header is not (gguf-py's view of a 150k-token vocabulary takes over 150 MiB).
+    """
+    given = Path(path)
+    first = _file_version(given)
+    names = split_part_paths(given, _cached_head(*first).split.count)
+    rest = tuple(_part_version(name, len(names), given) for name in names[1:])
+    return _cached_facts((first, *rest))
+
+
+def _part_version(path: Path, count: int, first: Path) -> _Version:
+    if not path.exists():
+        raise TruncatedGGUFError(path, f"missing: the split model {first.name} has {count} "
+                                       f"files; download this one into {first.parent}")
+    return _file_version(path)
+
+
+@dataclass(frozen=True)
+class _Head:
+    """What the file given for a model says: the model's keys, its own tensors, its set."""
+
+    split: _Split
+    keys: dict[str, Any]  # the ModelFacts fields that come from metadata
+    tensors: tuple[TensorFacts, ...]
+    data_offset: int
+
+
+@lru_cache(maxsize=32)
+def _cached_head(path: Path, _mtime_ns: int, _size: int) -> _Head:
+    reader = _open_reader(path)
+    split = _split_of(reader, path)
+    if split.no != 0:
+        raise UnsupportedModelError(
+            path, f"this is file {split.no + 1} of the {split.count} files of a split model; "
+                  f"give the first, {_first_file_name(path, split)}, which holds its metadata")
+    arch = _scalar(reader, Keys.General.ARCHITECTURE, path)
+    with _arch_named(path, arch):
+        keys = _model_keys(path, reader, arch)
+    return _Head(split, keys, _tensor_facts(reader, 0), int(reader.data_offset))
+
+
+def _model_keys(path: Path, reader: gguf.GGUFReader, arch: str) -> dict[str, Any]:
     fmt = {"arch": arch}
     n_embd = int(_scalar(reader, Keys.LLM.EMBEDDING_LENGTH.format(**fmt), path))
     n_head = int(_scalar(reader, Keys.Attention.HEAD_COUNT.format(**fmt), path))
@@ -300,40 +399,93 @@ def _facts(path: Path, reader: gguf.GGUFReader, arch: str) -> ModelFacts:
         raise CorruptGGUFError(path, f"embedding length {n_embd} not divisible by "
                                      f"head count {n_head}")
     head_dim = n_embd // n_head
-    tensors = tuple(
+    return {
+        "arch": arch,
+        "n_layers": int(_scalar(reader, Keys.LLM.BLOCK_COUNT.format(**fmt), path)),
+        "n_embd": n_embd,
+        "n_head": n_head,
+        "n_head_kv": n_head_kv,
+        "head_dim_k": int(_scalar(reader, Keys.Attention.KEY_LENGTH.format(**fmt), path,
+                                  head_dim)),
+        "head_dim_v": int(_scalar(reader, Keys.Attention.VALUE_LENGTH.format(**fmt), path,
+                                  head_dim)),
+        "n_ff": _widest(_scalar(reader, Keys.LLM.FEED_FORWARD_LENGTH.format(**fmt), path,
+                                4 * n_embd)),
+        "n_ctx_train": int(_scalar(reader, Keys.LLM.CONTEXT_LENGTH.format(**fmt), path, 0)
+                           or 0),
+        "metadata": _metadata(reader),
+        "alignment": int(reader.alignment),
+    }
+
+
+def _tensor_facts(reader: gguf.GGUFReader, part: int) -> tuple[TensorFacts, ...]:
+    return tuple(
         TensorFacts(
             name=t.name,
             ggml_type=GGMLQuantizationType(t.tensor_type),
             shape=tuple(int(d) for d in t.shape),
             n_bytes=int(t.n_bytes),
             offset=int(t.data_offset),
+            part=part,
         )
         for t in reader.tensors
     )
+
+
+@lru_cache(maxsize=32)
+def _cached_facts(versions: tuple[_Version, ...]) -> ModelFacts:
+    """Facts of the model whose files are ``versions``, the first one's header cached."""
+    head = _cached_head(*versions[0])
+    tensors = head.tensors
+    for no, (path, _, _) in enumerate(versions[1:], 1):
+        tensors += _part_tensors(path, no, head.split)
+    with _arch_named(versions[0][0], head.keys["arch"]):
+        return _facts(head, versions, tensors)
+
+
+def _part_tensors(path: Path, no: int, first: _Split) -> tuple[TensorFacts, ...]:
+    """The tensors file ``no`` of a split set holds, after checking its place in the set."""
+    reader = _open_reader(path)
+    split = _split_of(reader, path)
+    if (split.no, split.count) != (no, first.count):
+        raise CorruptGGUFError(
+            path, f"its header says file {split.no + 1} of {split.count}, but it is named "
+                  f"file {no + 1} of {first.count} of its split model; download it again")
+    return _tensor_facts(reader, no)
+
+
+def _check_set(path: Path, split: _Split, tensors: tuple[TensorFacts, ...]) -> None:
+    """The files of a split set hold the tensors its first file announces, each once."""
+    if split.count == 1:
+        return
+    if split.n_tensors != len(tensors):
+        raise CorruptGGUFError(
+            path, f"its {split.count} split files hold {len(tensors)} tensors, but "
+                  f"{_SPLIT_TENSORS} is {split.n_tensors}: download the model again")
+    seen: set[str] = set()
+    for tensor in tensors:
+        if tensor.name in seen:
+            raise CorruptGGUFError(path, f"tensor {tensor.name!r} is in two of its split "
+                                         f"files: download the model again")
+        seen.add(tensor.name)
+
+
+def _facts(head: _Head, versions: tuple[_Version, ...], tensors: tuple[TensorFacts, ...]
+           ) -> ModelFacts:
+    path = versions[0][0]
+    _check_set(path, head.split, tensors)
     names = {t.name for t in tensors}
     if TOKEN_EMBD not in names:
         raise UnsupportedModelError(path, f"no {TOKEN_EMBD} tensor")
-    n_vocab = _vocab_size(tensors, path)
     facts = ModelFacts(
         path=path,
-        file_size=path.stat().st_size,
-        arch=arch,
-        n_layers=int(_scalar(reader, Keys.LLM.BLOCK_COUNT.format(**fmt), path)),
-        n_embd=n_embd,
-        n_head=n_head,
-        n_head_kv=n_head_kv,
-        head_dim_k=int(_scalar(reader, Keys.Attention.KEY_LENGTH.format(**fmt), path, head_dim)),
-        head_dim_v=int(_scalar(reader, Keys.Attention.VALUE_LENGTH.format(**fmt), path,
-                               head_dim)),
-        n_ff=_widest(_scalar(reader, Keys.LLM.FEED_FORWARD_LENGTH.format(**fmt), path,
-                             4 * n_embd)),
-        n_ctx_train=int(_scalar(reader, Keys.LLM.CONTEXT_LENGTH.format(**fmt), path, 0) or 0),
-        n_vocab=n_vocab,
+        parts=tuple(part for part, _, _ in versions),
+        file_size=sum(size for _, _, size in versions),
+        **head.keys,
+        n_vocab=_vocab_size(tensors, path),
         tied_output=OUTPUT not in names,
         tensors=tensors,
-        metadata=_metadata(reader),
-        data_offset=int(reader.data_offset),
-        alignment=int(reader.alignment),
+        data_offset=head.data_offset,
     )
     _check_layers(facts)
     return facts
@@ -366,6 +518,7 @@ __all__ = [
     "BLOCK_PREFIX",
     "OUTPUT",
     "OUTPUT_NORM",
+    "SPLIT_KEYS",
     "SUPPORTED_ARCHITECTURES",
     "TOKEN_EMBD",
     "GGUFError",
@@ -374,5 +527,6 @@ __all__ = [
     "open_gguf",
     "read_model_facts",
     "rename_block",
+    "split_part_paths",
     "type_bytes",
 ]

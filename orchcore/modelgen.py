@@ -1,8 +1,9 @@
 """Random-weight GGUF models that llama.cpp loads and runs: for tests, benchmarks, and
 the capability probe that times a worker on layers shaped like the model at hand.
 
-A model is described by one value, `ModelSpec`, and `write_model` turns it into a file.
-The same spec always gives the same bytes. Names, keys and block sizes come from the
+A model is described by one value, `ModelSpec`, and `write_model` turns it into a file,
+or into a gguf-split set of files (`split_max_tensors`) holding the same tensors and
+metadata. The same spec always gives the same bytes. Names, keys and block sizes come from the
 `gguf` package's tables; the only format facts typed here are the positions of the f16
 scale fields inside a quantized block (`_BLOCK_SCALES`), which gguf-py does not describe
 as data, and which the tests check against gguf's own dequantizer.
@@ -18,6 +19,7 @@ import dataclasses
 import enum
 import functools
 import itertools
+import shutil
 import string
 import zlib
 from collections.abc import Iterator, Mapping
@@ -225,35 +227,50 @@ def n_params(spec: ModelSpec) -> int:
     return sum(int(np.prod(t.shape)) for t in tensor_plan(spec))
 
 
-def write_model(path: Path, spec: ModelSpec) -> Path:
-    """Write the model described by `spec` to `path`, one tensor at a time; return `path`.
+def write_model(path: Path, spec: ModelSpec, *, split_max_tensors: int = 0) -> Path:
+    """Write the model described by `spec` to `path`, one tensor at a time; return its path.
 
-    Memory use is that of the largest tensor. The file appears under its name only when
-    complete (it is written as `<name>.partial` and renamed).
+    With `split_max_tensors` > 0 and more tensors than that, the model is written as a
+    gguf-split set of files of at most that many tensors each, named as llama.cpp expects
+    (`m.gguf` -> `m-00001-of-00003.gguf`, ...): the tensors and metadata of the single
+    file, plus the `split.*` keys. The first file's path is returned.
+
+    Memory use is that of the largest tensor. Files appear under their names only when
+    complete: they are written in the folder `<name>.partial` and moved out, the first last.
     """
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
-    plan = tensor_plan(spec)
-    writer = gguf.GGUFWriter(partial, spec.arch)
+    partial.mkdir(exist_ok=True)
+    writer = gguf.GGUFWriter(partial / path.name, spec.arch,
+                             split_max_tensors=split_max_tensors)
     try:
-        _add_hparams(writer, spec)
-        _add_tokenizer(writer, spec.n_vocab)
-        for t in plan:
-            byte_shape = _byte_shape(t)
-            writer.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8),
-                                   int(np.prod(byte_shape)), raw_dtype=t.qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for t in plan:
-            writer.write_tensor_data(_tensor_bytes(t, spec))
+        _write_model(writer, spec)
     except BaseException:
         writer.close()
-        partial.unlink(missing_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
         raise
     writer.close()
-    partial.replace(path)
-    return path
+    files = writer.format_shard_names(partial / path.name)  # gguf-py's names of the set
+    for file in reversed(files):
+        file.replace(path.with_name(file.name))
+    partial.rmdir()
+    return path.with_name(files[0].name)
+
+
+def _write_model(writer: gguf.GGUFWriter, spec: ModelSpec) -> None:
+    """Metadata, tensor infos and tensors of `spec`, through `writer`."""
+    plan = tensor_plan(spec)
+    _add_hparams(writer, spec)
+    _add_tokenizer(writer, spec.n_vocab)
+    for t in plan:
+        byte_shape = _byte_shape(t)
+        writer.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8),
+                               int(np.prod(byte_shape)), raw_dtype=t.qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in plan:
+        writer.write_tensor_data(_tensor_bytes(t, spec))
 
 
 def _add_hparams(writer: gguf.GGUFWriter, spec: ModelSpec) -> None:

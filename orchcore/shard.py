@@ -22,12 +22,17 @@ What each shard carries (llama.cpp loads every one of them as an ordinary model)
   (``ggml_get_type_traits(type)->to_float``, the function llama.cpp's CPU ``get_rows``
   calls), and feeds them as embeddings, so the first stage costs no lm-head memory.
 * a shard holding every layer is the model itself minus the tokenizer.
+
+A model in several files (a gguf-split set) gives the same shards, byte for byte, as the
+same model in one file: each tensor is copied from the file holding it, and the ``split.*``
+keys, which describe the source's files, are left out (a shard is one file).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -37,10 +42,11 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType, Keys
 
-from orchcore.errors import LayerRangeError, UnsupportedModelError
+from orchcore.errors import LayerRangeError
 from orchcore.facts import (
     OUTPUT,
     OUTPUT_NORM,
+    SPLIT_KEYS,
     TOKEN_EMBD,
     ModelFacts,
     TensorFacts,
@@ -118,6 +124,7 @@ class ShardTensor:
 @dataclass(frozen=True)
 class ShardLayout:
     source: Path
+    source_parts: tuple[Path, ...]  # the source's files; a tensor's ``part`` indexes them
     arch: str
     layers: LayerRange
     n_source_layers: int
@@ -156,9 +163,6 @@ def shard_layout(facts: ModelFacts, layers: LayerRange) -> ShardLayout:
     """Which tensors the shard for ``layers`` holds. Pure: reads no file."""
     facts.require_supported()
     layers.check_within(facts.n_layers, str(facts.path))
-    if "split.count" in facts.metadata and int(facts.metadata["split.count"]) > 1:
-        raise UnsupportedModelError(facts.path, "split GGUF (several files); merge it first "
-                                                "with llama-gguf-split --merge")
     first, last = layers.start == 0, layers.end == facts.n_layers
     by_name = facts.by_name
     embd = by_name[TOKEN_EMBD]
@@ -181,6 +185,7 @@ def shard_layout(facts: ModelFacts, layers: LayerRange) -> ShardLayout:
         tensors.append(_copied(by_name[OUTPUT]))
     return ShardLayout(
         source=facts.path,
+        source_parts=facts.parts,
         arch=facts.arch,
         layers=layers,
         n_source_layers=facts.n_layers,
@@ -209,7 +214,10 @@ def _per_layer_keys(arch: str) -> set[str]:
 
 def _shard_metadata(facts: ModelFacts, reader: gguf.GGUFReader, layout: ShardLayout
                     ) -> list[tuple[str, Any, GGUFValueType, GGUFValueType | None]]:
-    """Metadata of the shard, in the source's key order, then our own keys."""
+    """Metadata of the shard, in the source's key order, then our own keys.
+
+    ``reader`` is the header of the source's (first) file; its ``split.*`` keys are dropped.
+    """
     arch = facts.arch
     per_layer = _per_layer_keys(arch)
     replaced = {
@@ -219,6 +227,8 @@ def _shard_metadata(facts: ModelFacts, reader: gguf.GGUFReader, layout: ShardLay
     out: list[tuple[str, Any, GGUFValueType, GGUFValueType | None]] = []
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key.startswith("tokenizer.") or key in replaced:
+            continue
+        if key in SPLIT_KEYS:
             continue
         if key == Keys.General.ARCHITECTURE:
             continue  # GGUFWriter writes it first from its ``arch`` argument
@@ -285,15 +295,17 @@ def _write(layout: ShardLayout, metadata: list, tmp: Path, progress: ProgressFn 
     out = writer.fout[0]
     writer.write_padding(out, out.tell())
     total, done = layout.total_tensor_bytes, 0
-    with layout.source.open("rb") as src:
-        blobs = [(t.source, t.n_bytes) for t in layout.tensors]
-        if layout.input_table is not None:
-            blobs.append((layout.input_table, layout.input_table.n_bytes))
+    blobs = [(t.source, t.n_bytes) for t in layout.tensors]
+    if layout.input_table is not None:
+        blobs.append((layout.input_table, layout.input_table.n_bytes))
+    with ExitStack() as stack:
+        files = {part: stack.enter_context(layout.source_parts[part].open("rb"))
+                 for part in sorted({t.part for t, _ in blobs if t is not None})}
         for tensor, n_bytes in blobs:
             if tensor is None:
                 out.write(bytes(n_bytes))
             else:
-                _copy_range(src, tensor.offset, n_bytes, out)
+                _copy_range(files[tensor.part], tensor.offset, n_bytes, out)
             writer.write_padding(out, n_bytes)
             done += n_bytes
             if progress:

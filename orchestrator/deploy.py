@@ -36,9 +36,9 @@ class ShardStore:
 
     def get(self, facts: ModelFacts, layers: LayerRange,
             progress: Callable[[int, int], None] | None = None) -> tuple[Path, str]:
-        stat = facts.path.stat()
-        key = (f"{facts.path.stem}-{stat.st_size}-{stat.st_mtime_ns}-{layers.start}-"
-               f"{layers.end}-v{SHARD_FORMAT}")
+        stats = [p.stat() for p in facts.parts]  # every file of a split set
+        size, mtime = sum(s.st_size for s in stats), max(s.st_mtime_ns for s in stats)
+        key = f"{facts.path.stem}-{size}-{mtime}-{layers.start}-{layers.end}-v{SHARD_FORMAT}"
         path, meta = self.root / f"{key}.gguf", self.root / f"{key}.json"
         if path.exists() and "sha256" in (known := read_json(meta)):
             return path, known["sha256"]
