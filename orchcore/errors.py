@@ -56,6 +56,11 @@ class ModelFetchError(OrchError):
     """A known model could not be fetched or failed verification."""
 
 
+class SourceFetchError(ModelFetchError):
+    """Bytes of a published model could not be fetched from where it is published (no route,
+    refused, cut too often, or the file changed since it was planned)."""
+
+
 class LayerRangeError(OrchError, ValueError):
     """A layer range outside ``[0, n_layers)`` or empty."""
 

@@ -240,7 +240,7 @@ def write_model(path: Path, spec: ModelSpec, *, split_max_tensors: int = 0) -> P
     """
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
-    partial.mkdir(exist_ok=True)
+    partial.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(partial / path.name, spec.arch,
                              split_max_tensors=split_max_tensors)
     try:

@@ -57,6 +57,7 @@ def run(
     repeat_penalty: Annotated[float | None, _opt("repeat_penalty", "--repeat-penalty")] = None,
     seed: Annotated[int | None, _opt("seed", "--seed")] = None,
     codec: Annotated[str | None, _opt("codec", "--codec")] = None,
+    fetch: Annotated[str | None, _opt("fetch", "--fetch")] = None,
     context: Annotated[int | None, _opt("context_tokens", "--context")] = None,
     max_sessions: Annotated[int | None, _opt("max_sessions", "--max-sessions")] = None,
     threads: Annotated[int | None, _opt("threads", "--threads")] = None,
@@ -89,7 +90,7 @@ def run(
             local_workers=local, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
             top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, codec=codec,
             context_tokens=context, max_sessions=max_sessions, threads=threads, token=token,
-            objective=objective)
+            objective=objective, fetch=fetch)
         request = RunRequest(
             model=model, prompt=prompt,
             workers=parse_workers(workers) if workers is not None else None,

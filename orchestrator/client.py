@@ -120,6 +120,26 @@ class WorkerClient:
             self.settings.upload_min_mib_s * (1 << 20))
         return self._call(self.stub.UploadShard, chunks(), deadline)
 
+    def fetch_shard(self, request: pb.FetchShardRequest,
+                    progress: Callable[[int, int], None] | None = None) -> pb.ShardReceipt:
+        """Have the worker fetch its slice from the model's source and cut its shard."""
+        total = sum(r.length for r in request.ranges)
+        deadline = self.settings.load_deadline_s + total / (
+            self.settings.upload_min_mib_s * (1 << 20))
+        receipt = None
+        try:
+            for msg in self.stub.FetchShard(request, timeout=deadline, metadata=self.metadata):
+                self.answered = True
+                if progress:
+                    progress(msg.done, msg.total)
+                if msg.HasField("shard"):
+                    receipt = msg.shard
+        except grpc.RpcError as exc:
+            raise rpc_error(self.address, exc, answered_before=self.answered) from None
+        if receipt is None:
+            raise WorkerError(self.address, "FetchShard ended without naming the shard")
+        return receipt
+
     def load_shard(self, request: pb.LoadShardRequest) -> pb.LoadShardReply:
         return self._call(self.stub.LoadShard, request, self.settings.load_deadline_s)
 

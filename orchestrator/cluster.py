@@ -19,7 +19,7 @@ from orchcore.probe import layer_shape
 from orchcore.wire import convert
 from orchestrator.client import WorkerClient
 from orchestrator.datapath import DataPath
-from orchestrator.deploy import DeployProgress, ShardStore, deploy
+from orchestrator.deploy import DeployProgress, FromSource, ShardStore, deploy
 from orchestrator.plan import Plan
 from orchestrator.session import RunningModel
 from orchestrator.settings import OrchSettings
@@ -78,11 +78,13 @@ class Cluster:
         self.devices = devices
 
     def open(self, plan: Plan, facts: ModelFacts, tokenizer: Tokenizer, store: ShardStore,
-             progress: DeployProgress | None = None, *, force: bool = False) -> RunningModel:
-        """Deploy ``plan`` (made for ``self.devices``) and open its data path."""
+             progress: DeployProgress | None = None, *, force: bool = False,
+             source: FromSource | None = None) -> RunningModel:
+        """Deploy ``plan`` (made for ``self.devices``) and open its data path; with
+        ``source``, the workers fetch their slices from it."""
         by_address = {c.address: c for c in self.clients}
         clients = [by_address[s.worker] for s in plan.stages]
-        deployment = deploy(plan, facts, clients, store, progress, force=force)
+        deployment = deploy(plan, facts, clients, store, progress, force=force, source=source)
         path = DataPath(plan, deployment.pipeline_id, clients, self.token, self.settings,
                         self.alive)
         model = RunningModel(plan, tokenizer, path, self.settings, deployment)

@@ -12,14 +12,17 @@ import json
 import logging
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from orchcore.errors import OrchError
+from orchcore.errors import OrchError, SourceFetchError
 from orchcore.facts import ModelFacts
 from orchcore.files import read_json, write_atomic
+from orchcore.rangefetch import RemoteFile
 from orchcore.shard import SHARD_FORMAT, LayerRange, write_shard
+from orchcore.slices import shard_ranges, total_bytes
 from orchcore.wire import convert
 from orchcore.wire import worker_pb2 as pb
 from orchestrator.client import WorkerClient
@@ -49,15 +52,32 @@ class ShardStore:
 
 
 class DeployProgress(Protocol):
-    """Where deployment reports its steps; ``task`` returns ``advance(done, total)``."""
+    """Where deployment reports its steps; ``task`` returns ``advance(done, total)``. A step
+    ``alone`` replaces the one before; others run side by side (one per worker)."""
 
-    def task(self, description: str, total: int | None) -> Callable[[int, int], None]: ...
+    def task(self, description: str, total: int | None, *, alone: bool = True
+             ) -> Callable[[int, int], None]: ...
+
+    def note(self, text: str) -> None: ...
 
 
 class LogProgress:
-    def task(self, description: str, total: int | None) -> Callable[[int, int], None]:
+    def task(self, description: str, total: int | None, *, alone: bool = True
+             ) -> Callable[[int, int], None]:
         log.info("%s", description)
         return lambda done, total: None
+
+    def note(self, text: str) -> None:
+        log.warning("%s", text)
+
+
+@dataclass(frozen=True)
+class FromSource:
+    """Workers fetch their slices from where the model is published."""
+
+    files: tuple[RemoteFile, ...]
+    whole: Callable[[], ModelFacts] | None  # the file pulled here, for workers that cannot;
+    #                                          None: they fail (--fetch workers)
 
 
 @dataclass(frozen=True)
@@ -66,22 +86,33 @@ class Deployment:
     holder: str  # our lease on every stage
     sent_bytes: int  # shard bytes uploaded: 0 when every worker had its shard cached
     shared: bool  # the stages were loaded already, by another orchestrator: now shared
+    fetched_bytes: int = 0  # bytes the workers fetched from the model's source
 
 
 def deploy(plan: Plan, facts: ModelFacts, clients: Sequence[WorkerClient], store: ShardStore,
-           progress: DeployProgress | None = None, *, force: bool = False) -> Deployment:
+           progress: DeployProgress | None = None, *, force: bool = False,
+           source: FromSource | None = None) -> Deployment:
     """Load every stage of ``plan``, last stage first, each under a lease of ours.
 
+    With ``source``, ``facts`` are read from headers only: each worker fetches its own slice
+    (all at once), and only those that cannot get shards written from the whole file.
     A worker that already runs the very same stage shares it; the pipeline then keeps the
     id the last stage already has, so the whole chain agrees on it.
     """
+    progress = progress or LogProgress()
     pipeline_id, holder = uuid.uuid4().hex[:12], uuid.uuid4().hex[:12]
+    fetched: dict[int, tuple[str, int]] = {}
+    if source is not None:
+        fetched = fetch_slices(plan, facts, clients, source, progress)
+        if len(fetched) < len(plan.stages):
+            facts = source.whole()  # type: ignore[misc]  # fetch_slices raised without it
     sent, shared, loaded = 0, [], []
     try:
         for stage in reversed(plan.stages):
             client = clients[stage.index]
+            sha = fetched[stage.index][0] if stage.index in fetched else None
             reply, n = _deploy_stage(plan, stage, client, facts, store, pipeline_id, holder,
-                                     progress or LogProgress(), force)
+                                     progress, force, sha)
             loaded.append(client)
             pipeline_id = reply.pipeline_id or pipeline_id
             sent += n
@@ -90,12 +121,62 @@ def deploy(plan: Plan, facts: ModelFacts, clients: Sequence[WorkerClient], store
         deadline = clients[0].settings.cleanup_deadline_s
         undeploy(Deployment(pipeline_id, holder, sent, False), loaded, deadline)
         raise
-    return Deployment(pipeline_id, holder, sent, all(shared))
+    return Deployment(pipeline_id, holder, sent, all(shared),
+                      sum(n for _, n in fetched.values()))
+
+
+def fetch_slices(plan: Plan, facts: ModelFacts, clients: Sequence[WorkerClient],
+                 source: FromSource, progress: DeployProgress) -> dict[int, tuple[str, int]]:
+    """Every worker fetches its slice at once; returns {stage: (shard sha256, bytes fetched)}
+    of those that could. Those that could not are named; without ``source.whole`` that is
+    an error."""
+    def one(stage: StagePlan) -> tuple[str, int]:
+        ranges = shard_ranges(facts, stage.layers)
+        advance = progress.task(f"{stage.worker} fetching layers {stage.layers}",
+                                total_bytes(ranges), alone=False)
+        got = clients[stage.index].fetch_shard(
+            convert.fetch_to_proto(source.files, ranges, stage.layers), advance)
+        return got.sha256, 0 if got.already_cached else total_bytes(ranges)
+
+    done, failed = {}, []
+    with ThreadPoolExecutor(max_workers=len(plan.stages)) as pool:
+        futures = {s.index: pool.submit(one, s) for s in plan.stages}
+        for index, future in futures.items():
+            try:
+                done[index] = future.result()
+            except SourceFetchError as exc:
+                failed.append(f"{plan.stages[index].worker}: {exc}")
+    if failed and source.whole is None:
+        raise SourceFetchError("workers cannot fetch the model from its source:\n  " +
+                               "\n  ".join(failed) + "\nrun with --fetch auto to send "
+                               "them shards from here instead")
+    for line in failed:
+        progress.note(f"{line}; this machine downloads the model and sends that worker its "
+                      f"shard instead (--fetch workers: stop instead)")
+    return done
 
 
 def _deploy_stage(plan: Plan, stage: StagePlan, client: WorkerClient, facts: ModelFacts,
                   store: ShardStore, pipeline_id: str, holder: str, progress: DeployProgress,
-                  force: bool) -> tuple[pb.LoadShardReply, int]:
+                  force: bool, fetched: str | None) -> tuple[pb.LoadShardReply, int]:
+    """Give the worker its shard (unless it fetched it) and load it; returns the bytes sent."""
+    sha, sent = (fetched, 0) if fetched is not None else _send(stage, client, facts, store,
+                                                                progress)
+    progress.task(f"loading layers {stage.layers} on {stage.worker}", None)
+    last = stage.index + 1 == len(plan.stages)
+    reply = client.load_shard(pb.LoadShardRequest(
+        pipeline_id=pipeline_id, sha256=sha, layer_start=stage.layers.start,
+        layer_end=stage.layers.end,
+        next_address="" if last else plan.stages[stage.index + 1].worker,
+        codec=plan.codec, stage_index=stage.index, stage_count=len(plan.stages),
+        engine=convert.engine_to_proto(stage.engine), holder=holder, model=plan.model.name,
+        force=force))
+    return reply, sent
+
+
+def _send(stage: StagePlan, client: WorkerClient, facts: ModelFacts, store: ShardStore,
+          progress: DeployProgress) -> tuple[str, int]:
+    """Write the stage's shard here and upload it unless the worker has it cached."""
     path, sha = store.get(facts, stage.layers,
                           progress=progress.task(f"writing layers {stage.layers}", None))
     sent = 0
@@ -109,16 +190,7 @@ def _deploy_stage(plan: Plan, stage: StagePlan, client: WorkerClient, facts: Mod
             advance(sent, size)
 
         client.upload_shard(path, sha, on_chunk)
-    progress.task(f"loading layers {stage.layers} on {stage.worker}", None)
-    last = stage.index + 1 == len(plan.stages)
-    reply = client.load_shard(pb.LoadShardRequest(
-        pipeline_id=pipeline_id, sha256=sha, layer_start=stage.layers.start,
-        layer_end=stage.layers.end,
-        next_address="" if last else plan.stages[stage.index + 1].worker,
-        codec=plan.codec, stage_index=stage.index, stage_count=len(plan.stages),
-        engine=convert.engine_to_proto(stage.engine), holder=holder, model=plan.model.name,
-        force=force))
-    return reply, sent
+    return sha, sent
 
 
 def undeploy(deployment: Deployment, clients: Sequence[WorkerClient], deadline_s: float,

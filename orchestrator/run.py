@@ -10,6 +10,7 @@ import platform
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import (
@@ -31,11 +32,12 @@ from orchcore.memory import default_budget
 from orchcore.paths import cache_dir
 from orchcore.probe import layer_shape
 from orchestrator.cluster import Cluster
-from orchestrator.deploy import Deployment, ShardStore
+from orchestrator.deploy import Deployment, FromSource, ShardStore
 from orchestrator.discover import discover
 from orchestrator.localcluster import LocalCluster
-from orchestrator.modelstore import resolve_model
+from orchestrator.modelstore import Store
 from orchestrator.plan import Plan, PlanOptions, make_plan
+from orchestrator.remote import open_remote, published
 from orchestrator.session import (
     Finished,
     GenerationStats,
@@ -77,7 +79,7 @@ def report(err: Console, exc: BaseException) -> None:
 def run_model(req: RunRequest, settings: OrchSettings, out: Console, err: Console) -> None:
     """Errors met while answering are shown before the workers are tidied up (which may
     wait on slow ones), then raised as ``Reported``."""
-    path = resolve_model(req.model)
+    path, source = locate_model(req.model, settings, err)
     facts = read_model_facts(path)
     facts.require_supported()
     with ExitStack() as stack:
@@ -111,7 +113,7 @@ def run_model(req: RunRequest, settings: OrchSettings, out: Console, err: Consol
                       DownloadColumn(), TransferSpeedColumn(), console=err,
                       transient=True) as bars:
             model = cluster.open(plan, facts, tokenizer, ShardStore(cache_dir() / "shards-out"),
-                                 RichProgress(bars), force=req.force)
+                                 RichProgress(bars, err), force=req.force, source=source)
         stack.callback(model.close)
         _report_deployment(model.deployment, err)
         answering = _Answering(model, req, settings, out, err, book, layer_shape(facts).key)
@@ -157,10 +159,11 @@ def plan_only(model: str, workers: tuple[str, ...] | None, settings: OrchSetting
               discover_workers: bool = False, err: Console | None = None) -> Plan:
     """``orch plan``: the plan for listed or discovered workers (asked for their facts), or
     for local workers on this machine (their facts known without starting them)."""
-    facts = read_model_facts(resolve_model(model))
+    err = err or Console(stderr=True)
+    facts = read_model_facts(locate_model(model, settings, err)[0])
     facts.require_supported()
     if workers is None and discover_workers:
-        workers = discovered_workers(settings, err or Console(stderr=True))
+        workers = discovered_workers(settings, err)
     if workers is None:
         return make_plan(facts, local_devices(settings.local_workers),
                          settings.plan_options(use_all=True))
@@ -185,9 +188,13 @@ def local_devices(count: int) -> list[DeviceFacts]:
 
 
 def _report_deployment(deployment: Deployment, err: Console) -> None:
-    sent = deployment.sent_bytes
-    shards = (f"{sent / (1 << 20):.1f} MiB of shards sent" if sent else
-              "0 bytes of shards sent: every worker had its shard cached")
+    sent, fetched = deployment.sent_bytes, deployment.fetched_bytes
+    if fetched:
+        shards = (f"{fetched / (1 << 20):.1f} MiB fetched by the workers from the source, "
+                  f"{sent / (1 << 20):.1f} MiB of shards sent from here")
+    else:
+        shards = (f"{sent / (1 << 20):.1f} MiB of shards sent" if sent else
+                  "0 bytes of shards sent: every worker had its shard cached")
     shared = "; sharing the stages another orchestrator loaded" if deployment.shared else ""
     err.print(f"[dim]{shards}{shared}[/]")
 
@@ -195,19 +202,48 @@ def _report_deployment(deployment: Deployment, err: Console) -> None:
 class RichProgress:
     """Deployment steps as rich progress bars (bytes for writes and uploads)."""
 
-    def __init__(self, bars: Progress) -> None:
-        self.bars = bars
+    def __init__(self, bars: Progress, err: Console) -> None:
+        self.bars, self.err = bars, err
         self.current: TaskID | None = None
 
-    def task(self, description: str, total: int | None) -> Callable[[int, int], None]:
-        if self.current is not None:
+    def task(self, description: str, total: int | None, *, alone: bool = True
+             ) -> Callable[[int, int], None]:
+        if self.current is not None and alone:
             self.bars.update(self.current, visible=False)
-        task = self.current = self.bars.add_task(description, total=total)
+        task = self.bars.add_task(description, total=total)
+        if alone:
+            self.current = task
 
         def advance(done: int, total: int) -> None:
             self.bars.update(task, completed=done, total=total)
 
         return advance
+
+    def note(self, text: str) -> None:
+        self.err.print(f"[yellow]note:[/] {text}", highlight=False)
+
+
+def locate_model(target: str, settings: OrchSettings, err: Console
+                 ) -> tuple[Path, FromSource | None]:
+    """The model's file here, or (``settings.fetch`` permitting) a copy of its headers read
+    from where it is published, with the source the workers fetch their slices from."""
+    def notify(text: str) -> None:
+        err.print(f"[yellow]note:[/] {text}", highlight=False)
+
+    store = Store(notify=notify)
+    first = published(target, store, notify) if settings.fetch != "orchestrator" else None
+    if first is None:
+        return store.resolve(target), None
+    with err.status(f"reading the header of {first.filename} from its source"):
+        remote = open_remote(target, first, cache_dir() / "models" / "remote")
+    err.print(f"[dim]read {remote.header_bytes / (1 << 20):.1f} MiB of headers from "
+              f"{first.url}; each worker fetches its own layers[/]", highlight=False)
+
+    def whole() -> ModelFacts:
+        notify(f"downloading all of {target} here ({first.size >> 20} MiB)")
+        return read_model_facts(Store(notify=notify, progress=False).resolve(target))
+
+    return remote.path, FromSource(remote.files, whole if settings.fetch == "auto" else None)
 
 
 def _prompt(req: RunRequest, history: list[dict[str, str]], text: str

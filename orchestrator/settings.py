@@ -9,6 +9,7 @@ plan or a worker.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -27,6 +28,11 @@ class OrchSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ORCH_", extra="forbid", frozen=True)
 
     # --- the plan and each stage's engine ----------------------------------------------
+    fetch: Literal["auto", "workers", "orchestrator"] = Field(
+        "auto", description="Where the bytes of a model given by URL, hf:// or registry name "
+        "come from when this machine lacks the file: auto = each worker fetches only its own "
+        "slice from the source, and workers that cannot reach it get their shard from here; "
+        "workers = only that; orchestrator = download the whole file here first")
     codec: str = Field("f32", description="Hidden states on the wire: f32 (exact), f16 "
                                           "(half the bytes), q8_0 (3.8x fewer bytes).")
     context_tokens: int = Field(_ENGINE.context_tokens, ge=16, le=MAX_CONTEXT_TOKENS,

@@ -99,6 +99,9 @@ class FileServer:
         self.stall: bool = False  # read requests, answer nothing until cleared or closed
         self.hub_redirect: bool = True  # resolve answers 302 to the CDN (like the real hub)
         self.gated: set[str] = set()  # repo ids that answer 401 GatedRepo
+        # Clients (X-Orch-Client) served; others have their connection closed unanswered,
+        # as if the server could not be reached from where they are. None: everyone.
+        self.only_clients: set[str] | None = None
         # Accounting.
         self.served_bytes = 0
         self.served_by_path: dict[str, int] = {}
@@ -397,6 +400,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         path = unquote(urlsplit(self.path).path)
         with owner.lock:
             owner.requests.append((method, path, self.headers.get("Range") or ""))
+        if owner.only_clients is not None and \
+                (self.headers.get(CLIENT_HEADER) or "anon") not in owner.only_clients:
+            self.close_connection = True
+            return
         while owner.stall and not owner._stop.is_set():
             owner._stop.wait(0.05)
         if owner._stop.is_set():

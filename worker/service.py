@@ -44,6 +44,7 @@ from orchcore.facts import read_model_facts
 from orchcore.files import write_atomic
 from orchcore.memory import MIB, estimate_shard
 from orchcore.probe import LayerShape
+from orchcore.slices import total_bytes
 from orchcore.wire import PROTOCOL_VERSION, convert, status
 from orchcore.wire import worker_pb2 as pb
 from orchcore.wire import worker_pb2_grpc as pb_grpc
@@ -52,6 +53,7 @@ from worker.advertise import Advertiser, advertised_addresses
 from worker.probe import probe
 from worker.settings import WorkerSettings
 from worker.shardcache import ShardCache
+from worker.slicefetch import Built, SliceFetcher
 from worker.stage import Stage
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,7 @@ log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 _PROVE = "/orch.v1.Worker/Prove"  # the one call without a token: it proves ours
 _RECENT_PIPELINES = 16
+_PROGRESS_EVERY_S = 0.2  # FetchShard progress messages at most this often
 _LINK_DEADLINE_S = 10.0  # unloaded pipelines whose late messages are dropped quietly
 _UNAUTHENTICATED = ("missing or wrong cluster token: give the orchestrator the same token "
                     "as the workers (--token or ORCH_TOKEN)")
@@ -103,6 +106,21 @@ def _rpc(method: Callable) -> Callable:
     def wrapper(self: WorkerService, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return method(self, request, context)
+        except (OrchError, ValueError) as exc:
+            log.info("%s refused: %s", method.__name__, exc)
+            context.set_trailing_metadata(((status.ERROR_CODE_KEY, status.error_code(exc)),))
+            context.abort(status.to_status(exc), str(exc))
+
+    return wrapper
+
+
+def _rpc_stream(method: Callable) -> Callable:
+    """``_rpc`` for calls that answer with a stream: errors raised while streaming too."""
+
+    @functools.wraps(method)
+    def wrapper(self: WorkerService, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            yield from method(self, request, context)
         except (OrchError, ValueError) as exc:
             log.info("%s refused: %s", method.__name__, exc)
             context.set_trailing_metadata(((status.ERROR_CODE_KEY, status.error_code(exc)),))
@@ -176,6 +194,21 @@ class WorkerService(pb_grpc.WorkerServicer):
         self.cache.store(header.sha256, header.size, chunks)
         log.info("stored shard %s (%d bytes)", header.sha256[:12], header.size)
         return pb.ShardReceipt(sha256=header.sha256, size=header.size)
+
+    @_rpc_stream
+    def FetchShard(self, request: pb.FetchShardRequest, context: grpc.ServicerContext
+                   ) -> Iterator[pb.FetchProgress]:
+        files, ranges, layers = convert.fetch_from_proto(request)
+        total, last = total_bytes(ranges), 0.0
+        stage = self.stage
+        for step in SliceFetcher(self.cache, self.name).build(
+                files, ranges, layers, {stage.sha256} if stage else set()):
+            if isinstance(step, Built):
+                yield pb.FetchProgress(done=total, total=total, shard=pb.ShardReceipt(
+                    sha256=step.sha256, size=step.size, already_cached=not step.fetched))
+            elif time.monotonic() - last >= _PROGRESS_EVERY_S:
+                last = time.monotonic()
+                yield pb.FetchProgress(done=step, total=total)
 
     @_rpc
     def LoadShard(self, request: pb.LoadShardRequest, context: grpc.ServicerContext

@@ -74,6 +74,12 @@ class ShardCache:
     def list(self) -> list[str]:
         return sorted(p.stem for p in self._files())
 
+    def adopt(self, path: Path, sha256: str) -> Path:
+        """Move a shard written elsewhere on this disk (hash known) into the cache."""
+        dest = self.path(sha256)
+        os.replace(path, dest)
+        return dest
+
     def store(self, sha256: str, size: int, chunks: Iterable[bytes]) -> Path:
         """Write ``chunks`` under a temporary name; keep it only if size and hash match."""
         dest = self.path(sha256)

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from orchcore.codecs import get_codec
 from orchcore.config import EngineConfig
 from orchcore.devices import DeviceFacts
+from orchcore.errors import InvalidInputError
+from orchcore.rangefetch import RemoteFile
 from orchcore.sampling import SamplingParams
+from orchcore.shard import LayerRange
+from orchcore.slices import ByteRange
 from orchcore.wire import worker_pb2 as pb
 
 
@@ -69,3 +75,23 @@ def engine_from_proto(msg: pb.EngineSettings, default_threads: int, max_threads:
                         max_sessions=msg.max_sessions or default.max_sessions,
                         batch_tokens=msg.batch_tokens or default.batch_tokens,
                         threads=min(msg.threads or default_threads, max_threads))
+
+
+def fetch_to_proto(files: Sequence[RemoteFile], ranges: Sequence[ByteRange],
+                   layers: LayerRange) -> pb.FetchShardRequest:
+    return pb.FetchShardRequest(
+        files=[pb.SourceFile(url=f.url, size=f.size, etag=f.etag, name=f.filename)
+               for f in files],
+        ranges=[pb.ByteRange(part=r.part, offset=r.offset, length=r.length) for r in ranges],
+        layer_start=layers.start, layer_end=layers.end)
+
+
+def fetch_from_proto(msg: pb.FetchShardRequest
+                     ) -> tuple[tuple[RemoteFile, ...], tuple[ByteRange, ...], LayerRange]:
+    files = tuple(RemoteFile(f.url, f.size, f.etag, f.name) for f in msg.files)
+    if not files or any(not f.url.startswith(("http://", "https://")) for f in files):
+        raise InvalidInputError("FetchShard: give the model's files as http(s) URLs")
+    ranges = tuple(ByteRange(r.part, r.offset, r.length) for r in msg.ranges)
+    if any(r.part >= len(files) or r.end > files[r.part].size for r in ranges):
+        raise InvalidInputError("FetchShard: a byte range lies outside its file")
+    return files, ranges, LayerRange(msg.layer_start, msg.layer_end)

@@ -38,6 +38,7 @@ _TABLE: tuple[Row, ...] = (
     Row(errors.WorkerBusyError, grpc.StatusCode.FAILED_PRECONDITION, "busy", True),
     Row(errors.NotLoadedError, grpc.StatusCode.FAILED_PRECONDITION, "not_loaded", True),
     Row(errors.ShardMissingError, grpc.StatusCode.NOT_FOUND, "shard_missing", True),
+    Row(errors.SourceFetchError, grpc.StatusCode.FAILED_PRECONDITION, "source_fetch", False),
     Row(errors.InvalidSettingError, grpc.StatusCode.INVALID_ARGUMENT, "invalid_setting", False),
     Row(errors.InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT, "invalid_input", False),
     Row(UnknownCodecError, grpc.StatusCode.INVALID_ARGUMENT, "unknown_codec", False),

@@ -6,6 +6,50 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class SourceFile(_message.Message):
+    __slots__ = ("url", "size", "etag", "name")
+    URL_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    ETAG_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    size: int
+    etag: str
+    name: str
+    def __init__(self, url: _Optional[str] = ..., size: _Optional[int] = ..., etag: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class ByteRange(_message.Message):
+    __slots__ = ("part", "offset", "length")
+    PART_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    part: int
+    offset: int
+    length: int
+    def __init__(self, part: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
+class FetchShardRequest(_message.Message):
+    __slots__ = ("files", "ranges", "layer_start", "layer_end")
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    RANGES_FIELD_NUMBER: _ClassVar[int]
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    files: _containers.RepeatedCompositeFieldContainer[SourceFile]
+    ranges: _containers.RepeatedCompositeFieldContainer[ByteRange]
+    layer_start: int
+    layer_end: int
+    def __init__(self, files: _Optional[_Iterable[_Union[SourceFile, _Mapping]]] = ..., ranges: _Optional[_Iterable[_Union[ByteRange, _Mapping]]] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ...) -> None: ...
+
+class FetchProgress(_message.Message):
+    __slots__ = ("done", "total", "shard")
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    done: int
+    total: int
+    shard: ShardReceipt
+    def __init__(self, done: _Optional[int] = ..., total: _Optional[int] = ..., shard: _Optional[_Union[ShardReceipt, _Mapping]] = ...) -> None: ...
+
 class ProbeRequest(_message.Message):
     __slots__ = ("arch", "n_embd", "n_ff", "n_head", "n_head_kv", "weight_type", "layer_bytes")
     ARCH_FIELD_NUMBER: _ClassVar[int]

@@ -94,6 +94,11 @@ class WorkerStub:
                 request_serializer=worker__pb2.ProbeRequest.SerializeToString,
                 response_deserializer=worker__pb2.ProbeReply.FromString,
                 _registered_method=True)
+        self.FetchShard = channel.unary_stream(
+                '/orch.v1.Worker/FetchShard',
+                request_serializer=worker__pb2.FetchShardRequest.SerializeToString,
+                response_deserializer=worker__pb2.FetchProgress.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -188,6 +193,15 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchShard(self, request, context):
+        """Build a shard from the model's published file(s): fetch only the byte ranges the
+        orchestrator names (header and this stage's tensors) with HTTP Range requests, cut
+        the shard here, cache it. Streams progress; the last message names the shard.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -250,6 +264,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Probe,
                     request_deserializer=worker__pb2.ProbeRequest.FromString,
                     response_serializer=worker__pb2.ProbeReply.SerializeToString,
+            ),
+            'FetchShard': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchShard,
+                    request_deserializer=worker__pb2.FetchShardRequest.FromString,
+                    response_serializer=worker__pb2.FetchProgress.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -576,6 +595,33 @@ class Worker:
             '/orch.v1.Worker/Probe',
             worker__pb2.ProbeRequest.SerializeToString,
             worker__pb2.ProbeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchShard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/orch.v1.Worker/FetchShard',
+            worker__pb2.FetchShardRequest.SerializeToString,
+            worker__pb2.FetchProgress.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,95 @@
+"""A model read where it is published: the orchestrator fetches only each file's header
+(metadata, tensor table, vocabulary) with Range requests into a sparse copy, plans from it,
+and each worker then fetches its own slice (``deploy``).
+
+``published(target)`` says where a model given by URL, ``hf://`` or registry name is
+published, unless this machine has it already (then it is used whole, as a file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from orchcore.errors import ModelFetchError
+from orchcore.facts import split_part_paths
+from orchcore.rangefetch import RemoteFile, SparseCopy, describe_url, fetch_headers
+from orchestrator import hub
+from orchestrator.download import find_pulled, is_url
+from orchestrator.modelstore import Store
+from orchestrator.registry import HUB_SCHEME, HubSource, UrlSource, known_models, parse_hub_ref
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RemoteModel:
+    target: str  # what the user named: pulled whole if some worker cannot fetch its slice
+    files: tuple[RemoteFile, ...]
+    copy: SparseCopy  # the headers, fetched
+    header_bytes: int  # fetched by this run (0 when an earlier run fetched them)
+
+    @property
+    def path(self) -> Path:
+        """The sparse copy: reads as the model's facts and vocabulary, never as weights."""
+        return self.copy.path(0)
+
+
+def published(target: str, store: Store, notify: Callable[[str], None]
+              ) -> RemoteFile | None:
+    """Where ``target`` can be fetched in parts, or None when it is to be used whole: a file
+    here, a model already here, or one whose sources all lack Range access."""
+    if Path(target).expanduser().is_file():
+        return None
+    if is_url(target):
+        return None if find_pulled(target, store.root / "url") else describe_url(target)
+    if target.startswith(HUB_SCHEME):
+        source = parse_hub_ref(target)
+        return None if hub.cached(source, store.hub_cache) else _from_hub(source)
+    entry = known_models().get(target)
+    if entry is None or store.local_copy(entry) is not None:
+        return None
+    for source in entry.sources:
+        try:
+            match source:
+                case HubSource():
+                    return _from_hub(source)
+                case UrlSource(url=url):
+                    return describe_url(url)
+        except ModelFetchError as exc:
+            notify(f"{source}: {exc}")
+    return None
+
+
+def _from_hub(source: HubSource) -> RemoteFile:
+    found = hub.describe(source)  # the URL is pinned to the commit, so the bytes cannot move
+    return RemoteFile(found.url, found.size, "", Path(source.file).name)
+
+
+def open_remote(target: str, first: RemoteFile, root: Path) -> RemoteModel:
+    """Fetch the headers of ``first`` (and of the other files of its split set)."""
+    copy = SparseCopy(_folder(root, [first]), [first], "orchestrator")
+    fetched, (scan,) = fetch_headers(copy)
+    if scan.split_count > 1:
+        files = tuple(_sibling(first, name.name)
+                      for name in split_part_paths(Path(first.filename), scan.split_count))
+        copy = SparseCopy(_folder(root, files), files, "orchestrator")
+        fetched += fetch_headers(copy)[0]
+    log.info("read the headers of %s: %d bytes fetched", first.url, fetched)
+    return RemoteModel(target, copy.files, copy, fetched)
+
+
+def _sibling(first: RemoteFile, name: str) -> RemoteFile:
+    if name == first.filename:
+        return first
+    head, _, tail = first.url.rpartition(first.filename)
+    return replace(describe_url(head + name + tail), name=name)
+
+
+def _folder(root: Path, files: list[RemoteFile] | tuple[RemoteFile, ...]) -> Path:
+    identity = json.dumps([[f.url, f.size, f.etag] for f in files])
+    return root / hashlib.sha256(identity.encode()).hexdigest()[:16]

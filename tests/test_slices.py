@@ -1,0 +1,165 @@
+"""A worker's own slice of a published model, fetched with Range requests from a real HTTP
+server on loopback: the shard it cuts is the shard the whole file gives (same sha256), for a
+single file and a split set; cuts resume; a changed or unreachable file is refused; the
+orchestrator's header copy reads as the model's facts and vocabulary."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from httpserver import serve
+
+from orchcore import modelgen
+from orchcore.errors import SourceFetchError
+from orchcore.facts import read_model_facts
+from orchcore.rangefetch import RemoteFile, describe_url, scan_header
+from orchcore.shard import LayerRange, shard_layout, write_shard
+from orchcore.slices import ByteRange, merge, shard_ranges, total_bytes, uncovered
+from orchestrator.remote import open_remote
+from orchestrator.tokenizer import Tokenizer
+from worker.shardcache import ShardCache
+from worker.slicefetch import Built, SliceFetcher
+
+CUTS = [LayerRange(0, 1), LayerRange(1, 3), LayerRange(3, 4), LayerRange(0, 4)]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("models")
+    spec = modelgen.preset("tiny-llama-mha-untied")
+    one = modelgen.write_model(folder / "one.gguf", spec)
+    first = modelgen.write_model(folder / "set" / "set.gguf", spec, split_max_tensors=7)
+    return {"one": one, "set": first}
+
+
+def _published(server, first: Path) -> tuple[RemoteFile, ...]:
+    facts = read_model_facts(first)
+    for part in facts.parts:
+        server.add_file(part.name, part.read_bytes())
+    return tuple(describe_url(server.url(p.name)) for p in facts.parts)
+
+
+def _build(cache_root: Path, files, ranges, layers) -> Built:
+    steps = list(SliceFetcher(ShardCache(cache_root), "w1").build(files, ranges, layers, set()))
+    assert all(isinstance(s, int) for s in steps[:-1])
+    return steps[-1]
+
+
+def test_merge_and_coverage_are_exact() -> None:
+    merged = merge([ByteRange(0, 100, 10), ByteRange(0, 0, 50), ByteRange(0, 60, 10),
+                    ByteRange(1, 0, 5)], gap=10)
+    assert merged == (ByteRange(0, 0, 70), ByteRange(0, 100, 10), ByteRange(1, 0, 5))
+    assert uncovered([ByteRange(0, 10, 20)], merged) == []
+    assert uncovered([ByteRange(0, 60, 50)], merged) == [ByteRange(0, 60, 50)]
+
+
+@pytest.mark.parametrize("kind", ["one", "set"])
+def test_the_ranges_are_the_headers_and_the_shards_tensors(models, kind) -> None:
+    facts = read_model_facts(models[kind])
+    for layers in CUTS:
+        ranges = shard_ranges(facts, layers)
+        headers = ranges[:len(facts.parts)]
+        assert [r.part for r in headers] == list(range(len(facts.parts)))
+        layout = shard_layout(facts, layers)
+        copied = [t.source for t in layout.tensors if t.source] + \
+            ([layout.input_table] if layout.input_table else [])
+        tensors = total_bytes(ranges[len(facts.parts):])
+        # Merged ranges carry only the alignment padding between neighbouring tensors.
+        assert sum(t.n_bytes for t in copied) <= tensors
+        assert tensors <= sum(t.n_bytes for t in copied) + layout.alignment * len(copied)
+
+
+@pytest.mark.parametrize("kind", ["one", "set"])
+def test_a_worker_cuts_the_same_shard_as_the_whole_file(models, kind, tmp_path) -> None:
+    facts = read_model_facts(models[kind])
+    with serve() as server:
+        files = _published(server, models[kind])
+        for layers in CUTS:
+            ranges = shard_ranges(facts, layers)
+            before = server.served_by_client.get("w1", 0)
+            built = _build(tmp_path / "cache", files, ranges, layers)
+            whole = write_shard(models[kind], layers, tmp_path / f"{layers.start}.gguf")
+            assert (built.sha256, built.size, built.fetched) == (whole.sha256, whole.size, True)
+            assert server.served_by_client["w1"] - before == total_bytes(ranges)
+            again = _build(tmp_path / "cache", files, ranges, layers)  # the index knows it
+            assert again == Built(whole.sha256, whole.size, False)
+            assert server.served_by_client["w1"] - before == total_bytes(ranges)
+    assert not list((tmp_path / "cache" / "fetching").glob("*/*.gguf"))  # sparse copies gone
+
+
+def test_cut_connections_resume_mid_range(models, tmp_path) -> None:
+    facts = read_model_facts(models["one"])
+    layers = LayerRange(1, 3)
+    ranges = shard_ranges(facts, layers)
+    with serve(cut_after=3000, cuts=4) as server:
+        files = _published(server, models["one"])
+        built = _build(tmp_path / "cache", files, ranges, layers)
+        resumed = [r for m, _, r in server.requests if m == "GET" and r and
+                   not any(r == f"bytes={x.offset}-{x.end - 1}" for x in ranges)]
+    assert built.sha256 == write_shard(models["one"], layers, tmp_path / "s.gguf").sha256
+    assert resumed, "a cut range must resume from its last byte, not start over"
+
+
+def test_a_changed_file_is_refused(models, tmp_path) -> None:
+    facts = read_model_facts(models["one"])
+    with serve() as server:
+        (planned,) = _published(server, models["one"])
+        assert planned.etag
+        server.add_file("one.gguf", models["one"].read_bytes()[:-1] + b"\x01")  # new version
+        with pytest.raises(SourceFetchError, match="changed since it was planned"):
+            _build(tmp_path / "c", [planned], shard_ranges(facts, LayerRange(0, 2)),
+                   LayerRange(0, 2))
+
+
+def test_an_unreachable_source_fails_within_seconds(models, tmp_path) -> None:
+    facts = read_model_facts(models["one"])
+    with serve(only_clients={"orchestrator"}) as server:
+        files = _published(server, models["one"])
+        started = time.monotonic()
+        with pytest.raises(SourceFetchError, match="cannot fetch"):
+            _build(tmp_path / "c", files, shard_ranges(facts, LayerRange(0, 2)),
+                   LayerRange(0, 2))
+    assert time.monotonic() - started < 10
+
+
+def test_the_orchestrator_reads_headers_only(smollm2_path, tmp_path) -> None:
+    data = Path(smollm2_path).read_bytes()
+    with serve({"smollm2.gguf": data}) as server:
+        first = describe_url(server.url("smollm2.gguf"))
+        remote = open_remote("x", first, tmp_path)
+        fetched = server.served_by_client["orchestrator"]
+        assert open_remote("x", first, tmp_path).header_bytes == 0  # kept for the next run
+    assert remote.header_bytes <= fetched < 0.03 * len(data)
+    here, there = read_model_facts(smollm2_path), read_model_facts(remote.path)
+    assert there.tensors == here.tensors and there.metadata == here.metadata
+    with Tokenizer.from_gguf(smollm2_path) as a, Tokenizer.from_gguf(remote.path) as b:
+        text = "The capital of France is Paris. 🇫🇷"
+        assert a.encode(text) == b.encode(text)
+    assert remote.copy.folder.stat().st_size < 1 << 20
+    held = sum(p.stat().st_blocks * 512 for p in remote.copy.folder.iterdir())
+    assert held < 0.05 * len(data)  # sparse: only the header takes disk
+
+
+def test_a_split_set_is_found_from_its_first_part(models, tmp_path) -> None:
+    with serve() as server:
+        files = _published(server, models["set"])
+        remote = open_remote("x", files[0], tmp_path)
+    assert [f.url for f in remote.files] == [f.url for f in files]
+    here, there = read_model_facts(models["set"]), read_model_facts(remote.path)
+    assert there.tensors == here.tensors
+
+
+def test_the_header_scan_agrees_with_gguf_py(smollm2_path, models) -> None:
+    for path in [Path(smollm2_path), *read_model_facts(models["set"]).parts]:
+        data = path.read_bytes()[:4 << 20]
+        facts = read_model_facts(path) if path == Path(smollm2_path) else None
+        scan = scan_header(data)
+        assert scan is not None
+        if facts is not None:
+            assert (scan.end, scan.split_count) == (facts.data_offset, 1)
+        else:
+            assert scan.split_count == 6
+        for cut in (0, 17, scan.end // 3, scan.end - 64):  # a prefix without the whole header
+            assert scan_header(data[:cut]) is None
