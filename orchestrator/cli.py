@@ -20,7 +20,7 @@ app = typer.Typer(
          "workers, splits the model between them and streams the answer.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # a message stays one line for tools that read it
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -282,7 +282,10 @@ def rm(target: Annotated[str, typer.Argument(
     """Delete a model from the cache (it can be pulled again)."""
     from orchestrator.modelstore import Store
 
-    gone = Store(progress=False).remove(target)
+    try:
+        gone = Store(progress=False).remove(target)
+    except OrchError as exc:
+        _fail(exc)
     if not gone:
         _fail(OrchError(f"{target!r} is not in the cache (orch list shows what is)"))
     for path in gone:

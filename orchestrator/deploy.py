@@ -145,7 +145,7 @@ def fetch_slices(plan: Plan, facts: ModelFacts, clients: Sequence[WorkerClient],
             try:
                 done[index] = future.result()
             except SourceFetchError as exc:
-                failed.append(f"{plan.stages[index].worker}: {exc}")
+                failed.append(str(exc))  # names the worker
     if failed and source.whole is None:
         raise SourceFetchError("workers cannot fetch the model from its source:\n  " +
                                "\n  ".join(failed) + "\nrun with --fetch auto to send "

@@ -31,6 +31,7 @@ from gguf.constants import GGUF_MAGIC
 from orchcore.errors import ModelFetchError
 from orchcore.files import locked, read_json, sha256_file, write_atomic
 from orchcore.paths import cache_dir
+from orchcore.rangefetch import CLIENT_HEADER
 from orchestrator.transfer import CHUNK, progress_bar
 
 log = logging.getLogger(__name__)
@@ -135,8 +136,9 @@ def _fetch(url: str, part: Path, progress: bool) -> tuple[int, str]:
             have = before = part.stat().st_size if part.exists() else 0
             if total is not None and have == total:
                 return total, etag
-            request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"}
-                                             if have else {})
+            headers = {CLIENT_HEADER: "orchestrator"} | ({"Range": f"bytes={have}-"}
+                                                         if have else {})
+            request = urllib.request.Request(url, headers=headers)
             try:
                 with urllib.request.urlopen(request, timeout=TIMEOUT_S) as reply:
                     if have and reply.status != 206:  # no resume: start over

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 TIMEOUT_S = 10.0  # a hub that does not answer within this fails, and the next source is tried
 DISK_MARGIN = 64 << 20
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,13 @@ def cached(source: HubSource, cache: Path | None = None) -> Path | None:
     got = hf.try_to_load_from_cache(source.repo, source.file, cache_dir=cache,
                                     revision=source.revision or "main")
     return Path(got) if isinstance(got, str) else None
+
+
+def cached_sha256(path: Path) -> str | None:
+    """The sha256 the hub gave for a cached file: the name of its blob (a large file's ETag);
+    None for a small git file, whose blob is named by its git oid."""
+    name = path.resolve().name
+    return name if _SHA256.fullmatch(name) else None
 
 
 def describe(source: HubSource) -> HubFile:
@@ -96,8 +105,11 @@ def forget(path: Path) -> None:
 
 def _check_space(source: HubSource, size: int, cache: Path | None) -> None:
     folder = Path(cache or hf.constants.HF_HUB_CACHE)
-    folder.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(folder).free
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(folder).free
+    except OSError as exc:
+        raise ModelFetchError(f"cannot use the hub cache {folder}: {exc}") from None
     if size + DISK_MARGIN > free:
         raise ModelFetchError(f"{source} needs {size >> 20} MiB on {folder}, which has "
                               f"{free >> 20} MiB free; free some space or set HF_HUB_CACHE")

@@ -21,7 +21,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from gguf.constants import GGUF_MAGIC
@@ -153,7 +153,8 @@ class Store:
             for source in entry.sources:
                 path = self._local(source)
                 if path is not None:
-                    stamp = self.verify(path, expect, str(source), entry.name)
+                    stamp = self.verify(path, self._local_expect(source, path, expect),
+                                        str(source), entry.name)
                     if stamp is not None:
                         self._learn(entry, learned, stamp)
                         return path
@@ -184,6 +185,14 @@ class Store:
                 return pulled.path if pulled else None
             case HubSource():
                 return hub.cached(source, self.hub_cache)
+
+    @staticmethod
+    def _local_expect(source: Source, path: Path, expect: Expected) -> Expected:
+        """What a local copy must be: a hub file with no sha256 known is held to the one the
+        hub gave when it was cached (huggingface_hub does not check the bytes it wrote)."""
+        if isinstance(source, HubSource) and expect.sha256 is None:
+            return replace(expect, sha256=hub.cached_sha256(path))
+        return expect
 
     def _drop(self, source: Source, path: Path) -> None:
         self.forget(path)
@@ -264,7 +273,11 @@ class Store:
             self._write_stamp(got.path, got.sha256, target, got.path.name)
             return got.path
         if target.startswith(HUB_SCHEME):
-            return self._fetch(parse_hub_ref(target), Expected(), target).path
+            source = parse_hub_ref(target)
+            cached = hub.cached(source, self.hub_cache)
+            if cached is not None and self.stamp(cached) is not None:
+                return cached  # verified when it was fetched: no network
+            return self._fetch(source, Expected(), target).path
         registry = known_models() if models is None else models
         candidate = Path(target).expanduser()
         if candidate.is_file():
