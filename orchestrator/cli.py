@@ -293,14 +293,15 @@ def rm(target: Annotated[str, typer.Argument(
 
 
 @app.command()
-def info(model: Annotated[str, typer.Argument(help="A .gguf file or a known model name.")]
-         ) -> None:
+def info(model: Annotated[str, typer.Argument(
+        help="A .gguf file, a known model name, an https:// URL or hf://OWNER/REPO/FILE.gguf "
+             "(only its header is read).")]) -> None:
     """Show what a GGUF model is made of: shape, layers, bytes, KV cache per token."""
     from orchcore.facts import read_model_facts
-    from orchestrator.modelstore import resolve_model
+    from orchestrator.run import locate_model
 
     try:
-        facts = read_model_facts(resolve_model(model))
+        facts = read_model_facts(locate_model(model, OrchSettings.load(), err)[0])
     except OrchError as exc:
         err.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(1) from None

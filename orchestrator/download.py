@@ -65,10 +65,12 @@ def find_pulled(url: str, root: Path | None = None) -> Pulled | None:
 
 
 def pull_url(url: str, *, sha256: str | None = None, size: int | None = None,
-             root: Path | None = None, progress: bool = True) -> Pulled:
-    """The model at ``url``, from the cache when it is there and verified."""
+             root: Path | None = None, progress: bool = True, folder: Path | None = None
+             ) -> Pulled:
+    """The model at ``url``, from the cache when it is there and verified. ``folder``: put
+    it there rather than in its own (the later files of a split set join the first)."""
     name = Path(urlparse(url).path).name or "model.gguf"
-    folder = url_folder(url, root)
+    folder = folder or url_folder(url, root)
     dest = folder / name
     folder.mkdir(parents=True, exist_ok=True)
     with locked(folder / f"{name}.lock"):

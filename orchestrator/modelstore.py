@@ -27,9 +27,10 @@ from pathlib import Path
 from gguf.constants import GGUF_MAGIC
 
 from orchcore.errors import ModelFetchError, ModelNotFoundError, NotGGUFError
-from orchcore.facts import read_model_facts
+from orchcore.facts import read_model_facts, split_part_paths
 from orchcore.files import locked, read_json, write_atomic
 from orchcore.paths import cache_dir
+from orchcore.rangefetch import scan_header
 from orchestrator import hub
 from orchestrator.download import find_pulled, is_url, pull_url, remove_pulled
 from orchestrator.registry import (
@@ -179,12 +180,13 @@ class Store:
         match source:
             case WheelSource():
                 path = wheel_path(source, self.root)
-                return path if path.is_file() else None
+                return path if path.is_file() else None  # one file, never a set
             case UrlSource(url=url):
                 pulled = find_pulled(url, self.root / "url")
-                return pulled.path if pulled else None
+                path = pulled.path if pulled else None
             case HubSource():
-                return hub.cached(source, self.hub_cache)
+                path = hub.cached(source, self.hub_cache)
+        return path if path is not None and _whole_set(path) else None
 
     @staticmethod
     def _local_expect(source: Source, path: Path, expect: Expected) -> Expected:
@@ -212,9 +214,13 @@ class Store:
             case UrlSource(url=url):
                 got = pull_url(url, sha256=expect.sha256, size=expect.size,
                                root=self.root / "url", progress=self.progress)
+                self._pull_rest_of_set(got.path, url)
                 return self._write_stamp(got.path, got.sha256, str(source), name)
             case HubSource():
                 path, remote = hub.download(source, self.hub_cache, progress=self.progress)
+                for other in other_parts(path):
+                    hub.download(replace(source, file=str(Path(source.file).with_name(other))),
+                                 self.hub_cache, progress=self.progress)
                 want = Expected(expect.size or remote.size, expect.sha256 or remote.sha256)
                 stamp = self.verify(path, want, str(source), name)
                 if stamp is None:
@@ -224,6 +230,12 @@ class Store:
                                           f"bytes, expected {want.size} with sha256 "
                                           f"{str(want.sha256)[:12]}...); it was deleted")
                 return stamp
+
+    def _pull_rest_of_set(self, first: Path, url: str) -> None:
+        """The other files of a split set, next to the first (where llama.cpp looks)."""
+        for other in other_parts(first):
+            pull_url(url.rsplit("/", 1)[0] + "/" + other, folder=first.parent,
+                     progress=self.progress)
 
     def _learn(self, entry: ModelEntry, learned: Learned, stamp: Stamp) -> None:
         missing = {}
@@ -270,6 +282,7 @@ class Store:
         model name (fetched once)."""
         if is_url(target):
             got = pull_url(target, root=self.root / "url", progress=self.progress)
+            self._pull_rest_of_set(got.path, target)
             self._write_stamp(got.path, got.sha256, target, got.path.name)
             return got.path
         if target.startswith(HUB_SCHEME):
@@ -297,6 +310,29 @@ def resolve_model(target: str, *, cache: Path | None = None, progress: bool = Tr
     store = Store(cache, hub_cache=cache / "hub" if cache is not None else None,
                   wheel_dir=wheel_dir, progress=progress, notify=notify)
     return store.resolve(target, models)
+
+
+def other_parts(path: Path) -> list[str]:
+    """File names of the rest of the split set ``path`` is the first file of (none for a
+    single file)."""
+    size, step = path.stat().st_size, 1 << 20
+    with path.open("rb") as fh:
+        while (scan := scan_header(fh.read(step))) is None:
+            if step >= size:
+                raise NotGGUFError(path, "its GGUF header is incomplete")
+            fh.seek(0)
+            step *= 2
+    if scan.split_count <= 1:
+        return []
+    return [p.name for p in split_part_paths(path, scan.split_count)[1:]]
+
+
+def _whole_set(path: Path) -> bool:
+    """Whether every file of the set ``path`` starts is there (a junk file: no)."""
+    try:
+        return all((path.parent / name).is_file() for name in other_parts(path))
+    except NotGGUFError:
+        return False
 
 
 def _is_gguf(path: Path) -> bool:

@@ -17,6 +17,7 @@ from orchcore.facts import read_model_facts
 from orchcore.rangefetch import RemoteFile, describe_url, scan_header
 from orchcore.shard import LayerRange, shard_layout, write_shard
 from orchcore.slices import ByteRange, merge, shard_ranges, total_bytes, uncovered
+from orchestrator.modelstore import Store
 from orchestrator.remote import open_remote
 from orchestrator.tokenizer import Tokenizer
 from worker.shardcache import ShardCache
@@ -163,3 +164,13 @@ def test_the_header_scan_agrees_with_gguf_py(smollm2_path, models) -> None:
             assert scan.split_count == 6
         for cut in (0, 17, scan.end // 3, scan.end - 64):  # a prefix without the whole header
             assert scan_header(data[:cut]) is None
+
+
+def test_pulling_a_split_set_by_url_fetches_every_file(models, tmp_path) -> None:
+    with serve() as server:
+        files = _published(server, models["set"])
+        first = Store(tmp_path, progress=False).resolve(files[0].url)
+    assert first.name == models["set"].name
+    assert read_model_facts(first).tensors == read_model_facts(models["set"]).tensors
+    assert [p.name for p in read_model_facts(first).parts] == \
+        [p.name for p in read_model_facts(models["set"]).parts]
