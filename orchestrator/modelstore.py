@@ -21,6 +21,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Mapping
+from contextlib import suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from orchcore.errors import ModelFetchError, ModelNotFoundError, NotGGUFError
 from orchcore.facts import read_model_facts, split_part_paths
 from orchcore.files import locked, read_json, write_atomic
 from orchcore.paths import cache_dir
-from orchcore.rangefetch import scan_header
+from orchcore.rangefetch import HeaderScan, scan_header
 from orchestrator import hub
 from orchestrator.download import find_pulled, is_url, pull_url, remove_pulled
 from orchestrator.registry import (
@@ -245,10 +246,15 @@ class Store:
             missing["sha256"] = stamp.sha256
         if entry.layers is None:
             missing["layers"] = read_model_facts(stamp.path).n_layers
+        if entry.expected.header_sha256 is None:
+            with suppress(NotGGUFError):  # checked by sha256 already; nothing to learn
+                missing["header_sha256"] = header_sha256(stamp.path)
         if missing and any(learned.get(entry.name).get(k) != v for k, v in missing.items()):
             learned.record(entry.name, **missing)
-            self.notify(f"recorded {', '.join(missing)} of {entry.name} (unknown to the "
-                        f"registry) from this verified download")
+            shown = [k for k in missing if k != "header_sha256"]  # no registry row has one
+            if shown:
+                self.notify(f"recorded {', '.join(shown)} of {entry.name} (unknown to the "
+                            f"registry) from this verified download")
 
     def _license_notice(self, entry: ModelEntry) -> None:
         if entry.noncommercial:
@@ -312,16 +318,28 @@ def resolve_model(target: str, *, cache: Path | None = None, progress: bool = Tr
     return store.resolve(target, models)
 
 
-def other_parts(path: Path) -> list[str]:
-    """File names of the rest of the split set ``path`` is the first file of (none for a
-    single file)."""
+def _scan(path: Path) -> tuple[HeaderScan, bytes]:
+    """What the header of ``path`` says, and its bytes."""
     size, step = path.stat().st_size, 1 << 20
     with path.open("rb") as fh:
-        while (scan := scan_header(fh.read(step))) is None:
+        while (scan := scan_header(head := fh.read(step))) is None:
             if step >= size:
                 raise NotGGUFError(path, "its GGUF header is incomplete")
             fh.seek(0)
             step *= 2
+    return scan, head[:scan.end]
+
+
+def header_sha256(path: Path) -> str:
+    """sha256 of the header and tensor table of ``path`` (all bytes before the tensor data):
+    what a fetch of parts of the file can check."""
+    return hashlib.sha256(_scan(path)[1]).hexdigest()
+
+
+def other_parts(path: Path) -> list[str]:
+    """File names of the rest of the split set ``path`` is the first file of (none for a
+    single file)."""
+    scan = _scan(path)[0]
     if scan.split_count <= 1:
         return []
     return [p.name for p in split_part_paths(path, scan.split_count)[1:]]

@@ -93,6 +93,7 @@ class Expected:
 
     size: int | None = None
     sha256: str | None = None
+    header_sha256: str | None = None  # of the bytes before the tensor data: checkable alone
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,8 @@ def _source(record: Mapping[str, Any]) -> Source:
 
 
 def _entry(name: str, record: Mapping[str, Any]) -> ModelEntry:
-    size, sha256, layers = (_known(record.get(k)) for k in ("size", "sha256", "layers"))
+    size, sha256, header, layers = (_known(record.get(k))
+                                    for k in ("size", "sha256", "header_sha256", "layers"))
     sources = tuple(_source(s) for s in record["sources"])
     if not sources:
         raise KeyError("no sources")
@@ -154,7 +156,8 @@ def _entry(name: str, record: Mapping[str, Any]) -> ModelEntry:
         license=_known(record.get("license")), noncommercial=bool(record.get("noncommercial")),
         arch=_known(record.get("arch")), params=_known(record.get("params")),
         layers=None if layers is None else int(layers),
-        expected=Expected(None if size is None else int(size), sha256), sources=sources)
+        expected=Expected(None if size is None else int(size), sha256, header),
+        sources=sources)
 
 
 def load_registry(path: Path) -> Mapping[str, ModelEntry]:
@@ -203,7 +206,8 @@ class Learned:
         known = self.get(entry.name)
         return replace(entry.expected,
                        size=entry.expected.size or known.get("size"),
-                       sha256=entry.expected.sha256 or known.get("sha256"))
+                       sha256=entry.expected.sha256 or known.get("sha256"),
+                       header_sha256=entry.expected.header_sha256 or known.get("header_sha256"))
 
     def record(self, name: str, **values: Any) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,13 +15,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from orchcore.errors import ModelFetchError
+from orchcore.errors import ModelFetchError, SourceFetchError
 from orchcore.facts import split_part_paths
 from orchcore.rangefetch import RemoteFile, SparseCopy, describe_url, fetch_headers
 from orchestrator import hub
 from orchestrator.download import find_pulled, is_url
-from orchestrator.modelstore import Store
-from orchestrator.registry import HUB_SCHEME, HubSource, UrlSource, known_models, parse_hub_ref
+from orchestrator.modelstore import Store, header_sha256
+from orchestrator.registry import (
+    HUB_SCHEME,
+    Expected,
+    HubSource,
+    Learned,
+    UrlSource,
+    known_models,
+    parse_hub_ref,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,21 +61,45 @@ def published(target: str, store: Store, notify: Callable[[str], None]
     entry = known_models().get(target)
     if entry is None or store.local_copy(entry) is not None:
         return None
+    expect = Learned(store.root.parent).expected(entry)
     for source in entry.sources:
         try:
             match source:
                 case HubSource():
-                    return _from_hub(source)
+                    return _from_hub(source, expect)
                 case UrlSource(url=url):
-                    return describe_url(url)
+                    return _checked(describe_url(url), expect)
         except ModelFetchError as exc:
             notify(f"{source}: {exc}")
     return None
 
 
-def _from_hub(source: HubSource) -> RemoteFile:
+def _from_hub(source: HubSource, expect: Expected | None = None) -> RemoteFile:
     found = hub.describe(source)  # the URL is pinned to the commit, so the bytes cannot move
-    return RemoteFile(found.url, found.size, "", Path(source.file).name)
+    if expect is not None and None not in (expect.sha256, found.sha256) and \
+            found.sha256 != expect.sha256:
+        raise SourceFetchError(f"the hub's file has sha256 {found.sha256[:12]}..., not the "
+                               f"registered {expect.sha256[:12]}...")
+    return _checked(RemoteFile(found.url, found.size, "", Path(source.file).name), expect)
+
+
+def _checked(found: RemoteFile, expect: Expected | None) -> RemoteFile:
+    if expect is not None and expect.size is not None and found.size != expect.size:
+        raise SourceFetchError(f"{found.url} is {found.size} bytes, not the registered "
+                               f"{expect.size}: another file")
+    return found
+
+
+def check_header(remote: RemoteModel, expect: Expected) -> None:
+    """Hold the fetched header to the registry's (or a verified download's) hash."""
+    if expect.header_sha256 is not None and header_sha256(remote.path) != expect.header_sha256:
+        raise SourceFetchError(f"the header of {remote.files[0].url} is not the registered "
+                               f"one (sha256 differs): another or a corrupted file")
+
+
+def expected_for(target: str, store: Store) -> Expected:
+    entry = known_models().get(target)
+    return Learned(store.root.parent).expected(entry) if entry else Expected()
 
 
 def open_remote(target: str, first: RemoteFile, root: Path) -> RemoteModel:

@@ -37,7 +37,7 @@ from orchestrator.discover import discover
 from orchestrator.localcluster import LocalCluster
 from orchestrator.modelstore import Store
 from orchestrator.plan import Plan, PlanOptions, make_plan
-from orchestrator.remote import open_remote, published
+from orchestrator.remote import check_header, expected_for, open_remote, published
 from orchestrator.session import (
     Finished,
     GenerationStats,
@@ -243,6 +243,7 @@ def locate_model(target: str, settings: OrchSettings, err: Console
         return store.resolve(target), None
     with err.status(f"reading the header of {first.filename} from its source"):
         remote = open_remote(target, first, cache_dir() / "models" / "remote")
+        check_header(remote, expected_for(target, store))
     got = (f"read {remote.header_bytes / (1 << 20):.1f} MiB of headers from {first.url}"
            if remote.header_bytes else f"headers of {first.url} known from an earlier run")
     err.print(f"[dim]{got}; each worker fetches its own layers[/]", highlight=False)

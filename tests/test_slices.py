@@ -17,8 +17,9 @@ from orchcore.facts import read_model_facts
 from orchcore.rangefetch import RemoteFile, describe_url, scan_header
 from orchcore.shard import LayerRange, shard_layout, write_shard
 from orchcore.slices import ByteRange, merge, shard_ranges, total_bytes, uncovered
-from orchestrator.modelstore import Store
-from orchestrator.remote import open_remote
+from orchestrator.modelstore import Store, header_sha256
+from orchestrator.registry import Expected
+from orchestrator.remote import check_header, open_remote
 from orchestrator.tokenizer import Tokenizer
 from worker.shardcache import ShardCache
 from worker.slicefetch import Built, SliceFetcher
@@ -174,3 +175,12 @@ def test_pulling_a_split_set_by_url_fetches_every_file(models, tmp_path) -> None
     assert read_model_facts(first).tensors == read_model_facts(models["set"]).tensors
     assert [p.name for p in read_model_facts(first).parts] == \
         [p.name for p in read_model_facts(models["set"]).parts]
+
+
+def test_a_fetched_header_is_held_to_the_registered_hash(models, tmp_path) -> None:
+    with serve() as server:
+        (first,) = _published(server, models["one"])
+        remote = open_remote("x", first, tmp_path)
+    check_header(remote, Expected(header_sha256=header_sha256(models["one"])))
+    with pytest.raises(SourceFetchError, match="not the registered one"):
+        check_header(remote, Expected(header_sha256="0" * 64))

@@ -30,7 +30,7 @@ from test_modelstore import build_wheel
 from orchcore import modelgen
 from orchcore.errors import ModelFetchError
 from orchestrator import hub
-from orchestrator.modelstore import Store, listing
+from orchestrator.modelstore import Store, header_sha256, listing
 from orchestrator.registry import (
     Expected,
     HubSource,
@@ -176,7 +176,8 @@ def test_unknown_values_are_learned_then_held_to(
     assert path.read_bytes() == model
     assert path.is_relative_to(tmp_path / "hub")
     sha = hashlib.sha256(model).hexdigest()
-    assert Learned(tmp_path).get(NAME) == {"size": len(model), "sha256": sha, "layers": 4}
+    assert Learned(tmp_path).get(NAME) == {"size": len(model), "sha256": sha, "layers": 4,
+                                           "header_sha256": header_sha256(path)}
     assert any(n.startswith("recorded size, sha256, layers of tiny") for n in notes)
     assert server.served_bytes == len(model)
 
@@ -278,7 +279,8 @@ def test_a_file_huggingface_hub_already_fetched_is_used_without_a_request(
     assert server.requests == []
     if not pinned:
         assert Learned(tmp_path).get(NAME) == {"size": len(model),
-                                               "sha256": hashlib.sha256(model).hexdigest()}
+                                               "sha256": hashlib.sha256(model).hexdigest(),
+                                               "header_sha256": header_sha256(Path(got))}
 
 
 def test_a_corrupt_file_in_the_hub_cache_is_not_learned_but_fetched_again(
