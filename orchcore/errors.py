@@ -61,6 +61,10 @@ class SourceFetchError(ModelFetchError):
     refused, cut too often, or the file changed since it was planned)."""
 
 
+class NoRangeError(SourceFetchError):
+    """The server sends whole files only: no part of the model can be fetched alone."""
+
+
 class LayerRangeError(OrchError, ValueError):
     """A layer range outside ``[0, n_layers)`` or empty."""
 

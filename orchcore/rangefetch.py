@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 import gguf
 from gguf import GGUFValueType
 
-from orchcore.errors import SourceFetchError
+from orchcore.errors import NoRangeError, SourceFetchError
 from orchcore.files import read_json, write_atomic
 from orchcore.slices import ByteRange
 
@@ -66,13 +66,14 @@ def describe_url(url: str, client: str = "orchestrator") -> RemoteFile:
             reply.read()
             found = _CONTENT_RANGE.fullmatch(reply.headers.get("Content-Range", ""))
             if reply.status != 206 or found is None:
-                raise SourceFetchError(f"{url}: the server does not answer Range requests, so "
-                                       f"workers cannot fetch parts of it")
+                raise NoRangeError(f"{url}: the server does not answer Range requests, so "
+                                   f"workers cannot fetch parts of it")
             etag = reply.headers.get("ETag", "")
     except urllib.error.HTTPError as exc:
         raise SourceFetchError(f"{url}: the server answered {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
-        raise SourceFetchError(f"{url}: {getattr(exc, 'reason', exc)}") from None
+        raise SourceFetchError(f"{url}: cannot reach it ({getattr(exc, 'reason', exc)})"
+                               ) from None
     weak = etag.startswith("W/")  # a weak ETag cannot pin bytes (If-Match refuses it)
     return RemoteFile(url, int(found.group(3)), "" if weak else etag)
 

@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RemoteModel:
-    target: str  # what the user named: pulled whole if some worker cannot fetch its slice
     files: tuple[RemoteFile, ...]
     copy: SparseCopy  # the headers, fetched
     header_bytes: int  # fetched by this run (0 when an earlier run fetched them)
@@ -102,7 +101,7 @@ def expected_for(target: str, store: Store) -> Expected:
     return Learned(store.root.parent).expected(entry) if entry else Expected()
 
 
-def open_remote(target: str, first: RemoteFile, root: Path) -> RemoteModel:
+def open_remote(first: RemoteFile, root: Path) -> RemoteModel:
     """Fetch the headers of ``first`` (and of the other files of its split set)."""
     copy = SparseCopy(_folder(root, [first]), [first], "orchestrator")
     fetched, (scan,) = fetch_headers(copy)
@@ -112,7 +111,7 @@ def open_remote(target: str, first: RemoteFile, root: Path) -> RemoteModel:
         copy = SparseCopy(_folder(root, files), files, "orchestrator")
         fetched += fetch_headers(copy)[0]
     log.info("read the headers of %s: %d bytes fetched", first.url, fetched)
-    return RemoteModel(target, copy.files, copy, fetched)
+    return RemoteModel(copy.files, copy, fetched)
 
 
 def _sibling(first: RemoteFile, name: str) -> RemoteFile:

@@ -26,7 +26,7 @@ from rich.table import Table
 
 from orchcore.cpu import cpu_info, host_id, memory_info
 from orchcore.devices import DeviceFacts
-from orchcore.errors import ContextFullError, InvalidInputError, OrchError, SourceFetchError
+from orchcore.errors import ContextFullError, InvalidInputError, NoRangeError, OrchError
 from orchcore.facts import ModelFacts, read_model_facts
 from orchcore.memory import default_budget
 from orchcore.paths import cache_dir
@@ -235,14 +235,14 @@ def locate_model(target: str, settings: OrchSettings, err: Console
     if settings.fetch != "orchestrator":
         try:
             first = published(target, store, notify)
-        except SourceFetchError as exc:
+        except NoRangeError as exc:
             if settings.fetch == "workers":
                 raise
             notify(f"{exc}; downloading the whole file here instead")
     if first is None:
         return store.resolve(target), None
     with err.status(f"reading the header of {first.filename} from its source"):
-        remote = open_remote(target, first, cache_dir() / "models" / "remote")
+        remote = open_remote(first, cache_dir() / "models" / "remote")
         check_header(remote, expected_for(target, store))
     got = (f"read {remote.header_bytes / (1 << 20):.1f} MiB of headers from {first.url}"
            if remote.header_bytes else f"headers of {first.url} known from an earlier run")

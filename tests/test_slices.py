@@ -130,9 +130,9 @@ def test_the_orchestrator_reads_headers_only(smollm2_path, tmp_path) -> None:
     data = Path(smollm2_path).read_bytes()
     with serve({"smollm2.gguf": data}) as server:
         first = describe_url(server.url("smollm2.gguf"))
-        remote = open_remote("x", first, tmp_path)
+        remote = open_remote(first, tmp_path)
         fetched = server.served_by_client["orchestrator"]
-        assert open_remote("x", first, tmp_path).header_bytes == 0  # kept for the next run
+        assert open_remote(first, tmp_path).header_bytes == 0  # kept for the next run
     assert remote.header_bytes <= fetched < 0.03 * len(data)
     here, there = read_model_facts(smollm2_path), read_model_facts(remote.path)
     assert there.tensors == here.tensors and there.metadata == here.metadata
@@ -147,7 +147,7 @@ def test_the_orchestrator_reads_headers_only(smollm2_path, tmp_path) -> None:
 def test_a_split_set_is_found_from_its_first_part(models, tmp_path) -> None:
     with serve() as server:
         files = _published(server, models["set"])
-        remote = open_remote("x", files[0], tmp_path)
+        remote = open_remote(files[0], tmp_path)
     assert [f.url for f in remote.files] == [f.url for f in files]
     here, there = read_model_facts(models["set"]), read_model_facts(remote.path)
     assert there.tensors == here.tensors
@@ -180,7 +180,7 @@ def test_pulling_a_split_set_by_url_fetches_every_file(models, tmp_path) -> None
 def test_a_fetched_header_is_held_to_the_registered_hash(models, tmp_path) -> None:
     with serve() as server:
         (first,) = _published(server, models["one"])
-        remote = open_remote("x", first, tmp_path)
+        remote = open_remote(first, tmp_path)
     check_header(remote, Expected(header_sha256=header_sha256(models["one"])))
     with pytest.raises(SourceFetchError, match="not the registered one"):
         check_header(remote, Expected(header_sha256="0" * 64))
