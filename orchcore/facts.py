@@ -214,6 +214,12 @@ def open_gguf(path: Path | str) -> gguf.GGUFReader:
     return _cached_reader(*_file_version(Path(path)))
 
 
+def forget_parsed_headers() -> None:
+    """Drop the parsed headers kept for the shard writer (a large vocabulary's take over
+    100 MiB): a worker calls this once its shard is cut."""
+    _cached_reader.cache_clear()
+
+
 _Version = tuple[Path, int, int]  # (resolved path, mtime, size) of one file
 
 
@@ -377,8 +383,8 @@ class _Head:
 
 
 @lru_cache(maxsize=32)
-def _cached_head(path: Path, _mtime_ns: int, _size: int) -> _Head:
-    reader = _open_reader(path)
+def _cached_head(path: Path, mtime_ns: int, size: int) -> _Head:
+    reader = _cached_reader(path, mtime_ns, size)  # the shard writer needs the same parse
     split = _split_of(reader, path)
     if split.no != 0:
         raise UnsupportedModelError(
@@ -524,6 +530,7 @@ __all__ = [
     "GGUFError",
     "ModelFacts",
     "TensorFacts",
+    "forget_parsed_headers",
     "open_gguf",
     "read_model_facts",
     "rename_block",

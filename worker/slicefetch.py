@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from orchcore.errors import CacheFullError, InvalidInputError
-from orchcore.facts import read_model_facts
+from orchcore.facts import forget_parsed_headers, read_model_facts
 from orchcore.files import locked, read_json, write_atomic
 from orchcore.rangefetch import RemoteFile, SparseCopy
 from orchcore.shard import SHARD_FORMAT, LayerRange, write_shard
@@ -73,7 +73,10 @@ class SliceFetcher:
                 raise InvalidInputError(f"the ranges asked for do not hold layers {layers}: "
                                         f"{len(missing)} ranges missing, first {missing[0]}")
             tmp = work / f"{key}.gguf"
-            shard = write_shard(copy.path(0), layers, tmp, facts=facts)
+            try:
+                shard = write_shard(copy.path(0), layers, tmp, facts=facts)
+            finally:
+                forget_parsed_headers()
             self.cache.adopt(tmp, shard.sha256)
             copy.remove()
             index = read_json(self.index_path)
