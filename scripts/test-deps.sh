@@ -1,0 +1,15 @@
+# Sourced by test.sh: the system packages some tests drive for real (a headless browser for
+# the web page, bubblewrap for the worker's sandbox), installed with apt-get when missing.
+need=()
+command -v chromium >/dev/null || need+=(chromium)
+command -v chromedriver >/dev/null || need+=(chromium-driver)
+if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "installing ${need[*]} for the tests (apt-get)" >&2
+        apt-get update -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+    else
+        echo "the tests need: ${need[*]} (Debian package names); install them first" >&2
+        exit 1
+    fi
+fi
