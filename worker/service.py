@@ -55,6 +55,7 @@ from worker.settings import WorkerSettings
 from worker.shardcache import ShardCache
 from worker.slicefetch import Built, SliceFetcher
 from worker.stage import Stage
+from worker.supervision import SelfCheck, Supervision
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         self.settings = settings
         self.name = name
         self.cache = ShardCache(settings.cache_dir, settings.cache_max_mb << 20)
-        self.id = worker_id(settings.cache_dir)
+        self.id = worker_id(settings.state_dir)
         self.token = settings.token.get_secret_value() if settings.token else None
         self.budget = settings.budget_bytes(memory_info().available)
         self.host_id = host_id()
@@ -376,7 +377,7 @@ class WorkerService(pb_grpc.WorkerServicer):
                              cached=cached)
 
     def renew_id(self) -> str:
-        self.id = worker_id(self.settings.cache_dir, renew=True)
+        self.id = worker_id(self.settings.state_dir, renew=True)
         return self.id
 
     def advert(self, port: int) -> Advert:
@@ -392,6 +393,17 @@ class WorkerService(pb_grpc.WorkerServicer):
         existed = request.session in stage.engine.sessions
         stage.end_session_here(request.session)
         return pb.EndSessionReply(existed=existed)
+
+    def status(self) -> str:
+        """One line on what this worker is doing (systemd's STATUS=)."""
+        stage = self.stage
+        if stage is None:
+            return f"worker {self.id[:8]} on {self.name}: no layers loaded"
+        role, sessions = stage.engine.role, len(stage.engine.sessions)
+        line = (f"worker {self.id[:8]} on {self.name}: layers [{role.start}, {role.end}) of "
+                f"{stage.request.model or 'a model'}, {sessions} session"
+                f"{'' if sessions == 1 else 's'}")
+        return line + (f"; fault: {stage.fault.message}" if stage.fault is not None else "")
 
     def close(self) -> None:
         with self._lock:
@@ -452,11 +464,18 @@ def serve(settings: WorkerSettings, *, stop: threading.Event | None = None) -> N
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-    # Wake up every second: a signal delivered to another thread (as after SIGSTOP and
-    # SIGCONT) only runs its Python handler once the main thread wakes.
-    while not stop.wait(1.0):
-        pass
-    log.info("worker %s stopping", name)
-    advertiser.close()
-    server.stop(grace=2).wait(5)
-    service.close()
+    check = SelfCheck(f"{_reachable_host(settings.host)}:{port}", token)
+    supervision = Supervision.from_environ(check, service.status, settings.watchdog_floor_s)
+    try:
+        supervision.ready()  # systemd (Type=notify): serving and advertised
+        # Wake up every second: a signal delivered to another thread (as after SIGSTOP and
+        # SIGCONT) only runs its Python handler once the main thread wakes.
+        while not stop.wait(1.0):
+            pass
+        log.info("worker %s stopping", name)
+    finally:
+        supervision.close()
+        check.close()
+        advertiser.close()
+        server.stop(grace=2).wait(5)
+        service.close()

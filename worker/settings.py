@@ -6,9 +6,10 @@ every flag also reads its ``ORCH_WORKER_<NAME>`` variable (listed by ``--help``)
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from orchcore.memory import DEFAULT_RESERVE_MB, default_budget
@@ -22,8 +23,13 @@ class WorkerSettings(BaseSettings):
     port: int = Field(50151, ge=0, le=65535, description="TCP port; 0 picks a free one.")
     cache_dir: Path | None = Field(
         None, validate_default=True,
-        description="Where received shards are kept, by sha256; unset = shards/ in orch's "
-                    "cache (~/.cache/orch, or $ORCH_CACHE_DIR).")
+        description="Where received shards are kept, by sha256; unset = shards/ in "
+                    "$CACHE_DIRECTORY (systemd's CacheDirectory=), else in orch's cache "
+                    "(~/.cache/orch, or $ORCH_CACHE_DIR).")
+    state_dir: Path | None = Field(
+        None, validate_default=True,
+        description="Where the worker keeps its id; unset = $STATE_DIRECTORY (systemd's "
+                    "StateDirectory=), else the shard cache folder.")
     cache_max_mb: int = Field(0, ge=0, description="Most disk the shard cache may use, in "
                                                    "MiB; 0 = half the free disk at start. "
                                                    "Least recently used shards go first.")
@@ -50,17 +56,39 @@ class WorkerSettings(BaseSettings):
                                 "local workers it starts).")
     ready_file: Path | None = Field(
         None, description="Write 'host:port' here once serving (for supervisors and tests).")
+    watchdog_floor_s: float = Field(
+        30.0, gt=0, le=3600,
+        description="Under systemd's watchdog (WatchdogSec=), the shortest timeout the "
+                    "worker accepts, in seconds: a shorter one is raised to this, so that a "
+                    "busy machine answering its own health check late is not restarted.")
 
     @field_validator("cache_dir")
     @classmethod
     def _cache_dir(cls, value: Path | None) -> Path:
-        return value if value is not None else cache_dir() / "shards"
+        if value is not None:
+            return value
+        if systemd := _systemd_directory("CACHE_DIRECTORY"):
+            return systemd / "shards"
+        return cache_dir() / "shards"
+
+    @field_validator("state_dir")
+    @classmethod
+    def _state_dir(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is not None:
+            return value
+        return _systemd_directory("STATE_DIRECTORY") or info.data.get("cache_dir")
 
     def budget_bytes(self, available_bytes: int) -> int:
         """The memory budget in bytes, given the RAM available now."""
         if self.memory_budget_mb:
             return self.memory_budget_mb << 20
         return default_budget(available_bytes, self.memory_reserve_mb)
+
+
+def _systemd_directory(variable: str) -> Path | None:
+    """The first folder systemd gives a service in ``variable`` (a ':'-separated list)."""
+    value = os.environ.get(variable, "").split(":")[0]
+    return Path(value) if value else None
 
 
 for _name, _field in WorkerSettings.model_fields.items():  # `orch worker --help` names them
