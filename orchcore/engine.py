@@ -223,6 +223,11 @@ class StageEngine:
     def sessions(self) -> tuple[str, ...]:
         return tuple(self._sessions)
 
+    @property
+    def session_count(self) -> int:
+        """Sessions holding KV cache now (safe to read from another thread)."""
+        return len(self._sessions)
+
     def session_length(self, session: str) -> int:
         seq = self._sessions.get(session)
         return 0 if seq is None else self._next_pos[seq]

@@ -108,6 +108,10 @@ class Plan:
         return self.stages[0].engine.context_tokens
 
     @property
+    def max_sessions(self) -> int:
+        return self.stages[0].engine.max_sessions
+
+    @property
     def predicted_decode_s(self) -> float | None:
         """Compute time per token of one stream (links aside), when every stage is measured."""
         times = [s.decode_s for s in self.stages]

@@ -79,44 +79,16 @@ def report(err: Console, exc: BaseException) -> None:
 def run_model(req: RunRequest, settings: OrchSettings, out: Console, err: Console) -> None:
     """Errors met while answering are shown before the workers are tidied up (which may
     wait on slow ones), then raised as ``Reported``."""
-    path, source = locate_model(req.model, settings, err)
-    facts = read_model_facts(path)
-    facts.require_supported()
-    with ExitStack() as stack:
-        tokenizer = stack.enter_context(Tokenizer.from_gguf(path))
+    def check(tokenizer: Tokenizer) -> None:
         if req.prompt is not None:  # refuse a bad prompt before starting anything
             encode_prompt(tokenizer, _prompt(req, [], req.prompt), settings.context_tokens,
                           chat=req.chat)
-        alive = None
-        workers = req.workers
-        if workers is None and req.discover:
-            workers = discovered_workers(settings, err)
-        if workers:
-            addresses, token = list(workers), settings.token_value
-        else:
-            with err.status(f"starting {settings.local_workers} local workers"):
-                local = stack.enter_context(LocalCluster(
-                    settings.local_workers, cache_dir() / "local", settings.threads,
-                    start_deadline_s=settings.start_deadline_s))
-            addresses, token, alive = local.addresses, local.token, local.check_alive
-        cluster = Cluster.connect(addresses, token, settings, alive)
-        stack.callback(cluster.close)
-        book = SpeedBook(cache_dir() / "speeds.json")
-        if workers and len(addresses) > 1 and settings.probe:
-            with err.status("timing each worker on this model's layers (once per shape)"):
-                cluster.measure_speeds(facts, book)
-        plan = _sticky_plan(facts, cluster.devices, settings.plan_options(
-            use_all=not workers))  # --local N: exactly N stages
-        for line in plan.describe():
-            err.print(f"[dim]{line}[/]", highlight=False)
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                      DownloadColumn(), TransferSpeedColumn(), console=err,
-                      transient=True) as bars:
-            model = cluster.open(plan, facts, tokenizer, ShardStore(cache_dir() / "shards-out"),
-                                 RichProgress(bars, err), force=req.force, source=source)
-        stack.callback(model.close)
-        _report_deployment(model.deployment, err)
-        answering = _Answering(model, req, settings, out, err, book, layer_shape(facts).key)
+
+    with ExitStack() as stack:
+        opened = open_model(stack, req.model, req.workers, settings, err, discover=req.discover,
+                            force=req.force, check=check)
+        answering = _Answering(opened.model, req, settings, out, err, opened.book,
+                               layer_shape(opened.facts).key)
         try:
             if req.prompt is not None:
                 answering.answer(_prompt(req, [], req.prompt))
@@ -125,6 +97,56 @@ def run_model(req: RunRequest, settings: OrchSettings, out: Console, err: Consol
         except OrchError as exc:
             report(err, exc)
             raise Reported(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class Opened:
+    model: RunningModel
+    facts: ModelFacts
+    book: SpeedBook  # measured speeds: runs refine them
+
+
+def open_model(stack: ExitStack, target: str, workers: tuple[str, ...] | None,
+               settings: OrchSettings, err: Console, *, discover: bool = False,
+               force: bool = False, check: Callable[[Tokenizer], None] | None = None
+               ) -> Opened:
+    """The model deployed on the listed, discovered or local workers, its plan shown; closed
+    with ``stack``. ``check`` sees the vocabulary before any worker starts."""
+    path, source = locate_model(target, settings, err)
+    facts = read_model_facts(path)
+    facts.require_supported()
+    tokenizer = stack.enter_context(Tokenizer.from_gguf(path))
+    if check is not None:
+        check(tokenizer)
+    alive = None
+    if workers is None and discover:
+        workers = discovered_workers(settings, err)
+    if workers:
+        addresses, token = list(workers), settings.token_value
+    else:
+        with err.status(f"starting {settings.local_workers} local workers"):
+            local = stack.enter_context(LocalCluster(
+                settings.local_workers, cache_dir() / "local", settings.threads,
+                start_deadline_s=settings.start_deadline_s))
+        addresses, token, alive = local.addresses, local.token, local.check_alive
+    cluster = Cluster.connect(addresses, token, settings, alive)
+    stack.callback(cluster.close)
+    book = SpeedBook(cache_dir() / "speeds.json")
+    if workers and len(addresses) > 1 and settings.probe:
+        with err.status("timing each worker on this model's layers (once per shape)"):
+            cluster.measure_speeds(facts, book)
+    plan = _sticky_plan(facts, cluster.devices, settings.plan_options(
+        use_all=not workers))  # --local N: exactly N stages
+    for line in plan.describe():
+        err.print(f"[dim]{line}[/]", highlight=False)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                  DownloadColumn(), TransferSpeedColumn(), console=err,
+                  transient=True) as bars:
+        model = cluster.open(plan, facts, tokenizer, ShardStore(cache_dir() / "shards-out"),
+                             RichProgress(bars, err), force=force, source=source)
+    stack.callback(model.close)
+    _report_deployment(model.deployment, err)
+    return Opened(model, facts, book)
 
 
 def _sticky_plan(facts: ModelFacts, devices: list[DeviceFacts], options: PlanOptions) -> Plan:

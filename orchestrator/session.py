@@ -154,11 +154,13 @@ class RunningModel:
 
     def generate(self, prompt: Prompt, sampling: SamplingParams | None = None, *,
                  stops: Sequence[str] = (), max_tokens: int | None = None,
-                 chat: bool = True) -> Iterator[Event]:
-        """Text pieces of the answer, then one ``Finished``."""
+                 chat: bool = True, stats: GenerationStats | None = None) -> Iterator[Event]:
+        """Text pieces of the answer, then one ``Finished``. ``stats`` (filled as the answer
+        goes) lets a caller watch it live."""
         tokens = self.encode(prompt, chat=chat)
         session = self.new_session(sampling or self.settings.sampling())
-        stats = GenerationStats(prompt_tokens=len(tokens))
+        stats = stats or GenerationStats()
+        stats.prompt_tokens = len(tokens)
         stops_at = StopMatcher(stops)
         decoder = StreamDecoder(self.tokenizer)
         reason: FinishReason = "length"

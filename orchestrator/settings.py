@@ -71,6 +71,15 @@ class OrchSettings(BaseSettings):
                       description=f"Sampling seed; {RANDOM_SEED} = a random one (each "
                                   f"answer records the seed it used).")
 
+    # --- orch serve ----------------------------------------------------------------------
+    serve_host: str = Field("127.0.0.1", description="Address orch serve listens on; "
+                            "0.0.0.0 for every interface (then set an API key).")
+    serve_port: int = Field(8080, ge=1, le=65535, description="Port of orch serve.")
+    api_key: SecretStr | None = Field(None, description="Key clients of orch serve must "
+                                      "send (Authorization: Bearer KEY); none = open.")
+    serve_queue: int = Field(16, ge=0, le=10_000, description="Requests that may wait for "
+                             "a free session; more are refused with 429.")
+
     # --- deadlines -----------------------------------------------------------------------
     info_deadline_s: float = Field(5.0, gt=0, description="Deadline of a worker's Info call.")
     load_deadline_s: float = Field(300.0, gt=0, description="Deadline of loading a shard.")

@@ -172,6 +172,7 @@ class WorkerService(pb_grpc.WorkerServicer):
                 sha256=stage.sha256, layer_start=role.start, layer_end=role.end,
                 source_layers=role.source_layers, pipeline_id=stage.pipeline_id,
                 resident_bytes=stage.resident_bytes, model=stage.request.model,
+                sessions=stage.engine.session_count,
                 holders=stage.leases.to_proto(time.monotonic())))
             if stage.fault is not None:
                 info.loaded.fault.CopyFrom(stage.fault)
