@@ -305,7 +305,8 @@ def _print_cluster(views) -> None:
         if v.next_link is not None:
             links += f"\nto next: {link(v.next_link)}"
         table.add_row(
-            f"{v.address}\nid {v.worker_id[:8]}",
+            f"{v.address}\nid {v.worker_id[:8]}\norch {v.version}"
+            + ("\n[red]other version[/]" if v.problem else ""),
             f"{v.host}, {v.arch}, {v.cores} cores\n{' '.join(v.flags)}",
             f"budget {v.budget_mb}\nfree {v.ram_available_mb} of {v.ram_total_mb}",
             f"{v.cached_shards} shards\n{v.cache_used_mb} of {v.cache_max_mb} MiB",
@@ -313,6 +314,9 @@ def _print_cluster(views) -> None:
                         if v.holders else ""),
             links)
     console.print(table)
+    for v in views:
+        if v.problem:
+            err.print(f"[yellow]{v.address}[/] {v.problem}", highlight=False)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 
+from orchcore import __version__
 from orchcore.errors import (
     AuthError,
     MessageTooLargeError,
@@ -61,6 +62,17 @@ def rpc_error(worker: str, exc: grpc.RpcError, *, answered_before: bool = False
     return WorkerError(worker, f"{code.name}: {details}")
 
 
+def version_problem(info: pb.WorkerInfo) -> str | None:
+    """What is wrong with a worker of another protocol version, and the fix; None if none."""
+    if info.protocol_version == PROTOCOL_VERSION:
+        return None
+    return (f"runs orch {info.software_version or '(unknown)'} (protocol "
+            f"{info.protocol_version}); this orchestrator runs orch {__version__} (protocol "
+            f"{PROTOCOL_VERSION}). On {info.hostname or 'that machine'}: install orch "
+            f"{__version__}, then run `sudo orch worker install` (restarts the service in "
+            f"place, keeping its id, token and cache)")
+
+
 class WorkerClient:
     def __init__(self, address: str, token: str | None, settings: OrchSettings) -> None:
         self.address = address
@@ -97,11 +109,8 @@ class WorkerClient:
 
     def check_protocol(self) -> pb.WorkerInfo:
         info = self.info()
-        if info.protocol_version != PROTOCOL_VERSION:
-            raise ProtocolMismatchError(
-                self.address, f"speaks protocol {info.protocol_version}, this orchestrator "
-                              f"speaks {PROTOCOL_VERSION}; install the same orch version on "
-                              f"every machine")
+        if (problem := version_problem(info)) is not None:
+            raise ProtocolMismatchError(self.address, problem)
         return info
 
     def upload_shard(self, path: Path, sha256: str,

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 
 from orchcore.errors import OrchError
 from orchcore.wire import worker_pb2 as pb
-from orchestrator.client import WorkerClient
+from orchestrator.client import WorkerClient, version_problem
 from orchestrator.settings import OrchSettings
 
 # CPU features that decide llama.cpp's speed (x86: AVX2/AVX-512/AMX; ARM: dot product,
@@ -45,16 +45,21 @@ class WorkerView:
     holders: int
     link: Link  # from the orchestrator
     next_link: Link | None  # to the next worker in the list
+    version: str  # the worker's orch version
+    problem: str | None  # another protocol version: what to do
 
 
 def survey(addresses: Sequence[str], settings: OrchSettings) -> list[WorkerView]:
     """Ask every worker about itself; measure the links (raises for an unreachable one)."""
     clients = [WorkerClient(a, settings.token_value, settings) for a in addresses]
     try:
-        infos = [c.check_protocol() for c in clients]
+        infos = [c.info() for c in clients]  # a node of another version is shown, not fatal
         views = []
         for i, (client, info) in enumerate(zip(clients, infos, strict=True)):
             nxt = addresses[i + 1] if i + 1 < len(addresses) else None
+            if version_problem(info) is not None:
+                views.append(_view(client, info, Link(None, None, "not measured"), None))
+                continue
             views.append(_view(client, info, _link(client, settings), nxt and _next_link(
                 client, nxt, settings)))
         return views
@@ -78,7 +83,8 @@ def _view(client: WorkerClient, info: pb.WorkerInfo, link: Link, next_link: Link
         budget_mb=info.memory_budget_bytes // mib, cache_used_mb=info.cache_used_bytes // mib,
         cache_free_mb=info.cache_free_bytes // mib, cache_max_mb=info.cache_max_bytes // mib,
         cached_shards=len(info.cached_shards), loaded=loaded, holders=len(info.loaded.holders),
-        link=link, next_link=next_link)
+        link=link, next_link=next_link, version=info.software_version,
+        problem=version_problem(info))
 
 
 def _link(client: WorkerClient, settings: OrchSettings) -> Link:
