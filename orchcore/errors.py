@@ -155,3 +155,7 @@ class MessageTooLargeError(OrchError):
 
 class PlanError(OrchError):
     """No plan fits the model on the given workers; says what is missing, in numbers."""
+
+
+class ServiceInstallError(OrchError):
+    """Installing or removing the systemd service failed; names the file or command."""

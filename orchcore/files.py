@@ -18,13 +18,20 @@ log = logging.getLogger(__name__)
 _CHUNK = 4 << 20
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str, *, mode: int | None = None) -> None:
     """Write ``text`` to ``path`` whole or not at all (a temporary name of this process,
-    then ``os.replace``), creating the folder if needed."""
+    then ``os.replace``), creating the folder if needed. With ``mode``, the file has that
+    mode from its creation on (a secret is never readable by others, even briefly)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text)
+        if mode is None:
+            tmp.write_text(text)
+        else:
+            tmp.unlink(missing_ok=True)
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "w") as f:
+                f.write(text)
+            tmp.chmod(mode)  # whatever the umask took away
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

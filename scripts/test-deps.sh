@@ -3,6 +3,9 @@
 need=()
 command -v chromium >/dev/null || need+=(chromium)
 command -v chromedriver >/dev/null || need+=(chromium-driver)
+command -v bwrap >/dev/null || need+=(bubblewrap)  # the worker under its unit's restrictions
+command -v systemd-analyze >/dev/null || need+=(systemd)  # verify and rate the units
+command -v setpriv >/dev/null || need+=(util-linux)  # drops capabilities in that sandbox
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         echo "installing ${need[*]} for the tests (apt-get)" >&2
