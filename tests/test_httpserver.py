@@ -49,7 +49,10 @@ SMALL = bytes(range(256)) * 40  # 10240 bytes
 
 
 @pytest.fixture(autouse=True)
-def _no_telemetry(monkeypatch: pytest.MonkeyPatch) -> None:
+def _online_but_quiet(monkeypatch: pytest.MonkeyPatch) -> None:
+    # conftest.py makes the whole session offline (HF_HUB_OFFLINE=1); these tests talk to
+    # their own server on loopback only.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     # build_hf_headers would otherwise GET {constants.ENDPOINT}/api/agent-harnesses (the real
     # hub, not `endpoint=`) once per process, to put an "agent/..." in the User-Agent.
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
@@ -443,6 +446,7 @@ def test_stalled_hub_download_retries_despite_etag_timeout(
         HF_HUB_CACHE=str(tmp_path / "hf"),
         HF_HUB_DISABLE_TELEMETRY="1",
         HF_HUB_ETAG_TIMEOUT="1",
+        HF_HUB_OFFLINE="0",
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", code, REPO, FILE],
