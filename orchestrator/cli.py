@@ -352,7 +352,8 @@ _ROOT_HELP = ("Write under this folder instead of / (a staging root: an image be
 def worker_install(
     root: Annotated[str, typer.Option(help=_ROOT_HELP)] = "/",
     token: Annotated[str | None, typer.Option(
-        help="Cluster token (default: the installed one, else a new random one).")] = None,
+        help="Cluster token; - reads it from standard input (command lines are visible to "
+             "other users). Default: the installed one, else a new random one.")] = None,
     port: Annotated[int | None, typer.Option(help="gRPC port (default 50151).")] = None,
     budget_mb: Annotated[int | None, typer.Option(
         help="Memory budget of the whole worker, MiB (default: the RAM available now minus "
@@ -365,10 +366,13 @@ def worker_install(
     """Install (or upgrade in place) the worker as the systemd service orch-worker: writes
     /etc/orch/worker.env (mode 0600) and the unit, then enables and starts it. An upgrade
     keeps the token, settings, worker id and shard cache."""
+    import sys
     from pathlib import Path
 
     from worker.install import InstallRequest, install
 
+    if token == "-":
+        token = sys.stdin.readline().strip()
     request = InstallRequest(root=Path(root), token=token, port=port, budget_mb=budget_mb,
                              cache_max_mb=cache_max_mb, enable=enable)
     try:

@@ -39,8 +39,8 @@ def analyze(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([ANALYZE, *args], capture_output=True, text=True, timeout=60)
 
 
-def orch(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args],
+def orch(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], input=stdin,
                           capture_output=True, text=True, timeout=60,
                           env=dict(os.environ, COLUMNS="200"))
 
@@ -166,7 +166,8 @@ def test_install_upgrade_and_uninstall_in_a_staging_root(tmp_path):
     (shards / "ab").mkdir()
     (shards / "ab" / "shard").write_bytes(b"\0" * (3 << 20))
     (root / "var/lib/orch").symlink_to("private/orch")
-    env.write_text(env.read_text() + "ORCH_WORKER_THREADS=2\n")
+    env.write_text(env.read_text().replace("HOST=0.0.0.0", "HOST=192.168.1.20") +
+                   "ORCH_WORKER_THREADS=2\n")
     done = orch("worker", "install", "--root", str(root), "--port", "50200", "--no-enable")
     assert done.returncode == 0, done.stderr
     assert f"updated {env} (mode 0600): cluster token kept, port 50200, memory budget 1200 " \
@@ -176,8 +177,10 @@ def test_install_upgrade_and_uninstall_in_a_staging_root(tmp_path):
     values = parse_env(env.read_text())
     assert values["ORCH_WORKER_TOKEN"] == token and values["ORCH_WORKER_PORT"] == "50200"
     assert values["ORCH_WORKER_THREADS"] == "2" and _mode(env) == 0o600
+    assert values["ORCH_WORKER_HOST"] == "192.168.1.20"
 
-    done = orch("worker", "install", "--root", str(root), "--token", TOKEN, "--no-enable")
+    done = orch("worker", "install", "--root", str(root), "--token", "-", "--no-enable",
+                stdin=f"{TOKEN}\n")  # off the command line
     assert "the given cluster token (replacing the old one)" in done.stdout
     assert parse_env(env.read_text())["ORCH_WORKER_TOKEN"] == TOKEN
 

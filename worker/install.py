@@ -29,6 +29,7 @@ from worker.units import (
     CACHE_MAX,
     DEFAULT_PORT,
     ENV_FILE,
+    HOST,
     PORT,
     STATE_DIRS,
     TOKEN,
@@ -98,7 +99,7 @@ def install(request: InstallRequest, say: Say) -> None:
         budget_mb=_pick(request.budget_mb, old.get(BUDGET),
                         default_budget(memory_info().available) // MIB),
         cache_max_mb=_pick(request.cache_max_mb, old.get(CACHE_MAX), 0),
-        kept=kept_lines(old_text or ""))
+        host=old.get(HOST) or "0.0.0.0", kept=kept_lines(old_text or ""))
     _write(env_path, render_env(config), 0o600)
     say(f"{'updated' if old_text is not None else 'wrote'} {env_path} (mode 0600): "
         f"{_token_note(request.token, old.get(TOKEN))}, port {config.port}, memory budget "
