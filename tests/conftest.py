@@ -18,6 +18,10 @@ os.environ["ORCH_WORKER_DISCOVERY"] = "off"
 # Nor does any test reach a model hub: hub sources fail at once (a known model then comes
 # from its next source); hub tests point HF_ENDPOINT at a server of their own on loopback.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Nor does any worker notify a service manager this test run may live under (CI as a
+# systemd unit): tests of notifications give workers a socket of their own.
+for _var in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+    os.environ.pop(_var, None)
 
 
 @pytest.fixture(scope="session")
