@@ -197,12 +197,22 @@ def serve(
                                 settings, err, discover=workers is None and local is None,
                                 force=force)
             name = model.rsplit("/", 1)[-1].removesuffix(".gguf")
-            config = uvicorn.Config(create_app(opened.model, name, settings),
+            broken: list[str] = []
+
+            def stop(reason: str) -> None:  # a dead worker: every later answer would fail
+                broken.append(reason)
+                server.should_exit = True
+
+            config = uvicorn.Config(create_app(opened.model, name, settings, stop),
                                     host=settings.serve_host, port=settings.serve_port,
                                     log_level="warning")
+            server = uvicorn.Server(config)
             err.print(f"serving {name} on http://{settings.serve_host}:{settings.serve_port}/ "
                       f"(OpenAI API under /v1); Ctrl+C stops", highlight=False)
-            uvicorn.Server(config).run()
+            server.run()
+        if broken:
+            _fail(OrchError(f"stopped serving: {broken[0]}; start orch serve again to plan "
+                            f"without that worker (as a service, systemd restarts it)"))
     except OrchError as exc:
         _fail(exc)
 

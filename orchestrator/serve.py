@@ -116,10 +116,12 @@ class Gate:
         self._free.release()
 
 
-def create_app(model: RunningModel, name: str, settings: OrchSettings) -> FastAPI:
-    """The ASGI app serving ``model`` under ``name``."""
+def create_app(model: RunningModel, name: str, settings: OrchSettings,
+               on_broken: Callable[[str], None] | None = None) -> FastAPI:
+    """The ASGI app serving ``model`` under ``name``. ``on_broken`` hears once that a worker
+    of the pipeline is dead or hung (every later answer would fail: the caller stops)."""
     app = FastAPI(title="orch", docs_url=None, redoc_url=None)
-    state = _State(model, name, settings)
+    state = _State(model, name, settings, on_broken)
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
@@ -168,8 +170,10 @@ def create_app(model: RunningModel, name: str, settings: OrchSettings) -> FastAP
 
 
 class _State:
-    def __init__(self, model: RunningModel, name: str, settings: OrchSettings) -> None:
+    def __init__(self, model: RunningModel, name: str, settings: OrchSettings,
+                 on_broken: Callable[[str], None] | None) -> None:
         self.model, self.name, self.settings = model, name, settings
+        self.on_broken = on_broken
         self.gate = Gate(model.plan.max_sessions, settings.serve_queue)
         self.live = Live()
 
@@ -217,8 +221,9 @@ class _State:
                         yield _data(_chunk(kind, ident, created, self.name, None, None,
                                            _usage(event)))
             yield "data: [DONE]\n\n"
-        except OrchError as exc:  # headers are out: the error goes in the stream
-            yield _data({"error": {"message": str(exc), "type": "server_error"}})
+        except (OrchError, ApiError) as exc:  # headers are out: the error goes in the stream
+            yield _data({"error": {"message": str(exc), "type": getattr(exc, "kind",
+                                                                        "server_error")}})
         finally:
             self.gate.leave()
 
@@ -237,12 +242,18 @@ class _State:
         try:
             while (item := await queue.get()) is not _END:
                 if isinstance(item, BaseException):
+                    self._check_pipeline(item)
                     raise _api_error(item)
                 yield item
         finally:
             stop.set()
             del self.live.running[key]
             self.live.last, self.live.answers = stats, self.live.answers + 1
+
+    def _check_pipeline(self, exc: BaseException) -> None:
+        if self.model.path.failed and self.on_broken is not None:
+            self.on_broken(f"{exc}")
+            self.on_broken = None
 
     def cluster(self) -> dict:
         """The plan and each stage's speed (answers in flight first, else the last one)."""

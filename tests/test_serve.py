@@ -215,3 +215,33 @@ def test_orch_serve_command_refuses_a_busy_port(tmp_path) -> None:
     assert done.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "Traceback" not in done.stderr
 
+
+
+def test_a_dead_worker_ends_the_stream_with_an_error_and_stops_the_server(
+        smollm2_path, tmp_path) -> None:
+    broken: list[str] = []
+    last = worker_server(tmp_path / "b", token=TOKEN)  # stopped mid-answer below
+    with worker_server(tmp_path / "a", token=TOKEN) as a:
+        b = last.__enter__()
+        with open_model(smollm2_path, [a, b], TOKEN, tmp_path, max_sessions=1) as model:
+            settings = OrchSettings.load(max_tokens=400)
+            port = free_port()
+            server = uvicorn.Server(uvicorn.Config(create_app(model, "m", settings,
+                                                              broken.append),
+                                                   host="127.0.0.1", port=port,
+                                                   log_level="critical"))
+            thread = threading.Thread(target=server.run, daemon=True)
+            thread.start()
+            while not server.started:
+                time.sleep(0.05)
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
+                                   max_retries=0)
+            stream = client.completions.create(model="m", prompt="Once upon a time",
+                                               max_tokens=400, stream=True)
+            with pytest.raises(openai.APIError, match="worker"):
+                for i, _ in enumerate(stream):
+                    if i == 2:  # the last stage's worker goes away mid-answer
+                        threading.Thread(target=last.__exit__, args=(None, None, None)).start()
+            server.should_exit = True
+            thread.join(timeout=10)
+    assert broken and b in broken[0]
