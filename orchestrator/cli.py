@@ -267,6 +267,57 @@ def doctor(
         raise typer.Exit(1)
 
 
+@app.command(name="rotate-token")
+def rotate_token(
+    workers: Annotated[str | None, typer.Option(
+        help="Workers as HOST:PORT,HOST:PORT or @FILE; without it, the workers found on the "
+             "LAN.")] = None,
+    new: Annotated[str | None, typer.Option(
+        help="The new token; '-' reads it from stdin; default: a new random one.")] = None,
+) -> None:
+    """Rotate the cluster token on every worker at once. Give the current token as
+    ORCH_TOKEN. Each worker keeps the new token in its state folder (it survives restarts
+    and upgrades) and still accepts the old one for a grace period (ORCH_WORKER_TOKEN_GRACE_S,
+    10 minutes), so running pipelines carry on. Prints only the new token on stdout:
+    give it to the orchestrators as ORCH_TOKEN."""
+    _setup_logging(False)
+    import secrets
+    import sys
+
+    from orchestrator.client import WorkerClient
+    from orchestrator.run import discovered_workers
+
+    try:
+        settings = OrchSettings.load()
+        if settings.token_value is None:
+            raise InvalidSettingError("give the current cluster token as ORCH_TOKEN first")
+        addresses = parse_workers(workers) if workers is not None else \
+            discovered_workers(settings, err, local_fallback=False)
+        if not addresses:
+            raise OrchError("no workers: give --workers HOST:PORT,... or start them on the LAN")
+    except OrchError as exc:
+        _fail(exc)
+    token = sys.stdin.readline().strip() if new == "-" else new or secrets.token_urlsafe(32)
+    failed = []
+    for address in addresses:
+        client = WorkerClient(address, settings.token_value, settings)
+        try:
+            grace = client.rotate_token(token)
+            err.print(f"{address}: rotated (the old token works {grace:.0f} s more)",
+                      highlight=False)
+        except OrchError as exc:
+            failed.append(address)
+            err.print(f"[red]{address}: not rotated:[/] {exc}", highlight=False)
+        finally:
+            client.close()
+    console.print(token, highlight=False, soft_wrap=True)
+    if failed:
+        err.print(f"[yellow]{', '.join(failed)} still use the old token[/]: once they answer, "
+                  f"run `ORCH_TOKEN=OLD orch rotate-token --new - --workers "
+                  f"{','.join(failed)}` with the new token on stdin", highlight=False)
+        raise typer.Exit(1)
+
+
 @app.command()
 def cluster(
     workers: Annotated[str | None, typer.Option(

@@ -165,6 +165,11 @@ class WorkerClient:
         return self._call(self.stub.Probe, pb.ProbeRequest(**asdict(shape)),
                           self.settings.load_deadline_s)
 
+    def rotate_token(self, new_token: str) -> float:
+        """Give the worker a new cluster token; returns how long the old one still works."""
+        return self._call(self.stub.RotateToken, pb.RotateTokenRequest(new_token=new_token),
+                          self.settings.info_deadline_s).grace_s
+
     def renew(self, pipeline_id: str, holder: str, deadline: float) -> bool:
         return self._call(self.stub.Renew, pb.RenewRequest(pipeline_id=pipeline_id,
                                                            holder=holder), deadline).held

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hmac
 import logging
 import os
 import signal
@@ -56,6 +55,7 @@ from worker.shardcache import ShardCache
 from worker.slicefetch import Built, SliceFetcher
 from worker.stage import Stage
 from worker.supervision import SelfCheck, Supervision
+from worker.tokens import Tokens
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +71,13 @@ _UNAUTHENTICATED = ("missing or wrong cluster token: give the orchestrator the s
 class TokenAuth(grpc.ServerInterceptor):
     """Rejects every call whose ``authorization`` metadata lacks the cluster token."""
 
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+    def __init__(self, tokens: Tokens) -> None:
+        self._tokens = tokens
 
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails
                           ) -> grpc.RpcMethodHandler | None:
         given = dict(details.invocation_metadata or ()).get("authorization", "")
-        if details.method == _PROVE or hmac.compare_digest(given.encode(), self._expected):
+        if details.method == _PROVE or self._tokens.accepts(given.removeprefix("Bearer ")):
             return continuation(details)
         handler = continuation(details)
         if handler is None:
@@ -140,17 +140,22 @@ def worker_id(state_dir: Path, *, renew: bool = False) -> str:
 
 
 class WorkerService(pb_grpc.WorkerServicer):
-    def __init__(self, settings: WorkerSettings, name: str) -> None:
+    def __init__(self, settings: WorkerSettings, name: str, tokens: Tokens) -> None:
         self.settings = settings
         self.name = name
         self.cache = ShardCache(settings.cache_dir, settings.cache_max_mb << 20)
         self.id = worker_id(settings.state_dir)
-        self.token = settings.token.get_secret_value() if settings.token else None
+        self.tokens = tokens
         self.budget = settings.budget_bytes(memory_info().available)
         self.host_id = host_id()
         self.stage: Stage | None = None
         self._unloaded: list[str] = []  # recently unloaded pipeline ids, newest last
         self._lock = threading.Lock()
+
+    @property
+    def token(self) -> str | None:
+        """The cluster token now (calls to other workers carry it)."""
+        return self.tokens.current
 
     # --- info --------------------------------------------------------------------------
 
@@ -196,6 +201,13 @@ class WorkerService(pb_grpc.WorkerServicer):
         self.cache.store(header.sha256, header.size, chunks)
         log.info("stored shard %s (%d bytes)", header.sha256[:12], header.size)
         return pb.ShardReceipt(sha256=header.sha256, size=header.size)
+
+    @_rpc
+    def RotateToken(self, request: pb.RotateTokenRequest, context: grpc.ServicerContext
+                    ) -> pb.RotateTokenReply:
+        grace = self.settings.token_grace_s
+        self.tokens.rotate(request.new_token, grace)
+        return pb.RotateTokenReply(grace_s=grace)
 
     @_rpc_stream
     def FetchShard(self, request: pb.FetchShardRequest, context: grpc.ServicerContext
@@ -439,10 +451,11 @@ def serve(settings: WorkerSettings, *, stop: threading.Event | None = None) -> N
     if settings.parent_pid:
         _die_with(settings.parent_pid)
     max_bytes = settings.max_message_mb << 20
-    token = settings.token.get_secret_value() if settings.token else None
-    interceptors = [TokenAuth(token)] if token else []
+    tokens = Tokens.load(settings.token.get_secret_value() if settings.token else None,
+                                 settings.state_dir)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="rpc"),
-                         interceptors=interceptors, options=server_options(max_bytes))
+                         interceptors=[TokenAuth(tokens)],
+                         options=server_options(max_bytes))
     try:
         port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     except RuntimeError as exc:  # gRPC's way of saying the address is taken or invalid
@@ -450,10 +463,10 @@ def serve(settings: WorkerSettings, *, stop: threading.Event | None = None) -> N
                                   f"is another worker using the port? Choose another with "
                                   f"--port") from None
     name = f"{settings.host}:{port}"
-    service = WorkerService(settings, name)
+    service = WorkerService(settings, name, tokens)
     pb_grpc.add_WorkerServicer_to_server(service, server)
     server.start()
-    if not token and settings.host not in ("127.0.0.1", "localhost", "::1"):
+    if not tokens.current and settings.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("no cluster token set: anyone on the network can use this worker")
     log.info("worker %s listening on %s (cache %s)", service.id[:8], name, settings.cache_dir)
     advertiser = Advertiser(advertised_addresses(settings.discovery, settings.host),
@@ -465,7 +478,7 @@ def serve(settings: WorkerSettings, *, stop: threading.Event | None = None) -> N
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-    check = SelfCheck(f"{_reachable_host(settings.host)}:{port}", token)
+    check = SelfCheck(f"{_reachable_host(settings.host)}:{port}", lambda: tokens.current)
     supervision = Supervision.from_environ(check, service.status, settings.watchdog_floor_s)
     try:
         supervision.ready()  # systemd (Type=notify): serving and advertised

@@ -45,6 +45,9 @@ class WorkerSettings(BaseSettings):
         None, description="Cluster token; every call must carry it. Prefer the "
                           "ORCH_WORKER_TOKEN variable: command lines are visible to other "
                           "users. Unset = no auth (only for loopback).")
+    token_grace_s: float = Field(
+        600.0, ge=0, le=86400, description="After a token rotation (orch rotate-token), how "
+                                           "long the previous token is still accepted.")
     max_message_mb: int = Field(64, ge=1, le=1024,
                                 description="Largest gRPC message accepted, in MiB.")
     discovery: str = Field(

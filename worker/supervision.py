@@ -40,9 +40,9 @@ class SelfCheck:
     """A ``Ping`` to this worker's own server, over a channel opened by the first check
     and kept open."""
 
-    def __init__(self, address: str, token: str | None) -> None:
+    def __init__(self, address: str, token: Callable[[], str | None]) -> None:
         self.address = address
-        self._metadata = auth_metadata(token)
+        self._token = token  # read at each check: the token may be rotated
         self._channel: grpc.Channel | None = None
 
     def __call__(self, deadline_s: float) -> str | None:
@@ -51,7 +51,7 @@ class SelfCheck:
             self._channel = open_channel(self.address)
         try:
             pb_grpc.WorkerStub(self._channel).Ping(
-                pb.PingRequest(), timeout=deadline_s, metadata=self._metadata,
+                pb.PingRequest(), timeout=deadline_s, metadata=auth_metadata(self._token()),
                 wait_for_ready=True)
         except grpc.RpcError as exc:
             return f"{exc.code().name}: {exc.details()}"

@@ -6,6 +6,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class RotateTokenRequest(_message.Message):
+    __slots__ = ("new_token",)
+    NEW_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    new_token: str
+    def __init__(self, new_token: _Optional[str] = ...) -> None: ...
+
+class RotateTokenReply(_message.Message):
+    __slots__ = ("grace_s",)
+    GRACE_S_FIELD_NUMBER: _ClassVar[int]
+    grace_s: float
+    def __init__(self, grace_s: _Optional[float] = ...) -> None: ...
+
 class SourceFile(_message.Message):
     __slots__ = ("url", "size", "etag", "name")
     URL_FIELD_NUMBER: _ClassVar[int]

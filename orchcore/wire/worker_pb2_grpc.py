@@ -99,6 +99,11 @@ class WorkerStub:
                 request_serializer=worker__pb2.FetchShardRequest.SerializeToString,
                 response_deserializer=worker__pb2.FetchProgress.FromString,
                 _registered_method=True)
+        self.RotateToken = channel.unary_unary(
+                '/orch.v1.Worker/RotateToken',
+                request_serializer=worker__pb2.RotateTokenRequest.SerializeToString,
+                response_deserializer=worker__pb2.RotateTokenReply.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -202,6 +207,14 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateToken(self, request, context):
+        """Make a new cluster token current (kept in the worker's state folder); the previous
+        one is still accepted for the worker's grace period.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -269,6 +282,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.FetchShard,
                     request_deserializer=worker__pb2.FetchShardRequest.FromString,
                     response_serializer=worker__pb2.FetchProgress.SerializeToString,
+            ),
+            'RotateToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateToken,
+                    request_deserializer=worker__pb2.RotateTokenRequest.FromString,
+                    response_serializer=worker__pb2.RotateTokenReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -622,6 +640,33 @@ class Worker:
             '/orch.v1.Worker/FetchShard',
             worker__pb2.FetchShardRequest.SerializeToString,
             worker__pb2.FetchProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orch.v1.Worker/RotateToken',
+            worker__pb2.RotateTokenRequest.SerializeToString,
+            worker__pb2.RotateTokenReply.FromString,
             options,
             channel_credentials,
             insecure,
