@@ -14,6 +14,11 @@ MAX_CONTEXT_TOKENS = 1 << 20
 MAX_BATCH_TOKENS = 8192
 MAX_SESSIONS = 256
 MAX_THREADS = 1024
+# Sliding-window layers keep a KV cell for every position of the context, llama.cpp's
+# default (its swa_full): a window-sized cache wraps around and holds the cells in
+# another order than a whole-context cache, and attention sums cells in cell order, so
+# exactness against an ordinary llama.cpp run is only proven with it on.
+SWA_FULL = True
 
 
 def _bounded(name: str, value: int, low: int, high: int) -> None:

@@ -9,7 +9,9 @@ The three input paths:
 
 * a whole model (first and last stage at once): tokens go straight to llama.cpp;
 * the first stage of a chain: tokens are looked up in the shard's input table with ggml's
-  own dequantisation, then go in as embeddings (see ``orchcore/shard.py``);
+  own dequantisation, then go in as embeddings (see ``orchcore/shard.py``), multiplied
+  by the shard's input scale when its architecture scales token embeddings (llama.cpp
+  scales token input only, so the stage does it, in float32 as ggml does);
 * later stages: hidden states go in as embeddings.
 
 On CPUs with AMX the pinned build crashes in its AMX kernels unless extra buffer types
@@ -29,7 +31,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-from orchcore.config import EngineConfig
+from orchcore.config import SWA_FULL, EngineConfig
 from orchcore.cpu import cpu_info, use_extra_buffer_types
 from orchcore.errors import (
     ComputeError,
@@ -43,6 +45,7 @@ from orchcore.llama_ext import GraphTap, RowDequantizer, init_backend, llama_log
 from orchcore.shard import (
     KEY_INPUT_OFFSET,
     KEY_INPUT_ROWS,
+    KEY_INPUT_SCALE,
     KEY_INPUT_TYPE,
     KEY_LAYER_END,
     KEY_LAYER_START,
@@ -62,6 +65,7 @@ class StageRole:
     input_type: int | None  # ggml type of the first stage's input table
     input_offset: int | None  # byte offset of the table in the file
     input_rows: int | None
+    input_scale: float | None = None  # the table's rows are multiplied by it (float32)
 
     @property
     def is_first(self) -> bool:
@@ -84,6 +88,7 @@ class StageRole:
             input_type=int(meta[KEY_INPUT_TYPE]) if offset is not None else None,
             input_offset=facts.data_offset + int(offset) if offset is not None else None,
             input_rows=int(meta[KEY_INPUT_ROWS]) if offset is not None else None,
+            input_scale=float(meta[KEY_INPUT_SCALE]) if KEY_INPUT_SCALE in meta else None,
         )
 
 
@@ -188,6 +193,7 @@ class StageEngine:
         params.n_batch = params.n_ubatch = cfg.batch_tokens
         params.n_threads = params.n_threads_batch = cfg.threads or cpu_info().cores
         params.no_perf = True
+        params.swa_full = SWA_FULL
         if self._tap is not None:
             params.cb_eval = self._tap.callback
         ctx = llama_cpp.llama_init_from_model(self._model, params)
@@ -196,14 +202,15 @@ class StageEngine:
                                  f"({params.n_ctx} tokens): {llama_log().tail()}")
         return ctx
 
-    def _input_table(self) -> tuple[np.ndarray, RowDequantizer] | None:
+    def _input_table(self) -> tuple[np.ndarray, RowDequantizer, np.float32 | None] | None:
         role = self.role
         if role.input_offset is None:
             return None
         deq = RowDequantizer(role.input_type, self.n_embd)
         table = np.memmap(self.path, dtype=np.uint8, mode="r", offset=role.input_offset,
                           shape=(role.input_rows, deq.row_bytes))
-        return table, deq
+        scale = None if role.input_scale is None else np.float32(role.input_scale)
+        return table, deq, scale
 
     # --- sessions --------------------------------------------------------------------
 
@@ -322,9 +329,11 @@ class StageEngine:
         if last and not all_logits:
             wanted[:-1] = 0
         if self._lookup is not None:
-            table, deq = self._lookup
+            table, deq, scale = self._lookup
             self._embd.fill(seq, positions, None, wanted)
             deq.rows(table, np.asarray(tokens), self._embd.embd[:n])
+            if scale is not None:
+                self._embd.embd[:n] *= scale
         else:
             self._embd.fill(seq, positions, np.ascontiguousarray(hidden, np.float32), wanted)
         if self._tap is not None:

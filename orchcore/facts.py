@@ -27,6 +27,7 @@ import gguf
 import numpy as np
 from gguf import MODEL_TENSOR, SHARD_NAME_FORMAT, TENSOR_NAMES, GGMLQuantizationType, Keys
 
+from orchcore.archs import ARCHITECTURES, SUPPORTED_ARCHITECTURES, Architecture, unsupported
 from orchcore.errors import (
     CorruptGGUFError,
     GGUFError,
@@ -34,9 +35,6 @@ from orchcore.errors import (
     TruncatedGGUFError,
     UnsupportedModelError,
 )
-
-# Architectures whose layer ranges are proven exact by the test suite (tests/test_exact_*).
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
 # "blk.{bid}.attn_q" -> "blk.", the prefix every per-layer tensor name shares.
 BLOCK_PREFIX = TENSOR_NAMES[MODEL_TENSOR.ATTN_Q].split("{bid}")[0]
@@ -110,6 +108,15 @@ class ModelFacts:
     metadata: dict[str, Any]  # scalar and short-array keys, for display; no tokenizer lists
     data_offset: int  # start of the first file's tensor data
     alignment: int
+    # Mixture of experts (0 for dense models): experts per layer, how many a token uses,
+    # and the width of one expert's and of the shared expert's feed-forward.
+    n_expert: int = 0
+    n_expert_used: int = 0
+    n_ff_exp: int = 0
+    n_ff_shexp: int = 0
+    sliding_window: int = 0  # tokens a sliding-window layer attends to; 0: none
+    swa_layers: tuple[bool, ...] = ()  # per layer: does it use the sliding window
+    nonuniform_keys: tuple[str, ...] = ()  # per-layer keys llama.cpp needs uniform, not
 
     @cached_property
     def by_name(self) -> dict[str, TensorFacts]:
@@ -123,6 +130,36 @@ class ModelFacts:
             if tensor.block is not None:
                 sizes[tensor.block] += tensor.n_bytes
         return tuple(sizes)
+
+    @property
+    def architecture(self) -> Architecture | None:
+        """Its record in ``orchcore.archs``, None if orch does not split it."""
+        return ARCHITECTURES.get(self.arch)
+
+    @cached_property
+    def active_layer_bytes(self) -> tuple[int, ...]:
+        """Bytes of each layer one decode step reads: every tensor but the experts, and of
+        those only the ``n_expert_used`` the router picks (``layer_bytes`` if dense)."""
+        table = self.architecture
+        if not self.n_expert or table is None:
+            return self.layer_bytes
+        sizes = [0] * self.n_layers
+        for tensor in self.tensors:
+            match = _BLOCK_NAME.fullmatch(tensor.name)
+            if match is None:
+                continue
+            expert = table.is_expert(match.group(2))
+            sizes[int(match.group(1))] += (tensor.n_bytes * self.n_expert_used // self.n_expert
+                                           if expert else tensor.n_bytes)
+        return tuple(sizes)
+
+    @property
+    def ffn_width(self) -> int:
+        """Feed-forward values one row computes: ``n_ff``, or the used experts' and the
+        shared expert's for a mixture of experts (sizes llama.cpp's compute buffer)."""
+        if not self.n_expert:
+            return self.n_ff
+        return self.n_expert_used * self.n_ff_exp + self.n_ff_shexp
 
     @property
     def embedding_bytes(self) -> int:
@@ -155,17 +192,19 @@ class ModelFacts:
         v = type_bytes(cache_type, self.head_dim_v * self.n_head_kv)
         return k + v
 
+    @cached_property
+    def support_problem(self) -> str | None:
+        """Why orch cannot split this model exactly (its architecture's table), or None."""
+        table = self.architecture
+        return unsupported(self.arch) if table is None else table.refusal(self)
+
     @property
     def is_supported(self) -> bool:
-        return self.arch in SUPPORTED_ARCHITECTURES
+        return self.support_problem is None
 
     def require_supported(self) -> None:
-        if not self.is_supported:
-            raise UnsupportedModelError(
-                self.path,
-                f"architecture {self.arch!r} is not supported for layer splitting; "
-                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}",
-            )
+        if self.support_problem is not None:
+            raise UnsupportedModelError(self.path, self.support_problem)
 
 
 class _CheckedReader(gguf.GGUFReader):
@@ -346,9 +385,7 @@ def _arch_named(path: Path, arch: str) -> Iterator[None]:
     except UnsupportedModelError as exc:
         if arch in SUPPORTED_ARCHITECTURES:
             raise
-        raise UnsupportedModelError(
-            path, f"architecture {arch!r} is not supported; supported: "
-                  f"{', '.join(SUPPORTED_ARCHITECTURES)} ({exc.problem})") from None
+        raise UnsupportedModelError(path, f"{unsupported(arch)} ({exc.problem})") from None
 
 
 def read_model_facts(path: Path | str) -> ModelFacts:
@@ -405,9 +442,10 @@ def _model_keys(path: Path, reader: gguf.GGUFReader, arch: str) -> dict[str, Any
         raise CorruptGGUFError(path, f"embedding length {n_embd} not divisible by "
                                      f"head count {n_head}")
     head_dim = n_embd // n_head
+    n_layers = int(_scalar(reader, Keys.LLM.BLOCK_COUNT.format(**fmt), path))
     return {
         "arch": arch,
-        "n_layers": int(_scalar(reader, Keys.LLM.BLOCK_COUNT.format(**fmt), path)),
+        "n_layers": n_layers,
         "n_embd": n_embd,
         "n_head": n_head,
         "n_head_kv": n_head_kv,
@@ -421,6 +459,42 @@ def _model_keys(path: Path, reader: gguf.GGUFReader, arch: str) -> dict[str, Any
                            or 0),
         "metadata": _metadata(reader),
         "alignment": int(reader.alignment),
+        **_table_keys(reader, arch, n_layers),
+    }
+
+
+def _optional(reader: gguf.GGUFReader, key: str) -> Any:
+    field = reader.get_field(key)
+    return None if field is None else field.contents()
+
+
+def _first(value: Any) -> int:
+    """Layer 0's value of a per-layer key (what llama.cpp uses for every layer), or 0."""
+    if isinstance(value, list):
+        return int(value[0]) if value else 0
+    return int(value or 0)
+
+
+def _table_keys(reader: gguf.GGUFReader, arch: str, n_layers: int) -> dict[str, Any]:
+    """The facts an architecture's table asks for: experts, sliding-window layers."""
+    table = ARCHITECTURES.get(arch)
+    if table is None:
+        return {}
+    fmt = {"arch": arch}
+
+    def value(key: str) -> Any:
+        return _optional(reader, key)
+
+    window = table.sliding_window
+    return {
+        "n_expert": _first(value(Keys.LLM.EXPERT_COUNT.format(**fmt))),
+        "n_expert_used": _first(value(Keys.LLM.EXPERT_USED_COUNT.format(**fmt))),
+        "sliding_window": (_first(value(window.window_key.format(**fmt)))
+                           if window else 0),
+        "swa_layers": (window.flags(arch, value, n_layers) if window
+                       else (False,) * n_layers),
+        "nonuniform_keys": tuple(key for key in table.uniform
+                                 if isinstance(v := value(key), list) and len(set(v)) > 1),
     }
 
 
@@ -488,6 +562,7 @@ def _facts(head: _Head, versions: tuple[_Version, ...], tensors: tuple[TensorFac
         parts=tuple(part for part, _, _ in versions),
         file_size=sum(size for _, _, size in versions),
         **head.keys,
+        **_expert_widths(tensors),
         n_vocab=_vocab_size(tensors, path),
         tied_output=OUTPUT not in names,
         tensors=tensors,
@@ -495,6 +570,18 @@ def _facts(head: _Head, versions: tuple[_Version, ...], tensors: tuple[TensorFac
     )
     _check_layers(facts)
     return facts
+
+
+# ffn_down_exps of layer 0 is (n_ff_exp, n_embd, n_expert) in GGUF order: the width of one
+# expert, whatever key (or default) it came from; likewise the shared expert's ffn_down.
+_DOWN_EXPERT = TENSOR_NAMES[MODEL_TENSOR.FFN_DOWN_EXP].format(bid=0) + ".weight"
+_DOWN_SHARED = TENSOR_NAMES[MODEL_TENSOR.FFN_DOWN_SHEXP].format(bid=0) + ".weight"
+
+
+def _expert_widths(tensors: tuple[TensorFacts, ...]) -> dict[str, int]:
+    shapes = {t.name: t.shape for t in tensors if t.name in (_DOWN_EXPERT, _DOWN_SHARED)}
+    return {"n_ff_exp": shapes[_DOWN_EXPERT][0] if _DOWN_EXPERT in shapes else 0,
+            "n_ff_shexp": shapes[_DOWN_SHARED][0] if _DOWN_SHARED in shapes else 0}
 
 
 def _vocab_size(tensors: tuple[TensorFacts, ...], path: Path) -> int:

@@ -8,7 +8,13 @@ checks the same figure for the shard it received (``estimate_shard``); both end 
 ``_estimate``, so they agree to the byte.
 
 The constants were measured (``bench/engine_memory.py``, docs/benchmarks.md) and are
-tested against the peak RSS of real worker processes (tests/test_memory.py).
+tested against the peak RSS of real worker processes (tests/test_memory.py,
+tests/test_exact_archs.py for a mixture of experts).
+
+A mixture-of-experts stage holds every expert of its layers: the weights are the shard's
+bytes, whatever a token reads (the planner's time uses ``ModelFacts.active_layer_bytes``).
+Sliding-window layers hold the whole context like the others: the engine keeps
+llama.cpp's ``swa_full`` (``kv_cells``).
 """
 
 from __future__ import annotations
@@ -16,11 +22,9 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from gguf import GGMLQuantizationType
-
-from orchcore.config import EngineConfig
+from orchcore.config import SWA_FULL, EngineConfig
 from orchcore.facts import ModelFacts, type_bytes
-from orchcore.shard import KEY_INPUT_ROWS, KEY_INPUT_TYPE, LayerRange
+from orchcore.shard import KEY_INPUT_ROWS, KEY_INPUT_TYPE, LayerRange, shard_layout
 
 MIB = 1 << 20
 DEFAULT_RESERVE_MB = 512  # a worker without a budget leaves this much RAM to the machine
@@ -31,6 +35,7 @@ PROCESS_BASELINE_BYTES = 160 * MIB
 _COMPUTE_FIXED_BYTES = 16 * MIB
 _COMPUTE_FF_ROWS = 4
 _COMPUTE_EMBD_ROWS = 8
+_SWA_PAD = 256  # llama.cpp pads a window-sized cache to this many cells
 
 
 @dataclass(frozen=True)
@@ -59,24 +64,42 @@ def default_budget(available_bytes: int, reserve_mb: int = DEFAULT_RESERVE_MB) -
     return max(0, available_bytes - (reserve_mb << 20))
 
 
-def _estimate(*, weights: int, kv_per_token: int, n_vocab_out: int, n_embd: int, n_ff: int,
+def kv_cells(swa: bool, window: int, config: EngineConfig, swa_full: bool = SWA_FULL) -> int:
+    """KV cells llama.cpp allocates for one layer: every session's context, or for a
+    sliding-window layer without ``swa_full`` its window plus a batch (padded), per session.
+    """
+    if not swa or swa_full:
+        return config.kv_tokens
+    per_session = -(-(window + config.batch_tokens) // _SWA_PAD) * _SWA_PAD
+    return min(config.context_tokens, per_session) * config.max_sessions
+
+
+def _kv_bytes(facts: ModelFacts, config: EngineConfig) -> list[int]:
+    """KV bytes of each layer of ``facts`` (a model or a shard) at ``config``."""
+    per_cell = facts.kv_bytes_per_token_per_layer()
+    swa = facts.swa_layers or (False,) * facts.n_layers
+    return [per_cell * kv_cells(s, facts.sliding_window, config) for s in swa]
+
+
+def _estimate(*, weights: int, kv: int, n_vocab_out: int, n_embd: int, ffn_width: int,
               config: EngineConfig) -> MemoryEstimate:
     rows = config.batch_tokens
     # The last stage keeps logits for one row per session and step, in llama.cpp's output
     # buffer and the copy handed to the sampler.
     logits = n_vocab_out * 4 * max(config.max_sessions, 1) * 2 if n_vocab_out > 1 else 0
     compute = _COMPUTE_FIXED_BYTES + 4 * rows * (
-        _COMPUTE_FF_ROWS * n_ff + _COMPUTE_EMBD_ROWS * n_embd)
-    return MemoryEstimate(baseline=PROCESS_BASELINE_BYTES, weights=weights,
-                          kv_cache=kv_per_token * config.kv_tokens, logits=logits,
-                          compute=compute)
+        _COMPUTE_FF_ROWS * ffn_width + _COMPUTE_EMBD_ROWS * n_embd)
+    return MemoryEstimate(baseline=PROCESS_BASELINE_BYTES, weights=weights, kv_cache=kv,
+                          logits=logits, compute=compute)
 
 
 class StageMemory:
     """The planner's estimate for any layer range of one model, in O(1) per range.
 
     The same bytes as the shard layout (``orchcore.shard.shard_layout``) would give, from
-    prefix sums: a planner tries thousands of ranges.
+    prefix sums: a planner tries thousands of ranges. Besides its layers, a shard's bytes
+    depend only on whether it is first and whether it is last, so they are read once from
+    the layout of one range of each kind.
     """
 
     def __init__(self, facts: ModelFacts, config: EngineConfig) -> None:
@@ -84,27 +107,28 @@ class StageMemory:
         self.config = config
         self._facts = facts
         self._prefix = [0, *itertools.accumulate(facts.layer_bytes)]
-        self._shared = sum(t.n_bytes for t in facts.global_tensors) + facts.output_norm_bytes
-        self._embd = facts.embedding_bytes
-        self._untied = 0 if facts.tied_output else facts.output_bytes
-        self._one_row = type_bytes(GGMLQuantizationType.F32, facts.n_embd)
-        self._kv = facts.kv_bytes_per_token_per_layer()
+        self._kv_prefix = [0, *itertools.accumulate(_kv_bytes(facts, config))]
+        n = facts.n_layers
+        self._extra = {
+            (start == 0, end == n): self._layout_bytes(start, end)
+            for start, end in ((0, n), (0, 1), (n - 1, n), (1, 2)) if 0 <= start < end <= n
+        }
+
+    def _layout_bytes(self, start: int, end: int) -> int:
+        """Bytes of the shard for [start, end) besides its layers."""
+        layout = shard_layout(self._facts, LayerRange(start, end))
+        return layout.total_tensor_bytes - (self._prefix[end] - self._prefix[start])
 
     def weights(self, start: int, end: int) -> int:
-        first, last = start == 0, end == self.n_layers
-        own = self._prefix[end] - self._prefix[start] + self._shared
-        if first and last:
-            return own + self._embd + self._untied
-        if last:  # the lm head, stored as token_embd
-            return own + (self._untied or self._embd)
-        # a one-row token_embd; the first stage also keeps the embedding as its input table
-        return own + self._one_row + (self._embd if first else 0)
+        extra = self._extra[start == 0, end == self.n_layers]
+        return self._prefix[end] - self._prefix[start] + extra
 
     def __call__(self, start: int, end: int) -> MemoryEstimate:
         facts = self._facts
-        return _estimate(weights=self.weights(start, end), kv_per_token=self._kv * (end - start),
+        return _estimate(weights=self.weights(start, end),
+                         kv=self._kv_prefix[end] - self._kv_prefix[start],
                          n_vocab_out=facts.n_vocab if end == self.n_layers else 1,
-                         n_embd=facts.n_embd, n_ff=facts.n_ff, config=self.config)
+                         n_embd=facts.n_embd, ffn_width=facts.ffn_width, config=self.config)
 
 
 def estimate_stage(facts: ModelFacts, layers: LayerRange, config: EngineConfig
@@ -120,7 +144,6 @@ def estimate_shard(shard: ModelFacts, config: EngineConfig) -> MemoryEstimate:
     if KEY_INPUT_ROWS in shard.metadata:  # the first stage's input table, after the tensors
         weights += type_bytes(shard.metadata[KEY_INPUT_TYPE],
                               int(shard.metadata[KEY_INPUT_ROWS]) * shard.n_embd)
-    return _estimate(weights=weights,
-                     kv_per_token=shard.kv_bytes_per_token_per_layer() * shard.n_layers,
-                     n_vocab_out=shard.n_vocab, n_embd=shard.n_embd, n_ff=shard.n_ff,
-                     config=config)
+    return _estimate(weights=weights, kv=sum(_kv_bytes(shard, config)),
+                     n_vocab_out=shard.n_vocab, n_embd=shard.n_embd,
+                     ffn_width=shard.ffn_width, config=config)

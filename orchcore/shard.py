@@ -15,7 +15,12 @@ What each shard carries (llama.cpp loads every one of them as an ordinary model)
   lm head; their lm head costs one dot product and the engine stops the graph before it.
 * the final shard: the lm head as ``token_embd.weight`` (the embedding for tied models,
   ``output.weight`` renamed for untied ones: llama.cpp uses ``token_embd`` as the output
-  matrix when ``output.weight`` is absent, so the product is the same).
+  matrix when ``output.weight`` is absent, so the product is the same). Architectures
+  whose loader requires ``output.weight`` (``Architecture.explicit_output``) keep it, with
+  a ``token_embd`` of zeros llama.cpp never reads, and their other shards carry a 1-row
+  zero ``output.weight``.
+* what the architecture's table (``orchcore.archs``) rewrites: per-layer metadata arrays
+  sliced to the range, sliding-window flags of its own layers, the input scale.
 * the first shard of a chain of two or more: the real embedding matrix, stored after the
   GGUF tensor data (an *input table* that llama.cpp never sees; see
   ``docs/shard-format.md``). The worker looks rows up with ggml's own dequantisation
@@ -42,6 +47,7 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType, Keys
 
+from orchcore.archs import Rewrite
 from orchcore.errors import LayerRangeError
 from orchcore.facts import (
     OUTPUT,
@@ -53,6 +59,7 @@ from orchcore.facts import (
     open_gguf,
     read_model_facts,
     rename_block,
+    type_bytes,
 )
 from orchcore.files import sha256_file
 
@@ -67,6 +74,7 @@ KEY_SOURCE_VOCAB = "orch.shard.source_vocab_size"
 KEY_INPUT_TYPE = "orch.shard.input_embedding.type"
 KEY_INPUT_ROWS = "orch.shard.input_embedding.rows"
 KEY_INPUT_OFFSET = "orch.shard.input_embedding.offset"  # relative to the data section
+KEY_INPUT_SCALE = "orch.shard.input_embedding.scale"  # f32 the rows are multiplied by
 NO_VOCAB = "none"
 
 _COPY_CHUNK = 4 << 20
@@ -162,6 +170,7 @@ def _copied(tensor: TensorFacts, name: str | None = None) -> ShardTensor:
 def shard_layout(facts: ModelFacts, layers: LayerRange) -> ShardLayout:
     """Which tensors the shard for ``layers`` holds. Pure: reads no file."""
     facts.require_supported()
+    explicit_output = facts.architecture.explicit_output
     layers.check_within(facts.n_layers, str(facts.path))
     first, last = layers.start == 0, layers.end == facts.n_layers
     by_name = facts.by_name
@@ -169,20 +178,23 @@ def shard_layout(facts: ModelFacts, layers: LayerRange) -> ShardLayout:
     tensors: list[ShardTensor] = [_copied(t) for t in facts.global_tensors]
     if first and last:
         tensors.append(_copied(embd))
+    elif last and explicit_output:
+        tensors.append(_zeros(TOKEN_EMBD, _unread_type(facts.n_embd), facts.n_embd,
+                              facts.n_vocab))
     elif last:
         lm_head = embd if facts.tied_output else by_name[OUTPUT]
         tensors.append(_copied(lm_head, TOKEN_EMBD))
     else:
-        one_row = GGMLQuantizationType.F32
-        tensors.append(ShardTensor(TOKEN_EMBD, one_row, (facts.n_embd, 1),
-                                   gguf.GGML_QUANT_SIZES[one_row][1] * facts.n_embd, None))
+        tensors.append(_zeros(TOKEN_EMBD, GGMLQuantizationType.F32, facts.n_embd, 1))
     for layer in range(layers.start, layers.end):
         tensors += [_copied(t, rename_block(t.name, layer - layers.start))
                     for t in facts.layer_tensors(layer)]
     if OUTPUT_NORM in by_name:
         tensors.append(_copied(by_name[OUTPUT_NORM]))
-    if first and last and not facts.tied_output:
+    if last and not facts.tied_output and (first or explicit_output):
         tensors.append(_copied(by_name[OUTPUT]))
+    elif explicit_output and not last:
+        tensors.append(_zeros(OUTPUT, GGMLQuantizationType.F32, facts.n_embd, 1))
     return ShardLayout(
         source=facts.path,
         source_parts=facts.parts,
@@ -197,6 +209,21 @@ def shard_layout(facts: ModelFacts, layers: LayerRange) -> ShardLayout:
     )
 
 
+def _zeros(name: str, ggml_type: GGMLQuantizationType, row: int, rows: int) -> ShardTensor:
+    return ShardTensor(name, ggml_type, (row, rows), type_bytes(ggml_type, row * rows), None)
+
+
+# A token_embd llama.cpp checks the shape of but never reads (the last shard of a model
+# that keeps output.weight takes embeddings, not tokens): zeros of the smallest type whose
+# block fits the row. Nothing dequantizes it, so the type needs no valid data.
+_UNREAD_TYPES = (GGMLQuantizationType.IQ1_S, GGMLQuantizationType.Q4_0,
+                 GGMLQuantizationType.F16, GGMLQuantizationType.F32)
+
+
+def _unread_type(row: int) -> GGMLQuantizationType:
+    return next(t for t in _UNREAD_TYPES if row % gguf.GGML_QUANT_SIZES[t][0] == 0)
+
+
 @dataclass(frozen=True)
 class ShardFile:
     path: Path
@@ -205,28 +232,25 @@ class ShardFile:
     layout: ShardLayout
 
 
-def _per_layer_keys(arch: str) -> set[str]:
-    """Keys that some models store as one value per layer (sliced with the range)."""
-    templates = (Keys.Attention.HEAD_COUNT, Keys.Attention.HEAD_COUNT_KV,
-                 Keys.LLM.FEED_FORWARD_LENGTH)
-    return {t.format(arch=arch) for t in templates}
-
-
 def _shard_metadata(facts: ModelFacts, reader: gguf.GGUFReader, layout: ShardLayout
                     ) -> list[tuple[str, Any, GGUFValueType, GGUFValueType | None]]:
     """Metadata of the shard, in the source's key order, then our own keys.
 
     ``reader`` is the header of the source's (first) file; its ``split.*`` keys are dropped.
+    The architecture's table says which keys are sliced to the range and rewritten.
     """
-    arch = facts.arch
-    per_layer = _per_layer_keys(arch)
-    replaced = {
-        Keys.LLM.BLOCK_COUNT.format(arch=arch): (len(layout.layers), GGUFValueType.UINT32),
-        Keys.LLM.VOCAB_SIZE.format(arch=arch): (layout.vocab_size, GGUFValueType.UINT32),
+    arch, table = facts.arch, facts.architecture
+    start, end = layout.layers.start, layout.layers.end
+    sliced = set(table.sliced_keys)
+    rewrites: dict[str, Rewrite | None] = {
+        Keys.LLM.BLOCK_COUNT.format(arch=arch): Rewrite(len(layout.layers), GGUFValueType.UINT32),
+        Keys.LLM.VOCAB_SIZE.format(arch=arch): Rewrite(layout.vocab_size, GGUFValueType.UINT32),
     }
+    if table.sliding_window is not None:
+        rewrites |= table.sliding_window.rewrites(arch, facts.swa_layers[start:end])
     out: list[tuple[str, Any, GGUFValueType, GGUFValueType | None]] = []
     for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key.startswith("tokenizer.") or key in replaced:
+        if key.startswith("GGUF.") or key.startswith("tokenizer.") or key in rewrites:
             continue
         if key in SPLIT_KEYS:
             continue
@@ -237,21 +261,23 @@ def _shard_metadata(facts: ModelFacts, reader: gguf.GGUFReader, layout: ShardLay
         value = field.contents()
         if vtype == GGUFValueType.ARRAY and not value:
             continue  # gguf-py cannot write empty arrays; llama.cpp treats them as absent
-        if key in per_layer and isinstance(value, list) and len(value) == facts.n_layers:
-            value = value[layout.layers.start:layout.layers.end]
+        if key in sliced and isinstance(value, list) and len(value) == facts.n_layers:
+            value = value[start:end]
         out.append((key, value, vtype, sub))
-    for key, (value, vtype) in replaced.items():
-        out.append((key, value, vtype, None))
+    out += [(key, r.value, r.vtype, r.sub_type) for key, r in rewrites.items() if r is not None]
     out.append((Keys.Tokenizer.MODEL, NO_VOCAB, GGUFValueType.STRING, None))
-    out.append((KEY_LAYER_START, layout.layers.start, GGUFValueType.UINT32, None))
-    out.append((KEY_LAYER_END, layout.layers.end, GGUFValueType.UINT32, None))
+    out.append((KEY_LAYER_START, start, GGUFValueType.UINT32, None))
+    out.append((KEY_LAYER_END, end, GGUFValueType.UINT32, None))
     out.append((KEY_SOURCE_LAYERS, facts.n_layers, GGUFValueType.UINT32, None))
     out.append((KEY_SOURCE_VOCAB, facts.n_vocab, GGUFValueType.UINT32, None))
     if layout.input_table is not None:
-        table = layout.input_table
-        out.append((KEY_INPUT_TYPE, int(table.ggml_type), GGUFValueType.UINT32, None))
-        out.append((KEY_INPUT_ROWS, table.shape[1], GGUFValueType.UINT32, None))
+        table_facts = layout.input_table
+        out.append((KEY_INPUT_TYPE, int(table_facts.ggml_type), GGUFValueType.UINT32, None))
+        out.append((KEY_INPUT_ROWS, table_facts.shape[1], GGUFValueType.UINT32, None))
         out.append((KEY_INPUT_OFFSET, layout.data_bytes, GGUFValueType.UINT64, None))
+        if table.input_scale is not None:
+            out.append((KEY_INPUT_SCALE, table.input_scale(facts.n_embd),
+                        GGUFValueType.FLOAT32, None))
     return out
 
 
