@@ -5,6 +5,11 @@ random-weight layers of the model's own shape and quantization type (``orchcore.
 and reports seconds per layer per token. Decoding on a CPU reads every weight once per
 token, so a probe layer of another size (an unsupported type is probed as the nearest
 supported one) is scaled by the bytes per layer of the real model.
+
+A mixture-of-experts layer is probed as a dense layer as wide as the experts a token uses
+(``ModelFacts.ffn_width``), scaled to the bytes a token reads
+(``ModelFacts.active_layer_bytes``): the router picks ``expert_used_count`` experts, the
+others stay in memory unread.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ class LayerShape:
     n_head: int
     n_head_kv: int
     weight_type: int  # ggml type of the layer's largest matrices
-    layer_bytes: int  # bytes of one of the real model's layers (the mean)
+    layer_bytes: int  # bytes a token reads in one of the real model's layers (the mean)
 
     @property
     def key(self) -> str:
@@ -57,9 +62,9 @@ def layer_shape(facts: ModelFacts) -> LayerShape:
     tensors = facts.layer_tensors(0)
     by_type: Counter[int] = Counter()
     for t in tensors:
-        if len(t.shape) == 2:
+        if len(t.shape) >= 2:  # matrices, and experts' stacks of them
             by_type[int(t.ggml_type)] += t.n_bytes
     weight_type = by_type.most_common(1)[0][0] if by_type else int(modelgen.GType.F32)
-    return LayerShape(arch=facts.arch, n_embd=facts.n_embd, n_ff=facts.n_ff,
+    return LayerShape(arch=facts.arch, n_embd=facts.n_embd, n_ff=facts.ffn_width,
                       n_head=facts.n_head, n_head_kv=facts.n_head_kv, weight_type=weight_type,
-                      layer_bytes=sum(facts.layer_bytes) // facts.n_layers)
+                      layer_bytes=sum(facts.active_layer_bytes) // facts.n_layers)

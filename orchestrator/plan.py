@@ -16,11 +16,15 @@ best one for the objective:
 A device's time per layer comes from ``DeviceFacts.decode_s_per_layer`` (measured); when
 nothing is measured every device counts as equally fast. The last stage also runs the lm
 head, which costs as many layers as its bytes are worth (``head_layers``): decoding reads
-every weight once per token. A stage's link costs its round trip plus a token's hidden
-state in and out at its measured bandwidth (with the chosen codec), counted in whole
-milliseconds so that jitter never reorders equal devices. Each stage costs its device's
-``link_s`` too, the hop into it and out of it (order-free: on a home network every hop
-crosses the same switch).
+every weight once per token. For a mixture of experts "every weight" means the weights a
+token reads: each layer's shared tensors and the ``expert_used_count`` experts the router
+picks (``ModelFacts.active_layer_bytes``, what the probe's time per layer is scaled to),
+while memory holds every expert (``orchcore.memory``); each stage shows both.
+
+A stage's link costs its round trip plus a token's hidden state in and out at its
+measured bandwidth (with the chosen codec), counted in whole milliseconds so that jitter
+never reorders equal devices. Each stage costs its device's ``link_s`` too, the hop into
+it and out of it (order-free: on a home network every hop crosses the same switch).
 
 Search, exact: every choice of first and last device (the first holds the input table,
 the last the lm head and logits), and between them a dynamic programme over contiguous
@@ -78,6 +82,7 @@ class StagePlan:
     memory: MemoryEstimate
     budget: int  # the bytes this stage may use: the device's budget or its host share
     decode_s: float | None  # predicted compute per token, when the device was measured
+    active_bytes: int = 0  # weight bytes one decode step reads (used experts, lm head)
 
     @property
     def worker(self) -> str:
@@ -98,6 +103,7 @@ class Plan:
     codec: str
     objective: Objective = "latency"
     left_out: tuple[LeftOut, ...] = ()
+    experts: tuple[int, int] | None = None  # (used per token, per layer): a mixture of experts
 
     @property
     def batch_tokens(self) -> int:
@@ -132,9 +138,12 @@ class Plan:
             "objective": self.objective, "context_tokens": self.context_tokens,
             "predicted_decode_s": self.predicted_decode_s,
             "predicted_prompt_tokens_s": self.predicted_prompt_tokens_s,
+            "experts": None if self.experts is None else
+            {"used": self.experts[0], "per_layer": self.experts[1]},
             "stages": [{"index": s.index, "worker": s.worker, "worker_id": s.device.worker_id,
                         "host": s.device.hostname, "layers": [s.layers.start, s.layers.end],
                         "memory_bytes": s.memory.total, "budget_bytes": s.budget,
+                        "weights_bytes": s.memory.weights, "active_bytes": s.active_bytes,
                         "threads": s.engine.threads, "predicted_decode_s": s.decode_s}
                        for s in self.stages],
             "standby": [{"worker": o.device.address, "reason": o.reason}
@@ -146,10 +155,16 @@ class Plan:
 
     def describe(self) -> list[str]:
         lines = []
+        if self.experts is not None:
+            used, total = self.experts
+            lines.append(f"mixture of experts: {used} of {total} experts per token; memory "
+                         f"holds every expert, time counts the weights a token reads")
         for s in self.stages:
             speed = f", {s.decode_s * 1e3:.1f} ms/token" if s.decode_s is not None else ""
+            weights = (f" (weights {s.memory.weights / MIB:.1f} MiB, a token reads "
+                       f"{s.active_bytes / MIB:.1f} MiB)" if self.experts is not None else "")
             lines.append(f"stage {s.index}: layers {s.layers} on {s.device.label}: "
-                         f"{s.memory.total / MIB:.0f} of {s.budget / MIB:.0f} MiB, "
+                         f"{s.memory.total / MIB:.0f} of {s.budget / MIB:.0f} MiB{weights}, "
                          f"{s.engine.threads} threads{speed}")
         for out in self.left_out:
             lines.append(f"standby: {out.device.label}: {out.reason}")
@@ -190,20 +205,30 @@ def make_plan(facts: ModelFacts, devices: Sequence[DeviceFacts],
     for i, (d, start, end) in enumerate(best):
         device = devices[d]
         engine = replace(options.engine, threads=options.engine.threads or device.cores)
+        last = end == facts.n_layers
         stages.append(StagePlan(
             i, LayerRange(start, end), device, engine, memory(start, end), budgets[d],
             None if device.decode_s_per_layer is None else
-            (end - start + (head if end == facts.n_layers else 0)) * device.decode_s_per_layer))
+            (end - start + (head if last else 0)) * device.decode_s_per_layer,
+            active_bytes(facts, start, end)))
     used = {d for d, _, _ in best}
     left_out = tuple(LeftOut(devices[d], search.why_unused(d)) for d in range(len(devices))
                      if d not in used)
+    experts = (facts.n_expert_used, facts.n_expert) if facts.n_expert else None
     return Plan(facts.path, facts.n_layers, tuple(stages), options.codec, options.objective,
-                left_out)
+                left_out, experts)
 
 
 def head_layers(facts: ModelFacts) -> float:
-    """The lm head's decode cost in layers: its bytes over a mean layer's."""
-    return facts.output_bytes / (sum(facts.layer_bytes) / facts.n_layers)
+    """The lm head's decode cost in layers: its bytes over the bytes a mean layer reads."""
+    return facts.output_bytes / (sum(facts.active_layer_bytes) / facts.n_layers)
+
+
+def active_bytes(facts: ModelFacts, start: int, end: int) -> int:
+    """Weight bytes a decode step of the stage ``[start, end)`` reads: its layers' shared
+    tensors and used experts, and the lm head on the last stage."""
+    head = facts.output_bytes if end == facts.n_layers else 0
+    return sum(facts.active_layer_bytes[start:end]) + head
 
 
 def host_shares(devices: Sequence[DeviceFacts]) -> list[int]:
