@@ -527,13 +527,25 @@ def rm(target: Annotated[str, typer.Argument(
 
 
 @app.command()
-def info(model: Annotated[str, typer.Argument(
+def info(model: Annotated[str | None, typer.Argument(
         help="A .gguf file, a known model name, an https:// URL or hf://OWNER/REPO/FILE.gguf "
-             "(only its header is read).")]) -> None:
-    """Show what a GGUF model is made of: shape, layers, bytes, KV cache per token."""
+             "(only its header is read).")] = None,
+         archs: Annotated[bool, typer.Option(
+             "--archs", help="List every architecture orch splits and what it knows of "
+                             "each.")] = False) -> None:
+    """Show what a GGUF model is made of: shape, layers, bytes, KV cache per token, and how
+    orch splits its architecture."""
+    from orchcore.archs import ARCHITECTURES
     from orchcore.facts import read_model_facts
     from orchestrator.run import locate_model
 
+    if archs or model is None:
+        for arch in ARCHITECTURES.values():
+            table = Table(title=arch.name, show_header=False)
+            for key, value in arch.describe():
+                table.add_row(key, value)
+            console.print(table)
+        return
     try:
         facts = read_model_facts(locate_model(model, OrchSettings.load(), err)[0])
     except OrchError as exc:
@@ -557,6 +569,21 @@ def info(model: Annotated[str, typer.Argument(
         ("KV cache (f16)", f"{facts.kv_bytes_per_token_per_layer() * facts.n_layers / 1024:.1f} "
                            f"KiB per token"),
     ]
+    if facts.n_expert:
+        rows += [("experts", f"{facts.n_expert} per layer, {facts.n_expert_used} per token, "
+                             f"{facts.n_ff_exp} wide"
+                             + (f", a shared one {facts.n_ff_shexp} wide"
+                                if facts.n_ff_shexp else "")),
+                 ("bytes a token reads", f"{sum(facts.active_layer_bytes) * mib:.1f} MiB of "
+                                         f"the layers' {sum(facts.layer_bytes) * mib:.1f}")]
+    if any(facts.swa_layers):
+        slide = [str(i) for i, s in enumerate(facts.swa_layers) if s]
+        rows.append(("sliding window", f"{facts.sliding_window} tokens on {len(slide)} of "
+                                       f"{facts.n_layers} layers ({', '.join(slide)})"))
+    if facts.support_problem is not None:
+        rows.append(("why unsupported", facts.support_problem))
+    if facts.architecture is not None:
+        rows += [(f"split: {key}", value) for key, value in facts.architecture.describe()]
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
