@@ -120,6 +120,9 @@ _LAYOUTS: Mapping[str, _Layout] = {gguf.MODEL_ARCH_NAMES[arch]: layout for arch,
     _A.GEMMA3: _Layout(head_norms=True, post_norms=True, sliding_window=True,
                        rope_freq_base=1e6, rope_freq_base_swa=1e4),
 }.items()}
+# Architectures modelgen writes as a dense model of any shape (the probe's layers).
+DENSE_ARCHS: tuple[str, ...] = tuple(
+    name for name, layout in _LAYOUTS.items() if layout.experts != "always" and not layout.untied)
 
 # SentencePiece tokenizer: special pieces, then byte fallback, then normal pieces.
 _SPECIAL_TOKENS = (

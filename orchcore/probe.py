@@ -51,7 +51,7 @@ class LayerShape:
             block = gguf.GGML_QUANT_SIZES[qtype][0]
             if self.n_embd % block == 0 and self.n_ff % block == 0:
                 break
-        arch = self.arch if self.arch in ("llama", "qwen2", "qwen3") else "llama"
+        arch = self.arch if self.arch in modelgen.DENSE_ARCHS else "llama"
         return modelgen.ModelSpec(
             arch=arch, n_layers=PROBE_LAYERS, n_embd=self.n_embd, n_head=self.n_head,
             n_head_kv=self.n_head_kv, n_ff=self.n_ff, n_vocab=PROBE_VOCAB, weight_type=qtype,
