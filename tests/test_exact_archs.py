@@ -320,3 +320,27 @@ def test_orch_info_shows_the_table(moe_mini):
     assert one.exit_code == 0
     assert "128 per layer, 8 per token, 64 wide" in one.output
     assert "split: experts" in one.output
+
+
+@pytest.mark.slow
+def test_real_gemma3_270m_split_equals_unsplit_past_its_window(gemma3_path, tmp_path, threads):
+    """The real Gemma 3 270M (window 512, every sixth layer global), a prompt longer than
+    the window, cut so that one stage is the single global layer 5."""
+    rng = np.random.default_rng(0)
+    prompt = [2] + [int(t) for t in rng.integers(1000, 200_000, 519)]
+    ref = ReferenceModel(gemma3_path, n_ctx=1024, threads=threads)
+    expected = [ref.eval(prompt, all_logits=False)]
+    tokens = []
+    for _ in range(3):
+        tokens.append(int(np.argmax(expected[-1][-1])))
+        expected.append(ref.eval([tokens[-1]]))
+    ref.close()
+    chain = Chain(gemma3_path, [5, 6, 12], tmp_path, EngineConfig(
+        threads=threads, context_tokens=1024, max_sessions=1, batch_tokens=len(prompt)))
+    try:
+        got = [chain.forward("s", range(len(prompt)), prompt)]
+        got += [chain.forward("s", [len(prompt) + i], [t]) for i, t in enumerate(tokens)]
+    finally:
+        chain.close()
+    for step, (a, b) in enumerate(zip(expected, got, strict=True)):
+        assert np.array_equal(a, b), (step, float(np.abs(a - b).max()))
