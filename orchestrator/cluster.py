@@ -5,6 +5,10 @@ step from a plan to a running model (``open``).
     cluster.measure_speeds(facts)                            # optional: the probe
     plan = make_plan(facts, cluster.devices, options)        # pure; show it
     model = cluster.open(plan, facts, tokenizer, store)      # deploy; a RunningModel
+
+With ``failover=True`` the model gets a ``Replanner`` over every connected worker: one
+that fails mid-answer is replaced by a standby (a worker the plan left out) or the model is
+re-cut over the rest (``orchestrator/failover.py``).
 """
 
 from __future__ import annotations
@@ -18,9 +22,9 @@ from orchcore.facts import ModelFacts
 from orchcore.probe import layer_shape
 from orchcore.wire import convert
 from orchestrator.client import WorkerClient
-from orchestrator.datapath import DataPath
-from orchestrator.deploy import DeployProgress, FromSource, ShardStore, deploy
-from orchestrator.plan import Plan
+from orchestrator.deploy import DeployProgress, FromSource, ShardStore
+from orchestrator.failover import Replanner
+from orchestrator.plan import Plan, PlanOptions
 from orchestrator.session import RunningModel
 from orchestrator.settings import OrchSettings
 from orchestrator.speeds import SpeedBook
@@ -79,21 +83,18 @@ class Cluster:
 
     def open(self, plan: Plan, facts: ModelFacts, tokenizer: Tokenizer, store: ShardStore,
              progress: DeployProgress | None = None, *, force: bool = False,
-             source: FromSource | None = None) -> RunningModel:
-        """Deploy ``plan`` (made for ``self.devices``) and open its data path; with
-        ``source``, the workers fetch their slices from it."""
-        by_address = {c.address: c for c in self.clients}
-        clients = [by_address[s.worker] for s in plan.stages]
-        deployment = deploy(plan, facts, clients, store, progress, force=force, source=source)
-        path = DataPath(plan, deployment.pipeline_id, clients, self.token, self.settings,
-                        self.alive)
-        model = RunningModel(plan, tokenizer, path, self.settings, deployment)
-        try:
-            path.open()
-        except BaseException:
-            model.close()
-            raise
-        return model
+             source: FromSource | None = None,
+             options: PlanOptions | None = None, failover: bool = False) -> RunningModel:
+        """Deploy ``plan`` (made for ``self.devices`` with ``options``) and open its data
+        path; with ``source``, the workers fetch their slices from it. With ``failover`` a
+        worker that fails mid-answer is replaced (planning again with the same ``options``,
+        default the settings'); without it the failure is the caller's error."""
+        replanner = Replanner(self.clients, self.devices, facts, store,
+                              options or self.settings.plan_options(), self.token,
+                              self.settings, self.alive, source)
+        pipeline = replanner.open(plan, progress, force=force)
+        return RunningModel(plan, tokenizer, pipeline.path, self.settings,
+                            pipeline.deployment, replanner if failover else None)
 
     def close(self) -> None:
         for c in self.clients:

@@ -50,6 +50,7 @@ class DataPath:
         self._results_call = None
         self._forward: ForwardStream | None = None
         self.failed: set[str] = set()  # workers found dead or hung: cleanup skips them
+        self._abandoned = False  # given up for another pipeline (failover)
 
     # --- streams -----------------------------------------------------------------------
 
@@ -86,7 +87,7 @@ class DataPath:
         except grpc.RpcError as exc:
             broken = rpc_error(last, exc, answered_before=True)
         with self._lock:
-            self._broken = broken
+            self._broken = self._broken or broken  # abandoned: its reason stays
             waiting = list(self._results.values())
         self._subscribed.set()
         for q in waiting:
@@ -141,7 +142,8 @@ class DataPath:
                         f"is stuck: check the workers' logs") from None
                 continue
             if isinstance(out, Exception):
-                self.probe()  # a named stage failure explains a broken stream best
+                if not self._abandoned:
+                    self.probe()  # a named stage failure explains a broken stream best
                 raise out
             if out.HasField("error"):
                 raise from_code(out.error.code, out.error.worker, out.error.message)
@@ -159,9 +161,10 @@ class DataPath:
 
     def probe(self) -> None:
         """Raise for the first stage that is dead, hung, faulty or lost the pipeline."""
+        if self._abandoned:
+            raise self._broken
         try:
-            if self._alive is not None:
-                self._alive()
+            self._check_alive()
             for stage, client in zip(self.plan.stages, self.clients, strict=True):
                 self._probe_stage(stage.index, client)
             if self._forward is not None and self._forward.closed:
@@ -171,6 +174,17 @@ class DataPath:
             if isinstance(exc, WorkerUnreachableError):
                 self.failed.add(exc.worker)
             raise self._with_stage(exc) from None
+
+    def _check_alive(self) -> None:
+        """The caller's own liveness check (local worker processes); a worker outside this
+        plan (left out after a failure) is none of this pipeline's business."""
+        if self._alive is None:
+            return
+        try:
+            self._alive()
+        except WorkerUnreachableError as exc:
+            if self.plan.stage_of(exc.worker) is not None:
+                raise
 
     def _probe_stage(self, index: int, client: WorkerClient) -> None:
         info = client.info(deadline=self.settings.probe_deadline_s)
@@ -198,6 +212,17 @@ class DataPath:
         return exc
 
     # --- lifetime ----------------------------------------------------------------------
+
+    def abandon(self, reason: OrchError) -> None:
+        """Give this pipeline up (a failover replaces it): steps waiting on it raise
+        ``reason`` at once, without probing, and the streams close."""
+        with self._lock:
+            self._abandoned = True
+            self._broken = reason
+            waiting = list(self._results.values())
+        for q in waiting:
+            q.put(reason)
+        self.close()
 
     def close(self) -> None:
         if self._forward is not None:

@@ -39,6 +39,7 @@ from orchestrator.modelstore import Store
 from orchestrator.plan import Plan, PlanOptions, make_plan
 from orchestrator.remote import check_header, expected_for, open_remote, published
 from orchestrator.session import (
+    Failover,
     Finished,
     GenerationStats,
     RunningModel,
@@ -135,15 +136,16 @@ def open_model(stack: ExitStack, target: str, workers: tuple[str, ...] | None,
     if workers and len(addresses) > 1 and settings.probe:
         with err.status("timing each worker on this model's layers (once per shape)"):
             cluster.measure_speeds(facts, book)
-    plan = _sticky_plan(facts, cluster.devices, settings.plan_options(
-        use_all=not workers))  # --local N: exactly N stages
+    options = settings.plan_options(use_all=not workers)  # --local N: exactly N stages
+    plan = _sticky_plan(facts, cluster.devices, options)
     for line in plan.describe():
         err.print(f"[dim]{line}[/]", highlight=False)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                   DownloadColumn(), TransferSpeedColumn(), console=err,
                   transient=True) as bars:
         model = cluster.open(plan, facts, tokenizer, ShardStore(cache_dir() / "shards-out"),
-                             RichProgress(bars, err), force=force, source=source)
+                             RichProgress(bars, err), force=force, source=source,
+                             options=options, failover=True)
     stack.callback(model.close)
     _report_deployment(model.deployment, err)
     return Opened(model, facts, book)
@@ -303,6 +305,8 @@ class _Answering:
                 self.out.print(event.text, end="", markup=False, highlight=False,
                                soft_wrap=True)
                 text += event.text
+            elif isinstance(event, Failover):  # the answer goes on
+                self.err.print(f"\n[yellow]note:[/] {event.describe()}", highlight=False)
             elif isinstance(event, Finished):
                 self.out.print()
                 self.model.record_speeds(event.stats, self.book, self.shape_key)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import threading
 import time
 import uuid
@@ -29,8 +30,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from orchcore.errors import InvalidInputError, OrchError
 from orchcore.sampling import SamplingParams
-from orchestrator.session import Event, Finished, GenerationStats, RunningModel, TextPiece
+from orchestrator.session import (
+    Event,
+    Failover,
+    Finished,
+    GenerationStats,
+    RunningModel,
+    TextPiece,
+)
 from orchestrator.settings import OrchSettings
+
+log = logging.getLogger(__name__)
 
 _FINISH = {"length": "length", "stop": "stop", "end": "stop"}  # ours -> OpenAI's
 
@@ -197,7 +207,7 @@ class _State:
             async for event in events:
                 if isinstance(event, TextPiece):
                     text.append(event.text)
-                else:
+                elif isinstance(event, Finished):
                     done = event
         finally:
             self.gate.leave()
@@ -214,7 +224,7 @@ class _State:
             async for event in events:
                 if isinstance(event, TextPiece):
                     yield _data(_chunk(kind, ident, created, self.name, event.text))
-                else:
+                elif isinstance(event, Finished):
                     yield _data(_chunk(kind, ident, created, self.name, None,
                                        _FINISH[event.reason]))
                     if usage:
@@ -244,6 +254,9 @@ class _State:
                 if isinstance(item, BaseException):
                     self._check_pipeline(item)
                     raise _api_error(item)
+                if isinstance(item, Failover):  # the answer goes on; the client sees nothing
+                    log.warning("%s", item.describe())
+                    continue
                 yield item
         finally:
             stop.set()

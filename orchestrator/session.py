@@ -5,11 +5,20 @@
     with cluster.open(plan, facts, tokenizer, store) as model:
         for event in model.generate("Hi", sampling, stops=["\\n"], max_tokens=64):
             ...  # TextPiece(text) ... then one Finished(reason, stats, session)
+                 # (a Failover notice in between if a worker failed and the answer went on)
 
 A ``Session`` owns its token history: the prompt in the chunks it was sent in, then each
 generated token; and its sampling parameters with the concrete seed and the number of
 draws, which is enough to rebuild the last stage's sampler elsewhere. ``orch run`` only
-renders events; the HTTP server and failover build on the same objects.
+renders events; the HTTP server builds on the same objects.
+
+Failover: when a step fails with an error another pipeline may not have (a dead, hung or
+faulty worker: ``failover.calls_for_failover``), the model is planned again without that
+worker (``Replanner``, from the cluster), deployed, and every live session is replayed onto
+the new pipeline (``failover.replay``); the failed step is then retried and the answer goes
+on after one ``Failover`` event. Steps hold ``_StepGate`` shared and record their token
+inside it; a failover holds it exclusively, so it sees every session between steps. A
+worker left out answers again: the next answer (with no session live) is planned with it.
 """
 
 from __future__ import annotations
@@ -24,11 +33,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from orchcore.errors import ContextFullError, InvalidInputError, OrchError
+from orchcore.errors import ContextFullError, InvalidInputError, OrchError, PlanError
 from orchcore.sampling import RANDOM_SEED, SamplingParams
 from orchcore.wire import worker_pb2 as pb
 from orchestrator.datapath import DataPath
 from orchestrator.deploy import Deployment, undeploy
+from orchestrator.failover import Pipeline, Replanner, calls_for_failover, replay
 from orchestrator.plan import Plan
 from orchestrator.settings import OrchSettings
 from orchestrator.speeds import MIN_DECODE_TOKENS, SpeedBook
@@ -37,6 +47,7 @@ from orchestrator.tokenizer import StopMatcher, StreamDecoder, Tokenizer
 log = logging.getLogger(__name__)
 
 FinishReason = Literal["length", "stop", "end"]  # max tokens or context; stop text; EOG
+MAX_FAILOVERS = 3  # consecutive failovers for one step before its error is raised
 
 
 @dataclass
@@ -89,7 +100,25 @@ class Finished:
     session: Session
 
 
-Event = TextPiece | Finished
+@dataclass(frozen=True)
+class Failover:
+    """A worker failed mid-answer; the model was planned and deployed again without it,
+    the live sessions were replayed, and the answer goes on."""
+
+    failed: tuple[str, ...]  # the workers left out
+    reason: str  # the error that started it
+    plan: Plan  # the plan the answer goes on with
+    sessions: int  # sessions replayed onto it
+    took_s: float  # from the failure being known to the pipeline being ready again
+
+    def describe(self) -> str:
+        stages = ", ".join(f"{s.layers} on {s.worker}" for s in self.plan.stages)
+        return (f"{self.reason}; went on without {', '.join(self.failed) or 'it'} after "
+                f"{self.took_s:.1f} s ({len(self.plan.stages)} stages: {stages}; "
+                f"{self.sessions} session(s) replayed)")
+
+
+Event = TextPiece | Failover | Finished
 Prompt = str | Sequence[Mapping[str, str]]
 
 
@@ -116,33 +145,84 @@ def check_prompt(tokens: Sequence[int], context_tokens: int) -> None:
             f"shorten it or raise --context")
 
 
+class _StepGate:
+    """Steps hold it shared (many at once); a failover holds it alone."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._steps = 0
+        self._exclusive = False
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive)
+            self._steps += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._steps -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive)
+            self._exclusive = True
+            self._cond.wait_for(lambda: self._steps == 0)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
 class RunningModel:
-    """A model deployed on workers; ``generate`` yields events; ``close`` unloads it."""
+    """A model deployed on workers; ``generate`` yields events; ``close`` unloads it.
+
+    With a ``replanner`` a failed worker is replaced mid-answer (see the module's doc)."""
 
     def __init__(self, plan: Plan, tokenizer: Tokenizer, path: DataPath,
-                 settings: OrchSettings, deployment: Deployment) -> None:
+                 settings: OrchSettings, deployment: Deployment,
+                 replanner: Replanner | None = None) -> None:
         self.plan = plan
+        self.first_plan = plan  # what a full cluster runs: workers that come back rejoin it
         self.tokenizer = tokenizer
         self.path = path
         self.settings = settings
         self.deployment = deployment
+        self.replanner = replanner
+        self._live: dict[str, Session] = {}
+        self._gate = _StepGate()
+        self._epoch = 0  # pipelines deployed since open: a failure of an older one is moot
+        self._failing_over = threading.Lock()
+        self._excluded: dict[str, Deployment] = {}  # failed worker -> the pipeline it held
+        self._returned: set[str] = set()  # excluded workers that answer again
         self._closed = threading.Event()
         self._renewer = threading.Thread(target=self._renew_leases, name="leases", daemon=True)
         self._renewer.start()
 
     def _renew_leases(self) -> None:
         """Keep our leases on the stages for as long as the model is open (days, for a
-        server); a lease lapses about 30 s after we are gone."""
+        server); a lease lapses about 30 s after we are gone. Workers left out after a
+        failure are asked whether they answer again."""
         while not self._closed.wait(self.settings.lease_renew_s):
-            for client in self.path.clients:
-                if client.address in self.path.failed:
+            path, deployment = self.path, self.deployment
+            for client in path.clients:
+                if client.address in path.failed:
                     continue
                 try:
-                    if not client.renew(self.path.pipeline_id, self.deployment.holder,
+                    if not client.renew(path.pipeline_id, deployment.holder,
                                         self.settings.probe_deadline_s):
                         log.warning("worker %s no longer holds our stage", client.address)
                 except OrchError as exc:
                     log.debug("renewing the lease on %s: %s", client.address, exc)
+            for address in list(self._excluded):
+                with contextlib.suppress(OrchError):
+                    self.replanner.client(address).info(self.settings.probe_deadline_s)
+                    self._returned.add(address)
 
     def encode(self, prompt: Prompt, *, chat: bool = True) -> list[int]:
         return encode_prompt(self.tokenizer, prompt, self.plan.context_tokens, chat=chat)
@@ -164,16 +244,20 @@ class RunningModel:
         stops_at = StopMatcher(stops)
         decoder = StreamDecoder(self.tokenizer)
         reason: FinishReason = "length"
-        for token in self.stream(session, tokens, max_tokens, stats):
-            if self.tokenizer.is_end_of_generation(token):
-                reason = "end"
-                break
-            text, stopped = stops_at.feed(decoder.feed(token))
-            if text:
-                yield TextPiece(text)
-            if stopped:
-                reason = "stop"
-                break
+        with contextlib.closing(self.steps(session, tokens, max_tokens, stats)) as steps:
+            for token in steps:
+                if isinstance(token, Failover):
+                    yield token
+                    continue
+                if self.tokenizer.is_end_of_generation(token):
+                    reason = "end"
+                    break
+                text, stopped = stops_at.feed(decoder.feed(token))
+                if text:
+                    yield TextPiece(text)
+                if stopped:
+                    reason = "stop"
+                    break
         if reason != "stop":
             tail, _ = stops_at.feed(decoder.flush())
             if tail := tail + stops_at.flush():
@@ -184,40 +268,164 @@ class RunningModel:
                stats: GenerationStats | None = None) -> Iterator[int]:
         """Sampled token ids for ``prompt`` (token ids), at most ``max_tokens`` and never past
         the context; ends the session when the caller stops iterating."""
+        with contextlib.closing(self.steps(session, prompt, max_tokens, stats)) as steps:
+            for item in steps:
+                if not isinstance(item, Failover):
+                    yield item
+
+    def steps(self, session: Session, prompt: Sequence[int], max_tokens: int | None = None,
+              stats: GenerationStats | None = None) -> Iterator[int | Failover]:
+        """``stream``, with a ``Failover`` wherever the answer went on after a failure."""
         context = self.plan.context_tokens
         check_prompt(prompt, context)
         limit = min(max_tokens or self.settings.max_tokens, context - len(prompt))
+        self._rejoin()
+        with self._failing_over:
+            self._live[session.id] = session
         try:
             yield from self._tokens(session, list(prompt), limit, stats or GenerationStats())
         finally:
+            with self._failing_over:
+                self._live.pop(session.id, None)
             self.end(session)
 
     def _tokens(self, session: Session, prompt: list[int], limit: int,
-                stats: GenerationStats) -> Iterator[int]:
+                stats: GenerationStats) -> Iterator[int | Failover]:
         """Sampled token ids: the prompt's chunks all in flight at once, then one by one."""
-        path, size = self.path, self.plan.batch_tokens
-        started = time.perf_counter()
-        chunk = 0
-        for start in range(0, len(prompt), size):
-            part = tuple(prompt[start:start + size])
-            last = start + size >= len(prompt)
-            chunk = path.send(session.id, start, part, want_token=last,
-                              sampling=session.sampling if start == 0 else None)
-            session.prompt_chunks.append(part)
-        out = path.wait(session.id, chunk)
-        stats.prompt_s = stats.first_token_s = time.perf_counter() - started
+        size = self.plan.batch_tokens
+        session.prompt_chunks = [tuple(prompt[s:s + size]) for s in range(0, len(prompt), size)]
         for produced in range(limit):
-            session.draws += 1
-            session.generated.append(out.token)
-            yield out.token
-            if produced + 1 == limit:
-                break
             t0 = time.perf_counter()
-            out = path.wait(session.id, path.send(session.id, session.length, [out.token],
-                                                  want_token=True))
-            stats.decode_s += time.perf_counter() - t0
-            stats.decode_tokens += 1
-            stats.add_decode(out.timings)
+            out, notice = self._step(session)
+            if produced == 0:
+                stats.prompt_s = stats.first_token_s = time.perf_counter() - t0
+            else:
+                stats.decode_s += time.perf_counter() - t0
+                stats.decode_tokens += 1
+                stats.add_decode(out.timings)
+            if notice is not None:
+                yield notice
+            yield out.token
+
+    def _step(self, session: Session) -> tuple[pb.StageOutput, Failover | None]:
+        """The session's next token, failing over as often as ``MAX_FAILOVERS`` allows."""
+        notice = None
+        for attempt in range(MAX_FAILOVERS + 1):
+            with self._gate.shared():
+                epoch = self._epoch
+                try:
+                    return self._advance(session), notice
+                except OrchError as exc:
+                    if (self.replanner is None or not calls_for_failover(exc)
+                            or attempt == MAX_FAILOVERS):
+                        raise
+                    failure = exc
+            notice = self._fail_over(epoch, failure) or notice
+        raise AssertionError("unreachable")
+
+    def _advance(self, session: Session) -> pb.StageOutput:
+        """Send what the session has not fed yet (the whole prompt, or its last token) and
+        record the token sampled. Runs under the step gate, so a failover sees either the
+        token recorded or the step not done."""
+        path = self.path
+        if not session.generated:
+            start = chunk = 0
+            for i, part in enumerate(session.prompt_chunks):
+                chunk = path.send(session.id, start, part,
+                                  want_token=i + 1 == len(session.prompt_chunks),
+                                  sampling=session.sampling if i == 0 else None)
+                start += len(part)
+        else:
+            chunk = path.send(session.id, session.length, [session.generated[-1]],
+                              want_token=True)
+        out = path.wait(session.id, chunk)
+        session.draws += 1
+        session.generated.append(out.token)
+        return out
+
+    # --- failover ----------------------------------------------------------------------
+
+    def _fail_over(self, epoch: int, failure: OrchError) -> Failover | None:
+        """Replace the pipeline that failed with ``failure`` and replay every live session;
+        None if another step did so already."""
+        with self._failing_over:
+            if self._epoch != epoch:
+                return None
+            started = time.monotonic()
+            old = self.path
+            failed = set(old.failed)
+            if failure.worker and self.plan.stage_of(failure.worker) is not None:
+                failed.add(failure.worker)
+            log.warning("failing over: %s", failure)
+            old.abandon(failure)
+            with self._gate.exclusive():
+                undeploy(self.deployment, old.clients, self.settings.cleanup_deadline_s,
+                         skip=failed)
+                for address in failed:
+                    self._excluded[address] = self.deployment
+                try:
+                    sessions = self._rebuild(self.plan)
+                except PlanError as exc:
+                    raise PlanError(f"{failure}; no plan without "
+                                    f"{', '.join(sorted(self._excluded))}: {exc}") from None
+            return Failover(tuple(sorted(failed)), str(failure), self.plan, sessions,
+                            time.monotonic() - started)
+
+    def _rebuild(self, base: Plan) -> int:
+        """Plan ``base`` again without the excluded workers, deploy it, replay every live
+        session; a worker failing meanwhile is excluded too. Returns the sessions replayed.
+        Called with the step gate held alone."""
+        for attempt in range(MAX_FAILOVERS + 1):
+            plan = self.replanner.plan_without(base, set(self._excluded))
+            pipeline = self.replanner.open(plan)
+            live = [s for s in self._live.values() if s.generated]
+            try:
+                for session in live:
+                    replay(pipeline.path, session)
+            except OrchError as exc:
+                if not calls_for_failover(exc) or attempt == MAX_FAILOVERS:
+                    self._adopt(pipeline)  # its close releases the workers
+                    raise
+                log.warning("failing over again: %s", exc)
+                pipeline.path.abandon(exc)
+                failed = set(pipeline.path.failed) | (
+                    {exc.worker} if exc.worker and plan.stage_of(exc.worker) else set())
+                undeploy(pipeline.deployment, pipeline.path.clients,
+                         self.settings.cleanup_deadline_s, skip=failed)
+                for address in failed:
+                    self._excluded[address] = pipeline.deployment
+                continue
+            self._adopt(pipeline)
+            return len(live)
+        raise AssertionError("unreachable")
+
+    def _adopt(self, pipeline: Pipeline) -> None:
+        self.plan, self.deployment, self.path = pipeline.plan, pipeline.deployment, \
+            pipeline.path
+        self._epoch += 1
+
+    def _rejoin(self) -> None:
+        """Between answers: workers left out that answer again rejoin, with a new plan."""
+        if not self._returned or self.replanner is None:
+            return
+        with self._failing_over:
+            if self._live:
+                return  # never mid-answer
+            for address in self._returned & set(self._excluded):
+                stale = self._excluded.pop(address)  # it may still hold the old stage
+                with contextlib.suppress(OrchError):
+                    self.replanner.client(address).unload(
+                        stale.pipeline_id, stale.holder, self.settings.cleanup_deadline_s)
+            self._returned.clear()
+            plan = self.replanner.plan_without(self.first_plan, set(self._excluded))
+            if _cut(plan) == _cut(self.plan):
+                return
+            log.info("workers answer again: planning with them")
+            self.path.abandon(OrchError("replaced by a new plan"))
+            with self._gate.exclusive():
+                undeploy(self.deployment, self.path.clients, self.settings.cleanup_deadline_s,
+                         skip=self.path.failed)
+                self._adopt(self.replanner.open(plan))
 
     def record_speeds(self, stats: GenerationStats, book: SpeedBook, shape_key: str) -> None:
         """Keep each stage's measured time per layer, for the next plan."""
@@ -240,10 +448,14 @@ class RunningModel:
         self._closed.set()
         self.path.close()
         undeploy(self.deployment, self.path.clients, self.settings.cleanup_deadline_s,
-                 skip=self.path.failed)
+                 skip=self.path.failed | set(self._excluded))
 
     def __enter__(self) -> RunningModel:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _cut(plan: Plan) -> tuple[tuple[str, int, int], ...]:
+    return tuple((s.worker, s.layers.start, s.layers.end) for s in plan.stages)
