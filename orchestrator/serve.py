@@ -129,7 +129,8 @@ class Gate:
 def create_app(model: RunningModel, name: str, settings: OrchSettings,
                on_broken: Callable[[str], None] | None = None) -> FastAPI:
     """The ASGI app serving ``model`` under ``name``. ``on_broken`` hears once that a worker
-    of the pipeline is dead or hung (every later answer would fail: the caller stops)."""
+    of the pipeline is dead or hung and no failover could replace it (every later answer
+    would fail: the caller stops). A failover that succeeds is only logged."""
     app = FastAPI(title="orch", docs_url=None, redoc_url=None)
     state = _State(model, name, settings, on_broken)
 
