@@ -322,10 +322,10 @@ def test_orch_info_shows_the_table(moe_mini):
     assert "split: experts" in one.output
 
 
-@pytest.mark.slow
-def test_real_gemma3_270m_split_equals_unsplit_past_its_window(gemma3_path, tmp_path, threads):
-    """The real Gemma 3 270M (window 512, every sixth layer global), a prompt longer than
-    the window, cut so that one stage is the single global layer 5."""
+@pytest.fixture(scope="module")
+def gemma3_reference(gemma3_path, threads):
+    """The unsplit Gemma 3 270M on a prompt longer than its 512-token window, then three
+    greedy steps: (prompt, tokens, logits of each step)."""
     rng = np.random.default_rng(0)
     prompt = [2] + [int(t) for t in rng.integers(1000, 200_000, 519)]
     ref = ReferenceModel(gemma3_path, n_ctx=1024, threads=threads)
@@ -335,7 +335,18 @@ def test_real_gemma3_270m_split_equals_unsplit_past_its_window(gemma3_path, tmp_
         tokens.append(int(np.argmax(expected[-1][-1])))
         expected.append(ref.eval([tokens[-1]]))
     ref.close()
-    chain = Chain(gemma3_path, [5, 6, 12], tmp_path, EngineConfig(
+    return prompt, tokens, expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cuts", [[9], [6, 12], [5, 6, 12]],
+                         ids=["2-stages", "3-stages", "4-stages-one-global-layer"])
+def test_real_gemma3_270m_split_equals_unsplit_past_its_window(gemma3_path, gemma3_reference,
+                                                               cuts, tmp_path, threads):
+    """The real Gemma 3 270M (Gemma Terms of Use; window 512, every sixth layer global),
+    over 2, 3 and 4 stages, one of them the single global layer 5."""
+    prompt, tokens, expected = gemma3_reference
+    chain = Chain(gemma3_path, cuts, tmp_path, EngineConfig(
         threads=threads, context_tokens=1024, max_sessions=1, batch_tokens=len(prompt)))
     try:
         got = [chain.forward("s", range(len(prompt)), prompt)]
