@@ -131,8 +131,11 @@ def command(args: list[str], state: Path, cache: Path, exposed: list[Path],
            ]
     for home in homes:  # ProtectHome=yes
         cmd += ["--tmpfs", str(home)]
+    # What the unit hides (homes, /tmp) but this test run lives in: a checkout or its Python
+    # under /root or /tmp stays visible, read-only.
+    hidden = [*homes, Path("/tmp"), Path("/var/tmp")]
     for path in dict.fromkeys(exposed):
-        home = next((h for h in homes if path.is_relative_to(h)), None)
+        home = next((h for h in hidden if path.is_relative_to(h)), None)
         if home is not None:  # its parents readable (bwrap would make them 0700)
             for parent in reversed(path.relative_to(home).parents[:-1]):
                 cmd += ["--perms", "0755", "--dir", str(home / parent)]
