@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,7 +26,14 @@ from typing import Any, NamedTuple
 
 import gguf
 import numpy as np
-from gguf import MODEL_TENSOR, SHARD_NAME_FORMAT, TENSOR_NAMES, GGMLQuantizationType, Keys
+from gguf import (
+    MODEL_TENSOR,
+    SHARD_NAME_FORMAT,
+    TENSOR_NAMES,
+    GGMLQuantizationType,
+    GGUFValueType,
+    Keys,
+)
 
 from orchcore.archs import ARCHITECTURES, SUPPORTED_ARCHITECTURES, Architecture, unsupported
 from orchcore.errors import (
@@ -35,6 +43,7 @@ from orchcore.errors import (
     TruncatedGGUFError,
     UnsupportedModelError,
 )
+from orchcore.ggufscan import skip_value
 
 # "blk.{bid}.attn_q" -> "blk.", the prefix every per-layer tensor name shares.
 BLOCK_PREFIX = TENSOR_NAMES[MODEL_TENSOR.ATTN_Q].split("{bid}")[0]
@@ -208,11 +217,38 @@ class ModelFacts:
 
 
 class _CheckedReader(gguf.GGUFReader):
-    """GGUFReader that checks every tensor lies inside the file before mapping it.
+    """GGUFReader that checks every tensor lies inside the file before mapping it, and steps
+    over the elements of very long arrays.
 
     gguf-py would otherwise fail with a bare reshape error; we name the tensor.
     ``_build_tensors`` is the reader's hook that receives the parsed tensor-info fields.
+
+    gguf-py maps every element of an array as a numpy view of its own: a 262k-token
+    vocabulary took 17 s. Arrays of ``LONG_ARRAY`` or more elements (tokenizer lists, which
+    neither the facts nor the shards carry) are walked by their lengths alone: their field
+    keeps its types and its length part but no elements (``contents()`` is empty).
     """
+
+    LONG_ARRAY = 10_000
+
+    def _get_field_parts(self, orig_offs: int, raw_type: int
+                         ) -> tuple[int, list[np.ndarray], list[int], list[GGUFValueType]]:
+        if raw_type == GGUFValueType.ARRAY and self.byte_order == "I":
+            item_type, count = self._get(orig_offs, np.uint32), self._get(orig_offs + 4,
+                                                                          np.uint64)
+            if int(count[0]) >= self.LONG_ARRAY:
+                try:
+                    end = skip_value(memoryview(self.data), orig_offs, GGUFValueType.ARRAY)
+                except struct.error:  # as gguf-py's own reads would fail: cut short
+                    raise ValueError(f"array at {orig_offs} runs past the end") from None
+                return (end - orig_offs, [item_type, count], [],
+                        [GGUFValueType.ARRAY, GGUFValueType(int(item_type[0]))])
+        return super()._get_field_parts(orig_offs, raw_type)
+
+    def stepped_over(self) -> list[str]:
+        """Keys whose long array was not read."""
+        return [k for k, f in self.fields.items() if f.types[:1] == [GGUFValueType.ARRAY]
+                and not f.data and int(f.parts[-1][0]) >= self.LONG_ARRAY]
 
     def _build_tensors(self, start_offs: int, fields: list[gguf.ReaderField]) -> None:
         file_size = len(self.data)
@@ -234,6 +270,12 @@ class _CheckedReader(gguf.GGUFReader):
                     f"the file ({file_size} bytes): truncated or corrupt file"
                 )
         super()._build_tensors(start_offs, fields)
+
+
+class _WholeReader(_CheckedReader):
+    """Every element read: for a file with a long array outside the tokenizer."""
+
+    LONG_ARRAY = 1 << 62
 
 
 class _TensorProblem(Exception):
@@ -293,7 +335,10 @@ def _open_reader(path: Path) -> gguf.GGUFReader:
         raise CorruptGGUFError(path, f"GGUF version {version}: only versions "
                                      f"{', '.join(map(str, _READABLE_VERSIONS))} can be read")
     try:
-        return _CheckedReader(path)
+        reader = _CheckedReader(path)
+        if any(not key.startswith("tokenizer.") for key in reader.stepped_over()):
+            reader = _WholeReader(path)  # a long array a shard would carry
+        return reader
     except _TensorProblem as exc:
         raise exc.error(path, str(exc)) from None
     except (ValueError, KeyError, IndexError, OverflowError, UnicodeDecodeError,

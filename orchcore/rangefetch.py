@@ -17,7 +17,6 @@ import json
 import logging
 import re
 import shutil
-import struct
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
@@ -25,11 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-import gguf
-from gguf import GGUFValueType
-
 from orchcore.errors import NoRangeError, SourceFetchError
 from orchcore.files import read_json, write_atomic
+from orchcore.ggufscan import HeaderScan, scan_header
 from orchcore.slices import ByteRange
 
 log = logging.getLogger(__name__)
@@ -200,61 +197,3 @@ def fetch_headers(copy: SparseCopy) -> tuple[int, list[HeaderScan]]:
                                        f"{have >> 20} MiB")
             want *= 2
     return total, scans
-
-
-_SCALARS = {GGUFValueType.UINT8: 1, GGUFValueType.INT8: 1, GGUFValueType.UINT16: 2,
-            GGUFValueType.INT16: 2, GGUFValueType.UINT32: 4, GGUFValueType.INT32: 4,
-            GGUFValueType.FLOAT32: 4, GGUFValueType.BOOL: 1, GGUFValueType.UINT64: 8,
-            GGUFValueType.INT64: 8, GGUFValueType.FLOAT64: 8}
-
-
-@dataclass(frozen=True)
-class HeaderScan:
-    end: int  # where the tensor data starts
-    split_count: int  # files of the split set (1: a single file)
-
-
-_SPLIT_COUNT = gguf.Keys.Split.LLM_KV_SPLIT_COUNT.encode()
-
-
-def scan_header(buf: bytes) -> HeaderScan | None:
-    """Where the tensor data of a GGUF file starts, from its first bytes ``buf``; None if the
-    header and tensor table do not end within them. (gguf-py's reader parses every value
-    into numpy views, seconds for a large vocabulary; this only walks the lengths.)"""
-    try:
-        n_tensors, n_kv = struct.unpack_from("<QQ", buf, 8)
-        pos, alignment, split_count = 24, gguf.GGUF_DEFAULT_ALIGNMENT, 1
-        for _ in range(n_kv):
-            (klen,) = struct.unpack_from("<Q", buf, pos)
-            key = buf[pos + 8:pos + 8 + klen]
-            pos += 8 + klen
-            (vtype,) = struct.unpack_from("<I", buf, pos)
-            if key == b"general.alignment" and vtype == GGUFValueType.UINT32:
-                (alignment,) = struct.unpack_from("<I", buf, pos + 4)
-            if key == _SPLIT_COUNT and vtype == GGUFValueType.UINT16:
-                (split_count,) = struct.unpack_from("<H", buf, pos + 4)
-            pos = _skip_value(buf, pos + 4, GGUFValueType(vtype))
-        for _ in range(n_tensors):
-            (nlen,) = struct.unpack_from("<Q", buf, pos)
-            (n_dims,) = struct.unpack_from("<I", buf, pos + 8 + nlen)
-            pos += 8 + nlen + 4 + 8 * n_dims + 4 + 8
-    except (struct.error, ValueError):
-        return None
-    if pos > len(buf):
-        return None
-    return HeaderScan(-(-pos // alignment) * alignment, split_count)
-
-
-def _skip_value(buf: bytes, pos: int, vtype: GGUFValueType) -> int:
-    if vtype in _SCALARS:
-        return pos + _SCALARS[vtype]
-    if vtype == GGUFValueType.STRING:
-        return pos + 8 + struct.unpack_from("<Q", buf, pos)[0]
-    (item, count) = struct.unpack_from("<IQ", buf, pos)
-    pos += 12
-    item = GGUFValueType(item)
-    if item in _SCALARS:
-        return pos + count * _SCALARS[item]
-    for _ in range(count):
-        pos = _skip_value(buf, pos, item)
-    return pos

@@ -31,8 +31,8 @@ from gguf.constants import GGUF_MAGIC
 from orchcore.errors import ModelFetchError, ModelNotFoundError, NotGGUFError
 from orchcore.facts import read_model_facts, split_part_paths
 from orchcore.files import locked, read_json, write_atomic
+from orchcore.ggufscan import HeaderScan, scan_header
 from orchcore.paths import cache_dir
-from orchcore.rangefetch import HeaderScan, scan_header
 from orchestrator import hub
 from orchestrator.download import find_pulled, is_url, pull_url, remove_pulled
 from orchestrator.registry import (

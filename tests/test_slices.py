@@ -14,7 +14,8 @@ from httpserver import serve
 from orchcore import modelgen
 from orchcore.errors import SourceFetchError
 from orchcore.facts import read_model_facts
-from orchcore.rangefetch import RemoteFile, describe_url, scan_header
+from orchcore.ggufscan import scan_header
+from orchcore.rangefetch import RemoteFile, describe_url
 from orchcore.shard import LayerRange, shard_layout, write_shard
 from orchcore.slices import ByteRange, merge, shard_ranges, total_bytes, uncovered
 from orchestrator.modelstore import Store, header_sha256
