@@ -209,6 +209,8 @@ class RunningModel:
         server); a lease lapses about 30 s after we are gone. Workers left out after a
         failure are asked whether they answer again."""
         while not self._closed.wait(self.settings.lease_renew_s):
+            if self._failing_over.locked():  # the stages are being replaced: not ours now
+                continue
             path, deployment = self.path, self.deployment
             for client in path.clients:
                 if client.address in path.failed:
