@@ -132,11 +132,12 @@ def fetch_slices(plan: Plan, facts: ModelFacts, clients: Sequence[WorkerClient],
     an error."""
     def one(stage: StagePlan) -> tuple[str, int]:
         ranges = shard_ranges(facts, stage.layers)
-        advance = progress.task(f"{stage.worker} fetching layers {stage.layers}",
-                                total_bytes(ranges), alone=False)
+        size = total_bytes(ranges)
+        advance = progress.task(f"{stage.worker} fetching layers {stage.layers}", size,
+                                alone=False)
         got = clients[stage.index].fetch_shard(
             convert.fetch_to_proto(source.files, ranges, stage.layers), advance)
-        return got.sha256, 0 if got.already_cached else total_bytes(ranges)
+        return got.sha256, 0 if got.already_cached else size
 
     done, failed = {}, []
     with ThreadPoolExecutor(max_workers=len(plan.stages)) as pool:

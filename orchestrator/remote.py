@@ -36,9 +36,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RemoteModel:
-    files: tuple[RemoteFile, ...]
     copy: SparseCopy  # the headers, fetched
     header_bytes: int  # fetched by this run (0 when an earlier run fetched them)
+
+    @property
+    def files(self) -> tuple[RemoteFile, ...]:
+        return self.copy.files
 
     @property
     def path(self) -> Path:
@@ -111,7 +114,7 @@ def open_remote(first: RemoteFile, root: Path) -> RemoteModel:
         copy = SparseCopy(_folder(root, files), files, "orchestrator")
         fetched += fetch_headers(copy)[0]
     log.info("read the headers of %s: %d bytes fetched", first.url, fetched)
-    return RemoteModel(copy.files, copy, fetched)
+    return RemoteModel(copy, fetched)
 
 
 def _sibling(first: RemoteFile, name: str) -> RemoteFile:
