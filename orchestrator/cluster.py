@@ -17,6 +17,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
+from orchcore.cpu import host_id
 from orchcore.devices import DeviceFacts
 from orchcore.facts import ModelFacts
 from orchcore.probe import layer_shape
@@ -31,6 +32,7 @@ from orchestrator.speeds import SpeedBook
 from orchestrator.tokenizer import Tokenizer
 
 LINK_PAYLOAD_BYTES = 256 << 10  # measures each worker's bandwidth when connecting
+LOOPBACK_LINK_S = 0.001  # a worker on the orchestrator's own machine: one whole millisecond
 REFINE_BEYOND = 0.25  # relative difference between a run's speed and the probe's that counts
 
 
@@ -49,10 +51,16 @@ class Cluster:
     def connect(cls, addresses: Sequence[str], token: str | None, settings: OrchSettings,
                 alive: Callable[[], None] | None = None) -> Cluster:
         clients = [WorkerClient(a, token, settings) for a in addresses]
+        here = host_id()
         try:
             devices = []
             for c in clients:
                 device = convert.device_from_proto(c.address, c.check_protocol())
+                if device.host_id == here:
+                    # On this machine every link is the same loopback: a measurement would
+                    # only add jitter, which could re-cut the model and send shards again.
+                    devices.append(replace(device, link_s=LOOPBACK_LINK_S))
+                    continue
                 rtt, bandwidth = c.measure_link(LINK_PAYLOAD_BYTES)
                 # Whole milliseconds: jitter must never reorder two workers on one switch
                 # (that would re-cut the model and send shards again).
