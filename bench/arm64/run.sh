@@ -1,0 +1,357 @@
+#!/usr/bin/env bash
+# orch on arm64 (a Raspberry Pi 5's CPU) under qemu-user emulation, start to finish:
+#   1. an arm64 Debian rootfs (debootstrap) and a cross-compiled llama-cpp-python wheel,
+#      both cached by version outside the repository;
+#   2. orch installed in the rootfs from this checkout (a wheel of it, its declared
+#      dependencies from PyPI, the cross-built llama-cpp-python);
+#   3. under QEMU_CPU=cortex-a76: the exactness tests (real 135M, generated Q4_0/Q4_K/Q8_0),
+#      a 2-worker `orch run` on loopback, the memory test and the engine memory benchmark
+#      (repacking on), and a mixed x86 + arm64 pipeline against the unsplit x86 model;
+#   4. a markdown report on stdout and in the work folder.
+#
+# Needs root (debootstrap, chroot, mounts) and Debian's apt (the host packages are
+# installed when missing). Timings under emulation say nothing about a Pi's speed;
+# exactness and memory do.
+#
+#   sudo bash bench/arm64/run.sh                 # everything
+#   ARM64_PHASES="exact-real orch-run" sudo bash bench/arm64/run.sh   # some phases only
+#
+# Settings (environment): ARM64_CACHE (default ${XDG_CACHE_HOME:-~/.cache}/orch-bench/arm64),
+# ARM64_SUITE (Debian release of the rootfs; default bookworm, whose python3 is 3.11),
+# ARM64_MIRROR (default: the host's Debian mirror from apt's sources), ARM64_QEMU_CPU
+# (default cortex-a76), ARM64_ARCH_FLAGS (default armv8.2-a+dotprod+fp16),
+# ARM64_PHASES (default: all), ARM64_THREADS (llama.cpp threads per process, default 1: on
+# a busy 2-core machine two threads wait for each other at every ggml barrier; the tests
+# take their thread count from the cores they may use, so with 1 they run on one core).
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+here="$repo/bench/arm64"
+cache="${ARM64_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/orch-bench/arm64}"
+suite="${ARM64_SUITE:-bookworm}"
+qemu_cpu="${ARM64_QEMU_CPU:-cortex-a76}"
+arch_flags="${ARM64_ARCH_FLAGS:-armv8.2-a+dotprod+fp16}"
+threads="${ARM64_THREADS:-1}"
+phases="${ARM64_PHASES:-exact-real exact-generated orch-run memory engine-memory mixed mixed-run}"
+host_python="$repo/.venv/bin/python"
+# Bump when the rootfs recipe changes: a cached rootfs of another recipe is not reused.
+rootfs_recipe=1
+rootfs_packages="python3,python3-venv,python3-pip,ca-certificates,libgomp1,libstdc++6"
+
+log() { printf '[arm64 %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "needs root (debootstrap, chroot and mounts)"
+[ -x "$host_python" ] || die "no .venv: run 'bash scripts/setup.sh' first"
+
+# --- host tools ------------------------------------------------------------------------
+need_pkgs=()
+command -v debootstrap >/dev/null || need_pkgs+=(debootstrap)
+[ -x /usr/bin/qemu-aarch64-static ] || need_pkgs+=(qemu-user-static binfmt-support)
+command -v aarch64-linux-gnu-g++ >/dev/null || need_pkgs+=(g++-aarch64-linux-gnu)
+command -v cmake >/dev/null || need_pkgs+=(cmake)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+    log "installing host packages: ${need_pkgs[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+fi
+[ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] || update-binfmts --enable qemu-aarch64 \
+    || die "aarch64 binaries cannot run here (binfmt_misc: qemu-aarch64 not registered)"
+
+llama_version="$("$host_python" - "$repo/pyproject.toml" <<'PY'
+import sys, tomllib
+deps = tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]
+print(next(d.split("==")[1] for d in deps if d.startswith("llama-cpp-python==")))
+PY
+)"
+host_llama="$("$host_python" -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))')"
+[ "$host_llama" = "$llama_version" ] \
+    || die "the host .venv has llama-cpp-python $host_llama, pyproject pins $llama_version"
+
+mkdir -p "$cache"
+work="$cache/run"  # this run's logs and report (the host side of the rootfs work folder)
+rootfs="$cache/rootfs-$suite-arm64-r$rootfs_recipe"
+wheeldir="$cache/wheel-llama-cpp-python-$llama_version-${arch_flags//+/_}"
+
+declare -A took=()  # phase -> seconds
+declare -A result=()  # phase -> one line
+timed() {  # timed NAME CMD...: run, record its wall time; never stops the script
+    local name="$1" t0 rc=0; shift
+    t0=$(date +%s)
+    "$@" || rc=$?
+    took[$name]=$(( $(date +%s) - t0 ))
+    return $rc
+}
+
+# --- 1a. the rootfs ----------------------------------------------------------------------
+debian_mirror() {
+    [ -n "${ARM64_MIRROR:-}" ] && { echo "$ARM64_MIRROR"; return; }
+    local uri
+    uri="$(grep -hE '^\s*URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null \
+        | awk '{print $2}' | grep -E '/debian/?$' | head -n1 || true)"
+    [ -n "$uri" ] || uri="$(grep -hE '^\s*deb\s' /etc/apt/sources.list 2>/dev/null \
+        | awk '{print $2}' | grep -E '/debian/?$' | head -n1 || true)"
+    echo "${uri:-http://deb.debian.org/debian}"
+}
+
+build_rootfs() {
+    local mirror tmp
+    mirror="$(debian_mirror)"
+    tmp="$rootfs.partial"
+    rm -rf "$tmp"
+    log "debootstrap $suite arm64 from $mirror (about 3 min; log: $cache/debootstrap.log)"
+    debootstrap --arch=arm64 --variant=minbase --include="$rootfs_packages" \
+        "$suite" "$tmp" "$mirror" >"$cache/debootstrap.log" 2>&1 \
+        || { tail -n 20 "$cache/debootstrap.log" >&2; die "debootstrap failed"; }
+    # pip reaches PyPI through the host's extra CA certificates, if it has any
+    mkdir -p "$tmp/usr/local/share/ca-certificates"
+    cp /usr/local/share/ca-certificates/*.crt "$tmp/usr/local/share/ca-certificates/" \
+        2>/dev/null || true
+    chroot "$tmp" /usr/sbin/update-ca-certificates >/dev/null
+    chroot "$tmp" /usr/bin/python3 -m venv /opt/orch-venv
+    mv "$tmp" "$rootfs"
+}
+
+# --- 1b. llama-cpp-python cross-compiled for aarch64 --------------------------------------
+build_wheel() {
+    local build="$cache/wheel-build" env="$cache/build-venv"
+    rm -rf "$build" && mkdir -p "$build"
+    [ -x "$env/bin/pip" ] || python3 -m venv "$env"
+    "$env/bin/pip" install --quiet wheel
+    cat >"$build/aarch64.cmake" <<CMAKE
+set(CMAKE_SYSTEM_NAME Linux)
+set(CMAKE_SYSTEM_PROCESSOR aarch64)
+set(CMAKE_C_COMPILER aarch64-linux-gnu-gcc)
+set(CMAKE_CXX_COMPILER aarch64-linux-gnu-g++)
+set(CMAKE_FIND_ROOT_PATH /usr/aarch64-linux-gnu)
+set(CMAKE_FIND_ROOT_PATH_MODE_PROGRAM NEVER)
+set(CMAKE_FIND_ROOT_PATH_MODE_LIBRARY ONLY)
+set(CMAKE_FIND_ROOT_PATH_MODE_INCLUDE ONLY)
+set(CMAKE_FIND_ROOT_PATH_MODE_PACKAGE ONLY)
+CMAKE
+    "$env/bin/pip" download --quiet --no-deps --no-binary :all: -d "$build" \
+        "llama-cpp-python==$llama_version"
+    log "cross-compiling llama-cpp-python $llama_version for aarch64 ($arch_flags; about" \
+        "9 min on 2 cores; log: $cache/wheel-build.log)"
+    CMAKE_ARGS="-DCMAKE_TOOLCHAIN_FILE=$build/aarch64.cmake -DGGML_NATIVE=OFF \
+-DGGML_CPU_ARM_ARCH=$arch_flags -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF \
+-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF" \
+        "$env/bin/pip" wheel --no-deps -w "$build/out" "$build"/llama_cpp_python-*.tar.gz \
+        >"$cache/wheel-build.log" 2>&1 \
+        || { tail -n 30 "$cache/wheel-build.log" >&2; die "cross build failed"; }
+    # scikit-build-core tags it for the machine that built it: it holds aarch64 code
+    "$env/bin/python" -m wheel tags --remove --platform-tag linux_aarch64 "$build"/out/*.whl \
+        >/dev/null
+    mkdir -p "$wheeldir.partial"
+    mv "$build"/out/*linux_aarch64.whl "$wheeldir.partial/"
+    rm -rf "$wheeldir" && mv "$wheeldir.partial" "$wheeldir"
+    rm -rf "$build"
+}
+
+t_setup=$(date +%s)
+pids=()
+if [ -d "$rootfs" ]; then log "rootfs: cached ($rootfs)"; else build_rootfs & pids+=($!); fi
+if compgen -G "$wheeldir/*.whl" >/dev/null; then log "wheel: cached ($wheeldir)"
+else build_wheel & pids+=($!); fi
+for pid in "${pids[@]}"; do wait "$pid" || die "building the rootfs or the wheel failed"; done
+took[build]=$(( $(date +%s) - t_setup ))
+
+# --- 2. orch in the rootfs ---------------------------------------------------------------
+mounted=()
+unmount_all() {
+    local i
+    for (( i=${#mounted[@]}-1; i>=0; i-- )); do umount -R "${mounted[$i]}" 2>/dev/null || true; done
+}
+trap unmount_all EXIT
+for dir in proc sys dev; do
+    if ! mountpoint -q "$rootfs/$dir"; then
+        if [ "$dir" = proc ]; then mount -t proc proc "$rootfs/proc"
+        else mount --rbind "/$dir" "$rootfs/$dir" && mount --make-rslave "$rootfs/$dir"; fi
+        mounted+=("$rootfs/$dir")
+    fi
+done
+cp -L /etc/resolv.conf "$rootfs/etc/resolv.conf"
+
+in_chroot() {  # a clean environment: no host pip configuration, the emulated CPU set
+    chroot "$rootfs" /usr/bin/env -i HOME=/root LANG=C.UTF-8 TERM=dumb \
+        PATH=/opt/orch-venv/bin:/usr/local/bin:/usr/bin:/bin QEMU_CPU="$qemu_cpu" \
+        PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
+        SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt PYTHONDONTWRITEBYTECODE=1 \
+        ORCH_DISCOVERY=off ORCH_WORKER_DISCOVERY=off HF_HUB_OFFLINE=1 "$@"
+}
+
+install_orch() {
+    local dist="$rootfs/opt/orch-dist" test_deps
+    rm -rf "$dist" && mkdir -p "$dist"
+    "$host_python" -m pip wheel --quiet --no-deps -w "$dist" "$repo" >/dev/null
+    cp "$wheeldir"/*.whl "$dist/"
+    # the test runner's own requirements, as pyproject states them
+    test_deps="$("$host_python" - "$repo/pyproject.toml" <<'PY'
+import sys, tomllib
+dev = tomllib.load(open(sys.argv[1], "rb"))["project"]["optional-dependencies"]["dev"]
+print(" ".join(d for d in dev if d.split(">")[0].split("=")[0] in ("pytest", "pytest-timeout")))
+PY
+)"
+    # orch's declared dependencies come with its wheel's metadata (whatever main adds)
+    in_chroot bash -c "cd /opt/orch-dist && pip install --quiet llama_cpp_python-*.whl \
+orch_cluster-*.whl $test_deps && pip install --quiet --force-reinstall --no-deps \
+orch_cluster-*.whl llama_cpp_python-*.whl"
+    # the tests and benchmarks run from a copy, against the installed package
+    rm -rf "$rootfs/opt/orch-src" && mkdir -p "$rootfs/opt/orch-src"
+    cp -r "$repo/tests" "$repo/bench" "$repo/pyproject.toml" "$rootfs/opt/orch-src/"
+}
+log "installing orch from this checkout into the rootfs"
+timed install install_orch || die "installing orch in the rootfs failed"
+
+rm -rf "$rootfs/opt/orch-run" && mkdir -p "$rootfs/opt/orch-run"
+work="$rootfs/opt/orch-run"
+in_chroot python -m orchestrator.cli --help >/dev/null || die "orch does not start in the rootfs"
+in_chroot python /opt/orch-src/bench/arm64/sysinfo.py >"$work/sysinfo.json"
+log "rootfs: $(cat "$work/sysinfo.json")"
+
+# --- 3. the checks -------------------------------------------------------------------------
+pin=""  # the tests' llama.cpp threads follow the cores they may use
+[ "$threads" = 1 ] && pin="taskset -c $(cut -d, -f1 <<<"$(taskset -pc $$ | awk '{print $NF}')" | cut -d- -f1)"
+
+pytest_phase() {  # pytest_phase NAME PYTEST-ARGS...
+    local name="$1"; shift
+    log "$name: pytest $*"
+    if timed "$name" in_chroot $pin bash -c "cd /opt/orch-src && python -m pytest -p no:cacheprovider \
+-q -s -o addopts='' $*" >"$work/$name.log" 2>&1; then
+        result[$name]="pass: $(grep -E '^[0-9]+ passed' "$work/$name.log" | tail -n1 \
+            || tail -n1 "$work/$name.log")"
+    else
+        result[$name]="FAIL: $(grep -E 'passed|failed|error' "$work/$name.log" | tail -n1)"
+    fi
+    log "$name: ${result[$name]} (${took[$name]} s)"
+}
+
+want() { [[ " $phases " == *" $1 "* ]]; }
+
+want exact-real && pytest_phase exact-real tests/test_exact_real.py
+want exact-generated && pytest_phase exact-generated tests/test_exact_generated.py \
+    -k "'Q4_0 or Q4_K or Q8_0'"
+want memory && pytest_phase memory tests/test_memory.py
+
+if want orch-run; then
+    log "orch-run: 2 local workers in the rootfs"
+    if timed orch-run in_chroot orch run smollm2-135m "The capital of France is" --local 2 \
+            --no-chat --max-tokens 16 --threads 1 --stats >"$work/orch-run.log" 2>&1; then
+        result[orch-run]="pass: $(head -c 200 "$work/orch-run.log" | tr '\n' ' ')"
+    else
+        result[orch-run]="FAIL: $(tail -n 3 "$work/orch-run.log" | tr '\n' ' ')"
+    fi
+    log "orch-run: ${result[orch-run]} (${took[orch-run]} s)"
+fi
+
+if want engine-memory; then
+    log "engine-memory: bench/engine_memory.py in the rootfs"
+    if timed engine-memory in_chroot $pin python /opt/orch-src/bench/engine_memory.py \
+            --models 135m,1b --variants engine,no-repack --threads "$threads" \
+            --prompt-tokens 64 --decode-tokens 16 \
+            --workdir /opt/orch-run/models >"$work/engine-memory.log" 2>&1; then
+        result[engine-memory]="pass (table below)"
+    else
+        result[engine-memory]="FAIL: $(tail -n 3 "$work/engine-memory.log" | tr '\n' ' ')"
+    fi
+    log "engine-memory: ${result[engine-memory]} (${took[engine-memory]} s)"
+fi
+
+mixed_steps() {  # the KL measurement: x86 stage 0 -> arm64 stage 1 and the reverse
+    local dir=/opt/orch-run/mixed
+    "$host_python" "$here/mixed.py" x86-first "$rootfs$dir" --threads "$threads" \
+        && in_chroot $pin python /opt/orch-src/bench/arm64/mixed.py arm64 "$dir" \
+            --threads "$threads" \
+        && "$host_python" "$here/mixed.py" x86-second "$rootfs$dir" --threads "$threads"
+}
+if want mixed; then
+    log "mixed: x86 and arm64 stages against the unsplit x86 model (teacher-forced)"
+    if timed mixed mixed_steps >"$work/mixed.log" 2>&1; then
+        result[mixed]="pass (table below)"
+    else
+        result[mixed]="FAIL: $(tail -n 3 "$work/mixed.log" | tr '\n' ' ')"
+    fi
+    log "mixed: ${result[mixed]} (${took[mixed]} s)"
+fi
+
+await_ready() {  # await_ready FILE: the worker's address once it listens
+    local i
+    for i in $(seq 600); do [ -s "$1" ] && { cat "$1"; return; }; sleep 0.5; done
+    return 1
+}
+mixed_run_steps() {  # one real pipeline: an x86 worker here, an arm64 worker in the rootfs
+    local dir="$work/mixed-run" token x86 arm rc=0
+    local prompt="The capital of France is" args=(--no-chat --max-tokens 16 --threads 1)
+    rm -rf "$dir" && mkdir -p "$dir"
+    token="$("$host_python" -c 'import secrets; print(secrets.token_urlsafe(24))')"
+    ORCH_WORKER_TOKEN="$token" ORCH_WORKER_DISCOVERY=off "$host_python" -m orchestrator.cli \
+        worker --host 127.0.0.1 --port 0 --threads 1 --cache-dir "$dir/x86" \
+        --ready-file "$dir/x86.ready" >"$dir/x86.log" 2>&1 &
+    local pid_x86=$!
+    in_chroot ORCH_WORKER_TOKEN="$token" orch worker --host 127.0.0.1 --port 0 --threads 1 \
+        --cache-dir /opt/orch-run/mixed-run/arm64 --ready-file /opt/orch-run/mixed-run/arm64.ready \
+        >"$dir/arm64.log" 2>&1 &
+    local pid_arm=$!
+    if x86="$(await_ready "$dir/x86.ready")" && arm="$(await_ready "$dir/arm64.ready")"; then
+        # equal speeds (no probe) and the throughput objective: both workers get layers
+        ORCH_TOKEN="$token" ORCH_DISCOVERY=off ORCH_PROBE=false "$host_python" -m \
+            orchestrator.cli run smollm2-135m "$prompt" --workers "$x86,$arm" \
+            --objective throughput "${args[@]}" --stats >"$dir/mixed.out" 2>&1 || rc=$?
+        ORCH_DISCOVERY=off "$host_python" -m orchestrator.cli run smollm2-135m "$prompt" \
+            --local 2 "${args[@]}" >"$dir/x86.out" 2>"$dir/x86.err" || rc=$?
+    else
+        rc=1
+    fi
+    kill "$pid_x86" "$pid_arm" 2>/dev/null || true
+    wait "$pid_x86" "$pid_arm" 2>/dev/null || true
+    cat "$dir/mixed.out"
+    echo "--- the same run on 2 x86 workers (= the unsplit x86 model) ---"
+    cat "$dir/x86.out"
+    return $rc
+}
+if want mixed-run; then
+    log "mixed-run: orch run on an x86 worker (host) and an arm64 worker (rootfs)"
+    if timed mixed-run mixed_run_steps >"$work/mixed-run.log" 2>&1; then
+        result[mixed-run]="pass: $(head -n 1 "$work/mixed-run/mixed.out" | head -c 150)"
+    else
+        result[mixed-run]="FAIL: $(tail -n 3 "$work/mixed-run.log" | tr '\n' ' ')"
+    fi
+    log "mixed-run: ${result[mixed-run]} (${took[mixed-run]} s)"
+fi
+
+# --- 4. the report -------------------------------------------------------------------------
+report="$work/report.md"
+{
+    echo "# orch on arm64 under emulation"
+    echo
+    echo "- date: $(date -Iseconds)"
+    echo "- host: $(uname -m), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs)," \
+        "$(nproc) cores, kernel $(uname -r)"
+    echo "- rootfs: Debian $suite arm64, QEMU_CPU=$qemu_cpu," \
+        "$(qemu-aarch64-static --version | head -n1)"
+    echo "- llama-cpp-python $llama_version cross-compiled with -DGGML_CPU_ARM_ARCH=$arch_flags"
+    echo "- in the rootfs: $(cat "$work/sysinfo.json")"
+    echo "- command: bash bench/arm64/run.sh (ARM64_PHASES=\"$phases\")"
+    echo
+    echo "| phase | result | wall time |"
+    echo "| --- | --- | --- |"
+    echo "| build rootfs + wheel (cached) | done | ${took[build]} s |"
+    echo "| install orch in the rootfs | done | ${took[install]} s |"
+    for name in $phases; do
+        echo "| $name | ${result[$name]:-not run} | ${took[$name]:-} s |"
+    done
+    for name in engine-memory mixed; do
+        if want "$name" && [ -f "$work/$name.log" ]; then
+            echo; echo "## $name"; echo; echo '```'; cat "$work/$name.log"; echo '```'
+        fi
+    done
+    if want memory; then
+        echo; echo "## memory (tests/test_memory.py)"; echo; echo '```'
+        grep -E '^stage [0-9]' "$work/memory.log" || true; echo '```'
+    fi
+} >"$report"
+cat "$report"
+log "report: $report (logs beside it)"
+failed=0
+for name in $phases; do [[ "${result[$name]:-}" == pass* ]] || failed=1; done
+exit $failed
