@@ -13,6 +13,9 @@ import psutil
 # ggml's AMX kernels crash the pinned build on first decode (FINDINGS 1); these cpuinfo
 # flags announce AMX.
 _AMX_FLAGS = frozenset({"amx_tile", "amx_int8", "amx_bf16"})
+# AMX is an x86 extension. An emulated ARM machine (qemu-user) reads its host's
+# /proc/cpuinfo, AMX flags included: they say nothing about the CPU the code runs on.
+_X86_MACHINES = frozenset({"x86_64", "amd64", "i386", "i686"})
 
 
 @dataclass(frozen=True)
@@ -24,7 +27,7 @@ class CpuInfo:
 
     @property
     def has_amx(self) -> bool:
-        return bool(self.flags & _AMX_FLAGS)
+        return self.arch.lower() in _X86_MACHINES and bool(self.flags & _AMX_FLAGS)
 
 
 @lru_cache(maxsize=1)

@@ -268,8 +268,11 @@ def test_extra_buffer_types_off_exactly_with_amx():
     amx = CpuInfo("Xeon", "x86_64", 2, frozenset({"avx512f", "amx_tile", "amx_int8"}))
     plain = CpuInfo("Xeon", "x86_64", 2, frozenset({"avx512f", "avx2"}))
     neon = CpuInfo("Cortex-A76", "aarch64", 4, frozenset({"asimd", "fp"}))
+    # arm64 under qemu-user on an AMX host: /proc/cpuinfo is the host's
+    emulated = CpuInfo("Xeon", "aarch64", 2, amx.flags)
     assert use_extra_buffer_types(amx) is False
     assert use_extra_buffer_types(plain) is True and use_extra_buffer_types(neon) is True
+    assert use_extra_buffer_types(emulated) is True
     assert EngineConfig().extra_buffer_types is None  # the default decides per CPU
 
 
