@@ -8,10 +8,10 @@ unsplit x86 model runs the prompt (logits of every row) and greedy decode steps;
 other variant replays those tokens with the same batch shapes.
 
 Variants, each against the unsplit x86 model (``x86``):
-  ``x86 | arm64``   stage 0 on x86, stage 1 on arm64 (f32 hidden states between them);
-  ``arm64 | x86``   the other way round;
-  ``arm64``         the unsplit model on arm64;
-  ``arm64 | arm64`` both stages on arm64 (against ``arm64``: must be exact).
+  ``x86 → arm64``    stage 0 on x86, stage 1 on arm64 (f32 hidden states between them);
+  ``arm64 → x86``    the other way round;
+  ``arm64 (unsplit)`` the whole model on arm64;
+  ``arm64 → arm64``  both stages on arm64 (against the unsplit arm64 model: exact).
 
 Three steps share a work folder that both machines see (run.sh runs them):
 
@@ -43,7 +43,6 @@ PROMPTS = (
     "The most important thing to remember when learning to cook is",
     "In 1969, the first humans",
 )
-STEPS = 32  # greedy decode steps after each prompt
 
 
 def _engine(path: Path, threads: int) -> StageEngine:
@@ -86,7 +85,8 @@ def _layout(workdir: Path) -> tuple[Path, list[Path]]:
     return model, shards
 
 
-def x86_first(workdir: Path, model_name: str, threads: int) -> None:
+def x86_first(workdir: Path, model_name: str, threads: int, n_prompts: int, steps: int
+              ) -> None:
     from orchestrator.modelstore import resolve_model
     from orchestrator.tokenizer import Tokenizer
 
@@ -103,13 +103,13 @@ def x86_first(workdir: Path, model_name: str, threads: int) -> None:
         write_shard(model, r, workdir / f"shard-{r.start}-{r.end}.gguf", facts=facts)
     _, shards = _layout(workdir)
     with Tokenizer.from_gguf(model) as tok:
-        prompts = [tok.encode(p) for p in PROMPTS]
+        prompts = [tok.encode(p) for p in PROMPTS[:n_prompts]]
     tokens, logits = [], []
     with _engine(model, threads) as whole:
         for prompt in prompts:
             seq = list(prompt)
             out = [whole.forward("m", range(len(seq)), tokens=seq, all_logits=True)]
-            for _ in range(STEPS):
+            for _ in range(steps):
                 seq.append(int(np.argmax(out[-1][-1])))
                 out.append(whole.forward("m", [len(seq) - 1], tokens=seq[-1:], all_logits=True))
             whole.end_session("m")
@@ -180,16 +180,17 @@ def x86_second(workdir: Path, threads: int) -> None:
             return [data[f"arr_{i}"] for i in range(len(runs))]
 
     x86 = load("x86")
-    rows = [("x86 | arm64", "x86", compare(x86, load("x86-arm64"))),
-            ("arm64 | x86", "x86", compare(x86, load("arm64-x86"))),
-            ("arm64", "x86", compare(x86, load("arm64"))),
-            ("arm64 | arm64", "arm64", compare(load("arm64"), load("arm64-arm64")))]
+    rows = [("x86 → arm64", "x86", compare(x86, load("x86-arm64"))),
+            ("arm64 → x86", "x86", compare(x86, load("arm64-x86"))),
+            ("arm64 (unsplit)", "x86", compare(x86, load("arm64"))),
+            ("arm64 → arm64", "arm64", compare(load("arm64"), load("arm64-arm64")))]
     ranges = ", ".join(p.stem.removeprefix("shard-").replace("-", "..") for p in shards)
-    print(f"{len(runs)} prompts, {STEPS} greedy steps each (teacher-forced), "
+    steps = len(tokens[0]) - n_prompts[0]
+    print(f"{len(runs)} prompts, {steps} greedy steps each (teacher-forced), "
           f"{rows[0][2]['rows']} next-token distributions; stages [{ranges}) "
-          f"(half-open), f32 hidden states; {threads} threads")
+          f"(half-open), f32 hidden states; llama.cpp threads: {threads}")
     print()
-    print("| pipeline (stage 0 \\| stage 1) | against | mean KL (nats) | max KL (nats) "
+    print("| pipeline (stage 0 → stage 1) | against | mean KL (nats) | max KL (nats) "
           "| greedy agreement | identical rows | max abs logit diff |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, against, m in rows:
@@ -205,10 +206,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("step", choices=("x86-first", "arm64", "x86-second"))
     p.add_argument("workdir", type=Path)
     p.add_argument("--model", default="smollm2-135m", help="a known name or a .gguf path")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--prompts", type=int, default=4, choices=range(1, len(PROMPTS) + 1),
+                   metavar=f"1..{len(PROMPTS)}", help="prompts to use (x86-first)")
+    p.add_argument("--steps", type=int, default=24, help="greedy steps per prompt (x86-first)")
     args = p.parse_args(argv)
     if args.step == "x86-first":
-        x86_first(args.workdir, args.model, args.threads)
+        x86_first(args.workdir, args.model, args.threads, args.prompts, args.steps)
     elif args.step == "arm64":
         arm64(args.workdir, args.threads)
     else:

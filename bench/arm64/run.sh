@@ -32,7 +32,7 @@ suite="${ARM64_SUITE:-bookworm}"
 qemu_cpu="${ARM64_QEMU_CPU:-cortex-a76}"
 arch_flags="${ARM64_ARCH_FLAGS:-armv8.2-a+dotprod+fp16}"
 threads="${ARM64_THREADS:-1}"
-phases="${ARM64_PHASES:-exact-real exact-generated orch-run memory engine-memory mixed mixed-run}"
+phases="${ARM64_PHASES:-exact-generated exact-real orch-run mixed mixed-run memory engine-memory}"
 host_python="$repo/.venv/bin/python"
 # Bump when the rootfs recipe changes: a cached rootfs of another recipe is not reused.
 rootfs_recipe=1
@@ -69,7 +69,6 @@ host_llama="$("$host_python" -c 'import importlib.metadata as m; print(m.version
     || die "the host .venv has llama-cpp-python $host_llama, pyproject pins $llama_version"
 
 mkdir -p "$cache"
-work="$cache/run"  # this run's logs and report (the host side of the rootfs work folder)
 rootfs="$cache/rootfs-$suite-arm64-r$rootfs_recipe"
 wheeldir="$cache/wheel-llama-cpp-python-$llama_version-${arch_flags//+/_}"
 
@@ -203,121 +202,104 @@ orch_cluster-*.whl llama_cpp_python-*.whl"
 log "installing orch from this checkout into the rootfs"
 timed install install_orch || die "installing orch in the rootfs failed"
 
-rm -rf "$rootfs/opt/orch-run" && mkdir -p "$rootfs/opt/orch-run"
-work="$rootfs/opt/orch-run"
+work="$rootfs/opt/orch-run"  # this run's logs and report; /opt/orch-run in the rootfs
+rm -rf "$work" && mkdir -p "$work"
 in_chroot python -m orchestrator.cli --help >/dev/null || die "orch does not start in the rootfs"
 in_chroot python /opt/orch-src/bench/arm64/sysinfo.py >"$work/sysinfo.json"
 log "rootfs: $(cat "$work/sysinfo.json")"
 
 # --- 3. the checks -------------------------------------------------------------------------
+# Each phase is a function that prints its log and returns its status; run_phase times it
+# and keeps a one-line result.
 pin=""  # the tests' llama.cpp threads follow the cores they may use
-[ "$threads" = 1 ] && pin="taskset -c $(cut -d, -f1 <<<"$(taskset -pc $$ | awk '{print $NF}')" | cut -d- -f1)"
+if [ "$threads" = 1 ]; then
+    pin="taskset -c $(taskset -pc $$ | awk '{print $NF}' | cut -d, -f1 | cut -d- -f1)"
+fi
+prompt="The capital of France is"
 
-pytest_phase() {  # pytest_phase NAME PYTEST-ARGS...
-    local name="$1"; shift
-    log "$name: pytest $*"
-    if timed "$name" in_chroot $pin bash -c "cd /opt/orch-src && python -m pytest -p no:cacheprovider \
--q -s -o addopts='' $*" >"$work/$name.log" 2>&1; then
-        result[$name]="pass: $(grep -E '^[0-9]+ passed' "$work/$name.log" | tail -n1 \
-            || tail -n1 "$work/$name.log")"
+run_phase() {  # run_phase NAME: phase_NAME's log in $work/NAME.log
+    local name="$1" summary
+    log "$name: running (log: $work/$name.log)"
+    if timed "$name" "phase_${name//-/_}" >"$work/$name.log" 2>&1; then
+        summary="$(grep -E '^[0-9]+ passed' "$work/$name.log" | tail -n1 || true)"
+        result[$name]="pass${summary:+: $summary}"
     else
-        result[$name]="FAIL: $(grep -E 'passed|failed|error' "$work/$name.log" | tail -n1)"
+        summary="$(grep -E '[0-9]+ (passed|failed)|rror' "$work/$name.log" | tail -n1 || true)"
+        result[$name]="FAIL: ${summary:-$(tail -n1 "$work/$name.log")}"
     fi
     log "$name: ${result[$name]} (${took[$name]} s)"
 }
 
-want() { [[ " $phases " == *" $1 "* ]]; }
+pytest_in_chroot() {
+    in_chroot $pin bash -c "cd /opt/orch-src && python -m pytest -p no:cacheprovider -q -s \
+-o addopts='' $*"
+}
 
-want exact-real && pytest_phase exact-real tests/test_exact_real.py
-want exact-generated && pytest_phase exact-generated tests/test_exact_generated.py \
-    -k "'Q4_0 or Q4_K or Q8_0'"
-want memory && pytest_phase memory tests/test_memory.py
+phase_exact_generated() {  # split == unsplit, generated models, the repacked quant types
+    pytest_in_chroot tests/test_exact_generated.py -k "'Q4_0 or Q4_K or Q8_0'"
+}
+phase_exact_real() { pytest_in_chroot tests/test_exact_real.py; }  # the real 135M
+phase_memory() { pytest_in_chroot tests/test_memory.py; }  # each worker's peak vs its budget
 
-if want orch-run; then
-    log "orch-run: 2 local workers in the rootfs"
-    if timed orch-run in_chroot orch run smollm2-135m "The capital of France is" --local 2 \
-            --no-chat --max-tokens 16 --threads 1 --stats >"$work/orch-run.log" 2>&1; then
-        result[orch-run]="pass: $(head -c 200 "$work/orch-run.log" | tr '\n' ' ')"
-    else
-        result[orch-run]="FAIL: $(tail -n 3 "$work/orch-run.log" | tr '\n' ' ')"
-    fi
-    log "orch-run: ${result[orch-run]} (${took[orch-run]} s)"
-fi
+phase_orch_run() {  # the product end to end: 2 local workers in the rootfs, loopback
+    in_chroot orch run smollm2-135m "$prompt" --local 2 --no-chat --max-tokens 16 \
+        --threads 1 --stats
+}
 
-if want engine-memory; then
-    log "engine-memory: bench/engine_memory.py in the rootfs"
-    if timed engine-memory in_chroot $pin python /opt/orch-src/bench/engine_memory.py \
-            --models 135m,1b --variants engine,no-repack --threads "$threads" \
-            --prompt-tokens 64 --decode-tokens 16 \
-            --workdir /opt/orch-run/models >"$work/engine-memory.log" 2>&1; then
-        result[engine-memory]="pass (table below)"
-    else
-        result[engine-memory]="FAIL: $(tail -n 3 "$work/engine-memory.log" | tr '\n' ' ')"
-    fi
-    log "engine-memory: ${result[engine-memory]} (${took[engine-memory]} s)"
-fi
+phase_engine_memory() {  # one engine per process: repacked (default) vs mapped weights
+    in_chroot $pin python /opt/orch-src/bench/engine_memory.py --models 135m \
+        --variants engine,no-repack --threads "$threads" --prompt-tokens 32 \
+        --decode-tokens 8 --workdir /opt/orch-run/models
+}
 
-mixed_steps() {  # the KL measurement: x86 stage 0 -> arm64 stage 1 and the reverse
+phase_mixed() {  # the KL measurement: x86 stage 0 -> arm64 stage 1 and the reverse
     local dir=/opt/orch-run/mixed
     "$host_python" "$here/mixed.py" x86-first "$rootfs$dir" --threads "$threads" \
         && in_chroot $pin python /opt/orch-src/bench/arm64/mixed.py arm64 "$dir" \
             --threads "$threads" \
         && "$host_python" "$here/mixed.py" x86-second "$rootfs$dir" --threads "$threads"
 }
-if want mixed; then
-    log "mixed: x86 and arm64 stages against the unsplit x86 model (teacher-forced)"
-    if timed mixed mixed_steps >"$work/mixed.log" 2>&1; then
-        result[mixed]="pass (table below)"
-    else
-        result[mixed]="FAIL: $(tail -n 3 "$work/mixed.log" | tr '\n' ' ')"
-    fi
-    log "mixed: ${result[mixed]} (${took[mixed]} s)"
-fi
 
 await_ready() {  # await_ready FILE: the worker's address once it listens
     local i
     for i in $(seq 600); do [ -s "$1" ] && { cat "$1"; return; }; sleep 0.5; done
     return 1
 }
-mixed_run_steps() {  # one real pipeline: an x86 worker here, an arm64 worker in the rootfs
-    local dir="$work/mixed-run" token x86 arm rc=0
-    local prompt="The capital of France is" args=(--no-chat --max-tokens 16 --threads 1)
+phase_mixed_run() {  # one real pipeline: an x86 worker here, an arm64 worker in the rootfs
+    local dir="$work/mixed-run" token x86 arm rc=0 pid_x86 pid_arm
+    local args=(--no-chat --max-tokens 16 --threads 1)
     rm -rf "$dir" && mkdir -p "$dir"
     token="$("$host_python" -c 'import secrets; print(secrets.token_urlsafe(24))')"
     ORCH_WORKER_TOKEN="$token" ORCH_WORKER_DISCOVERY=off "$host_python" -m orchestrator.cli \
         worker --host 127.0.0.1 --port 0 --threads 1 --cache-dir "$dir/x86" \
         --ready-file "$dir/x86.ready" >"$dir/x86.log" 2>&1 &
-    local pid_x86=$!
+    pid_x86=$!
     in_chroot ORCH_WORKER_TOKEN="$token" orch worker --host 127.0.0.1 --port 0 --threads 1 \
-        --cache-dir /opt/orch-run/mixed-run/arm64 --ready-file /opt/orch-run/mixed-run/arm64.ready \
-        >"$dir/arm64.log" 2>&1 &
-    local pid_arm=$!
+        --cache-dir /opt/orch-run/mixed-run/arm64 \
+        --ready-file /opt/orch-run/mixed-run/arm64.ready >"$dir/arm64.log" 2>&1 &
+    pid_arm=$!
     if x86="$(await_ready "$dir/x86.ready")" && arm="$(await_ready "$dir/arm64.ready")"; then
-        # equal speeds (no probe) and the throughput objective: both workers get layers
+        # no probe: equal speeds; throughput objective: both workers get layers
         ORCH_TOKEN="$token" ORCH_DISCOVERY=off ORCH_PROBE=false "$host_python" -m \
             orchestrator.cli run smollm2-135m "$prompt" --workers "$x86,$arm" \
-            --objective throughput "${args[@]}" --stats >"$dir/mixed.out" 2>&1 || rc=$?
+            --objective throughput "${args[@]}" --stats || rc=$?
+        echo "--- the same run on 2 local x86 workers (= the unsplit x86 model) ---"
         ORCH_DISCOVERY=off "$host_python" -m orchestrator.cli run smollm2-135m "$prompt" \
-            --local 2 "${args[@]}" >"$dir/x86.out" 2>"$dir/x86.err" || rc=$?
+            --local 2 "${args[@]}" || rc=$?
     else
-        rc=1
+        echo "a worker did not start:"; tail -n 5 "$dir/x86.log" "$dir/arm64.log"; rc=1
     fi
     kill "$pid_x86" "$pid_arm" 2>/dev/null || true
     wait "$pid_x86" "$pid_arm" 2>/dev/null || true
-    cat "$dir/mixed.out"
-    echo "--- the same run on 2 x86 workers (= the unsplit x86 model) ---"
-    cat "$dir/x86.out"
     return $rc
 }
-if want mixed-run; then
-    log "mixed-run: orch run on an x86 worker (host) and an arm64 worker (rootfs)"
-    if timed mixed-run mixed_run_steps >"$work/mixed-run.log" 2>&1; then
-        result[mixed-run]="pass: $(head -n 1 "$work/mixed-run/mixed.out" | head -c 150)"
-    else
-        result[mixed-run]="FAIL: $(tail -n 3 "$work/mixed-run.log" | tr '\n' ' ')"
-    fi
-    log "mixed-run: ${result[mixed-run]} (${took[mixed-run]} s)"
-fi
+
+for name in $phases; do
+    declare -F "phase_${name//-/_}" >/dev/null || die "unknown phase $name"
+done
+for name in $phases; do run_phase "$name"; done
+
+want() { [[ " $phases " == *" $1 "* ]]; }
 
 # --- 4. the report -------------------------------------------------------------------------
 report="$work/report.md"
@@ -340,9 +322,15 @@ report="$work/report.md"
     for name in $phases; do
         echo "| $name | ${result[$name]:-not run} | ${took[$name]:-} s |"
     done
-    for name in engine-memory mixed; do
+    for name in mixed engine-memory; do
         if want "$name" && [ -f "$work/$name.log" ]; then
             echo; echo "## $name"; echo; echo '```'; cat "$work/$name.log"; echo '```'
+        fi
+    done
+    for name in orch-run mixed-run; do
+        if want "$name" && [ -f "$work/$name.log" ]; then
+            echo; echo "## $name (answer and statistics)"; echo; echo '```'
+            grep -vE '^\s*$' "$work/$name.log" | tail -n 40; echo '```'
         fi
     done
     if want memory; then
@@ -350,8 +338,9 @@ report="$work/report.md"
         grep -E '^stage [0-9]' "$work/memory.log" || true; echo '```'
     fi
 } >"$report"
+cp "$report" "$cache/report.md"
 cat "$report"
-log "report: $report (logs beside it)"
+log "report: $report (logs beside it; a copy in $cache/report.md)"
 failed=0
 for name in $phases; do [[ "${result[$name]:-}" == pass* ]] || failed=1; done
 exit $failed
