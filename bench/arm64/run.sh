@@ -102,13 +102,14 @@ build_rootfs() {
     debootstrap --arch=arm64 --variant=minbase --include="$rootfs_packages" \
         "$suite" "$tmp" "$mirror" >"$cache/debootstrap.log" 2>&1 \
         || { tail -n 20 "$cache/debootstrap.log" >&2; die "debootstrap failed"; }
-    # pip reaches PyPI through the host's extra CA certificates, if it has any
-    mkdir -p "$tmp/usr/local/share/ca-certificates"
-    cp /usr/local/share/ca-certificates/*.crt "$tmp/usr/local/share/ca-certificates/" \
-        2>/dev/null || true
-    chroot "$tmp" /usr/sbin/update-ca-certificates >/dev/null
-    chroot "$tmp" /usr/bin/python3 -m venv /opt/orch-venv
+    finish_rootfs "$tmp"
     mv "$tmp" "$rootfs"
+}
+finish_rootfs() {
+    # pip reaches PyPI with the host's CA bundle (it holds the host's extra certificates);
+    # copied, not rebuilt by update-ca-certificates under emulation (minutes)
+    cp -L /etc/ssl/certs/ca-certificates.crt "$1/etc/ssl/certs/ca-certificates.crt"
+    chroot "$1" /usr/bin/python3 -m venv /opt/orch-venv
 }
 
 # --- 1b. llama-cpp-python cross-compiled for aarch64 --------------------------------------
@@ -192,7 +193,7 @@ print(" ".join(d for d in dev if d.split(">")[0].split("=")[0] in ("pytest", "py
 PY
 )"
     # orch's declared dependencies come with its wheel's metadata (whatever main adds)
-    in_chroot bash -c "cd /opt/orch-dist && pip install --quiet llama_cpp_python-*.whl \
+    in_chroot bash -c "cd /opt/orch-dist && pip install --quiet --prefer-binary llama_cpp_python-*.whl \
 orch_cluster-*.whl $test_deps && pip install --quiet --force-reinstall --no-deps \
 orch_cluster-*.whl llama_cpp_python-*.whl"
     # the tests and benchmarks run from a copy, against the installed package
