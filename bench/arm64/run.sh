@@ -183,7 +183,14 @@ in_chroot() {  # a clean environment: no host pip configuration, the emulated CP
 install_orch() {
     local dist="$rootfs/opt/orch-dist" test_deps
     rm -rf "$dist" && mkdir -p "$dist"
-    "$host_python" -m pip wheel --quiet --no-deps -w "$dist" "$repo" >/dev/null
+    # a wheel of the checkout as it is (tracked and new files), built from a copy so that
+    # setuptools leaves no build/ folder in it
+    local src="$cache/orch-src"
+    rm -rf "$src" && mkdir -p "$src"
+    git -C "$repo" ls-files -z --cached --others --exclude-standard \
+        | (cd "$repo" && tar --null -cf - -T -) | tar -xf - -C "$src"
+    "$host_python" -m pip wheel --quiet --no-deps -w "$dist" "$src" >/dev/null
+    rm -rf "$src"
     cp "$wheeldir"/*.whl "$dist/"
     # the test runner's own requirements, as pyproject states them
     test_deps="$("$host_python" - "$repo/pyproject.toml" <<'PY'
