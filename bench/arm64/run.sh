@@ -7,14 +7,17 @@
 #   3. under QEMU_CPU=cortex-a76: the exactness tests (real 135M, generated Q4_0/Q4_K/Q8_0),
 #      a 2-worker `orch run` on loopback, the memory test and the engine memory benchmark
 #      (repacking on), and a mixed x86 + arm64 pipeline against the unsplit x86 model;
-#   4. a markdown report on stdout and in the work folder.
+#   4. a markdown report on stdout and in $ARM64_CACHE/report.md (logs: the rootfs's
+#      /opt/orch-run).
 #
-# Needs root (debootstrap, chroot, mounts) and Debian's apt (the host packages are
-# installed when missing). Timings under emulation say nothing about a Pi's speed;
-# exactness and memory do.
+# Needs root (debootstrap, chroot, mounts), Debian's apt (the host packages are installed
+# when missing) and the checkout's .venv (scripts/setup.sh). Timings under emulation say
+# nothing about a Pi's speed; exactness and memory do.
 #
-#   sudo bash bench/arm64/run.sh                 # everything
-#   ARM64_PHASES="exact-real orch-run" sudo bash bench/arm64/run.sh   # some phases only
+#   sudo bash bench/arm64/run.sh                                      # every phase
+#   sudo ARM64_PHASES="exact-real mixed" bash bench/arm64/run.sh      # some, in this order
+#
+# Phases: exact-generated exact-real orch-run mixed mixed-run memory engine-memory.
 #
 # Settings (environment): ARM64_CACHE (default ${XDG_CACHE_HOME:-~/.cache}/orch-bench/arm64),
 # ARM64_SUITE (Debian release of the rootfs; default bookworm, whose python3 is 3.11),
