@@ -38,6 +38,8 @@ from pathlib import Path
 import httpx2 as httpx  # the HTTP client the openai package is built on
 from _common import REAL, ROOT, console, machine_facts, print_header, work_directory
 from _procwatch import ProcWatch, Snapshot, children, cmdline
+from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 RSS_TARGET = 0.05  # growth from after the warm-up to the end, per process
@@ -195,7 +197,7 @@ class Runner:
             self.counted += 1
             self.watch.done = n = self.counted
         if outcome.status == "failed":
-            self.log(f"[red]request {outcome.ask.index} failed:[/] {outcome.error}")
+            self.log(f"[red]request {outcome.ask.index} failed:[/] {escape(outcome.error)}")
         if n % self.mark_every == 0:
             self.watch.mark(f"{n} requests")
             self.log(f"{n} requests done")
@@ -337,7 +339,7 @@ def print_report(out, watch: ProcWatch, names: list[str], grown: dict, phases: d
     out.print(lat)
     for f in failures[:10]:
         out.print(f"[red]failed[/] #{f.ask.index} ({f.phase}, {f.ask.api}, "
-                  f"{'stream' if f.ask.stream else 'whole'}): {f.error}", highlight=False)
+                  f"{'stream' if f.ask.stream else 'whole'}): {escape(f.error)}", highlight=False)
     out.print(f"in flight at the end (server's count): {idle}", highlight=False)
 
 
@@ -358,7 +360,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--timeout-s", type=float, default=300.0,
                     help="a request with no answer for this long has failed")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    ap.add_argument("--json", action="store_true",
+                    help="print the results as JSON (the tables go to stderr)")
     ap.add_argument("--workdir", default=None, help="kept afterwards: cache, serve.log")
     args = ap.parse_args()
     if args.requests < 2 or args.concurrency < 1 or args.workers < 1:
@@ -370,10 +373,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    out = console() if not args.json else None
-    log = out.print if out else (lambda *_a, **_k: None)
-    if out:
-        print_header(out, f"Soak: {args.requests} requests through orch serve")
+    out = Console(stderr=True, width=160) if args.json else console()  # JSON alone on stdout
+    print_header(out, f"Soak: {args.requests} requests through orch serve")
     from orchestrator.modelstore import resolve_model
 
     model = resolve_model(REAL, progress=False)
@@ -383,19 +384,19 @@ def main() -> None:
         proc, log_path = start_serve(model, workdir, args, port)
         try:
             await_serving(proc, base, log_path, deadline_s=300)
-            result = soak(args, base, process_names(proc.pid, args.workers), log)
+            result = soak(args, base, process_names(proc.pid, args.workers), out)
         finally:
             stop_serve(proc)
         result["serve_exit_code"] = proc.returncode
+    out.print(f"orch serve exited with {proc.returncode}")
     if args.json:
         print(json.dumps(result, indent=1))
-        return
-    log(f"orch serve exited with {proc.returncode}")
 
 
-def soak(args: argparse.Namespace, base: str, pids: dict[str, int], log) -> dict:
+def soak(args: argparse.Namespace, base: str, pids: dict[str, int], out: Console) -> dict:
     names = list(pids)
     watch = ProcWatch(pids, args.sample_s)
+    log = out.print
     runner = Runner(base, watch, max(1, args.requests // 10), args.timeout_s, log)
     watch.mark("start")
     watch.start()
@@ -417,8 +418,7 @@ def soak(args: argparse.Namespace, base: str, pids: dict[str, int], log) -> dict
     phases = {p: phase_summary(runner.outcomes, p)
               for p in ("warm-up", "sequential", f"{args.concurrency} concurrent")}
     failures = [o for o in runner.outcomes if o.status == "failed"]
-    if not args.json:
-        print_report(console(), watch, names, grown, phases, failures, idle)
+    print_report(out, watch, names, grown, phases, failures, idle)
     return {"machine": machine_facts(), "args": vars(args), "pids": pids, "growth": grown,
             "rss_target": RSS_TARGET, "phases": phases, "in_flight_at_end": idle,
             "failures": [asdict(f) for f in failures],
