@@ -3,9 +3,11 @@
     watch = ProcWatch({"serve": serve_pid, "worker 0": pid0, ...}, every_s=2.0)
     watch.start(); ...; watch.mark("after warm-up", done=20); ...; watch.stop()
 
-A sample is every process's resident memory (``VmRSS``), open file descriptors (entries
-of ``/proc/PID/fd``) and threads (``Threads``). ``mark`` takes one at once under a name:
-the points a report compares; the periodic ones are the timeline in between.
+A sample is every process's resident memory (``VmRSS``, and of it ``RssAnon``: heap and
+other private memory, and ``RssFile``: pages of mapped files, which the kernel may drop),
+open file descriptors (entries of ``/proc/PID/fd``) and threads (``Threads``). ``mark``
+takes one at once under a name: the points a report compares; the periodic ones are the
+timeline in between.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ PROC = Path("/proc")
 @dataclass(frozen=True)
 class ProcSample:
     rss_kib: int
+    anon_kib: int
+    file_kib: int
     fds: int
     threads: int
 
@@ -57,7 +61,9 @@ def sample(pid: int) -> ProcSample | None:
     except (FileNotFoundError, ProcessLookupError):
         return None
     fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-    return ProcSample(int(fields["VmRSS"].split()[0]), fds, int(fields["Threads"]))
+    kib = {k: int(fields[k].split()[0]) for k in ("VmRSS", "RssAnon", "RssFile")}
+    return ProcSample(kib["VmRSS"], kib["RssAnon"], kib["RssFile"], fds,
+                      int(fields["Threads"]))
 
 
 class ProcWatch:

@@ -279,8 +279,14 @@ def growth(marks: list[Snapshot], names: list[str]) -> dict[str, dict]:
             continue
         out[name] = {"rss_mib": [a.rss_kib / 1024, b.rss_kib / 1024],
                      "rss_growth": (b.rss_kib - a.rss_kib) / a.rss_kib,
+                     "anon_mib": [a.anon_kib / 1024, b.anon_kib / 1024],
+                     "file_mib": [a.file_kib / 1024, b.file_kib / 1024],
                      "fds": [a.fds, b.fds], "threads": [a.threads, b.threads]}
     return out
+
+
+def _span(mib: list[float]) -> str:
+    return f"{mib[0]:.1f} -> {mib[1]:.1f} ({mib[1] - mib[0]:+.1f})"
 
 
 def phase_summary(outcomes: list[Outcome], phase: str) -> dict:
@@ -313,16 +319,18 @@ def print_report(out, watch: ProcWatch, names: list[str], grown: dict, phases: d
     out.print(over)
     grow = Table(title=f"From after the warm-up to the end (target: RSS growth under "
                        f"{RSS_TARGET:.0%})")
-    for col in ("process", "RSS MiB", "growth", "open fds", "threads", "target"):
+    for col in ("process", "RSS MiB", "growth", "anonymous MiB", "file-backed MiB",
+                "open fds", "threads", "target"):
         grow.add_column(col, justify="left" if col == "process" else "right")
     for name in names:
         g = grown[name]
         if g.get("gone"):
-            grow.add_row(name, "gone", "", "", "", "[red]missed[/]")
+            grow.add_row(name, "gone", "", "", "", "", "", "[red]missed[/]")
             continue
         met = g["rss_growth"] < RSS_TARGET
         grow.add_row(name, f"{g['rss_mib'][0]:.1f} -> {g['rss_mib'][1]:.1f}",
-                     f"{g['rss_growth']:+.2%}", f"{g['fds'][0]} -> {g['fds'][1]}",
+                     f"{g['rss_growth']:+.2%}", _span(g["anon_mib"]), _span(g["file_mib"]),
+                     f"{g['fds'][0]} -> {g['fds'][1]}",
                      f"{g['threads'][0]} -> {g['threads'][1]}",
                      "met" if met else "[red]missed[/]")
     out.print(grow)

@@ -7,7 +7,8 @@
 Each answer is one session of the pipeline. At most the plan's sessions run at once; up to
 ``serve_queue`` more requests wait for one, and beyond that a request gets 429. Generation
 runs in a thread per answer (the session API is synchronous); a client that goes away
-stops its answer within a token, which ends its session on the workers.
+stops its answer within a token, which ends its session on the workers. An answer's place
+is given back when its thread ends, after its session has ended on the workers.
 """
 
 from __future__ import annotations
