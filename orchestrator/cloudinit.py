@@ -198,7 +198,7 @@ def render_user_data(seed: NodeSeed) -> str:
         "#cloud-config\n"
         "# Written by `orch image` (docs/raspberry-pi.md): the first boot of an orch worker.\n"
         "# cloud-init creates the user `orch` (login with your SSH key only), installs\n"
-        f"# {', '.join(packages)}, and starts {FIRSTBOOT_UNIT}, which installs orch from\n"
+        f"# the packages below and starts {FIRSTBOOT_UNIT}, which installs orch from\n"
         f"# {seed.wheels_url} (each wheel's sha256 pinned in {FIRSTBOOT_CONFIG}),\n"
         "# names the node, and installs and starts the worker service with the cluster token.\n")
     return header + _dump(config)

@@ -70,7 +70,11 @@ class Config:
 
     @classmethod
     def read(cls, path: Path) -> Config:
-        data = json.loads(path.read_text())
+        return cls.read_text(path.read_text())
+
+    @classmethod
+    def read_text(cls, text: str) -> Config:
+        data = json.loads(text)
         return cls(wheels_url=data["wheels_url"], llama_requirement=data["llama_requirement"],
                    files={f["name"]: f["sha256"] for f in data["files"]},
                    hostname_prefix=data.get("hostname_prefix", "orch"),
@@ -242,6 +246,10 @@ def first_boot(root: Path, boot: Path, config: Config, orch: str | None = None) 
     """All steps; returns the node's name. ``orch``: use this installed orch command
     instead of installing one (a staging root's test)."""
     state = root / STATE_DIR
+    if (state / "done").is_file():
+        name = (state / "done").read_text().strip()
+        log.info("already done: this node is %s", name)
+        return name
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
     token = take_token(boot, state, config.token_file)
     scrub_wifi(boot, root)
