@@ -471,6 +471,9 @@ _IMAGE_EPILOG = (
 
 @app.command(epilog=_IMAGE_EPILOG)
 def image(
+    token_file: Annotated[Path, typer.Option(
+        help="File holding the cluster token, one line (mode 600: refused if others may "
+             "read it).", show_default=False)],
     source: Annotated[Path | None, typer.Argument(
         help="The official image: Raspberry Pi OS Lite (64-bit, Trixie or later) or Ubuntu "
              "Server for Raspberry Pi, .img.xz or .img (it is not changed).", show_default=False)
@@ -480,9 +483,6 @@ def image(
     boot_dir: Annotated[Path | None, typer.Option(
         help="Instead of an image: the mounted boot partition of a card already flashed "
              "with the official image (bootfs, system-boot).")] = None,
-    token_file: Annotated[Path, typer.Option(
-        help="File holding the cluster token (mode 600: refused if others may read it).")
-    ] = Path("token.txt"),
     wifi_ssid: Annotated[str | None, typer.Option(
         help="Wi-Fi network to join (wired Ethernet always works).")] = None,
     wifi_password_file: Annotated[Path | None, typer.Option(

@@ -1,5 +1,6 @@
 # Sourced by test.sh: the system packages some tests drive for real (a headless browser for
-# the web page, bubblewrap for the worker's sandbox, mtools and cloud-init for orch image), installed with apt-get when missing.
+# the web page, bubblewrap for the worker's sandbox, mtools, dosfstools and cloud-init for
+# orch image), installed with apt-get when missing.
 need=()
 command -v chromium >/dev/null || need+=(chromium)
 command -v chromedriver >/dev/null || need+=(chromium-driver)

@@ -339,3 +339,45 @@ def test_orch_image_needs_publish_running_and_says_so(official, secrets_dir, tmp
                            secrets_dir)
     assert done.returncode == 1 and "start `orch publish`" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_boot_dir_writes_a_flashed_cards_boot_folder(published, secrets_dir, tmp_path):
+    card = tmp_path / "bootfs"
+    card.mkdir()
+    (card / "config.txt").write_text("arm_64bit=1\n")
+    done = orch("image", "--boot-dir", str(card), "--token-file",
+                str(secrets_dir / "token.txt"), "--wheels-url", published, "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["files"] == sorted(
+        ["meta-data", "network-config", cloudinit.TOKEN_FILE, "user-data"])
+    assert (card / cloudinit.TOKEN_FILE).read_text() == TOKEN + "\n"
+    assert "wifis" not in yaml.safe_load((card / "network-config").read_text())["network"]
+    elsewhere = orch("image", "--boot-dir", str(tmp_path), "--token-file",
+                     str(secrets_dir / "token.txt"), "--wheels-url", published)
+    assert elsewhere.returncode == 1 and "does not look like a Raspberry Pi boot" in \
+        elsewhere.stderr
+
+
+def test_orch_publish_serves_the_wheels_and_their_list(tmp_path):
+    wheel = tmp_path / "orch_cluster-0.1.0-py3-none-any.whl"
+    wheel.write_bytes(b"orch's wheel")
+    extra = tmp_path / "arm64"
+    extra.mkdir()
+    (extra / LLAMA_WHEEL).write_bytes(b"an arm64 build")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "publish", "--host", "127.0.0.1", "--port",
+         "0", "--orch-wheel", str(wheel), "--wheels", str(extra), "--folder",
+         str(tmp_path / "served")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        url = server.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:"), server.stderr.read() if server.stderr \
+            else url
+        listed = json.loads(_get(url + MANIFEST))["files"]
+        assert {f["name"]: f["sha256"] for f in listed} == {
+            wheel.name: hashlib.sha256(b"orch's wheel").hexdigest(),
+            LLAMA_WHEEL: hashlib.sha256(b"an arm64 build").hexdigest()}
+        assert _get(url + LLAMA_WHEEL) == "an arm64 build"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
