@@ -82,8 +82,12 @@ def prepare_image(source: Path, out: Path, files: Mapping[str, str], *,
                          f"(64-bit) image first (docs/raspberry-pi.md)")
     if out.exists() and out.resolve() == source.resolve():
         raise ImageError(f"-o {out} is the image itself: write the node's image to a new file")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
+    except OSError as exc:
+        raise ImageError(f"cannot write -o {out} ({exc.strerror}): give a file in a folder "
+                         f"you may write to, then flash that file to the cards") from None
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as dest:
@@ -92,6 +96,10 @@ def prepare_image(source: Path, out: Path, files: Mapping[str, str], *,
         write_into_image(tmp, partition, files, mcopy)
         tmp.chmod(0o644)
         os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ImageError(f"cannot write {out}: {exc.strerror} (the node image needs as much "
+                         f"free disk as the decompressed image, about 3 GiB)") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

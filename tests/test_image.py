@@ -79,8 +79,9 @@ def official(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def published(tmp_path_factory) -> Iterator[str]:
-    """`orch publish`'s folder (orch's wheel built from this checkout, and an arm64
-    llama-cpp-python wheel as the arm64 build would give) served on loopback."""
+    """`orch publish`'s folder served on loopback: orch's wheel built from this checkout,
+    and a stand-in for the arm64 llama-cpp-python wheel (random bytes under its name: it is
+    fetched and checked here, never installed)."""
     extra = tmp_path_factory.mktemp("arm64") / LLAMA_WHEEL
     extra.write_bytes(os.urandom(4096))
     folder = tmp_path_factory.mktemp("publish")
