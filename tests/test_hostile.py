@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from orchcore.errors import GGUFError
 from orchcore.facts import read_model_facts
 from orchcore.modelgen import ModelSpec, write_model
-from orchcore.shard import LayerRange, write_shard
+from orchcore.shard import KEY_LAYER_END, LayerRange, write_shard
 from orchcore.wire.channel import connect
 from orchestrator.localcluster import LocalCluster
 from orchestrator.settings import OrchSettings
@@ -142,3 +142,12 @@ def test_peer_hosts():
     assert peer_host("ipv4:127.0.0.1:5000") == "127.0.0.1"
     assert peer_host("ipv6:[::1]:5000") == "::1"
     assert peer_host("unix:/run/x") == "unix:/run/x"
+
+
+def test_a_shard_missing_a_layer_key_is_refused_as_corrupt(headers, tmp_path):
+    """Found by the long fuzz run: a shard naming its first layer but not its last."""
+    shard = headers[2]
+    assert shard.count(KEY_LAYER_END.encode()) == 1
+    check = check_header(shard.replace(KEY_LAYER_END.encode(), KEY_LAYER_END[:-1].encode()
+                                       + b"X"), tmp_path, "s.gguf")
+    assert check == "refused"
