@@ -351,6 +351,8 @@ def cluster(
 
 
 def _print_cluster(views) -> None:
+    from orchcore.wire.tls import short
+
     table = Table(title="cluster", show_lines=True)
     table.add_column("worker", no_wrap=True)
     for col in ("machine", "memory (MiB)", "shard cache", "loaded", "links"):
@@ -366,7 +368,8 @@ def _print_cluster(views) -> None:
         if v.next_link is not None:
             links += f"\nto next: {link(v.next_link)}"
         table.add_row(
-            f"{v.address}\nid {v.worker_id[:8]}\norch {v.version}"
+            f"{v.address}\nid {v.worker_id[:8]}\norch {v.version}\n"
+            + (f"TLS {short(v.tls)}" if v.tls else "[yellow]plaintext[/]")
             + ("\n[red]other version[/]" if v.problem else ""),
             f"{v.host}, {v.arch}, {v.cores} cores\n{' '.join(v.flags)}",
             f"budget {v.budget_mb}\nfree {v.ram_available_mb} of {v.ram_total_mb}",
