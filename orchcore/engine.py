@@ -36,6 +36,7 @@ from orchcore.cpu import cpu_info, use_extra_buffer_types
 from orchcore.errors import (
     ComputeError,
     ContextFullError,
+    CorruptGGUFError,
     InvalidInputError,
     SessionError,
     ShardLoadError,
@@ -81,15 +82,23 @@ class StageRole:
         if KEY_LAYER_START not in meta:  # an ordinary model file: the whole model
             return cls(0, facts.n_layers, facts.n_layers, None, None, None)
         offset = meta.get(KEY_INPUT_OFFSET)
-        return cls(
-            start=int(meta[KEY_LAYER_START]),
-            end=int(meta[KEY_LAYER_END]),
-            source_layers=int(meta[KEY_SOURCE_LAYERS]),
-            input_type=int(meta[KEY_INPUT_TYPE]) if offset is not None else None,
-            input_offset=facts.data_offset + int(offset) if offset is not None else None,
-            input_rows=int(meta[KEY_INPUT_ROWS]) if offset is not None else None,
-            input_scale=float(meta[KEY_INPUT_SCALE]) if KEY_INPUT_SCALE in meta else None,
-        )
+        try:
+            role = cls(
+                start=int(meta[KEY_LAYER_START]),
+                end=int(meta[KEY_LAYER_END]),
+                source_layers=int(meta[KEY_SOURCE_LAYERS]),
+                input_type=int(meta[KEY_INPUT_TYPE]) if offset is not None else None,
+                input_offset=facts.data_offset + int(offset) if offset is not None else None,
+                input_rows=int(meta[KEY_INPUT_ROWS]) if offset is not None else None,
+                input_scale=float(meta[KEY_INPUT_SCALE]) if KEY_INPUT_SCALE in meta else None,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptGGUFError(facts.path, f"incomplete shard metadata ({exc!r}); cut "
+                                               f"the shard again") from None
+        if not 0 <= role.start < role.end <= role.source_layers:
+            raise CorruptGGUFError(facts.path, f"shard layers [{role.start}, {role.end}) do "
+                                               f"not lie within {role.source_layers} layers")
+        return role
 
 
 class _EmbdBatch:
