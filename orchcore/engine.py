@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,30 @@ class StageRole:
             raise CorruptGGUFError(facts.path, f"shard layers [{role.start}, {role.end}) do "
                                                f"not lie within {role.source_layers} layers")
         return role
+
+
+class _RowFile:
+    """The first stage's input table (token embeddings), read from the shard a row at a
+    time as tokens need them: a few hundred bytes per token. A memory map would keep every
+    row ever used resident in the worker (a slow climb of its RSS, up to the whole table,
+    measured in the soak benchmark)."""
+
+    def __init__(self, path: Path, offset: int, rows: int, row_bytes: int) -> None:
+        self._fd = os.open(path, os.O_RDONLY)
+        self.offset, self.rows, self.row_bytes = offset, rows, row_bytes
+
+    def take(self, ids: np.ndarray) -> np.ndarray:
+        """The raw bytes of rows ``ids`` (checked in range by the caller), one per row."""
+        out = np.empty((len(ids), self.row_bytes), dtype=np.uint8)
+        for i, row in enumerate(ids.tolist()):
+            data = os.pread(self._fd, self.row_bytes, self.offset + row * self.row_bytes)
+            if len(data) != self.row_bytes:
+                raise ComputeError(f"input row {row} lies past the end of the shard")
+            out[i] = np.frombuffer(data, dtype=np.uint8)
+        return out
+
+    def close(self) -> None:
+        os.close(self._fd)
 
 
 class _EmbdBatch:
@@ -211,13 +236,13 @@ class StageEngine:
                                  f"({params.n_ctx} tokens): {llama_log().tail()}")
         return ctx
 
-    def _input_table(self) -> tuple[np.ndarray, RowDequantizer, np.float32 | None] | None:
+    def _input_table(self) -> tuple[_RowFile, RowDequantizer, np.float32 | None] | None:
         role = self.role
         if role.input_offset is None:
             return None
         deq = RowDequantizer(role.input_type, self.n_embd)
-        table = np.memmap(self.path, dtype=np.uint8, mode="r", offset=role.input_offset,
-                          shape=(role.input_rows, deq.row_bytes))
+        table = _RowFile(self.path, role.input_offset, role.input_rows, deq.row_bytes)
+        self._owned.append(("file", table))
         scale = None if role.input_scale is None else np.float32(role.input_scale)
         return table, deq, scale
 
@@ -340,7 +365,7 @@ class StageEngine:
         if self._lookup is not None:
             table, deq, scale = self._lookup
             self._embd.fill(seq, positions, None, wanted)
-            deq.rows(table, np.asarray(tokens), self._embd.embd[:n])
+            deq.rows(table.take(np.asarray(tokens)), np.arange(n), self._embd.embd[:n])
             if scale is not None:
                 self._embd.embd[:n] *= scale
         else:
@@ -402,5 +427,7 @@ def _free(model: llama_cpp.llama_model_p, owned: list) -> None:
             obj.free()
         elif kind == "tokens":
             llama_cpp.llama_batch_free(obj)
+        elif kind == "file":
+            obj.close()
     owned.clear()
     llama_cpp.llama_model_free(model)
