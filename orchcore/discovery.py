@@ -1,9 +1,9 @@
 """What workers and orchestrators agree on to find each other with zeroconf (mDNS/DNS-SD).
 
 The service type, the TXT record (``Advert``: never the token), which interfaces to use,
-and the membership proof: a discovered worker proves it holds the cluster token with an
-HMAC of the orchestrator's nonce before the orchestrator sends the token anywhere, so a
-spoofed advertiser learns nothing.
+and the membership proof: a worker proves it holds the cluster token with an HMAC of the
+client's nonce and its TLS certificate's fingerprint before the token is sent anywhere
+(``orchcore.wire.tls``), so a spoofed advertiser learns nothing.
 
 Discovery settings (``ORCH_DISCOVERY`` and ``ORCH_WORKER_DISCOVERY``): ``auto`` (every
 IPv4 interface but loopback, containers and bridges), ``off``, or an interface name
@@ -36,11 +36,14 @@ class Advert:
     cores: int
     budget_mb: int
     port: int
+    # The TLS certificate's fingerprint (hex), empty for plaintext. Only a hint for people
+    # comparing machines: mDNS is unauthenticated, the proof over it is what counts.
+    fingerprint: str = ""
 
     def to_txt(self) -> dict[str, str]:
         return {"id": self.worker_id, "proto": str(self.protocol), "arch": self.arch,
                 "cores": str(self.cores), "budget_mb": str(self.budget_mb),
-                "port": str(self.port)}
+                "port": str(self.port), "fp": self.fingerprint}
 
     @classmethod
     def from_txt(cls, txt: dict[bytes, bytes | None]) -> Advert | None:
@@ -50,7 +53,7 @@ class Advert:
         try:
             return cls(worker_id=text["id"], protocol=int(text["proto"]), arch=text["arch"],
                        cores=int(text["cores"]), budget_mb=int(text["budget_mb"]),
-                       port=int(text["port"]))
+                       port=int(text["port"]), fingerprint=text.get("fp", ""))
         except (KeyError, ValueError):
             return None
 
@@ -71,6 +74,8 @@ def interface_addresses(setting: str) -> list[str]:
     return adapters[setting]
 
 
-def proof(token: str, nonce: bytes, role: bytes) -> bytes:
-    """HMAC-SHA256 of ``nonce`` with the cluster token, bound to who answers (``role``)."""
-    return hmac.new(token.encode(), role + b":" + nonce, hashlib.sha256).digest()
+def proof(token: str, nonce: bytes, role: bytes, fingerprint: str = "") -> bytes:
+    """HMAC-SHA256 of ``nonce`` with the cluster token, bound to who answers (``role``) and
+    to the TLS certificate it answers over (``fingerprint``, hex; empty for plaintext)."""
+    message = role + b":" + fingerprint.encode() + b":" + nonce
+    return hmac.new(token.encode(), message, hashlib.sha256).digest()

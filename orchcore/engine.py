@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ from orchcore.cpu import cpu_info, use_extra_buffer_types
 from orchcore.errors import (
     ComputeError,
     ContextFullError,
+    CorruptGGUFError,
     InvalidInputError,
     SessionError,
     ShardLoadError,
@@ -81,15 +83,47 @@ class StageRole:
         if KEY_LAYER_START not in meta:  # an ordinary model file: the whole model
             return cls(0, facts.n_layers, facts.n_layers, None, None, None)
         offset = meta.get(KEY_INPUT_OFFSET)
-        return cls(
-            start=int(meta[KEY_LAYER_START]),
-            end=int(meta[KEY_LAYER_END]),
-            source_layers=int(meta[KEY_SOURCE_LAYERS]),
-            input_type=int(meta[KEY_INPUT_TYPE]) if offset is not None else None,
-            input_offset=facts.data_offset + int(offset) if offset is not None else None,
-            input_rows=int(meta[KEY_INPUT_ROWS]) if offset is not None else None,
-            input_scale=float(meta[KEY_INPUT_SCALE]) if KEY_INPUT_SCALE in meta else None,
-        )
+        try:
+            role = cls(
+                start=int(meta[KEY_LAYER_START]),
+                end=int(meta[KEY_LAYER_END]),
+                source_layers=int(meta[KEY_SOURCE_LAYERS]),
+                input_type=int(meta[KEY_INPUT_TYPE]) if offset is not None else None,
+                input_offset=facts.data_offset + int(offset) if offset is not None else None,
+                input_rows=int(meta[KEY_INPUT_ROWS]) if offset is not None else None,
+                input_scale=float(meta[KEY_INPUT_SCALE]) if KEY_INPUT_SCALE in meta else None,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptGGUFError(facts.path, f"incomplete shard metadata ({exc!r}); cut "
+                                               f"the shard again") from None
+        if not 0 <= role.start < role.end <= role.source_layers:
+            raise CorruptGGUFError(facts.path, f"shard layers [{role.start}, {role.end}) do "
+                                               f"not lie within {role.source_layers} layers")
+        return role
+
+
+class _RowFile:
+    """The first stage's input table (token embeddings), read from the shard a row at a
+    time as tokens need them: a few hundred bytes per token. A memory map would keep every
+    row ever used resident in the worker (a slow climb of its RSS, up to the whole table,
+    measured in the soak benchmark)."""
+
+    def __init__(self, path: Path, offset: int, rows: int, row_bytes: int) -> None:
+        self._fd = os.open(path, os.O_RDONLY)
+        self.offset, self.rows, self.row_bytes = offset, rows, row_bytes
+
+    def take(self, ids: np.ndarray) -> np.ndarray:
+        """The raw bytes of rows ``ids`` (checked in range by the caller), one per row."""
+        out = np.empty((len(ids), self.row_bytes), dtype=np.uint8)
+        for i, row in enumerate(ids.tolist()):
+            data = os.pread(self._fd, self.row_bytes, self.offset + row * self.row_bytes)
+            if len(data) != self.row_bytes:
+                raise ComputeError(f"input row {row} lies past the end of the shard")
+            out[i] = np.frombuffer(data, dtype=np.uint8)
+        return out
+
+    def close(self) -> None:
+        os.close(self._fd)
 
 
 class _EmbdBatch:
@@ -202,13 +236,13 @@ class StageEngine:
                                  f"({params.n_ctx} tokens): {llama_log().tail()}")
         return ctx
 
-    def _input_table(self) -> tuple[np.ndarray, RowDequantizer, np.float32 | None] | None:
+    def _input_table(self) -> tuple[_RowFile, RowDequantizer, np.float32 | None] | None:
         role = self.role
         if role.input_offset is None:
             return None
         deq = RowDequantizer(role.input_type, self.n_embd)
-        table = np.memmap(self.path, dtype=np.uint8, mode="r", offset=role.input_offset,
-                          shape=(role.input_rows, deq.row_bytes))
+        table = _RowFile(self.path, role.input_offset, role.input_rows, deq.row_bytes)
+        self._owned.append(("file", table))
         scale = None if role.input_scale is None else np.float32(role.input_scale)
         return table, deq, scale
 
@@ -331,7 +365,7 @@ class StageEngine:
         if self._lookup is not None:
             table, deq, scale = self._lookup
             self._embd.fill(seq, positions, None, wanted)
-            deq.rows(table, np.asarray(tokens), self._embd.embd[:n])
+            deq.rows(table.take(np.asarray(tokens)), np.arange(n), self._embd.embd[:n])
             if scale is not None:
                 self._embd.embd[:n] *= scale
         else:
@@ -393,5 +427,7 @@ def _free(model: llama_cpp.llama_model_p, owned: list) -> None:
             obj.free()
         elif kind == "tokens":
             llama_cpp.llama_batch_free(obj)
+        elif kind == "file":
+            obj.close()
     owned.clear()
     llama_cpp.llama_model_free(model)

@@ -159,3 +159,16 @@ class PlanError(OrchError):
 
 class ServiceInstallError(OrchError):
     """Installing or removing the systemd service failed; names the file or command."""
+
+
+# --- Raspberry Pi images ---------------------------------------------------------------
+
+
+class ImageError(OrchError):
+    """A disk image, boot folder or secret file cannot be prepared for a node's first boot;
+    names the file and what to do."""
+
+
+class PublishError(OrchError):
+    """The wheels a node installs from the LAN cannot be published or fetched; names the
+    wheel or the address and what to do."""

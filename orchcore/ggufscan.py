@@ -47,14 +47,19 @@ def scan_header(buf: bytes) -> HeaderScan | None:
             (nlen,) = struct.unpack_from("<Q", buf, pos)
             (n_dims,) = struct.unpack_from("<I", buf, pos + 8 + nlen)
             pos += 8 + nlen + 4 + 8 * n_dims + 4 + 8
-    except (struct.error, ValueError):
+    except (struct.error, ValueError, OverflowError):  # cut short, or a length past the end
         return None
-    if pos > len(buf):
+    if pos > len(buf) or alignment == 0:
         return None
     return HeaderScan(-(-pos // alignment) * alignment, split_count)
 
 
-def skip_value(buf: bytes, pos: int, vtype: GGUFValueType) -> int:
+_MAX_NESTING = 4  # arrays of arrays; GGUF files in use have none
+
+
+def skip_value(buf: bytes, pos: int, vtype: GGUFValueType, depth: int = 0) -> int:
+    """Where the value of type ``vtype`` at ``pos`` ends. Raises ``struct.error`` or
+    ``ValueError`` when ``buf`` ends first or holds no such value."""
     if vtype in _SCALARS:
         return pos + _SCALARS[vtype]
     if vtype == GGUFValueType.STRING:
@@ -64,6 +69,10 @@ def skip_value(buf: bytes, pos: int, vtype: GGUFValueType) -> int:
     item = GGUFValueType(item)
     if item in _SCALARS:
         return pos + count * _SCALARS[item]
+    if depth >= _MAX_NESTING:
+        raise ValueError(f"arrays nested more than {_MAX_NESTING} deep")
     for _ in range(count):
-        pos = skip_value(buf, pos, item)
+        pos = skip_value(buf, pos, item, depth + 1)
+        if pos > len(buf):
+            raise ValueError("an array runs past the end")
     return pos

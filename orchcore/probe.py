@@ -43,9 +43,32 @@ class LayerShape:
         text = repr(sorted(asdict(self).items()))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
+    def problem(self, max_bytes: int) -> str | None:
+        """Why this shape cannot be probed within ``max_bytes`` of weights (None if it can).
+        A request names the shape, so it is checked whole before anything is allocated."""
+        dims = (self.n_embd, self.n_ff, self.n_head, self.n_head_kv)
+        if min(dims) < 1 or self.n_embd > 1 << 16 or self.n_ff > 1 << 18 or \
+                self.n_head > 1024:
+            return f"dimensions out of range: {self}"
+        if self.n_embd % self.n_head or self.n_head % self.n_head_kv or \
+                (self.n_embd // self.n_head) % 2:
+            return (f"{self.n_head} heads ({self.n_head_kv} for keys and values) do not "
+                    f"divide {self.n_embd} into even head sizes")
+        spec = self.spec()
+        block, block_bytes = gguf.GGML_QUANT_SIZES[spec.weight_type]
+        head_dim = self.n_embd // self.n_head
+        per_layer = self.n_embd * (2 * self.n_embd + 2 * head_dim * self.n_head_kv) + \
+            3 * self.n_embd * self.n_ff
+        needed = PROBE_LAYERS * per_layer * block_bytes // block
+        if needed > max_bytes:
+            return (f"its {PROBE_LAYERS} probe layers need {needed >> 20} MiB; "
+                    f"{max_bytes >> 20} MiB may be used")
+        return None
+
     def spec(self) -> modelgen.ModelSpec:
         """A small model of this layer shape that modelgen can write quickly."""
-        wanted = modelgen.GType(self.weight_type)
+        known = self.weight_type in modelgen.GType._value2member_map_
+        wanted = modelgen.GType(self.weight_type) if known else None
         candidates = [wanted] if wanted in modelgen.SUPPORTED_WEIGHT_TYPES else []
         for qtype in [*candidates, *_FALLBACK_TYPES]:
             block = gguf.GGML_QUANT_SIZES[qtype][0]

@@ -27,7 +27,7 @@ from orchcore.probe import LayerShape
 from orchcore.wire import PROTOCOL_VERSION
 from orchcore.wire import worker_pb2 as pb
 from orchcore.wire import worker_pb2_grpc as pb_grpc
-from orchcore.wire.channel import auth_metadata, measure_link, open_channel
+from orchcore.wire.channel import Link, auth_metadata, connect, measure_link
 from orchcore.wire.status import ERROR_CODE_KEY, from_code
 from orchestrator.settings import OrchSettings
 
@@ -74,14 +74,37 @@ def version_problem(info: pb.WorkerInfo) -> str | None:
 
 
 class WorkerClient:
+    """Connects on first use (``orchcore.wire.channel.connect``): the token goes out only
+    over a link to a worker that proved it holds it."""
+
     def __init__(self, address: str, token: str | None, settings: OrchSettings) -> None:
         self.address = address
         self.settings = settings
         self._token = token
         self.metadata = auth_metadata(token)
-        self.channel = open_channel(address)
-        self.stub = pb_grpc.WorkerStub(self.channel)
+        self._link: Link | None = None
+        self._stub: pb_grpc.WorkerStub | None = None
         self.answered = False  # has this worker ever answered a call?
+
+    @property
+    def link(self) -> Link:
+        if self._link is None:
+            self._link = connect(self.address, self._token,
+                                 allow_plaintext=self.settings.plaintext,
+                                 timeout_s=self.settings.info_deadline_s
+                                 ).require_proven(self._token)
+            self._stub = pb_grpc.WorkerStub(self._link.channel)
+            self.answered = True
+        return self._link
+
+    @property
+    def channel(self) -> grpc.Channel:
+        return self.link.channel
+
+    @property
+    def stub(self) -> pb_grpc.WorkerStub:
+        self.link  # noqa: B018 (connects on first use)
+        return self._stub
 
     def _call(self, method: Callable, request: object, deadline: float) -> object:
         try:
@@ -90,9 +113,6 @@ class WorkerClient:
             raise rpc_error(self.address, exc, answered_before=self.answered) from None
         self.answered = True
         return reply
-
-    def prove(self, nonce: bytes, deadline: float) -> pb.ProveReply:
-        return self._call(self.stub.Prove, pb.ProveRequest(nonce=nonce), deadline)
 
     def measure_link(self, payload_bytes: int, deadline: float | None = None
                      ) -> tuple[float, float]:
@@ -175,4 +195,5 @@ class WorkerClient:
                                                            holder=holder), deadline).held
 
     def close(self) -> None:
-        self.channel.close()
+        if self._link is not None:
+            self._link.close()

@@ -1,12 +1,11 @@
 """Finding workers on the LAN: browse zeroconf briefly, then keep only the workers that
-prove they hold our cluster token (``orchcore.discovery.proof``) before the token is ever
-sent to them. The others are listed as belonging to another cluster."""
+prove, over their TLS certificate, that they hold our cluster token
+(``orchcore.wire.channel.connect``) before the token is ever sent to them. The others are
+listed as belonging to another cluster."""
 
 from __future__ import annotations
 
-import hmac
 import logging
-import secrets
 import socket
 import threading
 import time
@@ -14,10 +13,11 @@ from dataclasses import dataclass
 
 from zeroconf import IPVersion, ServiceBrowser, ServiceStateChange, Zeroconf
 
-from orchcore.discovery import SERVICE_TYPE, Advert, interface_addresses, proof
-from orchcore.errors import OrchError
+from orchcore.discovery import SERVICE_TYPE, Advert, interface_addresses
+from orchcore.errors import AuthError, OrchError
 from orchcore.wire import PROTOCOL_VERSION
-from orchestrator.client import WorkerClient
+from orchcore.wire.channel import Trust, connect
+from orchcore.wire.tls import short
 from orchestrator.settings import OrchSettings
 
 log = logging.getLogger(__name__)
@@ -85,19 +85,20 @@ def _why_not_member(worker: Found, settings: OrchSettings) -> str | None:
     if worker.advert.protocol != PROTOCOL_VERSION:
         return (f"speaks protocol {worker.advert.protocol}, this orchestrator "
                 f"{PROTOCOL_VERSION}")
-    token = settings.token_value
-    client = WorkerClient(worker.address, None, settings)  # no token until it proves itself
-    try:
-        nonce = secrets.token_bytes(32)
-        reply = client.prove(nonce, settings.probe_deadline_s)
+    try:  # no token is sent: the worker proves it holds ours over its certificate
+        link = connect(worker.address, settings.token_value,
+                       allow_plaintext=settings.plaintext, timeout_s=settings.probe_deadline_s)
+    except AuthError as exc:
+        return exc.reason
     except OrchError as exc:
         return f"does not answer ({exc})"
-    finally:
-        client.close()
-    if not token:
-        return None if not reply.proof else "another cluster (it has a token; set ORCH_TOKEN)"
-    if not reply.proof:
-        return "another cluster (it has no token)"
-    if not hmac.compare_digest(reply.proof, proof(token, nonce, b"worker")):
-        return "another cluster (a different token)"
-    return None
+    link.close()
+    if worker.advert.fingerprint and link.fingerprint != worker.advert.fingerprint:
+        return (f"its certificate ({short(link.fingerprint)}) is not the one it announces "
+                f"({short(worker.advert.fingerprint)}): someone may be in between")
+    if not settings.token_value:
+        return None if link.trust is Trust.NO_TOKEN else \
+            "another cluster (it has a token; set ORCH_TOKEN)"
+    return {Trust.PROVEN: None,
+            Trust.NO_TOKEN: "another cluster (it has no token)",
+            Trust.OTHER: "another cluster (a different token)"}[link.trust]

@@ -17,7 +17,6 @@ from __future__ import annotations
 import ctypes
 import enum
 import errno
-import hmac
 import io
 import json
 import os
@@ -36,7 +35,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import dotenv
-import grpc
 import ifaddr
 import psutil
 from pydantic import ValidationError
@@ -47,12 +45,11 @@ from rich.text import Text
 from zeroconf import IPVersion, ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
 
 from orchcore.cpu import cpu_info, memory_info, use_extra_buffer_types
-from orchcore.discovery import interface_addresses, proof
-from orchcore.errors import InvalidSettingError
+from orchcore.discovery import interface_addresses
+from orchcore.errors import InvalidSettingError, OrchError
 from orchcore.memory import MIB, PROCESS_BASELINE_BYTES, default_budget
-from orchcore.wire import worker_pb2 as pb
-from orchcore.wire import worker_pb2_grpc as pb_grpc
-from orchcore.wire.channel import open_channel
+from orchcore.wire.channel import Trust, connect
+from orchcore.wire.tls import short
 from orchestrator.settings import describe_validation
 
 DEFAULT_ENV_FILE = Path("/etc/orch/worker.env")  # what the worker's systemd unit reads
@@ -440,22 +437,20 @@ def _orch_worker(host: str, port: int, token: str | None
     token) on the port, else None."""
     target = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
     target = f"[{target}]" if ":" in target else target
-    channel = open_channel(f"{target}:{port}")
-    nonce = secrets.token_bytes(32)
-    try:
-        reply = pb_grpc.WorkerStub(channel).Prove(pb.ProveRequest(nonce=nonce),
-                                                  timeout=PROVE_DEADLINE_S)
-    except grpc.RpcError:
+    try:  # loopback: plaintext is accepted too, TLS is checked like anywhere else
+        link = connect(f"{target}:{port}", token, allow_plaintext=True,
+                       timeout_s=PROVE_DEADLINE_S)
+    except OrchError:
         return None
-    finally:
-        channel.close()
-    who = f"id {reply.worker_id[:8]}"
-    if not reply.proof:
+    link.close()
+    who = f"id {link.worker_id[:8]}" + (f", TLS certificate {short(link.fingerprint)}"
+                                        if link.fingerprint else ", plaintext")
+    if link.trust is Trust.NO_TOKEN:
         return Status.WARN, f"{who}, without a token", \
             "restart it with ORCH_WORKER_TOKEN set: it serves anyone who can reach it"
     if token is None:
         return Status.OK, f"{who}, with a token this check cannot compare", ""
-    if not hmac.compare_digest(reply.proof, proof(token, nonce, b"worker")):
+    if link.trust is not Trust.PROVEN:
         return Status.WARN, f"{who}, holding another token than ORCH_WORKER_TOKEN here", \
             "restart the worker (or its service) so that it reads the current token"
     return Status.OK, f"{who}, holding this machine's token: it is running", ""

@@ -17,7 +17,7 @@ recorded one, else ``ReplayMismatchError`` (never a silently different answer).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from orchcore.devices import DeviceFacts
@@ -68,7 +68,24 @@ def plan_without(facts: ModelFacts, current: Plan, devices: Sequence[DeviceFacts
     candidates = survivors + standbys
     if not candidates:
         raise PlanError("no workers left to run the model on: start or add workers")
-    return make_plan(facts, candidates, options)
+    prefer = substituted(current, excluded, standbys) or options.prefer
+    return make_plan(facts, candidates, replace(options, prefer=prefer))
+
+
+def substituted(current: Plan, excluded: set[str], standbys: Sequence[DeviceFacts]
+                ) -> tuple[tuple[str, int, int], ...]:
+    """The current cut with each lost worker's layers given to a standby, in stage order;
+    empty when there are too few standbys. The planner keeps it when it fits and is about
+    as good as the best: every survivor then keeps its place and its cached shard, and
+    only the lost layers travel."""
+    spare = iter(standbys)
+    cut = []
+    for stage in current.stages:
+        device = next(spare, None) if stage.worker in excluded else stage.device
+        if device is None:
+            return ()
+        cut.append((device.worker_id, stage.layers.start, stage.layers.end))
+    return tuple(cut)
 
 
 @dataclass

@@ -7,7 +7,8 @@
 Each answer is one session of the pipeline. At most the plan's sessions run at once; up to
 ``serve_queue`` more requests wait for one, and beyond that a request gets 429. Generation
 runs in a thread per answer (the session API is synchronous); a client that goes away
-stops its answer within a token, which ends its session on the workers.
+stops its answer within a token, which ends its session on the workers. An answer's place
+is given back when its thread ends, after its session has ended on the workers.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from importlib.resources import files
 from typing import Any, Literal
@@ -196,29 +198,32 @@ class _State:
         except (OrchError, ValueError) as exc:  # empty, too long, not text, bad values
             raise ApiError(400, str(exc)) from None
         max_tokens = body.max_completion_tokens or body.max_tokens
-        await self.gate.enter()
-        events = self._events(prompt, sampling, stops, max_tokens, chat)
+        await self.gate.enter()  # given back by the answer's thread as it ends
+        try:
+            running = self._start(prompt, sampling, stops, max_tokens, chat)
+        except BaseException:
+            self.gate.leave()
+            raise
+        events = self._events(running)
         kind = "chat.completion" if chat else "text_completion"
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(self._sse(events, kind, usage),
                                      media_type="text/event-stream")
-        try:
-            text, done = [], None
+        text, done = [], None
+        async with aclosing(events):
             async for event in events:
                 if isinstance(event, TextPiece):
                     text.append(event.text)
                 elif isinstance(event, Finished):
                     done = event
-        finally:
-            self.gate.leave()
         assert done is not None  # generate always ends with Finished
         return _whole(kind, self.name, "".join(text), done)
 
     async def _sse(self, events: AsyncIterator[Event], kind: str, usage: bool
                    ) -> AsyncIterator[str]:
         ident, created = _ident(kind), int(time.time())
-        try:
+        try:  # closing the events (the client went away) stops the answer
             if kind == "chat.completion":
                 yield _data(_chunk(kind, ident, created, self.name, {"role": "assistant",
                                                                       "content": ""}))
@@ -236,22 +241,34 @@ class _State:
             yield _data({"error": {"message": str(exc), "type": getattr(exc, "kind",
                                                                         "server_error")}})
         finally:
-            self.gate.leave()
+            await events.aclose()
 
-    async def _events(self, prompt: Any, sampling: SamplingParams, stops: list[str],
-                      max_tokens: int | None, chat: bool) -> AsyncIterator[Event]:
-        """The model's events, generated in a thread; closing this iterator (the client went
-        away) stops the answer within a token and ends its session on the workers."""
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        stop, stats, key = threading.Event(), GenerationStats(), uuid.uuid4().hex
-        self.live.running[key] = stats
+    def _start(self, prompt: Any, sampling: SamplingParams, stops: list[str],
+               max_tokens: int | None, chat: bool) -> _Running:
+        """Generate the answer in a thread, which gives the gate's place back when it ends:
+        only then has the answer's session ended on the workers. (Given back when the
+        client went away, the place could go to an answer whose session reaches the workers
+        before the old one's end, and finds their sessions all taken.)"""
+        loop, running = asyncio.get_running_loop(), _Running(asyncio.Queue(), threading.Event())
+        key = uuid.uuid4().hex
+        self.live.running[key] = running.stats
+
+        def ended() -> None:  # on the event loop, once the session has ended
+            self.gate.leave()
+            del self.live.running[key]
+            self.live.last, self.live.answers = running.stats, self.live.answers + 1
+
         gen = self.model.generate(prompt, sampling, stops=stops, max_tokens=max_tokens,
-                                  chat=chat, stats=stats)
-        thread = threading.Thread(target=_pump, args=(gen, stop, loop, queue), daemon=True,
-                                  name="answer")
-        thread.start()
+                                  chat=chat, stats=running.stats)
+        threading.Thread(target=_pump, args=(gen, running, loop, ended), daemon=True,
+                         name="answer").start()
+        return running
+
+    async def _events(self, running: _Running) -> AsyncIterator[Event]:
+        """The answer's events; closing this iterator (the client went away) stops the
+        answer within a token, and its thread then ends its session on the workers."""
         try:
-            while (item := await queue.get()) is not _END:
+            while (item := await running.queue.get()) is not _END:
                 if isinstance(item, BaseException):
                     self._check_pipeline(item)
                     raise _api_error(item)
@@ -260,9 +277,7 @@ class _State:
                     continue
                 yield item
         finally:
-            stop.set()
-            del self.live.running[key]
-            self.live.last, self.live.answers = stats, self.live.answers + 1
+            running.stop.set()
 
     def _check_pipeline(self, exc: BaseException) -> None:
         if self.model.path.failed and self.on_broken is not None:
@@ -291,19 +306,31 @@ class _State:
 _END = object()
 
 
-def _pump(gen: Iterator[Event], stop: threading.Event, loop: asyncio.AbstractEventLoop,
-          queue: asyncio.Queue) -> None:
-    """Run ``gen`` in this thread, handing its events to the event loop."""
+@dataclass
+class _Running:
+    """An answer generated in a thread: its events (then ``_END``) arrive on ``queue``;
+    setting ``stop`` ends it within a token."""
+
+    queue: asyncio.Queue
+    stop: threading.Event
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+def _pump(gen: Iterator[Event], running: _Running, loop: asyncio.AbstractEventLoop,
+          ended: Callable[[], None]) -> None:
+    """Run ``gen`` in this thread, handing its events to the event loop; ``ended`` runs
+    there after the session has ended on the workers."""
     try:
         for event in gen:
-            loop.call_soon_threadsafe(queue.put_nowait, event)
-            if stop.is_set():
+            loop.call_soon_threadsafe(running.queue.put_nowait, event)
+            if running.stop.is_set():
                 break
     except BaseException as exc:  # handed to the request and raised there
-        loop.call_soon_threadsafe(queue.put_nowait, exc)
+        loop.call_soon_threadsafe(running.queue.put_nowait, exc)
     finally:
         gen.close()  # ends the session on the workers
-        loop.call_soon_threadsafe(queue.put_nowait, _END)
+        loop.call_soon_threadsafe(running.queue.put_nowait, _END)
+        loop.call_soon_threadsafe(ended)
 
 
 def _api_error(exc: BaseException) -> BaseException:

@@ -52,6 +52,10 @@ class OrchSettings(BaseSettings):
     local_workers: int = Field(2, ge=1, le=16, description="Worker processes to start on "
                                                            "this machine without --workers.")
     token: SecretStr | None = Field(None, description="Cluster token of the workers.")
+    plaintext: bool = Field(
+        False, description="Accept workers that answer without TLS (started with "
+                           "ORCH_WORKER_PLAINTEXT) beyond loopback. Only on a network you "
+                           "trust: the token and all data then cross it in the clear.")
     discovery: str = Field("auto", description="Find workers with zeroconf: auto (LAN "
                            "interfaces, never containers or bridges), off, or an interface "
                            "name (eth0, wlan0, lo).")

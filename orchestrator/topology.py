@@ -47,6 +47,7 @@ class WorkerView:
     next_link: Link | None  # to the next worker in the list
     version: str  # the worker's orch version
     problem: str | None  # another protocol version: what to do
+    tls: str = ""  # the proven certificate's fingerprint (hex); "" for plaintext
 
 
 def survey(addresses: Sequence[str], settings: OrchSettings) -> list[WorkerView]:
@@ -84,7 +85,7 @@ def _view(client: WorkerClient, info: pb.WorkerInfo, link: Link, next_link: Link
         cache_free_mb=info.cache_free_bytes // mib, cache_max_mb=info.cache_max_bytes // mib,
         cached_shards=len(info.cached_shards), loaded=loaded, holders=len(info.loaded.holders),
         link=link, next_link=next_link, version=info.software_version,
-        problem=version_problem(info))
+        problem=version_problem(info), tls=client.link.fingerprint)
 
 
 def _link(client: WorkerClient, settings: OrchSettings) -> Link:

@@ -32,7 +32,7 @@ from orchcore.shard import LayerRange, write_shard
 from orchcore.wire import convert, status
 from orchcore.wire import worker_pb2 as pb
 from orchcore.wire import worker_pb2_grpc as pb_grpc
-from orchcore.wire.channel import StreamClosedError, auth_metadata
+from orchcore.wire.channel import StreamClosedError, auth_metadata, connect
 from orchestrator.client import WorkerClient
 from orchestrator.settings import OrchSettings
 
@@ -59,12 +59,16 @@ def test_wrong_or_missing_token_is_rejected_and_nothing_happens(tmp_path, small_
                 client.upload_shard(small_shard.path, small_shard.sha256)
             with pytest.raises(AuthError):
                 client.load_shard(pb.LoadShardRequest(sha256=small_shard.sha256))
-            stub = pb_grpc.WorkerStub(client.channel)
-            with pytest.raises(grpc.RpcError) as info:
-                stub.Forward(iter([pb.StageInput(session="x")]), timeout=5,
-                             metadata=auth_metadata(token))
-            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
             client.close()
+            # The data path too; a wrong token is not even sent (the worker cannot prove it
+            # holds it), so the stream below carries none or the wrong one by hand.
+            link = connect(address, None, allow_plaintext=False, timeout_s=5)
+            with pytest.raises(grpc.RpcError) as info:
+                pb_grpc.WorkerStub(link.channel).Forward(
+                    iter([pb.StageInput(session="x")]), timeout=5,
+                    metadata=auth_metadata(token))
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            link.close()
         good = client_for(address, "right-token")
         info = good.info()
         assert list(info.cached_shards) == [] and not info.HasField("loaded")

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
@@ -144,6 +145,27 @@ def test_a_cancelled_stream_frees_its_session(client, served) -> None:
     finally:
         for w in workers:
             w.close()
+
+
+def test_answers_right_after_cancelled_streams_find_free_sessions(client) -> None:
+    """A cancelled stream gives its place back only once the workers have ended its
+    session: answers started at once after never find the workers' sessions all taken."""
+    def ask(prompt: str) -> str:
+        return client.completions.create(model="smollm2", prompt=prompt, max_tokens=4,
+                                         temperature=0).choices[0].finish_reason
+
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(3):
+            streams = [client.completions.create(model="smollm2", prompt="Once upon a time",
+                                                 max_tokens=200, stream=True)
+                       for _ in range(2)]  # both sessions of the plan
+            for stream in streams:
+                chunks = iter(stream)
+                next(chunks), next(chunks)
+            for stream in streams:
+                stream.close()  # both clients go away mid-answer
+            answers = pool.map(ask, ["The capital of France is", "The largest planet is"])
+            assert list(answers) == ["length", "length"]
 
 
 def test_bad_requests_get_openai_errors(client, served) -> None:

@@ -17,7 +17,7 @@ from orchcore import modelgen
 from orchcore.notify import Notifier, socket_address, watchdog_timeout_s
 from orchcore.wire import worker_pb2 as pb
 from orchcore.wire import worker_pb2_grpc as pb_grpc
-from orchcore.wire.channel import auth_metadata, open_channel
+from orchcore.wire.channel import auth_metadata, connect
 from orchestrator.client import WorkerClient
 from orchestrator.localcluster import LocalCluster
 from orchestrator.settings import OrchSettings
@@ -86,7 +86,8 @@ def test_no_watchdog_while_the_server_cannot_answer(notify, tmp_path, monkeypatc
             release.wait()
             yield from ()
 
-        channel = open_channel(workers.addresses[0])
+        channel = connect(workers.addresses[0], workers.token, allow_plaintext=False,
+                          timeout_s=10).require_proven(workers.token).channel
         forward = pb_grpc.WorkerStub(channel).Forward
         calls = [forward.future(silent(), metadata=auth_metadata(workers.token))
                  for _ in range(RPC_THREADS)]

@@ -95,7 +95,7 @@ def _idle_stream(server_options: list, idle_s: float) -> str:
     pb_grpc.add_WorkerServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    chan = channel.open_channel(f"127.0.0.1:{port}")
+    chan = channel.open_channel(f"127.0.0.1:{port}", None)
     try:
         results = pb_grpc.WorkerStub(chan).Results(pb.ResultsRequest(), timeout=30)
         assert next(results).session == "a"

@@ -47,9 +47,11 @@ from orchcore.slices import total_bytes
 from orchcore.wire import PROTOCOL_VERSION, convert, status
 from orchcore.wire import worker_pb2 as pb
 from orchcore.wire import worker_pb2_grpc as pb_grpc
-from orchcore.wire.channel import measure_link, open_channel, server_options
+from orchcore.wire.channel import Link, connect, measure_link, server_options
+from orchcore.wire.tls import load_identity, short
 from worker.advertise import Advertiser, advertised_addresses
 from worker.probe import probe
+from worker.rejects import CheckedRequests, RejectLog
 from worker.settings import WorkerSettings
 from worker.shardcache import ShardCache
 from worker.slicefetch import Built, SliceFetcher
@@ -71,8 +73,9 @@ _UNAUTHENTICATED = ("missing or wrong cluster token: give the orchestrator the s
 class TokenAuth(grpc.ServerInterceptor):
     """Rejects every call whose ``authorization`` metadata lacks the cluster token."""
 
-    def __init__(self, tokens: Tokens) -> None:
+    def __init__(self, tokens: Tokens, rejects: RejectLog) -> None:
         self._tokens = tokens
+        self._rejects = rejects
 
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails
                           ) -> grpc.RpcMethodHandler | None:
@@ -82,11 +85,12 @@ class TokenAuth(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None:
             return None
-        return _denied(handler)
+        return _denied(handler, self._rejects)
 
 
-def _denied(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+def _denied(handler: grpc.RpcMethodHandler, rejects: RejectLog) -> grpc.RpcMethodHandler:
     def deny(_request: Any, context: grpc.ServicerContext) -> None:
+        rejects.note(context.peer(), "no cluster token, or a wrong one")
         context.abort(grpc.StatusCode.UNAUTHENTICATED, _UNAUTHENTICATED)
 
     kinds = {
@@ -108,7 +112,7 @@ def _rpc(method: Callable) -> Callable:
         try:
             return method(self, request, context)
         except (OrchError, ValueError) as exc:
-            log.info("%s refused: %s", method.__name__, exc)
+            self.rejects.note(context.peer(), f"{method.__name__}: {exc}", logging.INFO)
             context.set_trailing_metadata(((status.ERROR_CODE_KEY, status.error_code(exc)),))
             context.abort(status.to_status(exc), str(exc))
 
@@ -123,7 +127,7 @@ def _rpc_stream(method: Callable) -> Callable:
         try:
             yield from method(self, request, context)
         except (OrchError, ValueError) as exc:
-            log.info("%s refused: %s", method.__name__, exc)
+            self.rejects.note(context.peer(), f"{method.__name__}: {exc}", logging.INFO)
             context.set_trailing_metadata(((status.ERROR_CODE_KEY, status.error_code(exc)),))
             context.abort(status.to_status(exc), str(exc))
 
@@ -140,9 +144,12 @@ def worker_id(state_dir: Path, *, renew: bool = False) -> str:
 
 
 class WorkerService(pb_grpc.WorkerServicer):
-    def __init__(self, settings: WorkerSettings, name: str, tokens: Tokens) -> None:
+    def __init__(self, settings: WorkerSettings, name: str, tokens: Tokens,
+                 fingerprint: str = "", rejects: RejectLog | None = None) -> None:
         self.settings = settings
         self.name = name
+        self.rejects = rejects or RejectLog()
+        self.fingerprint = fingerprint  # of the TLS certificate served; "" for plaintext
         self.cache = ShardCache(settings.cache_dir, settings.cache_max_mb << 20)
         self.id = worker_id(settings.state_dir)
         self.tokens = tokens
@@ -269,7 +276,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             try:
                 self.stage = Stage(engine, request, worker_name=self.name, token=self.token,
                                    max_message_bytes=self.settings.max_message_mb << 20,
-                                   resident_bytes=needed.total)
+                                   connect=self.connect, resident_bytes=needed.total)
             except BaseException:
                 engine.close()
                 raise
@@ -353,10 +360,14 @@ class WorkerService(pb_grpc.WorkerServicer):
             yield out
 
     def Prove(self, request: pb.ProveRequest, context: grpc.ServicerContext) -> pb.ProveReply:
-        if len(request.nonce) < 16:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a nonce of 16 or more bytes")
-        answer = proof(self.token, request.nonce, b"worker") if self.token else b""
-        return pb.ProveReply(proof=answer, worker_id=self.id)
+        if not 16 <= len(request.nonce) <= 64:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a nonce of 16 to 64 bytes")
+        current, previous = self.tokens.current, self.tokens.previous
+        return pb.ProveReply(
+            proof=proof(current, request.nonce, b"worker", self.fingerprint) if current else b"",
+            previous_proof=proof(previous, request.nonce, b"worker", self.fingerprint)
+            if previous else b"",
+            worker_id=self.id)
 
     @_rpc
     def Ping(self, request: pb.PingRequest, context: grpc.ServicerContext) -> pb.PingReply:
@@ -365,25 +376,35 @@ class WorkerService(pb_grpc.WorkerServicer):
     @_rpc
     def MeasureLink(self, request: pb.MeasureLinkRequest, context: grpc.ServicerContext
                     ) -> pb.LinkMeasure:
-        channel = open_channel(request.address, self.settings.max_message_mb << 20)
         try:
-            rtt, bandwidth = measure_link(channel, self.token,
+            link = self.connect(request.address)
+        except OrchError as exc:
+            return pb.LinkMeasure(error=str(exc))
+        try:
+            rtt, bandwidth = measure_link(link.channel, self.token,
                                           min(request.payload_bytes or 1 << 20, 16 << 20),
                                           _LINK_DEADLINE_S)
         except grpc.RpcError as exc:
             return pb.LinkMeasure(error=f"{exc.code().name}: {exc.details()}")
         finally:
-            channel.close()
+            link.close()
         return pb.LinkMeasure(rtt_s=rtt, bandwidth_bytes_s=bandwidth)
+
+    def connect(self, address: str) -> Link:
+        """A link to another worker that proved it holds our token (the next stage, a link
+        measurement's peer)."""
+        return connect(address, self.token, allow_plaintext=self.settings.plaintext,
+                       timeout_s=_LINK_DEADLINE_S,
+                       max_message_bytes=self.settings.max_message_mb << 20
+                       ).require_proven(self.token)
 
     @_rpc
     def Probe(self, request: pb.ProbeRequest, context: grpc.ServicerContext) -> pb.ProbeReply:
         shape = LayerShape(arch=request.arch, n_embd=request.n_embd, n_ff=request.n_ff,
                            n_head=request.n_head, n_head_kv=request.n_head_kv,
                            weight_type=request.weight_type, layer_bytes=request.layer_bytes)
-        if min(shape.n_embd, shape.n_ff, shape.n_head, shape.n_head_kv) < 1 or \
-                shape.n_embd > 1 << 16 or shape.n_ff > 1 << 18:
-            raise InvalidInputError(f"not a layer shape to probe: {shape}")
+        if (problem := shape.problem(self.budget // 2)) is not None:
+            raise InvalidInputError(f"not a layer shape to probe: {problem}")
         threads = self.settings.threads or cpu_info().cores
         decode, prefill, cached = probe(shape, self.settings.cache_dir, threads)
         return pb.ProbeReply(decode_s_per_layer=decode, prefill_s_per_token_per_layer=prefill,
@@ -395,7 +416,8 @@ class WorkerService(pb_grpc.WorkerServicer):
 
     def advert(self, port: int) -> Advert:
         return Advert(worker_id=self.id, protocol=PROTOCOL_VERSION, arch=cpu_info().arch,
-                      cores=cpu_info().cores, budget_mb=self.budget >> 20, port=port)
+                      cores=cpu_info().cores, budget_mb=self.budget >> 20, port=port,
+                      fingerprint=self.fingerprint)
 
     @_rpc
     def EndSession(self, request: pb.EndSessionRequest, context: grpc.ServicerContext
@@ -453,22 +475,34 @@ def serve(settings: WorkerSettings, *, stop: threading.Event | None = None) -> N
     max_bytes = settings.max_message_mb << 20
     tokens = Tokens.load(settings.token.get_secret_value() if settings.token else None,
                                  settings.state_dir)
+    rejects = RejectLog()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="rpc"),
-                         interceptors=[TokenAuth(tokens)],
+                         interceptors=[TokenAuth(tokens, rejects), CheckedRequests(rejects)],
                          options=server_options(max_bytes))
+    identity = None if settings.plaintext else load_identity(settings.state_dir)
     try:
-        port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        port = server.add_insecure_port(f"{settings.host}:{settings.port}") if identity is None \
+            else server.add_secure_port(f"{settings.host}:{settings.port}",
+                                        grpc.ssl_server_credentials([(identity.key_pem,
+                                                                      identity.cert_pem)]))
     except RuntimeError as exc:  # gRPC's way of saying the address is taken or invalid
         raise InvalidSettingError(f"cannot listen on {settings.host}:{settings.port} ({exc}); "
                                   f"is another worker using the port? Choose another with "
                                   f"--port") from None
     name = f"{settings.host}:{port}"
-    service = WorkerService(settings, name, tokens)
+    service = WorkerService(settings, name, tokens, identity.fingerprint if identity else "",
+                            rejects)
     pb_grpc.add_WorkerServicer_to_server(service, server)
     server.start()
-    if not tokens.current and settings.host not in ("127.0.0.1", "localhost", "::1"):
+    beyond_loopback = settings.host not in ("127.0.0.1", "localhost", "::1")
+    if not tokens.current and beyond_loopback:
         log.warning("no cluster token set: anyone on the network can use this worker")
-    log.info("worker %s listening on %s (cache %s)", service.id[:8], name, settings.cache_dir)
+    if identity is None and beyond_loopback:
+        log.warning("serving without TLS (plaintext): the token and all data cross the "
+                    "network in the clear")
+    log.info("worker %s listening on %s, %s (cache %s)", service.id[:8], name,
+             f"TLS certificate {short(identity.fingerprint)}" if identity else "plaintext",
+             settings.cache_dir)
     advertiser = Advertiser(advertised_addresses(settings.discovery, settings.host),
                             lambda: service.advert(port), service.renew_id)
     advertiser.start()
@@ -478,7 +512,8 @@ def serve(settings: WorkerSettings, *, stop: threading.Event | None = None) -> N
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-    check = SelfCheck(f"{_reachable_host(settings.host)}:{port}", lambda: tokens.current)
+    check = SelfCheck(f"{_reachable_host(settings.host)}:{port}", lambda: tokens.current,
+                      identity.cert_pem if identity else None)
     supervision = Supervision.from_environ(check, service.status, settings.watchdog_floor_s)
     try:
         supervision.ready()  # systemd (Type=notify): serving and advertised

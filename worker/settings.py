@@ -57,6 +57,10 @@ class WorkerSettings(BaseSettings):
     parent_pid: int | None = Field(
         None, ge=1, description="Stop when this process exits (orch run sets it for the "
                                 "local workers it starts).")
+    plaintext: bool = Field(
+        False, description="Serve without TLS, and accept other workers that do. Only on a "
+                           "network you trust: the token and all data then cross it in the "
+                           "clear. (Links to loopback addresses accept plaintext anyway.)")
     ready_file: Path | None = Field(
         None, description="Write 'host:port' here once serving (for supervisors and tests).")
     watchdog_floor_s: float = Field(

@@ -17,6 +17,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -30,7 +31,7 @@ from orchcore.errors import (
 )
 from orchcore.wire import convert, status
 from orchcore.wire import worker_pb2 as pb
-from orchcore.wire.channel import ForwardStream, StreamClosedError, open_channel
+from orchcore.wire.channel import ForwardStream, Link, StreamClosedError
 from worker.sampler import TokenSampler
 
 log = logging.getLogger(__name__)
@@ -74,23 +75,36 @@ class Leases:
 
 
 class DownstreamLink:
-    """The Forward stream from this stage to the next one, open for the pipeline's life."""
+    """The Forward stream from this stage to the next one, open for the pipeline's life.
 
-    def __init__(self, address: str, token: str | None, max_message_bytes: int) -> None:
+    It connects at the first message, as a plain channel would: a next stage that is not
+    there yet, or no longer, is this stage's fault at its first send, not a failed load."""
+
+    def __init__(self, address: str, token: str | None, connect: Callable[[str], Link]
+                 ) -> None:
         self.address = address
-        self._channel = open_channel(address, max_message_bytes)
-        self._stream = ForwardStream(self._channel, token)
+        self._token = token
+        self._connect = connect
+        self._link: Link | None = None
+        self._stream: ForwardStream | None = None
 
     def send(self, msg: pb.StageInput) -> None:
         try:
+            if self._stream is None:
+                self._link = self._connect(self.address)
+                self._stream = ForwardStream(self._link.channel, self._token)
             self._stream.send(msg)
+        except OrchError as exc:
+            raise StreamClosedError(f"next stage: {exc}") from None
         except StreamClosedError as exc:
             raise StreamClosedError(f"next stage {self.address} closed the stream: {exc}"
                                     ) from None
 
     def close(self) -> None:
-        self._stream.close()
-        self._channel.close()
+        if self._stream is not None:
+            self._stream.close()
+        if self._link is not None:
+            self._link.close()
 
 
 class _LocalEnd:
@@ -100,7 +114,8 @@ class _LocalEnd:
 
 class Stage:
     def __init__(self, engine: StageEngine, request: pb.LoadShardRequest, *, worker_name: str,
-                 token: str | None, max_message_bytes: int, resident_bytes: int = 0) -> None:
+                 token: str | None, max_message_bytes: int, connect: Callable[[str], Link],
+                 resident_bytes: int = 0) -> None:
         self.engine = engine
         self.pipeline_id = request.pipeline_id
         self.sha256 = request.sha256
@@ -120,7 +135,7 @@ class Stage:
                 f"stage {self.index}: a next_address is needed exactly when the shard is not "
                 f"the last one (layers end at {engine.role.end} of {engine.role.source_layers})")
         get_codec(self.codec)  # refuse an unknown codec before connecting
-        self.next = (DownstreamLink(request.next_address, token, max_message_bytes)
+        self.next = (DownstreamLink(request.next_address, token, connect)
                      if request.next_address else None)
         self._closing = False
         self._inbox: queue.SimpleQueue[tuple[pb.StageInput, float] | None] = queue.SimpleQueue()

@@ -40,15 +40,17 @@ class SelfCheck:
     """A ``Ping`` to this worker's own server, over a channel opened by the first check
     and kept open."""
 
-    def __init__(self, address: str, token: Callable[[], str | None]) -> None:
+    def __init__(self, address: str, token: Callable[[], str | None],
+                 certificate: bytes | None = None) -> None:
         self.address = address
         self._token = token  # read at each check: the token may be rotated
+        self._certificate = certificate  # its own: nothing to prove to itself
         self._channel: grpc.Channel | None = None
 
     def __call__(self, deadline_s: float) -> str | None:
         """None if the server answered within ``deadline_s``, else what went wrong."""
         if self._channel is None:
-            self._channel = open_channel(self.address)
+            self._channel = open_channel(self.address, self._certificate)
         try:
             pb_grpc.WorkerStub(self._channel).Ping(
                 pb.PingRequest(), timeout=deadline_s, metadata=auth_metadata(self._token()),

@@ -46,6 +46,13 @@ class Tokens:
     def current(self) -> str | None:
         return self._current
 
+    @property
+    def previous(self) -> str | None:
+        """The token before the last rotation, while it is still accepted."""
+        with self._lock:
+            previous = self._previous
+        return previous[0] if previous is not None and time.monotonic() < previous[1] else None
+
     def accepts(self, given: str) -> bool:
         """Whether ``given`` (the bare token) is the current one, or the previous one within
         its grace period. No token set: everything is accepted."""

@@ -1,5 +1,9 @@
 """Channels and streams, the same for the orchestrator and for worker-to-worker links.
 
+``connect`` is the one way to reach a worker: TLS pinned to the certificate the worker
+proved it holds the token over (``orchcore.wire.tls``), or plaintext on loopback or when
+allowed explicitly.
+
 Keepalive: clients ping an idle connection every ``KEEPALIVE_S`` so a dead peer is
 noticed; servers accept pings that often (``server_options``). The two must agree: a
 server's default minimum is 5 minutes, and a client pinging more often than that gets a
@@ -8,12 +12,19 @@ GOAWAY "too_many_pings" after two strikes, which killed idle chats after ~45 s.
 
 from __future__ import annotations
 
+import enum
+import hmac
 import queue
+import secrets
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import grpc
 
+from orchcore.discovery import proof
+from orchcore.errors import AuthError, WorkerError, WorkerUnreachableError
+from orchcore.wire import tls
 from orchcore.wire import worker_pb2 as pb
 from orchcore.wire import worker_pb2_grpc as pb_grpc
 
@@ -49,14 +60,98 @@ def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
             ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT_S * 1000))]
 
 
-def open_channel(address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-                 ) -> grpc.Channel:
-    """The one way to reach a worker: an insecure channel with our limits and keepalive."""
-    return grpc.insecure_channel(address, options=client_options(max_message_bytes))
+def open_channel(address: str, certificate: bytes | None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.Channel:
+    """A channel with our limits and keepalive: TLS accepting ``certificate`` and no other,
+    or plaintext when it is None. Use ``connect``, which pins only a proven certificate."""
+    options = client_options(max_message_bytes)
+    if certificate is None:
+        return grpc.insecure_channel(address, options=options)
+    credentials = grpc.ssl_channel_credentials(root_certificates=certificate)
+    return grpc.secure_channel(address, credentials,
+                               options=[*options, ("grpc.ssl_target_name_override",
+                                                   tls.SERVER_NAME)])
 
 
 def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+class Trust(enum.Enum):
+    """What a worker's ``Prove`` answer showed about the token it holds."""
+
+    PROVEN = "holds our token"  # over this link's certificate
+    NO_TOKEN = "holds no token"
+    OTHER = "holds another token"  # or one, when we hold none
+
+
+@dataclass
+class Link:
+    """A channel to one worker and what is known of it."""
+
+    address: str
+    channel: grpc.Channel
+    fingerprint: str  # hex SHA-256 of the pinned certificate; "" for plaintext
+    trust: Trust
+    worker_id: str
+
+    def require_proven(self, token: str | None) -> Link:
+        """This link, if the token may be sent over it; else ``AuthError`` saying why."""
+        if token and self.trust is not Trust.PROVEN:
+            self.channel.close()
+            where = f"its certificate {tls.short(self.fingerprint)}" if self.fingerprint \
+                else "a plaintext link"
+            raise AuthError(self.address, f"{self.trust.value}: it could not prove over "
+                                          f"{where} that it holds the cluster token, so the "
+                                          f"token was not sent. Another cluster's worker, "
+                                          f"or a machine in between; check ORCH_TOKEN")
+        return self
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def connect(address: str, token: str | None, *, allow_plaintext: bool, timeout_s: float,
+            max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Link:
+    """Reach the worker at ``address``: read its certificate, pin it, ask for the proof.
+
+    Plaintext is accepted from loopback addresses, or anywhere with ``allow_plaintext``.
+    Raises ``WorkerUnreachableError``, or ``AuthError`` for plaintext not allowed; the
+    caller judges ``Link.trust`` (``require_proven`` before sending the token)."""
+    try:
+        certificate = tls.fetch_certificate(address, timeout_s)
+    except (OSError, ValueError) as exc:
+        raise WorkerUnreachableError(address, f"unreachable ({exc}); is `orch worker` "
+                                              f"running there and the port open?") from None
+    if certificate is None and not (allow_plaintext or tls.is_loopback(address)):
+        raise AuthError(address, "answers without TLS (an orch older than this one, or "
+                                 "started with ORCH_WORKER_PLAINTEXT). Upgrade it, or allow "
+                                 "plaintext here with ORCH_PLAINTEXT=1 on a network you trust")
+    fingerprint = tls.fingerprint(certificate) if certificate else ""
+    channel = open_channel(address, certificate, max_message_bytes)
+    nonce = secrets.token_bytes(32)
+    try:
+        reply = pb_grpc.WorkerStub(channel).Prove(pb.ProveRequest(nonce=nonce),
+                                                  timeout=timeout_s)
+    except grpc.RpcError as exc:
+        channel.close()
+        if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            raise WorkerUnreachableError(address, f"does not answer ({exc.code().name}: "
+                                                  f"{exc.details()})") from None
+        raise WorkerError(address, f"{exc.code().name}: {exc.details()}") from None
+    return Link(address, channel, fingerprint, _trust(token, nonce, fingerprint, reply),
+                reply.worker_id)
+
+
+def _trust(token: str | None, nonce: bytes, fingerprint: str, reply: pb.ProveReply) -> Trust:
+    if not reply.proof:
+        return Trust.NO_TOKEN
+    if not token:
+        return Trust.OTHER
+    expected = proof(token, nonce, b"worker", fingerprint)
+    answers = [a for a in (reply.proof, reply.previous_proof) if a]
+    return Trust.PROVEN if any(hmac.compare_digest(a, expected) for a in answers) \
+        else Trust.OTHER
 
 
 class StreamClosedError(ConnectionError):

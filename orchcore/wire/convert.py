@@ -86,11 +86,20 @@ def fetch_to_proto(files: Sequence[RemoteFile], ranges: Sequence[ByteRange],
         layer_start=layers.start, layer_end=layers.end)
 
 
+MAX_SOURCE_FILE_BYTES = 1 << 42  # 4 TiB: well past any model's file, far below the OS's limits
+
+
 def fetch_from_proto(msg: pb.FetchShardRequest
                      ) -> tuple[tuple[RemoteFile, ...], tuple[ByteRange, ...], LayerRange]:
     files = tuple(RemoteFile(f.url, f.size, f.etag, f.name) for f in msg.files)
     if not files or any(not f.url.startswith(("http://", "https://")) for f in files):
         raise InvalidInputError("FetchShard: give the model's files as http(s) URLs")
+    if any(f.size > MAX_SOURCE_FILE_BYTES for f in files):
+        raise InvalidInputError(f"FetchShard: a file of more than "
+                                f"{MAX_SOURCE_FILE_BYTES >> 40} TiB is not a model")
+    if any(f.filename in ("", ".", "..") or "/" in f.filename or "\0" in f.filename
+           for f in files):
+        raise InvalidInputError("FetchShard: a file name must be a plain name, not a path")
     ranges = tuple(ByteRange(r.part, r.offset, r.length) for r in msg.ranges)
     if any(r.part >= len(files) or r.end > files[r.part].size for r in ranges):
         raise InvalidInputError("FetchShard: a byte range lies outside its file")

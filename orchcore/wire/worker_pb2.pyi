@@ -151,12 +151,14 @@ class ProveRequest(_message.Message):
     def __init__(self, nonce: _Optional[bytes] = ...) -> None: ...
 
 class ProveReply(_message.Message):
-    __slots__ = ("proof", "worker_id")
+    __slots__ = ("proof", "worker_id", "previous_proof")
     PROOF_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_PROOF_FIELD_NUMBER: _ClassVar[int]
     proof: bytes
     worker_id: str
-    def __init__(self, proof: _Optional[bytes] = ..., worker_id: _Optional[str] = ...) -> None: ...
+    previous_proof: bytes
+    def __init__(self, proof: _Optional[bytes] = ..., worker_id: _Optional[str] = ..., previous_proof: _Optional[bytes] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()
