@@ -163,7 +163,9 @@ took[build]=$(( $(date +%s) - t_setup ))
 mounted=()
 unmount_all() {
     local i
-    for (( i=${#mounted[@]}-1; i>=0; i-- )); do umount -R "${mounted[$i]}" 2>/dev/null || true; done
+    for (( i=${#mounted[@]}-1; i>=0; i-- )); do  # lazily if a process still holds it
+        umount -R "${mounted[$i]}" 2>/dev/null || umount -R -l "${mounted[$i]}" || true
+    done
 }
 trap unmount_all EXIT
 for dir in proc sys dev; do
