@@ -177,13 +177,15 @@ for dir in proc sys dev; do
 done
 cp -L /etc/resolv.conf "$rootfs/etc/resolv.conf"
 
-in_chroot() {  # a clean environment: no host pip configuration, the emulated CPU set
-    chroot "$rootfs" /usr/bin/env -i HOME=/root LANG=C.UTF-8 TERM=dumb \
-        PATH=/opt/orch-venv/bin:/usr/local/bin:/usr/bin:/bin QEMU_CPU="$qemu_cpu" \
-        PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
-        SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt PYTHONDONTWRITEBYTECODE=1 \
-        ORCH_DISCOVERY=off ORCH_WORKER_DISCOVERY=off HF_HUB_OFFLINE=1 "$@"
-}
+# A clean environment in the rootfs: no host pip configuration, the emulated CPU set.
+chroot_env=(/usr/bin/env -i HOME=/root LANG=C.UTF-8 TERM=dumb
+    PATH=/opt/orch-venv/bin:/usr/local/bin:/usr/bin:/bin QEMU_CPU="$qemu_cpu"
+    PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_CERT=/etc/ssl/certs/ca-certificates.crt
+    SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt PYTHONDONTWRITEBYTECODE=1
+    ORCH_DISCOVERY=off ORCH_WORKER_DISCOVERY=off HF_HUB_OFFLINE=1)
+in_chroot() { chroot "$rootfs" "${chroot_env[@]}" "$@"; }
+# In the background: `exec_in_chroot CMD &` makes $! the command's own pid (killable).
+exec_in_chroot() { exec chroot "$rootfs" "${chroot_env[@]}" "$@"; }
 
 install_orch() {
     local dist="$rootfs/opt/orch-dist" test_deps
@@ -287,7 +289,7 @@ phase_mixed_run() {  # one real pipeline: an x86 worker here, an arm64 worker in
         worker --host 127.0.0.1 --port 0 --threads 1 --cache-dir "$dir/x86" \
         --ready-file "$dir/x86.ready" >"$dir/x86.log" 2>&1 &
     pid_x86=$!
-    in_chroot ORCH_WORKER_TOKEN="$token" orch worker --host 127.0.0.1 --port 0 --threads 1 \
+    exec_in_chroot ORCH_WORKER_TOKEN="$token" orch worker --host 127.0.0.1 --port 0 --threads 1 \
         --cache-dir /opt/orch-run/mixed-run/arm64 \
         --ready-file /opt/orch-run/mixed-run/arm64.ready >"$dir/arm64.log" 2>&1 &
     pid_arm=$!
