@@ -210,15 +210,19 @@ def test_blocks_renumbered_from_zero(shards, source_reader, layers):
 
 
 def test_final_shard_has_one_vocabulary_matrix(shards, source_reader):
+    """The lm head as output.weight, and a token_embd of the vocabulary's shape that holds
+    only zeros of the smallest type (checked by llama.cpp's loader, never read)."""
     shard = shards[(3, 4)]
     assert _value(shard, VOCAB_SIZE) == 384
-    vocab_matrices = [t.name for t in shard.tensors if len(t.shape) == 2 and t.shape[1] == 384]
-    assert vocab_matrices == ["token_embd.weight"]
-    # untied: the lm head is the source's output.weight under the embedding's name
-    assert _tensor_bytes(shard, "token_embd.weight") == _tensor_bytes(source_reader,
-                                                                      "output.weight")
+    vocab = {t.name: t for t in shard.tensors if len(t.shape) == 2 and t.shape[1] == 384}
+    assert sorted(vocab) == ["output.weight", "token_embd.weight"]
+    # untied: the lm head is the source's output.weight
+    assert _tensor_bytes(shard, "output.weight") == _tensor_bytes(source_reader,
+                                                                  "output.weight")
     assert _tensor_bytes(source_reader, "output.weight") != _tensor_bytes(source_reader,
                                                                           "token_embd.weight")
+    unread = vocab["token_embd.weight"]
+    assert not unread.data.any() and unread.data.nbytes < vocab["output.weight"].data.nbytes
     assert _value(shard, KEY_INPUT_OFFSET) is None
 
 
@@ -264,9 +268,10 @@ def test_real_last_shard_uses_tied_embedding(smollm2_path, tmp_path):
     facts = read_model_facts(smollm2_path)
     shard = write_shard(smollm2_path, LayerRange(25, 30), tmp_path / "last.gguf", facts=facts)
     reader = gguf.GGUFReader(shard.path)
-    assert _tensor_bytes(reader, "token_embd.weight") == _source_bytes(
+    assert _tensor_bytes(reader, "output.weight") == _source_bytes(
         smollm2_path, facts.by_name["token_embd.weight"])
-    assert _value(reader, VOCAB_SIZE) == 49152 and "output.weight" not in _names(reader)
+    assert not _tensor_bytes(reader, "token_embd.weight").strip(b"\0")
+    assert _value(reader, VOCAB_SIZE) == 49152
 
 
 # --- streaming and atomicity ----------------------------------------------------------------
