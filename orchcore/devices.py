@@ -24,6 +24,7 @@ class DeviceFacts:
     prefill_s_per_layer: float | None = None  # per prompt token, measured likewise
     link_s: float | None = None  # measured round trip to this worker; None = unknown
     bandwidth_bytes_s: float | None = None  # measured from the orchestrator; None = unknown
+    threads: int = 0  # llama.cpp threads the worker runs with (its --threads); 0 = cores
 
     @property
     def label(self) -> str:

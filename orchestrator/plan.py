@@ -65,7 +65,7 @@ DEFAULT_LINK_S = 0.0005  # a hop on a home LAN, when not measured
 @dataclass(frozen=True)
 class PlanOptions:
     codec: str = "f32"
-    engine: EngineConfig = field(default_factory=EngineConfig)  # threads 0 = device cores
+    engine: EngineConfig = field(default_factory=EngineConfig)  # threads 0 = each worker's own
     objective: Objective = "latency"
     use_all: bool = False  # every device gets a stage (``--local N``: exactly N stages)
     # The cut used last time, as (worker id, start, end): kept while it still fits and is
@@ -204,7 +204,8 @@ def make_plan(facts: ModelFacts, devices: Sequence[DeviceFacts],
     stages = []
     for i, (d, start, end) in enumerate(best):
         device = devices[d]
-        engine = replace(options.engine, threads=options.engine.threads or device.cores)
+        engine = replace(options.engine,
+                         threads=options.engine.threads or device.threads or device.cores)
         last = end == facts.n_layers
         stages.append(StagePlan(
             i, LayerRange(start, end), device, engine, memory(start, end), budgets[d],

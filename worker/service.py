@@ -176,7 +176,8 @@ class WorkerService(pb_grpc.WorkerServicer):
             cores=cpu.cores, cpu_model=cpu.model, cpu_flags=sorted(cpu.flags), arch=cpu.arch,
             cached_shards=self.cache.list(), host_id=self.host_id,
             cache_used_bytes=self.cache.used_bytes(), cache_free_bytes=self.cache.free_bytes(),
-            cache_max_bytes=self.cache.max_bytes)
+            cache_max_bytes=self.cache.max_bytes,
+            threads=min(self.settings.threads or cpu.cores, cpu.cores))
         stage = self.stage
         if stage is not None:
             role = stage.engine.role

@@ -57,7 +57,8 @@ def device_from_proto(address: str, info: pb.WorkerInfo) -> DeviceFacts:
         host_id=info.host_id or info.worker_id,  # unknown host: assume a machine of its own
         hostname=info.hostname, arch=info.arch, cores=max(1, info.cores),
         ram_total_bytes=info.ram_total_bytes, ram_available_bytes=info.ram_available_bytes,
-        memory_budget_bytes=info.memory_budget_bytes)
+        memory_budget_bytes=info.memory_budget_bytes,
+        threads=min(info.threads, max(1, info.cores)))
 
 
 def engine_to_proto(config: EngineConfig) -> pb.EngineSettings:
