@@ -108,9 +108,9 @@ class _RowFile:
     row ever used resident in the worker (a slow climb of its RSS, up to the whole table,
     measured in the soak benchmark)."""
 
-    def __init__(self, path: Path, offset: int, rows: int, row_bytes: int) -> None:
+    def __init__(self, path: Path, offset: int, row_bytes: int) -> None:
         self._fd = os.open(path, os.O_RDONLY)
-        self.offset, self.rows, self.row_bytes = offset, rows, row_bytes
+        self.offset, self.row_bytes = offset, row_bytes
 
     def take(self, ids: np.ndarray) -> np.ndarray:
         """The raw bytes of rows ``ids`` (checked in range by the caller), one per row."""
@@ -241,7 +241,7 @@ class StageEngine:
         if role.input_offset is None:
             return None
         deq = RowDequantizer(role.input_type, self.n_embd)
-        table = _RowFile(self.path, role.input_offset, role.input_rows, deq.row_bytes)
+        table = _RowFile(self.path, role.input_offset, deq.row_bytes)
         self._owned.append(("file", table))
         scale = None if role.input_scale is None else np.float32(role.input_scale)
         return table, deq, scale
@@ -365,7 +365,7 @@ class StageEngine:
         if self._lookup is not None:
             table, deq, scale = self._lookup
             self._embd.fill(seq, positions, None, wanted)
-            deq.rows(table.take(np.asarray(tokens)), np.arange(n), self._embd.embd[:n])
+            deq.rows(table.take(np.asarray(tokens)), self._embd.embd[:n])
             if scale is not None:
                 self._embd.embd[:n] *= scale
         else:

@@ -94,13 +94,12 @@ class RowDequantizer:
         self.row_len = row_len
         self.row_bytes = row_len // traits.blck_size * traits.type_size
 
-    def rows(self, table: np.ndarray, ids: np.ndarray, out: np.ndarray) -> None:
-        """``out[i] = float(table row ids[i])``; ``table`` is the raw bytes, one row each."""
+    def rows(self, raw: np.ndarray, out: np.ndarray) -> None:
+        """``out[i] = float(raw[i])``; ``raw`` holds the bytes of one row per row."""
         if self._is_f32:
-            out[:len(ids)] = table[np.asarray(ids)].view(np.float32)
+            out[:len(raw)] = raw.view(np.float32)
             return
-        for i, row_id in enumerate(ids):
-            src = table[int(row_id)]
+        for i, src in enumerate(raw):
             self._to_float(src.ctypes.data, out[i].ctypes.data, self.row_len)
 
 

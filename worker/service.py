@@ -112,9 +112,7 @@ def _rpc(method: Callable) -> Callable:
         try:
             return method(self, request, context)
         except (OrchError, ValueError) as exc:
-            self.rejects.note(context.peer(), f"{method.__name__}: {exc}", logging.INFO)
-            context.set_trailing_metadata(((status.ERROR_CODE_KEY, status.error_code(exc)),))
-            context.abort(status.to_status(exc), str(exc))
+            _refuse(self, context, method.__name__, exc)
 
     return wrapper
 
@@ -127,11 +125,17 @@ def _rpc_stream(method: Callable) -> Callable:
         try:
             yield from method(self, request, context)
         except (OrchError, ValueError) as exc:
-            self.rejects.note(context.peer(), f"{method.__name__}: {exc}", logging.INFO)
-            context.set_trailing_metadata(((status.ERROR_CODE_KEY, status.error_code(exc)),))
-            context.abort(status.to_status(exc), str(exc))
+            _refuse(self, context, method.__name__, exc)
 
     return wrapper
+
+
+def _refuse(service: WorkerService, context: grpc.ServicerContext, method: str,
+            exc: Exception) -> None:
+    """Answer a typed error with its status code and data-path code; one rate-limited line."""
+    service.rejects.note(context.peer(), f"{method}: {exc}", logging.INFO)
+    context.set_trailing_metadata(((status.ERROR_CODE_KEY, status.error_code(exc)),))
+    context.abort(status.to_status(exc), str(exc))
 
 
 def worker_id(state_dir: Path, *, renew: bool = False) -> str:
@@ -159,6 +163,11 @@ class WorkerService(pb_grpc.WorkerServicer):
         self._unloaded: list[str] = []  # recently unloaded pipeline ids, newest last
         self._lock = threading.Lock()
 
+    def threads(self, cores: int) -> int:
+        """The llama.cpp threads this worker runs a stage with: its setting, at most its
+        cores (Info reports it; a LoadShard that names none gets it)."""
+        return min(self.settings.threads or cores, cores)
+
     @property
     def token(self) -> str | None:
         """The cluster token now (calls to other workers carry it)."""
@@ -177,7 +186,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             cached_shards=self.cache.list(), host_id=self.host_id,
             cache_used_bytes=self.cache.used_bytes(), cache_free_bytes=self.cache.free_bytes(),
             cache_max_bytes=self.cache.max_bytes,
-            threads=min(self.settings.threads or cpu.cores, cpu.cores))
+            threads=self.threads(cpu.cores))
         stage = self.stage
         if stage is not None:
             role = stage.engine.role
@@ -242,7 +251,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         path = self.cache.path(request.sha256)
         self.cache.touch(request.sha256)
         cores = cpu_info().cores
-        config = convert.engine_from_proto(request.engine, self.settings.threads or cores, cores)
+        config = convert.engine_from_proto(request.engine, self.threads(cores), cores)
         with self._lock:
             current, now = self.stage, time.monotonic()
             if current is not None and current.same_as(request, config.threads):

@@ -57,13 +57,13 @@ class Tokens:
         """Whether ``given`` (the bare token) is the current one, or the previous one within
         its grace period. No token set: everything is accepted."""
         with self._lock:
-            current, previous = self._current, self._previous
+            current = self._current
         if current is None:
             return True
         if hmac.compare_digest(given.encode(), current.encode()):
             return True
-        return previous is not None and time.monotonic() < previous[1] and \
-            hmac.compare_digest(given.encode(), previous[0].encode())
+        previous = self.previous
+        return previous is not None and hmac.compare_digest(given.encode(), previous.encode())
 
     def rotate(self, new: str, grace_s: float) -> None:
         """Make ``new`` current (kept in the state folder); the old one is accepted for
