@@ -165,8 +165,16 @@ class DataPath:
             raise self._broken
         try:
             self._check_alive()
+            fault: OrchError | None = None
             for stage, client in zip(self.plan.stages, self.clients, strict=True):
-                self._probe_stage(stage.index, client)
+                try:
+                    self._probe_stage(stage.index, client)
+                except (WorkerUnreachableError, NotLoadedError):
+                    raise
+                except OrchError as exc:  # a later stage gone explains "next stage closed"
+                    fault = fault or exc
+            if fault is not None:
+                raise fault
             if self._forward is not None and self._forward.closed:
                 raise WorkerUnreachableError(self.plan.stages[0].worker,
                                              f"input stream closed: {self._forward.problem()}")

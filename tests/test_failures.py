@@ -16,6 +16,7 @@ import numpy as np
 import psutil
 import pytest
 from cluster import GREEDY, greedy_tokens, open_model, worker_server
+from test_plan import device
 
 from orchcore.errors import (
     AuthError,
@@ -28,12 +29,15 @@ from orchcore.errors import (
     StageFaultError,
     WorkerUnreachableError,
 )
+from orchcore.facts import read_model_facts
 from orchcore.shard import LayerRange, write_shard
 from orchcore.wire import convert, status
 from orchcore.wire import worker_pb2 as pb
 from orchcore.wire import worker_pb2_grpc as pb_grpc
 from orchcore.wire.channel import StreamClosedError, auth_metadata, connect
 from orchestrator.client import WorkerClient
+from orchestrator.datapath import DataPath
+from orchestrator.plan import PlanOptions, make_plan
 from orchestrator.settings import OrchSettings
 
 SETTINGS = OrchSettings.load()
@@ -232,3 +236,41 @@ def test_a_broken_shard_is_named_by_the_model_not_the_cache_path(tmp_path):
         assert str(tmp_path / "cache") not in str(info.value)
         assert str(info.value).count(address) == 1
         client.close()
+
+
+class _ProbedWorker:
+    """A worker as the probe sees it: its Info answer, or the error reaching it raises."""
+
+    def __init__(self, address: str, pipeline_id: str, fault: str | None = None,
+                 gone: bool = False) -> None:
+        self.address, self.pipeline_id, self.fault, self.gone = address, pipeline_id, fault, gone
+
+    def info(self, deadline: float | None = None) -> pb.WorkerInfo:
+        if self.gone:
+            raise WorkerUnreachableError(self.address, "connection refused")
+        info = pb.WorkerInfo()
+        info.loaded.pipeline_id = self.pipeline_id
+        if self.fault:
+            info.loaded.fault.CopyFrom(pb.Error(code=status.error_code(StageFaultError("x")),
+                                                message=self.fault, worker=self.address))
+        return info
+
+
+def test_a_dead_later_stage_is_blamed_not_the_stage_that_could_not_reach_it(smollm2_path):
+    """Stage 0 reports "next stage closed the stream" when stage 1 dies; the probe must
+    name stage 1 (the one to leave out), not the healthy stage 0."""
+    plan = make_plan(read_model_facts(smollm2_path), [device(1), device(2)],
+                     PlanOptions(use_all=True))
+    first, last = (s.worker for s in plan.stages)
+    path = DataPath(plan, "p1", [
+        _ProbedWorker(first, "p1", fault=f"next stage {last} closed the stream"),
+        _ProbedWorker(last, "p1", gone=True)], None, SETTINGS)
+    with pytest.raises(WorkerUnreachableError) as raised:
+        path.probe()
+    assert raised.value.worker == last and path.failed == {last}
+
+    faulty = DataPath(plan, "p1", [_ProbedWorker(first, "p1", fault="bug"),
+                                   _ProbedWorker(last, "p1")], None, SETTINGS)
+    with pytest.raises(StageFaultError, match=r"bug.*stage 0") as raised:
+        faulty.probe()
+    assert raised.value.worker == first and not faulty.failed
