@@ -127,7 +127,7 @@ class ReferenceRunner(Runner):
 
     def reset(self) -> None:
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ref.ctx), True)
-        self.ref.pos = 0
+        self.ref.positions[0] = 0
 
     def close(self) -> None:
         self.ref.close()

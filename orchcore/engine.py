@@ -26,6 +26,7 @@ import ctypes
 import logging
 import os
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,6 +103,14 @@ class StageRole:
         return role
 
 
+@dataclass(frozen=True)
+class Step:
+    """One session's chunk in a forward call: its session and its consecutive positions."""
+
+    session: str
+    positions: np.ndarray  # int32
+
+
 class _RowFile:
     """The first stage's input table (token embeddings), read from the shard a row at a
     time as tokens need them: a few hundred bytes per token. A memory map would keep every
@@ -144,7 +153,7 @@ class _EmbdBatch:
             ctypes.cast(self.batch.logits, ctypes.POINTER(ctypes.c_int8)), shape=(self.capacity,))
         self.seq_ptrs = [self.batch.seq_id[i] for i in range(self.capacity)]
 
-    def fill(self, seq: int, positions: np.ndarray, rows: np.ndarray | None,
+    def fill(self, seqs: np.ndarray, positions: np.ndarray, rows: np.ndarray | None,
              output: np.ndarray) -> None:
         n = len(positions)
         if rows is not None:
@@ -152,7 +161,7 @@ class _EmbdBatch:
         self.pos[:n] = positions
         self.n_seq[:n] = 1
         for i in range(n):
-            self.seq_ptrs[i][0] = seq
+            self.seq_ptrs[i][0] = int(seqs[i])
         self.logits[:n] = output
         self.batch.n_tokens = n
 
@@ -298,18 +307,52 @@ class StageEngine:
         Returns float32 ``[n, n_embd]`` hidden states (non-final stage), or logits
         ``[n, n_vocab]`` for every row (``all_logits``) or ``[1, n_vocab]`` for the last.
         """
-        positions = np.asarray(positions, dtype=np.int32)
-        n = len(positions)
+        return self.forward_batch([Step(session, np.asarray(positions, dtype=np.int32))],
+                                  tokens=tokens, hidden=hidden, all_logits=all_logits)
+
+    def forward_batch(self, steps: Sequence[Step], *,
+                      tokens: np.ndarray | list[int] | None = None,
+                      hidden: np.ndarray | None = None, all_logits: bool = False
+                      ) -> np.ndarray:
+        """Run one chunk of each of several sessions in one ``llama_decode``.
+
+        Several sessions carry one row each (a decode step each), so that llama.cpp keeps
+        the rows in batch order; ``tokens``/``hidden`` hold the steps' rows in order.
+        Returns hidden states for every row (non-final stage), or logits for every row
+        (``all_logits``) or for each step's last row.
+        """
+        n = sum(len(s.positions) for s in steps)
+        if len(steps) > 1 and n != len(steps):
+            raise InvalidInputError("a batch of several sessions carries one row per session")
+        if len({s.session for s in steps}) != len(steps):
+            raise InvalidInputError("a batch carries each session once")
         self._check_input(n, tokens, hidden)
-        self._check_positions(session, self.session_length(session), positions)
-        seq = self._seq(session)
+        for step in steps:
+            self._check_positions(step.session, self.session_length(step.session),
+                                  step.positions)
+        seqs = np.concatenate([np.full(len(s.positions), self._seq(s.session), np.int32)
+                               for s in steps])
+        positions = np.concatenate([s.positions for s in steps])
+        ends = np.cumsum([len(s.positions) for s in steps]) - 1
+        wanted = np.ones(n, dtype=np.int8)
+        if self.role.is_last and not all_logits:
+            wanted[:] = 0
+            wanted[ends] = 1
         if self.role.is_first and self._lookup is None:
-            out = self._forward_tokens(seq, positions, np.asarray(tokens, dtype=np.int32),
-                                       all_logits)
+            self._fill_tokens(seqs, positions, np.asarray(tokens, dtype=np.int32), wanted)
+            self._decode(self._tokens)
         else:
-            out = self._forward_embd(seq, positions, tokens, hidden, all_logits)
-        self._next_pos[seq] = int(positions[-1]) + 1
-        return out
+            self._fill_embd(seqs, positions, tokens, hidden, wanted)
+            self._decode(self._embd.batch)
+        for step in steps:
+            self._next_pos[self._sessions[step.session]] = int(step.positions[-1]) + 1
+        if self.role.is_last:
+            return self._logits(np.flatnonzero(wanted))
+        if self._tap.captured_rows != n:
+            raise ComputeError(f"{self.label}: expected {n} rows of {self._tap.target.decode()} "
+                               f"from the graph, got {self._tap.captured_rows} "
+                               f"{self._tap.problem}".rstrip())
+        return self._tap.buffer[:n].copy()
 
     def _check_input(self, n: int, tokens: object, hidden: np.ndarray | None) -> None:
         if n == 0 or n > self.config.batch_tokens:
@@ -333,53 +376,39 @@ class StageEngine:
 
     def _check_positions(self, session: str, expected: int, positions: np.ndarray) -> None:
         n = len(positions)
-        if positions[0] != expected or (n > 1 and np.any(np.diff(positions) != 1)):
+        if n == 0 or positions[0] != expected or (n > 1 and np.any(np.diff(positions) != 1)):
             raise InvalidInputError(
                 f"session {session!r}: positions must continue at {expected} and be "
-                f"consecutive, got {positions[0]}..{positions[-1]}")
+                f"consecutive, got {positions[0] if n else '-'}..{positions[-1] if n else '-'}")
         if positions[-1] >= self.config.context_tokens:
             raise ContextFullError(
                 f"session {session!r}: position {int(positions[-1])} is past the context "
                 f"length of {self.config.context_tokens} tokens (--context)")
 
-    def _forward_tokens(self, seq: int, positions: np.ndarray, tokens: np.ndarray,
-                        all_logits: bool) -> np.ndarray:
-        batch, n = self._tokens, len(positions)
-        for i in range(n):
+    def _fill_tokens(self, seqs: np.ndarray, positions: np.ndarray, tokens: np.ndarray,
+                     wanted: np.ndarray) -> None:
+        batch = self._tokens
+        for i in range(len(positions)):
             batch.token[i] = int(tokens[i])
             batch.pos[i] = int(positions[i])
             batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = seq
-            batch.logits[i] = all_logits or i == n - 1
-        batch.n_tokens = n
-        self._decode(batch)
-        return self._logits(n, all_logits)
+            batch.seq_id[i][0] = int(seqs[i])
+            batch.logits[i] = int(wanted[i])
+        batch.n_tokens = len(positions)
 
-    def _forward_embd(self, seq: int, positions: np.ndarray, tokens: object,
-                      hidden: np.ndarray | None, all_logits: bool) -> np.ndarray:
+    def _fill_embd(self, seqs: np.ndarray, positions: np.ndarray, tokens: object,
+                   hidden: np.ndarray | None, wanted: np.ndarray) -> None:
         n = len(positions)
-        last = self.role.is_last
-        wanted = np.ones(n, dtype=np.int8)
-        if last and not all_logits:
-            wanted[:-1] = 0
         if self._lookup is not None:
             table, deq, scale = self._lookup
-            self._embd.fill(seq, positions, None, wanted)
+            self._embd.fill(seqs, positions, None, wanted)
             deq.rows(table.take(np.asarray(tokens)), self._embd.embd[:n])
             if scale is not None:
                 self._embd.embd[:n] *= scale
         else:
-            self._embd.fill(seq, positions, np.ascontiguousarray(hidden, np.float32), wanted)
+            self._embd.fill(seqs, positions, np.ascontiguousarray(hidden, np.float32), wanted)
         if self._tap is not None:
             self._tap.reset()
-        self._decode(self._embd.batch)
-        if last:
-            return self._logits(n, all_logits)
-        if self._tap.captured_rows != n:
-            raise ComputeError(f"{self.label}: expected {n} rows of {self._tap.target.decode()} "
-                               f"from the graph, got {self._tap.captured_rows} "
-                               f"{self._tap.problem}".rstrip())
-        return self._tap.buffer[:n].copy()
 
     def _decode(self, batch: llama_cpp.llama_batch) -> None:
         code = llama_cpp.llama_decode(self._ctx, batch)
@@ -397,12 +426,11 @@ class StageEngine:
         raise ComputeError(f"{self.label}: llama_decode failed with code {code}: "
                            f"{llama_log().tail(2)}")
 
-    def _logits(self, n: int, all_logits: bool) -> np.ndarray:
-        rows = range(n) if all_logits else [n - 1]
+    def _logits(self, rows: np.ndarray) -> np.ndarray:
         out = np.empty((len(rows), self.n_vocab), dtype=np.float32)
         row_type = ctypes.c_float * self.n_vocab
         for j, i in enumerate(rows):
-            ptr = llama_cpp.llama_get_logits_ith(self._ctx, i)
+            ptr = llama_cpp.llama_get_logits_ith(self._ctx, int(i))
             out[j] = np.frombuffer(row_type.from_address(ctypes.addressof(ptr.contents)),
                                    dtype=np.float32)
         return out

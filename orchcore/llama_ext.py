@@ -150,11 +150,14 @@ class GraphTap:
             return False
         n_bytes = _ggml.ggml_nbytes(tensor)
         rows = n_bytes // self.row_bytes
-        if n_bytes % self.row_bytes or rows > len(self.buffer):
+        if n_bytes % self.row_bytes or self.captured_rows + rows > len(self.buffer):
             self.problem = f"{self.target.decode()} has {n_bytes} bytes, not whole rows"
             return False
-        _ggml.ggml_backend_tensor_get(tensor, self.buffer.ctypes.data, 0, n_bytes)
-        self.captured_rows = rows
+        # A batch llama.cpp splits (sessions whose slots are not adjacent) comes in several
+        # graphs, in batch order: each one's rows follow the previous ones'.
+        _ggml.ggml_backend_tensor_get(tensor, self.buffer[self.captured_rows:].ctypes.data, 0,
+                                      n_bytes)
+        self.captured_rows += rows
         return False  # stop the graph: nothing after this tensor is needed
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from orchcore.codecs import get_codec
-from orchcore.engine import EngineConfig, StageEngine
+from orchcore.engine import EngineConfig, StageEngine, Step
 from orchcore.facts import read_model_facts
 from orchcore.shard import LayerRange, even_ranges, write_shard
 
@@ -63,6 +63,16 @@ class LocalChain:
         for stage in self.stages[1:]:
             out = self.codec.decode(self.codec.encode(out), *out.shape)
             out = stage.forward(session, positions, hidden=out, all_logits=all_logits)
+        return out
+
+    def forward_batch(self, steps: Sequence[tuple[str, int, int]]) -> np.ndarray:
+        """One decode step of each of several sessions, in one batch on every stage:
+        ``steps`` is (session, position, token); the logits of each, in order."""
+        batch = [Step(session, np.array([pos], np.int32)) for session, pos, _ in steps]
+        out = self.stages[0].forward_batch(batch, tokens=[tok for *_, tok in steps])
+        for stage in self.stages[1:]:
+            out = self.codec.decode(self.codec.encode(out), *out.shape)
+            out = stage.forward_batch(batch, hidden=out)
         return out
 
     def end_session(self, session: str) -> None:

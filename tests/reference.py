@@ -18,7 +18,8 @@ from orchcore.llama_ext import llama_log
 
 
 class ReferenceModel:
-    def __init__(self, path: Path, *, n_ctx: int = 512, threads: int = 2) -> None:
+    def __init__(self, path: Path, *, n_ctx: int = 512, threads: int = 2, n_seq: int = 1
+                 ) -> None:
         llama_log()  # llama.cpp's log to logging, not stderr
         llama_cpp.llama_backend_init()
         mparams = llama_cpp.llama_model_default_params()
@@ -26,14 +27,16 @@ class ReferenceModel:
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
         assert self.model, f"reference load failed: {path}"
         cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = n_ctx
+        cparams.n_ctx = n_ctx * n_seq  # n_ctx per sequence, each in a KV stream of its own
+        cparams.n_seq_max = n_seq
+        cparams.kv_unified = False
         cparams.n_batch = cparams.n_ubatch = n_ctx
         cparams.n_threads = cparams.n_threads_batch = threads
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
         self.batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
-        self.pos = 0
+        self.positions = [0] * n_seq  # next position of each sequence
 
     def tokenize(self, text: str) -> list[int]:
         vocab = llama_cpp.llama_model_get_vocab(self.model)
@@ -53,21 +56,30 @@ class ReferenceModel:
         return out.decode("utf-8", errors="replace")
 
     def eval(self, tokens: list[int], all_logits: bool = True) -> np.ndarray:
-        b = self.batch
-        for i, tok in enumerate(tokens):
-            b.token[i] = tok
-            b.pos[i] = self.pos + i
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = 0
-            b.logits[i] = all_logits or i == len(tokens) - 1
-        b.n_tokens = len(tokens)
+        return self.eval_batch([(0, tokens)], all_logits)
+
+    def eval_batch(self, parts: list[tuple[int, list[int]]], all_logits: bool = False
+                   ) -> np.ndarray:
+        """Several sequences' tokens in one ``llama_decode``: ``parts`` is (sequence, tokens)
+        in batch order. Logits of every row, or of each part's last row."""
+        b, i, wanted = self.batch, 0, []
+        for seq, tokens in parts:
+            for j, tok in enumerate(tokens):
+                b.token[i] = tok
+                b.pos[i] = self.positions[seq] + j
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = seq
+                b.logits[i] = all_logits or j == len(tokens) - 1
+                if b.logits[i]:
+                    wanted.append(i)
+                i += 1
+            self.positions[seq] += len(tokens)
+        b.n_tokens = i
         assert llama_cpp.llama_decode(self.ctx, b) == 0
-        self.pos += len(tokens)
-        rows = range(len(tokens)) if all_logits else [len(tokens) - 1]
         return np.stack([
             np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, i),
                                   shape=(self.n_vocab,)).copy()
-            for i in rows
+            for i in wanted
         ])
 
     def greedy(self, prompt: list[int], steps: int) -> tuple[list[int], list[np.ndarray]]:
