@@ -46,6 +46,7 @@ class DataPath:
         self._broken: OrchError | None = None
         self._subscribed = threading.Event()
         self._lock = threading.Lock()
+        self._send_lock = threading.Lock()  # numbering and queueing a chunk, together
         self._chunk = 0
         self._results_call = None
         self._forward: ForwardStream | None = None
@@ -100,30 +101,34 @@ class DataPath:
     # --- steps -------------------------------------------------------------------------
 
     def send(self, session: str, start: int, tokens: Sequence[int], want_token: bool,
-             sampling: SamplingParams | None = None) -> int:
-        """Queue one chunk of ``session`` into stage 0; returns its chunk number."""
-        chunk = self._next_chunk()
-        msg = pb.StageInput(pipeline_id=self.pipeline_id, session=session, chunk=chunk,
-                            start_pos=start, tokens=list(tokens), want_token=want_token)
+             sampling: SamplingParams | None = None, ring_left: int = 0,
+             ring_stops: Sequence[int] = ()) -> int:
+        """Queue one chunk of ``session`` into stage 0; returns its chunk number. With
+        ``ring_left`` the last stage goes on with that many tokens on its own (the token
+        ring), as chunks numbered on from this one; each comes back to ``wait``."""
+        msg = pb.StageInput(pipeline_id=self.pipeline_id, session=session, start_pos=start,
+                            tokens=list(tokens), want_token=want_token, ring_left=ring_left,
+                            ring_stops=list(ring_stops))
         if sampling is not None:
             msg.sampling.CopyFrom(convert.sampling_to_proto(sampling))
         self._queue(session)  # results of this session are routed from now on
-        self._send(msg)
-        return chunk
-
-    def _next_chunk(self) -> int:
-        with self._lock:
-            chunk, self._chunk = self._chunk, self._chunk + 1
-        return chunk
-
-    def _send(self, msg: pb.StageInput) -> None:
-        try:
-            self._forward.send(msg)
-        except ConnectionError:
+        if not self._send(msg):
             self.probe()
             raise WorkerUnreachableError(self.plan.stages[0].worker,
-                                         f"input stream closed: {self._forward.problem()}"
-                                         ) from None
+                                         f"input stream closed: {self._forward.problem()}")
+        return msg.chunk
+
+    def _send(self, msg: pb.StageInput) -> bool:
+        """Number ``msg`` and queue it, so chunk numbers reach stage 0 in increasing order;
+        False if the stream into stage 0 has closed."""
+        with self._send_lock:
+            with self._lock:  # the ring's chunks take the numbers after this one
+                msg.chunk, self._chunk = self._chunk, self._chunk + 1 + msg.ring_left
+            try:
+                self._forward.send(msg)
+            except ConnectionError:
+                return False
+        return True
 
     def wait(self, session: str, chunk: int) -> pb.StageOutput:
         """The result of ``chunk``; raises a typed error naming the failing worker."""
@@ -154,8 +159,8 @@ class DataPath:
         """Free ``session`` on every stage (in order behind its chunks)."""
         if self._forward is None or self._forward.closed:
             return
-        self._forward.send(pb.StageInput(pipeline_id=self.pipeline_id, session=session,
-                                         chunk=self._next_chunk(), end_session=True))
+        self._send(pb.StageInput(pipeline_id=self.pipeline_id, session=session,
+                                 end_session=True))  # a broken stream ends them anyway
 
     # --- health ------------------------------------------------------------------------
 

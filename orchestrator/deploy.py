@@ -169,6 +169,7 @@ def _deploy_stage(plan: Plan, stage: StagePlan, client: WorkerClient, facts: Mod
         pipeline_id=pipeline_id, sha256=sha, layer_start=stage.layers.start,
         layer_end=stage.layers.end,
         next_address="" if last else plan.stages[stage.index + 1].worker,
+        ring_address=plan.stages[0].worker if last else "",
         codec=plan.codec, stage_index=stage.index, stage_count=len(plan.stages),
         engine=convert.engine_to_proto(stage.engine), holder=holder, model=plan.model.name,
         force=force))

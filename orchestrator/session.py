@@ -77,6 +77,8 @@ class Session:
     prompt_chunks: list[tuple[int, ...]] = field(default_factory=list)
     generated: list[int] = field(default_factory=list)
     draws: int = 0  # tokens the last stage's sampler has drawn
+    limit: int = 0  # tokens this answer may generate
+    ring: tuple[int, int] | None = None  # the token ring's next chunk and its ring_left
 
     @property
     def prompt(self) -> list[int]:
@@ -296,6 +298,7 @@ class RunningModel:
         """Sampled token ids: the prompt's chunks all in flight at once, then one by one."""
         size = self.plan.batch_tokens
         session.prompt_chunks = [tuple(prompt[s:s + size]) for s in range(0, len(prompt), size)]
+        session.limit = limit
         for produced in range(limit):
             t0 = time.perf_counter()
             out, notice = self._step(session)
@@ -328,21 +331,31 @@ class RunningModel:
     def _advance(self, session: Session) -> pb.StageOutput:
         """Send what the session has not fed yet (the whole prompt, or its last token) and
         record the token sampled. Runs under the step gate, so a failover sees either the
-        token recorded or the step not done."""
+        token recorded or the step not done. With the token ring on, the last stage feeds
+        each token to stage 0 itself: after the first, steps only wait."""
         path = self.path
-        if not session.generated:
-            start = chunk = 0
-            for i, part in enumerate(session.prompt_chunks):
-                chunk = path.send(session.id, start, part,
-                                  want_token=i + 1 == len(session.prompt_chunks),
-                                  sampling=session.sampling if i == 0 else None)
-                start += len(part)
+        if session.ring is not None:
+            chunk, ring_left = session.ring
         else:
-            chunk = path.send(session.id, session.length, [session.generated[-1]],
-                              want_token=True)
+            ring_left = session.limit - len(session.generated) - 1 \
+                if self.settings.token_ring else 0
+            stops = self.tokenizer.end_of_generation if ring_left else ()
+            if not session.generated:
+                start = chunk = 0
+                for i, part in enumerate(session.prompt_chunks):
+                    last = i + 1 == len(session.prompt_chunks)
+                    chunk = path.send(session.id, start, part, want_token=last,
+                                      sampling=session.sampling if i == 0 else None,
+                                      ring_left=ring_left if last else 0, ring_stops=stops)
+                    start += len(part)
+            else:
+                chunk = path.send(session.id, session.length, [session.generated[-1]],
+                                  want_token=True, ring_left=ring_left, ring_stops=stops)
         out = path.wait(session.id, chunk)
         session.draws += 1
         session.generated.append(out.token)
+        going_on = ring_left and not self.tokenizer.is_end_of_generation(out.token)
+        session.ring = (chunk + 1, ring_left - 1) if going_on else None
         return out
 
     # --- failover ----------------------------------------------------------------------
@@ -397,6 +410,8 @@ class RunningModel:
                 for address in failed:
                     self._excluded[address] = pipeline.deployment
                 continue
+            for session in self._live.values():
+                session.ring = None  # the old pipeline's ring is gone: the next step sends
             self._adopt(pipeline)
             return len(live)
         raise AssertionError("unreachable")

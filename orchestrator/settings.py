@@ -64,6 +64,9 @@ class OrchSettings(BaseSettings):
 
     # --- generation ----------------------------------------------------------------------
     max_tokens: int = Field(256, ge=1, le=1 << 20, description="Most tokens to generate.")
+    token_ring: bool = Field(True, description="The last stage sends each sampled token "
+                             "straight to stage 0 and this machine only listens (one hop "
+                             "less per token); off: every token goes through here.")
     temperature: float = Field(_SAMPLING.temperature, ge=0.0, description="0 = greedy.")
     top_k: int = Field(_SAMPLING.top_k, ge=0, le=MAX_TOP_K, description="0 = off.")
     top_p: float = Field(_SAMPLING.top_p, gt=0.0, le=1.0, description="1 = off.")

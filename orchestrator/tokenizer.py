@@ -109,6 +109,7 @@ class Tokenizer:
         vocab = llama_cpp.llama_model_get_vocab(model)
         self._vocab: llama_cpp.llama_vocab_p | None = vocab
         self.n_vocab: int = llama_cpp.llama_vocab_n_tokens(vocab)
+        self._eog: tuple[int, ...] | None = None
         self.bos: int | None = _token_or_none(llama_cpp.llama_vocab_bos(vocab))
         self.eos: int | None = _token_or_none(llama_cpp.llama_vocab_eos(vocab))
         self.eot: int | None = _token_or_none(llama_cpp.llama_vocab_eot(vocab))
@@ -217,6 +218,15 @@ class Tokenizer:
     def is_end_of_generation(self, token: int) -> bool:
         """Whether generation ends at ``token`` (EOS, EOT and the vocabulary's other EOGs)."""
         return bool(llama_cpp.llama_vocab_is_eog(self._live_vocab(), token))
+
+    @property
+    def end_of_generation(self) -> tuple[int, ...]:
+        """Every token at which generation ends."""
+        if self._eog is None:
+            vocab = self._live_vocab()
+            self._eog = tuple(t for t in range(self.n_vocab)
+                              if llama_cpp.llama_vocab_is_eog(vocab, t))
+        return self._eog
 
     def special_text(self, token: int | None) -> str:
         """How a special token is written in a template (``<s>``); "" for None."""

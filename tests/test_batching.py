@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from chain import Chain
+from cluster import GREEDY, open_model, worker_server
 from reference import ReferenceModel
 
 from orchcore.engine import EngineConfig, Step
@@ -64,3 +65,43 @@ def test_a_batch_of_sessions_takes_one_row_each_and_each_session_once(smollm2_pa
         assert stage.sessions == ()
     finally:
         chain.close()
+
+
+def test_sessions_in_flight_together_share_batches_and_match_the_unsplit_model(
+        smollm2_path, tmp_path):
+    """Four sessions' decode steps queued together at stage 0 go through both workers as
+    batches; the unsplit model fed the batches the workers report picks the same tokens."""
+    steps = 12
+    with worker_server(tmp_path / "a") as a, worker_server(tmp_path / "b") as b, \
+            open_model(smollm2_path, [a, b], None, tmp_path, max_sessions=len(PROMPTS),
+                       context_tokens=CONTEXT) as model:
+        ref = ReferenceModel(smollm2_path, n_ctx=CONTEXT, threads=THREADS, n_seq=len(PROMPTS))
+        path = model.path
+        prompts = [ref.tokenize(p) for p in PROMPTS]
+        sessions = [f"batched-{i}" for i in range(len(PROMPTS))]
+        token, pos = {}, {}
+        for i, prompt in enumerate(prompts):  # one by one: slots 0..3 on every stage
+            out = path.wait(sessions[i], path.send(sessions[i], 0, prompt, True, GREEDY))
+            token[i], pos[i] = out.token, len(prompt)
+            assert out.token == int(ref.eval_batch([(i, prompt)])[-1].argmax()), f"prompt {i}"
+        sent, picked = {}, {}  # chunk -> (session index, token in); chunk -> token out
+        batches = set()
+        for _ in range(steps):
+            chunks = {}
+            for i, session in enumerate(sessions):  # queued back to back: stage 0 batches
+                chunks[i] = path.send(session, pos[i], [token[i]], True)
+                sent[chunks[i]] = (i, token[i])
+            for i, session in enumerate(sessions):
+                out = path.wait(session, chunks[i])
+                batches.add(tuple(out.batch) or (out.chunk,))
+                picked[out.chunk] = token[i] = out.token
+                pos[i] += 1
+        for session in sessions:
+            path.end_session(session)
+        assert any(len(batch) > 1 for batch in batches), batches
+        expected = {}
+        for batch in sorted(batches, key=max):  # a session's steps in order
+            logits = ref.eval_batch([(sent[c][0], [sent[c][1]]) for c in batch])
+            expected.update({c: int(row.argmax()) for c, row in zip(batch, logits, strict=True)})
+        ref.close()
+    assert picked == expected

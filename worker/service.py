@@ -286,7 +286,8 @@ class WorkerService(pb_grpc.WorkerServicer):
             try:
                 self.stage = Stage(engine, request, worker_name=self.name, token=self.token,
                                    max_message_bytes=self.settings.max_message_mb << 20,
-                                   connect=self.connect, resident_bytes=needed.total)
+                                   connect=self.connect, resident_bytes=needed.total,
+                                   spin_s=self.settings.spin_ms / 1e3)
             except BaseException:
                 engine.close()
                 raise

@@ -61,6 +61,11 @@ class WorkerSettings(BaseSettings):
         False, description="Serve without TLS, and accept other workers that do. Only on a "
                            "network you trust: the token and all data then cross it in the "
                            "clear. (Links to loopback addresses accept plaintext anyway.)")
+    spin_ms: float = Field(
+        0.0, ge=0, le=100,
+        description="After a chunk, keep this stage's core busy up to this long waiting for "
+                    "the next one, instead of letting it go idle (an idle core is slow to "
+                    "resume). Costs CPU; see docs/benchmarks.md.")
     ready_file: Path | None = Field(
         None, description="Write 'host:port' here once serving (for supervisors and tests).")
     watchdog_floor_s: float = Field(

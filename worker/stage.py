@@ -13,16 +13,18 @@ within seconds instead of a step deadline later.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 import numpy as np
 
 from orchcore.codecs import get_codec
-from orchcore.engine import StageEngine
+from orchcore.engine import StageEngine, Step
 from orchcore.errors import (
     InvalidInputError,
     MessageTooLargeError,
@@ -36,8 +38,13 @@ from worker.sampler import TokenSampler
 
 log = logging.getLogger(__name__)
 
+# sched_yield through ctypes, which lets the GIL go for the call: a spinning compute thread
+# must not keep the thread that receives the next chunk from running Python.
+_sched_yield = ctypes.CDLL(None, use_errno=True).sched_yield
+
 _CLOSE_WAIT_S = 600.0  # longest a chunk in progress may take to finish when unloading
 LEASE_S = 30.0  # a lease lapses this long after its orchestrator's last renewal
+_ENDED_KEPT = 4096  # sessions remembered as ended, to drop ring chunks still on their way
 
 
 class Leases:
@@ -115,7 +122,7 @@ class _LocalEnd:
 class Stage:
     def __init__(self, engine: StageEngine, request: pb.LoadShardRequest, *, worker_name: str,
                  token: str | None, max_message_bytes: int, connect: Callable[[str], Link],
-                 resident_bytes: int = 0) -> None:
+                 resident_bytes: int = 0, spin_s: float = 0.0) -> None:
         self.engine = engine
         self.pipeline_id = request.pipeline_id
         self.sha256 = request.sha256
@@ -137,8 +144,23 @@ class Stage:
         get_codec(self.codec)  # refuse an unknown codec before connecting
         self.next = (DownstreamLink(request.next_address, token, connect)
                      if request.next_address else None)
+        if request.ring_address and not self.is_last:
+            raise InvalidInputError(f"stage {self.index}: only the last stage has a "
+                                    f"ring_address")
+        # The token ring: the last stage sends each token it samples to stage 0 (itself
+        # when it is also stage 0), so the orchestrator only listens.
+        self.ring = (DownstreamLink(request.ring_address, token, connect)
+                     if request.ring_address and not engine.role.is_first else None)
+        self._ring_home = bool(request.ring_address) and engine.role.is_first
+        self._ended: deque[str] = deque(maxlen=_ENDED_KEPT)  # so late ring chunks are dropped
         self._closing = False
         self._inbox: queue.SimpleQueue[tuple[pb.StageInput, float] | None] = queue.SimpleQueue()
+        self._held: deque[tuple[pb.StageInput, float] | None] = deque()  # taken, not batched
+        self.spin_s = spin_s  # how long the compute thread polls before blocking
+        # Stage 0 batches the decode steps of several sessions queued together; later stages
+        # compute the batches it formed, so every stage runs the same batch shapes.
+        self.batch_limit = (min(engine.config.max_sessions, engine.config.batch_tokens)
+                            if engine.role.is_first else 1)
         self._subscribers: list[queue.SimpleQueue[pb.StageOutput | None]] = []
         self._samplers: dict[str, TokenSampler] = {}
         self._lock = threading.Lock()
@@ -151,11 +173,12 @@ class Stage:
         mine, theirs = self.request, request
         return (mine.sha256, mine.layer_start, mine.layer_end, mine.next_address, mine.codec,
                 mine.stage_index, mine.stage_count, mine.engine.context_tokens,
-                mine.engine.max_sessions, mine.engine.batch_tokens) == (
+                mine.engine.max_sessions, mine.engine.batch_tokens, mine.ring_address) == (
             theirs.sha256, theirs.layer_start, theirs.layer_end, theirs.next_address,
             theirs.codec, theirs.stage_index, theirs.stage_count,
             theirs.engine.context_tokens, theirs.engine.max_sessions,
-            theirs.engine.batch_tokens) and self.engine.config.threads == config_threads
+            theirs.engine.batch_tokens, theirs.ring_address
+        ) and self.engine.config.threads == config_threads
 
     # --- inputs and outputs ------------------------------------------------------------
 
@@ -190,7 +213,7 @@ class Stage:
     # --- the compute loop --------------------------------------------------------------
 
     def _run(self) -> None:
-        while (item := self._inbox.get()) is not None:
+        while (item := self._take()) is not None:
             msg, arrived = item
             if self._closing:
                 continue  # unloading: drop what is still queued
@@ -204,16 +227,60 @@ class Stage:
                               msg.session, msg.chunk)
                 self._set_fault(exc)
 
+    def _take(self) -> tuple[pb.StageInput, float] | None:
+        """The next chunk to compute, with the decode steps of other sessions queued
+        behind it folded into ``batched`` (in arrival order) when it is one itself."""
+        item = self._held.popleft() if self._held else self._wait()
+        if item is None or not self._batchable(item[0]):
+            return item
+        lead = item[0]
+        sessions = {lead.session}
+        while len(sessions) < self.batch_limit:
+            try:
+                more = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if more is None or not self._batchable(more[0]) or more[0].session in sessions:
+                self._held.append(more)  # computed next, in order
+                break
+            lead.batched.append(more[0])
+            sessions.add(more[0].session)
+        return item
+
+    def _wait(self) -> tuple[pb.StageInput, float] | None:
+        """The next inbox item: polled for ``spin_s`` (yielding the core, and the GIL, to
+        any other thread between polls), then waited for."""
+        if self.spin_s:
+            give_up = time.perf_counter() + self.spin_s
+            while time.perf_counter() < give_up:
+                try:
+                    return self._inbox.get_nowait()
+                except queue.Empty:
+                    _sched_yield()
+        return self._inbox.get()
+
+    def _batchable(self, msg: pb.StageInput | _LocalEnd) -> bool:
+        """A decode step of a session this stage holds, at the position it expects: it
+        cannot fail on its own, so it can share a batch."""
+        return (self.batch_limit > 1 and isinstance(msg, pb.StageInput)
+                and len(msg.tokens) == 1 and not msg.HasField("error")
+                and not msg.HasField("hidden") and not msg.batched
+                and not msg.end_session and not msg.HasField("sampling")
+                and 0 < msg.start_pos == self.engine.session_length(msg.session)
+                and msg.start_pos < self.engine.config.context_tokens)
+
     def _handle(self, msg: pb.StageInput, arrived: float) -> None:
         started = time.perf_counter()
-        token = -1
+        tokens: list[int] = []
+        if msg.session in self._ended and not msg.end_session:
+            return  # a ring chunk of a session ended meanwhile (stopped by the orchestrator)
         if msg.HasField("error"):
             pass  # an earlier stage failed: pass the error on untouched
         elif msg.end_session:
             self.end_session(msg.session)
         else:
             try:
-                token = self._compute(msg)
+                tokens = self._compute(msg)
             except (OrchError, ValueError) as exc:
                 self._fail(msg, exc)
             except Exception as exc:  # a bug: report it down the path instead of going silent
@@ -234,11 +301,47 @@ class Stage:
             timing.sent_bytes = size
             self._send_on(msg)
             timing.send_ms = (time.perf_counter() - computed) * 1e3
-        elif msg.want_token or msg.HasField("error") or msg.end_session:
-            self._publish(pb.StageOutput(session=msg.session, chunk=msg.chunk, token=token,
-                                         timings=msg.timings, error=msg.error if msg.HasField(
-                                             "error") else None,
-                                         session_ended=msg.end_session))
+        else:
+            self._publish_results(msg, tokens)
+
+    def _publish_results(self, msg: pb.StageInput, tokens: list[int]) -> None:
+        """The last stage's answer for each chunk of ``msg``'s batch that asks for one."""
+        members = [msg, *msg.batched]
+        batch = [m.chunk for m in members] if msg.batched else []
+        error = msg.error if msg.HasField("error") else None
+        broken_ring = None
+        for m, token in zip(members, tokens or [-1] * len(members), strict=True):
+            if m.ring_left and token >= 0 and token not in m.ring_stops:  # first: stage 0
+                # starts on the next token at once
+                try:
+                    self._ring_on(m, token)
+                except StageFaultError as exc:
+                    broken_ring = exc
+        for i, m in enumerate(members):
+            if m.want_token or error is not None or m.end_session:
+                self._publish(pb.StageOutput(session=m.session, chunk=m.chunk,
+                                             token=tokens[i] if tokens else -1,
+                                             timings=msg.timings, error=error,
+                                             session_ended=m.end_session, batch=batch))
+        if broken_ring is not None:
+            raise broken_ring
+
+    def _ring_on(self, m: pb.StageInput, token: int) -> None:
+        """Send ``token`` to stage 0 as the session's next chunk."""
+        step = pb.StageInput(pipeline_id=self.pipeline_id, session=m.session,
+                             chunk=m.chunk + 1, start_pos=m.start_pos + len(m.tokens),
+                             tokens=[token], want_token=True, ring_left=m.ring_left - 1,
+                             ring_stops=m.ring_stops)
+        if self._ring_home:
+            self.submit(step)
+            return
+        if self.ring is None:
+            raise StageFaultError(f"stage {self.index}: asked to run the token ring, but "
+                                  f"it was loaded without a ring_address")
+        try:
+            self.ring.send(step)
+        except StreamClosedError as exc:
+            raise StageFaultError(f"token ring: {exc}") from None
 
     def _set_fault(self, exc: BaseException) -> None:
         if self.fault is None:
@@ -256,22 +359,29 @@ class Stage:
         except StreamClosedError as exc:
             raise StageFaultError(str(exc)) from None
 
-    def _compute(self, msg: pb.StageInput) -> int:
-        tokens = np.asarray(msg.tokens, dtype=np.int32)
-        positions = np.arange(msg.start_pos, msg.start_pos + len(tokens), dtype=np.int32)
+    def _compute(self, msg: pb.StageInput) -> list[int]:
+        """Run the chunk (and the steps batched with it); the last stage returns each one's
+        sampled token (-1 where none is asked for)."""
+        members = [msg, *msg.batched]
+        steps = [Step(m.session, np.arange(m.start_pos, m.start_pos + len(m.tokens),
+                                           dtype=np.int32)) for m in members]
         if self.engine.role.is_first:
-            out = self.engine.forward(msg.session, positions, tokens=tokens)
+            tokens = np.asarray([t for m in members for t in m.tokens], dtype=np.int32)
+            out = self.engine.forward_batch(steps, tokens=tokens)
         else:
             if not msg.HasField("hidden"):
                 raise InvalidInputError(f"stage {self.index} needs hidden states")
             hidden = convert.hidden_from_proto(msg.hidden)
-            out = self.engine.forward(msg.session, positions, hidden=hidden)
+            out = self.engine.forward_batch(steps, hidden=hidden)
         if not self.is_last:
             msg.hidden.CopyFrom(convert.hidden_to_proto(out, self.codec))
-            return -1
-        sampler = self._sampler(msg)
-        sampler.accept(tokens.tolist())
-        return sampler.sample(out[-1]) if msg.want_token else -1
+            return []
+        sampled = []
+        for m, logits in zip(members, out, strict=True):
+            sampler = self._sampler(m)
+            sampler.accept(list(m.tokens))
+            sampled.append(sampler.sample(logits) if m.want_token else -1)
+        return sampled
 
     def _sampler(self, msg: pb.StageInput) -> TokenSampler:
         sampler = self._samplers.get(msg.session)
@@ -286,6 +396,7 @@ class Stage:
     # --- lifetime ----------------------------------------------------------------------
 
     def end_session(self, session: str) -> bool:
+        self._ended.append(session)
         sampler = self._samplers.pop(session, None)
         if sampler is not None:
             sampler.close()
@@ -306,6 +417,8 @@ class Stage:
             self._subscribers.clear()
         if self.next is not None:
             self.next.close()
+        if self.ring is not None:
+            self.ring.close()
         for sampler in self._samplers.values():
             sampler.close()
         self._samplers.clear()

@@ -261,7 +261,7 @@ class EngineSettings(_message.Message):
     def __init__(self, context_tokens: _Optional[int] = ..., max_sessions: _Optional[int] = ..., batch_tokens: _Optional[int] = ..., threads: _Optional[int] = ...) -> None: ...
 
 class LoadShardRequest(_message.Message):
-    __slots__ = ("pipeline_id", "sha256", "layer_start", "layer_end", "engine", "next_address", "codec", "stage_index", "stage_count", "holder", "model", "force")
+    __slots__ = ("pipeline_id", "sha256", "layer_start", "layer_end", "engine", "next_address", "codec", "stage_index", "stage_count", "holder", "model", "force", "ring_address")
     PIPELINE_ID_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
@@ -274,6 +274,7 @@ class LoadShardRequest(_message.Message):
     HOLDER_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FORCE_FIELD_NUMBER: _ClassVar[int]
+    RING_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     pipeline_id: str
     sha256: str
     layer_start: int
@@ -286,7 +287,8 @@ class LoadShardRequest(_message.Message):
     holder: str
     model: str
     force: bool
-    def __init__(self, pipeline_id: _Optional[str] = ..., sha256: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., engine: _Optional[_Union[EngineSettings, _Mapping]] = ..., next_address: _Optional[str] = ..., codec: _Optional[str] = ..., stage_index: _Optional[int] = ..., stage_count: _Optional[int] = ..., holder: _Optional[str] = ..., model: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
+    ring_address: str
+    def __init__(self, pipeline_id: _Optional[str] = ..., sha256: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., engine: _Optional[_Union[EngineSettings, _Mapping]] = ..., next_address: _Optional[str] = ..., codec: _Optional[str] = ..., stage_index: _Optional[int] = ..., stage_count: _Optional[int] = ..., holder: _Optional[str] = ..., model: _Optional[str] = ..., force: _Optional[bool] = ..., ring_address: _Optional[str] = ...) -> None: ...
 
 class LoadShardReply(_message.Message):
     __slots__ = ("resident_bytes", "load_seconds", "engine", "pipeline_id", "shared")
@@ -371,7 +373,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., worker: _Optional[str] = ...) -> None: ...
 
 class StageInput(_message.Message):
-    __slots__ = ("pipeline_id", "session", "chunk", "start_pos", "tokens", "hidden", "want_token", "sampling", "end_session", "timings", "error")
+    __slots__ = ("pipeline_id", "session", "chunk", "start_pos", "tokens", "hidden", "want_token", "sampling", "end_session", "timings", "error", "batched", "ring_left", "ring_stops")
     PIPELINE_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
@@ -383,6 +385,9 @@ class StageInput(_message.Message):
     END_SESSION_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    BATCHED_FIELD_NUMBER: _ClassVar[int]
+    RING_LEFT_FIELD_NUMBER: _ClassVar[int]
+    RING_STOPS_FIELD_NUMBER: _ClassVar[int]
     pipeline_id: str
     session: str
     chunk: int
@@ -394,23 +399,28 @@ class StageInput(_message.Message):
     end_session: bool
     timings: _containers.RepeatedCompositeFieldContainer[StageTiming]
     error: Error
-    def __init__(self, pipeline_id: _Optional[str] = ..., session: _Optional[str] = ..., chunk: _Optional[int] = ..., start_pos: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Hidden, _Mapping]] = ..., want_token: _Optional[bool] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., end_session: _Optional[bool] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    batched: _containers.RepeatedCompositeFieldContainer[StageInput]
+    ring_left: int
+    ring_stops: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, pipeline_id: _Optional[str] = ..., session: _Optional[str] = ..., chunk: _Optional[int] = ..., start_pos: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Hidden, _Mapping]] = ..., want_token: _Optional[bool] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., end_session: _Optional[bool] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., batched: _Optional[_Iterable[_Union[StageInput, _Mapping]]] = ..., ring_left: _Optional[int] = ..., ring_stops: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StageOutput(_message.Message):
-    __slots__ = ("session", "chunk", "token", "timings", "error", "session_ended")
+    __slots__ = ("session", "chunk", "token", "timings", "error", "session_ended", "batch")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     SESSION_ENDED_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     session: str
     chunk: int
     token: int
     timings: _containers.RepeatedCompositeFieldContainer[StageTiming]
     error: Error
     session_ended: bool
-    def __init__(self, session: _Optional[str] = ..., chunk: _Optional[int] = ..., token: _Optional[int] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., session_ended: _Optional[bool] = ...) -> None: ...
+    batch: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session: _Optional[str] = ..., chunk: _Optional[int] = ..., token: _Optional[int] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., session_ended: _Optional[bool] = ..., batch: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ForwardSummary(_message.Message):
     __slots__ = ("chunks",)
