@@ -24,6 +24,7 @@ from orchcore import modelgen
 from orchcore.facts import ModelFacts
 
 PROBE_LAYERS = 4
+PROBE_PREFILL_TOKENS = 64  # the prompt a probe times (its decode steps: one token each)
 PROBE_VOCAB = 512
 _FALLBACK_TYPES = (modelgen.GType.Q4_0, modelgen.GType.Q8_0, modelgen.GType.F16)
 

@@ -53,6 +53,7 @@ from orchcore.devices import DeviceFacts
 from orchcore.errors import PlanError
 from orchcore.facts import ModelFacts
 from orchcore.memory import MIB, MemoryEstimate, StageMemory
+from orchcore.probe import PROBE_PREFILL_TOKENS
 from orchcore.shard import LayerRange
 
 Objective = Literal["latency", "throughput"]
@@ -130,6 +131,30 @@ class Plan:
         per_token = [None if s.device.prefill_s_per_layer is None else
                      len(s.layers) * s.device.prefill_s_per_layer for s in self.stages]
         return None if None in per_token or not sum(per_token) else 1 / sum(per_token)
+
+    def prompt_chunk(self, n_tokens: int) -> int:
+        """The chunk size that brings a prompt of ``n_tokens`` through the stages soonest.
+
+        The chunks flow through the stages concurrently: the first chunk passes every stage,
+        then the slowest stage takes one chunk after the other. A stage takes ``a + b * c``
+        for a chunk of ``c`` tokens, fitted to its device's two measurements (a decode step
+        and a 64-token prompt per layer): small chunks fill the pipeline sooner, large ones
+        waste less per chunk. Unmeasured devices: the largest chunk."""
+        largest = self.batch_tokens
+        costs = []
+        for s in self.stages:
+            decode, prefill = s.device.decode_s_per_layer, s.device.prefill_s_per_layer
+            if decode is None or prefill is None or len(self.stages) == 1:
+                return min(largest, max(n_tokens, 1))
+            b = max(prefill * PROBE_PREFILL_TOKENS - decode, 0.0) / (PROBE_PREFILL_TOKENS - 1)
+            costs.append((len(s.layers) * (decode - b), len(s.layers) * b))
+
+        def time_to_first_token(c: int) -> float:
+            per_chunk = [a + b * c for a, b in costs]
+            return sum(per_chunk) + (-(-n_tokens // c) - 1) * max(per_chunk)
+
+        sizes = {largest, *(1 << k for k in range(4, 16) if 1 << k < largest)}
+        return min(sorted(sizes), key=time_to_first_token) if n_tokens > 1 else 1
 
     def to_json(self) -> dict:
         """The plan for scripts (``orch plan --json``): bytes, seconds, half-open ranges."""

@@ -296,7 +296,7 @@ class RunningModel:
     def _tokens(self, session: Session, prompt: list[int], limit: int,
                 stats: GenerationStats) -> Iterator[int | Failover]:
         """Sampled token ids: the prompt's chunks all in flight at once, then one by one."""
-        size = self.plan.batch_tokens
+        size = self.plan.prompt_chunk(len(prompt))
         session.prompt_chunks = [tuple(prompt[s:s + size]) for s in range(0, len(prompt), size)]
         session.limit = limit
         for produced in range(limit):

@@ -243,3 +243,29 @@ def test_a_slow_link_counts(facts):
     # through the slow link, 576 f32 values in and out cost 47 ms a token: more than
     # running all 30 layers (and the head) on the other device
     assert [s.worker for s in make_plan(facts, [fast, slow]).stages] == [fast.address]
+
+
+def _measured(i: int, decode_ms: float, prefill_ms: float) -> DeviceFacts:
+    """A device whose probe took ``decode_ms`` per layer for a decode step and
+    ``prefill_ms`` per layer per token of a 64-token prompt."""
+    return replace(device(i), decode_s_per_layer=decode_ms / 1e3,
+                   prefill_s_per_layer=prefill_ms / 1e3)
+
+
+def test_the_prompt_chunk_balances_filling_the_pipeline_against_cost_per_chunk(facts):
+    options = PlanOptions(engine=EngineConfig(batch_tokens=512), use_all=True)
+    # A fixed cost per chunk of 0.36 ms a layer and 0.044 ms a layer per token (about the
+    # small model on one core). Pipelining pays for smaller chunks, but not below the point
+    # where their fixed costs outweigh an earlier start; cheap chunks and short prompts are
+    # cut finer; a single stage or an unmeasured device takes the largest chunk.
+    two = make_plan(facts, [_measured(1, 0.4, 0.05), _measured(2, 0.4, 0.05)], options)
+    assert 64 <= two.prompt_chunk(2048) < 512
+    assert two.prompt_chunk(256) < two.prompt_chunk(2048)
+    assert two.prompt_chunk(1) == 1
+    free_chunks = make_plan(facts, [_measured(1, 0.05, 0.05), _measured(2, 0.05, 0.05)],
+                            options)
+    assert free_chunks.prompt_chunk(2048) == 16
+    one = make_plan(facts, [_measured(1, 0.4, 0.05)], options)
+    assert one.prompt_chunk(2048) == 512 and one.prompt_chunk(300) == 300
+    unmeasured = make_plan(facts, [device(1), device(2)], options)
+    assert unmeasured.prompt_chunk(2048) == 512

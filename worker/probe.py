@@ -20,11 +20,10 @@ from orchcore.config import EngineConfig
 from orchcore.engine import StageEngine
 from orchcore.facts import read_model_facts
 from orchcore.files import read_json, write_atomic
-from orchcore.probe import PROBE_LAYERS, LayerShape
+from orchcore.probe import PROBE_LAYERS, PROBE_PREFILL_TOKENS, LayerShape
 
 log = logging.getLogger(__name__)
 
-PREFILL_TOKENS = 64
 DECODE_TOKENS = 24
 _LOCK = threading.Lock()  # one probe at a time: they would time each other
 
@@ -50,17 +49,17 @@ def _measure(shape: LayerShape, folder: Path, threads: int) -> tuple[float, floa
     modelgen.write_model(path, spec)
     try:
         engine = StageEngine(path, EngineConfig(context_tokens=256, max_sessions=1,
-                                                batch_tokens=PREFILL_TOKENS, threads=threads))
+                                                batch_tokens=PROBE_PREFILL_TOKENS, threads=threads))
         try:
-            tokens = (np.arange(PREFILL_TOKENS) % (spec.n_vocab - 1) + 1).tolist()
+            tokens = (np.arange(PROBE_PREFILL_TOKENS) % (spec.n_vocab - 1) + 1).tolist()
             engine.forward("warm", list(range(8)), tokens=tokens[:8])
             engine.end_session("warm")
             started = time.perf_counter()
-            engine.forward("p", list(range(PREFILL_TOKENS)), tokens=tokens)
+            engine.forward("p", list(range(PROBE_PREFILL_TOKENS)), tokens=tokens)
             prefill = time.perf_counter() - started
             started = time.perf_counter()
             for i in range(DECODE_TOKENS):
-                engine.forward("p", [PREFILL_TOKENS + i], tokens=[tokens[i]])
+                engine.forward("p", [PROBE_PREFILL_TOKENS + i], tokens=[tokens[i]])
             decode = (time.perf_counter() - started) / DECODE_TOKENS
         finally:
             engine.close()
@@ -69,4 +68,4 @@ def _measure(shape: LayerShape, folder: Path, threads: int) -> tuple[float, floa
         path.unlink(missing_ok=True)
     scale = shape.layer_bytes / max(probe_layer_bytes, 1)
     return (decode / PROBE_LAYERS * scale,
-            prefill / PREFILL_TOKENS / PROBE_LAYERS * scale)
+            prefill / PROBE_PREFILL_TOKENS / PROBE_LAYERS * scale)
