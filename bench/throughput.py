@@ -1,0 +1,330 @@
+"""Two pinned workers against one core: decode speed of one stream, time to first token of
+a long prompt per chunk size, aggregate decode speed of concurrent sessions, and where each
+decode token's time goes.
+
+    python bench/throughput.py --models 135m,1b     # about 4 + 12 min on 2 cores
+    python bench/throughput.py --models 135m --rounds 2 --decode-tokens 32 \\
+        --prompt-tokens 256 --sessions 1,4 --batch-tokens 64,256
+
+A is the unsplit model (plain llama-cpp-python, one thread) in a child process started
+under ``taskset`` on the first core. B is the same model split over two local workers with
+one thread each, worker i pinned to core i, driven through the session API. Every round
+measures A and B back to back, in alternating order, so a slow phase of a noisy machine
+hits both: ratios are taken within a round, and each figure is the median over rounds with
+its min-max. B is deployed once per round and ``--batch-tokens`` setting; the decode and
+concurrent-session runs use the first setting (one decode token per step, whatever the
+chunk size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from _common import (  # first: puts the repository and tests/ on sys.path
+    BenchModel,
+    console,
+    get_model,
+    parse_models,
+    print_header,
+    prompt_tokens,
+    work_directory,
+)
+from cluster import GREEDY, greedy_tokens, open_model
+from reference import ReferenceModel
+from rich.console import Console
+from rich.table import Table
+
+from orchcore.config import EngineConfig
+from orchcore.facts import read_model_facts
+from orchcore.wire import worker_pb2 as pb
+from orchestrator.localcluster import LocalCluster
+from orchestrator.session import GenerationStats, RunningModel
+
+SHORT_PROMPT = 16  # tokens fed before the decode runs
+STAGE_TIMES = ("queue_ms", "compute_ms", "send_ms")  # pb.StageTiming fields, in this order
+
+
+def int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+# --- A: the unsplit model in a child process on one core ---------------------------------
+
+
+def run_child(args: argparse.Namespace) -> None:
+    """Decode tokens/s after a short prompt, then the long prompt's time to first token
+    (one batch, KV cache cleared in between), printed as JSON."""
+    import llama_cpp
+
+    path = Path(args.child)
+    n_vocab = read_model_facts(path).n_vocab
+    n_ctx = max(SHORT_PROMPT + args.decode_tokens, args.prompt_tokens) + 8
+    ref = ReferenceModel(path, n_ctx=n_ctx, threads=1)
+    try:
+        token = int(ref.eval(prompt_tokens(SHORT_PROMPT, n_vocab), all_logits=False)[-1].argmax())
+        t0 = time.perf_counter()
+        for _ in range(args.decode_tokens):
+            token = int(ref.eval([token], all_logits=False)[-1].argmax())
+        decode_s = time.perf_counter() - t0
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ref.ctx), True)
+        ref.pos = 0
+        t0 = time.perf_counter()
+        ref.eval(prompt_tokens(args.prompt_tokens, n_vocab), all_logits=False)[-1].argmax()
+        first_token_s = time.perf_counter() - t0
+    finally:
+        ref.close()
+    print(json.dumps({"decode_tok_s": args.decode_tokens / decode_s,
+                      "first_token_s": first_token_s}))
+
+
+def unsplit(path: Path, core: int, args: argparse.Namespace) -> dict[str, float]:
+    cmd = ["taskset", "-c", str(core), sys.executable, str(Path(__file__).resolve()),
+           "--child", str(path), "--prompt-tokens", str(args.prompt_tokens),
+           "--decode-tokens", str(args.decode_tokens)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"unsplit child failed ({done.returncode}): {' '.join(cmd)}\n"
+                         f"{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# --- B: the split model through the session API ------------------------------------------
+
+
+@dataclass
+class StepTimings(GenerationStats):
+    """``GenerationStats`` that also keeps each decode step's stage timings, not only the
+    summed compute: one (stages, len(STAGE_TIMES)) row of ms per step."""
+
+    steps: list[list[list[float]]] = field(default_factory=list)
+
+    def add_decode(self, timings: Sequence[pb.StageTiming]) -> None:
+        super().add_decode(timings)
+        ordered = sorted(timings, key=lambda t: t.stage_index)
+        self.steps.append([[getattr(t, name) for name in STAGE_TIMES] for t in ordered])
+
+
+@dataclass
+class DecodeRun:
+    """One session's decode: its timings and when each token arrived (perf_counter s)."""
+
+    stats: StepTimings = field(default_factory=StepTimings)
+    arrivals: list[float] = field(default_factory=list)
+
+
+def decode_sessions(model: RunningModel, n_sessions: int, decode: int, n_vocab: int
+                    ) -> list[DecodeRun]:
+    """``n_sessions`` threads, released at once, each feeding its own short prompt and
+    decoding ``decode`` tokens after the first."""
+    start = threading.Barrier(n_sessions)
+
+    def one(i: int) -> DecodeRun:
+        run = DecodeRun()
+        prompt = prompt_tokens(SHORT_PROMPT, n_vocab, seed=1 + i)
+        start.wait(timeout=60)
+        for _ in model.stream(model.new_session(GREEDY), prompt, decode + 1, run.stats):
+            run.arrivals.append(time.perf_counter())
+        return run
+
+    with ThreadPoolExecutor(n_sessions) as pool:
+        return list(pool.map(one, range(n_sessions)))
+
+
+def aggregate_tok_s(runs: Sequence[DecodeRun]) -> float:
+    """Tokens/s while every session decodes: from the last first token to the first last
+    token (prompts and stragglers excluded)."""
+    begin = max(r.arrivals[0] for r in runs)
+    end = min(r.arrivals[-1] for r in runs)
+    if end <= begin:
+        raise SystemExit("the sessions never all decoded at once: raise --decode-tokens")
+    return sum(begin < t <= end for r in runs for t in r.arrivals) / (end - begin)
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    """Mean ms per decode token: each stage's STAGE_TIMES, and the rest of the step."""
+
+    stages: np.ndarray  # (stages, len(STAGE_TIMES))
+    rest_ms: float  # step minus every stage's queue, compute and send: transit, orchestrator
+    step_ms: float  # one session's wait for its next token
+
+
+def breakdown(runs: Sequence[DecodeRun]) -> Breakdown:
+    stages = np.concatenate([np.asarray(r.stats.steps) for r in runs])
+    steps = np.concatenate([np.diff(r.arrivals) * 1e3 for r in runs])
+    return Breakdown(stages.mean(axis=0), float((steps - stages.sum(axis=(1, 2))).mean()),
+                     float(steps.mean()))
+
+
+@dataclass
+class Round:
+    a: dict[str, float] = field(default_factory=dict)  # the child's JSON
+    tok_s: dict[int, float] = field(default_factory=dict)  # sessions -> aggregate tokens/s
+    steps: dict[int, Breakdown] = field(default_factory=dict)  # sessions -> breakdown
+    first_token_s: dict[int, float] = field(default_factory=dict)  # batch tokens -> s
+    cuts: set[str] = field(default_factory=set)  # B's layer ranges, as planned
+
+
+def split_round(out: Round, cluster: LocalCluster, model: BenchModel, workdir: Path,
+                args: argparse.Namespace) -> None:
+    n_vocab = read_model_facts(model.path).n_vocab
+    prompt = prompt_tokens(args.prompt_tokens, n_vocab)
+    for i, batch in enumerate(args.batch_tokens):
+        with open_model(model.path, cluster.addresses, cluster.token, workdir, threads=1,
+                        batch_tokens=batch, max_sessions=max(args.sessions),
+                        context_tokens=args.context_tokens) as running:
+            out.cuts.add(" + ".join(str(stage.layers) for stage in running.plan.stages))
+            greedy_tokens(running, prompt[:SHORT_PROMPT], 4)  # warm-up
+            stats = GenerationStats()
+            greedy_tokens(running, prompt, 1, stats)
+            out.first_token_s[batch] = stats.first_token_s
+            for n in args.sessions if i == 0 else ():
+                runs = decode_sessions(running, n, args.decode_tokens, n_vocab)
+                out.tok_s[n], out.steps[n] = aggregate_tok_s(runs), breakdown(runs)
+
+
+# --- the tables -------------------------------------------------------------------------
+
+
+def spread(values: Sequence[float], spec: str) -> str:
+    """Median (min-max) over rounds."""
+    return f"{np.median(values):{spec}} ({min(values):{spec}}-{max(values):{spec}})"
+
+
+def table(title: str, columns: Sequence[str]) -> Table:
+    out = Table(title=title)
+    for i, col in enumerate(columns):
+        out.add_column(col, justify="left" if i == 0 else "right")
+    return out
+
+
+A_NAME = "A: unsplit, 1 thread, 1 core"
+
+
+def report(out: Console, model: BenchModel, split: str, rounds: list[Round],
+           args: argparse.Namespace) -> None:
+    for part in (decode_table(rounds, split, args), prefill_table(rounds, args),
+                 sessions_table(rounds, args), stage_table(rounds, args)):
+        part.title = f"{model.label}: {part.title}"
+        out.print(part)
+
+
+def decode_table(rounds: list[Round], split: str, args: argparse.Namespace) -> Table:
+    a = [r.a["decode_tok_s"] for r in rounds]
+    out = table(f"decode, one stream ({args.decode_tokens} tokens after a {SHORT_PROMPT}-token "
+                f"prompt; median (min-max) of {len(rounds)} rounds)",
+                ("setup", "tokens/s", "B/A"))
+    out.add_row(A_NAME, spread(a, ".1f"), "")
+    out.add_row(f"B: {split}", spread([r.tok_s[1] for r in rounds], ".1f"),
+                spread([r.tok_s[1] / x for r, x in zip(rounds, a, strict=True)], ".2f"))
+    return out
+
+
+def prefill_table(rounds: list[Round], args: argparse.Namespace) -> Table:
+    a = [r.a["first_token_s"] * 1e3 for r in rounds]
+    out = table(f"time to first token, {args.prompt_tokens}-token prompt (A in one batch, B "
+                f"in chunks all sent at once)", ("setup", "ms", "prompt tokens/s", "B/A time"))
+    out.add_row(A_NAME, spread(a, ".0f"), spread([args.prompt_tokens / x * 1e3 for x in a],
+                                                 ".0f"), "")
+    for batch in args.batch_tokens:
+        b = [r.first_token_s[batch] * 1e3 for r in rounds]
+        out.add_row(f"B, chunks of {batch} tokens", spread(b, ".0f"),
+                    spread([args.prompt_tokens / x * 1e3 for x in b], ".0f"),
+                    spread([x / y for x, y in zip(b, a, strict=True)], ".2f"))
+    return out
+
+
+def sessions_table(rounds: list[Round], args: argparse.Namespace) -> Table:
+    out = table(f"aggregate decode of concurrent sessions on B ({args.decode_tokens} tokens "
+                f"each, counted while all decode)",
+                ("sessions", "tokens/s", "vs 1 session", "vs A (one stream)"))
+    for s in args.sessions:
+        out.add_row(str(s), spread([r.tok_s[s] for r in rounds], ".1f"),
+                    spread([r.tok_s[s] / r.tok_s[1] for r in rounds], ".2f"),
+                    spread([r.tok_s[s] / r.a["decode_tok_s"] for r in rounds], ".2f"))
+    return out
+
+
+def stage_table(rounds: list[Round], args: argparse.Namespace) -> Table:
+    """ms per decode token, per stage: queue (behind other chunks), compute (including the
+    hidden-state codec), send (hand-off to the stream to the next stage; the last stage
+    sends nothing). What the stages do not account for is transit on every hop plus the
+    orchestrator: the timings carry no clock readings that would split it by hop."""
+    n_stages = rounds[0].steps[1].stages.shape[0]
+    kept = [(i, k) for i in range(n_stages) for k in range(len(STAGE_TIMES))
+            if i < n_stages - 1 or STAGE_TIMES[k] != "send_ms"]
+    columns = [f"{i} {STAGE_TIMES[k].removesuffix('_ms')}" for i, k in kept]
+    out = table(f"ms per decode token and stage on B (mean over tokens, median of "
+                f"{len(rounds)} rounds)", ("sessions", *columns, "transit + orch.", "step"))
+    for s in args.sessions:
+        b = [r.steps[s] for r in rounds]
+        cells = [np.median([x.stages[i, k] for x in b]) for i, k in kept]
+        cells += [np.median([x.rest_ms for x in b]), np.median([x.step_ms for x in b])]
+        out.add_row(str(s), *(f"{c:.2f}" for c in cells))
+    return out
+
+
+# --- the run ----------------------------------------------------------------------------
+
+
+def bench_model(out: Console, model: BenchModel, workdir: Path, args: argparse.Namespace
+                ) -> None:
+    cores = sorted(os.sched_getaffinity(0))
+    rounds = []
+    with LocalCluster(2, workdir / "workers", threads_per_worker=1, pin_cores=True) as cluster:
+        for k in range(args.rounds):
+            r = Round()
+            started = time.perf_counter()
+            for side in ("A", "B") if k % 2 == 0 else ("B", "A"):
+                if side == "A":
+                    r.a = unsplit(model.path, cores[0], args)
+                else:
+                    split_round(r, cluster, model, workdir, args)
+            rounds.append(r)
+            out.print(f"  {model.key} round {k + 1}/{args.rounds}: "
+                      f"{time.perf_counter() - started:.0f} s", highlight=False)
+    cuts = " or ".join(sorted(set().union(*(r.cuts for r in rounds))))
+    split = f"2 workers x 1 thread (cores {cores[0]}, {cores[1 % len(cores)]}), layers {cuts}"
+    report(out, model, split, rounds, args)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="135m,1b")
+    ap.add_argument("--rounds", type=int, default=3, help="A then B (or B then A) each")
+    ap.add_argument("--decode-tokens", type=int, default=128, help="per session")
+    ap.add_argument("--prompt-tokens", type=int, default=2048,
+                    help="the prompt whose time to first token is measured")
+    ap.add_argument("--batch-tokens", type=int_list, default=[EngineConfig().batch_tokens],
+                    help="B's prompt chunk sizes to compare, comma-separated (e.g. "
+                         "64,128,256,512; each adds one deployment and prompt per round)")
+    ap.add_argument("--sessions", type=int_list, default=[1, 4, 8],
+                    help="concurrent sessions on B, comma-separated (1 is always run)")
+    ap.add_argument("--workdir", default=None, help="kept afterwards (generated model, shards)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        run_child(args)
+        return
+    args.sessions = sorted({1, *args.sessions})
+    args.context_tokens = max(args.prompt_tokens, SHORT_PROMPT) + args.decode_tokens + 16
+    out = console()
+    print_header(out, "Two pinned workers vs one core: decode, first token, sessions")
+    with work_directory(args.workdir) as workdir:
+        for key in parse_models(args.models):
+            bench_model(out, get_model(key, workdir), workdir, args)
+
+
+if __name__ == "__main__":
+    main()
