@@ -2,23 +2,28 @@
 a long prompt per chunk size, aggregate decode speed of concurrent sessions, and where each
 decode token's time goes.
 
-    python bench/throughput.py --models 135m,1b     # about 4 + 12 min on 2 cores
-    python bench/throughput.py --models 135m --rounds 2 --decode-tokens 32 \\
-        --prompt-tokens 256 --sessions 1,4 --batch-tokens 64,256
+    python bench/throughput.py --models 135m,1b
+    python bench/throughput.py --models 135m --rounds 2 --decode-tokens 32 \
+        --prompt-tokens 256 --sessions 1,4 --batch-tokens 64,auto --spin-ms 0 --ring on
 
 A is the unsplit model (plain llama-cpp-python, one thread) in a child process started
 under ``taskset`` on the first core. B is the same model split over two local workers with
-one thread each, worker i pinned to core i, driven through the session API. Every round
+one thread each, worker i pinned to core i, planned on their probed speeds as ``orch run``
+does, and driven through the session API. Every round
 measures A and B back to back, in alternating order, so a slow phase of a noisy machine
 hits both: ratios are taken within a round, and each figure is the median over rounds with
-its min-max. B is deployed once per round and ``--batch-tokens`` setting; the decode and
-concurrent-session runs use the first setting (one decode token per step, whatever the
-chunk size).
+its min-max.
+
+B runs in variants: each ``--spin-ms`` setting (a pair of workers started with it) with the
+token ring on and off. The first variant is deployed once per ``--batch-tokens`` setting
+per round for the time to first token, and runs the concurrent sessions; every other
+variant times one stream's decode.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -45,7 +50,6 @@ from reference import ReferenceModel
 from rich.console import Console
 from rich.table import Table
 
-from orchcore.config import EngineConfig
 from orchcore.facts import read_model_facts
 from orchcore.wire import worker_pb2 as pb
 from orchestrator.localcluster import LocalCluster
@@ -78,7 +82,7 @@ def run_child(args: argparse.Namespace) -> None:
             token = int(ref.eval([token], all_logits=False)[-1].argmax())
         decode_s = time.perf_counter() - t0
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ref.ctx), True)
-        ref.pos = 0
+        ref.positions[0] = 0
         t0 = time.perf_counter()
         ref.eval(prompt_tokens(args.prompt_tokens, n_vocab), all_logits=False)[-1].argmax()
         first_token_s = time.perf_counter() - t0
@@ -167,31 +171,64 @@ def breakdown(runs: Sequence[DecodeRun]) -> Breakdown:
                      float(steps.mean()))
 
 
+@dataclass(frozen=True)
+class Variant:
+    """A way to run B: the workers' spin before blocking, and the token ring on or off."""
+
+    spin_ms: float
+    ring: bool
+
+    @property
+    def label(self) -> str:
+        return f"ring {'on' if self.ring else 'off'}, spin {self.spin_ms:g} ms"
+
+
 @dataclass
 class Round:
     a: dict[str, float] = field(default_factory=dict)  # the child's JSON
     tok_s: dict[int, float] = field(default_factory=dict)  # sessions -> aggregate tokens/s
     steps: dict[int, Breakdown] = field(default_factory=dict)  # sessions -> breakdown
-    first_token_s: dict[int, float] = field(default_factory=dict)  # batch tokens -> s
+    variants: dict[Variant, tuple[float, Breakdown]] = field(default_factory=dict)  # 1 stream
+    first_token_s: dict[str, float] = field(default_factory=dict)  # chunk setting -> s
+    chunks: dict[str, int] = field(default_factory=dict)  # chunk setting -> tokens used
     cuts: set[str] = field(default_factory=set)  # B's layer ranges, as planned
 
 
-def split_round(out: Round, cluster: LocalCluster, model: BenchModel, workdir: Path,
-                args: argparse.Namespace) -> None:
+AUTO_CEILING = 512  # the largest chunk "auto" may pick
+
+
+def split_round(out: Round, clusters: dict[float, LocalCluster], model: BenchModel,
+                workdir: Path, args: argparse.Namespace) -> None:
+    """The first variant: first token per chunk setting, then the concurrent sessions;
+    every other variant: one stream's decode."""
     n_vocab = read_model_facts(model.path).n_vocab
     prompt = prompt_tokens(args.prompt_tokens, n_vocab)
-    for i, batch in enumerate(args.batch_tokens):
+    main, *others = args.variants
+    for i, chunk in enumerate(args.batch_tokens):
+        auto = chunk == "auto"
+        cluster = clusters[main.spin_ms]
         with open_model(model.path, cluster.addresses, cluster.token, workdir, threads=1,
-                        batch_tokens=batch, max_sessions=max(args.sessions),
+                        batch_tokens=AUTO_CEILING if auto else int(chunk), measure=True,
+                        max_sessions=max(args.sessions), token_ring=main.ring,
                         context_tokens=args.context_tokens) as running:
             out.cuts.add(" + ".join(str(stage.layers) for stage in running.plan.stages))
+            out.chunks[chunk] = running.plan.prompt_chunk(len(prompt))
             greedy_tokens(running, prompt[:SHORT_PROMPT], 4)  # warm-up
             stats = GenerationStats()
             greedy_tokens(running, prompt, 1, stats)
-            out.first_token_s[batch] = stats.first_token_s
+            out.first_token_s[chunk] = stats.first_token_s
             for n in args.sessions if i == 0 else ():
                 runs = decode_sessions(running, n, args.decode_tokens, n_vocab)
                 out.tok_s[n], out.steps[n] = aggregate_tok_s(runs), breakdown(runs)
+    out.variants[main] = out.tok_s[1], out.steps[1]
+    for variant in others:
+        cluster = clusters[variant.spin_ms]
+        with open_model(model.path, cluster.addresses, cluster.token, workdir, threads=1,
+                        token_ring=variant.ring, context_tokens=args.context_tokens,
+                        measure=True) as running:
+            greedy_tokens(running, prompt[:SHORT_PROMPT], 4)  # warm-up
+            runs = decode_sessions(running, 1, args.decode_tokens, n_vocab)
+            out.variants[variant] = aggregate_tok_s(runs), breakdown(runs)
 
 
 # --- the tables -------------------------------------------------------------------------
@@ -223,11 +260,13 @@ def report(out: Console, model: BenchModel, split: str, rounds: list[Round],
 def decode_table(rounds: list[Round], split: str, args: argparse.Namespace) -> Table:
     a = [r.a["decode_tok_s"] for r in rounds]
     out = table(f"decode, one stream ({args.decode_tokens} tokens after a {SHORT_PROMPT}-token "
-                f"prompt; median (min-max) of {len(rounds)} rounds)",
+                f"prompt; median (min-max) of {len(rounds)} rounds); B: {split}",
                 ("setup", "tokens/s", "B/A"))
     out.add_row(A_NAME, spread(a, ".1f"), "")
-    out.add_row(f"B: {split}", spread([r.tok_s[1] for r in rounds], ".1f"),
-                spread([r.tok_s[1] / x for r, x in zip(rounds, a, strict=True)], ".2f"))
+    for v in args.variants:
+        b = [r.variants[v][0] for r in rounds]
+        out.add_row(f"B, {v.label}", spread(b, ".1f"),
+                    spread([x / y for x, y in zip(b, a, strict=True)], ".2f"))
     return out
 
 
@@ -237,9 +276,11 @@ def prefill_table(rounds: list[Round], args: argparse.Namespace) -> Table:
                 f"in chunks all sent at once)", ("setup", "ms", "prompt tokens/s", "B/A time"))
     out.add_row(A_NAME, spread(a, ".0f"), spread([args.prompt_tokens / x * 1e3 for x in a],
                                                  ".0f"), "")
-    for batch in args.batch_tokens:
-        b = [r.first_token_s[batch] * 1e3 for r in rounds]
-        out.add_row(f"B, chunks of {batch} tokens", spread(b, ".0f"),
+    for chunk in args.batch_tokens:
+        b = [r.first_token_s[chunk] * 1e3 for r in rounds]
+        used = sorted({r.chunks[chunk] for r in rounds})
+        what = (f"measured: {'/'.join(map(str, used))}" if chunk == "auto" else chunk)
+        out.add_row(f"B, chunks of {what} tokens", spread(b, ".0f"),
                     spread([args.prompt_tokens / x * 1e3 for x in b], ".0f"),
                     spread([x / y for x, y in zip(b, a, strict=True)], ".2f"))
     return out
@@ -259,19 +300,27 @@ def sessions_table(rounds: list[Round], args: argparse.Namespace) -> Table:
 def stage_table(rounds: list[Round], args: argparse.Namespace) -> Table:
     """ms per decode token, per stage: queue (behind other chunks), compute (including the
     hidden-state codec), send (hand-off to the stream to the next stage; the last stage
-    sends nothing). What the stages do not account for is transit on every hop plus the
-    orchestrator: the timings carry no clock readings that would split it by hop."""
+    sends nothing), and idle (the rest of the step: waiting for its input). What no stage
+    accounts for is transit on every hop plus the orchestrator: the timings carry no clock
+    readings that would split it by hop."""
     n_stages = rounds[0].steps[1].stages.shape[0]
     kept = [(i, k) for i in range(n_stages) for k in range(len(STAGE_TIMES))
             if i < n_stages - 1 or STAGE_TIMES[k] != "send_ms"]
     columns = [f"{i} {STAGE_TIMES[k].removesuffix('_ms')}" for i, k in kept]
+    columns += [f"{i} idle" for i in range(n_stages)]
     out = table(f"ms per decode token and stage on B (mean over tokens, median of "
-                f"{len(rounds)} rounds)", ("sessions", *columns, "transit + orch.", "step"))
-    for s in args.sessions:
-        b = [r.steps[s] for r in rounds]
+                f"{len(rounds)} rounds)", ("B", *columns, "transit + orch.", "step"))
+    main = args.variants[0]
+    rows = [(f"{n} session{'s' if n > 1 else ''}, {main.label}", [r.steps[n] for r in rounds])
+            for n in args.sessions]
+    rows += [(f"1 session, {v.label}", [r.variants[v][1] for r in rounds])
+             for v in args.variants[1:]]
+    for label, b in rows:
         cells = [np.median([x.stages[i, k] for x in b]) for i, k in kept]
+        cells += [np.median([x.step_ms - x.stages[i].sum() for x in b])
+                  for i in range(n_stages)]
         cells += [np.median([x.rest_ms for x in b]), np.median([x.step_ms for x in b])]
-        out.add_row(str(s), *(f"{c:.2f}" for c in cells))
+        out.add_row(label, *(f"{c:.2f}" for c in cells))
     return out
 
 
@@ -282,7 +331,13 @@ def bench_model(out: Console, model: BenchModel, workdir: Path, args: argparse.N
                 ) -> None:
     cores = sorted(os.sched_getaffinity(0))
     rounds = []
-    with LocalCluster(2, workdir / "workers", threads_per_worker=1, pin_cores=True) as cluster:
+    with contextlib.ExitStack() as stack:
+        clusters = {}
+        for spin in sorted({v.spin_ms for v in args.variants}):
+            os.environ["ORCH_WORKER_SPIN_MS"] = f"{spin:g}"  # the workers read it at start
+            clusters[spin] = stack.enter_context(LocalCluster(
+                2, workdir / f"workers-spin{spin:g}", threads_per_worker=1, pin_cores=True))
+        os.environ.pop("ORCH_WORKER_SPIN_MS")
         for k in range(args.rounds):
             r = Round()
             started = time.perf_counter()
@@ -290,7 +345,7 @@ def bench_model(out: Console, model: BenchModel, workdir: Path, args: argparse.N
                 if side == "A":
                     r.a = unsplit(model.path, cores[0], args)
                 else:
-                    split_round(r, cluster, model, workdir, args)
+                    split_round(r, clusters, model, workdir, args)
             rounds.append(r)
             out.print(f"  {model.key} round {k + 1}/{args.rounds}: "
                       f"{time.perf_counter() - started:.0f} s", highlight=False)
@@ -306,9 +361,14 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=128, help="per session")
     ap.add_argument("--prompt-tokens", type=int, default=2048,
                     help="the prompt whose time to first token is measured")
-    ap.add_argument("--batch-tokens", type=int_list, default=[EngineConfig().batch_tokens],
-                    help="B's prompt chunk sizes to compare, comma-separated (e.g. "
-                         "64,128,256,512; each adds one deployment and prompt per round)")
+    ap.add_argument("--batch-tokens", type=lambda t: t.split(","), default=["auto"],
+                    help="B's prompt chunk sizes to compare, comma-separated: tokens, or "
+                         "auto (planned from the workers' probed speeds, at most "
+                         f"{AUTO_CEILING}); each adds one deployment and prompt per round")
+    ap.add_argument("--spin-ms", type=lambda t: [float(x) for x in t.split(",")],
+                    default=[0.0, 2.0], help="the workers' spin_ms settings to compare")
+    ap.add_argument("--ring", type=lambda t: [x.strip() == "on" for x in t.split(",")],
+                    default=[True, False], help="token ring settings to compare: on,off")
     ap.add_argument("--sessions", type=int_list, default=[1, 4, 8],
                     help="concurrent sessions on B, comma-separated (1 is always run)")
     ap.add_argument("--workdir", default=None, help="kept afterwards (generated model, shards)")
@@ -318,6 +378,8 @@ def main() -> None:
         run_child(args)
         return
     args.sessions = sorted({1, *args.sessions})
+    # The first is the main setting (first token, sessions); the others time one stream.
+    args.variants = [Variant(spin, ring) for ring in args.ring for spin in args.spin_ms]
     args.context_tokens = max(args.prompt_tokens, SHORT_PROMPT) + args.decode_tokens + 16
     out = console()
     print_header(out, "Two pinned workers vs one core: decode, first token, sessions")

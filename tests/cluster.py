@@ -45,12 +45,16 @@ def worker_server(root: Path, **settings: object) -> Iterator[str]:
 
 @contextmanager
 def open_model(model: Path, addresses: Sequence[str], token: str | None, workdir: Path,
-               alive=None, force: bool = False, **settings: object) -> Iterator[RunningModel]:
-    """``model`` deployed on ``addresses`` (in order) with ``OrchSettings(**settings)``."""
+               alive=None, force: bool = False, measure: bool = False,
+               **settings: object) -> Iterator[RunningModel]:
+    """``model`` deployed on ``addresses`` (in order) with ``OrchSettings(**settings)``;
+    with ``measure``, planned on the workers' probed speeds."""
     config = OrchSettings.load(**{"context_tokens": 512, **settings})
     facts = read_model_facts(model)
     cluster = Cluster.connect(addresses, token, config, alive)
     try:
+        if measure:
+            cluster.measure_speeds(facts)
         plan = make_plan(facts, cluster.devices, config.plan_options(use_all=True))
         with Tokenizer.from_gguf(model) as tokenizer, \
                 cluster.open(plan, facts, tokenizer, ShardStore(workdir / "shards-out"),

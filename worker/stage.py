@@ -45,6 +45,7 @@ _sched_yield = ctypes.CDLL(None, use_errno=True).sched_yield
 _CLOSE_WAIT_S = 600.0  # longest a chunk in progress may take to finish when unloading
 LEASE_S = 30.0  # a lease lapses this long after its orchestrator's last renewal
 _ENDED_KEPT = 4096  # sessions remembered as ended, to drop ring chunks still on their way
+_MERGE_WAIT_MAX_S = 0.5  # the longest stage 0 holds decode steps back to batch them
 
 
 class Leases:
@@ -114,6 +115,30 @@ class DownstreamLink:
             self._link.close()
 
 
+class InFlight:
+    """The batches stage 0 has started down the pipeline that have not come back yet.
+
+    A batch is back when the next step of any of its sessions arrives (the last stage
+    answers for a whole batch at once), or a session of it ends."""
+
+    def __init__(self) -> None:
+        self._batch_of: dict[str, int] = {}  # session -> the batch it went out in
+        self._open: set[int] = set()
+        self._count = 0
+
+    def sent(self, sessions: list[str]) -> None:
+        self._count += 1
+        self._open.add(self._count)
+        for session in sessions:
+            self._batch_of[session] = self._count
+
+    def returned(self, session: str) -> None:
+        self._open.discard(self._batch_of.pop(session, -1))
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+
 class _LocalEnd:
     def __init__(self, session: str) -> None:
         self.session = session
@@ -157,6 +182,8 @@ class Stage:
         self._inbox: queue.SimpleQueue[tuple[pb.StageInput, float] | None] = queue.SimpleQueue()
         self._held: deque[tuple[pb.StageInput, float] | None] = deque()  # taken, not batched
         self.spin_s = spin_s  # how long the compute thread polls before blocking
+        self._in_flight = InFlight()
+        self._step_s = 0.0  # the last decode step's compute time
         # Stage 0 batches the decode steps of several sessions queued together; later stages
         # compute the batches it formed, so every stage runs the same batch shapes.
         self.batch_limit = (min(engine.config.max_sessions, engine.config.batch_tokens)
@@ -229,22 +256,39 @@ class Stage:
 
     def _take(self) -> tuple[pb.StageInput, float] | None:
         """The next chunk to compute, with the decode steps of other sessions queued
-        behind it folded into ``batched`` (in arrival order) when it is one itself."""
+        behind it folded into ``batched`` (in arrival order) when it is one itself.
+
+        With as many batches in flight as there are stages, every stage is busy: another
+        batch would only queue at the slowest one. Stage 0 then waits a moment for more
+        steps to come back and go out with these, so the pipeline carries fewer, larger
+        batches (a decode step of several sessions costs little more than one)."""
         item = self._held.popleft() if self._held else self._wait()
         if item is None or not self._batchable(item[0]):
             return item
         lead = item[0]
-        sessions = {lead.session}
+        self._in_flight.returned(lead.session)
+        sessions = [lead.session]
+        give_up = None
         while len(sessions) < self.batch_limit:
             try:
                 more = self._inbox.get_nowait()
             except queue.Empty:
-                break
+                if len(self._in_flight) < self.count:
+                    break
+                if give_up is None:  # about one trip of a batch through the other stages
+                    give_up = time.perf_counter() + min(_MERGE_WAIT_MAX_S,
+                                                        2 * self.count * self._step_s)
+                try:
+                    more = self._inbox.get(timeout=max(give_up - time.perf_counter(), 0))
+                except queue.Empty:
+                    break
             if more is None or not self._batchable(more[0]) or more[0].session in sessions:
                 self._held.append(more)  # computed next, in order
                 break
+            self._in_flight.returned(more[0].session)
             lead.batched.append(more[0])
-            sessions.add(more[0].session)
+            sessions.append(more[0].session)
+        self._in_flight.sent(sessions)
         return item
 
     def _wait(self) -> tuple[pb.StageInput, float] | None:
@@ -295,6 +339,8 @@ class Stage:
                 f"workers"))
             size = msg.ByteSize()
         computed = time.perf_counter()
+        if len(msg.tokens) == 1:
+            self._step_s = computed - started
         timing = msg.timings.add(stage_index=self.index, queue_ms=(started - arrived) * 1e3,
                                  compute_ms=(computed - started) * 1e3)
         if self.next is not None:
@@ -397,6 +443,7 @@ class Stage:
 
     def end_session(self, session: str) -> bool:
         self._ended.append(session)
+        self._in_flight.returned(session)
         sampler = self._samplers.pop(session, None)
         if sampler is not None:
             sampler.close()
