@@ -59,6 +59,7 @@ from orchcore.shard import LayerRange
 Objective = Literal["latency", "throughput"]
 OBJECTIVES: tuple[Objective, ...] = ("latency", "throughput")
 STICKY = 0.05  # a previous plan is kept while it is at most 5% worse than the best
+NOISE = 0.05  # probed speeds this close count as equal (two probes of one machine differ so)
 UNMEASURED_S_PER_LAYER = 1.0  # every device equally fast when nothing is measured
 DEFAULT_LINK_S = 0.0005  # a hop on a home LAN, when not measured
 
@@ -289,6 +290,20 @@ def _check_devices(facts: ModelFacts, devices: Sequence[DeviceFacts],
         seen[d.worker_id] = d.address
 
 
+def _alike(times: list[float]) -> list[float]:
+    """Times per layer within ``NOISE`` of the fastest of a group count as that one's: two
+    equal machines probed a few percent apart are equally fast. Otherwise the latency
+    objective would give the one measured faster every layer but one, for a one-stream
+    gain of that noise, and lose pipelined prompts and concurrent sessions."""
+    out = list(times)
+    ref = None
+    for i in sorted(range(len(times)), key=times.__getitem__):
+        if ref is None or times[i] > ref * (1 + NOISE):
+            ref = times[i]
+        out[i] = ref
+    return out
+
+
 Cost = tuple[float, float]  # (objective, tie-break): compared lexicographically
 Assignment = tuple[tuple[int, int, int], ...]  # (device index, start, end) in stage order
 
@@ -303,8 +318,8 @@ class _Search:
         self.use_all = options.use_all
         self.latency = options.objective == "latency"
         self.n = memory.n_layers
-        self.t = [d.decode_s_per_layer if d.decode_s_per_layer is not None
-                  else UNMEASURED_S_PER_LAYER for d in devices]
+        self.t = _alike([d.decode_s_per_layer if d.decode_s_per_layer is not None
+                         else UNMEASURED_S_PER_LAYER for d in devices])
         self.link = [(d.link_s if d.link_s is not None else DEFAULT_LINK_S) + (
             math.ceil(2e3 * hop_bytes / d.bandwidth_bytes_s) / 1e3 if d.bandwidth_bytes_s
             else 0.0) for d in devices]

@@ -349,15 +349,18 @@ def _print_stats(stats: GenerationStats, model: RunningModel, err: Console) -> N
         per_token = stats.decode_s / n * 1e3
         table.add_row("decode", f"{n} tokens, {n / stats.decode_s:.1f} tokens/s "
                                 f"({per_token:.1f} ms/token)")
-        compute = sum(stats.compute_ms.values()) / n
+        busy = (sum(stats.compute_ms.values()) + sum(stats.queue_ms.values())) / n
         for stage in model.plan.stages:
             ms = stats.compute_ms.get(stage.index, 0.0) / n
             predicted = (f" (predicted {stage.decode_s * 1e3:.2f})"
                          if stage.decode_s is not None else "")
             table.add_row(f"stage {stage.index} {stage.layers} on {stage.worker} compute",
                           f"{ms:.2f} ms/token{predicted}")
+            if queued := stats.queue_ms.get(stage.index, 0.0) / n:
+                table.add_row(f"stage {stage.index} queued behind other sessions",
+                              f"{queued:.2f} ms/token")
         for index, total in sorted(stats.wire_bytes.items()):
             table.add_row(f"hop {index}->{index + 1} ({model.plan.codec})",
                           f"{total / n:.0f} bytes/token")
-        table.add_row("wire + queues", f"{max(0.0, per_token - compute):.2f} ms/token")
+        table.add_row("wire and hand-offs", f"{max(0.0, per_token - busy):.2f} ms/token")
     err.print(table)

@@ -58,11 +58,13 @@ class GenerationStats:
     decode_tokens: int = 0
     decode_s: float = 0.0
     compute_ms: dict[int, float] = field(default_factory=dict)  # per stage, decode steps
+    queue_ms: dict[int, float] = field(default_factory=dict)  # per stage: behind other work
     wire_bytes: dict[int, int] = field(default_factory=dict)  # per hop, decode steps
 
     def add_decode(self, timings: Sequence[pb.StageTiming]) -> None:
         for t in timings:
             self.compute_ms[t.stage_index] = self.compute_ms.get(t.stage_index, 0) + t.compute_ms
+            self.queue_ms[t.stage_index] = self.queue_ms.get(t.stage_index, 0) + t.queue_ms
             if t.sent_bytes:
                 self.wire_bytes[t.stage_index] = (self.wire_bytes.get(t.stage_index, 0)
                                                   + t.sent_bytes)

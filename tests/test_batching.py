@@ -11,6 +11,7 @@ from reference import ReferenceModel
 
 from orchcore.engine import EngineConfig, Step
 from orchcore.errors import InvalidInputError
+from worker.stage import InFlight
 
 PROMPTS = ["The capital of France is Paris. The capital of Italy is",
            "def add(a, b):\n    return",
@@ -105,3 +106,17 @@ def test_sessions_in_flight_together_share_batches_and_match_the_unsplit_model(
             expected.update({c: int(row.argmax()) for c, row in zip(batch, logits, strict=True)})
         ref.close()
     assert picked == expected
+
+
+def test_a_batch_is_back_when_any_of_its_sessions_steps_again_or_ends():
+    flight = InFlight()
+    flight.sent(["a", "b"])
+    flight.sent(["c"])
+    assert len(flight) == 2
+    flight.returned("b")  # the last stage answers a batch at once: "a" is back too
+    assert len(flight) == 1
+    flight.returned("a")
+    flight.returned("unknown")
+    assert len(flight) == 1
+    flight.returned("c")  # or "c" ended
+    assert len(flight) == 0

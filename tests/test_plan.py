@@ -269,3 +269,15 @@ def test_the_prompt_chunk_balances_filling_the_pipeline_against_cost_per_chunk(f
     assert one.prompt_chunk(2048) == 512 and one.prompt_chunk(300) == 300
     unmeasured = make_plan(facts, [device(1), device(2)], options)
     assert unmeasured.prompt_chunk(2048) == 512
+
+
+def test_speeds_a_probe_apart_count_as_equal(facts):
+    """Two equal machines probed 3% apart: the latency objective does not hand the one
+    measured faster every layer but one; it balances them, as for equal speeds."""
+    options = PlanOptions(use_all=True)
+    noisy = make_plan(facts, [device(1, speed=0.00103), device(2, speed=0.00100)], options)
+    equal = make_plan(facts, [device(1, speed=0.00100), device(2, speed=0.00100)], options)
+    assert [s.layers for s in noisy.stages] == [s.layers for s in equal.stages]
+    assert min(len(s.layers) for s in noisy.stages) > 5
+    slower = make_plan(facts, [device(1, speed=0.0015), device(2, speed=0.0010)], options)
+    assert len(slower.stages[0].layers) == 1  # a real difference still decides
