@@ -272,7 +272,7 @@ def test_the_prompt_chunk_balances_filling_the_pipeline_against_cost_per_chunk(f
 
 
 def test_speeds_a_probe_apart_count_as_equal(facts):
-    """Two equal machines probed 3% apart: the latency objective does not hand the one
+    """Two equal machines probed a few percent apart: the latency objective does not hand the one
     measured faster every layer but one; it balances them, as for equal speeds."""
     options = PlanOptions(use_all=True)
     noisy = make_plan(facts, [device(1, speed=0.00103), device(2, speed=0.00100)], options)
