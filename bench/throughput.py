@@ -9,7 +9,8 @@ decode token's time goes.
 A is the unsplit model (plain llama-cpp-python, one thread) in a child process started
 under ``taskset`` on the first core. B is the same model split over two local workers with
 one thread each, worker i pinned to core i, planned on their probed speeds as ``orch run``
-does, and driven through the session API. Every round
+does (``--objective``, default throughput: balanced stages), and driven through the
+session API; the orchestrator, this process, shares the two cores. Every round
 measures A and B back to back, in alternating order, so a slow phase of a noisy machine
 hits both: ratios are taken within a round, and each figure is the median over rounds with
 its min-max.
@@ -210,8 +211,11 @@ def split_round(out: Round, clusters: dict[float, LocalCluster], model: BenchMod
         with open_model(model.path, cluster.addresses, cluster.token, workdir, threads=1,
                         batch_tokens=AUTO_CEILING if auto else int(chunk), measure=True,
                         max_sessions=max(args.sessions), token_ring=main.ring,
-                        context_tokens=args.context_tokens) as running:
-            out.cuts.add(" + ".join(str(stage.layers) for stage in running.plan.stages))
+                        context_tokens=args.context_tokens,
+                        objective=args.objective) as running:
+            out.cuts.add(" + ".join(
+                f"{s.layers} ({s.device.decode_s_per_layer * 1e3:.2f} ms/layer probed)"
+                for s in running.plan.stages))
             out.chunks[chunk] = running.plan.prompt_chunk(len(prompt))
             greedy_tokens(running, prompt[:SHORT_PROMPT], 4)  # warm-up
             stats = GenerationStats()
@@ -225,7 +229,7 @@ def split_round(out: Round, clusters: dict[float, LocalCluster], model: BenchMod
         cluster = clusters[variant.spin_ms]
         with open_model(model.path, cluster.addresses, cluster.token, workdir, threads=1,
                         token_ring=variant.ring, context_tokens=args.context_tokens,
-                        measure=True) as running:
+                        measure=True, objective=args.objective) as running:
             greedy_tokens(running, prompt[:SHORT_PROMPT], 4)  # warm-up
             runs = decode_sessions(running, 1, args.decode_tokens, n_vocab)
             out.variants[variant] = aggregate_tok_s(runs), breakdown(runs)
@@ -371,6 +375,9 @@ def main() -> None:
                     default=[True, False], help="token ring settings to compare: on,off")
     ap.add_argument("--sessions", type=int_list, default=[1, 4, 8],
                     help="concurrent sessions on B, comma-separated (1 is always run)")
+    ap.add_argument("--objective", default="throughput", choices=("latency", "throughput"),
+                    help="B's plan objective: throughput balances the stages by their probed "
+                         "speed (the orchestrator shares the cores here, so they differ)")
     ap.add_argument("--workdir", default=None, help="kept afterwards (generated model, shards)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()

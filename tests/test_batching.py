@@ -110,13 +110,13 @@ def test_sessions_in_flight_together_share_batches_and_match_the_unsplit_model(
 
 def test_a_batch_is_back_when_any_of_its_sessions_steps_again_or_ends():
     flight = InFlight()
-    flight.sent(["a", "b"])
-    flight.sent(["c"])
+    flight.sent(["a", "b"], now=1.0)
+    flight.sent(["c"], now=2.0)
     assert len(flight) == 2
-    flight.returned("b")  # the last stage answers a batch at once: "a" is back too
-    assert len(flight) == 1
-    flight.returned("a")
-    flight.returned("unknown")
-    assert len(flight) == 1
-    flight.returned("c")  # or "c" ended
-    assert len(flight) == 0
+    flight.returned("b", now=1.5)  # the last stage answers a batch at once: "a" is back too
+    assert len(flight) == 1 and flight.round_trip_s == 0.5
+    flight.returned("a", now=1.7)
+    flight.returned("unknown", now=1.8)
+    assert len(flight) == 1 and flight.round_trip_s == 0.5
+    flight.returned("c", now=2.25)  # or "c" ended
+    assert len(flight) == 0 and flight.round_trip_s == 0.25

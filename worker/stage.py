@@ -119,21 +119,25 @@ class InFlight:
     """The batches stage 0 has started down the pipeline that have not come back yet.
 
     A batch is back when the next step of any of its sessions arrives (the last stage
-    answers for a whole batch at once), or a session of it ends."""
+    answers for a whole batch at once), or a session of it ends. ``round_trip_s`` is how
+    long the last batch took to come back."""
 
     def __init__(self) -> None:
         self._batch_of: dict[str, int] = {}  # session -> the batch it went out in
-        self._open: set[int] = set()
+        self._open: dict[int, float] = {}  # batch -> when it went out
         self._count = 0
+        self.round_trip_s = 0.0
 
-    def sent(self, sessions: list[str]) -> None:
+    def sent(self, sessions: list[str], now: float) -> None:
         self._count += 1
-        self._open.add(self._count)
+        self._open[self._count] = now
         for session in sessions:
             self._batch_of[session] = self._count
 
-    def returned(self, session: str) -> None:
-        self._open.discard(self._batch_of.pop(session, -1))
+    def returned(self, session: str, now: float) -> None:
+        went = self._open.pop(self._batch_of.pop(session, -1), None)
+        if went is not None:
+            self.round_trip_s = now - went
 
     def __len__(self) -> int:
         return len(self._open)
@@ -183,7 +187,6 @@ class Stage:
         self._held: deque[tuple[pb.StageInput, float] | None] = deque()  # taken, not batched
         self.spin_s = spin_s  # how long the compute thread polls before blocking
         self._in_flight = InFlight()
-        self._step_s = 0.0  # the last decode step's compute time
         # Stage 0 batches the decode steps of several sessions queued together; later stages
         # compute the batches it formed, so every stage runs the same batch shapes.
         self.batch_limit = (min(engine.config.max_sessions, engine.config.batch_tokens)
@@ -266,7 +269,7 @@ class Stage:
         if item is None or not self._batchable(item[0]):
             return item
         lead = item[0]
-        self._in_flight.returned(lead.session)
+        self._in_flight.returned(lead.session, time.perf_counter())
         sessions = [lead.session]
         give_up = None
         while len(sessions) < self.batch_limit:
@@ -275,9 +278,9 @@ class Stage:
             except queue.Empty:
                 if len(self._in_flight) < self.count:
                     break
-                if give_up is None:  # about one trip of a batch through the other stages
+                if give_up is None:  # about when the next batch out is due back
                     give_up = time.perf_counter() + min(_MERGE_WAIT_MAX_S,
-                                                        2 * self.count * self._step_s)
+                                                        self._in_flight.round_trip_s)
                 try:
                     more = self._inbox.get(timeout=max(give_up - time.perf_counter(), 0))
                 except queue.Empty:
@@ -285,10 +288,10 @@ class Stage:
             if more is None or not self._batchable(more[0]) or more[0].session in sessions:
                 self._held.append(more)  # computed next, in order
                 break
-            self._in_flight.returned(more[0].session)
+            self._in_flight.returned(more[0].session, time.perf_counter())
             lead.batched.append(more[0])
             sessions.append(more[0].session)
-        self._in_flight.sent(sessions)
+        self._in_flight.sent(sessions, time.perf_counter())
         return item
 
     def _wait(self) -> tuple[pb.StageInput, float] | None:
@@ -339,8 +342,6 @@ class Stage:
                 f"workers"))
             size = msg.ByteSize()
         computed = time.perf_counter()
-        if len(msg.tokens) == 1:
-            self._step_s = computed - started
         timing = msg.timings.add(stage_index=self.index, queue_ms=(started - arrived) * 1e3,
                                  compute_ms=(computed - started) * 1e3)
         if self.next is not None:
@@ -443,7 +444,7 @@ class Stage:
 
     def end_session(self, session: str) -> bool:
         self._ended.append(session)
-        self._in_flight.returned(session)
+        self._in_flight.returned(session, time.perf_counter())
         sampler = self._samplers.pop(session, None)
         if sampler is not None:
             sampler.close()
