@@ -46,6 +46,7 @@ _CLOSE_WAIT_S = 600.0  # longest a chunk in progress may take to finish when unl
 LEASE_S = 30.0  # a lease lapses this long after its orchestrator's last renewal
 _ENDED_KEPT = 4096  # sessions remembered as ended, to drop ring chunks still on their way
 _MERGE_WAIT_MAX_S = 0.5  # the longest stage 0 holds decode steps back to batch them
+_STRAGGLER_WAIT_S = 0.002  # the steps of one batch come back within this of each other
 
 
 class Leases:
@@ -141,6 +142,11 @@ class InFlight:
 
     def __len__(self) -> int:
         return len(self._open)
+
+    @property
+    def sessions(self) -> int:
+        """Sessions out in a batch, not back yet."""
+        return len(self._batch_of)
 
 
 class _LocalEnd:
@@ -261,26 +267,29 @@ class Stage:
         """The next chunk to compute, with the decode steps of other sessions queued
         behind it folded into ``batched`` (in arrival order) when it is one itself.
 
-        With as many batches in flight as there are stages, every stage is busy: another
-        batch would only queue at the slowest one. Stage 0 then waits a moment for more
-        steps to come back and go out with these, so the pipeline carries fewer, larger
-        batches (a decode step of several sessions costs little more than one)."""
+        The sessions decoding are spread over as many batches as there are stages, so that
+        every stage has a batch to work on and none waits for another: a decode step of
+        several sessions costs a stage less than their steps one by one, but not nothing.
+        A batch short of its share waits a moment for the rest of a batch coming back;
+        with a batch in flight per stage it waits, up to a batch's trip, for steps to
+        join it rather than queue behind the others at the slowest stage."""
         item = self._held.popleft() if self._held else self._wait()
         if item is None or not self._batchable(item[0]):
             return item
         lead = item[0]
         self._in_flight.returned(lead.session, time.perf_counter())
         sessions = [lead.session]
+        live = self._in_flight.sessions + 1 + self._inbox.qsize()
+        share = min(self.batch_limit, -(-live // self.count))
         give_up = None
-        while len(sessions) < self.batch_limit:
+        while len(sessions) < share:
             try:
                 more = self._inbox.get_nowait()
             except queue.Empty:
-                if len(self._in_flight) < self.count:
-                    break
-                if give_up is None:  # about when the next batch out is due back
-                    give_up = time.perf_counter() + min(_MERGE_WAIT_MAX_S,
-                                                        self._in_flight.round_trip_s)
+                if give_up is None:
+                    wait = (min(_MERGE_WAIT_MAX_S, self._in_flight.round_trip_s)
+                            if len(self._in_flight) >= self.count else _STRAGGLER_WAIT_S)
+                    give_up = time.perf_counter() + wait
                 try:
                     more = self._inbox.get(timeout=max(give_up - time.perf_counter(), 0))
                 except queue.Empty:
