@@ -193,6 +193,7 @@ class Stage:
         self._held: deque[tuple[pb.StageInput, float] | None] = deque()  # taken, not batched
         self.spin_s = spin_s  # how long the compute thread polls before blocking
         self._in_flight = InFlight()
+        self._batch_s: dict[int, float] = {}  # decode batch size -> its compute time here
         # Stage 0 batches the decode steps of several sessions queued together; later stages
         # compute the batches it formed, so every stage runs the same batch shapes.
         self.batch_limit = (min(engine.config.max_sessions, engine.config.batch_tokens)
@@ -279,8 +280,7 @@ class Stage:
         lead = item[0]
         self._in_flight.returned(lead.session, time.perf_counter())
         sessions = [lead.session]
-        live = self._in_flight.sessions + 1 + self._inbox.qsize()
-        share = min(self.batch_limit, -(-live // self.count))
+        share = self._batch_size(self._in_flight.sessions + 1 + self._inbox.qsize())
         give_up = None
         while len(sessions) < share:
             try:
@@ -302,6 +302,16 @@ class Stage:
             sessions.append(more[0].session)
         self._in_flight.sent(sessions, time.perf_counter())
         return item
+
+    def _batch_size(self, live: int) -> int:
+        """How many of ``live`` decoding sessions to batch: spread over k <= stages
+        batches, a token of each takes the stages k batches of ``ceil(live / k)`` steps
+        per round, which is fastest where such a batch costs least. Costs are as this
+        stage measured them; a size not run yet counts as cheap, so it is tried once.
+        (llama.cpp's kernels make this uneven: for repacked Q4_0 weights a batch of 2
+        costs nearly two steps, one of 4 not even two.)"""
+        sizes = {min(-(-live // k), self.batch_limit) for k in range(1, self.count + 1)}
+        return min(sorted(sizes), key=lambda b: self._batch_s.get(b, 0.0))
 
     def _wait(self) -> tuple[pb.StageInput, float] | None:
         """The next inbox item: polled for ``spin_s`` (yielding the core, and the GIL, to
@@ -351,6 +361,11 @@ class Stage:
                 f"workers"))
             size = msg.ByteSize()
         computed = time.perf_counter()
+        if self.batch_limit > 1 and len(msg.tokens) == 1 and not msg.HasField("error"):
+            size = 1 + len(msg.batched)
+            known = self._batch_s.get(size)
+            spent = computed - started
+            self._batch_s[size] = spent if known is None else 0.7 * known + 0.3 * spent
         timing = msg.timings.add(stage_index=self.index, queue_ms=(started - arrived) * 1e3,
                                  compute_ms=(computed - started) * 1e3)
         if self.next is not None:
