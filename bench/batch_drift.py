@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from _common import console, get_model, print_header
+from _common import console, get_model, print_header, work_directory
 from chain import Chain
 from rich.table import Table
 
@@ -88,12 +88,14 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--sessions", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workdir", default=None, help="kept afterwards (generated model)")
     args = ap.parse_args()
     out = console()
     print_header(out, "A session's greedy answer, batched with others against alone")
-    with tempfile.TemporaryDirectory(prefix="orch-bench-") as tmp:
+    with work_directory(args.workdir) as workdir, \
+            tempfile.TemporaryDirectory(prefix="orch-bench-") as tmp:
         for key in args.models.split(","):
-            model = get_model(key, Path(tmp))
+            model = get_model(key, workdir)
             n_layers = read_model_facts(model.path).n_layers
             with Tokenizer.from_gguf(model.path) as tok:
                 prompts = [tok.encode(p) for p in PROMPTS[:args.sessions]]
