@@ -268,12 +268,9 @@ class Stage:
         """The next chunk to compute, with the decode steps of other sessions queued
         behind it folded into ``batched`` (in arrival order) when it is one itself.
 
-        The sessions decoding are spread over as many batches as there are stages, so that
-        every stage has a batch to work on and none waits for another: a decode step of
-        several sessions costs a stage less than their steps one by one, but not nothing.
-        A batch short of its share waits a moment for the rest of a batch coming back;
-        with a batch in flight per stage it waits, up to a batch's trip, for steps to
-        join it rather than queue behind the others at the slowest stage."""
+        The batch takes ``_batch_size`` steps. Short of that it waits 2 ms for the rest of
+        a batch coming back; with a batch in flight per stage already, up to a batch's
+        trip, for steps to join it rather than queue behind the others."""
         item = self._held.popleft() if self._held else self._wait()
         if item is None or not self._batchable(item[0]):
             return item
@@ -304,12 +301,13 @@ class Stage:
         return item
 
     def _batch_size(self, live: int) -> int:
-        """How many of ``live`` decoding sessions to batch: spread over k <= stages
-        batches, a token of each takes the stages k batches of ``ceil(live / k)`` steps
-        per round, which is fastest where such a batch costs least. Costs are as this
-        stage measured them; a size not run yet counts as cheap, so it is tried once.
-        (llama.cpp's kernels make this uneven: for repacked Q4_0 weights a batch of 2
-        costs nearly two steps, one of 4 not even two.)"""
+        """How many of ``live`` decoding sessions to batch. Spread over k batches, k up
+        to the number of stages (more would only queue), each batch goes round the
+        stages in turn, so a token of every session takes one round of a batch of
+        ``ceil(live / k)``: the k whose batch size this stage timed cheapest wins (a size
+        not run yet counts as free, so it is tried once). llama.cpp's kernels make this
+        uneven: with repacked Q4_0 weights a batch of 2 costs nearly two steps, one of
+        4 not even two."""
         sizes = {min(-(-live // k), self.batch_limit) for k in range(1, self.count + 1)}
         return min(sorted(sizes), key=lambda b: self._batch_s.get(b, 0.0))
 
@@ -380,10 +378,9 @@ class Stage:
         members = [msg, *msg.batched]
         batch = [m.chunk for m in members] if msg.batched else []
         error = msg.error if msg.HasField("error") else None
-        broken_ring = None
+        broken_ring = None  # the ring goes first, so stage 0 starts on the next step at once
         for m, token in zip(members, tokens or [-1] * len(members), strict=True):
-            if m.ring_left and token >= 0 and token not in m.ring_stops:  # first: stage 0
-                # starts on the next token at once
+            if m.ring_left and token >= 0 and token not in m.ring_stops:
                 try:
                     self._ring_on(m, token)
                 except StageFaultError as exc:
