@@ -311,6 +311,10 @@ class Stage:
         sizes = {min(-(-live // k), self.batch_limit) for k in range(1, self.count + 1)}
         return min(sorted(sizes), key=lambda b: self._batch_s.get(b, 0.0))
 
+    def _time_batch(self, steps: int, spent_s: float) -> None:
+        known = self._batch_s.get(steps)
+        self._batch_s[steps] = spent_s if known is None else 0.7 * known + 0.3 * spent_s
+
     def _wait(self) -> tuple[pb.StageInput, float] | None:
         """The next inbox item: polled for ``spin_s`` (yielding the core, and the GIL, to
         any other thread between polls), then waited for."""
@@ -360,10 +364,7 @@ class Stage:
             size = msg.ByteSize()
         computed = time.perf_counter()
         if self.batch_limit > 1 and len(msg.tokens) == 1 and not msg.HasField("error"):
-            size = 1 + len(msg.batched)
-            known = self._batch_s.get(size)
-            spent = computed - started
-            self._batch_s[size] = spent if known is None else 0.7 * known + 0.3 * spent
+            self._time_batch(1 + len(msg.batched), computed - started)
         timing = msg.timings.add(stage_index=self.index, queue_ms=(started - arrived) * 1e3,
                                  compute_ms=(computed - started) * 1e3)
         if self.next is not None:
