@@ -111,12 +111,14 @@ def test_sessions_in_flight_together_share_batches_and_match_the_unsplit_model(
 def test_a_batch_is_back_when_any_of_its_sessions_steps_again_or_ends():
     flight = InFlight()
     flight.sent(["a", "b"], now=1.0)
-    flight.sent(["c"], now=2.0)
-    assert len(flight) == 2
-    flight.returned("b", now=1.5)  # the last stage answers a batch at once: "a" is back too
-    assert len(flight) == 1 and flight.round_trip_s == 0.5
-    flight.returned("a", now=1.7)
-    flight.returned("unknown", now=1.8)
-    assert len(flight) == 1 and flight.round_trip_s == 0.5
-    flight.returned("c", now=2.25)  # or "c" ended
-    assert len(flight) == 0 and flight.round_trip_s == 0.25
+    flight.sent(["c"], now=1.01)
+    assert flight.busy(now=1.02) == (2, 3)
+    flight.returned("b", now=1.03)  # the last stage answers a batch at once: "a" is back too
+    assert flight.busy(now=1.03) == (1, 1) and flight.round_trip_s == pytest.approx(0.03)
+    flight.returned("a", now=1.04)
+    flight.returned("unknown", now=1.04)
+    assert flight.busy(now=1.04) == (1, 1)
+    # "c" has gone quiet (an idle chat): after a few round trips it no longer counts
+    assert flight.busy(now=1.5) == (0, 0)
+    flight.returned("c", now=2.0)  # or "c" ended
+    assert flight.busy(now=2.0) == (0, 0) and flight.round_trip_s == pytest.approx(0.99)

@@ -47,6 +47,7 @@ LEASE_S = 30.0  # a lease lapses this long after its orchestrator's last renewal
 _ENDED_KEPT = 4096  # sessions remembered as ended, to drop ring chunks still on their way
 _MERGE_WAIT_MAX_S = 0.5  # the longest stage 0 holds decode steps back to batch them
 _STRAGGLER_WAIT_S = 0.002  # the steps of one batch come back within this of each other
+_QUIET_TRIPS, _QUIET_MIN_S = 4, 0.05  # a batch out longer than this has gone quiet
 
 
 class Leases:
@@ -121,7 +122,9 @@ class InFlight:
 
     A batch is back when the next step of any of its sessions arrives (the last stage
     answers for a whole batch at once), or a session of it ends. ``round_trip_s`` is how
-    long the last batch took to come back."""
+    long the last batch took to come back. A batch out for several round trips belongs to
+    sessions gone quiet (an idle chat, an answer the orchestrator is finishing): it no
+    longer counts as busy."""
 
     def __init__(self) -> None:
         self._batch_of: dict[str, int] = {}  # session -> the batch it went out in
@@ -140,13 +143,11 @@ class InFlight:
         if went is not None:
             self.round_trip_s = now - went
 
-    def __len__(self) -> int:
-        return len(self._open)
-
-    @property
-    def sessions(self) -> int:
-        """Sessions out in a batch, not back yet."""
-        return len(self._batch_of)
+    def busy(self, now: float) -> tuple[int, int]:
+        """(batches, sessions) out now and not gone quiet."""
+        quiet = max(_QUIET_TRIPS * self.round_trip_s, _QUIET_MIN_S)
+        recent = {b for b, went in self._open.items() if now - went < quiet}
+        return len(recent), sum(b in recent for b in self._batch_of.values())
 
 
 class _LocalEnd:
@@ -275,9 +276,11 @@ class Stage:
         if item is None or not self._batchable(item[0]):
             return item
         lead = item[0]
-        self._in_flight.returned(lead.session, time.perf_counter())
+        now = time.perf_counter()
+        self._in_flight.returned(lead.session, now)
+        batches, out = self._in_flight.busy(now)
+        share = self._batch_size(out + 1 + self._inbox.qsize())
         sessions = [lead.session]
-        share = self._batch_size(self._in_flight.sessions + 1 + self._inbox.qsize())
         give_up = None
         while len(sessions) < share:
             try:
@@ -285,7 +288,7 @@ class Stage:
             except queue.Empty:
                 if give_up is None:
                     wait = (min(_MERGE_WAIT_MAX_S, self._in_flight.round_trip_s)
-                            if len(self._in_flight) >= self.count else _STRAGGLER_WAIT_S)
+                            if batches >= self.count else _STRAGGLER_WAIT_S)
                     give_up = time.perf_counter() + wait
                 try:
                     more = self._inbox.get(timeout=max(give_up - time.perf_counter(), 0))
