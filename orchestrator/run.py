@@ -357,7 +357,7 @@ def _print_stats(stats: GenerationStats, model: RunningModel, err: Console) -> N
             table.add_row(f"stage {stage.index} {stage.layers} on {stage.worker} compute",
                           f"{ms:.2f} ms/token{predicted}")
             if queued := stats.queue_ms.get(stage.index, 0.0) / n:
-                table.add_row(f"stage {stage.index} queued behind other sessions",
+                table.add_row(f"stage {stage.index} in its queue before compute",
                               f"{queued:.2f} ms/token")
         for index, total in sorted(stats.wire_bytes.items()):
             table.add_row(f"hop {index}->{index + 1} ({model.plan.codec})",
