@@ -58,21 +58,21 @@ class LocalChain:
 
     def forward(self, session: str, positions: Sequence[int], tokens: Sequence[int],
                 all_logits: bool = False) -> np.ndarray:
-        out = self.stages[0].forward(session, positions, tokens=list(tokens),
-                                     all_logits=all_logits)
-        for stage in self.stages[1:]:
-            out = self.codec.decode(self.codec.encode(out), *out.shape)
-            out = stage.forward(session, positions, hidden=out, all_logits=all_logits)
-        return out
+        return self._through([Step(session, np.asarray(positions, dtype=np.int32))],
+                             list(tokens), all_logits)
 
     def forward_batch(self, steps: Sequence[tuple[str, int, int]]) -> np.ndarray:
         """One decode step of each of several sessions, in one batch on every stage:
         ``steps`` is (session, position, token); the logits of each, in order."""
-        batch = [Step(session, np.array([pos], np.int32)) for session, pos, _ in steps]
-        out = self.stages[0].forward_batch(batch, tokens=[tok for *_, tok in steps])
+        return self._through([Step(session, np.array([pos], np.int32))
+                              for session, pos, _ in steps], [tok for *_, tok in steps])
+
+    def _through(self, steps: list[Step], tokens: list[int], all_logits: bool = False
+                 ) -> np.ndarray:
+        out = self.stages[0].forward_batch(steps, tokens=tokens, all_logits=all_logits)
         for stage in self.stages[1:]:
             out = self.codec.decode(self.codec.encode(out), *out.shape)
-            out = stage.forward_batch(batch, hidden=out)
+            out = stage.forward_batch(steps, hidden=out, all_logits=all_logits)
         return out
 
     def end_session(self, session: str) -> None:

@@ -188,7 +188,9 @@ class Stage:
         self.ring = (DownstreamLink(request.ring_address, token, connect)
                      if request.ring_address and not engine.role.is_first else None)
         self._ring_home = bool(request.ring_address) and engine.role.is_first
-        self._ended: deque[str] = deque(maxlen=_ENDED_KEPT)  # so late ring chunks are dropped
+        # Sessions ended here, oldest first (a dict: ordered, and a set for lookups), so
+        # that a ring chunk still on its way is dropped.
+        self._ended: dict[str, None] = {}
         self._closing = False
         self._inbox: queue.SimpleQueue[tuple[pb.StageInput, float] | None] = queue.SimpleQueue()
         self._held: deque[tuple[pb.StageInput, float] | None] = deque()  # taken, not batched
@@ -468,7 +470,9 @@ class Stage:
     # --- lifetime ----------------------------------------------------------------------
 
     def end_session(self, session: str) -> bool:
-        self._ended.append(session)
+        self._ended[session] = None
+        if len(self._ended) > _ENDED_KEPT:
+            del self._ended[next(iter(self._ended))]
         self._in_flight.returned(session, time.perf_counter())
         sampler = self._samplers.pop(session, None)
         if sampler is not None:
