@@ -7,10 +7,12 @@ the repository root and ``tests/`` (for ``reference``) on ``sys.path``.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -150,3 +152,12 @@ def print_header(console: Console, title: str) -> None:
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
+
+
+def child_result(cmd: list[str]) -> dict:
+    """Run a benchmark's child process; the last line it prints is its JSON result."""
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"child failed ({done.returncode}): {' '.join(cmd)}\n"
+                         f"{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])

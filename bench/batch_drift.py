@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from _common import console, get_model, print_header, work_directory
 from chain import Chain
+from reference import kl_per_row
 from rich.table import Table
 
 from orchcore.engine import EngineConfig
@@ -36,11 +37,6 @@ PROMPTS = (
     "Why is the sky blue?",
 )
 
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
 def batched(chain: Chain, prompts: list[list[int]], n: int) -> tuple[list[list[int]],
@@ -114,9 +110,9 @@ def main() -> None:
                     greedy, lone = alone(chain, prompt, tokens[i])
                     same = [a == b for a, b in zip(greedy, tokens[i], strict=True)]
                     first = same.index(False) if False in same else None
-                    p, q = _log_softmax(np.stack(lone)), _log_softmax(np.stack(logits[i]))
-                    kl = (np.exp(p) * (p - q)).sum(-1)
-                    agree = float(np.mean(p.argmax(-1) == q.argmax(-1)))
+                    lone_rows, batched_rows = np.stack(lone), np.stack(logits[i])
+                    kl = kl_per_row(lone_rows, batched_rows)
+                    agree = float(np.mean(lone_rows.argmax(-1) == batched_rows.argmax(-1)))
                     table.add_row(PROMPTS[i][:40], "none" if first is None else str(first),
                                   f"{np.mean(same):.2f}", f"{kl.mean():.1e}",
                                   f"{kl.max():.1e}", f"{agree:.3f}")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from _common import console, get_model, print_header
 from chain import Chain
-from reference import ReferenceModel
+from reference import ReferenceModel, kl_per_row
 from rich.table import Table
 
 from orchcore.engine import EngineConfig
@@ -32,11 +32,6 @@ PROMPTS = (
     "List five uses of a paperclip.",
 )
 
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
 def greedy_chain(chain: Chain, prompt: list[int], n: int, session: str) -> list[int]:
@@ -92,8 +87,7 @@ def main() -> None:
                 shares.append(float(np.mean(same)))
                 logits = chain.forward(f"t{i}", range(len(seq)), seq, all_logits=True)
                 chain.end_session(f"t{i}")
-                p, q = _log_softmax(ref_logits), _log_softmax(logits)
-                kls.append(float((np.exp(p) * (p - q)).sum(-1).mean()))
+                kls.append(float(kl_per_row(ref_logits, logits).mean()))
                 top1s.append(float(np.mean(ref_logits.argmax(-1) == logits.argmax(-1))))
             chain.close()
             row_bytes = chain.codec.encoded_size(1, facts.n_embd)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -146,11 +145,7 @@ def spawn(args: argparse.Namespace, path: str, variant: str) -> dict:
            "--max-sessions", str(args.max_sessions),
            "--prompt-tokens", str(args.prompt_tokens),
            "--decode-tokens", str(args.decode_tokens)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"child failed ({done.returncode}): {' '.join(cmd)}\n"
-                         f"{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return common.child_result(cmd)
 
 
 def weights_and_kv(path: Path, args: argparse.Namespace) -> tuple[int, int]:

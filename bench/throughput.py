@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -39,6 +38,7 @@ from pathlib import Path
 import numpy as np
 from _common import (  # first: puts the repository and tests/ on sys.path
     BenchModel,
+    child_result,
     console,
     get_model,
     parse_models,
@@ -97,11 +97,7 @@ def unsplit(path: Path, core: int, args: argparse.Namespace) -> dict[str, float]
     cmd = ["taskset", "-c", str(core), sys.executable, str(Path(__file__).resolve()),
            "--child", str(path), "--prompt-tokens", str(args.prompt_tokens),
            "--decode-tokens", str(args.decode_tokens)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"unsplit child failed ({done.returncode}): {' '.join(cmd)}\n"
-                         f"{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return child_result(cmd)
 
 
 # --- B: the split model through the session API ------------------------------------------

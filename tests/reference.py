@@ -95,3 +95,12 @@ class ReferenceModel:
         llama_cpp.llama_batch_free(self.batch)
         llama_cpp.llama_free(self.ctx)
         llama_cpp.llama_model_free(self.model)
+
+
+def kl_per_row(want: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """KL(want || got) of the next-token distributions behind two ``[rows, n_vocab]``
+    logit arrays, per row, in nats (float64 throughout)."""
+    p, q = (x.astype(np.float64) - x.max(-1, keepdims=True) for x in (want, got))
+    p -= np.log(np.exp(p).sum(-1, keepdims=True))
+    q -= np.log(np.exp(q).sum(-1, keepdims=True))
+    return (np.exp(p) * (p - q)).sum(-1)
