@@ -34,7 +34,7 @@ from orchcore.shard import LayerRange, even_ranges, write_shard  # noqa: E402
 
 MIB = 1 << 20
 GENERATED = "bench-1b-q4_0"  # orchcore/modelgen.py preset: ~1.04e9 parameters, Q4_0
-REAL = "smollm2-135m"  # orchestrator/modelstore.py built-in model
+REAL = "smollm2-135m"  # orchestrator/models/store.py built-in model
 MODEL_CHOICES = {"1b": GENERATED, "135m": REAL}
 
 
@@ -68,7 +68,7 @@ def get_model(key: str, workdir: Path) -> BenchModel:
             write_model(path, spec)
         return BenchModel(key, f"generated {GENERATED} ({n_params(spec) / 1e9:.2f}B params)",
                           path)
-    from orchestrator.modelstore import resolve_model
+    from orchestrator.models.store import resolve_model
 
     return BenchModel(key, "SmolLM2-135M-Instruct Q4_1 (real)",
                       resolve_model(REAL, progress=False))

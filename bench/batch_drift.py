@@ -24,7 +24,7 @@ from rich.table import Table
 
 from orchcore.engine import EngineConfig
 from orchcore.facts import read_model_facts
-from orchestrator.tokenizer import Tokenizer
+from orchestrator.text.tokenizer import Tokenizer
 
 PROMPTS = (
     "Write a short story about a robot who learns to paint.",

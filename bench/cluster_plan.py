@@ -24,13 +24,13 @@ from cluster import greedy_tokens
 from rich.table import Table
 
 from orchcore.facts import read_model_facts
-from orchestrator.cluster import Cluster
-from orchestrator.deploy import ShardStore
-from orchestrator.localcluster import LocalCluster
-from orchestrator.plan import make_plan
-from orchestrator.session import GenerationStats
+from orchestrator.cluster.local import LocalCluster
+from orchestrator.pipeline.connected import Cluster
+from orchestrator.pipeline.deploy import ShardStore
+from orchestrator.pipeline.session import GenerationStats
+from orchestrator.planning.plan import make_plan
 from orchestrator.settings import OrchSettings
-from orchestrator.tokenizer import Tokenizer
+from orchestrator.text.tokenizer import Tokenizer
 
 
 def predicted_vs_measured(out, model, workdir, args) -> None:

@@ -41,7 +41,7 @@ from rich.table import Table
 from orchcore.modelgen import ModelSpec, write_model
 from orchcore.shard import LayerRange, write_shard
 from orchcore.wire.channel import connect
-from orchestrator.localcluster import LocalCluster
+from orchestrator.cluster.local import LocalCluster
 from orchestrator.settings import OrchSettings
 
 

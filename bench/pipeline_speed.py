@@ -29,8 +29,8 @@ from reference import ReferenceModel
 from rich.table import Table
 
 from orchcore.facts import read_model_facts
-from orchestrator.localcluster import LocalCluster
-from orchestrator.session import GenerationStats, RunningModel
+from orchestrator.cluster.local import LocalCluster
+from orchestrator.pipeline.session import GenerationStats, RunningModel
 
 
 def unsplit_run(path: Path, prompt: list[int], decode: int, threads: int

@@ -46,8 +46,8 @@ def inner(args: argparse.Namespace) -> None:
     from cluster import greedy_tokens, open_model
 
     from orchcore.facts import read_model_facts
-    from orchestrator.modelstore import resolve_model
-    from orchestrator.session import GenerationStats
+    from orchestrator.models.store import resolve_model
+    from orchestrator.pipeline.session import GenerationStats
 
     path = resolve_model("smollm2-135m", progress=False)
     facts = read_model_facts(path)

@@ -383,7 +383,7 @@ def main() -> None:
     args = parse_args()
     out = Console(stderr=True, width=160) if args.json else console()  # JSON alone on stdout
     print_header(out, f"Soak: {args.requests} requests through orch serve")
-    from orchestrator.modelstore import resolve_model
+    from orchestrator.models.store import resolve_model
 
     model = resolve_model(REAL, progress=False)
     with work_directory(args.workdir) as workdir:

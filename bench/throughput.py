@@ -53,8 +53,8 @@ from rich.table import Table
 
 from orchcore.facts import read_model_facts
 from orchcore.wire import worker_pb2 as pb
-from orchestrator.localcluster import LocalCluster
-from orchestrator.session import GenerationStats, RunningModel
+from orchestrator.cluster.local import LocalCluster
+from orchestrator.pipeline.session import GenerationStats, RunningModel
 
 SHORT_PROMPT = 16  # tokens fed before the decode runs
 STAGE_TIMES = ("queue_ms", "compute_ms", "send_ms")  # pb.StageTiming fields, in this order

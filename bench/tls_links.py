@@ -19,7 +19,7 @@ from _common import console, print_header  # first: puts the repository and test
 from cluster import worker_server
 from rich.table import Table
 
-from orchestrator.client import WorkerClient
+from orchestrator.cluster.client import WorkerClient
 from orchestrator.settings import OrchSettings
 
 TOKEN = "bench-tls-links-token-0123456789"

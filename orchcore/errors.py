@@ -8,6 +8,10 @@ one table (``orchcore.wire.status``); nothing else converts them.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 
 class OrchError(Exception):
@@ -172,3 +176,13 @@ class ImageError(OrchError):
 class PublishError(OrchError):
     """The wheels a node installs from the LAN cannot be published or fetched; names the
     wheel or the address and what to do."""
+
+
+def describe_validation(exc: ValidationError) -> str:
+    """Pydantic's errors as one line per setting: 'context_tokens: ...'."""
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "settings"
+        message = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{where}: {message} (got {err.get('input')!r})")
+    return "; ".join(lines)

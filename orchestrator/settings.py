@@ -16,9 +16,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from orchcore.codecs import CODEC_NAMES
 from orchcore.config import MAX_BATCH_TOKENS, MAX_CONTEXT_TOKENS, MAX_SESSIONS, EngineConfig
-from orchcore.errors import InvalidSettingError
+from orchcore.errors import InvalidSettingError, describe_validation
 from orchcore.sampling import MAX_REPEAT_LAST_N, MAX_TOP_K, RANDOM_SEED, SamplingParams
-from orchestrator.plan import Objective, PlanOptions
+from orchestrator.planning.plan import Objective, PlanOptions
 
 _ENGINE = EngineConfig()
 _SAMPLING = SamplingParams()
@@ -138,16 +138,6 @@ class OrchSettings(BaseSettings):
     @property
     def token_value(self) -> str | None:
         return self.token.get_secret_value() if self.token else None
-
-
-def describe_validation(exc: ValidationError) -> str:
-    """Pydantic's errors as one line per setting: 'context_tokens: ...'."""
-    lines = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "settings"
-        message = err["msg"].removeprefix("Value error, ")
-        lines.append(f"{where}: {message} (got {err.get('input')!r})")
-    return "; ".join(lines)
 
 
 def parse_workers(text: str) -> tuple[str, ...]:

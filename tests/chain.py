@@ -1,4 +1,4 @@
-"""The product's in-process chain (``orchestrator.verify.LocalChain``), cut by layer
+"""The product's in-process chain (``orchestrator.pipeline.verify.LocalChain``), cut by layer
 boundaries, and the replay and comparison the exactness tests share."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from reference import ReferenceModel
 from orchcore.engine import EngineConfig
 from orchcore.facts import read_model_facts
 from orchcore.shard import ranges_from_cuts
-from orchestrator.verify import LocalChain
+from orchestrator.pipeline.verify import LocalChain
 
 
 class Chain(LocalChain):

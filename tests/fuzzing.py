@@ -30,7 +30,7 @@ from orchcore.modelgen import ModelSpec, write_model
 from orchcore.shard import LayerRange, write_shard
 from orchcore.wire import worker_pb2 as pb
 from orchcore.wire.channel import auth_metadata
-from orchestrator.client import WorkerClient
+from orchestrator.cluster.client import WorkerClient
 from orchestrator.settings import OrchSettings
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Worker"]

@@ -13,13 +13,13 @@ from orchcore import modelgen
 from orchcore.facts import read_model_facts
 from orchcore.memory import MIB, StageMemory
 from orchcore.shard import even_ranges
-from orchestrator.cluster import Cluster
-from orchestrator.deploy import ShardStore
-from orchestrator.localcluster import LocalCluster
-from orchestrator.plan import make_plan
+from orchestrator.cluster.local import LocalCluster
+from orchestrator.pipeline.connected import Cluster
+from orchestrator.pipeline.deploy import ShardStore
+from orchestrator.pipeline.verify import LocalChain
+from orchestrator.planning.plan import make_plan
 from orchestrator.settings import OrchSettings
-from orchestrator.tokenizer import Tokenizer
-from orchestrator.verify import LocalChain
+from orchestrator.text.tokenizer import Tokenizer
 
 # In this order an even cut overflows the first worker; 140 MiB holds no layer at all.
 BUDGETS_MB = [260, 310, 300, 140, 310, 305, 300, 295]

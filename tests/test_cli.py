@@ -120,7 +120,7 @@ def test_worker_help_lists_its_environment_variables(tmp_path):
 
 
 def test_cluster_map_lists_workers_and_measured_links(tmp_path):
-    from orchestrator.localcluster import LocalCluster
+    from orchestrator.cluster.local import LocalCluster
 
     with LocalCluster(2, tmp_path / "w", memory_budgets_mb=[700, 900]) as workers:
         env = dict(os.environ, ORCH_TOKEN=workers.token, ORCH_CACHE_DIR=str(tmp_path))

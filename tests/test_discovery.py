@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from orchestrator.discover import discover
-from orchestrator.localcluster import LocalCluster
+from orchestrator.cluster.discover import discover
+from orchestrator.cluster.local import LocalCluster
 from orchestrator.settings import OrchSettings
 
 TOKEN = "cluster-token-for-discovery"

@@ -21,8 +21,9 @@ import pytest
 from rich.console import Console
 
 from orchcore.cpu import cpu_info
-from orchestrator import cli, doctor
-from orchestrator.doctor import Status, disk_status, doctor_options, run_checks, to_json
+from orchestrator import cli
+from worker import doctor
+from worker.doctor import Status, disk_status, doctor_options, run_checks, to_json
 from worker.settings import WorkerSettings
 
 TOKEN = "a-cluster-token-long-enough-for-the-doctor"

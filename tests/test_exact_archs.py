@@ -29,8 +29,8 @@ from orchcore.probe import layer_shape
 from orchcore.shard import KEY_INPUT_SCALE, LayerRange, shard_layout, write_shard
 from orchcore.slices import shard_ranges
 from orchestrator.cli import app
-from orchestrator.localcluster import LocalCluster
-from orchestrator.plan import PlanOptions, head_layers, make_plan
+from orchestrator.cluster.local import LocalCluster
+from orchestrator.planning.plan import PlanOptions, head_layers, make_plan
 
 STEPS = 12
 PROMPT = [1, 17, 300, 42, 99, 5, 260, 77]  # 8 tokens: past gemma3's window of 4 at once

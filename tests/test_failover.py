@@ -17,13 +17,13 @@ import pytest
 from orchcore.errors import PlanError
 from orchcore.facts import read_model_facts
 from orchcore.sampling import SamplingParams
-from orchestrator.cluster import Cluster
-from orchestrator.deploy import ShardStore
-from orchestrator.localcluster import LocalCluster
-from orchestrator.plan import make_plan
-from orchestrator.session import Failover, RunningModel
+from orchestrator.cluster.local import LocalCluster
+from orchestrator.pipeline.connected import Cluster
+from orchestrator.pipeline.deploy import ShardStore
+from orchestrator.pipeline.session import Failover, RunningModel
+from orchestrator.planning.plan import make_plan
 from orchestrator.settings import OrchSettings
-from orchestrator.tokenizer import Tokenizer
+from orchestrator.text.tokenizer import Tokenizer
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"
 ANSWER = 20  # tokens

@@ -35,9 +35,9 @@ from orchcore.wire import convert, status
 from orchcore.wire import worker_pb2 as pb
 from orchcore.wire import worker_pb2_grpc as pb_grpc
 from orchcore.wire.channel import StreamClosedError, auth_metadata, connect
-from orchestrator.client import WorkerClient
-from orchestrator.datapath import DataPath
-from orchestrator.plan import PlanOptions, make_plan
+from orchestrator.cluster.client import WorkerClient
+from orchestrator.pipeline.datapath import DataPath
+from orchestrator.planning.plan import PlanOptions, make_plan
 from orchestrator.settings import OrchSettings
 
 SETTINGS = OrchSettings.load()
@@ -194,7 +194,7 @@ def test_failure_after_compute_reaches_the_orchestrator_within_seconds(
 ORPHAN_SCRIPT = """
 import sys, time
 from pathlib import Path
-from orchestrator.localcluster import LocalCluster
+from orchestrator.cluster.local import LocalCluster
 cluster = LocalCluster(2, Path(sys.argv[1]), threads_per_worker=1)
 cluster.start()
 print(" ".join(str(p.pid) for p in cluster.procs), flush=True)

@@ -26,7 +26,7 @@ from orchcore.facts import read_model_facts
 from orchcore.modelgen import ModelSpec, write_model
 from orchcore.shard import KEY_LAYER_END, LayerRange, write_shard
 from orchcore.wire.channel import connect
-from orchestrator.localcluster import LocalCluster
+from orchestrator.cluster.local import LocalCluster
 from orchestrator.settings import OrchSettings
 from worker.rejects import RejectLog, peer_host
 

@@ -22,10 +22,10 @@ import pytest
 import yaml
 
 from orchcore.errors import ImageError
-from orchestrator import cloudinit
-from orchestrator.image import prepare_image
-from orchestrator.mbr import SECTOR, boot_partition, parse_mbr
-from orchestrator.publish import MANIFEST, gather, make_server
+from orchestrator.pi import cloudinit
+from orchestrator.pi.image import prepare_image
+from orchestrator.pi.mbr import SECTOR, boot_partition, parse_mbr
+from orchestrator.pi.publish import MANIFEST, gather, make_server
 from worker import firstboot
 from worker.install import orch_executable
 from worker.service import worker_id

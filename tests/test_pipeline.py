@@ -13,8 +13,8 @@ from cluster import GREEDY, greedy_tokens, open_model
 from reference import ReferenceModel
 
 from orchcore.errors import WorkerUnreachableError
-from orchestrator.localcluster import LocalCluster
-from orchestrator.session import GenerationStats
+from orchestrator.cluster.local import LocalCluster
+from orchestrator.pipeline.session import GenerationStats
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"
 STEPS = 48

@@ -15,7 +15,7 @@ from orchcore.errors import InvalidSettingError, PlanError
 from orchcore.facts import read_model_facts
 from orchcore.memory import MIB, StageMemory, estimate_shard, estimate_stage
 from orchcore.shard import LayerRange, write_shard
-from orchestrator.plan import PlanOptions, head_layers, host_shares, make_plan
+from orchestrator.planning.plan import PlanOptions, head_layers, host_shares, make_plan
 from orchestrator.settings import OrchSettings, parse_workers
 
 GIB = 1 << 30

@@ -7,8 +7,8 @@ from cluster import worker_server
 
 from orchcore.facts import read_model_facts
 from orchcore.probe import layer_shape
-from orchestrator.cluster import Cluster
-from orchestrator.plan import PlanOptions, make_plan
+from orchestrator.pipeline.connected import Cluster
+from orchestrator.planning.plan import PlanOptions, make_plan
 from orchestrator.settings import OrchSettings
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from orchcore import modelgen
 from orchcore.errors import ModelFetchError
-from orchestrator.download import pull_url, pulled_files, remove_pulled
+from orchestrator.models.download import pull_url, pulled_files, remove_pulled
 
 
 class _Server(http.server.ThreadingHTTPServer):

@@ -9,7 +9,7 @@ import time
 import pytest
 from cluster import GREEDY, greedy_tokens, open_model, worker_server
 
-from orchestrator.session import Finished, TextPiece
+from orchestrator.pipeline.session import Finished, TextPiece
 
 PROMPT = "Once upon a time, in a small village,"
 

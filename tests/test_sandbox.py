@@ -23,8 +23,8 @@ from cluster import GREEDY, greedy_tokens, open_model
 from notifysock import NotifySocket
 
 from orchcore import modelgen
-from orchestrator.client import WorkerClient
-from orchestrator.discover import discover
+from orchestrator.cluster.client import WorkerClient
+from orchestrator.cluster.discover import discover
 from orchestrator.settings import OrchSettings
 from worker.install import orch_executable
 

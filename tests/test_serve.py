@@ -23,8 +23,8 @@ import pytest
 import uvicorn
 from cluster import open_model, worker_server
 
-from orchestrator.client import WorkerClient
-from orchestrator.serve import ApiError, Gate, create_app
+from orchestrator.cluster.client import WorkerClient
+from orchestrator.serve.app import ApiError, Gate, create_app
 from orchestrator.settings import OrchSettings
 
 QUESTION = "What is the capital of France?"

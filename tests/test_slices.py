@@ -18,10 +18,10 @@ from orchcore.ggufscan import scan_header
 from orchcore.rangefetch import RemoteFile, describe_url
 from orchcore.shard import LayerRange, shard_layout, write_shard
 from orchcore.slices import ByteRange, merge, shard_ranges, total_bytes, uncovered
-from orchestrator.modelstore import Store, header_sha256
-from orchestrator.registry import Expected
-from orchestrator.remote import check_header, open_remote
-from orchestrator.tokenizer import Tokenizer
+from orchestrator.models.registry import Expected
+from orchestrator.models.remote import check_header, open_remote
+from orchestrator.models.store import Store, header_sha256
+from orchestrator.text.tokenizer import Tokenizer
 from worker.shardcache import ShardCache
 from worker.slicefetch import Built, SliceFetcher
 

@@ -6,7 +6,7 @@ a request; a failed source is reported and the next one tried; `orch pull/list/r
 
 conftest.py sets HF_HUB_OFFLINE=1 for the session (no test reaches the real hub): the hub
 tests here turn it off in `huggingface_hub.constants` (read there at import) and point
-HF_ENDPOINT, which orchestrator.hub reads at each call, at their own server.
+HF_ENDPOINT, which orchestrator.models.hub reads at each call, at their own server.
 """
 
 from __future__ import annotations
@@ -29,9 +29,8 @@ from test_modelstore import build_wheel
 
 from orchcore import modelgen
 from orchcore.errors import ModelFetchError
-from orchestrator import hub
-from orchestrator.modelstore import Store, header_sha256, listing
-from orchestrator.registry import (
+from orchestrator.models import hub
+from orchestrator.models.registry import (
     Expected,
     HubSource,
     Learned,
@@ -40,6 +39,7 @@ from orchestrator.registry import (
     UrlSource,
     WheelSource,
 )
+from orchestrator.models.store import Store, header_sha256, listing
 
 REPO = "orch-test/tiny-gguf"
 FILE = "tiny-f32.gguf"

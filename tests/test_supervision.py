@@ -18,8 +18,8 @@ from orchcore.notify import Notifier, socket_address, watchdog_timeout_s
 from orchcore.wire import worker_pb2 as pb
 from orchcore.wire import worker_pb2_grpc as pb_grpc
 from orchcore.wire.channel import auth_metadata, connect
-from orchestrator.client import WorkerClient
-from orchestrator.localcluster import LocalCluster
+from orchestrator.cluster.client import WorkerClient
+from orchestrator.cluster.local import LocalCluster
 from orchestrator.settings import OrchSettings
 
 TIMEOUT_S = 2.0  # WATCHDOG_USEC of these tests; the worker feeds it every third of that

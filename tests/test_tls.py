@@ -18,7 +18,7 @@ from orchcore.wire import tls
 from orchcore.wire import worker_pb2 as pb
 from orchcore.wire import worker_pb2_grpc as pb_grpc
 from orchcore.wire.channel import Trust, auth_metadata, connect, open_channel
-from orchestrator.client import WorkerClient
+from orchestrator.cluster.client import WorkerClient
 from orchestrator.settings import OrchSettings
 
 TOKEN = "tls-test-token-0123456789"

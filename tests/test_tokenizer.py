@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from orchcore import modelgen
 from orchcore.errors import GGUFError, NotGGUFError
-from orchestrator.tokenizer import (
+from orchestrator.text.tokenizer import (
     ChatTemplateError,
     NoChatTemplateError,
     StopMatcher,

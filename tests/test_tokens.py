@@ -13,7 +13,7 @@ import pytest
 from cluster import worker_server
 
 from orchcore.errors import AuthError, InvalidInputError
-from orchestrator.client import WorkerClient
+from orchestrator.cluster.client import WorkerClient
 from orchestrator.settings import OrchSettings
 from worker.tokens import Tokens
 

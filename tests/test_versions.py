@@ -8,9 +8,9 @@ from cluster import worker_server
 
 import worker.service
 from orchcore.errors import ProtocolMismatchError
-from orchestrator.cluster import Cluster
+from orchestrator.cluster.topology import survey
+from orchestrator.pipeline.connected import Cluster
 from orchestrator.settings import OrchSettings
-from orchestrator.topology import survey
 
 
 def test_an_old_node_is_shown_with_its_fix(tmp_path, monkeypatch) -> None:

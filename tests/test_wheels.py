@@ -21,8 +21,7 @@ from test_modelstore import build_wheel, leftovers
 from orchcore import modelgen
 from orchcore.errors import ModelFetchError
 from orchcore.facts import read_model_facts
-from orchestrator.modelstore import Store, listing, resolve_model
-from orchestrator.registry import (
+from orchestrator.models.registry import (
     Expected,
     Learned,
     ModelEntry,
@@ -31,7 +30,8 @@ from orchestrator.registry import (
     known_models,
     load_registry,
 )
-from orchestrator.wheel import wheel_path
+from orchestrator.models.store import Store, listing, resolve_model
+from orchestrator.models.wheel import wheel_path
 
 NAME = "tiny"
 FILE = "tiny.gguf"

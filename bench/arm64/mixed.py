@@ -87,8 +87,8 @@ def _layout(workdir: Path) -> tuple[Path, list[Path]]:
 
 def x86_first(workdir: Path, model_name: str, threads: int, n_prompts: int, steps: int
               ) -> None:
-    from orchestrator.modelstore import resolve_model
-    from orchestrator.tokenizer import Tokenizer
+    from orchestrator.models.store import resolve_model
+    from orchestrator.text.tokenizer import Tokenizer
 
     workdir.mkdir(parents=True, exist_ok=True)
     source = resolve_model(model_name, progress=False)

@@ -25,8 +25,8 @@ from orchcore.wire import convert
 from orchcore.wire import worker_pb2 as pb
 from orchcore.wire.channel import ForwardStream, auth_metadata
 from orchcore.wire.status import from_code
-from orchestrator.client import WorkerClient, rpc_error
-from orchestrator.plan import Plan
+from orchestrator.cluster.client import WorkerClient, rpc_error
+from orchestrator.planning.plan import Plan
 from orchestrator.settings import OrchSettings
 
 log = logging.getLogger(__name__)

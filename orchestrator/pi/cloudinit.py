@@ -1,6 +1,6 @@
 """The cloud-init files that make a Raspberry Pi an orch worker at its first boot, as text.
 
-Pure: values in, file contents out (``orchestrator/image.py`` writes them into an image's
+Pure: values in, file contents out (``orchestrator/pi/image.py`` writes them into an image's
 boot partition or a card's boot folder). Raspberry Pi OS (Trixie and later) and Ubuntu for
 Raspberry Pi read ``user-data``, ``network-config`` and ``meta-data`` from the FAT boot
 partition (cloud-init's NoCloud source). The cluster token goes into a file of its own,

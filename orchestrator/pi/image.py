@@ -1,5 +1,5 @@
 """``orch image``: a copy of an official Raspberry Pi image (or a flashed card's mounted boot
-folder) given the first-boot files of ``orchestrator/cloudinit.py``.
+folder) given the first-boot files of ``orchestrator/pi/cloudinit.py``.
 
 The image is copied (``.img.xz`` decompressed as it streams, runs of zeros left as holes),
 then the files are written into its FAT boot partition with mtools (``mcopy -i
@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import IO
 
 from orchcore.errors import ImageError
-from orchestrator.mbr import SECTOR, Partition, boot_partition, parse_mbr
-from orchestrator.transfer import CHUNK, progress_bar
+from orchestrator.models.transfer import CHUNK, progress_bar
+from orchestrator.pi.mbr import SECTOR, Partition, boot_partition, parse_mbr
 
 _ZEROS = bytes(CHUNK)
 _XZ_MAGIC = b"\xfd7zXZ\x00"

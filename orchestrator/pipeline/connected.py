@@ -8,7 +8,7 @@ step from a plan to a running model (``open``).
 
 With ``failover=True`` the model gets a ``Replanner`` over every connected worker: one
 that fails mid-answer is replaced by a standby (a worker the plan left out) or the model is
-re-cut over the rest (``orchestrator/failover.py``).
+re-cut over the rest (``orchestrator/pipeline/failover.py``).
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ from orchcore.devices import DeviceFacts
 from orchcore.facts import ModelFacts
 from orchcore.probe import layer_shape
 from orchcore.wire import convert
-from orchestrator.client import WorkerClient
-from orchestrator.deploy import DeployProgress, FromSource, ShardStore
-from orchestrator.failover import Replanner
-from orchestrator.plan import Plan, PlanOptions
-from orchestrator.session import RunningModel
+from orchestrator.cluster.client import WorkerClient
+from orchestrator.pipeline.deploy import DeployProgress, FromSource, ShardStore
+from orchestrator.pipeline.failover import Replanner
+from orchestrator.pipeline.session import RunningModel
+from orchestrator.planning.plan import Plan, PlanOptions
+from orchestrator.planning.speeds import SpeedBook
 from orchestrator.settings import OrchSettings
-from orchestrator.speeds import SpeedBook
-from orchestrator.tokenizer import Tokenizer
+from orchestrator.text.tokenizer import Tokenizer
 
 LINK_PAYLOAD_BYTES = 256 << 10  # measures each worker's bandwidth when connecting
 LOOPBACK_LINK_S = 0.001  # a worker on the orchestrator's own machine: one whole millisecond

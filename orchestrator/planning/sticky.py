@@ -12,7 +12,7 @@ from pathlib import Path
 from orchcore.devices import DeviceFacts
 from orchcore.facts import ModelFacts
 from orchcore.files import read_json, write_atomic
-from orchestrator.plan import Plan, PlanOptions
+from orchestrator.planning.plan import Plan, PlanOptions
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from orchcore.errors import InvalidInputError, OrchError
 from orchcore.sampling import SamplingParams
-from orchestrator.session import (
+from orchestrator.pipeline.session import (
     Event,
     Failover,
     Finished,
@@ -177,7 +177,7 @@ def create_app(model: RunningModel, name: str, settings: OrchSettings,
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
-        return files("orchestrator").joinpath("web/index.html").read_text()
+        return files("orchestrator.serve").joinpath("web/index.html").read_text()
 
     return app
 

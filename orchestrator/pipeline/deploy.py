@@ -25,8 +25,8 @@ from orchcore.shard import SHARD_FORMAT, LayerRange, write_shard
 from orchcore.slices import shard_ranges, total_bytes
 from orchcore.wire import convert
 from orchcore.wire import worker_pb2 as pb
-from orchestrator.client import WorkerClient
-from orchestrator.plan import Plan, StagePlan
+from orchestrator.cluster.client import WorkerClient
+from orchestrator.planning.plan import Plan, StagePlan
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,9 @@ from pathlib import Path
 from orchcore.errors import ModelFetchError, SourceFetchError
 from orchcore.facts import split_part_paths
 from orchcore.rangefetch import RemoteFile, SparseCopy, describe_url, fetch_headers
-from orchestrator import hub
-from orchestrator.download import find_pulled, is_url
-from orchestrator.modelstore import Store, header_sha256
-from orchestrator.registry import (
+from orchestrator.models import hub
+from orchestrator.models.download import find_pulled, is_url
+from orchestrator.models.registry import (
     HUB_SCHEME,
     Expected,
     HubSource,
@@ -30,6 +29,7 @@ from orchestrator.registry import (
     known_models,
     parse_hub_ref,
 )
+from orchestrator.models.store import Store, header_sha256
 
 log = logging.getLogger(__name__)
 

@@ -46,11 +46,10 @@ from zeroconf import IPVersion, ServiceBrowser, ServiceInfo, ServiceStateChange,
 
 from orchcore.cpu import cpu_info, memory_info, use_extra_buffer_types
 from orchcore.discovery import interface_addresses
-from orchcore.errors import InvalidSettingError, OrchError
+from orchcore.errors import InvalidSettingError, OrchError, describe_validation
 from orchcore.memory import MIB, PROCESS_BASELINE_BYTES, default_budget
 from orchcore.wire.channel import Trust, connect
 from orchcore.wire.tls import short
-from orchestrator.settings import describe_validation
 
 DEFAULT_ENV_FILE = Path("/etc/orch/worker.env")  # what the worker's systemd unit reads
 GIB = 1 << 30
@@ -218,7 +217,7 @@ def check_settings(options: DoctorOptions) -> Check:
 
 # --- the engine, in a child process --------------------------------------------------------
 
-_CHILD = "from orchestrator.doctor import engine_selftest; engine_selftest()"
+_CHILD = "from worker.doctor import engine_selftest; engine_selftest()"
 
 
 def engine_selftest() -> None:

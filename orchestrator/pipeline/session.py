@@ -1,6 +1,6 @@
 """The session API: a model opened on workers, generating events. No terminal output.
 
-    cluster = Cluster.connect(addresses, token, settings)     # orchestrator/cluster.py
+    cluster = Cluster.connect(addresses, token, settings)     # orchestrator/pipeline/connected.py
     plan = make_plan(facts, cluster.devices, options)         # pure; show it
     with cluster.open(plan, facts, tokenizer, store) as model:
         for event in model.generate("Hi", sampling, stops=["\\n"], max_tokens=64):
@@ -36,13 +36,13 @@ from typing import Literal
 from orchcore.errors import ContextFullError, InvalidInputError, OrchError, PlanError
 from orchcore.sampling import RANDOM_SEED, SamplingParams
 from orchcore.wire import worker_pb2 as pb
-from orchestrator.datapath import DataPath
-from orchestrator.deploy import Deployment, undeploy
-from orchestrator.failover import Pipeline, Replanner, calls_for_failover, replay
-from orchestrator.plan import Plan
+from orchestrator.pipeline.datapath import DataPath
+from orchestrator.pipeline.deploy import Deployment, undeploy
+from orchestrator.pipeline.failover import Pipeline, Replanner, calls_for_failover, replay
+from orchestrator.planning.plan import Plan
+from orchestrator.planning.speeds import MIN_DECODE_TOKENS, SpeedBook
 from orchestrator.settings import OrchSettings
-from orchestrator.speeds import MIN_DECODE_TOKENS, SpeedBook
-from orchestrator.tokenizer import StopMatcher, StreamDecoder, Tokenizer
+from orchestrator.text.tokenizer import StopMatcher, StreamDecoder, Tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """``orch run``: resolve the model, get workers, show the plan, deploy it, render events.
 
-Everything here is terminal output around the session API (``orchestrator.session``).
+Everything here is terminal output around the session API (``orchestrator.pipeline.session``).
 """
 
 from __future__ import annotations
@@ -31,14 +31,13 @@ from orchcore.facts import ModelFacts, read_model_facts
 from orchcore.memory import default_budget
 from orchcore.paths import cache_dir
 from orchcore.probe import layer_shape
-from orchestrator.cluster import Cluster
-from orchestrator.deploy import Deployment, FromSource, ShardStore
-from orchestrator.discover import discover
-from orchestrator.localcluster import LocalCluster
-from orchestrator.modelstore import Store
-from orchestrator.plan import Plan, PlanOptions, make_plan
-from orchestrator.remote import check_header, expected_for, open_remote, published
-from orchestrator.session import (
+from orchestrator.cluster.discover import discover
+from orchestrator.cluster.local import LocalCluster
+from orchestrator.models.remote import check_header, expected_for, open_remote, published
+from orchestrator.models.store import Store
+from orchestrator.pipeline.connected import Cluster
+from orchestrator.pipeline.deploy import Deployment, FromSource, ShardStore
+from orchestrator.pipeline.session import (
     Failover,
     Finished,
     GenerationStats,
@@ -46,10 +45,11 @@ from orchestrator.session import (
     TextPiece,
     encode_prompt,
 )
+from orchestrator.planning.plan import Plan, PlanOptions, make_plan
+from orchestrator.planning.speeds import SpeedBook
+from orchestrator.planning.sticky import PlanBook
 from orchestrator.settings import OrchSettings
-from orchestrator.speeds import SpeedBook
-from orchestrator.sticky import PlanBook
-from orchestrator.tokenizer import Tokenizer
+from orchestrator.text.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

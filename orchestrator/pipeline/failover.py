@@ -24,9 +24,9 @@ from orchcore.devices import DeviceFacts
 from orchcore.errors import OrchError, PlanError, SessionError
 from orchcore.facts import ModelFacts
 from orchcore.wire.status import retryable
-from orchestrator.client import WorkerClient
-from orchestrator.datapath import DataPath
-from orchestrator.deploy import (
+from orchestrator.cluster.client import WorkerClient
+from orchestrator.pipeline.datapath import DataPath
+from orchestrator.pipeline.deploy import (
     Deployment,
     DeployProgress,
     FromSource,
@@ -35,11 +35,11 @@ from orchestrator.deploy import (
     deploy,
     undeploy,
 )
-from orchestrator.plan import Plan, PlanOptions, make_plan
+from orchestrator.planning.plan import Plan, PlanOptions, make_plan
 from orchestrator.settings import OrchSettings
 
 if TYPE_CHECKING:
-    from orchestrator.session import Session
+    from orchestrator.pipeline.session import Session
 
 
 class ReplayMismatchError(OrchError):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from orchcore.errors import PublishError
 from orchcore.files import sha256_file, write_atomic
-from orchestrator.cloudinit import PinnedWheel
+from orchestrator.pi.cloudinit import PinnedWheel
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import IO, Final
 
 from orchcore.errors import ModelFetchError
-from orchestrator.registry import Expected, WheelChunksSource, WheelSource
-from orchestrator.transfer import CHUNK, progress_bar
+from orchestrator.models.registry import Expected, WheelChunksSource, WheelSource
+from orchestrator.models.transfer import CHUNK, progress_bar
 
 logger = logging.getLogger(__name__)
 

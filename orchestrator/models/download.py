@@ -32,7 +32,7 @@ from orchcore.errors import ModelFetchError
 from orchcore.files import locked, read_json, sha256_file, write_atomic
 from orchcore.paths import cache_dir
 from orchcore.rangefetch import CLIENT_HEADER
-from orchestrator.transfer import CHUNK, progress_bar
+from orchestrator.models.transfer import CHUNK, progress_bar
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 
 from orchcore.errors import OrchError
 from orchcore.wire import worker_pb2 as pb
-from orchestrator.client import WorkerClient, version_problem
+from orchestrator.cluster.client import WorkerClient, version_problem
 from orchestrator.settings import OrchSettings
 
 # CPU features that decide llama.cpp's speed (x86: AVX2/AVX-512/AMX; ARM: dot product,

@@ -19,7 +19,7 @@ from huggingface_hub import errors as hf_errors
 from tqdm.auto import tqdm
 
 from orchcore.errors import ModelFetchError
-from orchestrator.registry import HubSource
+from orchestrator.models.registry import HubSource
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,129 @@
+"""``orch cluster`` and ``orch rotate-token``: the workers on the network, seen and managed
+from here."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from orchcore.errors import InvalidSettingError, OrchError
+from orchestrator.cli.app import app, console, err, fail, setup_logging
+from orchestrator.settings import OrchSettings, parse_workers
+
+
+@app.command(name="rotate-token")
+def rotate_token(
+    workers: Annotated[str | None, typer.Option(
+        help="Workers as HOST:PORT,HOST:PORT or @FILE; without it, the workers found on the "
+             "LAN.")] = None,
+    new: Annotated[str | None, typer.Option(
+        help="The new token; '-' reads it from stdin; default: a new random one.")] = None,
+) -> None:
+    """Rotate the cluster token on every worker at once. Give the current token as
+    ORCH_TOKEN. Each worker keeps the new token in its state folder (it survives restarts
+    and upgrades) and still accepts the old one for a grace period (ORCH_WORKER_TOKEN_GRACE_S,
+    10 minutes), so running pipelines carry on. Prints only the new token on stdout:
+    give it to the orchestrators as ORCH_TOKEN."""
+    setup_logging(False)
+    import secrets
+    import sys
+
+    from orchestrator.cli.running import discovered_workers
+    from orchestrator.cluster.client import WorkerClient
+
+    try:
+        settings = OrchSettings.load()
+        if settings.token_value is None:
+            raise InvalidSettingError("give the current cluster token as ORCH_TOKEN first")
+        addresses = parse_workers(workers) if workers is not None else \
+            discovered_workers(settings, err, local_fallback=False)
+        if not addresses:
+            raise OrchError("no workers: give --workers HOST:PORT,... or start them on the LAN")
+    except OrchError as exc:
+        fail(exc)
+    token = sys.stdin.readline().strip() if new == "-" else new or secrets.token_urlsafe(32)
+    failed = []
+    for address in addresses:
+        client = WorkerClient(address, settings.token_value, settings)
+        try:
+            grace = client.rotate_token(token)
+            err.print(f"{address}: rotated (the old token works {grace:.0f} s more)",
+                      highlight=False)
+        except OrchError as exc:
+            failed.append(address)
+            err.print(f"[red]{address}: not rotated:[/] {exc}", highlight=False)
+        finally:
+            client.close()
+    console.print(token, highlight=False, soft_wrap=True)
+    if failed:
+        err.print(f"[yellow]{', '.join(failed)} still use the old token[/]: once they answer, "
+                  f"run `ORCH_TOKEN=OLD orch rotate-token --new - --workers "
+                  f"{','.join(failed)}` with the new token on stdin", highlight=False)
+        raise typer.Exit(1)
+
+
+@app.command()
+def cluster(
+    workers: Annotated[str | None, typer.Option(
+        help="Workers as HOST:PORT,HOST:PORT; without it, the workers found on the LAN.")
+    ] = None,
+    token: Annotated[str | None, typer.Option(
+        help="Cluster token of the workers (or ORCH_TOKEN).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the map as JSON.")] = False,
+) -> None:
+    """Map the cluster: each worker's machine, memory, cache and loaded stage, and the
+    measured links (orchestrator to each worker, each worker to the next)."""
+    setup_logging(False)
+    from orchestrator.cli.running import discovered_workers
+    from orchestrator.cluster.topology import survey, to_json
+
+    try:
+        settings = OrchSettings.load(token=token)
+        addresses = parse_workers(workers) if workers is not None else \
+            discovered_workers(settings, err, local_fallback=False)
+        if not addresses:
+            fail(OrchError("no workers: give --workers HOST:PORT,... or start workers on the "
+                            "LAN (discovery: ORCH_DISCOVERY)"))
+        with err.status("asking the workers and measuring links"):
+            views = survey(addresses, settings)
+    except OrchError as exc:
+        fail(exc)
+    if as_json:
+        console.print_json(data=to_json(views))
+        return
+    _print_cluster(views)
+
+
+def _print_cluster(views) -> None:
+    from orchcore.wire.tls import short
+
+    table = Table(title="cluster", show_lines=True)
+    table.add_column("worker", no_wrap=True)
+    for col in ("machine", "memory (MiB)", "shard cache", "loaded", "links"):
+        table.add_column(col)
+
+    def link(lk) -> str:
+        if lk.error:
+            return f"[red]{lk.error}[/]"
+        return f"{lk.rtt_ms:.1f} ms, {lk.bandwidth_mb_s:.0f} MB/s"
+
+    for v in views:
+        links = f"from here: {link(v.link)}"
+        if v.next_link is not None:
+            links += f"\nto next: {link(v.next_link)}"
+        table.add_row(
+            f"{v.address}\nid {v.worker_id[:8]}\norch {v.version}\n"
+            + (f"TLS {short(v.tls)}" if v.tls else "[yellow]plaintext[/]")
+            + ("\n[red]other version[/]" if v.problem else ""),
+            f"{v.host}, {v.arch}, {v.cores} cores\n{' '.join(v.flags)}",
+            f"budget {v.budget_mb}\nfree {v.ram_available_mb} of {v.ram_total_mb}",
+            f"{v.cached_shards} shards\n{v.cache_used_mb} of {v.cache_max_mb} MiB",
+            v.loaded + (f"\n{v.holders} holder{'s' if v.holders > 1 else ''}"
+                        if v.holders else ""),
+            links)
+    console.print(table)
+    for v in views:
+        if v.problem:
+            err.print(f"[yellow]{v.address}[/] {v.problem}", highlight=False)
