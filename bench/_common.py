@@ -1,7 +1,7 @@
 """Helpers shared by the engine benchmarks: the header, the models, the shards.
 
-The benchmarks run from a checkout (``python bench/engine_speed.py``): this module puts
-the repository root and ``tests/`` (for ``reference``) on ``sys.path``.
+The benchmarks run from a checkout with its venv (``python bench/engine_speed.py``), which
+has the checkout's ``testkit`` on its path (``scripts/setup.sh``).
 """
 
 from __future__ import annotations
@@ -21,16 +21,13 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import numpy as np
+from rich.console import Console
+
+from orchcore.facts import read_model_facts
+from orchcore.shard import LayerRange, even_ranges, write_shard
+
 ROOT = Path(__file__).resolve().parent.parent
-for _p in (ROOT, ROOT / "tests"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
-
-import numpy as np  # noqa: E402
-from rich.console import Console  # noqa: E402
-
-from orchcore.facts import read_model_facts  # noqa: E402
-from orchcore.shard import LayerRange, even_ranges, write_shard  # noqa: E402
 
 MIB = 1 << 20
 GENERATED = "bench-1b-q4_0"  # orchcore/modelgen.py preset: ~1.04e9 parameters, Q4_0

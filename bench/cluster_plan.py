@@ -20,7 +20,6 @@ import sys
 import time
 
 from _common import console, get_model, parse_models, print_header, prompt_tokens, work_directory
-from cluster import greedy_tokens
 from rich.table import Table
 
 from orchcore.facts import read_model_facts
@@ -31,6 +30,7 @@ from orchestrator.pipeline.session import GenerationStats
 from orchestrator.planning.plan import make_plan
 from orchestrator.settings import OrchSettings
 from orchestrator.text.tokenizer import Tokenizer
+from testkit.cluster import greedy_tokens
 
 
 def predicted_vs_measured(out, model, workdir, args) -> None:

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 from _common import console, get_model, print_header
-from chain import Chain
-from reference import ReferenceModel, kl_per_row
 from rich.table import Table
 
 from orchcore.engine import EngineConfig
 from orchcore.facts import read_model_facts
+from testkit.chain import Chain
+from testkit.reference import ReferenceModel, kl_per_row
 
 PROMPTS = (
     "Write a short story about a robot who learns to paint.",

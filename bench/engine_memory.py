@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import _common as common  # first: puts the repository and tests/ on sys.path
+import _common as common
 from _common import MIB, mib
 from rich.console import Console
 from rich.table import Table

@@ -1,8 +1,8 @@
 """Prompt and decode speed of a two-stage in-process chain vs the unsplit model.
 
-The chain is ``tests/chain.py``'s ``Chain``: two ``StageEngine`` shards of the even cut,
+The chain is ``testkit/chain.py``'s ``Chain``: two ``StageEngine`` shards of the even cut,
 called one after the other in this process (no sockets). The unsplit baseline is
-``tests/reference.py``'s ``ReferenceModel`` (plain llama-cpp-python on the original file;
+``testkit/reference.py``'s ``ReferenceModel`` (plain llama-cpp-python on the original file;
 ``--baseline engine`` takes a whole-model ``StageEngine`` instead). Both use the same
 threads, the same context size and batch size, one session.
 
@@ -35,12 +35,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import _common as common  # first: puts the repository and tests/ on sys.path
+import _common as common
 import llama_cpp
 import numpy as np
 from _common import median
-from chain import Chain
-from reference import ReferenceModel
 from rich.console import Console
 from rich.table import Table
 
@@ -48,6 +46,8 @@ from orchcore.cpu import use_extra_buffer_types
 from orchcore.engine import EngineConfig, StageEngine
 from orchcore.facts import read_model_facts
 from orchcore.llama_ext import GraphTap
+from testkit.chain import Chain
+from testkit.reference import ReferenceModel
 
 TARGET = 0.95  # chain / unsplit, decode tokens/s, on the 1B model
 
@@ -117,7 +117,7 @@ class EngineRunner(Runner):
 class ReferenceRunner(Runner):
     def __init__(self, model: Path, n_ctx: int, threads: int) -> None:
         self.ref = ReferenceModel(model, n_ctx=n_ctx, threads=threads)
-        self.name = "unsplit: ReferenceModel (tests/reference.py)"
+        self.name = "unsplit: ReferenceModel (testkit/reference.py)"
 
     def prompt(self, tokens: list[int]) -> np.ndarray:
         return self.ref.eval(tokens, all_logits=False)

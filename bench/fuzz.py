@@ -3,7 +3,7 @@
     .venv/bin/python bench/fuzz.py                 # 10,000 headers, 10,000 messages per RPC
     .venv/bin/python bench/fuzz.py --cases 500     # a quick look
 
-The same checks as ``tests/test_hostile.py`` (``tests/fuzzing.py``), many more cases. The
+The same checks as ``tests/test_hostile.py`` (``testkit/fuzzing.py``), many more cases. The
 worker is a real ``orch worker`` process on loopback with a live stage loaded; messages that
 would send it elsewhere (URLs, addresses) are pointed at a closed loopback port. Reported:
 outcomes per target, findings (an unexpected exception, a status we did not choose, a hang),
@@ -16,16 +16,21 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import psutil
-from _common import ROOT, console, print_header
+from _common import console, print_header
+from rich.console import Console
+from rich.table import Table
 
-sys.path.insert(0, str(ROOT / "tests"))
-from fuzzing import (
+from orchcore.modelgen import ModelSpec, write_model
+from orchcore.shard import LayerRange, write_shard
+from orchcore.wire.channel import connect
+from orchestrator.cluster.local import LocalCluster
+from orchestrator.settings import OrchSettings
+from testkit.fuzzing import (
     Tally,
     call_raw,
     check_header,
@@ -35,14 +40,6 @@ from fuzzing import (
     mutate,
     seeds,
 )
-from rich.console import Console
-from rich.table import Table
-
-from orchcore.modelgen import ModelSpec, write_model
-from orchcore.shard import LayerRange, write_shard
-from orchcore.wire.channel import connect
-from orchestrator.cluster.local import LocalCluster
-from orchestrator.settings import OrchSettings
 
 
 def fuzz_headers(cases: int, folder: Path, rng: random.Random) -> Tally:

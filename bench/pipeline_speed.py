@@ -15,7 +15,7 @@ import argparse
 import time
 from pathlib import Path
 
-from _common import (  # first: puts the repository and tests/ on sys.path
+from _common import (
     console,
     get_model,
     median,
@@ -24,13 +24,13 @@ from _common import (  # first: puts the repository and tests/ on sys.path
     prompt_tokens,
     work_directory,
 )
-from cluster import greedy_tokens, open_model
-from reference import ReferenceModel
 from rich.table import Table
 
 from orchcore.facts import read_model_facts
 from orchestrator.cluster.local import LocalCluster
 from orchestrator.pipeline.session import GenerationStats, RunningModel
+from testkit.cluster import greedy_tokens, open_model
+from testkit.reference import ReferenceModel
 
 
 def unsplit_run(path: Path, prompt: list[int], decode: int, threads: int

@@ -5,7 +5,7 @@ time from `orch run URL` to the first token, cold (nothing cached) and warm, aga
 
     python bench/remote_fetch.py --models 135m,1b --rounds 2
 
-The model is served by a Range-capable HTTP server on loopback (tests/httpserver.py) that
+The model is served by a Range-capable HTTP server on loopback (testkit/httpserver.py) that
 counts the bytes it sends per client.
 """
 
@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 
 from _common import console, get_model, median, mib, parse_models, print_header, work_directory
-from httpserver import serve
 from rich.table import Table
 
 from orchcore.facts import read_model_facts
+from testkit.httpserver import serve
 
 PROMPT = ["The capital of France is", "--no-chat", "--max-tokens", "1", "--temperature", "0",
           "--stats"]

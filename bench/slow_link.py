@@ -2,7 +2,7 @@
 
     sudo .venv/bin/python bench/slow_link.py --rate 20mbit --delay 2ms
 
-Needs root (``ip netns``, ``tc``). Builds its own test network with ``tests/netns.py`` and
+Needs root (``ip netns``, ``tc``). Builds its own test network with ``testkit/netns.py`` and
 removes it afterwards: three network namespaces (the orchestrator and two workers) joined
 through a bridge, every link shaped by ``tc`` (netem rate + delay, or on kernels without
 netem a ``tbf`` token bucket: rate only). Nothing is sent outside those
@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 from _common import ROOT, console, print_header, prompt_tokens
-from netns import network, ns_exec
+
+from testkit.netns import network, ns_exec
 
 HOSTS = ("orch", "w0", "w1")
 
@@ -42,12 +43,10 @@ def start_worker(host: str, address: str, token: str, cache: Path, logs: Path
 
 def inner(args: argparse.Namespace) -> None:
     """Runs inside the orchestrator's namespace: one line of JSON per codec."""
-    sys.path.insert(0, str(ROOT))
-    from cluster import greedy_tokens, open_model
-
     from orchcore.facts import read_model_facts
     from orchestrator.models.store import resolve_model
     from orchestrator.pipeline.session import GenerationStats
+    from testkit.cluster import greedy_tokens, open_model
 
     path = resolve_model("smollm2-135m", progress=False)
     facts = read_model_facts(path)

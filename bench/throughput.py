@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from _common import (  # first: puts the repository and tests/ on sys.path
+from _common import (
     BenchModel,
     child_result,
     console,
@@ -46,8 +46,6 @@ from _common import (  # first: puts the repository and tests/ on sys.path
     prompt_tokens,
     work_directory,
 )
-from cluster import GREEDY, greedy_tokens, open_model
-from reference import ReferenceModel
 from rich.console import Console
 from rich.table import Table
 
@@ -55,6 +53,8 @@ from orchcore.facts import read_model_facts
 from orchcore.wire import worker_pb2 as pb
 from orchestrator.cluster.local import LocalCluster
 from orchestrator.pipeline.session import GenerationStats, RunningModel
+from testkit.cluster import GREEDY, greedy_tokens, open_model
+from testkit.reference import ReferenceModel
 
 SHORT_PROMPT = 16  # tokens fed before the decode runs
 STAGE_TIMES = ("queue_ms", "compute_ms", "send_ms")  # pb.StageTiming fields, in this order

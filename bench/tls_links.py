@@ -15,12 +15,12 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from _common import console, print_header  # first: puts the repository and tests/ on sys.path
-from cluster import worker_server
+from _common import console, print_header
 from rich.table import Table
 
 from orchestrator.cluster.client import WorkerClient
 from orchestrator.settings import OrchSettings
+from testkit.cluster import worker_server
 
 TOKEN = "bench-tls-links-token-0123456789"
 

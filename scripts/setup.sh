@@ -22,4 +22,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install --quiet -e '.[dev]'
     touch "$stamp"
 fi
+# The checkout's testkit (shared by tests/ and bench/) is on the venv's path; no wheel has it.
+site="$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+[ -f "$site/orch-checkout.pth" ] || echo "$root" > "$site/orch-checkout.pth"
 export PATH="$root/.venv/bin:$PATH"

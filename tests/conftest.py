@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))  # tests/ helpers: reference, chain, cluster, netns
 
 # No test multicasts on the machine's own network: discovery is off for this process and
 # every process it starts; tests of discovery pin it to loopback or their own namespaces.

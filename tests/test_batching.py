@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from chain import Chain
-from cluster import GREEDY, open_model, worker_server
-from reference import ReferenceModel
 
 from orchcore.engine import EngineConfig, Step
 from orchcore.errors import InvalidInputError
+from testkit.chain import Chain
+from testkit.cluster import GREEDY, open_model, worker_server
+from testkit.reference import ReferenceModel
 from worker.stage import InFlight
 
 PROMPTS = ["The capital of France is Paris. The capital of Italy is",

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from chain import replay
-from cluster import greedy_tokens
-from reference import ReferenceModel
 
 from orchcore import modelgen
 from orchcore.facts import read_model_facts
@@ -20,6 +17,9 @@ from orchestrator.pipeline.verify import LocalChain
 from orchestrator.planning.plan import make_plan
 from orchestrator.settings import OrchSettings
 from orchestrator.text.tokenizer import Tokenizer
+from testkit.chain import replay
+from testkit.cluster import greedy_tokens
+from testkit.reference import ReferenceModel
 
 # In this order an even cut overflows the first worker; 140 MiB holds no layer at all.
 BUDGETS_MB = [260, 310, 300, 140, 310, 305, 300, 295]

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from chain import Chain
-from reference import ReferenceModel, kl_per_row
 
 from orchcore.engine import EngineConfig
+from testkit.chain import Chain
+from testkit.reference import ReferenceModel, kl_per_row
 
 TEXT = (
     "The history of the printing press begins in the fifteenth century, when Johannes "

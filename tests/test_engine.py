@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from chain import Chain
-from reference import ReferenceModel
 
 from orchcore.cpu import CpuInfo, cpu_info, use_extra_buffer_types
 from orchcore.engine import EngineConfig
 from orchcore.errors import ContextFullError, InvalidInputError, SessionError
+from testkit.chain import Chain
+from testkit.reference import ReferenceModel
 
 PROMPTS = {
     "A": "The capital of France is Paris. The capital of Italy is",

@@ -12,10 +12,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-from chain import Chain, assert_split_exact
-from cluster import greedy_tokens, open_model
 from gguf import GGUFValueType, Keys
-from reference import ReferenceModel
 from test_plan import device
 from typer.testing import CliRunner
 
@@ -31,6 +28,9 @@ from orchcore.slices import shard_ranges
 from orchestrator.cli import app
 from orchestrator.cluster.local import LocalCluster
 from orchestrator.planning.plan import PlanOptions, head_layers, make_plan
+from testkit.chain import Chain, assert_split_exact
+from testkit.cluster import greedy_tokens, open_model
+from testkit.reference import ReferenceModel
 
 STEPS = 12
 PROMPT = [1, 17, 300, 42, 99, 5, 260, 77]  # 8 tokens: past gemma3's window of 4 at once

@@ -5,9 +5,9 @@ tensor type, split at the first, middle and last layer boundaries, equals the un
 from __future__ import annotations
 
 import pytest
-from chain import assert_split_exact
 
 from orchcore.modelgen import GType, preset, write_model
+from testkit.chain import assert_split_exact
 
 STEPS = 12
 PROMPT = [1, 17, 300, 42, 99, 5, 260, 77]

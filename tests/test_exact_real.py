@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from chain import Chain, replay
-from reference import ReferenceModel
 
 from orchcore.engine import EngineConfig
+from testkit.chain import Chain, replay
+from testkit.reference import ReferenceModel
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"
 STEPS = 32

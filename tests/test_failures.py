@@ -15,7 +15,6 @@ import grpc
 import numpy as np
 import psutil
 import pytest
-from cluster import GREEDY, greedy_tokens, open_model, worker_server
 from test_plan import device
 
 from orchcore.errors import (
@@ -39,6 +38,7 @@ from orchestrator.cluster.client import WorkerClient
 from orchestrator.pipeline.datapath import DataPath
 from orchestrator.planning.plan import PlanOptions, make_plan
 from orchestrator.settings import OrchSettings
+from testkit.cluster import GREEDY, greedy_tokens, open_model, worker_server
 
 SETTINGS = OrchSettings.load()
 

@@ -8,16 +8,6 @@ import random
 import time
 
 import pytest
-from fuzzing import (
-    Tally,
-    call_raw,
-    check_header,
-    keep_home,
-    load_stage,
-    methods,
-    mutate,
-    seeds,
-)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -28,6 +18,16 @@ from orchcore.shard import KEY_LAYER_END, LayerRange, write_shard
 from orchcore.wire.channel import connect
 from orchestrator.cluster.local import LocalCluster
 from orchestrator.settings import OrchSettings
+from testkit.fuzzing import (
+    Tally,
+    call_raw,
+    check_header,
+    keep_home,
+    load_stage,
+    methods,
+    mutate,
+    seeds,
+)
 from worker.rejects import RejectLog, peer_host
 
 HEADER_BYTES = 64 << 10  # the start of the real model: magic, counts, keys, tensor infos

@@ -1,4 +1,4 @@
-"""The loopback test server of tests/httpserver.py, and what huggingface_hub (2.4) does against
+"""The loopback test server of testkit/httpserver.py, and what huggingface_hub (2.4) does against
 it: plain Range/ETag answers, and `hf_hub_download`/`get_hf_file_metadata` through its hub
 emulation, with cuts, corruption, errors and a stalled endpoint.
 
@@ -21,7 +21,6 @@ from typing import ClassVar
 
 import httpx2
 import pytest
-from httpserver import FileServer, plain_etag, serve
 from huggingface_hub import (
     constants,
     get_hf_file_metadata,
@@ -39,6 +38,8 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.utils._http import default_client_factory, hf_request_event_hook
+
+from testkit.httpserver import FileServer, plain_etag, serve
 
 REPO = "orch-test/tiny"
 FILE = "tiny-q8_0.gguf"

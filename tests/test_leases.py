@@ -7,14 +7,14 @@ from __future__ import annotations
 import time
 
 import pytest
-from cluster import GREEDY, greedy_tokens, open_model, worker_server
-from reference import ReferenceModel
 
 from orchcore import modelgen
 from orchcore.errors import WorkerBusyError
 from orchestrator.cluster.client import WorkerClient
 from orchestrator.cluster.local import LocalCluster
 from orchestrator.settings import OrchSettings
+from testkit.cluster import GREEDY, greedy_tokens, open_model, worker_server
+from testkit.reference import ReferenceModel
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"
 

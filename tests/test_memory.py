@@ -3,9 +3,8 @@ what the worker checked at load, and the process's peak RSS stays below it."""
 
 from __future__ import annotations
 
-from cluster import greedy_tokens, open_model
-
 from orchestrator.cluster.local import LocalCluster
+from testkit.cluster import greedy_tokens, open_model
 
 
 def _peak_rss(pid: int) -> int:

@@ -1,5 +1,5 @@
 """orch across separate network hosts: two workers and the orchestrator, each in a network
-namespace of its own (tests/netns.py), talking over a bridge, not loopback."""
+namespace of its own (testkit/netns.py), talking over a bridge, not loopback."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import sys
 import time
 
 import pytest
-from netns import netns_available, network, ns_exec
-from reference import ReferenceModel
+
+from testkit.netns import netns_available, network, ns_exec
+from testkit.reference import ReferenceModel
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"
 STEPS = 16

@@ -9,12 +9,12 @@ import time
 
 import psutil
 import pytest
-from cluster import GREEDY, greedy_tokens, open_model
-from reference import ReferenceModel
 
 from orchcore.errors import WorkerUnreachableError
 from orchestrator.cluster.local import LocalCluster
 from orchestrator.pipeline.session import GenerationStats
+from testkit.cluster import GREEDY, greedy_tokens, open_model
+from testkit.reference import ReferenceModel
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"
 STEPS = 48

@@ -3,13 +3,12 @@ shape, and the planner gives a faster worker more layers."""
 
 from __future__ import annotations
 
-from cluster import worker_server
-
 from orchcore.facts import read_model_facts
 from orchcore.probe import layer_shape
 from orchestrator.pipeline.connected import Cluster
 from orchestrator.planning.plan import PlanOptions, make_plan
 from orchestrator.settings import OrchSettings
+from testkit.cluster import worker_server
 
 
 def test_probe_times_the_model_shape_once_and_feeds_the_planner(smollm2_path, tmp_path):

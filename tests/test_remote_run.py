@@ -13,12 +13,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from httpserver import serve
 
 from orchcore import modelgen
 from orchcore.facts import TOKEN_EMBD, read_model_facts
 from orchcore.shard import LayerRange
 from orchcore.slices import shard_ranges, total_bytes
+from testkit.httpserver import serve
 
 ARGS = ["The capital of France is", "--no-chat", "--max-tokens", "6", "--temperature", "0"]
 _STAGE = re.compile(r"stage \d+: layers \[(\d+), (\d+)\)")

@@ -7,9 +7,9 @@ import logging
 import time
 
 import pytest
-from cluster import GREEDY, greedy_tokens, open_model, worker_server
 
 from orchestrator.pipeline.session import Finished, TextPiece
+from testkit.cluster import GREEDY, greedy_tokens, open_model, worker_server
 
 PROMPT = "Once upon a time, in a small village,"
 

@@ -233,9 +233,8 @@ def test_truncation_keeps_only_allowed_tokens() -> None:
 
 def test_engine_logits_sample_like_llama_sampler_sample(smollm2_path, threads) -> None:
     """Our apply-then-accept-on-input loop picks llama_sampler_sample's tokens, seed for seed."""
-    from reference import ReferenceModel
-
     from orchcore.engine import EngineConfig, StageEngine
+    from testkit.reference import ReferenceModel
 
     params = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, min_p=0.05,
                             repeat_penalty=1.3, repeat_last_n=16, seed=42)

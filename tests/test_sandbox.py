@@ -1,4 +1,4 @@
-"""The worker under its unit's restrictions (tests/sandbox.py: an unprivileged user without
+"""The worker under its unit's restrictions (testkit/sandbox.py: an unprivileged user without
 capabilities or new privileges, a read-only root, hidden homes, private /tmp and /dev, the
 unit's address families and system calls): it notifies, advertises itself on loopback with
 zeroconf, serves Info, loads a shard and computes. What only a host booted with systemd
@@ -18,14 +18,14 @@ from pathlib import Path
 
 import psutil
 import pytest
-import sandbox
-from cluster import GREEDY, greedy_tokens, open_model
-from notifysock import NotifySocket
 
 from orchcore import modelgen
 from orchestrator.cluster.client import WorkerClient
 from orchestrator.cluster.discover import discover
 from orchestrator.settings import OrchSettings
+from testkit import sandbox
+from testkit.cluster import GREEDY, greedy_tokens, open_model
+from testkit.notifysock import NotifySocket
 from worker.install import orch_executable
 
 TOKEN = "a-cluster-token-for-the-sandbox-test"

@@ -21,11 +21,11 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 import uvicorn
-from cluster import open_model, worker_server
 
 from orchestrator.cluster.client import WorkerClient
 from orchestrator.serve.app import ApiError, Gate, create_app
 from orchestrator.settings import OrchSettings
+from testkit.cluster import open_model, worker_server
 
 QUESTION = "What is the capital of France?"
 KEY = "test-key-123"

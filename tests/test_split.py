@@ -13,13 +13,13 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-from chain import assert_chain_exact
-from reference import ReferenceModel
 
 from orchcore.errors import CorruptGGUFError, TruncatedGGUFError, UnsupportedModelError
 from orchcore.facts import SPLIT_KEYS, ModelFacts, read_model_facts, split_part_paths
 from orchcore.modelgen import preset, write_model
 from orchcore.shard import LayerRange, ranges_from_cuts, write_shard
+from testkit.chain import assert_chain_exact
+from testkit.reference import ReferenceModel
 
 # Untied, so the lm head is a tensor of its own, in the last file. 39 tensors: the
 # embedding, 9 per layer, the norm and the lm head; 7 a file puts every layer across a

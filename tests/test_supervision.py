@@ -10,8 +10,6 @@ import threading
 import time
 
 import pytest
-from cluster import GREEDY, open_model
-from notifysock import NotifySocket
 
 from orchcore import modelgen
 from orchcore.notify import Notifier, socket_address, watchdog_timeout_s
@@ -21,6 +19,8 @@ from orchcore.wire.channel import auth_metadata, connect
 from orchestrator.cluster.client import WorkerClient
 from orchestrator.cluster.local import LocalCluster
 from orchestrator.settings import OrchSettings
+from testkit.cluster import GREEDY, open_model
+from testkit.notifysock import NotifySocket
 
 TIMEOUT_S = 2.0  # WATCHDOG_USEC of these tests; the worker feeds it every third of that
 RPC_THREADS = 32  # the worker's gRPC thread pool (worker/service.py)

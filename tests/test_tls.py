@@ -11,7 +11,6 @@ from concurrent import futures
 
 import grpc
 import pytest
-from cluster import greedy_tokens, open_model, worker_server
 
 from orchcore.errors import AuthError
 from orchcore.wire import tls
@@ -20,6 +19,7 @@ from orchcore.wire import worker_pb2_grpc as pb_grpc
 from orchcore.wire.channel import Trust, auth_metadata, connect, open_channel
 from orchestrator.cluster.client import WorkerClient
 from orchestrator.settings import OrchSettings
+from testkit.cluster import greedy_tokens, open_model, worker_server
 
 TOKEN = "tls-test-token-0123456789"
 

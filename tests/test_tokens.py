@@ -10,11 +10,11 @@ import sys
 import time
 
 import pytest
-from cluster import worker_server
 
 from orchcore.errors import AuthError, InvalidInputError
 from orchestrator.cluster.client import WorkerClient
 from orchestrator.settings import OrchSettings
+from testkit.cluster import worker_server
 from worker.tokens import Tokens
 
 OLD, NEW = "old-token-0123456789", "new-token-9876543210"

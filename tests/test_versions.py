@@ -4,13 +4,13 @@ run on it; `orch run` refuses it, naming the node and the command that fixes it.
 from __future__ import annotations
 
 import pytest
-from cluster import worker_server
 
 import worker.service
 from orchcore.errors import ProtocolMismatchError
 from orchestrator.cluster.topology import survey
 from orchestrator.pipeline.connected import Cluster
 from orchestrator.settings import OrchSettings
+from testkit.cluster import worker_server
 
 
 def test_an_old_node_is_shown_with_its_fix(tmp_path, monkeypatch) -> None:

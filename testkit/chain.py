@@ -7,12 +7,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from reference import ReferenceModel
 
 from orchcore.engine import EngineConfig
 from orchcore.facts import read_model_facts
 from orchcore.shard import ranges_from_cuts
 from orchestrator.pipeline.verify import LocalChain
+from testkit.reference import ReferenceModel
 
 
 class Chain(LocalChain):
