@@ -21,7 +21,6 @@ import pytest
 from rich.console import Console
 
 from orchcore.cpu import cpu_info
-from orchestrator import cli
 from worker import doctor
 from worker.doctor import Status, disk_status, doctor_options, run_checks, to_json
 from worker.settings import WorkerSettings
@@ -220,7 +219,6 @@ def _orch_doctor(*args: str) -> subprocess.CompletedProcess[str]:
                           env=env, capture_output=True, text=True, timeout=60)
 
 
-@pytest.mark.skipif(not hasattr(cli, "doctor"), reason="orch doctor is not wired into the CLI")
 def test_the_command_line(tmp_path):
     port = str(free_port())
     good = env_file(tmp_path / "good.env", token=TOKEN, host="0.0.0.0", discovery="lo")

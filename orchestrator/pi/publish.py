@@ -39,7 +39,7 @@ DEFAULT_PORT = 8765
 
 def source_root() -> Path | None:
     """The checkout this orch runs from (an editable install), if it is one."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     return root if (root / "pyproject.toml").is_file() else None
 
 
