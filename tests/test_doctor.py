@@ -21,7 +21,6 @@ import pytest
 from rich.console import Console
 
 from orchcore.cpu import cpu_info
-from orchestrator import cli
 from worker import doctor
 from worker.doctor import Status, disk_status, doctor_options, run_checks, to_json
 from worker.settings import WorkerSettings
@@ -86,8 +85,10 @@ def test_a_world_readable_token_file_must_be_chmod_600(tmp_path, monkeypatch):
 
 
 def test_a_short_token_is_flagged(tmp_path):
-    short = check("token", options_for(tmp_path, token="abc"))
-    assert short.status is Status.WARN and "short token" in short.found
+    short = check("token", options_for(tmp_path, token="abc", host="127.0.0.1"))
+    assert short.status is Status.WARN and "fewer than 16" in short.found, short
+    lan = check("token", options_for(tmp_path, token="abc", host="0.0.0.0"))
+    assert lan.status is Status.FAIL and "a worker on the LAN refuses it" in lan.found, lan
 
 
 def test_a_busy_port_is_named_with_its_holder(tmp_path):
@@ -220,7 +221,6 @@ def _orch_doctor(*args: str) -> subprocess.CompletedProcess[str]:
                           env=env, capture_output=True, text=True, timeout=60)
 
 
-@pytest.mark.skipif(not hasattr(cli, "doctor"), reason="orch doctor is not wired into the CLI")
 def test_the_command_line(tmp_path):
     port = str(free_port())
     good = env_file(tmp_path / "good.env", token=TOKEN, host="0.0.0.0", discovery="lo")

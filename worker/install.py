@@ -11,7 +11,6 @@ touched.
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchcore import clustertoken
 from orchcore.cpu import memory_info
 from orchcore.errors import ServiceInstallError
 from orchcore.files import write_atomic
@@ -94,7 +94,8 @@ def install(request: InstallRequest, say: Say) -> None:
     old = parse_env(old_text) if old_text is not None else {}
     upgrade = old_text is not None or unit_path.exists()
     config = WorkerConfig(
-        token=request.token or old.get(TOKEN) or secrets.token_urlsafe(32),
+        token=request.token if request.token is not None else
+        old.get(TOKEN) or clustertoken.generate(),
         port=_pick(request.port, old.get(PORT), DEFAULT_PORT),
         budget_mb=_pick(request.budget_mb, old.get(BUDGET),
                         default_budget(memory_info().available) // MIB),

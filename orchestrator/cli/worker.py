@@ -103,6 +103,10 @@ def worker_install(
 
     if token == "-":
         token = sys.stdin.readline().strip()
+        if not token:
+            fail(InvalidSettingError("--token -: standard input held no token; give the "
+                                     "token on its first line, or leave --token out for a "
+                                     "new random one"))
     request = InstallRequest(root=Path(root), token=token, port=port, budget_mb=budget_mb,
                              cache_max_mb=cache_max_mb, enable=enable)
     try:
