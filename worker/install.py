@@ -45,6 +45,7 @@ from worker.units import (
 
 Say = Callable[[str], None]
 _HOMES = (Path("/home"), Path("/root"), Path("/run/user"))  # hidden by ProtectHome=yes
+_PRIVATE_TMPS = (Path("/tmp"), Path("/var/tmp"))  # the service's own, by PrivateTmp=yes
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ def install(request: InstallRequest, say: Say) -> None:
         f"{config.cache_max_mb or 'half the free disk at start'}"
         f"{' MiB' if config.cache_max_mb else ''}"
         + (f", kept {len(config.kept)} other settings" if config.kept else ""))
+    _warn_private_tmp(exec_path, say)
     _write(unit_path, render_worker_unit(exec_path, config.budget_mb), 0o644)
     say(f"{'updated' if upgrade else 'wrote'} {unit_path}: ExecStart={exec_path} worker, "
         f"MemoryMax={memory_max_mb(config.budget_mb)}M (budget + margin)")
@@ -189,6 +191,16 @@ def _check_reachable(exec_path: str, why_not_live: str | None, say: Say) -> None
     if why_not_live is None:
         raise ServiceInstallError(problem)
     say(f"warning: {problem}")
+
+
+def _warn_private_tmp(exec_path: str, say: Say) -> None:
+    """The unit has PrivateTmp=yes: the service sees a /tmp (and /var/tmp) of its own,
+    empty, so a program kept there is not found when it starts."""
+    tmp = next((t for t in _PRIVATE_TMPS if Path(exec_path).is_relative_to(t)), None)
+    if tmp is not None:
+        say(f"warning: ExecStart={exec_path} is under {tmp}, which the service sees empty "
+            f"(PrivateTmp=yes): it will not start; install orch outside {tmp}, e.g. "
+            f"/opt/orch")
 
 
 def _report_kept(root: Path, say: Say) -> None:
