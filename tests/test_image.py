@@ -416,4 +416,7 @@ def test_orch_publish_serves_the_wheels_and_their_list(tmp_path):
         assert _get(url + LLAMA_WHEEL) == "an arm64 build"
     finally:
         server.terminate()
-        server.wait(timeout=10)
+        _, err = server.communicate(timeout=10)
+    said = err.replace("\n", " ")
+    assert "is loopback: a Pi cannot fetch from it, and orch image refuses it" in said, err
+    assert "--host 0.0.0.0" in said and "next: orch image" not in said, err
