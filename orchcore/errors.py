@@ -52,6 +52,10 @@ class InvalidSettingError(OrchError, ValueError):
     """A setting or option outside its allowed range (names it and the range)."""
 
 
+class ClusterTokenError(InvalidSettingError):
+    """A cluster token that breaks the rule of ``orchcore.clustertoken``; says how to make one."""
+
+
 class ModelNotFoundError(OrchError, LookupError):
     """A model name that is neither known nor an existing file."""
 

@@ -85,8 +85,10 @@ def test_a_world_readable_token_file_must_be_chmod_600(tmp_path, monkeypatch):
 
 
 def test_a_short_token_is_flagged(tmp_path):
-    short = check("token", options_for(tmp_path, token="abc"))
-    assert short.status is Status.WARN and "short token" in short.found
+    short = check("token", options_for(tmp_path, token="abc", host="127.0.0.1"))
+    assert short.status is Status.WARN and "fewer than 16" in short.found, short
+    lan = check("token", options_for(tmp_path, token="abc", host="0.0.0.0"))
+    assert lan.status is Status.FAIL and "a worker on the LAN refuses it" in lan.found, lan
 
 
 def test_a_busy_port_is_named_with_its_holder(tmp_path):

@@ -12,9 +12,9 @@ import json
 import lzma
 import os
 import shutil
+import stat
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +25,8 @@ from orchcore.errors import ImageError
 from orchestrator.pi import cloudinit
 from orchestrator.pi.image import prepare_image
 from orchestrator.pi.mbr import SECTOR, boot_partition, parse_mbr
-from orchestrator.pi.publish import MANIFEST, gather, make_server
+from orchestrator.pi.publish import MANIFEST, lan_url
+from testkit.pipublish import published_wheels
 from worker import firstboot
 from worker.install import orch_executable
 from worker.service import worker_id
@@ -78,20 +79,27 @@ def official(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def published(tmp_path_factory) -> Iterator[str]:
-    """`orch publish`'s folder served on loopback: orch's wheel built from this checkout,
-    and a stand-in for the arm64 llama-cpp-python wheel (random bytes under its name: it is
-    fetched and checked here, never installed)."""
+def served(tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
+    """`orch publish`'s folder served on loopback under a LAN-like name (testkit/pipublish):
+    orch's wheel built from this checkout, and a stand-in for the arm64 llama-cpp-python
+    wheel (random bytes under its name: it is fetched and checked here, never installed)."""
     extra = tmp_path_factory.mktemp("arm64") / LLAMA_WHEEL
     extra.write_bytes(os.urandom(4096))
-    folder = tmp_path_factory.mktemp("publish")
-    gather(folder, None, [extra.parent])
-    server = make_server(folder, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
-    server.server_close()
+    with published_wheels(tmp_path_factory.mktemp("publish"), [extra.parent],
+                          build_orch=True) as wheels:
+        yield wheels
+
+
+@pytest.fixture(scope="module")
+def published(served) -> str:
+    return served[0]
+
+
+@pytest.fixture(autouse=True)
+def reach_published(served, monkeypatch) -> None:
+    """This process and the commands it starts reach the published wheels by their name."""
+    for name, value in served[1].items():
+        monkeypatch.setenv(name, value)
 
 
 @pytest.fixture(scope="module")
@@ -117,13 +125,19 @@ def make_node_image(official: Path, out: Path, url: str, secrets: Path, *extra: 
 
 
 @pytest.fixture(scope="module")
-def node_image(official, published, secrets_dir, tmp_path_factory) -> Path:
+def node_image(official, served, secrets_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("node") / "node.img"
-    done = make_node_image(official, out, published, secrets_dir,
-                           "--wifi-ssid", "home net", "--wifi-password-file",
-                           str(secrets_dir / "wifi.txt"), "--wifi-country", "GB",
-                           "--ssh-key", str(secrets_dir / "id_ed25519.pub"))
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in served[1].items():
+            env.setenv(name, value)
+        done = make_node_image(official, out, served[0], secrets_dir,
+                               "--wifi-ssid", "home net", "--wifi-password-file",
+                               str(secrets_dir / "wifi.txt"), "--wifi-country", "GB",
+                               "--ssh-key", str(secrets_dir / "id_ed25519.pub"))
     assert done.returncode == 0, done.stderr
+    assert "(mode 0600: it holds the cluster token)" in done.stdout, done.stdout
+    assert "note: the cluster token is in orch-token on the FAT boot partition" in \
+        done.stdout and "first boot, which moves it to a root-only file" in done.stdout
     return out
 
 
@@ -165,6 +179,7 @@ def test_the_mbr_is_read_and_foreign_tables_are_refused(official):
 def test_the_files_are_in_the_boot_partition_and_nothing_else_changed(official, node_image,
                                                                      published):
     assert_same_outside_boot(official, node_image)
+    assert stat.S_IMODE(node_image.stat().st_mode) == 0o600, "the image holds the token"
     user_data = fat_file(node_image, "user-data")
     assert user_data.startswith("#cloud-config\n") and user_data != STOCK_USER_DATA
     config = yaml.safe_load(user_data)
@@ -335,11 +350,27 @@ def test_first_boot_fetches_only_the_pinned_wheels(node_image, published, tmp_pa
     assert not (tmp_path / "wheels" / LLAMA_WHEEL).exists()
 
 
-def test_orch_image_needs_publish_running_and_says_so(official, secrets_dir, tmp_path):
-    done = make_node_image(official, tmp_path / "node.img", "http://127.0.0.1:9/",
+def test_orch_image_needs_publish_running_and_says_so(official, secrets_dir, tmp_path,
+                                                      monkeypatch):
+    for name in ("http_proxy", "HTTP_PROXY"):  # the name leads to a closed port
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    done = make_node_image(official, tmp_path / "node.img", "http://wheels.orch.test:9/",
                            secrets_dir)
-    assert done.returncode == 1 and "start `orch publish`" in done.stderr
+    assert done.returncode == 1 and "start `orch publish`" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]"])
+def test_a_loopback_wheels_url_is_refused_with_the_lan_address(official, secrets_dir,
+                                                               tmp_path, host):
+    done = make_node_image(official, tmp_path / "node.img", f"http://{host}:8765/",
+                           secrets_dir)
+    assert done.returncode == 1, done.stderr
+    message = done.stderr.replace("\n", "")
+    assert "is loopback: a Pi reaches itself there" in message, message
+    lan = lan_url(8765)
+    assert (f"--wheels-url {lan}" if lan else "no LAN address") in message, message
+    assert not (tmp_path / "node.img").exists() and "Traceback" not in message
 
 
 def test_boot_dir_writes_a_flashed_cards_boot_folder(published, secrets_dir, tmp_path):
@@ -352,6 +383,10 @@ def test_boot_dir_writes_a_flashed_cards_boot_folder(published, secrets_dir, tmp
     assert json.loads(done.stdout)["files"] == sorted(
         ["meta-data", "network-config", cloudinit.TOKEN_FILE, "user-data"])
     assert (card / cloudinit.TOKEN_FILE).read_text() == TOKEN + "\n"
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in card.iterdir()
+             if p.name != "config.txt"}
+    assert modes == dict.fromkeys(modes, 0o600), f"made readable by others: {modes}"
+    assert "FAT boot partition" in json.loads(done.stdout)["token_note"]
     assert "wifis" not in yaml.safe_load((card / "network-config").read_text())["network"]
     elsewhere = orch("image", "--boot-dir", str(tmp_path), "--token-file",
                      str(secrets_dir / "token.txt"), "--wheels-url", published)
@@ -381,4 +416,7 @@ def test_orch_publish_serves_the_wheels_and_their_list(tmp_path):
         assert _get(url + LLAMA_WHEEL) == "an arm64 build"
     finally:
         server.terminate()
-        server.wait(timeout=10)
+        _, err = server.communicate(timeout=10)
+    said = err.replace("\n", " ")
+    assert "is loopback: a Pi cannot fetch from it, and orch image refuses it" in said, err
+    assert "--host 0.0.0.0" in said and "next: orch image" not in said, err

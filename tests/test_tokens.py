@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from orchcore.errors import AuthError, InvalidInputError
+from orchcore.errors import AuthError, ClusterTokenError
 from orchestrator.cluster.client import WorkerClient
 from orchestrator.settings import OrchSettings
 from testkit.cluster import worker_server
@@ -63,8 +63,8 @@ def test_a_worker_that_cannot_be_reached_is_named(tmp_path) -> None:
 
 def test_weak_tokens_are_refused(tmp_path) -> None:
     tokens = Tokens(OLD, tmp_path / "token")
-    with pytest.raises(InvalidInputError, match="16 or more"):
+    with pytest.raises(ClusterTokenError, match="fewer than 16"):
         tokens.rotate("short", 10)
-    with pytest.raises(InvalidInputError):
+    with pytest.raises(ClusterTokenError):
         tokens.rotate("has spaces in it, not allowed", 10)
     assert tokens.current == OLD and not (tmp_path / "token").exists()

@@ -4,8 +4,9 @@
 what to do), in a fixed order; ``render_table`` and ``to_json`` show them. The options are
 the worker settings this machine would run with: the CLI reads them through
 ``doctor_options(WorkerSettings, ...)`` (flags, then the env file a service reads, then
-``ORCH_WORKER_*`` in the environment, then the defaults), so this module never imports
-the worker package.
+``ORCH_WORKER_*`` in the environment, then the defaults). Env files are read with the
+installer's own reader (``worker.units.parse_env``), tokens judged by the one rule
+(``orchcore.clustertoken``).
 
 The engine check runs llama.cpp in a child process: a build that crashes on this CPU
 (an illegal instruction, ggml's AMX kernels) is reported instead of taking the doctor
@@ -17,7 +18,6 @@ from __future__ import annotations
 import ctypes
 import enum
 import errno
-import io
 import json
 import os
 import secrets
@@ -31,25 +31,26 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import dotenv
 import ifaddr
 import psutil
-from pydantic import ValidationError
-from pydantic_settings import BaseSettings
+from pydantic import SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 from zeroconf import IPVersion, ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
 
+from orchcore import clustertoken
 from orchcore.cpu import cpu_info, memory_info, use_extra_buffer_types
 from orchcore.discovery import interface_addresses
 from orchcore.errors import InvalidSettingError, OrchError, describe_validation
 from orchcore.memory import MIB, PROCESS_BASELINE_BYTES, default_budget
 from orchcore.wire.channel import Trust, connect
 from orchcore.wire.tls import short
+from worker.units import parse_env
 
 DEFAULT_ENV_FILE = Path("/etc/orch/worker.env")  # what the worker's systemd unit reads
 GIB = 1 << 30
@@ -57,14 +58,11 @@ DISK_FAIL_BYTES = 1 * GIB  # less free than this (or DISK_FAIL_FRACTION) fails
 DISK_FAIL_FRACTION = 0.05
 DISK_WARN_BYTES = 4 * GIB  # room for the shards of small models only
 MEMORY_WARN_BYTES = PROCESS_BASELINE_BYTES + 256 * MIB  # a worker with room for little
-MIN_TOKEN_CHARS = 16
 ENGINE_TIMEOUT_S = 60.0  # importing llama.cpp on a slow SD card takes seconds
 PROVE_DEADLINE_S = 1.5
 TEST_SERVICE_TYPE = "_orch-doctor._tcp.local."  # not the workers' type: nobody browses it
-_LOOPBACK = ("127.0.0.1", "localhost", "::1")
-_TOKEN_HELP = ("make one with `python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`"
-               " and give every worker the same one as ORCH_WORKER_TOKEN in {env} (chmod "
-               "600), and the orchestrator as ORCH_TOKEN")
+_TOKEN_HELP = (f"{clustertoken.ADVICE}, and give every worker the same one as "
+               f"ORCH_WORKER_TOKEN in {{env}} (chmod 600), and the orchestrator as ORCH_TOKEN")
 
 
 class Status(enum.StrEnum):
@@ -104,9 +102,7 @@ class EnvFile:
             text = path.read_text()
         except OSError as exc:
             return cls(path, given, exists=True, mode=mode, problem=exc.strerror or str(exc))
-        values = dotenv.dotenv_values(stream=io.StringIO(text))
-        return cls(path, given, exists=True, mode=mode,
-                   values={k: v for k, v in values.items() if v is not None})
+        return cls(path, given, exists=True, mode=mode, values=parse_env(text))
 
     def worker_values(self) -> dict[str, str]:
         """``ORCH_WORKER_<NAME>`` entries as ``{name: value}``."""
@@ -128,6 +124,8 @@ class DoctorOptions:
     memory_reserve_mb: int
     env: EnvFile
     settings_problem: str = ""  # the env file's worker settings, if invalid
+    # Cluster tokens set in this environment, by variable (ORCH_WORKER_TOKEN, ORCH_TOKEN).
+    env_tokens: Mapping[str, str] = field(default_factory=dict)
     multicast_timeout_s: float = 3.0
     only: frozenset[str] | None = None  # run only these checks (tests); None = all
 
@@ -154,7 +152,21 @@ def doctor_options(settings_type: type[BaseSettings], *, env_file: Path | None =
         host=settings.host, port=settings.port, cache_dir=settings.cache_dir,
         cache_max_mb=settings.cache_max_mb, discovery=settings.discovery,
         memory_budget_mb=settings.memory_budget_mb,
-        memory_reserve_mb=settings.memory_reserve_mb, env=env, settings_problem=problem)
+        memory_reserve_mb=settings.memory_reserve_mb, env=env, settings_problem=problem,
+        env_tokens=TokenVariables().given())
+
+
+class TokenVariables(BaseSettings):
+    """The cluster tokens this environment holds: a worker's and an orchestrator's."""
+
+    model_config = SettingsConfigDict(env_prefix="ORCH_", extra="ignore")
+    worker_token: SecretStr | None = None
+    token: SecretStr | None = None
+
+    def given(self) -> dict[str, str]:
+        return {f"ORCH_{name.upper()}": value.get_secret_value()
+                for name, value in (("worker_token", self.worker_token), ("token", self.token))
+                if value is not None and value.get_secret_value()}
 
 
 def run_checks(options: DoctorOptions) -> list[Check]:
@@ -387,7 +399,7 @@ def check_port(options: DoctorOptions) -> Check:
     problem = _bind_problem(host, port)
     address = f"{host}:{port}"
     if problem is None:
-        if host in _LOOPBACK:
+        if clustertoken.is_loopback(host):
             return Check("port", Status.WARN, f"{address} is free, but it is loopback: "
                          "other machines cannot reach a worker here",
                          f"for a cluster, set ORCH_WORKER_HOST=0.0.0.0 in {options.env.path} "
@@ -427,7 +439,7 @@ def _bind_problem(host: str, port: int) -> OSError | None:
 
 def _worker_token(options: DoctorOptions) -> str | None:
     return (options.env.values or {}).get("ORCH_WORKER_TOKEN") or \
-        os.environ.get("ORCH_WORKER_TOKEN")
+        options.env_tokens.get("ORCH_WORKER_TOKEN")
 
 
 def _orch_worker(host: str, port: int, token: str | None
@@ -539,21 +551,20 @@ def check_token(options: DoctorOptions) -> Check:
     tokens = {}  # where -> token
     if env.values and env.values.get("ORCH_WORKER_TOKEN"):
         tokens[f"ORCH_WORKER_TOKEN in {env.path}"] = env.values["ORCH_WORKER_TOKEN"]
-    for var in ("ORCH_WORKER_TOKEN", "ORCH_TOKEN"):
-        if os.environ.get(var):
-            tokens[f"${var}"] = os.environ[var]
+    for var, value in options.env_tokens.items():
+        tokens[f"${var}"] = value
     file_holds_it = env.exists and (env.values is None or "ORCH_WORKER_TOKEN" in env.values)
     if file_holds_it and env.mode is not None and env.mode & 0o077:
         return Check("token", Status.FAIL, f"{env.path} is mode {env.mode:04o}: other users "
                      f"can read{' or change' if env.mode & 0o022 else ''} the token",
                      f"chmod 600 {env.path} (owned by the user the worker runs as)")
+    loopback = clustertoken.is_loopback(options.host)
     if not tokens:
         if env.exists and env.values is None:
             return Check("token", Status.WARN, f"cannot read {env.path} as this user "
                          f"({env.problem}), so its token is not checked",
                          "run sudo orch doctor to check the token it holds")
-        exposed = options.host not in _LOOPBACK
-        return Check("token", Status.FAIL if exposed else Status.WARN,
+        return Check("token", Status.WARN if loopback else Status.FAIL,
                      "no cluster token (ORCH_WORKER_TOKEN, ORCH_TOKEN, or in "
                      f"{env.path}): a worker here serves anyone who reaches its port",
                      _TOKEN_HELP.format(env=env.path))
@@ -564,10 +575,12 @@ def check_token(options: DoctorOptions) -> Check:
         return Check("token", Status.WARN, f"the tokens differ: {found}",
                      "use one token everywhere: an orchestrator and a worker with different "
                      "tokens do not see each other as one cluster")
-    if len(next(iter(tokens.values()))) < MIN_TOKEN_CHARS:
-        return Check("token", Status.WARN, f"a short token ({found})",
-                     f"use {MIN_TOKEN_CHARS} or more random characters: "
-                     + _TOKEN_HELP.format(env=env.path))
+    where, token = next(iter(tokens.items()))
+    judgement = clustertoken.judge(token, loopback=loopback)
+    if judgement.verdict is not clustertoken.Verdict.OK:
+        status = Status.WARN if judgement.verdict is clustertoken.Verdict.WARN else Status.FAIL
+        return Check("token", status, f"{where}: {judgement.problem} ({found})",
+                     _TOKEN_HELP.format(env=env.path))
     return Check("token", Status.OK, f"set: {found}")
 
 

@@ -11,7 +11,6 @@ touched.
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchcore import clustertoken
 from orchcore.cpu import memory_info
 from orchcore.errors import ServiceInstallError
 from orchcore.files import write_atomic
@@ -45,6 +45,7 @@ from worker.units import (
 
 Say = Callable[[str], None]
 _HOMES = (Path("/home"), Path("/root"), Path("/run/user"))  # hidden by ProtectHome=yes
+_PRIVATE_TMPS = (Path("/tmp"), Path("/var/tmp"))  # the service's own, by PrivateTmp=yes
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,8 @@ def install(request: InstallRequest, say: Say) -> None:
     old = parse_env(old_text) if old_text is not None else {}
     upgrade = old_text is not None or unit_path.exists()
     config = WorkerConfig(
-        token=request.token or old.get(TOKEN) or secrets.token_urlsafe(32),
+        token=request.token if request.token is not None else
+        old.get(TOKEN) or clustertoken.generate(),
         port=_pick(request.port, old.get(PORT), DEFAULT_PORT),
         budget_mb=_pick(request.budget_mb, old.get(BUDGET),
                         default_budget(memory_info().available) // MIB),
@@ -107,6 +109,7 @@ def install(request: InstallRequest, say: Say) -> None:
         f"{config.cache_max_mb or 'half the free disk at start'}"
         f"{' MiB' if config.cache_max_mb else ''}"
         + (f", kept {len(config.kept)} other settings" if config.kept else ""))
+    _warn_private_tmp(exec_path, say)
     _write(unit_path, render_worker_unit(exec_path, config.budget_mb), 0o644)
     say(f"{'updated' if upgrade else 'wrote'} {unit_path}: ExecStart={exec_path} worker, "
         f"MemoryMax={memory_max_mb(config.budget_mb)}M (budget + margin)")
@@ -188,6 +191,16 @@ def _check_reachable(exec_path: str, why_not_live: str | None, say: Say) -> None
     if why_not_live is None:
         raise ServiceInstallError(problem)
     say(f"warning: {problem}")
+
+
+def _warn_private_tmp(exec_path: str, say: Say) -> None:
+    """The unit has PrivateTmp=yes: the service sees a /tmp (and /var/tmp) of its own,
+    empty, so a program kept there is not found when it starts."""
+    tmp = next((t for t in _PRIVATE_TMPS if Path(exec_path).is_relative_to(t)), None)
+    if tmp is not None:
+        say(f"warning: ExecStart={exec_path} is under {tmp}, which the service sees empty "
+            f"(PrivateTmp=yes): it will not start; install orch outside {tmp}, e.g. "
+            f"/opt/orch")
 
 
 def _report_kept(root: Path, say: Say) -> None:

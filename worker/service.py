@@ -24,7 +24,7 @@ from typing import Any
 
 import grpc
 
-from orchcore import __version__
+from orchcore import __version__, clustertoken
 from orchcore.cpu import cpu_info, host_id, memory_info
 from orchcore.discovery import Advert, proof
 from orchcore.engine import StageEngine
@@ -484,8 +484,12 @@ def serve(settings: WorkerSettings, *, stop: threading.Event | None = None) -> N
     if settings.parent_pid:
         _die_with(settings.parent_pid)
     max_bytes = settings.max_message_mb << 20
-    tokens = Tokens.load(settings.token.get_secret_value() if settings.token else None,
-                                 settings.state_dir)
+    loopback = clustertoken.is_loopback(settings.host)
+    given = settings.token.get_secret_value() or None if settings.token else None
+    if given is not None and (warning := clustertoken.require(
+            given, loopback=loopback, source="ORCH_WORKER_TOKEN (--token)")):
+        log.warning("%s", warning)
+    tokens = Tokens.load(given, settings.state_dir, loopback=loopback)
     rejects = RejectLog()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="rpc"),
                          interceptors=[TokenAuth(tokens, rejects), CheckedRequests(rejects)],
@@ -505,10 +509,9 @@ def serve(settings: WorkerSettings, *, stop: threading.Event | None = None) -> N
                             rejects)
     pb_grpc.add_WorkerServicer_to_server(service, server)
     server.start()
-    beyond_loopback = settings.host not in ("127.0.0.1", "localhost", "::1")
-    if not tokens.current and beyond_loopback:
+    if not tokens.current and not loopback:
         log.warning("no cluster token set: anyone on the network can use this worker")
-    if identity is None and beyond_loopback:
+    if identity is None and not loopback:
         log.warning("serving without TLS (plaintext): the token and all data cross the "
                     "network in the clear")
     log.info("worker %s listening on %s, %s (cache %s)", service.id[:8], name,

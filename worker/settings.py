@@ -12,7 +12,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from orchcore.memory import DEFAULT_RESERVE_MB, default_budget
+from orchcore.errors import InvalidSettingError
+from orchcore.memory import DEFAULT_RESERVE_MB, MIB, PROCESS_BASELINE_BYTES, default_budget
 from orchcore.paths import cache_dir
 
 
@@ -95,6 +96,25 @@ class WorkerSettings(BaseSettings):
         if self.memory_budget_mb:
             return self.memory_budget_mb << 20
         return default_budget(available_bytes, self.memory_reserve_mb)
+
+
+def fit_to_machine(settings: WorkerSettings, ram_bytes: int, cores: int) -> list[str]:
+    """``settings`` held to this machine (``ram_bytes`` of RAM, ``cores`` usable): a memory
+    budget below the process's own baseline or above the RAM is refused
+    (``InvalidSettingError``); more threads than cores are warned about. Returns the
+    warnings."""
+    budget, low, high = settings.memory_budget_mb, -(-PROCESS_BASELINE_BYTES // MIB), \
+        ram_bytes // MIB
+    if budget and not low <= budget <= high:
+        raise InvalidSettingError(
+            f"--memory-budget-mb {budget} (ORCH_WORKER_MEMORY_BUDGET_MB): give {low}..{high} "
+            f"MiB (a worker process needs {low} MiB with nothing loaded; this machine has "
+            f"{high} MiB of RAM), or 0 for the RAM available at start")
+    if settings.threads > cores:
+        return [f"--threads {settings.threads} (ORCH_WORKER_THREADS) is more than the {cores} "
+                f"cores this worker may use: llama.cpp's threads would take turns on them; "
+                f"0 uses every core"]
+    return []
 
 
 def _systemd_directory(variable: str) -> Path | None:

@@ -11,36 +11,35 @@ from __future__ import annotations
 
 import hmac
 import logging
-import re
 import threading
 import time
 from pathlib import Path
 
-from orchcore.errors import InvalidInputError
+from orchcore import clustertoken
 from orchcore.files import write_atomic
 
 log = logging.getLogger(__name__)
 
-MIN_LENGTH = 16
-_CHARS = re.compile(r"[A-Za-z0-9._~+/=-]+")  # what fits an HTTP header unquoted
-
 
 class Tokens:
-    def __init__(self, current: str | None, state_file: Path | None = None) -> None:
+    def __init__(self, current: str | None, state_file: Path | None = None, *,
+                 loopback: bool = False) -> None:
         self._current = current
         self._previous: tuple[str, float] | None = None  # (token, accepted until)
         self._state_file = state_file
+        self._loopback = loopback  # the worker is bound to loopback (the token rule's case)
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, given: str | None, state_dir: Path | None) -> Tokens:
+    def load(cls, given: str | None, state_dir: Path | None, *, loopback: bool = False
+             ) -> Tokens:
         state_file = state_dir / "token" if state_dir is not None else None
         if state_file is not None and state_file.is_file():
             rotated = state_file.read_text().strip()
             if rotated:
                 log.info("using the rotated cluster token kept in %s", state_file)
-                return cls(rotated, state_file)
-        return cls(given, state_file)
+                return cls(rotated, state_file, loopback=loopback)
+        return cls(given, state_file, loopback=loopback)
 
     @property
     def current(self) -> str | None:
@@ -68,9 +67,9 @@ class Tokens:
     def rotate(self, new: str, grace_s: float) -> None:
         """Make ``new`` current (kept in the state folder); the old one is accepted for
         ``grace_s`` more seconds."""
-        if len(new) < MIN_LENGTH or not _CHARS.fullmatch(new):
-            raise InvalidInputError(f"a cluster token needs {MIN_LENGTH} or more characters "
-                                    f"from A-Z a-z 0-9 . _ ~ + / = -")
+        warning = clustertoken.require(new, loopback=self._loopback, source="the new token")
+        if warning:
+            log.warning("%s", warning)
         if self._state_file is not None:
             write_atomic(self._state_file, new + "\n", mode=0o600)
         with self._lock:

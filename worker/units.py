@@ -8,10 +8,15 @@ too); ``deploy/systemd/orch-worker.service`` is this unit rendered for ``/opt/or
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import dotenv
+from dotenv.parser import parse_stream
+
+from orchcore import clustertoken
 from orchcore.errors import InvalidSettingError
 
 UNIT_NAME = "orch-worker.service"
@@ -30,8 +35,6 @@ MEMORY_MARGIN_FRACTION = 4  # a quarter of the budget
 TOKEN, HOST, PORT, BUDGET, CACHE_MAX = (
     "ORCH_WORKER_TOKEN", "ORCH_WORKER_HOST", "ORCH_WORKER_PORT",
     "ORCH_WORKER_MEMORY_BUDGET_MB", "ORCH_WORKER_CACHE_MAX_MB")
-_TOKEN_CHARS = re.compile(r"[A-Za-z0-9._~+/=:-]{8,}")
-_ASSIGNMENT = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*=(.*)")
 
 
 @dataclass(frozen=True)
@@ -45,11 +48,8 @@ class WorkerConfig:
     kept: tuple[str, ...] = ()  # other lines of an earlier env file, verbatim
 
     def __post_init__(self) -> None:
-        if not _TOKEN_CHARS.fullmatch(self.token):
-            raise InvalidSettingError(
-                "the cluster token must be 8 or more letters, digits or ._~+/=:- (systemd "
-                "reads it from a file); make one with: python3 -c 'import secrets; "
-                "print(secrets.token_urlsafe(32))'")
+        clustertoken.require(self.token, loopback=clustertoken.is_loopback(self.host),
+                             source="--token")
         if not 1 <= self.port <= 65535:
             raise InvalidSettingError(f"--port {self.port}: a service needs a fixed port in "
                                       f"1..65535 (orchestrators may list it)")
@@ -62,24 +62,19 @@ class WorkerConfig:
 
 
 def parse_env(text: str) -> dict[str, str]:
-    """The assignments of an env file (the subset of systemd's syntax we write: one
-    ``NAME=value`` a line, ``#`` comments, optional quotes around the value)."""
-    values = {}
-    for line in text.splitlines():
-        if (found := _ASSIGNMENT.fullmatch(line)) and not line.lstrip().startswith("#"):
-            value = found[2].strip()
-            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-                value = value[1:-1]
-            values[found[1]] = value
-    return values
+    """The assignments of an env file, as systemd's ``EnvironmentFile=`` reads them (one
+    ``NAME=value`` a line, ``#`` comments, quotes, no expansion). The one reader of env
+    files: the installer and ``orch doctor`` both use it."""
+    values = dotenv.dotenv_values(stream=io.StringIO(text), interpolate=False)
+    return {key: value for key, value in values.items() if value is not None}
 
 
 def kept_lines(text: str) -> tuple[str, ...]:
-    """The assignments of an earlier env file that the installer does not own."""
+    """The assignments of an earlier env file that the installer does not own, verbatim."""
     ours = {TOKEN, HOST, PORT, BUDGET, CACHE_MAX}
-    return tuple(line for line in text.splitlines()
-                 if (found := _ASSIGNMENT.fullmatch(line)) and found[1] not in ours
-                 and not line.lstrip().startswith("#"))
+    return tuple(binding.original.string.rstrip("\n")
+                 for binding in parse_stream(io.StringIO(text))
+                 if binding.key is not None and binding.key not in ours)
 
 
 def render_env(config: WorkerConfig) -> str:

@@ -27,9 +27,9 @@ def rotate_token(
     10 minutes), so running pipelines carry on. Prints only the new token on stdout:
     give it to the orchestrators as ORCH_TOKEN."""
     setup_logging(False)
-    import secrets
     import sys
 
+    from orchcore import clustertoken
     from orchestrator.cli.running import discovered_workers
     from orchestrator.cluster.client import WorkerClient
 
@@ -41,9 +41,14 @@ def rotate_token(
             discovered_workers(settings, err, local_fallback=False)
         if not addresses:
             raise OrchError("no workers: give --workers HOST:PORT,... or start them on the LAN")
+        token = sys.stdin.readline().strip() if new == "-" else new
+        token = clustertoken.generate() if token is None else token
+        loopback = all(clustertoken.is_loopback(a.rpartition(":")[0]) for a in addresses)
+        source = "--new -" if new == "-" else "--new"
+        if warning := clustertoken.require(token, loopback=loopback, source=source):
+            err.print(f"[yellow]warning:[/] {warning}", highlight=False)
     except OrchError as exc:
         fail(exc)
-    token = sys.stdin.readline().strip() if new == "-" else new or secrets.token_urlsafe(32)
     failed = []
     for address in addresses:
         client = WorkerClient(address, settings.token_value, settings)

@@ -86,8 +86,7 @@ def image(
         token = cloudinit.check_token(read_secret(token_file, "cluster token"), str(token_file))
         wifi = None if wifi_ssid is None or wifi_password_file is None else cloudinit.Wifi(
             wifi_ssid, read_secret(wifi_password_file, "Wi-Fi password"), wifi_country or "")
-        url = wheels_url or f"http://{publish.lan_address()}:{publish.DEFAULT_PORT}/"
-        url = url if url.endswith("/") else url + "/"
+        url = publish.wheels_url(wheels_url)
         seed = cloudinit.NodeSeed(
             wheels_url=url, wheels=publish.fetch_manifest(url),
             llama_requirement=publish.llama_requirement(),
@@ -105,14 +104,18 @@ def image(
                 "number": part.number, "offset": part.offset, "size": part.size}}
     except OrchError as exc:
         fail(exc)
-    report = {**where, "files": sorted(written), "wheels_url": url,
+    report = {**where, "files": sorted(written), "token_note": cloudinit.TOKEN_NOTE,
+              "wheels_url": url,
               "wheels": [w.name for w in seed.wheels],
               "builds_llama_cpp_on_the_pi": not seed.has_llama_wheel}
     if as_json:
         console.print_json(data=report)
         return
     console.print(f"wrote {', '.join(sorted(written))} into "
-                  f"{where.get('image') or where['boot_dir']}", highlight=False)
+                  f"{where.get('image') or where['boot_dir']}"
+                  + (" (mode 0600: it holds the cluster token)" if "image" in where else ""),
+                  highlight=False, soft_wrap=True)
+    console.print(f"note: {cloudinit.TOKEN_NOTE}", highlight=False, soft_wrap=True)
     console.print(f"at first boot each Pi installs {', '.join(report['wheels'])} from {url} "
                   f"(sha256 pinned)" + ("; no arm64 llama-cpp-python wheel is published, so "
                                         "each Pi builds it (about an hour, an estimate)"
@@ -150,8 +153,10 @@ def publish(
         server = published.make_server(target, host, port)
     except OrchError as exc:
         fail(exc)
-    shown = published.lan_address() if host in ("0.0.0.0", "") else host
-    url = f"http://{shown}:{server.server_address[1]}/"
+    lan = published.lan_address()
+    shown = (lan or "127.0.0.1") if host in ("0.0.0.0", "", "::") else host
+    bound = server.server_address[1]
+    url = f"http://{shown}:{bound}/"
     table = Table(title=f"published from {target}")
     for col in ("wheel", "MiB", "sha256"):
         table.add_column(col)
@@ -159,13 +164,28 @@ def publish(
         table.add_row(wheel.name, f"{wheel.size / (1 << 20):.1f}", wheel.sha256[:16])
     err.print(table)
     console.print(url, highlight=False)
-    default = port == published.DEFAULT_PORT and host == "0.0.0.0"
-    err.print(f"next: orch image IMAGE.img.xz -o node.img --token-file token.txt"
-              f"{'' if default else ' --wheels-url ' + url}; serving until Ctrl+C",
-              highlight=False)
+    err.print(_next_step(url, host, port, lan), highlight=False)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         err.print("stopped")
     finally:
         server.server_close()
+
+
+def _next_step(url: str, host: str, port: int, lan: str | None) -> str:
+    """What to run next, never a URL a Pi cannot use without saying so."""
+    from urllib.parse import urlsplit
+
+    from orchcore.clustertoken import is_loopback
+    from orchestrator.pi.publish import DEFAULT_PORT
+
+    if is_loopback(urlsplit(url).hostname or ""):
+        where = f" (this machine's LAN address is {lan})" if lan else \
+            " (this machine has no LAN address yet)"
+        return (f"warning: {url} is loopback: a Pi cannot fetch from it, and orch image "
+                f"refuses it; for the Pis, run orch publish --host 0.0.0.0{where}; serving "
+                f"until Ctrl+C")
+    default = port == DEFAULT_PORT and host in ("0.0.0.0", "", "::")
+    return (f"next: orch image IMAGE.img.xz -o node.img --token-file token.txt"
+            f"{'' if default else ' --wheels-url ' + url}; serving until Ctrl+C")

@@ -56,14 +56,20 @@ def worker(ctx: typer.Context) -> None:
     `orch worker install` makes it a systemd service, `orch worker uninstall` removes it."""
     if ctx.args[:1] in (["install"], ["uninstall"]):
         typer.main.get_command(worker_service)(ctx.args, prog_name="orch worker")
+    from orchcore.cpu import cpu_info, memory_info
     from worker.service import serve
-    from worker.settings import WorkerSettings
+    from worker.settings import WorkerSettings, fit_to_machine
 
     try:
         settings = WorkerSettings(_cli_parse_args=ctx.args, _cli_prog_name="orch worker",
                                   _cli_kebab_case=True)
+        warnings = fit_to_machine(settings, memory_info().total, cpu_info().cores)
     except ValidationError as exc:
         fail(InvalidSettingError(describe_validation(exc)))
+    except OrchError as exc:
+        fail(exc)
+    for warning in warnings:
+        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
     setup_logging(False)
     logging.getLogger("worker").setLevel(logging.INFO)
     try:
@@ -103,6 +109,10 @@ def worker_install(
 
     if token == "-":
         token = sys.stdin.readline().strip()
+        if not token:
+            fail(InvalidSettingError("--token -: standard input held no token; give the "
+                                     "token on its first line, or leave --token out for a "
+                                     "new random one"))
     request = InstallRequest(root=Path(root), token=token, port=port, budget_mb=budget_mb,
                              cache_max_mb=cache_max_mb, enable=enable)
     try:

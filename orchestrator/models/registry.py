@@ -9,7 +9,6 @@ is never invented: the first verified download records it in the local cache
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -19,6 +18,8 @@ from types import MappingProxyType
 from typing import Any
 
 import yaml
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from orchcore.errors import ModelFetchError
 from orchcore.files import locked, read_json, write_atomic
@@ -215,10 +216,18 @@ def load_registry(path: Path) -> Mapping[str, ModelEntry]:
     return MappingProxyType(models)
 
 
+class RegistrySettings(BaseSettings):
+    """Which registry file this installation reads (read when asked, never at import)."""
+
+    model_config = SettingsConfigDict(env_prefix="ORCH_", extra="ignore")
+    models_file: str | None = Field(
+        None, description="A models.yaml to use instead of the one orch ships.")
+
+
 def registry_path() -> Path:
     """``$ORCH_MODELS_FILE``, else the ``models.yaml`` this package ships (in a checkout, a
     link to the one at the top of the repository; a wheel carries a copy)."""
-    if explicit := os.environ.get("ORCH_MODELS_FILE"):
+    if explicit := RegistrySettings().models_file:
         return Path(explicit).expanduser()
     return Path(__file__).resolve().parent / "models.yaml"
 

@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import yaml
 
+from orchcore import clustertoken
 from orchcore.errors import ImageError
 
 USER_DATA, NETWORK_CONFIG, META_DATA = "user-data", "network-config", "meta-data"
@@ -32,11 +33,13 @@ FIRSTBOOT_SCRIPT = "/usr/local/lib/orch/firstboot.py"
 FIRSTBOOT_CONFIG = "/etc/orch/firstboot.json"
 FIRSTBOOT_UNIT = "orch-firstboot.service"
 RENDERERS = ("NetworkManager", "networkd")  # Raspberry Pi OS, Ubuntu Server for Pi
-# A cluster token as the worker's env file and token check take it (worker/units.py,
-# worker/tokens.py): 16 or more of these characters.
-_TOKEN = re.compile(r"[A-Za-z0-9._~+/=-]{16,}")
 _PREFIX = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,48}[a-z0-9])?")
 _COUNTRY = re.compile(r"[A-Z]{2}")
+# Who can read the token on the card, and for how long: FAT has no file modes.
+TOKEN_NOTE = (f"the cluster token is in {TOKEN_FILE} on the FAT boot partition, which has no "
+              f"file modes: anyone holding the card (or the image file) can read it, and on the "
+              f"Pi any local user until first boot, which moves it to a root-only file and "
+              f"deletes it from the card before installing orch")
 # Only needed when no llama-cpp-python wheel for the Pi was published: building it from
 # PyPI's sdist needs a compiler, cmake and Python's headers.
 BUILD_PACKAGES = ("python3-dev", "build-essential", "cmake")
@@ -95,10 +98,9 @@ class NodeSeed:
 
 
 def check_token(token: str, source: str) -> str:
-    if not _TOKEN.fullmatch(token):
-        raise ImageError(f"{source}: the cluster token must be one line of 16 or more letters, "
-                         f"digits or ._~+/=- ; make one with: python3 -c 'import secrets; "
-                         f"print(secrets.token_urlsafe(32))'")
+    """``token`` held to the cluster token's rule for a worker on the LAN (a node's worker
+    listens on 0.0.0.0): a short one is refused, not warned about."""
+    clustertoken.require(token, loopback=False, source=source)
     return token
 
 

@@ -51,6 +51,13 @@ def read_secret(path: Path, what: str) -> str:
     return lines[0].strip()
 
 
+def write_private(path: Path, text: str) -> None:
+    """A new file readable by its owner only, from its creation on (mode 0600, where the
+    file system has modes)."""
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(text)
+
+
 def read_ssh_keys(path: Path) -> tuple[str, ...]:
     """The public keys in an authorized_keys-style file (refusing a private key)."""
     try:
@@ -94,8 +101,7 @@ def prepare_image(source: Path, out: Path, files: Mapping[str, str], *,
             copy_image(source, dest, progress=progress)
         partition = _boot_partition_of(tmp, str(source))
         write_into_image(tmp, partition, files, mcopy)
-        tmp.chmod(0o644)
-        os.replace(tmp, out)
+        os.replace(tmp, out)  # mode 0600 from mkstemp on: the image holds the token
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise ImageError(f"cannot write {out}: {exc.strerror} (the node image needs as much "
@@ -147,7 +153,7 @@ def write_into_image(image: Path, partition: Partition, files: Mapping[str, str]
     with tempfile.TemporaryDirectory(prefix="orch-image-") as staging:
         for name, text in files.items():
             local = Path(staging) / name
-            local.write_text(text)  # the folder is mkdtemp's: mode 0700
+            write_private(local, text)
             command = [mcopy, "-o", "-i", f"{image}@@{partition.offset}", str(local),
                        f"::{name}"]
             done = subprocess.run(command, capture_output=True, text=True, env=env,
@@ -170,7 +176,8 @@ def write_into_folder(folder: Path, files: Mapping[str, str]) -> None:
         path = folder / name
         tmp = folder / f".{name}.tmp"
         try:
-            tmp.write_text(text)
+            tmp.unlink(missing_ok=True)
+            write_private(tmp, text)
             os.replace(tmp, path)
         except OSError as exc:
             with suppress(OSError):

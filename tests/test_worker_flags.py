@@ -1,0 +1,64 @@
+"""`orch worker`'s flags held to the machine it runs on, and `orch worker install` warning
+about a program the service could not see."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from orchcore.cpu import cpu_info, memory_info
+from worker.install import InstallRequest, install
+
+TOKEN = "a-cluster-token-for-the-flag-tests"
+
+
+def start_worker(tmp_path, *flags: str) -> subprocess.CompletedProcess[str]:
+    """`orch worker` on loopback with ``flags``: refused at once, or served (then stopped)."""
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "worker", "--host", "127.0.0.1", "--port",
+         "0", "--discovery", "off", "--cache-dir", str(tmp_path / "cache"), "--ready-file",
+         str(ready), *flags], env={**os.environ, "ORCH_WORKER_TOKEN": TOKEN, "COLUMNS": "200"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("budget", ["1", "99999999"])
+def test_a_budget_outside_the_machine_is_refused_with_the_range(tmp_path, budget):
+    done = start_worker(tmp_path, "--memory-budget-mb", budget)
+    ram_mb = memory_info().total >> 20
+    assert done.returncode == 1, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: --memory-budget-mb"), done.stderr
+    assert f"give 160..{ram_mb} MiB" in lines[0], lines[0]
+    assert not (tmp_path / "ready").exists()
+
+
+def test_more_threads_than_cores_are_warned_about(tmp_path):
+    done = start_worker(tmp_path, "--threads", "1000")
+    assert (tmp_path / "ready").exists(), done.stderr  # served all the same
+    assert f"--threads 1000 (ORCH_WORKER_THREADS) is more than the {cpu_info().cores} " \
+           f"cores" in done.stderr.replace("\n", " "), done.stderr
+
+
+def test_install_warns_about_a_program_under_tmp(tmp_path):
+    said: list[str] = []
+    install(InstallRequest(root=tmp_path / "root", token=TOKEN, enable=False,
+                           exec_path="/tmp/venv/bin/orch"), said.append)
+    warnings = [line for line in said if line.startswith("warning:")]
+    assert warnings and "PrivateTmp=yes" in warnings[0] and "/opt/orch" in warnings[0], said
+    said.clear()
+    install(InstallRequest(root=tmp_path / "root", enable=False,
+                           exec_path="/opt/orch/bin/orch"), said.append)
+    assert not [line for line in said if "PrivateTmp" in line], said
