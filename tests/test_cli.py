@@ -115,8 +115,12 @@ def test_header_errors_and_unsupported_architectures_say_what_is_wrong(smollm2_p
 
 def test_worker_help_lists_its_environment_variables(tmp_path):
     done = orch("worker", "--help", cache=tmp_path)
+    assert done.returncode == 0, done.stderr
     for name in ("ORCH_WORKER_PORT", "ORCH_WORKER_TOKEN", "ORCH_WORKER_MEMORY_BUDGET_MB"):
         assert name in done.stdout
+    # it reads like every other command's help, not argparse's
+    assert "Options" in done.stdout and "--memory-budget-mb" in done.stdout
+    assert "SecretStr" not in done.stdout and "{" not in done.stdout, done.stdout
 
 
 def test_cluster_map_lists_workers_and_measured_links(tmp_path):

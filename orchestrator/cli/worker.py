@@ -56,6 +56,9 @@ def worker(ctx: typer.Context) -> None:
     `orch worker install` makes it a systemd service, `orch worker uninstall` removes it."""
     if ctx.args[:1] in (["install"], ["uninstall"]):
         typer.main.get_command(worker_service)(ctx.args, prog_name="orch worker")
+    if {"--help", "-h"} & set(ctx.args):
+        _worker_help()
+        raise typer.Exit(0)
     from orchcore.cpu import cpu_info, memory_info
     from worker.service import serve
     from worker.settings import WorkerSettings, fit_to_machine
@@ -76,6 +79,30 @@ def worker(ctx: typer.Context) -> None:
         serve(settings)
     except OrchError as exc:
         fail(exc)
+
+
+def _worker_help() -> None:
+    """``orch worker --help`` in the look of every other command, drawn from the fields of
+    ``WorkerSettings`` (their flags, help, defaults and variables: one source of truth)."""
+    from rich.panel import Panel
+    from rich.table import Table
+
+    from worker.settings import WorkerSettings
+
+    console.print("\n Usage: orch worker [OPTIONS]\n         orch worker install|uninstall "
+                  "[OPTIONS]   (the systemd service; --help for theirs)\n", highlight=False)
+    console.print(" " + (worker.__doc__ or "").split("\n")[0] + "\n", highlight=False)
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold cyan", no_wrap=True)
+    table.add_column()
+    for name, field in WorkerSettings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = field.default
+        shown = "" if default in (None, "") or hasattr(default, "get_secret_value") \
+            else f" [dim]\\[default: {default}][/]"
+        table.add_row(flag, f"{field.description}{shown}")
+    table.add_row("--help", "Show this message and exit.")
+    console.print(Panel(table, title="Options", title_align="left", border_style="dim"))
 
 
 worker_service = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
