@@ -23,6 +23,11 @@ class Chain(LocalChain):
         n_layers = read_model_facts(model).n_layers
         super().__init__(model, ranges_from_cuts(n_layers, cuts), workdir, config, codec)
 
+    def rollback(self, session: str, length: int) -> None:
+        """Drop ``session``'s positions from ``length`` onward on every stage."""
+        for stage in self.stages:
+            stage.rollback(session, length)
+
 
 def replay(chain: Chain, prompt: list[int], generated: list[int],
            session: str = "s") -> list[np.ndarray]:
