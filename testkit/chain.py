@@ -29,6 +29,22 @@ class Chain(LocalChain):
             stage.rollback(session, length)
 
 
+class ChainTarget:
+    """One session of a ``Chain`` as the target of ``orchcore.speculation.decode``."""
+
+    def __init__(self, chain: Chain, session: str = "target") -> None:
+        self.chain, self.session = chain, session
+        config = chain.stages[0].config
+        self.context_tokens, self.batch_tokens = config.context_tokens, config.batch_tokens
+
+    def forward(self, start: int, tokens: Sequence[int], all_rows: bool) -> np.ndarray:
+        return self.chain.forward(self.session, range(start, start + len(tokens)), tokens,
+                                  all_logits=all_rows)
+
+    def rollback(self, length: int) -> None:
+        self.chain.rollback(self.session, length)
+
+
 def replay(chain: Chain, prompt: list[int], generated: list[int],
            session: str = "s") -> list[np.ndarray]:
     """Feed the reference's prompt and greedy tokens; return logits in the same layout."""
