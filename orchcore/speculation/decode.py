@@ -60,6 +60,8 @@ class DecodeStats:
     passes: int = 0  # passes after the prompt, each one llama_decode per stage
     drafted: int = 0
     accepted: int = 0
+    rejections: int = 0  # passes that refused a draft
+    drafting_passes: int = 0  # passes that carried drafts (the rest were plain steps)
 
     @property
     def tokens_per_pass(self) -> float:
@@ -67,8 +69,10 @@ class DecodeStats:
 
     @property
     def acceptance(self) -> float:
-        """Share of drafted tokens kept."""
-        return self.accepted / self.drafted if self.drafted else 0.0
+        """Per-token acceptance: a pass tries its drafts in order until the first refusal,
+        so kept / (kept + refusals) (``cost.AcceptanceMeter`` without the prior)."""
+        tried = self.accepted + self.rejections
+        return self.accepted / tried if tried else 0.0
 
 
 class Judge:
@@ -120,6 +124,8 @@ def decode(target: Target, prompt: Sequence[int], max_tokens: int, *,
         stats.passes += 1
         stats.drafted += len(draft.tokens)
         stats.accepted += verdict.accepted
+        stats.rejections += verdict.accepted < len(draft.tokens)
+        stats.drafting_passes += bool(draft.tokens)
         context += [pending, *draft.tokens[:verdict.accepted]]
         if verdict.accepted < len(draft.tokens):
             target.rollback(len(context))
