@@ -3,7 +3,9 @@
 ``StageEngine.forward(session, positions, tokens=... | hidden=...)`` runs the shard's
 layers on a chunk of one session and returns either the residual stream after its last
 layer (non-final stages) or logits (the final stage). Every session has its own sequence
-in the context's KV cache; ``end_session`` frees it.
+in the context's KV cache; ``end_session`` frees it, and ``rollback`` drops its positions
+from one onward (draft tokens the last stage rejected; with ``all_logits`` a chunk of
+drafted tokens is verified in one ``llama_decode``).
 
 The three input paths:
 
@@ -290,6 +292,21 @@ class StageEngine:
         llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
         del self._next_pos[seq]
         return True
+
+    def rollback(self, session: str, length: int) -> None:
+        """Keep the first ``length`` positions of ``session`` and drop the rest of its KV
+        cache (rejected draft tokens); the next forward continues at ``length``."""
+        seq = self._sessions.get(session)
+        current = 0 if seq is None else self._next_pos[seq]
+        if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= current:
+            raise InvalidInputError(f"session {session!r}: can roll back to a length in "
+                                    f"[0, {current}], got {length!r}")
+        if seq is None or length == current:
+            return
+        if not llama_cpp.llama_memory_seq_rm(self._memory, seq, length, -1):
+            raise ComputeError(f"{self.label}: llama.cpp could not drop positions {length}.. "
+                               f"of session {session!r}; end the session and start it again")
+        self._next_pos[seq] = length
 
     # --- compute ---------------------------------------------------------------------
 

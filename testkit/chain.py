@@ -23,6 +23,27 @@ class Chain(LocalChain):
         n_layers = read_model_facts(model).n_layers
         super().__init__(model, ranges_from_cuts(n_layers, cuts), workdir, config, codec)
 
+    def rollback(self, session: str, length: int) -> None:
+        """Drop ``session``'s positions from ``length`` onward on every stage."""
+        for stage in self.stages:
+            stage.rollback(session, length)
+
+
+class ChainTarget:
+    """One session of a ``Chain`` as the target of ``orchcore.speculation.decode``."""
+
+    def __init__(self, chain: Chain, session: str = "target") -> None:
+        self.chain, self.session = chain, session
+        config = chain.stages[0].config
+        self.context_tokens, self.batch_tokens = config.context_tokens, config.batch_tokens
+
+    def forward(self, start: int, tokens: Sequence[int], all_rows: bool) -> np.ndarray:
+        return self.chain.forward(self.session, range(start, start + len(tokens)), tokens,
+                                  all_logits=all_rows)
+
+    def rollback(self, length: int) -> None:
+        self.chain.rollback(self.session, length)
+
 
 def replay(chain: Chain, prompt: list[int], generated: list[int],
            session: str = "s") -> list[np.ndarray]:

@@ -82,6 +82,12 @@ class ReferenceModel:
             for i in wanted
         ])
 
+    def rollback(self, length: int, seq: int = 0) -> None:
+        """Drop sequence ``seq``'s positions from ``length`` onward (rejected drafts)."""
+        mem = llama_cpp.llama_get_memory(self.ctx)
+        assert llama_cpp.llama_memory_seq_rm(mem, seq, length, -1), "seq_rm refused"
+        self.positions[seq] = length
+
     def greedy(self, prompt: list[int], steps: int) -> tuple[list[int], list[np.ndarray]]:
         """Prompt logits (all rows), then ``steps`` greedy decode steps' logits."""
         logits = [self.eval(prompt)]

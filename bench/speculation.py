@@ -1,0 +1,168 @@
+"""Speculative decoding in process: plain decode vs prompt-lookup speculation.
+
+    python bench/speculation.py --rounds 3 --tokens 96 --k 4
+
+The real SmolLM2-135M requantized to Q4_0 (cached in the orch cache; its batches are
+cheap on x86, FINDINGS 11), one thread pinned to one core, as one engine and as a chain of
+two engines in this process. Three tasks: copying a paragraph with one edit (input
+grounded), free chat, and code. Per task: plain and speculative tokens/s (medians of
+alternating rounds), acceptance, tokens per pass, the measured batch-cost ceiling
+(k+1) / c(k+1), and the cost model's predicted speedup beside the measured one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import llama_cpp
+from _common import console, median, print_header
+from rich.table import Table
+
+from orchcore.engine import EngineConfig, StageEngine
+from orchcore.llama_ext import init_backend
+from orchcore.paths import cache_dir
+from orchcore.speculation.cost import PassCosts, expected_tokens
+from orchcore.speculation.decode import DecodeStats, EngineTarget, Target, decode
+from orchcore.speculation.drafters import PromptLookup
+from orchestrator.models.store import resolve_model
+from orchestrator.text.tokenizer import Tokenizer
+from testkit.chain import Chain, ChainTarget
+
+TASKS = {
+    "copy with an edit": "Repeat this paragraph exactly, but write 'evening' instead of "
+    "'night': The old lighthouse keeper climbed the stairs every night to light the lamp. "
+    "The ships passed safely through the narrow strait, and the village slept without "
+    "fear of the rocks below the cliffs.",
+    "free chat": "What are three good habits for staying healthy?",
+    "code": "Repeat this Python function, renaming total to result:\n\n"
+    "def add_all(values):\n    total = 0\n    for value in values:\n        total += value\n"
+    "    return total\n",
+}
+Q4_0 = 2  # llama_ftype LLAMA_FTYPE_MOSTLY_Q4_0
+
+
+def requantized(source: Path) -> Path:
+    """``source`` requantized to Q4_0, made once into the orch cache."""
+    dest = cache_dir() / "bench" / f"{source.stem}.requant-Q4_0.gguf"
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    init_backend()  # llama.cpp's log to logging
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = Q4_0
+    params.allow_requantize = True
+    params.nthread = 1
+    part = dest.with_suffix(".part")
+    code = llama_cpp.llama_model_quantize(str(source).encode(), str(part).encode(),
+                                          ctypes.byref(params))
+    if code != 0:
+        part.unlink(missing_ok=True)
+        raise SystemExit(f"llama_model_quantize failed with code {code}")
+    part.rename(dest)
+    return dest
+
+
+def batch_costs(target: Target, sizes: list[int], repeats: int = 9) -> dict[int, float]:
+    """c(n): one forward of n positions, all rows' logits, in single-row forwards."""
+    prompt = list(range(100, 164))
+    target.forward(0, prompt, all_rows=False)
+    times: dict[int, list[float]] = {n: [] for n in [1, *sizes]}
+    for _ in range(repeats):
+        for n in times:
+            started = time.perf_counter()
+            target.forward(len(prompt), list(range(200, 200 + n)), all_rows=True)
+            times[n].append(time.perf_counter() - started)
+            target.rollback(len(prompt))
+    target.rollback(0)
+    one = median(times[1])
+    return {n: median(t) / one for n, t in times.items() if n > 1}
+
+
+def measure(make_target: Callable[[str], Target], prompt: list[int], args: argparse.Namespace,
+            stop: set[int]) -> dict:
+    runs: dict[int, list[float]] = {0: [], args.k: []}
+    stats = {}
+    outputs = {}
+    for r in range(args.rounds):
+        for k in (0, args.k) if r % 2 == 0 else (args.k, 0):
+            target = make_target("run")
+            started = time.perf_counter()
+            out, st = decode(target, prompt, args.tokens, drafter=PromptLookup(), k=k,
+                             stop=stop)
+            runs[k].append(len(out) / (time.perf_counter() - started))
+            target.rollback(0)
+            stats[k], outputs[k] = st, out
+    return {"plain": median(runs[0]), "spec": median(runs[args.k]), "stats": stats[args.k],
+            "same": outputs[0] == outputs[args.k], "tokens": len(outputs[args.k])}
+
+
+def report(out, title: str, rows: list[tuple[str, dict]], costs: dict[int, float],
+           k: int) -> None:
+    pc = PassCosts(costs)
+    table = Table(title=f"{title}; k = {k}; c(n) = " + ", ".join(
+        f"c({n}) {c:.2f}" for n, c in sorted(costs.items())))
+    for col in ("task", "plain tok/s", "spec tok/s", "measured x", "kept/drafted", "a",
+                "tokens/pass", "drafting passes", "ceiling (k+1)/c(k+1)",
+                "predicted x", "same tokens"):
+        table.add_column(col, justify="right")
+    for task, m in rows:
+        st = m["stats"]
+        table.add_row(task, f"{m['plain']:.1f}", f"{m['spec']:.1f}",
+                      f"{m['spec'] / m['plain']:.2f}", f"{st.accepted}/{st.drafted}",
+                      f"{st.acceptance:.2f}",
+                      f"{st.tokens_per_pass:.2f}", f"{st.drafting_passes}/{st.passes}",
+                      f"{pc.ceiling(k):.2f}",
+                      f"{predicted(st, k, pc):.2f}",
+                      "yes" if m["same"] else "no")
+    out.print(table)
+
+
+def predicted(st: DecodeStats, k: int, costs: PassCosts) -> float:
+    """The cost model's speedup for the measured acceptance, with the measured share of
+    passes that had drafts (prompt lookup finds nothing to propose at times): those cost
+    c(k+1) and yield E(a, k), the others are plain steps."""
+    f = st.drafting_passes / st.passes if st.passes else 0.0
+    tokens = f * expected_tokens(st.acceptance, k) + (1 - f)
+    return tokens / (f * costs.rows_cost(k + 1) + (1 - f))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=96)
+    ap.add_argument("--k", type=int, default=4)
+    args = ap.parse_args()
+    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[-1]})
+    out = console()
+    print_header(out, "Speculative decoding in process (prompt lookup)")
+    model = requantized(resolve_model("smollm2-135m", progress=False))
+    tok = Tokenizer.from_gguf(model)
+    prompts = {t: tok.encode_chat([{"role": "user", "content": m}]) for t, m in TASKS.items()}
+    stop = set(tok.end_of_generation)
+    tok.close()
+    config = EngineConfig(threads=1, context_tokens=512, max_sessions=2, batch_tokens=128)
+    with StageEngine(model, config) as engine:
+        costs = batch_costs(EngineTarget(engine, "cost"), [2, 3, 5, 9, 17])
+        rows = [(t, measure(lambda s: EngineTarget(engine, s), p, args, stop))
+                for t, p in prompts.items()]
+    report(out, f"{model.name}, one engine, 1 thread", rows, costs, args.k)
+    with tempfile.TemporaryDirectory(prefix="orch-bench-") as tmp:
+        chain = Chain(model, [15], Path(tmp), config)
+        try:
+            costs = batch_costs(ChainTarget(chain, "cost"), [2, 3, 5, 9, 17])
+            rows = [(t, measure(lambda s: ChainTarget(chain, s), p, args, stop))
+                    for t, p in prompts.items()]
+        finally:
+            chain.close()
+    report(out, f"{model.name}, chain of 2 engines [0, 15) + [15, 30), 1 thread", rows, costs,
+           args.k)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Whether speculation pays here, and how many tokens to draft: a pure cost model.
+
+With per-token acceptance ``a`` and ``k`` drafts, a pass yields on average
+``E = (1 - a^(k+1)) / (1 - a)`` tokens (the kept drafts and the target's own). A pass
+costs ``c(k+1)`` single steps of compute (one ``llama_decode`` of k+1 positions, measured
+on this machine), plus the time on the links and the drafting time. Synchronous passes:
+
+    speedup = E * (step + link) / (c(k+1) * step + link + k * draft)
+
+which is ``E / c(k+1)`` with no link and free drafts. Even perfect drafts (a = 1) gain at
+most ``(k+1) / c(k+1)``: the batch-cost ceiling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from orchcore.errors import InvalidSettingError
+from orchcore.sampling import SamplingParams
+
+DRAFT_LENGTHS = (1, 2, 3, 4, 6, 8, 12, 16)
+MIN_GAIN = 1.05  # below this predicted speedup speculation is off (noise, drafting risk)
+
+
+def expected_tokens(acceptance: float, k: int) -> float:
+    """Tokens per pass: kept drafts plus the target's own token."""
+    if not 0.0 <= acceptance <= 1.0 or k < 0:
+        raise InvalidSettingError(f"acceptance must be in [0, 1] and k >= 0, got "
+                                  f"{acceptance!r} and {k!r}")
+    if acceptance == 1.0:
+        return float(k + 1)
+    return (1.0 - acceptance ** (k + 1)) / (1.0 - acceptance)
+
+
+@dataclass(frozen=True)
+class PassCosts:
+    """What a pass costs on this machine and chain. Units in the names."""
+
+    batch_cost: Mapping[int, float]  # rows -> one llama_decode of that many, in single steps
+    step_ms: float = 1.0  # one single-row step through every stage (compute only)
+    link_ms: float = 0.0  # a pass's transport over all its hops, out and back
+    draft_ms: float = 0.0  # drafting one token
+
+    def __post_init__(self) -> None:
+        if not self.batch_cost or min(self.batch_cost) < 1 or any(
+                c <= 0 for c in self.batch_cost.values()):
+            raise InvalidSettingError(f"batch costs need sizes >= 1 with costs > 0, got "
+                                      f"{dict(self.batch_cost)}")
+        if self.step_ms <= 0 or self.link_ms < 0 or self.draft_ms < 0:
+            raise InvalidSettingError("step_ms must be > 0, link_ms and draft_ms >= 0")
+
+    def rows_cost(self, rows: int) -> float:
+        """c(rows): measured, else interpolated linearly (c(1) = 1; past the largest
+        measured size, growing with its last measured slope)."""
+        known = {1: 1.0, **self.batch_cost}
+        sizes = sorted(known)
+        if rows in known:
+            return known[rows]
+        if rows > sizes[-1]:
+            a, b = (sizes[-2], sizes[-1]) if len(sizes) > 1 else (sizes[-1], sizes[-1])
+            slope = (known[b] - known[a]) / (b - a) if b > a else 1.0
+            return known[b] + slope * (rows - b)
+        return float(np.interp(rows, sizes, [known[s] for s in sizes]))
+
+    def ceiling(self, k: int) -> float:
+        """The batch-cost ceiling (k+1) / c(k+1): the most perfect drafts could gain."""
+        return (k + 1) / self.rows_cost(k + 1)
+
+
+def predicted_speedup(acceptance: float, k: int, costs: PassCosts) -> float:
+    """Speculative tokens/s over plain tokens/s, for synchronous passes."""
+    if k == 0:
+        return 1.0
+    plain = costs.step_ms + costs.link_ms
+    spec = costs.rows_cost(k + 1) * costs.step_ms + costs.link_ms + k * costs.draft_ms
+    return expected_tokens(acceptance, k) * plain / spec
+
+
+def choose_draft_length(acceptance: float, costs: PassCosts,
+                        lengths: tuple[int, ...] = DRAFT_LENGTHS,
+                        min_gain: float = MIN_GAIN) -> int:
+    """The draft length with the best predicted speedup, or 0 (speculation off) when even
+    that gains less than ``min_gain``."""
+    best = max(lengths, key=lambda k: (predicted_speedup(acceptance, k, costs), -k))
+    return best if predicted_speedup(acceptance, best, costs) >= min_gain else 0
+
+
+def speculation_allowed(params: SamplingParams) -> bool:
+    """Whether the acceptance rule keeps this session's output exact (``accept``)."""
+    return not params.penalised
+
+
+@dataclass
+class AcceptanceMeter:
+    """Per-token acceptance, measured. A pass is a run of trials that stops at the first
+    rejection, so the estimate is kept / (kept + rejections), with a weak prior
+    (``prior_kept`` of ``prior_kept + prior_rejected``) until passes come in."""
+
+    prior_kept: float = 1.0
+    prior_rejected: float = 1.0
+    kept: int = field(default=0, init=False)
+    rejected: int = field(default=0, init=False)
+    drafted: int = field(default=0, init=False)
+    passes: int = field(default=0, init=False)
+
+    def record(self, drafted: int, accepted: int) -> None:
+        if not 0 <= accepted <= drafted:
+            raise InvalidSettingError(f"accepted {accepted} of {drafted} drafts")
+        if drafted == 0:
+            return  # nothing was tried
+        self.passes += 1
+        self.drafted += drafted
+        self.kept += accepted
+        self.rejected += accepted < drafted
+
+    @property
+    def rate(self) -> float:
+        kept = self.kept + self.prior_kept
+        return kept / (kept + self.rejected + self.prior_rejected)
