@@ -22,6 +22,8 @@ from pathlib import Path
 
 import grpc
 
+from orchcore.config import EngineConfig
+from orchcore.control import LoadRequest
 from orchcore.engine import StageRole
 from orchcore.errors import GGUFError
 from orchcore.facts import forget_parsed_headers, read_model_facts
@@ -121,10 +123,10 @@ def load_stage(address: str, token: str, settings: OrchSettings, folder: Path) -
     client = WorkerClient(address, token, settings)
     try:
         client.upload_shard(shard.path, shard.sha256)
-        client.load_shard(pb.LoadShardRequest(
+        client.load_shard(LoadRequest(
             pipeline_id=PIPELINE, sha256=shard.sha256, layer_start=1, layer_end=2,
             stage_index=1, stage_count=2, holder="fuzz",
-            engine=pb.EngineSettings(context_tokens=256, max_sessions=4, batch_tokens=64)))
+            engine=EngineConfig(context_tokens=256, max_sessions=4, batch_tokens=64)))
     finally:
         client.close()
     return shard.sha256

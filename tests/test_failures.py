@@ -17,6 +17,8 @@ import psutil
 import pytest
 from test_plan import device
 
+from orchcore.config import EngineConfig
+from orchcore.control import LoadRequest
 from orchcore.errors import (
     AuthError,
     InvalidInputError,
@@ -47,6 +49,11 @@ def client_for(address: str, token: str | None = None) -> WorkerClient:
     return WorkerClient(address, token, SETTINGS)
 
 
+def _load(sha256: str, start: int, end: int, **fields: object) -> LoadRequest:
+    return LoadRequest(pipeline_id="p", sha256=sha256, layer_start=start, layer_end=end,
+                       engine=EngineConfig(), **fields)
+
+
 @pytest.fixture(scope="module")
 def small_shard(smollm2_path, tmp_path_factory):
     return write_shard(smollm2_path, LayerRange(10, 20),
@@ -62,7 +69,7 @@ def test_wrong_or_missing_token_is_rejected_and_nothing_happens(tmp_path, small_
             with pytest.raises(AuthError):
                 client.upload_shard(small_shard.path, small_shard.sha256)
             with pytest.raises(AuthError):
-                client.load_shard(pb.LoadShardRequest(sha256=small_shard.sha256))
+                client.load_shard(_load(small_shard.sha256, 0, 1))
             client.close()
             # The data path too; a wrong token is not even sent (the worker cannot prove it
             # holds it), so the stream below carries none or the wrong one by hand.
@@ -107,9 +114,7 @@ def test_memory_budget_refuses_with_numbers(tmp_path, small_shard):
         client = client_for(address)
         client.upload_shard(small_shard.path, small_shard.sha256)
         with pytest.raises(MemoryBudgetError, match=r"need \d+ MiB \(weights.*budget is 64 MiB"):
-            client.load_shard(pb.LoadShardRequest(
-                pipeline_id="p", sha256=small_shard.sha256, layer_start=10, layer_end=20,
-                next_address="127.0.0.1:9"))
+            client.load_shard(_load(small_shard.sha256, 10, 20, next_address="127.0.0.1:9"))
         assert str(client.info().memory_budget_bytes) == str(64 << 20)
         client.close()
 
@@ -118,9 +123,10 @@ def test_threads_are_bounded_by_the_cores(tmp_path, small_shard):
     with worker_server(tmp_path) as address:
         client = client_for(address)
         client.upload_shard(small_shard.path, small_shard.sha256)
-        reply = client.load_shard(pb.LoadShardRequest(
+        reply = client.stub.LoadShard(pb.LoadShardRequest(  # more threads than a client sends
             pipeline_id="p", sha256=small_shard.sha256, layer_start=10, layer_end=20,
-            next_address="127.0.0.1:9", engine=pb.EngineSettings(threads=2**32 - 1)))
+            next_address="127.0.0.1:9", engine=pb.EngineSettings(threads=2**32 - 1)),
+            metadata=client.metadata, timeout=60)
         assert 1 <= reply.engine.threads <= len(os.sched_getaffinity(0))
         client.close()
 
@@ -231,8 +237,7 @@ def test_a_broken_shard_is_named_by_the_model_not_the_cache_path(tmp_path):
         path.write_bytes(junk)
         client.upload_shard(path, sha)
         with pytest.raises(OrchError, match=r"the shard of layers \[0, 4\) of mine\.gguf") as info:
-            client.load_shard(pb.LoadShardRequest(pipeline_id="p", sha256=sha, layer_start=0,
-                                                  layer_end=4, model="mine.gguf"))
+            client.load_shard(_load(sha, 0, 4, model="mine.gguf"))
         assert str(tmp_path / "cache") not in str(info.value)
         assert str(info.value).count(address) == 1
         client.close()

@@ -62,7 +62,7 @@ def _info(address: str, token: str):
 
 
 def test_leases_lapse_when_the_orchestrator_is_gone(smollm2_path, tmp_path, monkeypatch):
-    monkeypatch.setattr("worker.stage.LEASE_S", 1.0)  # in-process workers below
+    monkeypatch.setattr("worker.leases.LEASE_S", 1.0)  # in-process workers below
     other = modelgen.write_model(tmp_path / "other.gguf", modelgen.preset("tiny-llama-gqa"))
     with worker_server(tmp_path / "w0") as a, worker_server(tmp_path / "w1") as b, \
             open_model(smollm2_path, [a, b], None, tmp_path / "x", lease_renew_s=25):

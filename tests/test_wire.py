@@ -117,3 +117,26 @@ def test_keepalive_policies_agree(monkeypatch):
     with pytest.raises(grpc.RpcError) as info:
         _idle_stream([], 5.0)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_chunk_and_a_result_round_trip_through_their_messages():
+    from orchcore.chunks import Chunk, ChunkError, Rows, StageResult, StageTiming
+
+    rows = Rows.encode(np.ones((2, 8), np.float32), "q8_0")
+    chunk = Chunk(pipeline_id="p", session="s", chunk=3, start_pos=4, tokens=(1, 2),
+                  hidden=rows, want_token=True, sampling=SamplingParams(seed=7),
+                  timings=(StageTiming(0, 1.5, 0.25, 99, 0.5),), ring_left=2,
+                  ring_stops=(0,), batched=(Chunk(pipeline_id="p", session="t", tokens=(9,)),))
+    assert convert.chunk_from_proto(convert.chunk_to_proto(chunk), "w") == chunk
+    result = StageResult(session="s", chunk=3, token=5, timings=chunk.timings,
+                         error=ChunkError("compute", "x", "w"), batch=(3, 4))
+    assert convert.result_from_proto(convert.result_to_proto(result)) == result
+
+
+def test_a_chunk_with_sampling_out_of_bounds_carries_the_error_and_no_rows():
+    msg = pb.StageInput(pipeline_id="p", session="s", tokens=[1], sampling=pb.Sampling(
+        top_k=-1), hidden=convert.hidden_to_proto(np.ones((1, 4), np.float32), "f32"))
+    chunk = convert.chunk_from_proto(msg, "worker:1")
+    assert chunk.error is not None and chunk.error.worker == "worker:1", chunk
+    assert chunk.error.code == "invalid_setting" and "top_k" in chunk.error.message
+    assert chunk.hidden is None and chunk.sampling is None

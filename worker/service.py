@@ -25,30 +25,30 @@ from typing import Any
 import grpc
 
 from orchcore import __version__, clustertoken
+from orchcore.chunks import SUBSCRIBED
+from orchcore.control import LoadReply, LoadRequest
 from orchcore.cpu import cpu_info, host_id, memory_info
 from orchcore.discovery import Advert, proof
-from orchcore.engine import StageEngine
+from orchcore.engine import StageEngine, StageRole
 from orchcore.errors import (
     GGUFError,
     InvalidInputError,
     InvalidSettingError,
-    MemoryBudgetError,
     NotLoadedError,
     OrchError,
-    ShardLoadError,
-    ShardMissingError,
-    WorkerBusyError,
 )
 from orchcore.facts import read_model_facts
 from orchcore.files import write_atomic
-from orchcore.memory import MIB, estimate_shard
+from orchcore.memory import estimate_shard
 from orchcore.probe import LayerShape
+from orchcore.shard import LayerRange
 from orchcore.slices import total_bytes
 from orchcore.wire import PROTOCOL_VERSION, convert, status
 from orchcore.wire import worker_pb2 as pb
 from orchcore.wire import worker_pb2_grpc as pb_grpc
 from orchcore.wire.channel import Link, connect, measure_link, server_options
 from orchcore.wire.tls import load_identity, short
+from worker.admission import Admission, CurrentStage, ShardFacts, admit
 from worker.advertise import Advertiser, advertised_addresses
 from worker.probe import probe
 from worker.rejects import CheckedRequests, RejectLog
@@ -195,9 +195,9 @@ class WorkerService(pb_grpc.WorkerServicer):
                 source_layers=role.source_layers, pipeline_id=stage.pipeline_id,
                 resident_bytes=stage.resident_bytes, model=stage.request.model,
                 sessions=stage.engine.session_count,
-                holders=stage.leases.to_proto(time.monotonic())))
+                holders=convert.holders_to_proto(stage.leases.holders(time.monotonic()))))
             if stage.fault is not None:
-                info.loaded.fault.CopyFrom(stage.fault)
+                info.loaded.fault.CopyFrom(convert.error_to_proto(stage.fault))
         return info
 
     # --- shards ------------------------------------------------------------------------
@@ -245,68 +245,55 @@ class WorkerService(pb_grpc.WorkerServicer):
     def LoadShard(self, request: pb.LoadShardRequest, context: grpc.ServicerContext
                   ) -> pb.LoadShardReply:
         started = time.perf_counter()
-        if not self.cache.has(request.sha256):
-            raise ShardMissingError(f"shard {request.sha256[:12]} is not cached here; upload "
-                                    f"it first")
-        path = self.cache.path(request.sha256)
-        self.cache.touch(request.sha256)
         cores = cpu_info().cores
-        config = convert.engine_from_proto(request.engine, self.threads(cores), cores)
+        asked = convert.load_from_proto(request, self.threads(cores), cores)
+        cached = self.cache.has(asked.sha256)
+        if cached:
+            self.cache.touch(asked.sha256)
+        shard = self._shard_facts(asked) if cached else ShardFacts()
         with self._lock:
             current, now = self.stage, time.monotonic()
-            if current is not None and current.same_as(request, config.threads):
-                current.leases.hold(request.holder, now)
-                log.info("layers [%d, %d) shared with pipeline %s", request.layer_start,
-                         request.layer_end, current.pipeline_id)
-                return pb.LoadShardReply(
-                    resident_bytes=current.resident_bytes, pipeline_id=current.pipeline_id,
-                    shared=True, engine=convert.engine_to_proto(current.engine.config))
-            if current is not None and current.leases.others(request.holder, now) \
-                    and not request.force:
-                raise WorkerBusyError(self._busy(current, now))
+            seen = None if current is None else CurrentStage(
+                current.request, len(current.leases.others(asked.holder, now)),
+                current.loaded_at)
+            decision = admit(asked, cached=cached, current=seen, shard=shard,
+                             budget=self.budget)
+            if decision is Admission.SHARE:
+                current.leases.hold(asked.holder, now)
+                log.info("layers %s shared with pipeline %s", asked.layers,
+                         current.pipeline_id)
+                return convert.load_reply_to_proto(LoadReply(
+                    current.resident_bytes, 0.0, current.engine.config, current.pipeline_id,
+                    shared=True))
             self._unload()
-            what = (f"the shard of layers [{request.layer_start}, {request.layer_end}) of "
-                    f"{request.model or 'the model'}")
-            try:
-                needed = estimate_shard(read_model_facts(path), config)
-            except GGUFError as exc:  # name what the user asked for, not our cache file
-                raise ShardLoadError(f"{what}: {exc.problem}") from None
-            if needed.total > self.budget:
-                raise MemoryBudgetError(
-                    f"layers [{request.layer_start}, {request.layer_end}) need "
-                    f"{needed.describe()}, but the memory budget is {self.budget // MIB} MiB; "
-                    f"use more workers, a shorter context, or raise --memory-budget-mb")
-            engine = StageEngine(path, config, label=what)
-            role = engine.role
-            if (role.start, role.end) != (request.layer_start, request.layer_end):
-                engine.close()
-                raise InvalidInputError(
-                    f"shard {request.sha256[:12]} holds layers [{role.start}, {role.end}), "
-                    f"not [{request.layer_start}, {request.layer_end})")
-            try:
-                self.stage = Stage(engine, request, worker_name=self.name, token=self.token,
-                                   max_message_bytes=self.settings.max_message_mb << 20,
-                                   connect=self.connect, resident_bytes=needed.total,
-                                   spin_s=self.settings.spin_ms / 1e3)
-            except BaseException:
-                engine.close()
-                raise
-            self.stage.leases.hold(request.holder, time.monotonic())
-        log.info("loaded layers [%d, %d) for pipeline %s", role.start, role.end,
-                 request.pipeline_id)
-        return pb.LoadShardReply(resident_bytes=needed.total,
-                                 load_seconds=time.perf_counter() - started,
-                                 engine=convert.engine_to_proto(config),
-                                 pipeline_id=request.pipeline_id)
+            self.stage = self._build(asked, shard.needed.total)
+            self.stage.leases.hold(asked.holder, time.monotonic())
+        log.info("loaded layers %s for pipeline %s", asked.layers, asked.pipeline_id)
+        return convert.load_reply_to_proto(LoadReply(
+            shard.needed.total, time.perf_counter() - started, asked.engine,
+            asked.pipeline_id))
 
-    @staticmethod
-    def _busy(stage: Stage, now: float) -> str:
-        since = time.strftime("%H:%M:%S", time.localtime(stage.loaded_at))
-        count = len(stage.leases.others("", now))
-        return (f"busy: it runs layers [{stage.request.layer_start}, "
-                f"{stage.request.layer_end}) of {stage.request.model or 'another model'} for "
-                f"{count} other orchestrator{'s' if count > 1 else ''} since {since}; wait for "
-                f"it to finish, use other workers, or take the worker over with --force")
+    def _shard_facts(self, asked: LoadRequest) -> ShardFacts:
+        """What the cached shard ``asked`` names is, read from its header."""
+        try:
+            facts = read_model_facts(self.cache.path(asked.sha256))
+            role = StageRole.of(facts)
+            return ShardFacts(LayerRange(role.start, role.end),
+                              estimate_shard(facts, asked.engine))
+        except GGUFError as exc:  # name what the user asked for, not our cache file
+            return ShardFacts(problem=exc.problem)
+
+    def _build(self, asked: LoadRequest, resident_bytes: int) -> Stage:
+        what = (f"the shard of layers {asked.layers} of {asked.model or 'the model'}")
+        engine = StageEngine(self.cache.path(asked.sha256), asked.engine, label=what)
+        try:
+            return Stage(engine, asked, worker_name=self.name, token=self.token,
+                         max_message_bytes=self.settings.max_message_mb << 20,
+                         connect=self.connect, resident_bytes=resident_bytes,
+                         spin_s=self.settings.spin_ms / 1e3)
+        except BaseException:
+            engine.close()
+            raise
 
     @_rpc
     def Renew(self, request: pb.RenewRequest, context: grpc.ServicerContext) -> pb.RenewReply:
@@ -351,7 +338,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         for msg in request_iterator:
             if msg.pipeline_id in self._unloaded:
                 continue  # in flight while its pipeline was unloaded: nothing to do
-            self._current(msg.pipeline_id).submit(msg)
+            self._current(msg.pipeline_id).submit(convert.chunk_from_proto(msg, self.name))
             count += 1
         return pb.ForwardSummary(chunks=count)
 
@@ -364,11 +351,12 @@ class WorkerService(pb_grpc.WorkerServicer):
         if not stage.is_last:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"not the last stage of {request.pipeline_id}")
-        q = stage.subscribe()
-        context.add_callback(lambda: stage.unsubscribe(q))
-        yield pb.StageOutput()  # subscribed: results published from now on reach this stream
+        q = stage.subscribers.subscribe()
+        context.add_callback(lambda: stage.subscribers.unsubscribe(q))
+        # subscribed: results published from now on reach this stream
+        yield convert.result_to_proto(SUBSCRIBED)
         while (out := q.get()) is not None:
-            yield out
+            yield convert.result_to_proto(out)
 
     def Prove(self, request: pb.ProveRequest, context: grpc.ServicerContext) -> pb.ProveReply:
         if not 16 <= len(request.nonce) <= 64:

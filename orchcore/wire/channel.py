@@ -22,9 +22,10 @@ from dataclasses import dataclass
 
 import grpc
 
+from orchcore.chunks import Chunk
 from orchcore.discovery import proof
 from orchcore.errors import AuthError, WorkerError, WorkerUnreachableError
-from orchcore.wire import tls
+from orchcore.wire import convert, tls
 from orchcore.wire import worker_pb2 as pb
 from orchcore.wire import worker_pb2_grpc as pb_grpc
 
@@ -159,7 +160,7 @@ class StreamClosedError(ConnectionError):
 
 
 class ForwardStream:
-    """A long-lived ``Forward`` call into one stage: messages are sent in ``send`` order.
+    """A long-lived ``Forward`` call into one stage: chunks are sent in ``send`` order.
 
     The orchestrator holds one into stage 0; every non-final stage holds one into the next.
     """
@@ -174,10 +175,10 @@ class ForwardStream:
         while (item := self._queue.get()) is not None:
             yield item
 
-    def send(self, msg: pb.StageInput) -> None:
+    def send(self, chunk: Chunk) -> None:
         if self.call.done():
             raise StreamClosedError(self.problem())
-        self._queue.put(msg)
+        self._queue.put(convert.chunk_to_proto(chunk))
 
     @property
     def closed(self) -> bool:

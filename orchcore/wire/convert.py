@@ -6,14 +6,17 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from orchcore.chunks import Chunk, ChunkError, Rows, StageResult, StageTiming
 from orchcore.codecs import get_codec
 from orchcore.config import EngineConfig
+from orchcore.control import Holder, LoadReply, LoadRequest
 from orchcore.devices import DeviceFacts
-from orchcore.errors import InvalidInputError
+from orchcore.errors import InvalidInputError, OrchError
 from orchcore.rangefetch import RemoteFile
 from orchcore.sampling import SamplingParams
 from orchcore.shard import LayerRange
 from orchcore.slices import ByteRange
+from orchcore.wire import status
 from orchcore.wire import worker_pb2 as pb
 
 
@@ -24,6 +27,14 @@ def hidden_to_proto(x: np.ndarray, codec: str) -> pb.Hidden:
 
 def hidden_from_proto(msg: pb.Hidden) -> np.ndarray:
     return get_codec(msg.codec).decode(msg.data, msg.rows, msg.cols)
+
+
+def rows_to_proto(rows: Rows) -> pb.Hidden:
+    return pb.Hidden(codec=rows.codec, rows=rows.rows, cols=rows.cols, data=rows.data)
+
+
+def rows_from_proto(msg: pb.Hidden) -> Rows:
+    return Rows(msg.codec, msg.rows, msg.cols, msg.data)
 
 
 def sampling_to_proto(params: SamplingParams) -> pb.Sampling:
@@ -105,3 +116,128 @@ def fetch_from_proto(msg: pb.FetchShardRequest
     if any(r.part >= len(files) or r.end > files[r.part].size for r in ranges):
         raise InvalidInputError("FetchShard: a byte range lies outside its file")
     return files, ranges, LayerRange(msg.layer_start, msg.layer_end)
+
+
+# --- the data path -------------------------------------------------------------------------
+
+
+def timing_to_proto(t: StageTiming) -> pb.StageTiming:
+    return pb.StageTiming(stage_index=t.stage_index, compute_ms=t.compute_ms,
+                          queue_ms=t.queue_ms, sent_bytes=t.sent_bytes, send_ms=t.send_ms)
+
+
+def timing_from_proto(msg: pb.StageTiming) -> StageTiming:
+    return StageTiming(msg.stage_index, msg.compute_ms, msg.queue_ms, msg.sent_bytes,
+                       msg.send_ms)
+
+
+def error_to_proto(error: ChunkError) -> pb.Error:
+    return pb.Error(code=error.code, message=error.message, worker=error.worker)
+
+
+def error_from_proto(msg: pb.Error) -> ChunkError:
+    return ChunkError(msg.code, msg.message, msg.worker)
+
+
+def chunk_to_proto(chunk: Chunk) -> pb.StageInput:
+    msg = pb.StageInput(
+        pipeline_id=chunk.pipeline_id, session=chunk.session, chunk=chunk.chunk,
+        start_pos=chunk.start_pos, tokens=chunk.tokens, want_token=chunk.want_token,
+        end_session=chunk.end_session, timings=[timing_to_proto(t) for t in chunk.timings],
+        batched=[chunk_to_proto(b) for b in chunk.batched], ring_left=chunk.ring_left,
+        ring_stops=chunk.ring_stops)
+    if chunk.hidden is not None:
+        msg.hidden.CopyFrom(rows_to_proto(chunk.hidden))
+    if chunk.sampling is not None:
+        msg.sampling.CopyFrom(sampling_to_proto(chunk.sampling))
+    if chunk.error is not None:
+        msg.error.CopyFrom(error_to_proto(chunk.error))
+    return msg
+
+
+def chunk_from_proto(msg: pb.StageInput, worker: str) -> Chunk:
+    """The chunk ``msg`` carries. Sampling parameters out of bounds make it a chunk that
+    carries the error, named for ``worker`` (this one): it fails in order down the path
+    like any chunk, instead of breaking the stream it came on."""
+    error = error_from_proto(msg.error) if msg.HasField("error") else None
+    sampling = None
+    if msg.HasField("sampling") and error is None:
+        try:
+            sampling = sampling_from_proto(msg.sampling)
+        except (OrchError, ValueError) as exc:
+            error = ChunkError(status.error_code(exc), str(exc), worker)
+    return Chunk(
+        pipeline_id=msg.pipeline_id, session=msg.session, chunk=msg.chunk,
+        start_pos=msg.start_pos, tokens=tuple(msg.tokens),
+        hidden=rows_from_proto(msg.hidden) if msg.HasField("hidden") and error is None
+        else None,
+        want_token=msg.want_token, sampling=sampling, end_session=msg.end_session,
+        timings=tuple(timing_from_proto(t) for t in msg.timings), error=error,
+        batched=tuple(chunk_from_proto(b, worker) for b in msg.batched),
+        ring_left=msg.ring_left, ring_stops=tuple(msg.ring_stops))
+
+
+def chunk_size(chunk: Chunk) -> int:
+    """Bytes ``chunk`` takes on the wire."""
+    return chunk_to_proto(chunk).ByteSize()
+
+
+def result_to_proto(result: StageResult) -> pb.StageOutput:
+    msg = pb.StageOutput(session=result.session, chunk=result.chunk, token=result.token,
+                         timings=[timing_to_proto(t) for t in result.timings],
+                         session_ended=result.session_ended, batch=result.batch)
+    if result.error is not None:
+        msg.error.CopyFrom(error_to_proto(result.error))
+    return msg
+
+
+def result_from_proto(msg: pb.StageOutput) -> StageResult:
+    return StageResult(
+        session=msg.session, chunk=msg.chunk, token=msg.token,
+        timings=tuple(timing_from_proto(t) for t in msg.timings),
+        error=error_from_proto(msg.error) if msg.HasField("error") else None,
+        session_ended=msg.session_ended, batch=tuple(msg.batch))
+
+
+# --- the control path ----------------------------------------------------------------------
+
+
+def load_to_proto(request: LoadRequest) -> pb.LoadShardRequest:
+    return pb.LoadShardRequest(
+        pipeline_id=request.pipeline_id, sha256=request.sha256,
+        layer_start=request.layer_start, layer_end=request.layer_end,
+        engine=engine_to_proto(request.engine), next_address=request.next_address,
+        codec=request.codec, stage_index=request.stage_index,
+        stage_count=request.stage_count, holder=request.holder, model=request.model,
+        force=request.force, ring_address=request.ring_address)
+
+
+def load_from_proto(msg: pb.LoadShardRequest, default_threads: int, max_threads: int
+                    ) -> LoadRequest:
+    """The request, its engine settings resolved as ``engine_from_proto`` does."""
+    return LoadRequest(
+        pipeline_id=msg.pipeline_id, sha256=msg.sha256, layer_start=msg.layer_start,
+        layer_end=msg.layer_end,
+        engine=engine_from_proto(msg.engine, default_threads, max_threads),
+        next_address=msg.next_address, codec=msg.codec or "f32",
+        stage_index=msg.stage_index, stage_count=msg.stage_count, holder=msg.holder,
+        model=msg.model, force=msg.force, ring_address=msg.ring_address)
+
+
+def holders_to_proto(holders: Sequence[Holder]) -> list[pb.Holder]:
+    return [pb.Holder(id=h.id, since=h.since, expires_in_s=h.expires_in_s) for h in holders]
+
+
+def load_reply_to_proto(reply: LoadReply) -> pb.LoadShardReply:
+    return pb.LoadShardReply(resident_bytes=reply.resident_bytes,
+                             load_seconds=reply.load_seconds,
+                             engine=engine_to_proto(reply.engine),
+                             pipeline_id=reply.pipeline_id, shared=reply.shared)
+
+
+def load_reply_from_proto(msg: pb.LoadShardReply) -> LoadReply:
+    engine = EngineConfig(context_tokens=msg.engine.context_tokens,
+                          max_sessions=msg.engine.max_sessions,
+                          batch_tokens=msg.engine.batch_tokens, threads=msg.engine.threads)
+    return LoadReply(msg.resident_bytes, msg.load_seconds, engine, msg.pipeline_id,
+                     msg.shared)

@@ -15,6 +15,8 @@ from pathlib import Path
 import grpc
 
 from orchcore import __version__
+from orchcore.chunks import StageResult
+from orchcore.control import LoadReply, LoadRequest
 from orchcore.errors import (
     AuthError,
     MessageTooLargeError,
@@ -24,7 +26,7 @@ from orchcore.errors import (
     WorkerUnreachableError,
 )
 from orchcore.probe import LayerShape
-from orchcore.wire import PROTOCOL_VERSION
+from orchcore.wire import PROTOCOL_VERSION, convert
 from orchcore.wire import worker_pb2 as pb
 from orchcore.wire import worker_pb2_grpc as pb_grpc
 from orchcore.wire.channel import Link, auth_metadata, connect, measure_link
@@ -73,6 +75,25 @@ def version_problem(info: pb.WorkerInfo) -> str | None:
             f"place, keeping its id, token and cache)")
 
 
+class ResultStream:
+    """A Results stream from the last stage: ``StageResult``s, and a typed error naming the
+    worker when the stream breaks."""
+
+    def __init__(self, call: grpc.Call, worker: str) -> None:
+        self._call = call
+        self._worker = worker
+
+    def __iter__(self) -> Iterator[StageResult]:
+        try:
+            for msg in self._call:
+                yield convert.result_from_proto(msg)
+        except grpc.RpcError as exc:
+            raise rpc_error(self._worker, exc, answered_before=True) from None
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
 class WorkerClient:
     """Connects on first use (``orchcore.wire.channel.connect``): the token goes out only
     over a link to a worker that proved it holds it."""
@@ -113,6 +134,12 @@ class WorkerClient:
             raise rpc_error(self.address, exc, answered_before=self.answered) from None
         self.answered = True
         return reply
+
+    def results(self, pipeline_id: str) -> ResultStream:
+        """Subscribe to the results of ``pipeline_id`` (this worker must be its last stage)."""
+        call = self.stub.Results(pb.ResultsRequest(pipeline_id=pipeline_id),
+                                 metadata=self.metadata)
+        return ResultStream(call, self.address)
 
     def measure_link(self, payload_bytes: int, deadline: float | None = None
                      ) -> tuple[float, float]:
@@ -169,8 +196,9 @@ class WorkerClient:
             raise WorkerError(self.address, "FetchShard ended without naming the shard")
         return receipt
 
-    def load_shard(self, request: pb.LoadShardRequest) -> pb.LoadShardReply:
-        return self._call(self.stub.LoadShard, request, self.settings.load_deadline_s)
+    def load_shard(self, request: LoadRequest) -> LoadReply:
+        return convert.load_reply_from_proto(self._call(
+            self.stub.LoadShard, convert.load_to_proto(request), self.settings.load_deadline_s))
 
     def unload(self, pipeline_id: str, holder: str, deadline: float) -> pb.UnloadReply:
         return self._call(self.stub.Unload,

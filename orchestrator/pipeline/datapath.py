@@ -16,16 +16,15 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
-import grpc
-
+from orchcore.chunks import Chunk, StageResult
 from orchcore.errors import NotLoadedError, OrchError, WorkerUnreachableError
 from orchcore.sampling import SamplingParams
-from orchcore.wire import convert
-from orchcore.wire import worker_pb2 as pb
-from orchcore.wire.channel import ForwardStream, auth_metadata
+from orchcore.wire.channel import ForwardStream
 from orchcore.wire.status import from_code
-from orchestrator.cluster.client import WorkerClient, rpc_error
+from orchestrator.cluster.client import ResultStream, WorkerClient
+from orchestrator.pipeline.ring import TokenRing
 from orchestrator.planning.plan import Plan
 from orchestrator.settings import OrchSettings
 
@@ -42,13 +41,13 @@ class DataPath:
         self.settings = settings
         self._token = token
         self._alive = alive
-        self._results: dict[str, queue.SimpleQueue[pb.StageOutput | Exception]] = {}
+        self._results: dict[str, queue.SimpleQueue[StageResult | Exception]] = {}
         self._broken: OrchError | None = None
         self._subscribed = threading.Event()
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()  # numbering and queueing a chunk, together
         self._chunk = 0
-        self._results_call = None
+        self._results_call: ResultStream | None = None
         self._forward: ForwardStream | None = None
         self.failed: set[str] = set()  # workers found dead or hung: cleanup skips them
         self._abandoned = False  # given up for another pipeline (failover)
@@ -57,8 +56,7 @@ class DataPath:
 
     def open(self) -> None:
         first, last = self.clients[0], self.clients[-1]
-        self._results_call = last.stub.Results(pb.ResultsRequest(pipeline_id=self.pipeline_id),
-                                               metadata=auth_metadata(self._token))
+        self._results_call = last.results(self.pipeline_id)
         threading.Thread(target=self._read_results, name="results", daemon=True).start()
         # The last stage announces the subscription with an empty message; until then a
         # result could be published to nobody.
@@ -74,7 +72,7 @@ class DataPath:
         last = self.plan.stages[-1].worker
         try:
             for out in self._results_call:
-                if not out.session:
+                if out.announces_subscription:
                     self._subscribed.set()
                 elif out.session_ended:
                     with self._lock:
@@ -85,8 +83,8 @@ class DataPath:
                     if mine is not None:
                         mine.put(out)
             broken: OrchError = WorkerUnreachableError(last, "results stream ended")
-        except grpc.RpcError as exc:
-            broken = rpc_error(last, exc, answered_before=True)
+        except OrchError as exc:
+            broken = exc
         with self._lock:
             self._broken = self._broken or broken  # abandoned: its reason stays
             waiting = list(self._results.values())
@@ -106,31 +104,31 @@ class DataPath:
         """Queue one chunk of ``session`` into stage 0; returns its chunk number. With
         ``ring_left`` the last stage goes on with that many tokens on its own (the token
         ring), as chunks numbered on from this one; each comes back to ``wait``."""
-        msg = pb.StageInput(pipeline_id=self.pipeline_id, session=session, start_pos=start,
-                            tokens=list(tokens), want_token=want_token, ring_left=ring_left,
-                            ring_stops=list(ring_stops))
-        if sampling is not None:
-            msg.sampling.CopyFrom(convert.sampling_to_proto(sampling))
+        step = Chunk(pipeline_id=self.pipeline_id, session=session, start_pos=start,
+                     tokens=tuple(tokens), want_token=want_token, sampling=sampling,
+                     ring_left=ring_left, ring_stops=tuple(ring_stops))
         self._queue(session)  # results of this session are routed from now on
-        if not self._send(msg):
+        chunk = self._send(step)
+        if chunk is None:
             self.probe()
             raise WorkerUnreachableError(self.plan.stages[0].worker,
                                          f"input stream closed: {self._forward.problem()}")
-        return msg.chunk
+        return chunk
 
-    def _send(self, msg: pb.StageInput) -> bool:
-        """Number ``msg`` and queue it, so chunk numbers reach stage 0 in increasing order;
-        False if the stream into stage 0 has closed."""
+    def _send(self, step: Chunk) -> int | None:
+        """Number ``step`` and queue it, so chunk numbers reach stage 0 in increasing order;
+        returns its number, None if the stream into stage 0 has closed."""
         with self._send_lock:
             with self._lock:  # the ring's chunks take the numbers after this one
-                msg.chunk, self._chunk = self._chunk, self._chunk + 1 + msg.ring_left
+                number = self._chunk
+                self._chunk += TokenRing.numbers(step.ring_left)
             try:
-                self._forward.send(msg)
+                self._forward.send(replace(step, chunk=number))
             except ConnectionError:
-                return False
-        return True
+                return None
+        return number
 
-    def wait(self, session: str, chunk: int) -> pb.StageOutput:
+    def wait(self, session: str, chunk: int) -> StageResult:
         """The result of ``chunk``; raises a typed error naming the failing worker."""
         deadline_s = self.settings.step_deadline_s
         give_up = time.monotonic() + deadline_s
@@ -150,7 +148,7 @@ class DataPath:
                 if not self._abandoned:
                     self.probe()  # a named stage failure explains a broken stream best
                 raise out
-            if out.HasField("error"):
+            if out.error is not None:
                 raise from_code(out.error.code, out.error.worker, out.error.message)
             if out.chunk == chunk:
                 return out
@@ -159,8 +157,8 @@ class DataPath:
         """Free ``session`` on every stage (in order behind its chunks)."""
         if self._forward is None or self._forward.closed:
             return
-        self._send(pb.StageInput(pipeline_id=self.pipeline_id, session=session,
-                                 end_session=True))  # a broken stream ends them anyway
+        self._send(Chunk(pipeline_id=self.pipeline_id, session=session,
+                         end_session=True))  # a broken stream ends them anyway
 
     # --- health ------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from orchcore.control import LoadReply, LoadRequest
 from orchcore.errors import OrchError, SourceFetchError
 from orchcore.facts import ModelFacts
 from orchcore.files import read_json, write_atomic
@@ -24,7 +25,6 @@ from orchcore.rangefetch import RemoteFile
 from orchcore.shard import SHARD_FORMAT, LayerRange, write_shard
 from orchcore.slices import shard_ranges, total_bytes
 from orchcore.wire import convert
-from orchcore.wire import worker_pb2 as pb
 from orchestrator.cluster.client import WorkerClient
 from orchestrator.planning.plan import Plan, StagePlan
 
@@ -159,19 +159,19 @@ def fetch_slices(plan: Plan, facts: ModelFacts, clients: Sequence[WorkerClient],
 
 def _deploy_stage(plan: Plan, stage: StagePlan, client: WorkerClient, facts: ModelFacts,
                   store: ShardStore, pipeline_id: str, holder: str, progress: DeployProgress,
-                  force: bool, fetched: str | None) -> tuple[pb.LoadShardReply, int]:
+                  force: bool, fetched: str | None) -> tuple[LoadReply, int]:
     """Give the worker its shard (unless it fetched it) and load it; returns the bytes sent."""
     sha, sent = (fetched, 0) if fetched is not None else _send(stage, client, facts, store,
                                                                 progress)
     progress.task(f"loading layers {stage.layers} on {stage.worker}", None)
     last = stage.index + 1 == len(plan.stages)
-    reply = client.load_shard(pb.LoadShardRequest(
+    reply = client.load_shard(LoadRequest(
         pipeline_id=pipeline_id, sha256=sha, layer_start=stage.layers.start,
         layer_end=stage.layers.end,
         next_address="" if last else plan.stages[stage.index + 1].worker,
         ring_address=plan.stages[0].worker if last else "",
         codec=plan.codec, stage_index=stage.index, stage_count=len(plan.stages),
-        engine=convert.engine_to_proto(stage.engine), holder=holder, model=plan.model.name,
+        engine=stage.engine, holder=holder, model=plan.model.name,
         force=force))
     return reply, sent
 

@@ -33,12 +33,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from orchcore.chunks import StageResult, StageTiming
 from orchcore.errors import ContextFullError, InvalidInputError, OrchError, PlanError
 from orchcore.sampling import RANDOM_SEED, SamplingParams
-from orchcore.wire import worker_pb2 as pb
 from orchestrator.pipeline.datapath import DataPath
 from orchestrator.pipeline.deploy import Deployment, undeploy
 from orchestrator.pipeline.failover import Pipeline, Replanner, calls_for_failover, replay
+from orchestrator.pipeline.ring import TokenRing
 from orchestrator.planning.plan import Plan
 from orchestrator.planning.speeds import MIN_DECODE_TOKENS, SpeedBook
 from orchestrator.settings import OrchSettings
@@ -61,7 +62,7 @@ class GenerationStats:
     queue_ms: dict[int, float] = field(default_factory=dict)  # per stage: behind other work
     wire_bytes: dict[int, int] = field(default_factory=dict)  # per hop, decode steps
 
-    def add_decode(self, timings: Sequence[pb.StageTiming]) -> None:
+    def add_decode(self, timings: Sequence[StageTiming]) -> None:
         for t in timings:
             self.compute_ms[t.stage_index] = self.compute_ms.get(t.stage_index, 0) + t.compute_ms
             self.queue_ms[t.stage_index] = self.queue_ms.get(t.stage_index, 0) + t.queue_ms
@@ -80,7 +81,7 @@ class Session:
     generated: list[int] = field(default_factory=list)
     draws: int = 0  # tokens the last stage's sampler has drawn
     limit: int = 0  # tokens this answer may generate
-    ring: tuple[int, int] | None = None  # the token ring's next chunk and its ring_left
+    ring: TokenRing | None = None  # while the last stage feeds this session's steps itself
 
     @property
     def prompt(self) -> list[int]:
@@ -314,7 +315,7 @@ class RunningModel:
                 yield notice
             yield out.token
 
-    def _step(self, session: Session) -> tuple[pb.StageOutput, Failover | None]:
+    def _step(self, session: Session) -> tuple[StageResult, Failover | None]:
         """The session's next token, failing over as often as ``MAX_FAILOVERS`` allows."""
         notice = None
         for attempt in range(MAX_FAILOVERS + 1):
@@ -330,35 +331,39 @@ class RunningModel:
             notice = self._fail_over(epoch, failure) or notice
         raise AssertionError("unreachable")
 
-    def _advance(self, session: Session) -> pb.StageOutput:
+    def _advance(self, session: Session) -> StageResult:
         """Send what the session has not fed yet (the whole prompt, or its last token) and
         record the token sampled. Runs under the step gate, so a failover sees either the
         token recorded or the step not done. With the token ring on, the last stage feeds
         each token to stage 0 itself: after the first, steps only wait."""
-        path = self.path
         if session.ring is not None:
-            chunk, ring_left = session.ring
+            chunk, ring_left = session.ring.chunk, session.ring.left
         else:
-            ring_left = session.limit - len(session.generated) - 1 \
-                if self.settings.token_ring else 0
-            stops = self.tokenizer.end_of_generation if ring_left else ()
-            if not session.generated:
-                start = chunk = 0
-                for i, part in enumerate(session.prompt_chunks):
-                    last = i + 1 == len(session.prompt_chunks)
-                    chunk = path.send(session.id, start, part, want_token=last,
-                                      sampling=session.sampling if i == 0 else None,
-                                      ring_left=ring_left if last else 0, ring_stops=stops)
-                    start += len(part)
-            else:
-                chunk = path.send(session.id, session.length, [session.generated[-1]],
-                                  want_token=True, ring_left=ring_left, ring_stops=stops)
-        out = path.wait(session.id, chunk)
+            ring_left = TokenRing.length(self.settings.token_ring, session.limit,
+                                         len(session.generated))
+            chunk = self._send_step(session, ring_left)
+        out = self.path.wait(session.id, chunk)
         session.draws += 1
         session.generated.append(out.token)
-        going_on = ring_left and not self.tokenizer.is_end_of_generation(out.token)
-        session.ring = (chunk + 1, ring_left - 1) if going_on else None
+        session.ring = TokenRing.after(
+            chunk, ring_left, stopped=self.tokenizer.is_end_of_generation(out.token))
         return out
+
+    def _send_step(self, session: Session, ring_left: int) -> int:
+        """Send the session's next step (its prompt in chunks, or its last token); returns
+        the chunk number whose result is the next token."""
+        stops = self.tokenizer.end_of_generation if ring_left else ()
+        if session.generated:
+            return self.path.send(session.id, session.length, [session.generated[-1]],
+                                  want_token=True, ring_left=ring_left, ring_stops=stops)
+        start = chunk = 0
+        for i, part in enumerate(session.prompt_chunks):
+            last = i + 1 == len(session.prompt_chunks)
+            chunk = self.path.send(session.id, start, part, want_token=last,
+                                   sampling=session.sampling if i == 0 else None,
+                                   ring_left=ring_left if last else 0, ring_stops=stops)
+            start += len(part)
+        return chunk
 
     # --- failover ----------------------------------------------------------------------
 

@@ -1,0 +1,112 @@
+"""The data path's values: a chunk going down the stages, and the result coming back.
+
+Both sides see these and nothing of the wire: ``orchcore.wire.convert`` is the one place
+that turns them into protobuf messages and back. Field names follow the messages of
+``proto/orch/v1/worker.proto`` (``StageInput``, ``StageOutput``, ``StageTiming``,
+``Error``, ``Hidden``), whose comments say what each field means.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import NamedTuple
+
+import numpy as np
+
+from orchcore.codecs import get_codec
+from orchcore.sampling import SamplingParams
+
+NO_TOKEN = -1  # a result for a chunk that asked for no token
+
+
+class Rows(NamedTuple):
+    """Hidden-state rows as they travel between stages: encoded with a codec."""
+
+    codec: str
+    rows: int
+    cols: int
+    data: bytes
+
+    @classmethod
+    def encode(cls, x: np.ndarray, codec: str) -> Rows:
+        rows, cols = x.shape
+        return cls(codec, rows, cols, get_codec(codec).encode(x))
+
+    def decode(self) -> np.ndarray:
+        return get_codec(self.codec).decode(self.data, self.rows, self.cols)
+
+
+class StageTiming(NamedTuple):
+    """What one stage spent on a chunk."""
+
+    stage_index: int
+    compute_ms: float = 0.0  # engine forward and encoding the rows sent on
+    queue_ms: float = 0.0  # waiting behind other chunks
+    sent_bytes: int = 0  # serialized size of the message sent on
+    send_ms: float = 0.0  # serializing and handing off to the next stage
+
+
+class ChunkError(NamedTuple):
+    """A stage failed on a chunk: later stages pass it on, the orchestrator raises it."""
+
+    code: str  # a name from orchcore/wire/status.py
+    message: str
+    worker: str  # address or id of the worker that failed
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Token ids (and, past stage 0, hidden rows) of one session, going down the stages."""
+
+    pipeline_id: str
+    session: str
+    chunk: int = 0  # numbered by the orchestrator, unique per pipeline
+    start_pos: int = 0  # positions start_pos .. start_pos + len(tokens) - 1
+    tokens: tuple[int, ...] = ()
+    hidden: Rows | None = None  # None into stage 0
+    want_token: bool = False  # sample after this chunk
+    sampling: SamplingParams | None = None  # with the first chunk of a session
+    end_session: bool = False  # free the session on every stage; no compute
+    timings: tuple[StageTiming, ...] = ()  # one per stage passed
+    error: ChunkError | None = None  # an earlier stage failed on it
+    batched: tuple[Chunk, ...] = ()  # decode steps computed in the same batch, after it
+    ring_left: int = 0  # tokens the last stage still generates on its own (the token ring)
+    ring_stops: tuple[int, ...] = ()  # tokens that end the ring early
+
+    @property
+    def members(self) -> tuple[Chunk, ...]:
+        """This chunk and the steps batched with it, in batch order."""
+        return (self, *self.batched)
+
+    @property
+    def positions(self) -> np.ndarray:
+        return np.arange(self.start_pos, self.start_pos + len(self.tokens), dtype=np.int32)
+
+    def failed(self, error: ChunkError) -> Chunk:
+        """This chunk carrying ``error`` instead of hidden rows."""
+        return replace(self, hidden=None, error=error)
+
+    def timed(self, timing: StageTiming) -> Chunk:
+        return replace(self, timings=(*self.timings, timing))
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """The last stage's answer for one chunk: its token, or the error on its way."""
+
+    session: str
+    chunk: int = 0
+    token: int = NO_TOKEN
+    timings: tuple[StageTiming, ...] = ()
+    error: ChunkError | None = None
+    session_ended: bool = False
+    batch: tuple[int, ...] = ()  # the chunks computed in one batch with this one, in
+    #                              batch order (this one included); empty when alone
+
+    @property
+    def announces_subscription(self) -> bool:
+        """The Results stream's first message (no session): results reach it from now on."""
+        return not self.session
+
+
+SUBSCRIBED = StageResult(session="")

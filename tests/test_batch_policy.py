@@ -1,0 +1,120 @@
+"""Stage 0's batching policy and the token ring's rules, without gRPC or engines."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchcore.chunks import Chunk, ChunkError, Rows, StageTiming
+from orchcore.sampling import SamplingParams
+from orchestrator.pipeline.ring import TokenRing
+from worker.batching import MERGE_WAIT_MAX_S, STRAGGLER_WAIT_S, BatchPolicy
+from worker.publish import results_for
+from worker.ring import next_step
+
+
+def step(session: str, pos: int = 5, **fields: object) -> Chunk:
+    return Chunk(pipeline_id="p", session=session, start_pos=pos, tokens=(7,),
+                 want_token=True, **fields)
+
+
+@pytest.mark.parametrize(("chunk", "held", "why"), [
+    (step("a", pos=5), 4, "not at the position the stage holds"),
+    (step("a", pos=0), 0, "a session's first chunk"),
+    (step("a", pos=100), 100, "at the end of the context"),
+    (step("a", sampling=SamplingParams()), 5, "carries sampling parameters"),
+    (step("a", error=ChunkError("compute", "x", "w")), 5, "failed already"),
+    (step("a", hidden=Rows("f32", 1, 1, bytes(4))), 5, "carries hidden rows"),
+    (step("a", end_session=True), 5, "ends its session"),
+    (step("a", batched=(step("b"),)), 5, "is a batch already"),
+    (Chunk(pipeline_id="p", session="a", start_pos=5, tokens=(1, 2)), 5, "two tokens"),
+])
+def test_only_a_plain_decode_step_at_the_held_position_is_batchable(chunk, held, why):
+    policy = BatchPolicy(limit=4, stages=2, context_tokens=100)
+    assert policy.batchable(step("a"), 5), "a plain decode step"
+    assert not policy.batchable(chunk, held), why
+
+
+def test_a_stage_that_does_not_form_batches_batches_nothing():
+    assert not BatchPolicy(limit=1, stages=2, context_tokens=100).batchable(step("a"), 5)
+
+
+def test_a_batch_size_not_run_yet_is_tried_then_the_cheapest_round_wins():
+    policy = BatchPolicy(limit=8, stages=2, context_tokens=100)
+    # 4 live sessions over 1 or 2 batches: sizes 4 and 2, neither timed: the smaller
+    assert policy.size(4) == 2
+    policy.timed(Chunk("p", "a", tokens=(1,), batched=(step("b"),)), 0.010)
+    assert policy.size(4) == 4, "size 4 not timed yet: free, so tried"
+    policy.timed(Chunk("p", "a", tokens=(1,), batched=tuple(step(s) for s in "bcd")), 0.030)
+    assert policy.size(4) == 2, "a batch of 4 costs 30 ms, one of 2 costs 10 ms"
+    assert policy.size(20) == 8, "never more than the limit"
+
+
+def test_costs_are_smoothed_and_failed_or_prompt_chunks_do_not_count():
+    policy = BatchPolicy(limit=8, stages=1, context_tokens=100)
+    policy.timed(step("a"), 0.010)
+    policy.timed(step("a"), 0.020)
+    policy.timed(step("a", error=ChunkError("compute", "x", "w")), 9.0)
+    policy.timed(Chunk("p", "a", tokens=(1, 2, 3)), 9.0)
+    assert policy._batch_s == {1: pytest.approx(0.013)}
+
+
+def test_the_wait_is_short_unless_every_stage_has_a_batch_out():
+    policy = BatchPolicy(limit=8, stages=2, context_tokens=100)
+    assert policy.open("a", queued=0, now=1.0) == (1, STRAGGLER_WAIT_S)
+    policy.sent(["a", "b"], now=1.0)
+    take, wait = policy.open("c", queued=1, now=1.0)
+    assert (take, wait) == (2, STRAGGLER_WAIT_S), "one batch out; a, b, c and one queued"
+    policy.sent(["c"], now=1.0)
+    policy.sent(["d"], now=1.0)
+    policy.ended("d", now=1.02)  # its batch came back after 20 ms; two are still out
+    _, wait = policy.open("e", queued=0, now=1.02)
+    assert wait == pytest.approx(0.02), "a batch out per stage: wait up to a round trip"
+    policy.in_flight.round_trip_s = 5.0
+    _, wait = policy.open("e", queued=0, now=1.02)
+    assert wait == MERGE_WAIT_MAX_S
+
+
+def test_a_step_joins_a_batch_once_per_session_and_is_back_when_it_joins():
+    policy = BatchPolicy(limit=8, stages=1, context_tokens=100)
+    policy.sent(["b"], now=1.0)
+    assert not policy.joins(step("a"), 5, ["a"], now=1.01), "its session is in the batch"
+    assert not policy.joins(step("b"), 4, ["a"], now=1.01), "not at the held position"
+    assert policy.in_flight.busy(1.01) == (1, 1)
+    assert policy.joins(step("b"), 5, ["a"], now=1.01)
+    assert policy.in_flight.busy(1.01) == (0, 0) and policy.in_flight.round_trip_s == \
+        pytest.approx(0.01)
+
+
+def test_the_ring_goes_on_with_the_next_chunk_until_a_stop_or_its_end():
+    sent = Chunk("p", "s", chunk=3, start_pos=10, tokens=(1, 2), want_token=True,
+                 ring_left=2, ring_stops=(0,))
+    nxt = next_step(sent, 42)
+    assert nxt == Chunk("p", "s", chunk=4, start_pos=12, tokens=(42,), want_token=True,
+                        ring_left=1, ring_stops=(0,))
+    assert next_step(sent, 0) is None, "a stop token"
+    assert next_step(sent, -1) is None, "no token sampled"
+    assert next_step(nxt, 5).ring_left == 0 and next_step(next_step(nxt, 5), 6) is None
+
+
+def test_the_orchestrators_ring_follows_the_same_numbers():
+    left = TokenRing.length(True, limit=4, generated=0)
+    assert left == 3 and TokenRing.numbers(left) == 4
+    assert TokenRing.length(False, limit=4, generated=0) == 0
+    ring = TokenRing.after(7, left, stopped=False)
+    assert ring == TokenRing(8, 2)
+    assert TokenRing.after(7, left, stopped=True) is None
+    assert TokenRing.after(9, 0, stopped=False) is None
+
+
+def test_a_batch_gets_a_result_for_each_step_that_asks_and_all_see_its_error():
+    timing = (StageTiming(0, 1.0),)
+    batch = Chunk("p", "a", chunk=1, tokens=(1,), want_token=True, timings=timing,
+                  batched=(Chunk("p", "b", chunk=2, tokens=(2,)),
+                           Chunk("p", "c", chunk=3, tokens=(3,), want_token=True)))
+    got = results_for(batch, [10, -1, 30])
+    assert [(r.session, r.token, r.batch) for r in got] == [
+        ("a", 10, (1, 2, 3)), ("c", 30, (1, 2, 3))]
+    assert all(r.timings == timing for r in got)
+    failed = batch.failed(ChunkError("compute", "x", "w"))
+    assert [r.session for r in results_for(failed, [])] == ["a", "b", "c"]
+    assert all(r.token == -1 and r.error.code == "compute" for r in results_for(failed, []))

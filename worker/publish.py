@@ -1,0 +1,61 @@
+"""The last stage's results: which chunks of a computed batch get one, and the Results
+streams subscribed to them."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+
+from orchcore.chunks import NO_TOKEN, Chunk, StageResult
+
+log = logging.getLogger(__name__)
+
+
+def results_for(chunk: Chunk, tokens: list[int]) -> list[StageResult]:
+    """The answers for ``chunk``'s batch: each member that asks for a token, failed, or
+    ends its session gets one (``tokens``: one per member, empty when none was sampled)."""
+    members = chunk.members
+    batch = tuple(m.chunk for m in members) if chunk.batched else ()
+    tokens = tokens or [NO_TOKEN] * len(members)
+    return [StageResult(session=m.session, chunk=m.chunk, token=token, timings=chunk.timings,
+                        error=chunk.error, session_ended=m.end_session, batch=batch)
+            for m, token in zip(members, tokens, strict=True)
+            if m.want_token or chunk.error is not None or m.end_session]
+
+
+class Subscribers:
+    """The Results streams of a last stage: each result goes to every one of them."""
+
+    def __init__(self, stage_index: int) -> None:
+        self._index = stage_index
+        self._queues: list[queue.SimpleQueue[StageResult | None]] = []
+        self._lock = threading.Lock()
+
+    def subscribe(self) -> queue.SimpleQueue[StageResult | None]:
+        q: queue.SimpleQueue[StageResult | None] = queue.SimpleQueue()
+        with self._lock:
+            self._queues.append(q)
+        return q
+
+    def unsubscribe(self, q: queue.SimpleQueue) -> None:
+        with self._lock:
+            if q in self._queues:
+                self._queues.remove(q)
+        q.put(None)
+
+    def publish(self, out: StageResult) -> None:
+        with self._lock:
+            subscribers = list(self._queues)
+        if not subscribers and not out.session_ended:
+            log.warning("stage %d: result for session %s chunk %d has no subscriber",
+                        self._index, out.session, out.chunk)
+        for q in subscribers:
+            q.put(out)
+
+    def close(self) -> None:
+        """End every stream."""
+        with self._lock:
+            for q in self._queues:
+                q.put(None)
+            self._queues.clear()

@@ -1,0 +1,73 @@
+"""The token ring at the last stage: each token it samples for a chunk with ``ring_left``
+goes straight to stage 0 as the session's next chunk, so the orchestrator only listens.
+
+``RingFeed`` holds the stage side of the ring in one place: the rule for the next step, the
+link to stage 0 (or stage 0 itself, when the last stage is also the first), and the
+sessions ended here, so that ring chunks still on their way for them are dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from orchcore.chunks import Chunk
+from orchcore.errors import InvalidInputError, StageFaultError
+from orchcore.wire.channel import StreamClosedError
+from worker.downstream import DownstreamLink
+
+_ENDED_KEPT = 4096  # sessions remembered as ended, to drop ring chunks still on their way
+
+
+def next_step(chunk: Chunk, token: int) -> Chunk | None:
+    """The chunk the ring sends after ``chunk`` sampled ``token``: the token alone, at the
+    next position, numbered on, one token less left; None when the ring stops there."""
+    if not chunk.ring_left or token < 0 or token in chunk.ring_stops:
+        return None
+    return Chunk(pipeline_id=chunk.pipeline_id, session=chunk.session, chunk=chunk.chunk + 1,
+                 start_pos=chunk.start_pos + len(chunk.tokens), tokens=(token,),
+                 want_token=True, ring_left=chunk.ring_left - 1, ring_stops=chunk.ring_stops)
+
+
+class RingFeed:
+    """Where a stage's ring steps go, and which sessions ended here."""
+
+    def __init__(self, stage_index: int, *, is_first: bool, is_last: bool, ring_address: str,
+                 link: Callable[[str], DownstreamLink], home: Callable[[Chunk], None]) -> None:
+        if ring_address and not is_last:
+            raise InvalidInputError(f"stage {stage_index}: only the last stage has a "
+                                    f"ring_address")
+        self._index = stage_index
+        self._home = home if ring_address and is_first else None
+        self.link = link(ring_address) if ring_address and not is_first else None
+        # Sessions ended here, oldest first (a dict: ordered, and a set for lookups).
+        self._ended: dict[str, None] = {}
+
+    def send(self, chunk: Chunk, token: int) -> None:
+        """Send the ring's step after ``chunk`` to stage 0, if the ring goes on."""
+        step = next_step(chunk, token)
+        if step is None:
+            return
+        if self._home is not None:
+            self._home(step)
+            return
+        if self.link is None:
+            raise StageFaultError(f"stage {self._index}: asked to run the token ring, but "
+                                  f"it was loaded without a ring_address")
+        try:
+            self.link.send(step)
+        except StreamClosedError as exc:
+            raise StageFaultError(f"token ring: {exc}") from None
+
+    def ended(self, session: str) -> None:
+        self._ended[session] = None
+        if len(self._ended) > _ENDED_KEPT:
+            del self._ended[next(iter(self._ended))]
+
+    def dropped(self, chunk: Chunk) -> bool:
+        """Whether ``chunk`` is a ring chunk of a session ended meanwhile (stopped by the
+        orchestrator): nothing to do."""
+        return chunk.session in self._ended and not chunk.end_session
+
+    def close(self) -> None:
+        if self.link is not None:
+            self.link.close()
