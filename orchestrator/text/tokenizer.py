@@ -151,7 +151,8 @@ class Tokenizer:
             raise ValueError(f"the tokenizer of {self.path} is closed; load it again")
         return self._vocab
 
-    def _check_ids(self, tokens: Iterable[int]) -> None:
+    def check_ids(self, tokens: Iterable[int]) -> None:
+        """Raise ``TokenIdError`` for the first id outside the vocabulary."""
         for token in tokens:
             if not 0 <= token < self.n_vocab:
                 raise TokenIdError(f"token id {token} is outside the vocabulary "
@@ -189,7 +190,7 @@ class Tokenizer:
         control tokens (``<|im_end|>``); without it they are empty.
         """
         vocab = self._live_vocab()
-        self._check_ids((token,))
+        self.check_ids((token,))
         buf = ctypes.create_string_buffer(_PIECE_BYTES)
         n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
         if n < 0:  # buffer too small: -n is the size needed
@@ -207,7 +208,7 @@ class Tokenizer:
         """
         vocab = self._live_vocab()
         ids = [int(token) for token in tokens]
-        self._check_ids(ids)
+        self.check_ids(ids)
         if not ids:
             return ""
         arr = (llama_cpp.llama_token * len(ids))(*ids)
