@@ -22,6 +22,14 @@ def serve(
     host: Annotated[str | None, setting_option("serve_host", "--host")] = None,
     port: Annotated[int | None, setting_option("serve_port", "--port")] = None,
     queue: Annotated[int | None, setting_option("serve_queue", "--queue")] = None,
+    queue_wait: Annotated[float | None, setting_option("serve_queue_wait_s",
+                                                       "--queue-wait")] = None,
+    max_body: Annotated[int | None, setting_option("serve_max_body_bytes",
+                                                   "--max-body-bytes")] = None,
+    alias: Annotated[list[str] | None, typer.Option(
+        metavar="NAME", help="Another model name clients may ask for (repeatable), for a "
+                             "client that insists on one: --alias gpt-4o-mini. Other names "
+                             "get 404.")] = None,
     context: Annotated[int | None, setting_option("context_tokens", "--context")] = None,
     max_sessions: Annotated[int | None, setting_option("max_sessions", "--max-sessions")] = None,
     max_tokens: Annotated[int | None, setting_option("max_tokens", "--max-tokens")] = None,
@@ -36,6 +44,7 @@ def serve(
 
     The API key comes from ORCH_API_KEY (never a flag: command lines are visible to other
     users). Concurrent requests share the pipeline up to --max-sessions; --queue more wait.
+    Every request field and what orch does with it: docs/api.md.
     """
     setup_logging(verbose)
     from contextlib import ExitStack
@@ -47,7 +56,8 @@ def serve(
 
     try:
         settings = OrchSettings.load(local_workers=local, serve_host=host, serve_port=port,
-                                     serve_queue=queue, context_tokens=context,
+                                     serve_queue=queue, serve_queue_wait_s=queue_wait,
+                                     serve_max_body_bytes=max_body, context_tokens=context,
                                      max_sessions=max_sessions, max_tokens=max_tokens,
                                      threads=threads, codec=codec)
         if settings.serve_host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
@@ -65,11 +75,12 @@ def serve(
                 broken.append(reason)
                 server.should_exit = True
 
-            config = uvicorn.Config(create_app(opened.model, name, settings, stop),
+            config = uvicorn.Config(create_app(opened.model, name, settings, stop, alias or ()),
                                     host=settings.serve_host, port=settings.serve_port,
                                     log_level="warning")
             server = uvicorn.Server(config)
-            err.print(f"serving {name} on http://{settings.serve_host}:{settings.serve_port}/ "
+            names = ", ".join(dict.fromkeys([name, *(alias or ())]))
+            err.print(f"serving {names} on http://{settings.serve_host}:{settings.serve_port}/ "
                       f"(OpenAI API under /v1); Ctrl+C stops", highlight=False)
             server.run()
         if broken:
