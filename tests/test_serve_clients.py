@@ -267,3 +267,35 @@ def test_the_authorization_scheme_is_case_insensitive(served) -> None:
     wrong = call(served["base"], "GET", "/v1/models", headers={"Authorization": "Basic x"})
     assert wrong.status == 401
     assert json.loads(wrong.read())["error"]["type"] == "authentication_error"
+
+
+# --- 7. /metrics -------------------------------------------------------------------------
+
+
+def scrape(served) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    reply = call(served["base"], "GET", "/metrics", headers={"Authorization": f"Bearer {KEY}"})
+    assert reply.status == 200
+    text = reply.read().decode()
+    return {sample.name + "".join(f",{k}={v}" for k, v in sorted(sample.labels.items())):
+            sample.value for family in text_string_to_metric_families(text)
+            for sample in family.samples}
+
+
+def test_metrics_behind_the_key_count_answers_and_stages(client, served) -> None:
+    assert call(served["base"], "GET", "/metrics").status == 401
+    before = scrape(served)
+    client.completions.create(model="smollm2", prompt="The capital of France is",
+                              max_tokens=5, temperature=0)
+    after = until(lambda: (m := scrape(served)).get("orch_completion_tokens_total", 0)
+                  >= before.get("orch_completion_tokens_total", 0) + 5 and m, 10,
+                  "the answer's tokens were not counted")
+    assert after["orch_requests_total,path=/v1/completions,status=200"] >= 1
+    assert after["orch_prompt_tokens_total"] >= before.get("orch_prompt_tokens_total", 0) + 5
+    assert after["orch_time_to_first_token_seconds_count"] >= 1
+    assert after["orch_time_per_output_token_seconds_count"] >= 1
+    assert after["orch_workers_up"] == 2
+    assert (after["orch_active_sessions"], after["orch_queue_depth"]) == (0, 0)
+    stages = [k for k in after if k.startswith("orch_stage_compute_seconds_total")]
+    assert len(stages) == 2, stages

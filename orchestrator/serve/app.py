@@ -2,6 +2,7 @@
 
     /v1/models, /v1/chat/completions, /v1/completions   (SSE when "stream": true)
     /api/cluster                                         the plan and live speeds, for the page
+    /metrics                                             Prometheus' text format (``metrics``)
     /                                                    the page: a chat box, the cluster
 
 A request passes the API key and the body limit (``guard``), its fields are read strictly
@@ -29,6 +30,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from orchcore.errors import ContextFullError, InvalidInputError, OrchError
@@ -44,6 +46,7 @@ from orchestrator.pipeline.session import (
 from orchestrator.serve import replies
 from orchestrator.serve.gate import ApiError, Gate
 from orchestrator.serve.guard import ApiKeyGuard, read_json
+from orchestrator.serve.metrics import CountRequests, Metrics
 from orchestrator.serve.openai import (
     ChatRequest,
     CompletionRequest,
@@ -55,6 +58,8 @@ from orchestrator.settings import OrchSettings
 
 log = logging.getLogger(__name__)
 
+_PATHS = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/api/cluster", "/metrics",
+          "/")
 DISCONNECT_POLL_S = 0.2  # how often a waiting or non-streamed request checks its client
 
 
@@ -76,9 +81,10 @@ def create_app(model: RunningModel, name: str, settings: OrchSettings,
     logged."""
     app = FastAPI(title="orch", docs_url=None, redoc_url=None, openapi_url=None)
     key = settings.api_key.get_secret_value() if settings.api_key else None
-    app.add_middleware(ApiKeyGuard, key=key)
     state = _State(model, (name, *dict.fromkeys(a for a in aliases if a != name)), settings,
                    on_broken)
+    app.add_middleware(ApiKeyGuard, key=key)
+    app.add_middleware(CountRequests, metrics=state.metrics, paths=_PATHS)  # outermost: 401s too
     limit = settings.serve_max_body_bytes
 
     @app.exception_handler(ApiError)
@@ -120,6 +126,11 @@ def create_app(model: RunningModel, name: str, settings: OrchSettings,
     async def cluster() -> dict:
         return state.cluster()
 
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(state.metrics.registry),
+                        media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
         return files("orchestrator.serve").joinpath("web/index.html").read_text()
@@ -135,6 +146,7 @@ class _State:
         self.gate = Gate(model.plan.max_sessions, settings.serve_queue,
                          settings.serve_queue_wait_s)
         self.live = Live()
+        self.metrics = Metrics(model, lambda: self.gate.active, lambda: self.gate.waiting)
 
     async def answer(self, request: Request, body: ChatRequest | CompletionRequest,
                      prompt: Any, *, chat: bool) -> Any:
@@ -223,6 +235,7 @@ class _State:
             self.gate.leave(since)
             del self.live.running[key]
             self.live.last, self.live.answers = running.stats, self.live.answers + 1
+            self.metrics.answered(running.stats)
 
         gen = self.model.generate(tokens, sampling, stops=stops, max_tokens=max_tokens,
                                   chat=False, stats=running.stats)
@@ -240,6 +253,7 @@ class _State:
                     raise self._api_error(item)
                 if isinstance(item, Failover):  # the answer goes on; the client sees nothing
                     log.warning("%s", item.describe())
+                    self.metrics.failovers.inc()
                     continue
                 yield item
         finally:
