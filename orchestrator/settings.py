@@ -86,6 +86,18 @@ class OrchSettings(BaseSettings):
                                       "send (Authorization: Bearer KEY); none = open.")
     serve_queue: int = Field(16, ge=0, le=10_000, description="Requests that may wait for "
                              "a free session; more are refused with 429.")
+    serve_queue_wait_s: float = Field(30.0, gt=0, le=3600, description="Longest a request "
+                                      "waits for a free session before it gets 429.")
+    serve_tls: Literal["self-signed"] | None = Field(
+        None, description="self-signed: serve HTTPS with a certificate made once and kept in "
+                          "orch's cache (its fingerprint is printed for clients to pin).")
+    serve_tls_cert: Path | None = Field(None, description="Serve HTTPS with this PEM "
+                                        "certificate (chain); needs --tls-key.")
+    serve_tls_key: Path | None = Field(None, description="The PEM private key of "
+                                       "--tls-cert.")
+    serve_max_body_bytes: int = Field(4 << 20, ge=1024, le=1 << 30, description="Largest "
+                                      "request body orch serve reads, in bytes; a bigger one "
+                                      "gets 413 unread.")
 
     # --- deadlines -----------------------------------------------------------------------
     info_deadline_s: float = Field(5.0, gt=0, description="Deadline of a worker's Info call.")

@@ -23,7 +23,8 @@ import pytest
 import uvicorn
 
 from orchestrator.cluster.client import WorkerClient
-from orchestrator.serve.app import ApiError, Gate, create_app
+from orchestrator.serve.app import create_app
+from orchestrator.serve.gate import ApiError, Gate
 from orchestrator.settings import OrchSettings
 from testkit.cluster import open_model, worker_server
 
@@ -183,14 +184,14 @@ def test_bad_requests_get_openai_errors(client, served) -> None:
 def test_the_gate_queues_then_refuses() -> None:
     async def scenario() -> list[str]:
         gate, seen = Gate(slots=1, queue=1), []
-        await gate.enter()  # the one session
+        since = await gate.enter()  # the one session
         waiter = asyncio.create_task(gate.enter())  # the one place in the queue
         await asyncio.sleep(0)
         try:
             await gate.enter()
         except ApiError as exc:
             seen.append(f"{exc.status} {exc.kind}")
-        gate.leave()
+        gate.leave(since)
         await waiter
         seen.append(f"active {gate.active}, waiting {gate.waiting}")
         return seen
@@ -260,10 +261,11 @@ def test_a_dead_worker_ends_the_stream_with_an_error_and_stops_the_server(
                                    max_retries=0)
             stream = client.completions.create(model="m", prompt="Once upon a time",
                                                max_tokens=400, stream=True)
-            with pytest.raises(openai.APIError, match="worker"):
+            with pytest.raises(openai.APIError, match="worker") as failed:
                 for i, _ in enumerate(stream):
                     if i == 2:  # the last stage's worker goes away mid-answer
                         threading.Thread(target=last.__exit__, args=(None, None, None)).start()
+            assert b not in str(failed.value), "the client is told the server's own details"
             server.should_exit = True
             thread.join(timeout=10)
     assert broken and b in broken[0]

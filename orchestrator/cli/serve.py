@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -22,6 +23,17 @@ def serve(
     host: Annotated[str | None, setting_option("serve_host", "--host")] = None,
     port: Annotated[int | None, setting_option("serve_port", "--port")] = None,
     queue: Annotated[int | None, setting_option("serve_queue", "--queue")] = None,
+    queue_wait: Annotated[float | None, setting_option("serve_queue_wait_s",
+                                                       "--queue-wait")] = None,
+    max_body: Annotated[int | None, setting_option("serve_max_body_bytes",
+                                                   "--max-body-bytes")] = None,
+    tls: Annotated[str | None, setting_option("serve_tls", "--tls")] = None,
+    tls_cert: Annotated[Path | None, setting_option("serve_tls_cert", "--tls-cert")] = None,
+    tls_key: Annotated[Path | None, setting_option("serve_tls_key", "--tls-key")] = None,
+    alias: Annotated[list[str] | None, typer.Option(
+        metavar="NAME", help="Another model name clients may ask for (repeatable), for a "
+                             "client that insists on one: --alias gpt-4o-mini. Other names "
+                             "get 404.")] = None,
     context: Annotated[int | None, setting_option("context_tokens", "--context")] = None,
     max_sessions: Annotated[int | None, setting_option("max_sessions", "--max-sessions")] = None,
     max_tokens: Annotated[int | None, setting_option("max_tokens", "--max-tokens")] = None,
@@ -36,6 +48,7 @@ def serve(
 
     The API key comes from ORCH_API_KEY (never a flag: command lines are visible to other
     users). Concurrent requests share the pipeline up to --max-sessions; --queue more wait.
+    Every request field and what orch does with it: docs/api.md.
     """
     setup_logging(verbose)
     from contextlib import ExitStack
@@ -44,15 +57,18 @@ def serve(
 
     from orchestrator.cli.running import open_model
     from orchestrator.serve.app import create_app
+    from orchestrator.serve.tls import tls_files
 
     try:
         settings = OrchSettings.load(local_workers=local, serve_host=host, serve_port=port,
-                                     serve_queue=queue, context_tokens=context,
+                                     serve_queue=queue, serve_queue_wait_s=queue_wait,
+                                     serve_max_body_bytes=max_body, serve_tls=tls,
+                                     serve_tls_cert=tls_cert, serve_tls_key=tls_key,
+                                     context_tokens=context,
                                      max_sessions=max_sessions, max_tokens=max_tokens,
                                      threads=threads, codec=codec)
-        if settings.serve_host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
-            err.print(f"[yellow]note:[/] serving on {settings.serve_host} without an API key: "
-                      f"anyone who reaches the port can use the cluster (set ORCH_API_KEY)")
+        https = tls_files(settings.serve_tls, settings.serve_tls_cert, settings.serve_tls_key)
+        _warn_if_open(settings.serve_host, bool(settings.api_key), https is not None)
         _check_port_free(settings.serve_host, settings.serve_port)
         with ExitStack() as stack:
             opened = open_model(stack, model, parse_workers(workers) if workers else None,
@@ -65,18 +81,39 @@ def serve(
                 broken.append(reason)
                 server.should_exit = True
 
-            config = uvicorn.Config(create_app(opened.model, name, settings, stop),
+            config = uvicorn.Config(create_app(opened.model, name, settings, stop, alias or ()),
                                     host=settings.serve_host, port=settings.serve_port,
-                                    log_level="warning")
+                                    log_level="warning",
+                                    ssl_certfile=https and str(https.cert),
+                                    ssl_keyfile=https and str(https.key))
             server = uvicorn.Server(config)
-            err.print(f"serving {name} on http://{settings.serve_host}:{settings.serve_port}/ "
-                      f"(OpenAI API under /v1); Ctrl+C stops", highlight=False)
+            names = ", ".join(dict.fromkeys([name, *(alias or ())]))
+            scheme = "https" if https else "http"
+            err.print(f"serving {names} on {scheme}://{settings.serve_host}:"
+                      f"{settings.serve_port}/ (OpenAI API under /v1); Ctrl+C stops",
+                      highlight=False)
+            if https and https.fingerprint:
+                err.print(f"self-signed certificate, SHA-256 fingerprint {https.fingerprint} "
+                          f"(file {https.cert})", highlight=False)
             server.run()
         if broken:
             fail(OrchError(f"stopped serving: {broken[0]}; start orch serve again to plan "
                             f"without that worker (as a service, systemd restarts it)"))
     except OrchError as exc:
         fail(exc)
+
+
+def _warn_if_open(host: str, keyed: bool, https: bool) -> None:
+    """Binding beyond loopback: say what anyone on the network can do or see."""
+    if host in ("127.0.0.1", "localhost", "::1"):
+        return
+    if not keyed:
+        err.print(f"[yellow]note:[/] serving on {host} without an API key: anyone who reaches "
+                  f"the port can use the cluster (set ORCH_API_KEY)")
+    if not https:
+        err.print(f"[yellow]note:[/] serving on {host} over plain HTTP: the API key and every "
+                  f"prompt and answer cross the network in the clear (--tls self-signed, or "
+                  f"--tls-cert and --tls-key)")
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -124,14 +124,17 @@ class Failover:
 
 
 Event = TextPiece | Failover | Finished
-Prompt = str | Sequence[Mapping[str, str]]
+Prompt = str | Sequence[Mapping[str, str]] | Sequence[int]  # text, messages or token ids
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: Prompt, context_tokens: int, *,
                   chat: bool = True) -> list[int]:
-    """Token ids of a text, or of chat messages through the model's template; refused
-    before anything is sent when empty or longer than the context."""
-    if isinstance(prompt, str):
+    """Token ids of a text, or of chat messages through the model's template (or the token
+    ids given); refused before anything is sent when empty or longer than the context."""
+    if not isinstance(prompt, str) and all(isinstance(t, int) for t in prompt):
+        tokens = list(prompt)  # type: ignore[arg-type]
+        tokenizer.check_ids(tokens)
+    elif isinstance(prompt, str):
         tokens = tokenizer.encode(prompt)
     elif chat and tokenizer.chat_template:
         tokens = tokenizer.encode_chat(prompt)

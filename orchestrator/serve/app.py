@@ -2,35 +2,38 @@
 
     /v1/models, /v1/chat/completions, /v1/completions   (SSE when "stream": true)
     /api/cluster                                         the plan and live speeds, for the page
+    /metrics                                             Prometheus' text format (``metrics``)
     /                                                    the page: a chat box, the cluster
 
-Each answer is one session of the pipeline. At most the plan's sessions run at once; up to
-``serve_queue`` more requests wait for one, and beyond that a request gets 429. Generation
-runs in a thread per answer (the session API is synchronous); a client that goes away
-stops its answer within a token, which ends its session on the workers. An answer's place
-is given back when its thread ends, after its session has ended on the workers.
+A request passes the API key and the body limit (``guard``), its fields are read strictly
+(``openai``: a field orch cannot honour is a 400, never ignored), its prompt is tokenized in
+a thread, and then it waits for a place (``gate``): at most the plan's sessions answer at
+once, a bounded queue waits behind them, the rest get 429 with Retry-After. Each answer is
+one session of the pipeline, generated in a thread (the session API is synchronous). A
+client that goes away, streaming or not, stops its answer within a token, which ends its
+session on the workers; its place is given back once that session has ended.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
+import contextlib
 import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from importlib.resources import files
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
 
-from orchcore.errors import InvalidInputError, OrchError
+from orchcore.errors import ContextFullError, InvalidInputError, OrchError
 from orchcore.sampling import SamplingParams
 from orchestrator.pipeline.session import (
     Event,
@@ -40,59 +43,24 @@ from orchestrator.pipeline.session import (
     RunningModel,
     TextPiece,
 )
+from orchestrator.serve import replies
+from orchestrator.serve.gate import ApiError, Gate
+from orchestrator.serve.guard import ApiKeyGuard, read_json
+from orchestrator.serve.metrics import CountRequests, Metrics
+from orchestrator.serve.openai import (
+    ChatRequest,
+    CompletionRequest,
+    RequestError,
+    parse_chat,
+    parse_completion,
+)
 from orchestrator.settings import OrchSettings
 
 log = logging.getLogger(__name__)
 
-_FINISH = {"length": "length", "stop": "stop", "end": "stop"}  # ours -> OpenAI's
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send more than we use
-    model: str | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0)
-    stop: str | list[str] | None = None
-
-    def stops(self) -> list[str]:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stops) > 4 or not all(stops):
-            raise InvalidInputError("stop: at most 4 non-empty strings")
-        return stops
-
-    def sampling(self, default: SamplingParams) -> SamplingParams:
-        given = {"temperature": self.temperature, "top_p": self.top_p,
-                 "seed": None if self.seed is None else self.seed % (1 << 32)}
-        return replace(default, **{k: v for k, v in given.items() if v is not None})
-
-
-class ChatRequest(_Common):
-    messages: list[Message] = Field(min_length=1)
-
-
-class CompletionRequest(_Common):
-    prompt: str
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.kind = status, kind
+_PATHS = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/api/cluster", "/metrics",
+          "/")
+DISCONNECT_POLL_S = 0.2  # how often a waiting or non-streamed request checks its client
 
 
 @dataclass
@@ -104,76 +72,64 @@ class Live:
     answers: int = 0
 
 
-class Gate:
-    """At most ``slots`` answers at once; up to ``queue`` more wait; the rest get 429."""
-
-    def __init__(self, slots: int, queue: int) -> None:
-        self.slots, self.queue = slots, queue
-        self.active = self.waiting = 0
-        self._free = asyncio.Semaphore(slots)
-
-    async def enter(self) -> None:
-        if self._free.locked() and self.waiting >= self.queue:
-            raise ApiError(429, f"all {self.slots} sessions are busy and {self.waiting} "
-                                f"requests wait; try again shortly", "rate_limit_error")
-        self.waiting += 1
-        try:
-            await self._free.acquire()
-        finally:
-            self.waiting -= 1
-        self.active += 1
-
-    def leave(self) -> None:
-        self.active -= 1
-        self._free.release()
-
-
 def create_app(model: RunningModel, name: str, settings: OrchSettings,
-               on_broken: Callable[[str], None] | None = None) -> FastAPI:
-    """The ASGI app serving ``model`` under ``name``. ``on_broken`` hears once that a worker
-    of the pipeline is dead or hung and no failover could replace it (every later answer
-    would fail: the caller stops). A failover that succeeds is only logged."""
-    app = FastAPI(title="orch", docs_url=None, redoc_url=None)
-    state = _State(model, name, settings, on_broken)
+               on_broken: Callable[[str], None] | None = None,
+               aliases: Sequence[str] = ()) -> FastAPI:
+    """The ASGI app serving ``model`` under ``name`` (and ``aliases``). ``on_broken`` hears
+    once that a worker of the pipeline is dead or hung and no failover could replace it
+    (every later answer would fail: the caller stops). A failover that succeeds is only
+    logged."""
+    app = FastAPI(title="orch", docs_url=None, redoc_url=None, openapi_url=None)
+    key = settings.api_key.get_secret_value() if settings.api_key else None
+    state = _State(model, (name, *dict.fromkeys(a for a in aliases if a != name)), settings,
+                   on_broken)
+    app.add_middleware(ApiKeyGuard, key=key)
+    app.add_middleware(CountRequests, metrics=state.metrics, paths=_PATHS)  # outermost: 401s too
+    limit = settings.serve_max_body_bytes
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, str(exc), exc.kind)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+
+    @app.exception_handler(RequestError)
+    async def refused(_request: Request, exc: RequestError) -> JSONResponse:
+        return await api_error(_request, ApiError(400, str(exc), param=exc.param))
 
     @app.exception_handler(ValidationError)
     async def bad_body(_request: Request, exc: ValidationError) -> JSONResponse:
-        return _error(400, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                                     for e in exc.errors()))
+        return await api_error(_request, replies.invalid(exc))
 
-    @app.middleware("http")
-    async def api_key(request: Request, call_next: Callable) -> Any:
-        key = settings.api_key.get_secret_value() if settings.api_key else None
-        if key and request.url.path.startswith(("/v1/", "/api/")):
-            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(given.encode(), key.encode()):
-                return _error(401, "missing or wrong API key (Authorization: Bearer KEY)",
-                              "authentication_error")
-        return await call_next(request)
+    @app.exception_handler(Exception)
+    async def crashed(_request: Request, exc: Exception) -> JSONResponse:
+        ident = uuid.uuid4().hex[:12]
+        log.error("request %s failed", ident, exc_info=exc)
+        return await api_error(_request, ApiError(
+            500, f"the server failed on this request (error {ident} in its log)",
+            "server_error"))
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0,
-                                            "owned_by": "orch"}]}
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0,
+                                            "owned_by": "orch"} for n in state.names]}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
-        body = ChatRequest.model_validate(await _json(request))
-        messages = [m.model_dump(include={"role", "content"}) for m in body.messages]
-        return await state.answer(body, messages, chat=True)
+        body = parse_chat(await read_json(request, limit))
+        return await state.answer(request, body, body.chat(), chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
-        body = CompletionRequest.model_validate(await _json(request))
-        return await state.answer(body, body.prompt, chat=False)
+        body = parse_completion(await read_json(request, limit))
+        return await state.answer(request, body, body.one_prompt(), chat=False)
 
     @app.get("/api/cluster")
     async def cluster() -> dict:
         return state.cluster()
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(state.metrics.registry),
+                        media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
@@ -183,68 +139,90 @@ def create_app(model: RunningModel, name: str, settings: OrchSettings,
 
 
 class _State:
-    def __init__(self, model: RunningModel, name: str, settings: OrchSettings,
+    def __init__(self, model: RunningModel, names: tuple[str, ...], settings: OrchSettings,
                  on_broken: Callable[[str], None] | None) -> None:
-        self.model, self.name, self.settings = model, name, settings
+        self.model, self.names, self.settings = model, names, settings
         self.on_broken = on_broken
-        self.gate = Gate(model.plan.max_sessions, settings.serve_queue)
+        self.gate = Gate(model.plan.max_sessions, settings.serve_queue,
+                         settings.serve_queue_wait_s)
         self.live = Live()
+        self.metrics = Metrics(model, lambda: self.gate.active, lambda: self.gate.waiting)
 
-    async def answer(self, body: _Common, prompt: Any, *, chat: bool) -> Any:
+    async def answer(self, request: Request, body: ChatRequest | CompletionRequest,
+                     prompt: Any, *, chat: bool) -> Any:
+        if body.model is not None and body.model not in self.names:
+            raise ApiError(404, f"model {body.model!r} is not served here; this server serves "
+                                f"{', '.join(self.names)}", param="model",
+                           code="model_not_found")
+        stops, sampling = body.stops(), body.sampling(self.settings.sampling())
+        tokens = await asyncio.to_thread(self._encode, prompt, chat)
+        since = await _unless_gone(request, self.gate.enter(), self.gate.leave)
         try:
-            self.model.encode(prompt, chat=chat)  # a bad prompt is a 400, before any slot
-            stops = body.stops()
-            sampling = body.sampling(self.settings.sampling())
-        except (OrchError, ValueError) as exc:  # empty, too long, not text, bad values
-            raise ApiError(400, str(exc)) from None
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        await self.gate.enter()  # given back by the answer's thread as it ends
-        try:
-            running = self._start(prompt, sampling, stops, max_tokens, chat)
+            running = self._start(tokens, sampling, stops, body.limit(), since)
         except BaseException:
-            self.gate.leave()
+            self.gate.leave(since)
             raise
         events = self._events(running)
         kind = "chat.completion" if chat else "text_completion"
+        name = body.model or self.names[0]
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._sse(events, kind, usage),
+            return StreamingResponse(self._sse(events, kind, name, usage),
                                      media_type="text/event-stream")
-        text, done = [], None
-        async with aclosing(events):
-            async for event in events:
-                if isinstance(event, TextPiece):
-                    text.append(event.text)
-                elif isinstance(event, Finished):
-                    done = event
-        assert done is not None  # generate always ends with Finished
-        return _whole(kind, self.name, "".join(text), done)
+        watcher = asyncio.create_task(_stop_when_gone(request, running.stop))
+        try:
+            text, done = await _collect(events)
+        finally:
+            watcher.cancel()
+        if done is None:  # the client went away: nobody reads this
+            return Response(status_code=499)
+        return replies.whole(kind, name, text, done)
 
-    async def _sse(self, events: AsyncIterator[Event], kind: str, usage: bool
+    def _encode(self, prompt: Any, chat: bool) -> list[int]:
+        """Token ids of the prompt, or a 400 saying what is wrong with it (in a thread: a
+        long prompt never holds up the event loop)."""
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            bad = next((t for t in prompt if not 0 <= t < self.model.tokenizer.n_vocab), None)
+            if bad is not None:
+                raise ApiError(400, f"token id {bad} is outside the vocabulary [0, "
+                                    f"{self.model.tokenizer.n_vocab})", param="prompt")
+        try:
+            return self.model.encode(prompt, chat=chat)
+        except ContextFullError:
+            raise ApiError(400, f"the prompt is longer than this server's context of "
+                                f"{self.model.plan.context_tokens} tokens; shorten it (or the "
+                                f"conversation)", param="messages" if chat else "prompt",
+                           code="context_length_exceeded") from None
+        except (OrchError, ValueError) as exc:  # empty, not text, the template refused it
+            raise ApiError(400, str(exc), param="messages" if chat else "prompt") from None
+
+    async def _sse(self, events: AsyncIterator[Event], kind: str, name: str, usage: bool
                    ) -> AsyncIterator[str]:
-        ident, created = _ident(kind), int(time.time())
+        ident, created = replies.ident(kind), int(time.time())
+
+        def chunk(content: str | dict | None, finish: str | None = None,
+                  totals: dict | None = None) -> str:
+            return replies.data(replies.chunk(kind, ident, created, name, content, finish,
+                                              totals))
+
         try:  # closing the events (the client went away) stops the answer
             if kind == "chat.completion":
-                yield _data(_chunk(kind, ident, created, self.name, {"role": "assistant",
-                                                                      "content": ""}))
+                yield chunk({"role": "assistant", "content": ""})
             async for event in events:
                 if isinstance(event, TextPiece):
-                    yield _data(_chunk(kind, ident, created, self.name, event.text))
+                    yield chunk(event.text)
                 elif isinstance(event, Finished):
-                    yield _data(_chunk(kind, ident, created, self.name, None,
-                                       _FINISH[event.reason]))
+                    yield chunk(None, replies.FINISH[event.reason])
                     if usage:
-                        yield _data(_chunk(kind, ident, created, self.name, None, None,
-                                           _usage(event)))
+                        yield chunk(None, None, replies.usage(event))
             yield "data: [DONE]\n\n"
-        except (OrchError, ApiError) as exc:  # headers are out: the error goes in the stream
-            yield _data({"error": {"message": str(exc), "type": getattr(exc, "kind",
-                                                                        "server_error")}})
+        except ApiError as exc:  # headers are out: the error goes in the stream
+            yield replies.data(exc.body())
         finally:
             await events.aclose()
 
-    def _start(self, prompt: Any, sampling: SamplingParams, stops: list[str],
-               max_tokens: int | None, chat: bool) -> _Running:
+    def _start(self, tokens: list[int], sampling: SamplingParams, stops: list[str],
+               max_tokens: int | None, since: float) -> _Running:
         """Generate the answer in a thread, which gives the gate's place back when it ends:
         only then has the answer's session ended on the workers. (Given back when the
         client went away, the place could go to an answer whose session reaches the workers
@@ -254,12 +232,13 @@ class _State:
         self.live.running[key] = running.stats
 
         def ended() -> None:  # on the event loop, once the session has ended
-            self.gate.leave()
+            self.gate.leave(since)
             del self.live.running[key]
             self.live.last, self.live.answers = running.stats, self.live.answers + 1
+            self.metrics.answered(running.stats)
 
-        gen = self.model.generate(prompt, sampling, stops=stops, max_tokens=max_tokens,
-                                  chat=chat, stats=running.stats)
+        gen = self.model.generate(tokens, sampling, stops=stops, max_tokens=max_tokens,
+                                  chat=False, stats=running.stats)
         threading.Thread(target=_pump, args=(gen, running, loop, ended), daemon=True,
                          name="answer").start()
         return running
@@ -271,13 +250,27 @@ class _State:
             while (item := await running.queue.get()) is not _END:
                 if isinstance(item, BaseException):
                     self._check_pipeline(item)
-                    raise _api_error(item)
+                    raise self._api_error(item)
                 if isinstance(item, Failover):  # the answer goes on; the client sees nothing
                     log.warning("%s", item.describe())
+                    self.metrics.failovers.inc()
                     continue
                 yield item
         finally:
             running.stop.set()
+
+    def _api_error(self, exc: BaseException) -> BaseException:
+        """What the client is told: the cause goes to the log, not to the client."""
+        if isinstance(exc, InvalidInputError):
+            return ApiError(400, str(exc))
+        if not isinstance(exc, OrchError):
+            return exc
+        ident = uuid.uuid4().hex[:12]
+        log.error("answer %s failed: %s", ident, exc)
+        return ApiError(503, f"the cluster could not finish this answer: a worker failed or "
+                             f"stopped answering (error {ident} in the server's log); try "
+                             f"again shortly", "server_error",
+                        code="cluster_unavailable", retry_after=self.gate.retry_after())
 
     def _check_pipeline(self, exc: BaseException) -> None:
         if self.model.path.failed and self.on_broken is not None:
@@ -297,8 +290,9 @@ class _State:
                            "tokens_per_s": 1e3 / ms if ms else None})
         rate = (watched.decode_tokens / watched.decode_s
                 if watched and watched.decode_s else None)
-        return {"model": self.name, "layers": self.model.plan.n_layers, "stages": stages,
+        return {"model": self.names[0], "layers": self.model.plan.n_layers, "stages": stages,
                 "tokens_per_s": rate, "answers": self.live.answers,
+                "context_tokens": self.model.plan.context_tokens,
                 "sessions": {"slots": self.gate.slots, "active": self.gate.active,
                              "waiting": self.gate.waiting}}
 
@@ -333,64 +327,41 @@ def _pump(gen: Iterator[Event], running: _Running, loop: asyncio.AbstractEventLo
         loop.call_soon_threadsafe(ended)
 
 
-def _api_error(exc: BaseException) -> BaseException:
-    if isinstance(exc, InvalidInputError):
-        return ApiError(400, str(exc))
-    if isinstance(exc, OrchError):
-        return ApiError(503, str(exc), "server_error")
-    return exc
+async def _collect(events: AsyncIterator[Event]) -> tuple[str, Finished | None]:
+    text, done = [], None
+    async with aclosing(events):
+        async for event in events:
+            if isinstance(event, TextPiece):
+                text.append(event.text)
+            elif isinstance(event, Finished):
+                done = event
+    return "".join(text), done
 
 
-async def _json(request: Request) -> Any:
+async def _gone(request: Request) -> None:
+    """Returns once the client has gone away."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(DISCONNECT_POLL_S)
+
+
+async def _stop_when_gone(request: Request, stop: threading.Event) -> None:
+    await _gone(request)
+    stop.set()
+
+
+async def _unless_gone(request: Request, entering: Any, leave: Callable[[float], None]
+                       ) -> float:
+    """Wait for a place in the gate, unless the client goes away first (then its place in
+    the queue is given up, and a place it got meanwhile is given back)."""
+    enter, gone = asyncio.ensure_future(entering), asyncio.ensure_future(_gone(request))
     try:
-        return await request.json()
-    except ValueError:
-        raise ApiError(400, "the body is not JSON") from None
-
-
-def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None,
-                                   "code": None}}, status_code=status)
-
-
-def _ident(kind: str) -> str:
-    return ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex[:24]
-
-
-def _usage(done: Finished) -> dict:
-    completion = len(done.session.generated)
-    return {"prompt_tokens": done.stats.prompt_tokens, "completion_tokens": completion,
-            "total_tokens": done.stats.prompt_tokens + completion}
-
-
-def _whole(kind: str, name: str, text: str, done: Finished) -> dict:
-    choice: dict[str, Any] = {"index": 0, "finish_reason": _FINISH[done.reason]}
-    if kind == "chat.completion":
-        choice["message"] = {"role": "assistant", "content": text}
-    else:
-        choice |= {"text": text, "logprobs": None}
-    return {"id": _ident(kind), "object": kind, "created": int(time.time()), "model": name,
-            "choices": [choice], "usage": _usage(done)}
-
-
-def _chunk(kind: str, ident: str, created: int, name: str, content: str | dict | None,
-           finish: str | None = None, usage: dict | None = None) -> dict:
-    if usage is not None:
-        choices: list[dict] = []
-    elif kind == "chat.completion":
-        delta = content if isinstance(content, dict) else \
-            ({} if content is None else {"content": content})
-        choices = [{"index": 0, "delta": delta, "finish_reason": finish}]
-    else:
-        choices = [{"index": 0, "text": content or "", "logprobs": None,
-                    "finish_reason": finish}]
-    chunk = {"id": ident, "object": f"{kind}.chunk" if kind == "chat.completion" else kind,
-             "created": created, "model": name, "choices": choices}
-    if usage is not None:
-        chunk["usage"] = usage
-    return chunk
-
-
-def _data(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
+        await asyncio.wait({enter, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not enter.done():
+            enter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                leave(await enter)  # got a place as the client left
+    if enter.cancelled():
+        raise ApiError(499, "the client went away while waiting")
+    return enter.result()

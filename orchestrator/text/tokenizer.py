@@ -21,6 +21,7 @@ from __future__ import annotations
 import codecs
 import ctypes
 import json
+import logging
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
@@ -35,6 +36,9 @@ from gguf import Keys
 from orchcore.errors import GGUFError, InvalidInputError, OrchError, UnsupportedModelError
 from orchcore.facts import open_gguf
 from orchcore.llama_ext import init_backend
+from orchestrator.text.fragments import Raw, SpecialToken, cut, partition, placeholders, token_ids
+
+log = logging.getLogger(__name__)
 
 _PIECE_BYTES = 64  # first buffer size for one token's text; longer pieces retry
 _INT32_MAX = 2**31 - 1
@@ -110,10 +114,12 @@ class Tokenizer:
         self._vocab: llama_cpp.llama_vocab_p | None = vocab
         self.n_vocab: int = llama_cpp.llama_vocab_n_tokens(vocab)
         self._eog: tuple[int, ...] | None = None
+        self._specials: tuple[SpecialToken, ...] | None = None
         self.bos: int | None = _token_or_none(llama_cpp.llama_vocab_bos(vocab))
         self.eos: int | None = _token_or_none(llama_cpp.llama_vocab_eos(vocab))
         self.eot: int | None = _token_or_none(llama_cpp.llama_vocab_eot(vocab))
         self.add_bos: bool = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
+        self.add_eos: bool = bool(llama_cpp.llama_vocab_get_add_eos(vocab))
         self.chat_template: str | None = _chat_template(model)
 
     @classmethod
@@ -145,7 +151,8 @@ class Tokenizer:
             raise ValueError(f"the tokenizer of {self.path} is closed; load it again")
         return self._vocab
 
-    def _check_ids(self, tokens: Iterable[int]) -> None:
+    def check_ids(self, tokens: Iterable[int]) -> None:
+        """Raise ``TokenIdError`` for the first id outside the vocabulary."""
         for token in tokens:
             if not 0 <= token < self.n_vocab:
                 raise TokenIdError(f"token id {token} is outside the vocabulary "
@@ -183,7 +190,7 @@ class Tokenizer:
         control tokens (``<|im_end|>``); without it they are empty.
         """
         vocab = self._live_vocab()
-        self._check_ids((token,))
+        self.check_ids((token,))
         buf = ctypes.create_string_buffer(_PIECE_BYTES)
         n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
         if n < 0:  # buffer too small: -n is the size needed
@@ -201,7 +208,7 @@ class Tokenizer:
         """
         vocab = self._live_vocab()
         ids = [int(token) for token in tokens]
-        self._check_ids(ids)
+        self.check_ids(ids)
         if not ids:
             return ""
         arr = (llama_cpp.llama_token * len(ids))(*ids)
@@ -261,17 +268,70 @@ class Tokenizer:
                             eos_token=self.special_text(self.eos))
 
     def encode_chat(self, messages: Sequence[Mapping[str, str]], *,
-                    add_generation_prompt: bool = True) -> list[int]:
+                    add_generation_prompt: bool = True,
+                    template: str | None = None) -> list[int]:
         """Token ids of the chat prompt, with exactly one BOS where the model wants one.
 
-        Jinja templates often write the BOS text themselves and llama.cpp's renderer
-        never does, so BOS is added only when the vocabulary asks for it and the prompt
-        does not already start with it.
+        Special tokens are parsed only where the template writes them: ``<|im_end|>``
+        inside a message's content is text, so no message can forge another turn
+        (``fragments``). Jinja templates often write the BOS text themselves and
+        llama.cpp's renderer never does, so BOS is added only when the vocabulary asks for
+        it and the prompt does not already start with it. ``template``: as for
+        ``apply_chat_template``.
         """
-        prompt = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        rendered = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                            template=template)
+        contents = [m["content"] for m in messages]
+        marks = placeholders(len(messages))
+        masked = self.apply_chat_template([dict(m, content=mark) for m, mark in
+                                           zip(messages, marks, strict=True)],
+                                          add_generation_prompt=add_generation_prompt,
+                                          template=template)
+        parts = _matching_cut(masked, marks, contents, rendered)
         bos_text = self.special_text(self.bos)
-        has_bos = bool(bos_text) and prompt.startswith(bos_text)
-        return self.encode(prompt, add_special=self.add_bos and not has_bos)
+        has_bos = bool(bos_text) and rendered.startswith(bos_text)
+        ids = token_ids(partition(parts, self.specials), self._encode_text)
+        if self.add_bos and not has_bos:  # what llama.cpp adds with add_special
+            ids = [self.bos] * (self.bos is not None) + ids
+            ids += [self.eos] * (self.add_eos and self.eos is not None)
+        return ids
+
+    def _encode_text(self, text: str) -> list[int]:
+        return self.encode(text, add_special=False, parse_special=False)
+
+    @property
+    def specials(self) -> tuple[SpecialToken, ...]:
+        """The tokens llama.cpp parses out of text with ``parse_special``: control,
+        user-defined and unknown tokens, with their whitespace-stripping attributes."""
+        if self._specials is None:
+            vocab = self._live_vocab()
+            wanted = (llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+                      | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN)
+            found = []
+            for token in range(self.n_vocab):
+                attr = llama_cpp.llama_vocab_get_attr(vocab, token)
+                if attr & wanted:
+                    text = llama_cpp.llama_vocab_get_text(vocab, token)
+                    found.append(SpecialToken(
+                        (text or b"").decode("utf-8", errors="replace"), token,
+                        lstrip=bool(attr & llama_cpp.LLAMA_TOKEN_ATTR_LSTRIP),
+                        rstrip=bool(attr & llama_cpp.LLAMA_TOKEN_ATTR_RSTRIP),
+                        control=not attr & llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED))
+            self._specials = tuple(found)
+        return self._specials
+
+
+def _matching_cut(masked: str, marks: Sequence[str], contents: Sequence[str],
+                  rendered: str) -> list[Raw]:
+    """The template's text and the contents, as the template placed them. A template may
+    trim the content (llama.cpp's Gemma and Llama 3 renderers do): the trimmed contents
+    are put back when that is what the template rendered."""
+    for variant in (lambda c: c, str.strip):
+        parts = cut(masked, marks, [variant(c) for c in contents])
+        if "".join(p.text for p in parts) == rendered:
+            return parts
+    log.debug("the chat template transforms message content; it is tokenized as given")
+    return cut(masked, marks, contents)
 
 
 def _turns(messages: Sequence[Mapping[str, str]]) -> list[tuple[str, str]]:

@@ -1,0 +1,236 @@
+"""The OpenAI request bodies orch serve reads, and what it does with every field.
+
+Each field of ``/v1/chat/completions`` and ``/v1/completions`` is one of:
+
+* supported: it changes the answer as OpenAI documents;
+* refused unless off: orch does not implement it, so a value other than OpenAI's default
+  (``_OFF``) is a 400 naming the field, never a silent answer without it;
+* ignored: it cannot change the answer (``user``, ``metadata``).
+
+A field OpenAI does not have is a 400 too, as OpenAI answers it. docs/api.md lists them all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from orchcore.sampling import MAX_TOP_K, SamplingParams
+
+
+class RequestError(ValueError):
+    """A request field orch refuses: ``param`` names it for the OpenAI error body."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+# Fields orch does not implement -> the values that mean "off" (OpenAI's defaults; None is
+# always off) and what to do instead.
+_OFF: dict[str, tuple[tuple[Any, ...], str]] = {
+    "n": ((1,), "one choice per request; send several requests"),
+    "best_of": ((1,), "one candidate per request; send several requests"),
+    "frequency_penalty": ((0, 0.0), "not implemented; use repeat_penalty (1 = off)"),
+    "presence_penalty": ((0, 0.0), "not implemented; use repeat_penalty (1 = off)"),
+    "logit_bias": (({},), "not implemented"),
+    "logprobs": ((False,), "log probabilities are not returned"),
+    "top_logprobs": ((0,), "log probabilities are not returned"),
+    "echo": ((False,), "the prompt is not echoed; prepend it yourself"),
+    "suffix": (("",), "insertion (a suffix after the completion) is not implemented"),
+    "tools": (([],), "tool calls are not implemented"),
+    "functions": (([],), "function calls are not implemented"),
+    "tool_choice": (("none", "auto"), "tool calls are not implemented"),
+    "function_call": (("none", "auto"), "function calls are not implemented"),
+    "parallel_tool_calls": ((True, False), ""),  # meaningless without tools: any bool is off
+    "response_format": (({"type": "text"},), "structured (JSON) output is not implemented"),
+    "modalities": ((["text"],), "this server answers with text only"),
+    "audio": ((), "this server answers with text only"),
+    "prediction": ((), "predicted outputs are not implemented"),
+    "reasoning_effort": ((), "not a reasoning model setting orch has"),
+    "verbosity": ((), "not implemented"),
+    "web_search_options": ((), "web search is not implemented"),
+    "store": ((False,), "answers are not stored"),
+    "service_tier": (("auto", "default"), "there is one tier"),
+}
+IGNORED = ("user", "metadata", "prompt_cache_key", "safety_identifier")
+
+CHAT_REFUSED = ("n", "frequency_penalty", "presence_penalty", "logit_bias", "logprobs",
+                "top_logprobs", "tools", "functions", "tool_choice", "function_call",
+                "parallel_tool_calls", "response_format", "modalities", "audio", "prediction",
+                "reasoning_effort", "verbosity", "web_search_options", "store", "service_tier")
+COMPLETION_REFUSED = ("n", "best_of", "frequency_penalty", "presence_penalty", "logit_bias",
+                      "logprobs", "echo", "suffix")
+
+
+def _is_off(value: Any, offs: tuple[Any, ...]) -> bool:
+    # bool is an int: True must not pass for n=1, nor 0 for logprobs=False
+    return value is None or any(value == off and isinstance(value, bool) == isinstance(off, bool)
+                                for off in offs)
+
+
+def check_refused(body: dict[str, Any], names: tuple[str, ...]) -> None:
+    """A ``RequestError`` for the first field that is set to something orch cannot do."""
+    for name in names:
+        offs, why = _OFF[name]
+        if name in body and not _is_off(body[name], offs):
+            raise RequestError(name, f"{body[name]!r} is not supported ({why}); leave it out")
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+    include_obfuscation: bool | None = None  # OpenAI's; harmless here
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a field OpenAI lacks is refused, as OpenAI does
+    model: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0)
+    stop: str | list[str] | None = None
+    # llama.cpp's own sampling fields, as its server takes them
+    top_k: int | None = Field(None, ge=0, le=MAX_TOP_K)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repeat_penalty: float | None = Field(None, gt=0.0)
+    # refused unless off (``_OFF``, checked by ``parse`` first), or ignored (``IGNORED``)
+    n: Any = None
+    frequency_penalty: Any = None
+    presence_penalty: Any = None
+    logit_bias: Any = None
+    logprobs: Any = None
+    user: Any = None
+    metadata: Any = None
+    prompt_cache_key: Any = None
+    safety_identifier: Any = None
+
+    def stops(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4 or not all(stops):
+            raise RequestError("stop", "at most 4 non-empty strings")
+        return stops
+
+    def sampling(self, default: SamplingParams) -> SamplingParams:
+        given = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                 "min_p": self.min_p, "repeat_penalty": self.repeat_penalty,
+                 "seed": None if self.seed is None else self.seed % (1 << 32)}
+        return replace(default, **{k: v for k, v in given.items() if v is not None})
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None  # ignored: a participant's name does not reach the template
+    tool_calls: Any = None
+    tool_call_id: Any = None
+    function_call: Any = None
+    refusal: Any = None
+    audio: Any = None
+
+    def text(self, where: str) -> dict[str, str]:
+        """``{"role", "content"}`` for the template: text parts joined, the developer role
+        as the system role templates know."""
+        if self.role in ("tool", "function"):
+            raise RequestError(f"{where}.role", f"{self.role!r} messages are not supported "
+                                                f"(tool calls are not implemented)")
+        if self.role not in ("system", "user", "assistant", "developer"):
+            raise RequestError(f"{where}.role", f"{self.role!r} is not a role; use system, "
+                                                f"user, assistant or developer")
+        for name in ("tool_calls", "function_call", "audio", "refusal", "tool_call_id"):
+            if getattr(self, name):
+                raise RequestError(f"{where}.{name}", "is not supported (tool calls, audio and "
+                                                      "refusals are not implemented)")
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": self._content(where)}
+
+    def _content(self, where: str) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        if self.content is None:
+            raise RequestError(f"{where}.content", "is missing; give the message's text")
+        texts = []
+        for i, part in enumerate(self.content):
+            kind = part.get("type")
+            if kind != "text":
+                raise RequestError(f"{where}.content[{i}].type",
+                                   f"{kind!r} parts are not supported: this model reads text "
+                                   f"only (send {{'type': 'text', 'text': ...}} parts)")
+            if not isinstance(part.get("text"), str) or set(part) - {"type", "text"}:
+                raise RequestError(f"{where}.content[{i}]",
+                                   "a text part is {'type': 'text', 'text': '...'}")
+            texts.append(part["text"])
+        return "\n".join(texts)
+
+
+class ChatRequest(_Common):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    top_logprobs: Any = None
+    tools: Any = None
+    functions: Any = None
+    tool_choice: Any = None
+    function_call: Any = None
+    parallel_tool_calls: Any = None
+    response_format: Any = None
+    modalities: Any = None
+    audio: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
+    store: Any = None
+    service_tier: Any = None
+
+    def chat(self) -> list[dict[str, str]]:
+        return [m.text(f"messages[{i}]") for i, m in enumerate(self.messages)]
+
+    def limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+Prompt = str | list[int]
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    best_of: Any = None
+    echo: Any = None
+    suffix: Any = None
+
+    def one_prompt(self) -> Prompt:
+        """The prompt as text or token ids; a batch of several is refused."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            return prompt  # type: ignore[return-value]
+        if len(prompt) != 1:
+            raise RequestError("prompt", f"a batch of {len(prompt)} prompts is not supported; "
+                                         f"send one request per prompt" if prompt else
+                               "is empty: give some text")
+        return prompt[0]
+
+    def limit(self) -> int | None:
+        return self.max_tokens
+
+
+def parse_chat(body: Any) -> ChatRequest:
+    """A chat request, or a ``RequestError`` / pydantic ``ValidationError`` saying why not."""
+    check_refused(_object(body), CHAT_REFUSED)
+    return ChatRequest.model_validate(body)
+
+
+def parse_completion(body: Any) -> CompletionRequest:
+    check_refused(_object(body), COMPLETION_REFUSED)
+    return CompletionRequest.model_validate(body)
+
+
+def _object(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise RequestError("body", "must be a JSON object")
+    return body
