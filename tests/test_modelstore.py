@@ -19,6 +19,7 @@ from gguf import GGUFReader
 from gguf.constants import GGUF_MAGIC
 
 import orchestrator
+import orchestrator.models
 from orchcore.paths import cache_dir
 from orchestrator.models.registry import (
     Expected,
@@ -290,9 +291,10 @@ def test_the_registry_ships_inside_the_package(monkeypatch):
     """A wheel carries packages only: an installed orch once looked for
     site-packages/models.yaml. The registry is package data (a link in the checkout)."""
     monkeypatch.delenv("ORCH_MODELS_FILE", raising=False)
-    package = Path(orchestrator.__file__).resolve().parent
+    package = Path(orchestrator.models.__file__).resolve().parent
     assert registry_path() == package / "models.yaml"
-    root = package.parent
+    root = Path(orchestrator.__file__).resolve().parent.parent
     assert registry_path().read_bytes() == (root / "models.yaml").read_bytes()
     pyproject = tomllib.loads((root / "pyproject.toml").read_text())
-    assert "models.yaml" in pyproject["tool"]["setuptools"]["package-data"]["orchestrator"]
+    package_data = pyproject["tool"]["setuptools"]["package-data"]
+    assert "models.yaml" in package_data["orchestrator.models"]
