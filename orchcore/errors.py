@@ -73,6 +73,10 @@ class NoRangeError(SourceFetchError):
     """The server sends whole files only: no part of the model can be fetched alone."""
 
 
+class SourceChangedError(SourceFetchError):
+    """The published file is no longer the version being fetched (its ETag or size moved)."""
+
+
 class LayerRangeError(OrchError, ValueError):
     """A layer range outside ``[0, n_layers)`` or empty."""
 
@@ -151,6 +155,11 @@ class WorkerBusyError(OrchError):
 
 class CacheFullError(OrchError):
     """A shard does not fit the worker's shard cache limit."""
+
+
+class DiskFullError(CacheFullError, ModelFetchError):
+    """Bytes being fetched do not fit the disk (or the process's file size limit); names
+    the file, what it needs and what is free."""
 
 
 class MemoryBudgetError(OrchError):

@@ -43,7 +43,7 @@ from orchcore.errors import (
     TruncatedGGUFError,
     UnsupportedModelError,
 )
-from orchcore.ggufscan import skip_value
+from orchcore.ggufscan import check_file_complete, skip_value
 
 # "blk.{bid}.attn_q" -> "blk.", the prefix every per-layer tensor name shares.
 BLOCK_PREFIX = TENSOR_NAMES[MODEL_TENSOR.ATTN_Q].split("{bid}")[0]
@@ -447,6 +447,18 @@ def read_model_facts(path: Path | str) -> ModelFacts:
     return _cached_facts((first, *rest))
 
 
+def check_model_complete(path: Path | str) -> None:
+    """Raise unless the model at ``path`` is whole: the file, or every file of the split set
+    it is the first of, passes ``ggufscan.check_complete`` (headers read, no tensor data)."""
+    first = Path(path)
+    scan = check_file_complete(first)
+    for part in split_part_paths(first, scan.split_count)[1:]:
+        if not part.is_file():
+            raise TruncatedGGUFError(part, f"missing: the split model {first.name} has "
+                                           f"{scan.split_count} files; download this one")
+        check_file_complete(part)
+
+
 def _part_version(path: Path, count: int, first: Path) -> _Version:
     if not path.exists():
         raise TruncatedGGUFError(path, f"missing: the split model {first.name} has {count} "
@@ -662,6 +674,7 @@ __all__ = [
     "GGUFError",
     "ModelFacts",
     "TensorFacts",
+    "check_model_complete",
     "forget_parsed_headers",
     "open_gguf",
     "read_model_facts",

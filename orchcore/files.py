@@ -57,7 +57,7 @@ def sha256_file(path: Path) -> str:
 if sys.platform == "win32":
 
     @contextmanager
-    def locked(lock_path: Path) -> Iterator[None]:
+    def locked(lock_path: Path, *, remove: bool = False) -> Iterator[None]:
         # No flock on Windows: concurrent writers each use their own temporary file and
         # os.replace keeps the result whole; they only duplicate work.
         yield
@@ -66,15 +66,32 @@ else:
     import fcntl
 
     @contextmanager
-    def locked(lock_path: Path) -> Iterator[None]:
-        """Hold an exclusive flock on ``lock_path`` (released when the process dies)."""
-        with lock_path.open("a+b") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("waiting for another process holding %s", lock_path)
-                fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+    def locked(lock_path: Path, *, remove: bool = False) -> Iterator[None]:
+        """Hold an exclusive flock on ``lock_path`` (released when the process dies). With
+        ``remove``, the lock file is deleted when the block ends, so nothing is left behind;
+        a process that was waiting on the deleted file then locks a new one."""
+        while True:
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            with lock_path.open("a+b") as fh:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    log.info("waiting for another process holding %s", lock_path)
+                    fcntl.flock(fh, fcntl.LOCK_EX)
+                if not _same_file(fh.fileno(), lock_path):
+                    continue  # its holder deleted it: lock the one that is there now
+                try:
+                    yield
+                finally:
+                    if remove:
+                        lock_path.unlink(missing_ok=True)
+                    fcntl.flock(fh, fcntl.LOCK_UN)
+                return
+
+    def _same_file(fd: int, path: Path) -> bool:
+        try:
+            there = path.stat()
+        except FileNotFoundError:
+            return False
+        here = os.fstat(fd)
+        return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)

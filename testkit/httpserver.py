@@ -27,7 +27,8 @@ process while building its User-Agent (unless HF_HUB_DISABLE_TELEMETRY=1).
 Knobs (plain attributes, settable any time): `cut_after`/`cuts` (end a file body after
 `cut_after` bytes, `cuts` times), `corrupt` (flip the byte at offset size // 2 of the file
 whenever a body covers it: a file assembled from ranges has exactly one bad byte),
-`fail_status` (every request answers it), `stall` (requests are read, never answered, until
+`fail_status` (every request answers it; after `fail_after` requests answered as usual; with
+`fail_times`, only that many, then it clears), `stall` (requests are read, never answered, until
 cleared or the server closes), `hub_redirect`, `gated`. Accounting (under `lock`), of file
 bytes only (200/206 bodies actually written; not error texts, JSON or redirects):
 `served_bytes`, `served_by_path` (by URL path, without the query), `served_by_client` (keyed by
@@ -95,7 +96,9 @@ class FileServer:
         self.cut_after: int | None = None  # close a body after this many bytes ...
         self.cuts: int = 1  # ... this many times (decremented per cut body)
         self.corrupt: bool = False  # flip the byte at offset size // 2 when it is in a body
-        self.fail_status: int | None = None  # answer every request with this status
+        self.fail_status: int | None = None  # answer every request with this status ...
+        self.fail_after: int = 0  # ... once this many requests were answered as usual ...
+        self.fail_times: int | None = None  # ... this many times, then clear it (None: all)
         self.stall: bool = False  # read requests, answer nothing until cleared or closed
         self.hub_redirect: bool = True  # resolve answers 302 to the CDN (like the real hub)
         self.gated: set[str] = set()  # repo ids that answer 401 GatedRepo
@@ -209,8 +212,15 @@ class FileServer:
 
     def _reply(self, method: str, path: str, headers: Mapping[str, str], cdn: bool) -> _Reply:
         with self.lock:
-            if self.fail_status is not None:
-                return _error(self.fail_status, f"failing with {self.fail_status}")
+            if self.fail_status is not None and self.fail_after > 0:
+                self.fail_after -= 1
+            elif self.fail_status is not None:
+                status = self.fail_status
+                if self.fail_times is not None:
+                    self.fail_times -= 1
+                    if self.fail_times <= 0:
+                        self.fail_status = self.fail_times = None
+                return _error(status, f"failing with {status}")
             if cdn:
                 data = (
                     self.blobs.get(path.removeprefix("/cdn/")) if path.startswith("/cdn/") else None

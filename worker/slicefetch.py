@@ -1,6 +1,7 @@
 """A worker's own slice of a published model: the byte ranges the orchestrator names are
-fetched into a sparse copy, cut into the shard with the same code as from a whole file,
-and cached by sha256 like an uploaded shard.
+fetched into a sparse copy (``orchcore.rangefetch``, the fetcher ``orch pull`` uses too),
+each file's header held to its published size, cut into the shard with the same code as
+from a whole file, and cached by sha256 like an uploaded shard.
 
 An index (``fetched.json`` in the shard cache) maps what was asked (files, versions, layers,
 shard format) to the shard it gave, so asking again fetches nothing.
@@ -67,6 +68,7 @@ class SliceFetcher:
             self._check_disk(need)
             copy = SparseCopy(work / key, files, self.client)
             yield from copy.fetch(ranges)
+            copy.check_complete()  # a file cut short where it is published is no model
             facts = read_model_facts(copy.path(0))
             missing = uncovered(shard_ranges(facts, layers), ranges)
             if missing:

