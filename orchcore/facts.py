@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import re
-import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,13 +24,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import gguf
-import numpy as np
 from gguf import (
     MODEL_TENSOR,
     SHARD_NAME_FORMAT,
     TENSOR_NAMES,
     GGMLQuantizationType,
-    GGUFValueType,
     Keys,
 )
 
@@ -39,11 +36,20 @@ from orchcore.archs import ARCHITECTURES, SUPPORTED_ARCHITECTURES, Architecture,
 from orchcore.errors import (
     CorruptGGUFError,
     GGUFError,
-    NotGGUFError,
     TruncatedGGUFError,
     UnsupportedModelError,
 )
-from orchcore.ggufscan import check_file_complete, skip_value
+from orchcore.ggufread import (
+    FileVersion,
+    cached_reader,
+    file_version,
+    metadata_of,
+    open_reader,
+    scalar,
+    type_bytes,
+    widest,
+)
+from orchcore.ggufscan import check_file_complete
 
 # "blk.{bid}.attn_q" -> "blk.", the prefix every per-layer tensor name shares.
 BLOCK_PREFIX = TENSOR_NAMES[MODEL_TENSOR.ATTN_Q].split("{bid}")[0]
@@ -58,9 +64,6 @@ _SPLIT_NO, _SPLIT_COUNT, _SPLIT_TENSORS = SPLIT_KEYS = (
 
 log = logging.getLogger(__name__)
 
-_READABLE_VERSIONS = (2, gguf.GGUF_VERSION)  # what gguf-py's reader accepts
-# Smallest possible GGUF header: magic, version, tensor count, kv count.
-_MIN_HEADER_BYTES = 4 + 4 + 8 + 8
 
 
 @dataclass(frozen=True)
@@ -87,12 +90,6 @@ def rename_block(name: str, new_block: int) -> str:
     if match is None:
         raise ValueError(f"not a per-layer tensor name: {name!r}")
     return f"{BLOCK_PREFIX}{new_block}.{match.group(2)}"
-
-
-def type_bytes(ggml_type: GGMLQuantizationType, n_elements: int) -> int:
-    """Bytes of ``n_elements`` values of ``ggml_type`` (whole blocks)."""
-    block_size, type_size = gguf.GGML_QUANT_SIZES[ggml_type]
-    return n_elements * type_size // block_size
 
 
 @dataclass(frozen=True)
@@ -216,165 +213,6 @@ class ModelFacts:
             raise UnsupportedModelError(self.path, self.support_problem)
 
 
-class _CheckedReader(gguf.GGUFReader):
-    """GGUFReader that checks every tensor lies inside the file before mapping it, and steps
-    over the elements of very long arrays.
-
-    gguf-py would otherwise fail with a bare reshape error; we name the tensor.
-    ``_build_tensors`` is the reader's hook that receives the parsed tensor-info fields.
-
-    gguf-py maps every element of an array as a numpy view of its own: a 262k-token
-    vocabulary took 17 s. Arrays of ``LONG_ARRAY`` or more elements (tokenizer lists, which
-    neither the facts nor the shards carry) are walked by their lengths alone: their field
-    keeps its types and its length part but no elements (``contents()`` is empty).
-    """
-
-    LONG_ARRAY = 10_000
-
-    def _get_field_parts(self, orig_offs: int, raw_type: int
-                         ) -> tuple[int, list[np.ndarray], list[int], list[GGUFValueType]]:
-        if raw_type == GGUFValueType.ARRAY and self.byte_order == "I":
-            item_type, count = self._get(orig_offs, np.uint32), self._get(orig_offs + 4,
-                                                                          np.uint64)
-            if int(count[0]) >= self.LONG_ARRAY:
-                try:
-                    end = skip_value(memoryview(self.data), orig_offs, GGUFValueType.ARRAY)
-                except struct.error:  # as gguf-py's own reads would fail: cut short
-                    raise ValueError(f"array at {orig_offs} runs past the end") from None
-                return (end - orig_offs, [item_type, count], [],
-                        [GGUFValueType.ARRAY, GGUFValueType(int(item_type[0]))])
-        return super()._get_field_parts(orig_offs, raw_type)
-
-    def stepped_over(self) -> list[str]:
-        """Keys whose long array was not read."""
-        return [k for k, f in self.fields.items() if f.types[:1] == [GGUFValueType.ARRAY]
-                and not f.data and int(f.parts[-1][0]) >= self.LONG_ARRAY]
-
-    def _build_tensors(self, start_offs: int, fields: list[gguf.ReaderField]) -> None:
-        file_size = len(self.data)
-        for field in fields:
-            _len, name_data, _n_dims, dims, raw_dtype, offset_tensor = field.parts
-            name = bytes(name_data).decode("utf-8", errors="replace")
-            try:
-                ggml_type = GGMLQuantizationType(int(raw_dtype[0]))
-            except ValueError:
-                raise _TensorProblem(CorruptGGUFError,
-                                     f"tensor {name!r} has unknown type {int(raw_dtype[0])}"
-                                     ) from None
-            n_bytes = type_bytes(ggml_type, int(np.prod(dims.astype(np.uint64))))
-            start = start_offs + int(offset_tensor[0])
-            if start + n_bytes > file_size:
-                raise _TensorProblem(
-                    TruncatedGGUFError,
-                    f"tensor {name!r} data [{start}, {start + n_bytes}) lies past the end of "
-                    f"the file ({file_size} bytes): truncated or corrupt file"
-                )
-        super()._build_tensors(start_offs, fields)
-
-
-class _WholeReader(_CheckedReader):
-    """Every element read: for a file with a long array outside the tokenizer."""
-
-    LONG_ARRAY = 1 << 62
-
-
-class _TensorProblem(Exception):
-    def __init__(self, error: type[GGUFError], message: str) -> None:
-        super().__init__(message)
-        self.error = error
-
-
-def open_gguf(path: Path | str) -> gguf.GGUFReader:
-    """A parsed header of ``path`` for the shard writer, shared while the file is unchanged.
-
-    gguf-py parses metadata arrays (the tokenizer's 50k-150k strings) in Python, which
-    takes seconds on large vocabularies, so cutting one model into several shards parses
-    it once. Only the two most recent files are kept. For a split set, this is the first
-    file's header: it holds the model's metadata, but only that file's tensors.
-    """
-    return _cached_reader(*_file_version(Path(path)))
-
-
-def forget_parsed_headers() -> None:
-    """Drop the parsed headers kept for the shard writer (a large vocabulary's take over
-    100 MiB): a worker calls this once its shard is cut."""
-    _cached_reader.cache_clear()
-
-
-_Version = tuple[Path, int, int]  # (resolved path, mtime, size) of one file
-
-
-def _file_version(path: Path) -> _Version:
-    """``(resolved path, mtime, size)``: the cache key of a file's current contents."""
-    if not path.is_file():
-        _open_reader(path)  # raises the typed error naming the problem
-    stat = path.stat()
-    return path.resolve(), stat.st_mtime_ns, stat.st_size
-
-
-@lru_cache(maxsize=2)
-def _cached_reader(path: Path, _mtime_ns: int, _size: int) -> gguf.GGUFReader:
-    return _open_reader(path)
-
-
-def _open_reader(path: Path) -> gguf.GGUFReader:
-    if not path.exists():
-        raise NotGGUFError(path, "no such file")
-    if not path.is_file():
-        raise NotGGUFError(path, "not a regular file")
-    size = path.stat().st_size
-    if size < _MIN_HEADER_BYTES:
-        raise TruncatedGGUFError(path, f"only {size} bytes, shorter than a GGUF header")
-    with path.open("rb") as f:
-        magic = int.from_bytes(f.read(4), "little")
-        version = int.from_bytes(f.read(4), "little")
-    if magic != gguf.GGUF_MAGIC:
-        raise NotGGUFError(path, f"not a GGUF file (magic {magic:#010x}, expected "
-                                 f"{gguf.GGUF_MAGIC:#010x})")
-    if version not in _READABLE_VERSIONS:
-        raise CorruptGGUFError(path, f"GGUF version {version}: only versions "
-                                     f"{', '.join(map(str, _READABLE_VERSIONS))} can be read")
-    try:
-        reader = _CheckedReader(path)
-        if any(not key.startswith("tokenizer.") for key in reader.stepped_over()):
-            reader = _WholeReader(path)  # a long array a shard would carry
-        return reader
-    except _TensorProblem as exc:
-        raise exc.error(path, str(exc)) from None
-    except (ValueError, KeyError, IndexError, OverflowError, UnicodeDecodeError,
-            MemoryError) as exc:
-        # gguf-py reads past the end as short arrays, which then fail to unpack/reshape:
-        # its message speaks of numpy, not of the file, so it only goes to the debug log.
-        log.debug("%s: gguf-py could not parse the header: %r", path, exc)
-        raise CorruptGGUFError(path, f"the header cannot be read: the file ({size} bytes) "
-                                     f"is truncated or corrupt; download it again") from None
-
-
-def _scalar(reader: gguf.GGUFReader, key: str, path: Path, default: Any = None) -> Any:
-    field = reader.get_field(key)
-    if field is None:
-        if default is None:
-            raise UnsupportedModelError(path, f"missing metadata key {key!r}")
-        return default
-    return field.contents()
-
-
-def _widest(value: Any) -> int:
-    """A per-model width, or the largest of per-layer widths (some models list them)."""
-    return max(int(v) for v in value) if isinstance(value, list) else int(value)
-
-
-def _metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key.startswith("tokenizer.ggml."):
-            continue
-        if field.types and field.types[0] == gguf.GGUFValueType.ARRAY and len(field.data) > 64:
-            continue
-        out[key] = field.contents()
-    return out
-
-
 def split_part_paths(first: Path | str, count: int) -> tuple[Path, ...]:
     """The files of a ``count``-file gguf-split set, named after its ``first``, in order.
 
@@ -441,7 +279,7 @@ def read_model_facts(path: Path | str) -> ModelFacts:
     header is not (gguf-py's view of a 150k-token vocabulary takes over 150 MiB).
     """
     given = Path(path)
-    first = _file_version(given)
+    first = file_version(given)
     names = split_part_paths(given, _cached_head(*first).split.count)
     rest = tuple(_part_version(name, len(names), given) for name in names[1:])
     return _cached_facts((first, *rest))
@@ -459,11 +297,11 @@ def check_model_complete(path: Path | str) -> None:
         check_file_complete(part)
 
 
-def _part_version(path: Path, count: int, first: Path) -> _Version:
+def _part_version(path: Path, count: int, first: Path) -> FileVersion:
     if not path.exists():
         raise TruncatedGGUFError(path, f"missing: the split model {first.name} has {count} "
                                        f"files; download this one into {first.parent}")
-    return _file_version(path)
+    return file_version(path)
 
 
 @dataclass(frozen=True)
@@ -478,13 +316,13 @@ class _Head:
 
 @lru_cache(maxsize=32)
 def _cached_head(path: Path, mtime_ns: int, size: int) -> _Head:
-    reader = _cached_reader(path, mtime_ns, size)  # the shard writer needs the same parse
+    reader = cached_reader(path, mtime_ns, size)  # the shard writer needs the same parse
     split = _split_of(reader, path)
     if split.no != 0:
         raise UnsupportedModelError(
             path, f"this is file {split.no + 1} of the {split.count} files of a split model; "
                   f"give the first, {_first_file_name(path, split)}, which holds its metadata")
-    arch = _scalar(reader, Keys.General.ARCHITECTURE, path)
+    arch = scalar(reader, Keys.General.ARCHITECTURE, path)
     with _arch_named(path, arch):
         keys = _model_keys(path, reader, arch)
     return _Head(split, keys, _tensor_facts(reader, 0), int(reader.data_offset))
@@ -492,29 +330,29 @@ def _cached_head(path: Path, mtime_ns: int, size: int) -> _Head:
 
 def _model_keys(path: Path, reader: gguf.GGUFReader, arch: str) -> dict[str, Any]:
     fmt = {"arch": arch}
-    n_embd = int(_scalar(reader, Keys.LLM.EMBEDDING_LENGTH.format(**fmt), path))
-    n_head = int(_scalar(reader, Keys.Attention.HEAD_COUNT.format(**fmt), path))
-    n_head_kv = int(_scalar(reader, Keys.Attention.HEAD_COUNT_KV.format(**fmt), path, n_head))
+    n_embd = int(scalar(reader, Keys.LLM.EMBEDDING_LENGTH.format(**fmt), path))
+    n_head = int(scalar(reader, Keys.Attention.HEAD_COUNT.format(**fmt), path))
+    n_head_kv = int(scalar(reader, Keys.Attention.HEAD_COUNT_KV.format(**fmt), path, n_head))
     if n_head <= 0 or n_embd % n_head:
         raise CorruptGGUFError(path, f"embedding length {n_embd} not divisible by "
                                      f"head count {n_head}")
     head_dim = n_embd // n_head
-    n_layers = int(_scalar(reader, Keys.LLM.BLOCK_COUNT.format(**fmt), path))
+    n_layers = int(scalar(reader, Keys.LLM.BLOCK_COUNT.format(**fmt), path))
     return {
         "arch": arch,
         "n_layers": n_layers,
         "n_embd": n_embd,
         "n_head": n_head,
         "n_head_kv": n_head_kv,
-        "head_dim_k": int(_scalar(reader, Keys.Attention.KEY_LENGTH.format(**fmt), path,
+        "head_dim_k": int(scalar(reader, Keys.Attention.KEY_LENGTH.format(**fmt), path,
                                   head_dim)),
-        "head_dim_v": int(_scalar(reader, Keys.Attention.VALUE_LENGTH.format(**fmt), path,
+        "head_dim_v": int(scalar(reader, Keys.Attention.VALUE_LENGTH.format(**fmt), path,
                                   head_dim)),
-        "n_ff": _widest(_scalar(reader, Keys.LLM.FEED_FORWARD_LENGTH.format(**fmt), path,
+        "n_ff": widest(scalar(reader, Keys.LLM.FEED_FORWARD_LENGTH.format(**fmt), path,
                                 4 * n_embd)),
-        "n_ctx_train": int(_scalar(reader, Keys.LLM.CONTEXT_LENGTH.format(**fmt), path, 0)
+        "n_ctx_train": int(scalar(reader, Keys.LLM.CONTEXT_LENGTH.format(**fmt), path, 0)
                            or 0),
-        "metadata": _metadata(reader),
+        "metadata": metadata_of(reader),
         "alignment": int(reader.alignment),
         **_table_keys(reader, arch, n_layers),
     }
@@ -570,7 +408,7 @@ def _tensor_facts(reader: gguf.GGUFReader, part: int) -> tuple[TensorFacts, ...]
 
 
 @lru_cache(maxsize=32)
-def _cached_facts(versions: tuple[_Version, ...]) -> ModelFacts:
+def _cached_facts(versions: tuple[FileVersion, ...]) -> ModelFacts:
     """Facts of the model whose files are ``versions``, the first one's header cached."""
     head = _cached_head(*versions[0])
     tensors = head.tensors
@@ -582,7 +420,7 @@ def _cached_facts(versions: tuple[_Version, ...]) -> ModelFacts:
 
 def _part_tensors(path: Path, no: int, first: _Split) -> tuple[TensorFacts, ...]:
     """The tensors file ``no`` of a split set holds, after checking its place in the set."""
-    reader = _open_reader(path)
+    reader = open_reader(path)
     split = _split_of(reader, path)
     if (split.no, split.count) != (no, first.count):
         raise CorruptGGUFError(
@@ -607,7 +445,7 @@ def _check_set(path: Path, split: _Split, tensors: tuple[TensorFacts, ...]) -> N
         seen.add(tensor.name)
 
 
-def _facts(head: _Head, versions: tuple[_Version, ...], tensors: tuple[TensorFacts, ...]
+def _facts(head: _Head, versions: tuple[FileVersion, ...], tensors: tuple[TensorFacts, ...]
            ) -> ModelFacts:
     path = versions[0][0]
     _check_set(path, head.split, tensors)
@@ -675,8 +513,6 @@ __all__ = [
     "ModelFacts",
     "TensorFacts",
     "check_model_complete",
-    "forget_parsed_headers",
-    "open_gguf",
     "read_model_facts",
     "rename_block",
     "split_part_paths",

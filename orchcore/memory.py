@@ -23,7 +23,8 @@ import itertools
 from dataclasses import dataclass
 
 from orchcore.config import SWA_FULL, EngineConfig
-from orchcore.facts import ModelFacts, type_bytes
+from orchcore.facts import ModelFacts
+from orchcore.ggufread import type_bytes
 from orchcore.shard import KEY_INPUT_ROWS, KEY_INPUT_TYPE, LayerRange, shard_layout
 
 MIB = 1 << 20

@@ -58,12 +58,11 @@ from orchcore.facts import (
     TOKEN_EMBD,
     ModelFacts,
     TensorFacts,
-    open_gguf,
     read_model_facts,
     rename_block,
-    type_bytes,
 )
 from orchcore.files import sha256_file
+from orchcore.ggufread import open_gguf, type_bytes
 
 # Bumped whenever the bytes of a shard for the same source and range change.
 SHARD_FORMAT = 2

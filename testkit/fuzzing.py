@@ -26,7 +26,8 @@ from orchcore.config import EngineConfig
 from orchcore.control import LoadRequest
 from orchcore.engine import StageRole
 from orchcore.errors import GGUFError
-from orchcore.facts import forget_parsed_headers, read_model_facts
+from orchcore.facts import read_model_facts
+from orchcore.ggufread import forget_parsed_headers
 from orchcore.ggufscan import scan_header
 from orchcore.modelgen import ModelSpec, write_model
 from orchcore.shard import LayerRange, write_shard

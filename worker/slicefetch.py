@@ -17,8 +17,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from orchcore.errors import CacheFullError, InvalidInputError
-from orchcore.facts import forget_parsed_headers, read_model_facts
+from orchcore.facts import read_model_facts
 from orchcore.files import locked, read_json, write_atomic
+from orchcore.ggufread import forget_parsed_headers
 from orchcore.rangefetch import RemoteFile, SparseCopy
 from orchcore.shard import SHARD_FORMAT, LayerRange, write_shard
 from orchcore.slices import ByteRange, shard_ranges, total_bytes, uncovered

@@ -18,7 +18,7 @@ from gguf import Keys
 from orchcore.config import EngineConfig
 from orchcore.engine import StageEngine
 from orchcore.errors import InvalidSettingError, UnsupportedModelError
-from orchcore.facts import open_gguf
+from orchcore.ggufread import open_gguf
 from orchcore.llama_ext import init_backend
 from orchcore.speculation.drafters import DraftModel
 

@@ -34,7 +34,7 @@ import llama_cpp
 from gguf import Keys
 
 from orchcore.errors import GGUFError, InvalidInputError, OrchError, UnsupportedModelError
-from orchcore.facts import open_gguf
+from orchcore.ggufread import open_gguf
 from orchcore.llama_ext import init_backend
 from orchestrator.text.fragments import Raw, SpecialToken, cut, partition, placeholders, token_ids
 
