@@ -20,7 +20,8 @@ as its rows' bytes are worth, and the first looks up a row of the input table
 (``speeds.stage_layers``): decoding reads every weight once per token. For a mixture of
 experts "every weight" means the weights a token reads: each layer's shared tensors and
 the ``expert_used_count`` experts the router picks (``ModelFacts.active_layer_bytes``,
-what the probe's time per layer is scaled to), while memory holds every expert (``orchcore.memory``); each stage shows both.
+what the probe's time per layer is scaled to), while memory holds every expert
+(``orchcore.memory``); each stage shows both.
 
 A stage's link costs its round trip plus a token's hidden state in and out at its
 measured bandwidth (with the chosen codec), counted in whole milliseconds so that jitter
