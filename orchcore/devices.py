@@ -25,6 +25,9 @@ class DeviceFacts:
     link_s: float | None = None  # measured round trip to this worker; None = unknown
     bandwidth_bytes_s: float | None = None  # measured from the orchestrator; None = unknown
     threads: int = 0  # llama.cpp threads the worker runs with (its --threads); 0 = cores
+    # What the worker's process holds with nothing loaded, measured; None or 0 = unknown
+    # (the estimate then assumes ``orchcore.memory.PROCESS_BASELINE_BYTES``).
+    baseline_bytes: int | None = None
 
     @property
     def label(self) -> str:

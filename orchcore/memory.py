@@ -29,8 +29,14 @@ from orchcore.shard import KEY_INPUT_ROWS, KEY_INPUT_TYPE, LayerRange, shard_lay
 
 MIB = 1 << 20
 DEFAULT_RESERVE_MB = 512  # a worker without a budget leaves this much RAM to the machine
-# A worker process with nothing loaded: Python, numpy, gRPC, llama.cpp's libraries.
+# A worker process with nothing loaded: Python, numpy, gRPC, llama.cpp's libraries. The
+# planner uses a worker's own measured figure when it reports one (``DeviceFacts``); idle
+# workers measure 80-110 MiB, so this is the safe side for one that does not.
 PROCESS_BASELINE_BYTES = 160 * MIB
+# Bytes of one vocabulary entry per session on the last stage: llama.cpp's output buffer
+# (a float per row and session), the copy handed to the sampler (a float), and the
+# sampler's candidate array (token id, logit and probability: 12 bytes, and its ids).
+_LOGITS_BYTES_PER_SESSION = 4 + 4 + 16
 # llama.cpp's compute buffer: graph intermediates per row of a batch, in floats of width
 # n_ff and n_embd, plus a fixed part (measured; see the module docstring).
 _COMPUTE_FIXED_BYTES = 16 * MIB
@@ -82,16 +88,25 @@ def _kv_bytes(facts: ModelFacts, config: EngineConfig) -> list[int]:
     return [per_cell * kv_cells(s, facts.sliding_window, config) for s in swa]
 
 
+def logits_bytes(n_vocab_out: int, config: EngineConfig) -> int:
+    """Every logits row the last stage may hold: llama.cpp reserves its compute graph for a
+    whole chunk with every row an output (``n_ubatch`` = ``batch_tokens`` rows of floats),
+    and per session a row in its output buffer, in the sampler's copy and its candidates.
+    A stage without the vocabulary (``n_vocab_out`` 1) holds none."""
+    if n_vocab_out <= 1:
+        return 0
+    return n_vocab_out * (4 * config.batch_tokens
+                          + _LOGITS_BYTES_PER_SESSION * config.max_sessions)
+
+
 def _estimate(*, weights: int, kv: int, n_vocab_out: int, n_embd: int, ffn_width: int,
-              config: EngineConfig) -> MemoryEstimate:
+              config: EngineConfig, baseline: int | None = None) -> MemoryEstimate:
     rows = config.batch_tokens
-    # The last stage keeps logits for one row per session and step, in llama.cpp's output
-    # buffer and the copy handed to the sampler.
-    logits = n_vocab_out * 4 * max(config.max_sessions, 1) * 2 if n_vocab_out > 1 else 0
     compute = _COMPUTE_FIXED_BYTES + 4 * rows * (
         _COMPUTE_FF_ROWS * ffn_width + _COMPUTE_EMBD_ROWS * n_embd)
-    return MemoryEstimate(baseline=PROCESS_BASELINE_BYTES, weights=weights, kv_cache=kv,
-                          logits=logits, compute=compute)
+    return MemoryEstimate(baseline=baseline or PROCESS_BASELINE_BYTES, weights=weights,
+                          kv_cache=kv, logits=logits_bytes(n_vocab_out, config),
+                          compute=compute)
 
 
 class StageMemory:
@@ -124,19 +139,23 @@ class StageMemory:
         extra = self._extra[start == 0, end == self.n_layers]
         return self._prefix[end] - self._prefix[start] + extra
 
-    def __call__(self, start: int, end: int) -> MemoryEstimate:
+    def __call__(self, start: int, end: int, baseline: int | None = None) -> MemoryEstimate:
+        """The stage ``[start, end)`` on a worker whose idle process holds ``baseline``
+        bytes (None or 0: unknown, ``PROCESS_BASELINE_BYTES``)."""
         facts = self._facts
         return _estimate(weights=self.weights(start, end),
                          kv=self._kv_prefix[end] - self._kv_prefix[start],
                          n_vocab_out=facts.n_vocab if end == self.n_layers else 1,
-                         n_embd=facts.n_embd, ffn_width=facts.ffn_width, config=self.config)
+                         n_embd=facts.n_embd, ffn_width=facts.ffn_width, config=self.config,
+                         baseline=baseline)
 
 
-def estimate_stage(facts: ModelFacts, layers: LayerRange, config: EngineConfig
-                   ) -> MemoryEstimate:
-    """The planner's figure for the stage running ``layers`` of the model ``facts``."""
+def estimate_stage(facts: ModelFacts, layers: LayerRange, config: EngineConfig,
+                   baseline: int | None = None) -> MemoryEstimate:
+    """The planner's figure for the stage running ``layers`` of the model ``facts`` on a
+    worker whose idle process holds ``baseline`` bytes (None: unknown)."""
     layers.check_within(facts.n_layers, str(facts.path))
-    return StageMemory(facts, config)(layers.start, layers.end)
+    return StageMemory(facts, config)(layers.start, layers.end, baseline)
 
 
 def estimate_shard(shard: ModelFacts, config: EngineConfig) -> MemoryEstimate:

@@ -324,13 +324,18 @@ def n_params(spec: ModelSpec) -> int:
     return sum(int(np.prod(t.shape)) for t in tensor_plan(spec))
 
 
-def write_model(path: Path, spec: ModelSpec, *, split_max_tensors: int = 0) -> Path:
+def write_model(path: Path, spec: ModelSpec, *, split_max_tensors: int = 0,
+                sparse: bool = False) -> Path:
     """Write the model described by `spec` to `path`, one tensor at a time; return its path.
 
     With `split_max_tensors` > 0 and more tensors than that, the model is written as a
     gguf-split set of files of at most that many tensors each, named as llama.cpp expects
     (`m.gguf` -> `m-00001-of-00003.gguf`, ...): the tensors and metadata of the single
     file, plus the `split.*` keys. The first file's path is returned.
+
+    With `sparse`, the tensor data is a hole: the header, the tensor infos and the file's
+    size are the model's, written in a moment and taking no disk, but the weights are
+    zeros (facts and plans for a model of any size; not a model to run).
 
     Memory use is that of the largest tensor. Files appear under their names only when
     complete: they are written in the folder `<name>.partial` and moved out, the first last.
@@ -341,7 +346,7 @@ def write_model(path: Path, spec: ModelSpec, *, split_max_tensors: int = 0) -> P
     writer = gguf.GGUFWriter(partial / path.name, spec.arch,
                              split_max_tensors=split_max_tensors)
     try:
-        _write_model(writer, spec)
+        _write_model(writer, spec, sparse)
     except BaseException:
         writer.close()
         shutil.rmtree(partial, ignore_errors=True)
@@ -354,8 +359,9 @@ def write_model(path: Path, spec: ModelSpec, *, split_max_tensors: int = 0) -> P
     return path.with_name(files[0].name)
 
 
-def _write_model(writer: gguf.GGUFWriter, spec: ModelSpec) -> None:
-    """Metadata, tensor infos and tensors of `spec`, through `writer`."""
+def _write_model(writer: gguf.GGUFWriter, spec: ModelSpec, sparse: bool = False) -> None:
+    """Metadata, tensor infos and tensors of `spec`, through `writer` (`sparse`: the
+    tensor data left a hole of its size)."""
     plan = tensor_plan(spec)
     _add_hparams(writer, spec)
     _add_tokenizer(writer, spec.n_vocab, _LAYOUTS[spec.arch].extra_special)
@@ -366,6 +372,12 @@ def _write_model(writer: gguf.GGUFWriter, spec: ModelSpec) -> None:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
+    if sparse:
+        pad = gguf.GGUFWriter.ggml_pad
+        for fout, tensors in zip(writer.fout or (), writer.tensors, strict=True):
+            data = sum(pad(ti.nbytes, writer.data_alignment) for ti in tensors.values())
+            fout.truncate(pad(fout.tell(), writer.data_alignment) + data)
+        return
     for t in plan:
         writer.write_tensor_data(_tensor_bytes(t, spec))
 
@@ -521,6 +533,21 @@ PRESETS: Mapping[str, ModelSpec] = {
         arch="qwen3moe", n_layers=12, n_embd=256, n_head=8, n_head_kv=2, n_ff=512,
         n_vocab=2048, n_expert=128, n_expert_used=8, n_ff_exp=64, weight_type=GType.Q8_0,
         context_length=4096, random_blocks=True),
+    # Real shapes (random weights), for sizes, memory, speed and plans at full scale.
+    # Qwen3-30B-A3B: 48 layers of 128 experts (8 per token), untied head; about 16.8 GB.
+    "qwen3moe-30b-a3b": ModelSpec(
+        arch="qwen3moe", n_layers=48, n_embd=2048, n_head=32, n_head_kv=4, n_ff=6144,
+        n_vocab=151936, n_expert=128, n_expert_used=8, n_ff_exp=768, tied=False,
+        weight_type=GType.Q4_0, context_length=4096, random_blocks=True),
+    # Qwen3-8B: dense, 36 layers 4096 wide, untied 151,936-row head; about 4.6 GB.
+    "qwen3-8b": ModelSpec(
+        arch="qwen3", n_layers=36, n_embd=4096, n_head=32, n_head_kv=8, n_ff=12288,
+        n_vocab=151936, tied=False, weight_type=GType.Q4_0, context_length=4096,
+        random_blocks=True),
+    # Llama 3.1 8B: 32 layers 4096 wide, untied 128,256-row head.
+    "llama3.1-8b": ModelSpec(
+        n_layers=32, n_embd=4096, n_head=32, n_head_kv=8, n_ff=14336, n_vocab=128256,
+        tied=False, weight_type=GType.Q4_0, context_length=4096, random_blocks=True),
     # Llama-3.2-1B-like body with a 32k vocabulary: 1.04e9 parameters, about 586 MB
     "bench-1b-q4_0": ModelSpec(
         n_layers=16, n_embd=2048, n_head=32, n_head_kv=8, n_ff=8192, n_vocab=32000,

@@ -18,7 +18,7 @@ from orchcore.codecs import CODEC_NAMES
 from orchcore.config import MAX_BATCH_TOKENS, MAX_CONTEXT_TOKENS, MAX_SESSIONS, EngineConfig
 from orchcore.errors import InvalidSettingError, describe_validation
 from orchcore.sampling import MAX_REPEAT_LAST_N, MAX_TOP_K, RANDOM_SEED, SamplingParams
-from orchestrator.planning.plan import Objective, PlanOptions
+from orchestrator.planning.plan import DEFAULT_HORIZON_TOKENS, Objective, PlanOptions
 
 _ENGINE = EngineConfig()
 _SAMPLING = SamplingParams()
@@ -44,6 +44,12 @@ class OrchSettings(BaseSettings):
     objective: Objective = Field("latency", description="What the plan optimises: latency "
                                  "(one stream's time per token; may leave slow workers out) "
                                  "or throughput (the slowest stage, for many sessions).")
+    replan: bool = Field(False, description="Cut the model anew even when the cut the "
+                                            "workers hold is the better deal (sends their "
+                                            "shards again).")
+    replan_horizon_tokens: int = Field(
+        DEFAULT_HORIZON_TOKENS, ge=0, le=1 << 40, description="Tokens a plan is expected to "
+        "serve: a new cut that moves shards must win back their transfer within them.")
     probe: bool = Field(True, description="Time each listed or discovered worker on a few "
                                           "of the model's layers before planning (cached "
                                           "per worker and shape).")
@@ -140,7 +146,8 @@ class OrchSettings(BaseSettings):
 
     def plan_options(self, *, use_all: bool = False) -> PlanOptions:
         return PlanOptions(codec=self.codec, engine=self.engine(), objective=self.objective,
-                           use_all=use_all)
+                           use_all=use_all, horizon_tokens=self.replan_horizon_tokens,
+                           replan=self.replan)
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,

@@ -15,7 +15,8 @@ from orchcore.errors import InvalidSettingError, PlanError
 from orchcore.facts import read_model_facts
 from orchcore.memory import MIB, StageMemory, estimate_shard, estimate_stage
 from orchcore.shard import LayerRange, write_shard
-from orchestrator.planning.plan import PlanOptions, head_layers, host_shares, make_plan
+from orchestrator.planning.plan import PlanOptions, host_shares, make_plan
+from orchestrator.planning.speeds import head_layers, lookup_layers
 from orchestrator.settings import OrchSettings, parse_workers
 
 GIB = 1 << 30
@@ -88,10 +89,11 @@ def test_a_faster_device_gets_more_layers(facts):
     equal = make_plan(facts, [device(1, speed=0.002), device(2, speed=0.002)], options)
     faster = make_plan(facts, [device(1, speed=0.001), device(2, speed=0.002)], options)
     assert len(faster.stages[0].layers) > len(equal.stages[0].layers)
-    head = head_layers(facts)
+    head, lookup = head_layers(facts), lookup_layers(facts)
     assert faster.predicted_decode_s == pytest.approx(
         sum(len(s.layers) * s.device.decode_s_per_layer for s in faster.stages)
-        + head * faster.stages[-1].device.decode_s_per_layer)
+        + head * faster.stages[-1].device.decode_s_per_layer
+        + lookup * faster.stages[0].device.decode_s_per_layer)
 
 
 def test_bad_device_lists_are_refused(facts):
@@ -180,9 +182,10 @@ def _brute_force(facts, devices, options):
                 stages = list(zip(order, bounds, bounds[1:], strict=False))
                 if any(memory(a, b).total > budgets[d] for d, a, b in stages):
                     continue
-                head = head_layers(facts)
-                times = [(b - a + (head if b == n else 0)) * devices[d].decode_s_per_layer
-                         + devices[d].link_s for d, a, b in stages]
+                head, lookup = head_layers(facts), lookup_layers(facts)
+                times = [(b - a + (head if b == n else 0) + (lookup if a == 0 else 0))
+                         * devices[d].decode_s_per_layer + devices[d].link_s
+                         for d, a, b in stages]
                 value = sum(times) if options.objective == "latency" else max(times)
                 best = value if best is None else min(best, value)
     return best
@@ -230,10 +233,14 @@ def test_the_previous_cut_is_kept_while_it_is_nearly_as_good(facts):
     nearly = ((moved[0][0], 0, a + 1), (moved[1][0], b + 1, 30))  # one layer over: < 5% worse
     kept = make_plan(facts, devices, replace(options, prefer=nearly))
     assert [(s.layers.start, s.layers.end) for s in kept.stages] == [(0, a + 1), (a + 1, 30)]
+    assert kept.choice.kept and "kept the cut the workers hold" in "\n".join(kept.describe())
     far = ((moved[0][0], 0, 3), (moved[1][0], 3, 30))  # much worse: the best cut instead
-    assert make_plan(facts, devices, replace(options, prefer=far)) == best
+    moved_away = make_plan(facts, devices, replace(options, prefer=far))
+    assert moved_away.stages == best.stages and not moved_away.choice.kept
     stranger = (("someone-else", 0, 15), (moved[1][0], 15, 30))
-    assert make_plan(facts, devices, replace(options, prefer=stranger)) == best
+    new = make_plan(facts, devices, replace(options, prefer=stranger))
+    assert new.stages == best.stages
+    assert "new cut: a worker of the last cut is gone" in "\n".join(new.describe())
 
 
 def test_a_slow_link_counts(facts):

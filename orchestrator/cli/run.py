@@ -95,6 +95,7 @@ def plan(
     max_sessions: Annotated[int | None, setting_option("max_sessions", "--max-sessions")] = None,
     objective: Annotated[str | None, setting_option("objective", "--objective")] = None,
     codec: Annotated[str | None, setting_option("codec", "--codec")] = None,
+    replan: Annotated[bool | None, setting_option("replan", "--replan")] = None,
     token: Annotated[str | None, typer.Option(
         help="Cluster token of the workers (or ORCH_TOKEN).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
@@ -107,7 +108,7 @@ def plan(
     try:
         settings = OrchSettings.load(local_workers=local, context_tokens=context,
                                      max_sessions=max_sessions, objective=objective,
-                                     codec=codec, token=token)
+                                     codec=codec, replan=replan, token=token)
         made = plan_only(model, parse_workers(workers) if workers is not None else None,
                          settings, discover_workers=workers is None and local is None, err=err)
     except OrchError as exc:

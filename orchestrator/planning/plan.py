@@ -15,17 +15,25 @@ best one for the objective:
 
 A device's time per layer comes from ``DeviceFacts.decode_s_per_layer`` (measured); when
 nothing is measured every device counts as equally fast, and so do devices measured within
-``NOISE`` of each other. The last stage also runs the lm
-head, which costs as many layers as its bytes are worth (``head_layers``): decoding reads
-every weight once per token. For a mixture of experts "every weight" means the weights a
-token reads: each layer's shared tensors and the ``expert_used_count`` experts the router
-picks (``ModelFacts.active_layer_bytes``, what the probe's time per layer is scaled to),
-while memory holds every expert (``orchcore.memory``); each stage shows both.
+``NOISE`` of each other. The last stage also runs the lm head, which costs as many layers
+as its rows' bytes are worth, and the first looks up a row of the input table
+(``speeds.stage_layers``): decoding reads every weight once per token. For a mixture of
+experts "every weight" means the weights a token reads: each layer's shared tensors and
+the ``expert_used_count`` experts the router picks (``ModelFacts.active_layer_bytes``,
+what the probe's time per layer is scaled to), while memory holds every expert
+(``orchcore.memory``); each stage shows both.
 
 A stage's link costs its round trip plus a token's hidden state in and out at its
 measured bandwidth (with the chosen codec), counted in whole milliseconds so that jitter
 never reorders equal devices. Each stage costs its device's ``link_s`` too, the hop into
 it and out of it (order-free: on a home network every hop crosses the same switch).
+
+A new cut sends shards, so it must pay for them. Given the cut the workers already hold
+(``PlanOptions.prefer``, the last plan of this model on these workers), the plan keeps it
+unless the best new cut predicts a gain per token beyond measurement noise (``STICKY``)
+that wins back the shards it would send, at each worker's measured link speed, within
+``PlanOptions.horizon_tokens`` tokens (``CutChoice``). A predicted loss never moves
+anything; ``PlanOptions.replan`` cuts anew regardless.
 
 Search, exact: every choice of first and last device (the first holds the input table,
 the last the lm head and logits), and between them a dynamic programme over contiguous
@@ -40,6 +48,7 @@ memory, in proportion to its budget.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -56,10 +65,17 @@ from orchcore.facts import ModelFacts
 from orchcore.memory import MIB, MemoryEstimate, StageMemory
 from orchcore.probe import PROBE_PREFILL_TOKENS
 from orchcore.shard import LayerRange
+from orchestrator.planning.speeds import head_layers, stage_layers
 
+__all__ = ["CutChoice", "LeftOut", "Plan", "PlanOptions", "StagePlan", "active_bytes",
+           "head_layers", "host_shares", "make_plan"]
+
+GB = 1e9
 Objective = Literal["latency", "throughput"]
 OBJECTIVES: tuple[Objective, ...] = ("latency", "throughput")
-STICKY = 0.05  # a previous plan is kept while it is at most 5% worse than the best
+STICKY = 0.05  # a new cut must predict more than 5% less time to be worth anything
+DEFAULT_HORIZON_TOKENS = 4096  # tokens a plan is expected to serve before the next one
+DEFAULT_TRANSFER_BYTES_S = 100e6  # a shard's way to a worker when nothing is measured
 NOISE = 0.15  # probed speeds this close count as equal (probes of equal cores differ so)
 UNMEASURED_S_PER_LAYER = 1.0  # every device equally fast when nothing is measured
 DEFAULT_LINK_S = 0.0005  # a hop on a home LAN, when not measured
@@ -71,9 +87,11 @@ class PlanOptions:
     engine: EngineConfig = field(default_factory=EngineConfig)  # threads 0 = each worker's own
     objective: Objective = "latency"
     use_all: bool = False  # every device gets a stage (``--local N``: exactly N stages)
-    # The cut used last time, as (worker id, start, end): kept while it still fits and is
-    # within ``STICKY`` of the best, so measurement noise never re-cuts (and re-sends) it.
+    # The cut the workers hold, as (worker id, start, end): kept while it still fits and a
+    # new cut would not win back the shards it sends within ``horizon_tokens``.
     prefer: tuple[tuple[str, int, int], ...] = ()
+    horizon_tokens: int = DEFAULT_HORIZON_TOKENS
+    replan: bool = False  # cut anew even when keeping ``prefer`` is the better deal
 
 
 @dataclass(frozen=True)
@@ -99,6 +117,66 @@ class LeftOut:
 
 
 @dataclass(frozen=True)
+class CutChoice:
+    """Why a plan kept the cut the workers hold or took a new one, in the plan's terms.
+
+    Seconds are per decoded token, as the search predicts them (compute and links); they are
+    real seconds only when every device was measured (``measured``)."""
+
+    kept: bool
+    new_s: float  # the best new cut
+    held_s: float | None  # the cut the workers hold; None when it no longer fits
+    moved_bytes: int  # shard bytes the new cut sends to workers that do not hold them
+    transfer_s: float  # those bytes at each receiving worker's link speed
+    horizon_tokens: int
+    measured: bool
+    forced: bool = False  # ``--replan``
+    problem: str = ""  # why the held cut cannot be kept, when it cannot
+
+    @property
+    def gain_s(self) -> float | None:
+        return None if self.held_s is None else self.held_s - self.new_s
+
+    @property
+    def payback_tokens(self) -> float | None:
+        """Tokens after which the new cut has won back its transfer (None: never)."""
+        gain = self.gain_s
+        return None if gain is None or gain <= 0 or not self.measured else \
+            self.transfer_s / gain
+
+    def describe(self) -> str:
+        sent = f"{self.moved_bytes / GB:.2f} GB of shards ({self.transfer_s:.0f} s)"
+        if self.held_s is None:
+            return f"new cut: {self.problem}; it sends {sent}"
+        if self.measured:
+            times = (f"{self.held_s * 1e3:.1f} ms/token for the cut the workers hold, "
+                     f"{self.new_s * 1e3:.1f} for the best new one")
+        else:
+            times = (f"the cut the workers hold predicts {self.held_s / self.new_s:.2f}x the "
+                     f"best new one's time (speeds not measured)")
+        payback = self.payback_tokens
+        pays = "" if payback is None else \
+            f", paid back after {payback:,.0f} tokens (horizon {self.horizon_tokens:,})"
+        if self.forced:
+            return f"new cut on request (--replan): {times}; it sends {sent}{pays}"
+        if not self.kept:
+            return f"new cut: {times}; it sends {sent}{pays}"
+        if payback is None or (self.gain_s or 0.0) <= self.held_s * STICKY:
+            why = "a new cut gains nothing beyond noise"
+        else:
+            why = (f"a new cut would send {sent}, paid back only after {payback:,.0f} "
+                   f"tokens, more than the {self.horizon_tokens:,} expected")
+        return f"kept the cut the workers hold: {times}; {why} (--replan cuts anew)"
+
+    def to_json(self) -> dict:
+        return {"kept": self.kept, "forced": self.forced, "new_s": self.new_s,
+                "held_s": self.held_s, "moved_bytes": self.moved_bytes,
+                "transfer_s": self.transfer_s, "payback_tokens": self.payback_tokens,
+                "horizon_tokens": self.horizon_tokens, "measured": self.measured,
+                "problem": self.problem or None}
+
+
+@dataclass(frozen=True)
 class Plan:
     model: Path
     n_layers: int
@@ -107,6 +185,7 @@ class Plan:
     objective: Objective = "latency"
     left_out: tuple[LeftOut, ...] = ()
     experts: tuple[int, int] | None = None  # (used per token, per layer): a mixture of experts
+    choice: CutChoice | None = None  # kept or new, when the workers held a cut before
 
     @property
     def batch_tokens(self) -> int:
@@ -175,6 +254,7 @@ class Plan:
                        for s in self.stages],
             "standby": [{"worker": o.device.address, "reason": o.reason}
                         for o in self.left_out],
+            "cut": None if self.choice is None else self.choice.to_json(),
         }
 
     def stage_of(self, address: str) -> StagePlan | None:
@@ -203,6 +283,8 @@ class Plan:
         lines.append(f"context {engine.context_tokens} tokens x {engine.max_sessions} "
                      f"sessions, chunks of {engine.batch_tokens}, {self.codec} between stages, "
                      f"objective {self.objective}")
+        if self.choice is not None:
+            lines.append(self.choice.describe())
         return lines
 
 
@@ -221,35 +303,29 @@ def make_plan(facts: ModelFacts, devices: Sequence[DeviceFacts],
     _check_devices(facts, devices, options)
     memory = StageMemory(facts, options.engine)
     budgets = host_shares(devices)
-    head = head_layers(facts)
     hop_bytes = get_codec(options.codec).encoded_size(1, facts.n_embd)
-    search = _Search(memory, devices, budgets, options, head, hop_bytes)
+    search = _Search(facts, memory, devices, budgets, options, hop_bytes)
     found = search.best()
     if found is None:
         raise PlanError(_shortfall(memory, devices, budgets, options))
-    best = search.previous(options.prefer, found[0]) or found[1]
+    best, choice = search.choose(found, options)
     stages = []
     for i, (d, start, end) in enumerate(best):
         device = devices[d]
         engine = replace(options.engine,
                          threads=options.engine.threads or device.threads or device.cores)
-        last = end == facts.n_layers
         stages.append(StagePlan(
-            i, LayerRange(start, end), device, engine, memory(start, end), budgets[d],
+            i, LayerRange(start, end), device, engine,
+            memory(start, end, device.baseline_bytes), budgets[d],
             None if device.decode_s_per_layer is None else
-            (end - start + (head if last else 0)) * device.decode_s_per_layer,
+            stage_layers(facts, start, end) * device.decode_s_per_layer,
             active_bytes(facts, start, end)))
     used = {d for d, _, _ in best}
     left_out = tuple(LeftOut(devices[d], search.why_unused(d)) for d in range(len(devices))
                      if d not in used)
     experts = (facts.n_expert_used, facts.n_expert) if facts.n_expert else None
     return Plan(facts.path, facts.n_layers, tuple(stages), options.codec, options.objective,
-                left_out, experts)
-
-
-def head_layers(facts: ModelFacts) -> float:
-    """The lm head's decode cost in layers: its bytes over the bytes a mean layer reads."""
-    return facts.output_bytes / (sum(facts.active_layer_bytes) / facts.n_layers)
+                left_out, experts, choice)
 
 
 def active_bytes(facts: ModelFacts, start: int, end: int) -> int:
@@ -311,10 +387,10 @@ Assignment = tuple[tuple[int, int, int], ...]  # (device index, start, end) in s
 
 
 class _Search:
-    def __init__(self, memory: StageMemory, devices: Sequence[DeviceFacts], budgets: list[int],
-                 options: PlanOptions, head: float, hop_bytes: int = 0) -> None:
+    def __init__(self, facts: ModelFacts, memory: StageMemory, devices: Sequence[DeviceFacts],
+                 budgets: list[int], options: PlanOptions, hop_bytes: int = 0) -> None:
+        self.facts = facts
         self.memory = memory
-        self.head = head
         self.devices = devices
         self.budgets = budgets
         self.use_all = options.use_all
@@ -327,10 +403,10 @@ class _Search:
             else 0.0) for d in devices]
 
     def fits(self, d: int, start: int, end: int) -> bool:
-        return self.memory(start, end).total <= self.budgets[d]
+        return self.memory(start, end, self.devices[d].baseline_bytes).total <= self.budgets[d]
 
-    def stage_cost(self, d: int, layers: int, last: bool = False) -> Cost:
-        time = (layers + (self.head if last else 0)) * self.t[d] + self.link[d]
+    def stage_cost(self, d: int, start: int, end: int) -> Cost:
+        time = stage_layers(self.facts, start, end) * self.t[d] + self.link[d]
         return (time, time)
 
     def combine(self, a: Cost, b: Cost) -> Cost:
@@ -339,25 +415,64 @@ class _Search:
             return (round(a[0] + b[0], 12), max(a[1], b[1]))
         return (max(a[0], b[0]), round(a[1] + b[1], 12))  # slowest stage; ties: the total
 
-    def previous(self, prefer: Sequence[tuple[str, int, int]], best: Cost
-                 ) -> Assignment | None:
-        """The preferred cut, if it still fits and is within ``STICKY`` of ``best``."""
+    def cost(self, cut: Assignment) -> Cost:
+        return functools.reduce(self.combine, (self.stage_cost(d, a, b) for d, a, b in cut))
+
+    def held(self, prefer: Sequence[tuple[str, int, int]]) -> tuple[Assignment | None, str]:
+        """The cut the workers hold as an assignment, or None and why it cannot be kept."""
         index = {d.worker_id: i for i, d in enumerate(self.devices)}
-        if not prefer or any(w not in index for w, _, _ in prefer):
-            return None
+        if any(w not in index for w, _, _ in prefer):
+            return None, "a worker of the last cut is gone"
         cut = tuple((index[w], a, b) for w, a, b in prefer)
         contiguous = cut[0][1] == 0 and cut[-1][2] == self.n and all(
             b == next_a for (_, _, b), (_, next_a, _) in pairwise(cut))
         distinct = len({d for d, _, _ in cut}) == len(cut)
-        if not contiguous or not distinct or (self.use_all and len(cut) != len(self.devices)):
-            return None
+        if not contiguous or not distinct:
+            return None, "the last cut does not cover this model's layers"
+        if self.use_all and len(cut) != len(self.devices):
+            return None, "every worker must now have a stage"
         if not all(self.fits(d, a, b) for d, a, b in cut):
-            return None
-        cost: Cost | None = None
+            return None, "the last cut no longer fits the workers' memory"
+        return cut, ""
+
+    def moved(self, cut: Assignment, prefer: Sequence[tuple[str, int, int]]
+              ) -> tuple[int, float]:
+        """Shard bytes ``cut`` sends to workers that do not hold them, and the seconds that
+        takes at each worker's measured link speed."""
+        held = set(prefer)
+        sent, seconds = 0, 0.0
         for d, a, b in cut:
-            stage = self.stage_cost(d, b - a, last=b == self.n)
-            cost = stage if cost is None else self.combine(cost, stage)
-        return cut if cost[0] <= best[0] * (1 + STICKY) else None
+            device = self.devices[d]
+            if (device.worker_id, a, b) in held:
+                continue
+            size = self.memory.weights(a, b)
+            sent += size
+            seconds += size / (device.bandwidth_bytes_s or DEFAULT_TRANSFER_BYTES_S)
+        return sent, seconds
+
+    def choose(self, found: tuple[Cost, Assignment], options: PlanOptions
+               ) -> tuple[Assignment, CutChoice | None]:
+        """The best cut, or the one the workers hold when moving would not pay."""
+        best_cost, best = found
+        prefer = options.prefer
+        if not prefer:
+            return best, None
+        cut, problem = self.held(prefer)
+        sent, seconds = self.moved(best, prefer)
+        measured = all(d.decode_s_per_layer is not None for d in self.devices)
+        choice = CutChoice(kept=False, new_s=best_cost[0], held_s=None, moved_bytes=sent,
+                           transfer_s=seconds, horizon_tokens=options.horizon_tokens,
+                           measured=measured, forced=options.replan, problem=problem)
+        if cut is None or cut == best:
+            return best, None if cut == best else choice
+        choice = replace(choice, held_s=self.cost(cut)[0])
+        if options.replan:
+            return best, choice
+        gain = choice.gain_s or 0.0
+        payback = choice.payback_tokens
+        worth = gain > choice.held_s * STICKY and (
+            not measured or (payback is not None and payback <= options.horizon_tokens))
+        return (best, choice) if worth else (cut, replace(choice, kept=True))
 
     def best(self) -> tuple[Cost, Assignment] | None:
         found: tuple[Cost, Assignment] | None = None
@@ -376,14 +491,14 @@ class _Search:
         n = self.n
         if first == last:
             if self.fits(first, 0, n):
-                return self.stage_cost(first, n, last=True), ((first, 0, n),)
+                return self.stage_cost(first, 0, n), ((first, 0, n),)
             return None
         # frontier[l]: the best way to run layers [0, l) with the devices seen so far
         frontier: dict[int, tuple[Cost, Assignment]] = {}
         for end in range(1, n):
             if not self.fits(first, 0, end):
                 break  # memory grows with the range
-            frontier[end] = (self.stage_cost(first, end), ((first, 0, end),))
+            frontier[end] = (self.stage_cost(first, 0, end), ((first, 0, end),))
         for d in range(len(self.devices)):
             if d in (first, last):
                 continue
@@ -391,7 +506,7 @@ class _Search:
         best: tuple[Cost, Assignment] | None = None
         for start, (cost, done) in frontier.items():
             if self.fits(last, start, n):
-                total = self.combine(cost, self.stage_cost(last, n - start, last=True))
+                total = self.combine(cost, self.stage_cost(last, start, n))
                 if best is None or total < best[0]:
                     best = (total, (*done, (last, start, n)))
         return best
@@ -405,13 +520,15 @@ class _Search:
             for end in range(start + 1, self.n):
                 if not self.fits(d, start, end):
                     break
-                total = self.combine(cost, self.stage_cost(d, end - start))
+                total = self.combine(cost, self.stage_cost(d, start, end))
                 if end not in nxt or total < nxt[end][0]:
                     nxt[end] = (total, (*done, (d, start, end)))
         return nxt
 
     def why_unused(self, d: int) -> str:
-        one_layer = min(self.memory(s, s + 1).total for s in range(1, max(2, self.n - 1)))
+        baseline = self.devices[d].baseline_bytes
+        one_layer = min(self.memory(s, s + 1, baseline).total
+                        for s in range(1, max(2, self.n - 1)))
         if one_layer > self.budgets[d]:
             return (f"too small for one layer (needs {one_layer / MIB:.0f} MiB, may use "
                     f"{self.budgets[d] / MIB:.0f} MiB)")
