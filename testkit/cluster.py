@@ -12,7 +12,7 @@ from pathlib import Path
 from orchcore.facts import read_model_facts
 from orchcore.sampling import SamplingParams
 from orchestrator.pipeline.connected import Cluster
-from orchestrator.pipeline.deploy import ShardStore
+from orchestrator.pipeline.deploy import DeployProgress, ShardStore
 from orchestrator.pipeline.session import GenerationStats, RunningModel
 from orchestrator.planning.plan import make_plan
 from orchestrator.settings import OrchSettings
@@ -46,6 +46,7 @@ def worker_server(root: Path, **settings: object) -> Iterator[str]:
 @contextmanager
 def open_model(model: Path, addresses: Sequence[str], token: str | None, workdir: Path,
                alive=None, force: bool = False, measure: bool = False,
+               progress: DeployProgress | None = None,
                **settings: object) -> Iterator[RunningModel]:
     """``model`` deployed on ``addresses`` (in order) with ``OrchSettings(**settings)``;
     with ``measure``, planned on the workers' probed speeds."""
@@ -58,7 +59,7 @@ def open_model(model: Path, addresses: Sequence[str], token: str | None, workdir
         plan = make_plan(facts, cluster.devices, config.plan_options(use_all=True))
         with Tokenizer.from_gguf(model) as tokenizer, \
                 cluster.open(plan, facts, tokenizer, ShardStore(workdir / "shards-out"),
-                             force=force) as opened:
+                             progress, force=force) as opened:
             yield opened
     finally:
         cluster.close()

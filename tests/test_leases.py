@@ -12,6 +12,7 @@ from orchcore import modelgen
 from orchcore.errors import WorkerBusyError
 from orchestrator.cluster.client import WorkerClient
 from orchestrator.cluster.local import LocalCluster
+from orchestrator.pipeline.deploy import LogProgress
 from orchestrator.settings import OrchSettings
 from testkit.cluster import GREEDY, greedy_tokens, open_model, worker_server
 from testkit.reference import ReferenceModel
@@ -71,3 +72,28 @@ def test_leases_lapse_when_the_orchestrator_is_gone(smollm2_path, tmp_path, monk
         time.sleep(1.5)  # no renewal within the (shortened) lease: it has lapsed
         with open_model(other, [a, b], None, tmp_path / "y") as taker:
             assert greedy_tokens(taker, [1, 2, 3], 2)
+
+
+class _SlowLoads(LogProgress):
+    """Each stage takes longer to load than a (shortened) lease lasts: a large model."""
+
+    def task(self, description: str, total: int | None, *, alone: bool = True):
+        if description.startswith("loading layers"):
+            time.sleep(1.5)
+        return super().task(description, total, alone=alone)
+
+
+def test_stages_loaded_first_keep_their_lease_while_the_others_load(smollm2_path, tmp_path,
+                                                                    monkeypatch):
+    monkeypatch.setattr("worker.leases.LEASE_S", 1.0)  # in-process workers below
+    with worker_server(tmp_path / "w0") as a, worker_server(tmp_path / "w1") as b, \
+            open_model(smollm2_path, [a, b], None, tmp_path / "x", progress=_SlowLoads(),
+                       lease_renew_s=0.3) as model:
+        for address in (a, b):
+            client = WorkerClient(address, None, model.settings)
+            try:
+                assert client.renew(model.path.pipeline_id, model.deployment.holder, 2.0), \
+                    f"{address} let our lease lapse while the other stage was loading"
+            finally:
+                client.close()
+        assert greedy_tokens(model, [1, 2, 3], 2)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -107,22 +108,62 @@ def deploy(plan: Plan, facts: ModelFacts, clients: Sequence[WorkerClient], store
         if len(fetched) < len(plan.stages):
             facts = source.whole()  # type: ignore[misc]  # fetch_slices raised without it
     sent, shared, loaded = 0, [], []
+    leases = _KeptLeases(holder, clients[0].settings.lease_renew_s)
     try:
-        for stage in reversed(plan.stages):
-            client = clients[stage.index]
-            sha = fetched[stage.index][0] if stage.index in fetched else None
-            reply, n = _deploy_stage(plan, stage, client, facts, store, pipeline_id, holder,
-                                     progress, force, sha)
-            loaded.append(client)
-            pipeline_id = reply.pipeline_id or pipeline_id
-            sent += n
-            shared.append(reply.shared)
+        with leases:
+            for stage in reversed(plan.stages):
+                client = clients[stage.index]
+                sha = fetched[stage.index][0] if stage.index in fetched else None
+                reply, n = _deploy_stage(plan, stage, client, facts, store, pipeline_id,
+                                         holder, progress, force, sha)
+                loaded.append(client)
+                pipeline_id = reply.pipeline_id or pipeline_id
+                leases.hold(loaded, pipeline_id)
+                sent += n
+                shared.append(reply.shared)
     except BaseException:  # give back what we hold, or it stays busy until the lease lapses
         deadline = clients[0].settings.cleanup_deadline_s
         undeploy(Deployment(pipeline_id, holder, sent, False), loaded, deadline)
         raise
     return Deployment(pipeline_id, holder, sent, all(shared),
                       sum(n for _, n in fetched.values()))
+
+
+class _KeptLeases:
+    """Our leases on the stages loaded so far, renewed while the others load: sending a
+    large model's shards takes minutes, and a lease lapses 30 s after its last renewal
+    (``RunningModel`` renews them once the pipeline is open)."""
+
+    def __init__(self, holder: str, every_s: float) -> None:
+        self.holder, self.every_s = holder, every_s
+        self._clients: list[WorkerClient] = []
+        self._pipeline_id = ""
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name="deploy-leases", daemon=True)
+
+    def hold(self, clients: Sequence[WorkerClient], pipeline_id: str) -> None:
+        with self._lock:
+            self._clients, self._pipeline_id = list(clients), pipeline_id
+
+    def __enter__(self) -> _KeptLeases:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _renew(self) -> None:
+        while not self._done.wait(self.every_s):
+            with self._lock:
+                clients, pipeline_id = list(self._clients), self._pipeline_id
+            for client in clients:
+                try:
+                    client.renew(pipeline_id, self.holder, client.settings.probe_deadline_s)
+                except OrchError as exc:  # a dead worker shows up when its stage is used
+                    log.debug("renewing the lease on %s while deploying: %s",
+                              client.address, exc)
 
 
 def fetch_slices(plan: Plan, facts: ModelFacts, clients: Sequence[WorkerClient],
