@@ -89,7 +89,7 @@ def run_model(req: RunRequest, settings: OrchSettings, out: Console, err: Consol
         opened = open_model(stack, req.model, req.workers, settings, err, discover=req.discover,
                             force=req.force, check=check)
         answering = _Answering(opened.model, req, settings, out, err, opened.book,
-                               layer_shape(opened.facts).key)
+                               opened.facts)
         try:
             if req.prompt is not None:
                 answering.answer(_prompt(req, [], req.prompt))
@@ -291,10 +291,10 @@ class _Answering:
     """Renders answers as they stream, and keeps the stages' measured speeds."""
 
     def __init__(self, model: RunningModel, req: RunRequest, settings: OrchSettings,
-                 out: Console, err: Console, book: SpeedBook, shape_key: str) -> None:
+                 out: Console, err: Console, book: SpeedBook, facts: ModelFacts) -> None:
         self.model, self.req, self.settings = model, req, settings
         self.out, self.err = out, err
-        self.book, self.shape_key = book, shape_key
+        self.book, self.facts, self.shape_key = book, facts, layer_shape(facts).key
 
     def answer(self, prompt: list[dict[str, str]] | str) -> str:
         text = ""
@@ -309,7 +309,7 @@ class _Answering:
                 self.err.print(f"\n[yellow]note:[/] {event.describe()}", highlight=False)
             elif isinstance(event, Finished):
                 self.out.print()
-                self.model.record_speeds(event.stats, self.book, self.shape_key)
+                self.model.record_speeds(event.stats, self.book, self.facts, self.shape_key)
                 if self.req.stats:
                     _print_stats(event.stats, self.model, self.err)
         return text

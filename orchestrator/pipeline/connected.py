@@ -80,7 +80,7 @@ class Cluster:
         for device, client in zip(self.devices, self.clients, strict=True):
             probed = client.probe(shape)
             speed = probed.decode_s_per_layer
-            known = book.get(device.worker_id, shape.key) if book else None
+            known = book.speed(device, shape.key) if book else None
             # Runs refine the probe's figure only when they disagree beyond noise, so the
             # same cluster keeps the same plan (and its workers their cached shards).
             if known is not None and abs(known / speed - 1) > REFINE_BEYOND:

@@ -35,13 +35,14 @@ from typing import Literal
 
 from orchcore.chunks import StageResult, StageTiming
 from orchcore.errors import ContextFullError, InvalidInputError, OrchError, PlanError
+from orchcore.facts import ModelFacts
 from orchcore.sampling import RANDOM_SEED, SamplingParams
 from orchestrator.pipeline.datapath import DataPath
 from orchestrator.pipeline.deploy import Deployment, undeploy
 from orchestrator.pipeline.failover import Pipeline, Replanner, calls_for_failover, replay
 from orchestrator.pipeline.ring import TokenRing
 from orchestrator.planning.plan import Plan
-from orchestrator.planning.speeds import MIN_DECODE_TOKENS, SpeedBook
+from orchestrator.planning.speeds import SpeedBook
 from orchestrator.settings import OrchSettings
 from orchestrator.text.tokenizer import StopMatcher, StreamDecoder, Tokenizer
 
@@ -454,15 +455,11 @@ class RunningModel:
                          skip=self.path.failed)
                 self._adopt(self.replanner.open(plan))
 
-    def record_speeds(self, stats: GenerationStats, book: SpeedBook, shape_key: str) -> None:
-        """Keep each stage's measured time per layer, for the next plan."""
-        n = stats.decode_tokens
-        if n < MIN_DECODE_TOKENS:
-            return
-        for stage in self.plan.stages:
-            if stage.index in stats.compute_ms:
-                book.record(stage.device.worker_id, shape_key,
-                            stats.compute_ms[stage.index] / 1e3 / n / len(stage.layers))
+    def record_speeds(self, stats: GenerationStats, book: SpeedBook, facts: ModelFacts,
+                      shape_key: str) -> None:
+        """Keep what this answer measured of each stage, for the next plan (per device kind,
+        with the head's share taken out: ``SpeedBook.refine``)."""
+        book.refine(self.plan, facts, shape_key, stats.compute_ms, stats.decode_tokens)
 
     def end(self, session: Session) -> None:
         with contextlib.suppress(OrchError):  # a broken pipeline: closing it frees all

@@ -103,19 +103,6 @@ class SpeedBook:
             book[key] = measured if old is None else (old + measured) / 2
         self._write(book)
 
-    # The worker-keyed figures the pipeline reads and writes today (``Cluster.
-    # measure_speeds``, ``RunningModel.record_speeds``): per worker, the whole stage's
-    # time over its layers. ``speed`` and ``refine`` replace them.
-    def get(self, worker_id: str, shape_key: str) -> float | None:
-        return read_json(self.path).get(f"{worker_id}:{shape_key}")
-
-    def record(self, worker_id: str, shape_key: str, s_per_layer: float) -> None:
-        book = read_json(self.path)
-        key = f"{worker_id}:{shape_key}"
-        old = book.get(key)
-        book[key] = s_per_layer if old is None else (old + s_per_layer) / 2
-        self._write(book)
-
     def _write(self, book: dict) -> None:
         try:
             write_atomic(self.path, json.dumps(book, indent=1))
