@@ -10,7 +10,7 @@ from rich.table import Table
 
 from orchcore.errors import InvalidSettingError, OrchError
 from orchestrator.cli.app import app, console, err, fail, setup_logging
-from orchestrator.settings import OrchSettings, parse_workers
+from orchestrator.settings import OrchSettings
 
 
 @app.command(name="rotate-token")
@@ -30,17 +30,14 @@ def rotate_token(
     import secrets
     import sys
 
-    from orchestrator.cli.running import discovered_workers
+    from orchestrator.cli.running import WorkerChoice
     from orchestrator.cluster.client import WorkerClient
 
     try:
         settings = OrchSettings.load()
         if settings.token_value is None:
             raise InvalidSettingError("give the current cluster token as ORCH_TOKEN first")
-        addresses = parse_workers(workers) if workers is not None else \
-            discovered_workers(settings, err, local_fallback=False)
-        if not addresses:
-            raise OrchError("no workers: give --workers HOST:PORT,... or start them on the LAN")
+        addresses = WorkerChoice.from_flags(workers).required(settings, err)
     except OrchError as exc:
         fail(exc)
     token = sys.stdin.readline().strip() if new == "-" else new or secrets.token_urlsafe(32)
@@ -76,16 +73,12 @@ def cluster(
     """Map the cluster: each worker's machine, memory, cache and loaded stage, and the
     measured links (orchestrator to each worker, each worker to the next)."""
     setup_logging(False)
-    from orchestrator.cli.running import discovered_workers
+    from orchestrator.cli.running import WorkerChoice
     from orchestrator.cluster.topology import survey, to_json
 
     try:
         settings = OrchSettings.load(token=token)
-        addresses = parse_workers(workers) if workers is not None else \
-            discovered_workers(settings, err, local_fallback=False)
-        if not addresses:
-            fail(OrchError("no workers: give --workers HOST:PORT,... or start workers on the "
-                            "LAN (discovery: ORCH_DISCOVERY)"))
+        addresses = WorkerChoice.from_flags(workers).required(settings, err)
         with err.status("asking the workers and measuring links"):
             views = survey(addresses, settings)
     except OrchError as exc:

@@ -9,7 +9,7 @@ import typer
 
 from orchcore.errors import OrchError
 from orchestrator.cli.app import app, console, err, fail, setting_option, setup_logging
-from orchestrator.settings import OrchSettings, parse_workers
+from orchestrator.settings import OrchSettings
 
 
 @app.command()
@@ -58,7 +58,7 @@ def run(
     ones. Every default can also be set with an ORCH_* variable (shown with each flag).
     """
     setup_logging(verbose)
-    from orchestrator.cli.running import Reported, RunRequest, run_model
+    from orchestrator.cli.running import Reported, RunRequest, WorkerChoice, run_model
 
     try:
         settings = OrchSettings.load(
@@ -67,10 +67,8 @@ def run(
             context_tokens=context, max_sessions=max_sessions, threads=threads, token=token,
             objective=objective, fetch=fetch)
         request = RunRequest(
-            model=model, prompt=prompt,
-            workers=parse_workers(workers) if workers is not None else None,
-            stops=tuple(stop or ()), chat=chat, system=system, stats=stats,
-            discover=workers is None and local is None, force=force)
+            model=model, prompt=prompt, workers=WorkerChoice.from_flags(workers, local),
+            stops=tuple(stop or ()), chat=chat, system=system, stats=stats, force=force)
         run_model(request, settings, console, err)
     except Reported:
         raise typer.Exit(1) from None
@@ -102,14 +100,13 @@ def plan(
     """Show how MODEL would be cut across the workers, and what each stage needs, without
     sending anything (workers as for `orch run`: listed, local, or found on the LAN)."""
     setup_logging(False)
-    from orchestrator.cli.running import plan_only
+    from orchestrator.cli.running import WorkerChoice, plan_only
 
     try:
         settings = OrchSettings.load(local_workers=local, context_tokens=context,
                                      max_sessions=max_sessions, objective=objective,
                                      codec=codec, token=token)
-        made = plan_only(model, parse_workers(workers) if workers is not None else None,
-                         settings, discover_workers=workers is None and local is None, err=err)
+        made = plan_only(model, WorkerChoice.from_flags(workers, local), settings, err=err)
     except OrchError as exc:
         fail(exc)
     if as_json:

@@ -48,7 +48,7 @@ from orchestrator.pipeline.session import (
 from orchestrator.planning.plan import Plan, PlanOptions, make_plan
 from orchestrator.planning.speeds import SpeedBook
 from orchestrator.planning.sticky import PlanBook
-from orchestrator.settings import OrchSettings
+from orchestrator.settings import OrchSettings, parse_workers
 from orchestrator.text.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -60,12 +60,11 @@ class RunRequest:
 
     model: str
     prompt: str | None
-    workers: tuple[str, ...] | None  # validated HOST:PORT; the plan keeps this order among equals
+    workers: WorkerChoice
     stops: tuple[str, ...] = ()
     chat: bool = True
     system: str | None = None
     stats: bool = False
-    discover: bool = False  # neither --workers nor --local: look for workers on the LAN
     force: bool = False  # take workers over from another orchestrator
 
 
@@ -86,8 +85,8 @@ def run_model(req: RunRequest, settings: OrchSettings, out: Console, err: Consol
                           chat=req.chat)
 
     with ExitStack() as stack:
-        opened = open_model(stack, req.model, req.workers, settings, err, discover=req.discover,
-                            force=req.force, check=check)
+        opened = open_model(stack, req.model, req.workers, settings, err, force=req.force,
+                            check=check)
         answering = _Answering(opened.model, req, settings, out, err, opened.book,
                                layer_shape(opened.facts).key)
         try:
@@ -107,10 +106,9 @@ class Opened:
     book: SpeedBook  # measured speeds: runs refine them
 
 
-def open_model(stack: ExitStack, target: str, workers: tuple[str, ...] | None,
-               settings: OrchSettings, err: Console, *, discover: bool = False,
-               force: bool = False, check: Callable[[Tokenizer], None] | None = None
-               ) -> Opened:
+def open_model(stack: ExitStack, target: str, choice: WorkerChoice, settings: OrchSettings,
+               err: Console, *, force: bool = False,
+               check: Callable[[Tokenizer], None] | None = None) -> Opened:
     """The model deployed on the listed, discovered or local workers, its plan shown; closed
     with ``stack``. ``check`` sees the vocabulary before any worker starts."""
     path, source = locate_model(target, settings, err)
@@ -120,8 +118,7 @@ def open_model(stack: ExitStack, target: str, workers: tuple[str, ...] | None,
     if check is not None:
         check(tokenizer)
     alive = None
-    if workers is None and discover:
-        workers = discovered_workers(settings, err)
+    workers = choice.addresses(settings, err)
     if workers:
         addresses, token = list(workers), settings.token_value
     else:
@@ -160,8 +157,41 @@ def _sticky_plan(facts: ModelFacts, devices: list[DeviceFacts], options: PlanOpt
     return plan
 
 
-def discovered_workers(settings: OrchSettings, err: Console, *, local_fallback: bool = True
-                       ) -> tuple[str, ...] | None:
+@dataclass(frozen=True)
+class WorkerChoice:
+    """Which workers a command uses: ``--workers`` as listed (validated ``HOST:PORT``, in
+    order: the plan keeps it among equals); else, unless ``--local`` was given, the workers
+    of this cluster found on the LAN; else local worker processes."""
+
+    listed: tuple[str, ...] | None = None
+    discover: bool = True
+
+    @classmethod
+    def from_flags(cls, workers: str | None, local: int | None = None) -> WorkerChoice:
+        """From ``--workers`` and ``--local`` (None: not given); refuses a bad list at once."""
+        return cls(parse_workers(workers) if workers is not None else None,
+                   discover=workers is None and local is None)
+
+    def addresses(self, settings: OrchSettings, err: Console, *, local_fallback: bool = True
+                  ) -> tuple[str, ...] | None:
+        """The listed or discovered workers; None: local workers instead."""
+        if self.listed is not None:
+            return self.listed
+        if not self.discover:
+            return None
+        return _discovered(settings, err, local_fallback=local_fallback)
+
+    def required(self, settings: OrchSettings, err: Console) -> tuple[str, ...]:
+        """The listed or discovered workers, for a command that starts none of its own."""
+        found = self.addresses(settings, err, local_fallback=False)
+        if not found:
+            raise OrchError("no workers: give --workers HOST:PORT,... or start workers on the "
+                            "LAN (discovery: ORCH_DISCOVERY)")
+        return found
+
+
+def _discovered(settings: OrchSettings, err: Console, *, local_fallback: bool
+                ) -> tuple[str, ...] | None:
     """Workers of this cluster found on the LAN, after saying what was found."""
     if settings.discovery == "off":
         return None
@@ -179,15 +209,14 @@ def discovered_workers(settings: OrchSettings, err: Console, *, local_fallback: 
     return tuple(w.address for w in found.members)
 
 
-def plan_only(model: str, workers: tuple[str, ...] | None, settings: OrchSettings, *,
-              discover_workers: bool = False, err: Console | None = None) -> Plan:
+def plan_only(model: str, choice: WorkerChoice, settings: OrchSettings,
+              err: Console | None = None) -> Plan:
     """``orch plan``: the plan for listed or discovered workers (asked for their facts), or
     for local workers on this machine (their facts known without starting them)."""
     err = err or Console(stderr=True)
     facts = read_model_facts(locate_model(model, settings, err)[0])
     facts.require_supported()
-    if workers is None and discover_workers:
-        workers = discovered_workers(settings, err)
+    workers = choice.addresses(settings, err)
     if workers is None:
         return make_plan(facts, local_devices(settings.local_workers),
                          settings.plan_options(use_all=True))

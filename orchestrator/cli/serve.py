@@ -8,7 +8,7 @@ import typer
 
 from orchcore.errors import InvalidSettingError, OrchError
 from orchestrator.cli.app import app, err, fail, setting_option, setup_logging
-from orchestrator.settings import OrchSettings, parse_workers
+from orchestrator.settings import OrchSettings
 
 
 @app.command()
@@ -42,7 +42,7 @@ def serve(
 
     import uvicorn
 
-    from orchestrator.cli.running import open_model
+    from orchestrator.cli.running import WorkerChoice, open_model
     from orchestrator.serve.app import create_app
 
     try:
@@ -55,9 +55,8 @@ def serve(
                       f"anyone who reaches the port can use the cluster (set ORCH_API_KEY)")
         _check_port_free(settings.serve_host, settings.serve_port)
         with ExitStack() as stack:
-            opened = open_model(stack, model, parse_workers(workers) if workers else None,
-                                settings, err, discover=workers is None and local is None,
-                                force=force)
+            opened = open_model(stack, model, WorkerChoice.from_flags(workers, local),
+                                settings, err, force=force)
             name = model.rsplit("/", 1)[-1].removesuffix(".gguf")
             broken: list[str] = []
 
