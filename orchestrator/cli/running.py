@@ -131,8 +131,7 @@ def open_model(stack: ExitStack, target: str, choice: WorkerChoice, settings: Or
     stack.callback(cluster.close)
     book = SpeedBook(cache_dir() / "speeds.json")
     if workers and len(addresses) > 1 and settings.probe:
-        with err.status("timing each worker on this model's layers (once per shape)"):
-            cluster.measure_speeds(facts, book)
+        _measure_speeds(cluster, facts, book, err)
     options = settings.plan_options(use_all=not workers)  # --local N: exactly N stages
     plan = _sticky_plan(facts, cluster.devices, options)
     for line in plan.describe():
@@ -146,6 +145,15 @@ def open_model(stack: ExitStack, target: str, choice: WorkerChoice, settings: Or
     stack.callback(model.close)
     _report_deployment(model.deployment, err)
     return Opened(model, facts, book)
+
+
+def _measure_speeds(cluster: Cluster, facts: ModelFacts, book: SpeedBook | None,
+                    err: Console) -> None:
+    with err.status("timing each worker on this model's layers (once per shape)"):
+        untimed = cluster.measure_speeds(facts, book)
+    for exc in untimed:
+        err.print(f"[yellow]note:[/] not timed: {exc}; planned as a worker nothing measured",
+                  highlight=False)
 
 
 def _sticky_plan(facts: ModelFacts, devices: list[DeviceFacts], options: PlanOptions) -> Plan:
@@ -223,7 +231,7 @@ def plan_only(model: str, choice: WorkerChoice, settings: OrchSettings,
     cluster = Cluster.connect(workers, settings.token_value, settings)
     try:
         if len(workers) > 1 and settings.probe:
-            cluster.measure_speeds(facts)
+            _measure_speeds(cluster, facts, None, err)
         return _sticky_plan(facts, cluster.devices, settings.plan_options())
     finally:
         cluster.close()
