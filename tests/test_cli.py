@@ -133,3 +133,25 @@ def test_cluster_map_lists_workers_and_measured_links(tmp_path):
     assert [v["budget_mb"] for v in views] == [700, 900]
     assert all(v["link"]["rtt_ms"] > 0 and v["link"]["bandwidth_mb_s"] > 0 for v in views)
     assert views[0]["next_link"]["rtt_ms"] > 0 and views[1]["next_link"] is None
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def test_local_workers_share_the_cores(smollm2_path, tmp_path):
+    """N local workers on one machine get its cores shared among them, not each all of them
+    (two workers of 2 threads on 2 cores decode at a third of the speed); --threads wins."""
+    each = max(1, _cores() // 3)
+    planned = orch("plan", str(smollm2_path), "--local", "3", "--json", cache=tmp_path)
+    assert planned.returncode == 0, planned.stderr
+    assert [s["threads"] for s in json.loads(planned.stdout)["stages"]] == [each] * 3
+    done = orch("run", str(smollm2_path), "The capital of France is", "--no-chat", "--local",
+                "3", "--max-tokens", "2", cache=tmp_path)
+    assert done.returncode == 0, done.stderr
+    plan = [line for line in done.stderr.splitlines() if line.startswith("stage ")]
+    assert len(plan) == 3 and all(f", {each} thread" in line for line in plan), done.stderr
+    given = orch("plan", str(smollm2_path), "--local", "3", "--threads", "2", "--json",
+                 cache=tmp_path)
+    assert given.returncode == 0, given.stderr
+    assert [s["threads"] for s in json.loads(given.stdout)["stages"]] == [2] * 3

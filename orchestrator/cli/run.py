@@ -93,6 +93,7 @@ def plan(
     max_sessions: Annotated[int | None, setting_option("max_sessions", "--max-sessions")] = None,
     objective: Annotated[str | None, setting_option("objective", "--objective")] = None,
     codec: Annotated[str | None, setting_option("codec", "--codec")] = None,
+    threads: Annotated[int | None, setting_option("threads", "--threads")] = None,
     token: Annotated[str | None, typer.Option(
         help="Cluster token of the workers (or ORCH_TOKEN).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
@@ -105,7 +106,7 @@ def plan(
     try:
         settings = OrchSettings.load(local_workers=local, context_tokens=context,
                                      max_sessions=max_sessions, objective=objective,
-                                     codec=codec, token=token)
+                                     codec=codec, threads=threads, token=token)
         made = plan_only(model, WorkerChoice.from_flags(workers, local), settings, err=err)
     except OrchError as exc:
         fail(exc)

@@ -124,7 +124,8 @@ def open_model(stack: ExitStack, target: str, choice: WorkerChoice, settings: Or
     else:
         with err.status(f"starting {settings.local_workers} local workers"):
             local = stack.enter_context(LocalCluster(
-                settings.local_workers, cache_dir() / "local", settings.threads,
+                settings.local_workers, cache_dir() / "local",
+                settings.local_threads(cpu_info().cores),
                 start_deadline_s=settings.start_deadline_s))
         addresses, token, alive = local.addresses, local.token, local.check_alive
     cluster = Cluster.connect(addresses, token, settings, alive)
@@ -226,8 +227,7 @@ def plan_only(model: str, choice: WorkerChoice, settings: OrchSettings,
     facts.require_supported()
     workers = choice.addresses(settings, err)
     if workers is None:
-        return make_plan(facts, local_devices(settings.local_workers),
-                         settings.plan_options(use_all=True))
+        return make_plan(facts, local_devices(settings), settings.plan_options(use_all=True))
     cluster = Cluster.connect(workers, settings.token_value, settings)
     try:
         if len(workers) > 1 and settings.probe:
@@ -237,15 +237,16 @@ def plan_only(model: str, choice: WorkerChoice, settings: OrchSettings,
         cluster.close()
 
 
-def local_devices(count: int) -> list[DeviceFacts]:
-    """What ``count`` local workers would report: this machine, each with the default
-    budget (they share its RAM, which the planner accounts for)."""
+def local_devices(settings: OrchSettings) -> list[DeviceFacts]:
+    """What the local workers would report: this machine, each with the default budget
+    (they share its RAM, which the planner accounts for) and its share of the cores."""
     cpu, mem, host = cpu_info(), memory_info(), host_id()
     return [DeviceFacts(address=f"local #{i}", worker_id=f"local-{i}", host_id=host,
                         hostname=platform.node(), arch=cpu.arch, cores=cpu.cores,
+                        threads=settings.local_threads(cpu.cores),
                         ram_total_bytes=mem.total, ram_available_bytes=mem.available,
                         memory_budget_bytes=default_budget(mem.available))
-            for i in range(count)]
+            for i in range(settings.local_workers)]
 
 
 def _report_deployment(deployment: Deployment, err: Console) -> None:
