@@ -97,4 +97,4 @@ def test_workers_come_from_the_flag_else_discovery(on_loopback, tmp_path):
     with LocalCluster(1, tmp_path / "w", token=TOKEN) as ours:
         assert WorkerChoice.from_flags(None).required(settings, err) == tuple(ours.addresses)
         assert WorkerChoice.from_flags(None, local=1).addresses(settings, err) is None
-    assert "found 1 workers" in err.file.getvalue()
+    assert "found 1 worker: " in err.file.getvalue()

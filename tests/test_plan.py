@@ -49,6 +49,9 @@ def test_plan_is_contiguous_and_carries_each_stage_engine(facts):
     assert plan.codec == "q8_0" and plan.stages[1].worker == "10.0.0.2:50151"
     text = "\n".join(plan.describe())
     assert f"layers {first} on 10.0.0.1:50151 (pi1)" in text and "MiB" in text
+    assert "4 threads" in text and "2 threads" in text
+    one = make_plan(facts, [device(1, cores=1)], options)
+    assert "1 thread\n" in "\n".join(one.describe()) + "\n", one.describe()
     assert make_plan(facts, [device(1, cores=4), device(2, cores=2)], options) == plan
 
 

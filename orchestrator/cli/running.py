@@ -122,7 +122,7 @@ def open_model(stack: ExitStack, target: str, choice: WorkerChoice, settings: Or
     if workers:
         addresses, token = list(workers), settings.token_value
     else:
-        with err.status(f"starting {settings.local_workers} local workers"):
+        with err.status(f"starting {_count(settings.local_workers, 'local worker')}"):
             local = stack.enter_context(LocalCluster(
                 settings.local_workers, cache_dir() / "local",
                 settings.local_threads(cpu_info().cores),
@@ -210,12 +210,17 @@ def _discovered(settings: OrchSettings, err: Console, *, local_fallback: bool
         err.print(f"[dim]not used: {worker.address} (worker {worker.advert.worker_id[:8]}): "
                   f"{why}[/]", highlight=False)
     if not found.members:
-        then = f"; using {settings.local_workers} local workers" if local_fallback else ""
+        then = (f"; using {_count(settings.local_workers, 'local worker')}"
+                if local_fallback else "")
         err.print(f"[dim]no workers of this cluster on the network{then}[/]")
         return None
-    err.print(f"[dim]found {len(found.members)} workers: "
+    err.print(f"[dim]found {_count(len(found.members), 'worker')}: "
               f"{', '.join(w.address for w in found.members)}[/]", highlight=False)
     return tuple(w.address for w in found.members)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def plan_only(model: str, choice: WorkerChoice, settings: OrchSettings,

@@ -192,7 +192,7 @@ class Plan:
                        f"{s.active_bytes / MIB:.1f} MiB)" if self.experts is not None else "")
             lines.append(f"stage {s.index}: layers {s.layers} on {s.device.label}: "
                          f"{s.memory.total / MIB:.0f} of {s.budget / MIB:.0f} MiB{weights}, "
-                         f"{s.engine.threads} threads{speed}")
+                         f"{s.engine.threads} thread{'s' if s.engine.threads != 1 else ''}{speed}")
         for out in self.left_out:
             lines.append(f"standby: {out.device.label}: {out.reason}")
         decode, prompt = self.predicted_decode_s, self.predicted_prompt_tokens_s
@@ -435,7 +435,8 @@ def _shortfall(memory: StageMemory, devices: Sequence[DeviceFacts], budgets: lis
               f"{engine.max_sessions})")
     if need > have:
         return (f"the model does not fit: it needs about {need / MIB:.0f} MiB across "
-                f"{count} workers, {math.ceil((need - have) / MIB)} MiB more than their "
-                f"budgets ({names}). {advice}.")
+                f"{count} worker{'s' if count != 1 else ''}, "
+                f"{math.ceil((need - have) / MIB)} MiB more than their budgets ({names}). "
+                f"{advice}.")
     return (f"the model does not fit: {have / MIB:.0f} MiB of budgets in all ({names}), but "
             f"no cut into whole layers fits each worker's share. {advice}.")
