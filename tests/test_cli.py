@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -39,13 +40,47 @@ def test_run_answers_and_cleans_up(smollm2_path, tmp_path):
         assert "WARNING" not in log.read_text() and "ERROR" not in log.read_text(), log
 
 
+def in_terminal(*args: str, cache, typed: str, timeout: float = 180
+                ) -> subprocess.CompletedProcess[str]:
+    """``orch`` with a terminal for its stdin (a pseudo-terminal ``typed`` is written to);
+    its output captured."""
+    env = dict(os.environ, ORCH_CACHE_DIR=str(cache), COLUMNS="120")
+    terminal, side = os.openpty()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], env=env,
+                                stdin=side, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        os.close(side)
+        os.write(terminal, typed.encode())
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        os.close(terminal)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 def test_interactive_chat_keeps_turns_apart(smollm2_path, tmp_path):
-    done = orch("run", str(smollm2_path), "--max-tokens", "12", cache=tmp_path,
-                stdin="What is the capital of France?\nAnd of Italy?\n\n")
+    done = in_terminal("run", str(smollm2_path), "--max-tokens", "12", cache=tmp_path,
+                       typed="What is the capital of France?\nAnd of Italy?\n\n")
     assert done.returncode == 0, done.stderr
     answers = [a for a in done.stdout.split("> ") if a.strip()]
     assert len(answers) == 2, done.stdout
     assert "Paris" in answers[0] and "Rome" in answers[1]
+
+
+def test_a_piped_prompt_is_one_prompt(smollm2_path, tmp_path):
+    """Piped or read with '-', the whole text is the prompt, blank lines and all: the same
+    prompt tokens and answer as the text given as an argument."""
+    text = "Summarize:\n\nParis is the capital of France. It lies on the Seine.\n"
+    runs = [orch("run", str(smollm2_path), *args, "--no-chat", "--max-tokens", "6", "--stats",
+                 "--local", "1", cache=tmp_path, stdin=stdin)
+            for args, stdin in (((text.rstrip("\n"),), ""), ((), text), (("-",), text))]
+    for done in runs:
+        assert done.returncode == 0, done.stderr
+    prompts = [re.search(r"prompt +. +(\d+) tokens", done.stderr).group(1) for done in runs]
+    assert prompts[1] == prompts[0] and prompts[2] == prompts[0], prompts
+    assert runs[1].stdout == runs[0].stdout and runs[2].stdout == runs[0].stdout
+    empty = orch("run", str(smollm2_path), cache=tmp_path, stdin="\n")
+    assert empty.returncode == 1 and "stdin holds no prompt" in empty.stderr, empty.stderr
 
 
 def test_verify_reports_identical(smollm2_path, tmp_path):

@@ -3,11 +3,12 @@ split checked against the whole."""
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
 
-from orchcore.errors import OrchError
+from orchcore.errors import InvalidInputError, OrchError
 from orchestrator.cli.app import app, console, err, fail, setting_option, setup_logging
 from orchestrator.settings import OrchSettings
 
@@ -18,7 +19,9 @@ def run(
         help="A .gguf file, a known name (smollm2-135m; orch list shows them), an https:// URL "
              "or hf://OWNER/REPO/FILE.gguf.")],
     prompt: Annotated[str | None, typer.Argument(
-        help="Prompt to answer; omit it for an interactive chat.")] = None,
+        help="Prompt to answer; '-' reads it from stdin, as does a pipe when it is omitted "
+             "(all of it: one prompt); omit it in a terminal for an interactive chat.")
+    ] = None,
     workers: Annotated[str | None, typer.Option(
         help="Workers as HOST:PORT,HOST:PORT, or @FILE with one per line; without it, the "
              "workers found on the LAN, else local worker processes.")] = None,
@@ -61,6 +64,9 @@ def run(
     from orchestrator.cli.running import Reported, RunRequest, WorkerChoice, run_model
 
     try:
+        if prompt == "-" or (prompt is None and sys.stdin is not None
+                             and not sys.stdin.isatty()):
+            prompt = _stdin_prompt()
         settings = OrchSettings.load(
             local_workers=local, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
             top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, codec=codec,
@@ -78,6 +84,19 @@ def run(
         err.print("interrupted")
         raise typer.Exit(130) from None
 
+
+
+def _stdin_prompt() -> str:
+    """All of stdin as one prompt, its trailing line ends dropped (as a shell's ``$(...)``
+    does). Bytes that are not UTF-8 are kept as the tokenizer's check expects them (the
+    same as in an argument), so it names the first one."""
+    if sys.stdin is None:
+        raise InvalidInputError("no prompt: give one as an argument or on stdin")
+    text = sys.stdin.buffer.read().decode("utf-8", "surrogateescape").rstrip("\r\n")
+    if not text.strip():
+        raise InvalidInputError("stdin holds no prompt: pipe some text in, give the prompt as "
+                                "an argument, or run in a terminal for a chat")
+    return text
 
 
 @app.command()
