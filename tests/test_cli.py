@@ -163,7 +163,9 @@ def test_cluster_map_lists_workers_and_measured_links(tmp_path):
                                ",".join(workers.addresses), "--json"], env=env,
                               capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    views = json.loads(done.stdout)
+    mapped = json.loads(done.stdout)
+    assert mapped["unreachable"] == []
+    views = mapped["workers"]
     assert [v["address"] for v in views] == workers.addresses
     assert [v["budget_mb"] for v in views] == [700, 900]
     assert all(v["link"]["rtt_ms"] > 0 and v["link"]["bandwidth_mb_s"] > 0 for v in views)
@@ -190,3 +192,32 @@ def test_local_workers_share_the_cores(smollm2_path, tmp_path):
                  cache=tmp_path)
     assert given.returncode == 0, given.stderr
     assert [s["threads"] for s in json.loads(given.stdout)["stages"]] == [2] * 3
+
+
+def test_cluster_map_shows_what_it_reaches_and_names_the_rest(tmp_path):
+    """A worker that does not answer, or holds another token, is listed with its reason;
+    the others are still mapped, their links measured to the next one that answers."""
+    from orchestrator.cluster.local import LocalCluster
+
+    closed = "127.0.0.1:1"
+    with LocalCluster(2, tmp_path / "w") as ours, LocalCluster(1, tmp_path / "x") as theirs:
+        listed = [ours.addresses[0], closed, theirs.addresses[0], ours.addresses[1]]
+        env = dict(os.environ, ORCH_TOKEN=ours.token, ORCH_CACHE_DIR=str(tmp_path),
+                   COLUMNS="200")
+        runs = [subprocess.run([sys.executable, "-m", "orchestrator.cli", "cluster",
+                                "--workers", ",".join(listed), *extra], env=env,
+                               capture_output=True, text=True, timeout=60)
+                for extra in (("--json",), ())]
+    as_json, table = runs
+    assert as_json.returncode == 1 and table.returncode == 1, as_json.stderr
+    mapped = json.loads(as_json.stdout)
+    assert [v["address"] for v in mapped["workers"]] == ours.addresses
+    assert mapped["workers"][0]["next_link"]["rtt_ms"] > 0  # to the next that answers
+    reasons = {u["address"]: u["reason"] for u in mapped["unreachable"]}
+    assert list(reasons) == [closed, theirs.addresses[0]], reasons
+    assert "unreachable" in reasons[closed] and "prove" in reasons[theirs.addresses[0]], reasons
+    for address in ours.addresses:
+        assert address in table.stdout, table.stdout
+    for address, reason in reasons.items():
+        assert f"{address} not mapped: {reason}" in table.stderr, table.stderr
+    assert "Traceback" not in as_json.stderr + table.stderr

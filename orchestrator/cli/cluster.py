@@ -3,7 +3,8 @@ from here."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -11,6 +12,9 @@ from rich.table import Table
 from orchcore.errors import InvalidSettingError, OrchError
 from orchestrator.cli.app import app, console, err, fail, setup_logging
 from orchestrator.settings import OrchSettings
+
+if TYPE_CHECKING:
+    from orchestrator.cluster.topology import WorkerView
 
 
 @app.command(name="rotate-token")
@@ -71,7 +75,8 @@ def cluster(
     as_json: Annotated[bool, typer.Option("--json", help="Print the map as JSON.")] = False,
 ) -> None:
     """Map the cluster: each worker's machine, memory, cache and loaded stage, and the
-    measured links (orchestrator to each worker, each worker to the next)."""
+    measured links (orchestrator to each worker, each worker to the next). Workers that do
+    not answer or hold another token are listed with the reason (exit code 1)."""
     setup_logging(False)
     from orchestrator.cli.running import WorkerChoice
     from orchestrator.cluster.topology import survey, to_json
@@ -80,16 +85,20 @@ def cluster(
         settings = OrchSettings.load(token=token)
         addresses = WorkerChoice.from_flags(workers).required(settings, err)
         with err.status("asking the workers and measuring links"):
-            views = survey(addresses, settings)
+            found = survey(addresses, settings)
     except OrchError as exc:
         fail(exc)
     if as_json:
-        console.print_json(data=to_json(views))
-        return
-    _print_cluster(views)
+        console.print_json(data=to_json(found))
+    elif found.workers:
+        _print_cluster(found.workers)
+    for worker in found.unreached:
+        err.print(f"[red]{worker.address}[/] not mapped: {worker.reason}", highlight=False)
+    if found.unreached:
+        raise typer.Exit(1)
 
 
-def _print_cluster(views) -> None:
+def _print_cluster(views: Sequence[WorkerView]) -> None:
     from orchcore.wire.tls import short
 
     table = Table(title="cluster", show_lines=True)
