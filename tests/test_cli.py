@@ -87,6 +87,13 @@ def test_verify_reports_identical(smollm2_path, tmp_path):
     done = orch("verify", str(smollm2_path), "--stages", "2", "--steps", "4", cache=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "5/5 steps identical" in done.stdout
+    # what it prints besides the verdict says what it is, before the text itself
+    lines = done.stdout.splitlines()
+    assert lines[0] == "layer ranges: [0, 15) [15, 30)", lines
+    assert lines[1] == ("the unsplit model's greedy continuation of the prompt, 5 tokens (raw "
+                        "text, no chat template; the split model picked the same token at "
+                        "every step):"), lines
+    assert lines[2].startswith("The capital of France is Paris"), lines
 
 
 def test_info_describes_the_model(smollm2_path, tmp_path):

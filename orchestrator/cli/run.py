@@ -7,6 +7,7 @@ import sys
 from typing import Annotated
 
 import typer
+from rich.text import Text
 
 from orchcore.errors import InvalidInputError, OrchError
 from orchestrator.cli.app import app, console, err, fail, setting_option, setup_logging
@@ -157,12 +158,19 @@ def verify(
             tokens = tokenizer.encode(prompt)
             with err.status(f"running the model whole and in {stages} ranges"):
                 result = verify_split(path, tokens, stages, steps, threads)
-            text = tokenizer.decode(list(result.tokens_split))
+            text = tokenizer.decode(list(result.tokens_whole))
     except OrchError as exc:
         err.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(1) from None
-    console.print(f"ranges: {' '.join(str(r) for r in result.ranges)}")
-    console.print(f"{prompt}[bold]{text}[/]", highlight=False)
+    console.print(f"layer ranges: {' '.join(str(r) for r in result.ranges)}", highlight=False)
+    differ = next((i for i, (a, b) in enumerate(zip(result.tokens_whole, result.tokens_split,
+                                                    strict=True)) if a != b), None)
+    same = ("the split model picked the same token at every step" if differ is None else
+            f"the split model picked another token at step {differ + 1}")
+    console.print(f"the unsplit model's greedy continuation of the prompt, "
+                  f"{len(result.tokens_whole)} tokens (raw text, no chat template; {same}):",
+                  highlight=False, markup=False, soft_wrap=True)
+    console.print(Text.assemble(prompt, (text, "bold")), highlight=False)
     verdict = "[green]identical[/]" if result.exact else "[red]DIFFERENT[/]"
     console.print(f"logits of {result.identical_steps}/{result.steps} steps {verdict} to the "
                   f"unsplit model (max abs diff {result.max_abs_diff:g})")
