@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
+import signal
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
@@ -228,3 +231,34 @@ def test_cluster_map_shows_what_it_reaches_and_names_the_rest(tmp_path):
     for address, reason in reasons.items():
         assert f"{address} not mapped: {reason}" in table.stderr, table.stderr
     assert "Traceback" not in as_json.stderr + table.stderr
+
+
+def test_an_interrupted_answer_ends_its_line(smollm2_path, tmp_path):
+    """Ctrl-C mid-answer: "interrupted" goes on a line of its own, not after the last word
+    (stdout and stderr share one terminal)."""
+    env = dict(os.environ, ORCH_CACHE_DIR=str(tmp_path), COLUMNS="120")
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", str(smollm2_path),
+                             "Write a long story about a cat.", "--max-tokens", "400",
+                             "--local", "1"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    seen = b""
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:  # until the answer has begun
+            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+            if ready:
+                seen += os.read(proc.stdout.fileno(), 4096)
+            answer = seen.partition(b"shards sent")[2].partition(b"\n")[2]
+            if len(answer.strip()) > 20 or proc.poll() is not None:
+                break
+        assert proc.poll() is None, seen.decode()
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = (seen + rest).decode()
+    assert proc.returncode == 130, out
+    assert "\ninterrupted\n" in out, out
+    assert not out.partition("shards sent")[2].strip().startswith("interrupted"), out

@@ -340,21 +340,28 @@ class _Answering:
         self.book, self.shape_key = book, shape_key
 
     def answer(self, prompt: list[dict[str, str]] | str) -> str:
-        text = ""
-        for event in self.model.generate(prompt, self.settings.sampling(), stops=self.req.stops,
-                                         max_tokens=self.settings.max_tokens,
-                                         chat=self.req.chat):
-            if isinstance(event, TextPiece):
-                self.out.print(event.text, end="", markup=False, highlight=False,
-                               soft_wrap=True)
-                text += event.text
-            elif isinstance(event, Failover):  # the answer goes on
-                self.err.print(f"\n[yellow]note:[/] {event.describe()}", highlight=False)
-            elif isinstance(event, Finished):
+        text, finished = "", False
+        try:
+            for event in self.model.generate(prompt, self.settings.sampling(),
+                                             stops=self.req.stops,
+                                             max_tokens=self.settings.max_tokens,
+                                             chat=self.req.chat):
+                if isinstance(event, TextPiece):
+                    self.out.print(event.text, end="", markup=False, highlight=False,
+                                   soft_wrap=True)
+                    text += event.text
+                elif isinstance(event, Failover):  # the answer goes on
+                    self.err.print(f"\n[yellow]note:[/] {event.describe()}", highlight=False)
+                elif isinstance(event, Finished):
+                    self.out.print()
+                    finished = True
+                    self.model.record_speeds(event.stats, self.book, self.shape_key)
+                    if self.req.stats:
+                        _print_stats(event.stats, self.model, self.err)
+        except BaseException:  # Ctrl-C or an error mid-answer: what follows starts a line
+            if text and not finished:
                 self.out.print()
-                self.model.record_speeds(event.stats, self.book, self.shape_key)
-                if self.req.stats:
-                    _print_stats(event.stats, self.model, self.err)
+            raise
         return text
 
     def chat(self) -> None:
@@ -363,8 +370,12 @@ class _Answering:
         while True:
             try:
                 line = self.out.input("[bold]> [/]")
-            except EOFError:
+            except EOFError:  # Ctrl-D: the shell's prompt starts a line of its own
+                self.out.print()
                 break
+            except KeyboardInterrupt:  # so does "interrupted"
+                self.out.print()
+                raise
             if not line.strip():
                 break
             try:
