@@ -8,6 +8,7 @@ plan or a worker.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -115,12 +116,17 @@ class OrchSettings(BaseSettings):
         return value
 
     @classmethod
-    def load(cls, **given: object) -> OrchSettings:
-        """Environment, then the values ``given`` (None = not given); typed errors."""
+    def load(cls, flags: Mapping[str, str] | None = None, **given: object) -> OrchSettings:
+        """Environment, then the values ``given`` (None = not given); typed errors that name
+        a given value by its flag (``flags``: field -> flag; else the field) and any other
+        by its variable."""
+        given = {k: v for k, v in given.items() if v is not None}
         try:
-            return cls(**{k: v for k, v in given.items() if v is not None})
+            return cls(**given)
         except ValidationError as exc:
-            raise InvalidSettingError(describe_validation(exc)) from None
+            names = {field: (flags or {}).get(field, field) if field in given
+                     else f"ORCH_{field.upper()}" for field in cls.model_fields}
+            raise InvalidSettingError(describe_validation(exc, names)) from None
 
     def engine(self, threads: int | None = None) -> EngineConfig:
         return EngineConfig(context_tokens=self.context_tokens, max_sessions=self.max_sessions,

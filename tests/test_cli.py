@@ -109,7 +109,7 @@ def test_info_describes_the_model(smollm2_path, tmp_path):
 @pytest.mark.parametrize(("args", "message"), [
     (("run", "no-such-model", "hi"), "smollm2-135m"),
     (("info", "no-such-model"), "smollm2-135m"),
-    (("run", "MODEL", "hi", "--top-p", "0"), "top_p"),
+    (("run", "MODEL", "hi", "--top-p", "0"), "--top-p"),
     (("run", "MODEL", "hi", "--codec", "zip"), "f32"),
 ])
 def test_bad_input_is_a_message_not_a_traceback(smollm2_path, tmp_path, args, message):
@@ -142,6 +142,25 @@ def test_refused_early_with_a_message(smollm2_path, tmp_path, args, message):
     assert "Traceback" not in done.stderr and "stage 0" not in done.stderr
     assert "grpc" not in done.stderr.lower()
     assert not (tmp_path / "local").exists()  # no local worker was started
+
+
+@pytest.mark.parametrize(("args", "env", "named", "internal"), [
+    (("run", "MODEL", "hi", "--local", "0"), {}, "--local: ", "local_workers"),
+    (("plan", "MODEL", "--context", "8"), {}, "--context: ", "context_tokens"),
+    (("serve", "MODEL", "--max-sessions", "0"), {}, "--max-sessions: ", "max_sessions"),
+    (("run", "MODEL", "hi"), {"ORCH_CONTEXT_TOKENS": "8"}, "ORCH_CONTEXT_TOKENS: ",
+     "context_tokens:"),
+])
+def test_a_bad_setting_is_named_as_the_user_gave_it(smollm2_path, tmp_path, args, env, named,
+                                                     internal):
+    """By its flag, or by its variable when it came from the environment: never by the
+    name of a field inside."""
+    args = tuple(str(smollm2_path) if a == "MODEL" else a for a in args)
+    done = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args],
+                          env=dict(os.environ, ORCH_CACHE_DIR=str(tmp_path), COLUMNS="200",
+                                   **env), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert named in done.stderr and internal not in done.stderr, done.stderr
 
 
 def test_header_errors_and_unsupported_architectures_say_what_is_wrong(smollm2_path, tmp_path):

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from orchcore.errors import InvalidSettingError, OrchError
-from orchestrator.cli.app import app, console, err, fail, setup_logging
+from orchestrator.cli.app import FLAGS, app, console, err, fail, setup_logging
 from orchestrator.settings import OrchSettings
 
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ def cluster(
     from orchestrator.cluster.topology import survey, to_json
 
     try:
-        settings = OrchSettings.load(token=token)
+        settings = OrchSettings.load(FLAGS, token=token)
         addresses = WorkerChoice.from_flags(workers).required(settings, err)
         with err.status("asking the workers and measuring links"):
             found = survey(addresses, settings)

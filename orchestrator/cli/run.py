@@ -10,7 +10,7 @@ import typer
 from rich.text import Text
 
 from orchcore.errors import InvalidInputError, OrchError
-from orchestrator.cli.app import app, console, err, fail, setting_option, setup_logging
+from orchestrator.cli.app import FLAGS, app, console, err, fail, setting_option, setup_logging
 from orchestrator.settings import OrchSettings
 
 
@@ -69,7 +69,8 @@ def run(
                              and not sys.stdin.isatty()):
             prompt = _stdin_prompt()
         settings = OrchSettings.load(
-            local_workers=local, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+            FLAGS, local_workers=local, max_tokens=max_tokens, temperature=temperature,
+            top_k=top_k,
             top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, codec=codec,
             context_tokens=context, max_sessions=max_sessions, threads=threads, token=token,
             objective=objective, fetch=fetch)
@@ -124,7 +125,7 @@ def plan(
     from orchestrator.cli.running import WorkerChoice, plan_only
 
     try:
-        settings = OrchSettings.load(local_workers=local, context_tokens=context,
+        settings = OrchSettings.load(FLAGS, local_workers=local, context_tokens=context,
                                      max_sessions=max_sessions, objective=objective,
                                      codec=codec, threads=threads, token=token)
         made = plan_only(model, WorkerChoice.from_flags(workers, local), settings, err=err)

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from orchcore.errors import InvalidSettingError, OrchError
-from orchestrator.cli.app import app, err, fail, setting_option, setup_logging
+from orchestrator.cli.app import FLAGS, app, err, fail, setting_option, setup_logging
 from orchestrator.settings import OrchSettings
 
 
@@ -46,8 +46,8 @@ def serve(
     from orchestrator.serve.app import create_app
 
     try:
-        settings = OrchSettings.load(local_workers=local, serve_host=host, serve_port=port,
-                                     serve_queue=queue, context_tokens=context,
+        settings = OrchSettings.load(FLAGS, local_workers=local, serve_host=host,
+                                     serve_port=port, serve_queue=queue, context_tokens=context,
                                      max_sessions=max_sessions, max_tokens=max_tokens,
                                      threads=threads, codec=codec)
         if settings.serve_host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
