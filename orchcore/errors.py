@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from pydantic import ValidationError
 
 
@@ -191,11 +193,16 @@ class PublishError(OrchError):
     wheel or the address and what to do."""
 
 
-def describe_validation(exc: ValidationError) -> str:
-    """Pydantic's errors as one line per setting: 'context_tokens: ...'."""
+def describe_validation(exc: ValidationError, names: Mapping[str, str] | None = None) -> str:
+    """Pydantic's errors as one line per setting: 'context_tokens: ...', or with ``names``
+    (field -> what the user wrote: a flag, a variable) '--context: ...'."""
+    names = names or {}
     lines = []
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "settings"
+        loc = [str(p) for p in err["loc"]]
+        if loc:
+            loc[0] = names.get(loc[0], loc[0])
+        where = ".".join(loc) or "settings"
         message = err["msg"].removeprefix("Value error, ")
         lines.append(f"{where}: {message} (got {err.get('input')!r})")
     return "; ".join(lines)

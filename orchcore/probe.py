@@ -4,7 +4,8 @@ A worker's speed on *this* model is what the planner needs, so the probe runs a 
 random-weight layers of the model's own shape and quantization type (``orchcore.modelgen``)
 and reports seconds per layer per token. Decoding on a CPU reads every weight once per
 token, so a probe layer of another size (an unsupported type is probed as the nearest
-supported one) is scaled by the bytes per layer of the real model.
+supported one) is scaled by the bytes per layer of the real model. A worker whose budget
+cannot hold ``PROBE_LAYERS`` of them times fewer (``LayerShape.layers_within``).
 
 A mixture-of-experts layer is probed as a dense layer as wide as the experts a token uses
 (``ModelFacts.ffn_width``), scaled to the bytes a token reads
@@ -44,9 +45,9 @@ class LayerShape:
         text = repr(sorted(asdict(self).items()))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-    def problem(self, max_bytes: int) -> str | None:
-        """Why this shape cannot be probed within ``max_bytes`` of weights (None if it can).
-        A request names the shape, so it is checked whole before anything is allocated."""
+    def problem(self) -> str | None:
+        """Why this shape cannot be probed at all (None if it can). A request names the
+        shape, so it is checked whole before anything is allocated."""
         dims = (self.n_embd, self.n_ff, self.n_head, self.n_head_kv)
         if min(dims) < 1 or self.n_embd > 1 << 16 or self.n_ff > 1 << 18 or \
                 self.n_head > 1024:
@@ -55,19 +56,24 @@ class LayerShape:
                 (self.n_embd // self.n_head) % 2:
             return (f"{self.n_head} heads ({self.n_head_kv} for keys and values) do not "
                     f"divide {self.n_embd} into even head sizes")
-        spec = self.spec()
-        block, block_bytes = gguf.GGML_QUANT_SIZES[spec.weight_type]
+        return None
+
+    def probe_layer_bytes(self) -> int:
+        """The weights of one probe layer (a shape ``problem`` accepts)."""
+        qtype = self.spec().weight_type
+        block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
         head_dim = self.n_embd // self.n_head
         per_layer = self.n_embd * (2 * self.n_embd + 2 * head_dim * self.n_head_kv) + \
             3 * self.n_embd * self.n_ff
-        needed = PROBE_LAYERS * per_layer * block_bytes // block
-        if needed > max_bytes:
-            return (f"its {PROBE_LAYERS} probe layers need {needed >> 20} MiB; "
-                    f"{max_bytes >> 20} MiB may be used")
-        return None
+        return per_layer * block_bytes // block
 
-    def spec(self) -> modelgen.ModelSpec:
-        """A small model of this layer shape that modelgen can write quickly."""
+    def layers_within(self, max_bytes: int) -> int:
+        """How many probe layers (at most ``PROBE_LAYERS``) fit in ``max_bytes`` of weights:
+        a small worker times fewer layers; 0 when not even one fits."""
+        return min(PROBE_LAYERS, max_bytes // max(self.probe_layer_bytes(), 1))
+
+    def spec(self, layers: int = PROBE_LAYERS) -> modelgen.ModelSpec:
+        """A small model of ``layers`` layers of this shape that modelgen writes quickly."""
         known = self.weight_type in modelgen.GType._value2member_map_
         wanted = modelgen.GType(self.weight_type) if known else None
         candidates = [wanted] if wanted in modelgen.SUPPORTED_WEIGHT_TYPES else []
@@ -77,7 +83,7 @@ class LayerShape:
                 break
         arch = self.arch if self.arch in modelgen.DENSE_ARCHS else "llama"
         return modelgen.ModelSpec(
-            arch=arch, n_layers=PROBE_LAYERS, n_embd=self.n_embd, n_head=self.n_head,
+            arch=arch, n_layers=layers, n_embd=self.n_embd, n_head=self.n_head,
             n_head_kv=self.n_head_kv, n_ff=self.n_ff, n_vocab=PROBE_VOCAB, weight_type=qtype,
             context_length=512, random_blocks=qtype in modelgen.RANDOM_BLOCK_TYPES)
 

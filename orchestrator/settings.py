@@ -8,6 +8,7 @@ plan or a worker.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -54,7 +55,8 @@ class OrchSettings(BaseSettings):
                                           "of the model's layers before planning (cached "
                                           "per worker and shape).")
     threads: int = Field(0, ge=0, le=1024,
-                         description="llama.cpp threads per worker; 0 = all its cores.")
+                         description="llama.cpp threads per worker; 0 = all its cores (local "
+                                     "workers: this machine's cores shared among them).")
     local_workers: int = Field(2, ge=1, le=16, description="Worker processes to start on "
                                                            "this machine without --workers.")
     token: SecretStr | None = Field(None, description="Cluster token of the workers.")
@@ -132,17 +134,28 @@ class OrchSettings(BaseSettings):
         return value
 
     @classmethod
-    def load(cls, **given: object) -> OrchSettings:
-        """Environment, then the values ``given`` (None = not given); typed errors."""
+    def load(cls, flags: Mapping[str, str] | None = None, **given: object) -> OrchSettings:
+        """Environment, then the values ``given`` (None = not given); typed errors that name
+        a given value by its flag (``flags``: field -> flag; else the field) and any other
+        by its variable."""
+        given = {k: v for k, v in given.items() if v is not None}
         try:
-            return cls(**{k: v for k, v in given.items() if v is not None})
+            return cls(**given)
         except ValidationError as exc:
-            raise InvalidSettingError(describe_validation(exc)) from None
+            names = {field: (flags or {}).get(field, field) if field in given
+                     else f"ORCH_{field.upper()}" for field in cls.model_fields}
+            raise InvalidSettingError(describe_validation(exc, names)) from None
 
     def engine(self, threads: int | None = None) -> EngineConfig:
         return EngineConfig(context_tokens=self.context_tokens, max_sessions=self.max_sessions,
                             batch_tokens=self.batch_tokens,
                             threads=self.threads if threads is None else threads)
+
+    def local_threads(self, cores: int) -> int:
+        """llama.cpp threads of each local worker on a machine of ``cores``: ``threads`` if
+        set, else the cores shared among the workers (more threads than cores in all only
+        make the workers wait for each other)."""
+        return self.threads or max(1, cores // self.local_workers)
 
     def plan_options(self, *, use_all: bool = False) -> PlanOptions:
         return PlanOptions(codec=self.codec, engine=self.engine(), objective=self.objective,

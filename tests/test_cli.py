@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import select
+import signal
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
@@ -39,19 +43,60 @@ def test_run_answers_and_cleans_up(smollm2_path, tmp_path):
         assert "WARNING" not in log.read_text() and "ERROR" not in log.read_text(), log
 
 
+def in_terminal(*args: str, cache, typed: str, timeout: float = 180
+                ) -> subprocess.CompletedProcess[str]:
+    """``orch`` with a terminal for its stdin (a pseudo-terminal ``typed`` is written to);
+    its output captured."""
+    env = dict(os.environ, ORCH_CACHE_DIR=str(cache), COLUMNS="120")
+    terminal, side = os.openpty()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], env=env,
+                                stdin=side, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        os.close(side)
+        os.write(terminal, typed.encode())
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        os.close(terminal)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 def test_interactive_chat_keeps_turns_apart(smollm2_path, tmp_path):
-    done = orch("run", str(smollm2_path), "--max-tokens", "12", cache=tmp_path,
-                stdin="What is the capital of France?\nAnd of Italy?\n\n")
+    done = in_terminal("run", str(smollm2_path), "--max-tokens", "12", cache=tmp_path,
+                       typed="What is the capital of France?\nAnd of Italy?\n\n")
     assert done.returncode == 0, done.stderr
     answers = [a for a in done.stdout.split("> ") if a.strip()]
     assert len(answers) == 2, done.stdout
     assert "Paris" in answers[0] and "Rome" in answers[1]
 
 
+def test_a_piped_prompt_is_one_prompt(smollm2_path, tmp_path):
+    """Piped or read with '-', the whole text is the prompt, blank lines and all: the same
+    prompt tokens and answer as the text given as an argument."""
+    text = "Summarize:\n\nParis is the capital of France. It lies on the Seine.\n"
+    runs = [orch("run", str(smollm2_path), *args, "--no-chat", "--max-tokens", "6", "--stats",
+                 "--local", "1", cache=tmp_path, stdin=stdin)
+            for args, stdin in (((text.rstrip("\n"),), ""), ((), text), (("-",), text))]
+    for done in runs:
+        assert done.returncode == 0, done.stderr
+    prompts = [re.search(r"prompt +. +(\d+) tokens", done.stderr).group(1) for done in runs]
+    assert prompts[1] == prompts[0] and prompts[2] == prompts[0], prompts
+    assert runs[1].stdout == runs[0].stdout and runs[2].stdout == runs[0].stdout
+    empty = orch("run", str(smollm2_path), cache=tmp_path, stdin="\n")
+    assert empty.returncode == 1 and "stdin holds no prompt" in empty.stderr, empty.stderr
+
+
 def test_verify_reports_identical(smollm2_path, tmp_path):
     done = orch("verify", str(smollm2_path), "--stages", "2", "--steps", "4", cache=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "5/5 steps identical" in done.stdout
+    # what it prints besides the verdict says what it is, before the text itself
+    lines = done.stdout.splitlines()
+    assert lines[0] == "layer ranges: [0, 15) [15, 30)", lines
+    assert lines[1] == ("the unsplit model's greedy continuation of the prompt, 5 tokens (raw "
+                        "text, no chat template; the split model picked the same token at "
+                        "every step):"), lines
+    assert lines[2].startswith("The capital of France is Paris"), lines
 
 
 def test_info_describes_the_model(smollm2_path, tmp_path):
@@ -64,7 +109,7 @@ def test_info_describes_the_model(smollm2_path, tmp_path):
 @pytest.mark.parametrize(("args", "message"), [
     (("run", "no-such-model", "hi"), "smollm2-135m"),
     (("info", "no-such-model"), "smollm2-135m"),
-    (("run", "MODEL", "hi", "--top-p", "0"), "top_p"),
+    (("run", "MODEL", "hi", "--top-p", "0"), "--top-p"),
     (("run", "MODEL", "hi", "--codec", "zip"), "f32"),
 ])
 def test_bad_input_is_a_message_not_a_traceback(smollm2_path, tmp_path, args, message):
@@ -97,6 +142,25 @@ def test_refused_early_with_a_message(smollm2_path, tmp_path, args, message):
     assert "Traceback" not in done.stderr and "stage 0" not in done.stderr
     assert "grpc" not in done.stderr.lower()
     assert not (tmp_path / "local").exists()  # no local worker was started
+
+
+@pytest.mark.parametrize(("args", "env", "named", "internal"), [
+    (("run", "MODEL", "hi", "--local", "0"), {}, "--local: ", "local_workers"),
+    (("plan", "MODEL", "--context", "8"), {}, "--context: ", "context_tokens"),
+    (("serve", "MODEL", "--max-sessions", "0"), {}, "--max-sessions: ", "max_sessions"),
+    (("run", "MODEL", "hi"), {"ORCH_CONTEXT_TOKENS": "8"}, "ORCH_CONTEXT_TOKENS: ",
+     "context_tokens:"),
+])
+def test_a_bad_setting_is_named_as_the_user_gave_it(smollm2_path, tmp_path, args, env, named,
+                                                     internal):
+    """By its flag, or by its variable when it came from the environment: never by the
+    name of a field inside."""
+    args = tuple(str(smollm2_path) if a == "MODEL" else a for a in args)
+    done = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args],
+                          env=dict(os.environ, ORCH_CACHE_DIR=str(tmp_path), COLUMNS="200",
+                                   **env), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert named in done.stderr and internal not in done.stderr, done.stderr
 
 
 def test_header_errors_and_unsupported_architectures_say_what_is_wrong(smollm2_path, tmp_path):
@@ -132,8 +196,92 @@ def test_cluster_map_lists_workers_and_measured_links(tmp_path):
                                ",".join(workers.addresses), "--json"], env=env,
                               capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    views = json.loads(done.stdout)
+    mapped = json.loads(done.stdout)
+    assert mapped["unreachable"] == []
+    views = mapped["workers"]
     assert [v["address"] for v in views] == workers.addresses
     assert [v["budget_mb"] for v in views] == [700, 900]
     assert all(v["link"]["rtt_ms"] > 0 and v["link"]["bandwidth_mb_s"] > 0 for v in views)
     assert views[0]["next_link"]["rtt_ms"] > 0 and views[1]["next_link"] is None
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def test_local_workers_share_the_cores(smollm2_path, tmp_path):
+    """N local workers on one machine get its cores shared among them, not each all of them
+    (two workers of 2 threads on 2 cores decode at a third of the speed); --threads wins."""
+    each = max(1, _cores() // 3)
+    planned = orch("plan", str(smollm2_path), "--local", "3", "--json", cache=tmp_path)
+    assert planned.returncode == 0, planned.stderr
+    assert [s["threads"] for s in json.loads(planned.stdout)["stages"]] == [each] * 3
+    done = orch("run", str(smollm2_path), "The capital of France is", "--no-chat", "--local",
+                "3", "--max-tokens", "2", cache=tmp_path)
+    assert done.returncode == 0, done.stderr
+    plan = [line for line in done.stderr.splitlines() if line.startswith("stage ")]
+    assert len(plan) == 3 and all(f", {each} thread" in line for line in plan), done.stderr
+    given = orch("plan", str(smollm2_path), "--local", "3", "--threads", "2", "--json",
+                 cache=tmp_path)
+    assert given.returncode == 0, given.stderr
+    assert [s["threads"] for s in json.loads(given.stdout)["stages"]] == [2] * 3
+
+
+def test_cluster_map_shows_what_it_reaches_and_names_the_rest(tmp_path):
+    """A worker that does not answer, or holds another token, is listed with its reason;
+    the others are still mapped, their links measured to the next one that answers."""
+    from orchestrator.cluster.local import LocalCluster
+
+    closed = "127.0.0.1:1"
+    with LocalCluster(2, tmp_path / "w") as ours, LocalCluster(1, tmp_path / "x") as theirs:
+        listed = [ours.addresses[0], closed, theirs.addresses[0], ours.addresses[1]]
+        env = dict(os.environ, ORCH_TOKEN=ours.token, ORCH_CACHE_DIR=str(tmp_path),
+                   COLUMNS="200")
+        runs = [subprocess.run([sys.executable, "-m", "orchestrator.cli", "cluster",
+                                "--workers", ",".join(listed), *extra], env=env,
+                               capture_output=True, text=True, timeout=60)
+                for extra in (("--json",), ())]
+    as_json, table = runs
+    assert as_json.returncode == 1 and table.returncode == 1, as_json.stderr
+    mapped = json.loads(as_json.stdout)
+    assert [v["address"] for v in mapped["workers"]] == ours.addresses
+    assert mapped["workers"][0]["next_link"]["rtt_ms"] > 0  # to the next that answers
+    reasons = {u["address"]: u["reason"] for u in mapped["unreachable"]}
+    assert list(reasons) == [closed, theirs.addresses[0]], reasons
+    assert "unreachable" in reasons[closed] and "prove" in reasons[theirs.addresses[0]], reasons
+    for address in ours.addresses:
+        assert address in table.stdout, table.stdout
+    for address, reason in reasons.items():
+        assert f"{address} not mapped: {reason}" in table.stderr, table.stderr
+    assert "Traceback" not in as_json.stderr + table.stderr
+
+
+def test_an_interrupted_answer_ends_its_line(smollm2_path, tmp_path):
+    """Ctrl-C mid-answer: "interrupted" goes on a line of its own, not after the last word
+    (stdout and stderr share one terminal)."""
+    env = dict(os.environ, ORCH_CACHE_DIR=str(tmp_path), COLUMNS="120")
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", str(smollm2_path),
+                             "Write a long story about a cat.", "--max-tokens", "400",
+                             "--local", "1"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    seen = b""
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:  # until the answer has begun
+            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+            if ready:
+                seen += os.read(proc.stdout.fileno(), 4096)
+            answer = seen.partition(b"shards sent")[2].partition(b"\n")[2]
+            if len(answer.strip()) > 20 or proc.poll() is not None:
+                break
+        assert proc.poll() is None, seen.decode()
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = (seen + rest).decode()
+    assert proc.returncode == 130, out
+    assert "\ninterrupted\n" in out, out
+    assert not out.partition("shards sent")[2].strip().startswith("interrupted"), out

@@ -4,13 +4,17 @@ replaced, and `orch run` with no worker list uses what it finds."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+from rich.console import Console
 
+from orchcore.errors import OrchError
+from orchestrator.cli.running import WorkerChoice
 from orchestrator.cluster.discover import discover
 from orchestrator.cluster.local import LocalCluster
 from orchestrator.settings import OrchSettings
@@ -79,3 +83,18 @@ def test_run_without_a_worker_list_uses_discovered_workers(on_loopback, smollm2_
     plan = json.loads(planned.stdout)  # latency: one worker holds it all, one stands by
     assert {s["worker"] for s in plan["stages"]} | {s["worker"] for s in plan["standby"]} \
         == set(cluster.addresses)
+
+
+def test_workers_come_from_the_flag_else_discovery(on_loopback, tmp_path):
+    """The one rule every command that uses workers follows (run, plan, serve, cluster,
+    rotate-token): --workers as listed; --local: none found; neither: those discovered."""
+    settings, err = _settings(), Console(file=io.StringIO())
+    listed = WorkerChoice.from_flags("127.0.0.1:5,127.0.0.1:6", local=3)
+    assert listed.addresses(settings, err) == ("127.0.0.1:5", "127.0.0.1:6")
+    assert WorkerChoice.from_flags(None, local=3).addresses(settings, err) is None
+    with pytest.raises(OrchError, match="no workers: give --workers"):
+        WorkerChoice.from_flags(None).required(settings, err)
+    with LocalCluster(1, tmp_path / "w", token=TOKEN) as ours:
+        assert WorkerChoice.from_flags(None).required(settings, err) == tuple(ours.addresses)
+        assert WorkerChoice.from_flags(None, local=1).addresses(settings, err) is None
+    assert "found 1 worker: " in err.file.getvalue()

@@ -50,14 +50,45 @@ def test_plan_is_contiguous_and_carries_each_stage_engine(facts):
     assert plan.codec == "q8_0" and plan.stages[1].worker == "10.0.0.2:50151"
     text = "\n".join(plan.describe())
     assert f"layers {first} on 10.0.0.1:50151 (pi1)" in text and "MiB" in text
+    assert "4 threads" in text and "2 threads" in text
+    one = make_plan(facts, [device(1, cores=1)], options)
+    assert "1 thread\n" in "\n".join(one.describe()) + "\n", one.describe()
     assert make_plan(facts, [device(1, cores=4), device(2, cores=2)], options) == plan
 
 
 def test_a_model_that_cannot_fit_gives_the_shortfall(facts):
     with pytest.raises(PlanError, match=r"needs about \d+ MiB across 2 workers, \d+ MiB more "
                                         r"than their budgets \(10\.0\.0\.1:50151 200 MiB, "
-                                        r"10\.0\.0\.2:50151 100 MiB\).*--context, now 2048"):
+                                        r"10\.0\.0\.2:50151 100 MiB\)") as refused:
         make_plan(facts, [device(1, budget=200 * MIB), device(2, budget=100 * MIB)])
+    # 100 MiB holds no worker process at all: no context is short enough
+    assert "Add workers or memory (a shorter context or fewer sessions would not be enough)" \
+        in str(refused.value)
+    assert "--context" not in str(refused.value) and "--max-sessions" not in str(refused.value)
+
+
+@pytest.mark.parametrize(("context", "sessions"), [(512, 2), (2048, 1)])
+def test_the_shortfall_suggests_only_what_would_fit(facts, context, sessions):
+    """A budget that holds the model at ``context`` x ``sessions``, planned at 2048 x 2: the
+    advice names the longest context and the most sessions that fit, and only those."""
+    whole = StageMemory(facts, EngineConfig(context_tokens=context, max_sessions=sessions))
+    budget = whole(0, facts.n_layers).total + MIB // 2
+    options = PlanOptions(engine=EngineConfig(context_tokens=2048, max_sessions=2))
+    with pytest.raises(PlanError) as refused:
+        make_plan(facts, [device(1, budget=budget)], options)
+    advice = str(refused.value)
+
+    def fits(context_tokens: int, max_sessions: int) -> bool:
+        engine = EngineConfig(context_tokens=context_tokens, max_sessions=max_sessions)
+        return StageMemory(facts, engine)(0, facts.n_layers).total <= budget
+
+    if sessions == 2:
+        assert "--max-sessions" not in advice, advice
+        shortest = int(advice.split("now 2048; ")[1].split(" fits")[0])
+        assert shortest >= context and fits(shortest, 2) and not fits(shortest + 1, 2), advice
+    else:
+        assert "hold fewer sessions (--max-sessions, now 2; 1 fits)" in advice, advice
+        assert "shorten the context (--context, now 2048;" in advice, advice  # 1 session's room
 
 
 def test_workers_on_one_host_share_its_ram(facts):

@@ -3,8 +3,15 @@ shape, and the planner gives a faster worker more layers."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
+from orchcore import modelgen
 from orchcore.facts import read_model_facts
 from orchcore.probe import layer_shape
+from orchestrator.cluster.local import LocalCluster
 from orchestrator.pipeline.connected import Cluster
 from orchestrator.planning.plan import PlanOptions, make_plan
 from orchestrator.settings import OrchSettings
@@ -37,3 +44,34 @@ def test_probe_times_the_model_shape_once_and_feeds_the_planner(smollm2_path, tm
         finally:
             cluster.close()
     assert not list((tmp_path / "a" / "cache").glob(".probe-*"))  # the probe model is gone
+
+
+# Layers of a 1B model's width (2048, feed-forward 4096, Q4_0): about 20 MiB each, so the
+# four probe layers take 80 MiB. The model itself has two: 41 MB.
+WIDE = modelgen.ModelSpec(n_layers=2, n_embd=2048, n_head=32, n_head_kv=8, n_ff=4096,
+                          n_vocab=512, weight_type=modelgen.GType.Q4_0, random_blocks=True)
+
+
+def test_a_worker_too_small_for_the_probe_is_left_out_not_fatal(tmp_path):
+    """140 MiB may use 70 MiB for the probe: it times fewer layers. 30 MiB cannot hold one
+    probe layer: it stays untimed, and the plan leaves both out with their reason."""
+    model = modelgen.write_model(tmp_path / "wide.gguf", WIDE)
+    with LocalCluster(3, tmp_path / "w", threads_per_worker=1,
+                      memory_budgets_mb=[140, 30, 700]) as workers:
+        env = dict(os.environ, ORCH_TOKEN=workers.token, ORCH_CACHE_DIR=str(tmp_path / "c"))
+        done = subprocess.run(
+            [sys.executable, "-m", "orchestrator.cli", "plan", str(model), "--json",
+             "--context", "256", "--workers", ",".join(workers.addresses)],
+            env=env, capture_output=True, text=True, timeout=180)
+    model.unlink()
+    assert done.returncode == 0, done.stderr
+    plan = json.loads(done.stdout)
+    assert [s["worker"] for s in plan["stages"]] == [workers.addresses[2]]
+    reasons = {s["worker"]: s["reason"] for s in plan["standby"]}
+    small, tiny = workers.addresses[:2]
+    assert reasons.keys() == {small, tiny}, reasons
+    assert all("too small for one layer" in r for r in reasons.values()), reasons
+    notes = done.stderr.replace("\n", " ")
+    assert f"not timed: worker {tiny}: too small to time this model" in notes, notes
+    assert f"worker {small}" not in notes, notes
+    assert (tmp_path / "w" / "worker-0" / "probe.json").exists()  # timed on fewer layers

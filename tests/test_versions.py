@@ -16,10 +16,10 @@ from testkit.cluster import worker_server
 def test_an_old_node_is_shown_with_its_fix(tmp_path, monkeypatch) -> None:
     settings = OrchSettings.load(token="t")
     with worker_server(tmp_path / "w", token="t") as address:
-        (same,) = survey([address], settings)
+        (same,) = survey([address], settings).workers
         assert same.problem is None
         monkeypatch.setattr(worker.service, "PROTOCOL_VERSION", 1)  # now it is an old node
-        (old,) = survey([address], settings)
+        (old,) = survey([address], settings).workers
         assert old.problem is not None and "protocol 1" in old.problem
         assert "orch worker install" in old.problem
         assert "keeping its id, token and cache" in old.problem

@@ -28,23 +28,26 @@ DECODE_TOKENS = 48
 _LOCK = threading.Lock()  # one probe at a time: they would time each other
 
 
-def probe(shape: LayerShape, folder: Path, threads: int) -> tuple[float, float, bool]:
-    """(decode s per layer, prefill s per token per layer, whether it was cached)."""
+def probe(shape: LayerShape, folder: Path, threads: int, layers: int = PROBE_LAYERS
+          ) -> tuple[float, float, bool]:
+    """(decode s per layer, prefill s per token per layer, whether it was cached), timed on
+    ``layers`` layers of ``shape``."""
     results = folder / "probe.json"
     with _LOCK:
         known = read_json(results)
         key = f"{shape.key}-t{threads}"
         if key in known:
             return known[key]["decode"], known[key]["prefill"], True
-        decode, prefill = _measure(shape, folder, threads)
+        decode, prefill = _measure(shape, folder, threads, layers)
         known[key] = {"decode": decode, "prefill": prefill}
         write_atomic(results, json.dumps(known, indent=1))
     log.info("probe %s: %.2f ms per layer per token (decode)", shape.key, decode * 1e3)
     return decode, prefill, False
 
 
-def _measure(shape: LayerShape, folder: Path, threads: int) -> tuple[float, float]:
-    spec = shape.spec()
+def _measure(shape: LayerShape, folder: Path, threads: int, layers: int
+             ) -> tuple[float, float]:
+    spec = shape.spec(layers)
     path = folder / f".probe-{shape.key}.gguf"
     modelgen.write_model(path, spec)
     try:
@@ -72,5 +75,4 @@ def _measure(shape: LayerShape, folder: Path, threads: int) -> tuple[float, floa
     finally:
         path.unlink(missing_ok=True)
     scale = shape.layer_bytes / max(probe_layer_bytes, 1)
-    return (decode / PROBE_LAYERS * scale,
-            prefill / PROBE_PREFILL_TOKENS / PROBE_LAYERS * scale)
+    return (decode / layers * scale, prefill / PROBE_PREFILL_TOKENS / layers * scale)

@@ -34,6 +34,7 @@ from orchcore.errors import (
     GGUFError,
     InvalidInputError,
     InvalidSettingError,
+    MemoryBudgetError,
     NotLoadedError,
     OrchError,
 )
@@ -402,10 +403,16 @@ class WorkerService(pb_grpc.WorkerServicer):
         shape = LayerShape(arch=request.arch, n_embd=request.n_embd, n_ff=request.n_ff,
                            n_head=request.n_head, n_head_kv=request.n_head_kv,
                            weight_type=request.weight_type, layer_bytes=request.layer_bytes)
-        if (problem := shape.problem(self.budget // 2)) is not None:
+        if (problem := shape.problem()) is not None:
             raise InvalidInputError(f"not a layer shape to probe: {problem}")
+        layers = shape.layers_within(self.budget // 2)
+        if not layers:
+            raise MemoryBudgetError(
+                f"too small to time this model: one of its layers needs "
+                f"{shape.probe_layer_bytes() >> 20} MiB, {self.budget // 2 >> 20} MiB (half "
+                f"the memory budget) may be used")
         threads = self.settings.threads or cpu_info().cores
-        decode, prefill, cached = probe(shape, self.settings.cache_dir, threads)
+        decode, prefill, cached = probe(shape, self.settings.cache_dir, threads, layers)
         return pb.ProbeReply(decode_s_per_layer=decode, prefill_s_per_token_per_layer=prefill,
                              cached=cached)
 

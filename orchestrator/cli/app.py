@@ -27,8 +27,12 @@ def setup_logging(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+FLAGS: dict[str, str] = {}  # settings field -> its flag, for errors (OrchSettings.load)
+
+
 def setting_option(field: str, *flags: str) -> typer.models.OptionInfo:
     """A flag whose help, default and ORCH_* variable come from ``OrchSettings``."""
+    FLAGS.setdefault(field, flags[0])
     info = OrchSettings.model_fields[field]
     default = info.default.get_secret_value() if hasattr(info.default, "get_secret_value") \
         else info.default

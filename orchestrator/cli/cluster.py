@@ -3,14 +3,18 @@ from here."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from orchcore.errors import InvalidSettingError, OrchError
-from orchestrator.cli.app import app, console, err, fail, setup_logging
-from orchestrator.settings import OrchSettings, parse_workers
+from orchestrator.cli.app import FLAGS, app, console, err, fail, setup_logging
+from orchestrator.settings import OrchSettings
+
+if TYPE_CHECKING:
+    from orchestrator.cluster.topology import WorkerView
 
 
 @app.command(name="rotate-token")
@@ -30,17 +34,14 @@ def rotate_token(
     import sys
 
     from orchcore import clustertoken
-    from orchestrator.cli.running import discovered_workers
+    from orchestrator.cli.running import WorkerChoice
     from orchestrator.cluster.client import WorkerClient
 
     try:
         settings = OrchSettings.load()
         if settings.token_value is None:
             raise InvalidSettingError("give the current cluster token as ORCH_TOKEN first")
-        addresses = parse_workers(workers) if workers is not None else \
-            discovered_workers(settings, err, local_fallback=False)
-        if not addresses:
-            raise OrchError("no workers: give --workers HOST:PORT,... or start them on the LAN")
+        addresses = WorkerChoice.from_flags(workers).required(settings, err)
         token = sys.stdin.readline().strip() if new == "-" else new
         token = clustertoken.generate() if token is None else token
         loopback = all(clustertoken.is_loopback(a.rpartition(":")[0]) for a in addresses)
@@ -79,29 +80,30 @@ def cluster(
     as_json: Annotated[bool, typer.Option("--json", help="Print the map as JSON.")] = False,
 ) -> None:
     """Map the cluster: each worker's machine, memory, cache and loaded stage, and the
-    measured links (orchestrator to each worker, each worker to the next)."""
+    measured links (orchestrator to each worker, each worker to the next). Workers that do
+    not answer or hold another token are listed with the reason (exit code 1)."""
     setup_logging(False)
-    from orchestrator.cli.running import discovered_workers
+    from orchestrator.cli.running import WorkerChoice
     from orchestrator.cluster.topology import survey, to_json
 
     try:
-        settings = OrchSettings.load(token=token)
-        addresses = parse_workers(workers) if workers is not None else \
-            discovered_workers(settings, err, local_fallback=False)
-        if not addresses:
-            fail(OrchError("no workers: give --workers HOST:PORT,... or start workers on the "
-                            "LAN (discovery: ORCH_DISCOVERY)"))
+        settings = OrchSettings.load(FLAGS, token=token)
+        addresses = WorkerChoice.from_flags(workers).required(settings, err)
         with err.status("asking the workers and measuring links"):
-            views = survey(addresses, settings)
+            found = survey(addresses, settings)
     except OrchError as exc:
         fail(exc)
     if as_json:
-        console.print_json(data=to_json(views))
-        return
-    _print_cluster(views)
+        console.print_json(data=to_json(found))
+    elif found.workers:
+        _print_cluster(found.workers)
+    for worker in found.unreached:
+        err.print(f"[red]{worker.address}[/] not mapped: {worker.reason}", highlight=False)
+    if found.unreached:
+        raise typer.Exit(1)
 
 
-def _print_cluster(views) -> None:
+def _print_cluster(views: Sequence[WorkerView]) -> None:
     from orchcore.wire.tls import short
 
     table = Table(title="cluster", show_lines=True)

@@ -3,13 +3,15 @@ split checked against the whole."""
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
+from rich.text import Text
 
-from orchcore.errors import OrchError
-from orchestrator.cli.app import app, console, err, fail, setting_option, setup_logging
-from orchestrator.settings import OrchSettings, parse_workers
+from orchcore.errors import InvalidInputError, OrchError
+from orchestrator.cli.app import FLAGS, app, console, err, fail, setting_option, setup_logging
+from orchestrator.settings import OrchSettings
 
 
 @app.command()
@@ -18,7 +20,9 @@ def run(
         help="A .gguf file, a known name (smollm2-135m; orch list shows them), an https:// URL "
              "or hf://OWNER/REPO/FILE.gguf.")],
     prompt: Annotated[str | None, typer.Argument(
-        help="Prompt to answer; omit it for an interactive chat.")] = None,
+        help="Prompt to answer; '-' reads it from stdin, as does a pipe when it is omitted "
+             "(all of it: one prompt); omit it in a terminal for an interactive chat.")
+    ] = None,
     workers: Annotated[str | None, typer.Option(
         help="Workers as HOST:PORT,HOST:PORT, or @FILE with one per line; without it, the "
              "workers found on the LAN, else local worker processes.")] = None,
@@ -58,19 +62,21 @@ def run(
     ones. Every default can also be set with an ORCH_* variable (shown with each flag).
     """
     setup_logging(verbose)
-    from orchestrator.cli.running import Reported, RunRequest, run_model
+    from orchestrator.cli.running import Reported, RunRequest, WorkerChoice, run_model
 
     try:
+        if prompt == "-" or (prompt is None and sys.stdin is not None
+                             and not sys.stdin.isatty()):
+            prompt = _stdin_prompt()
         settings = OrchSettings.load(
-            local_workers=local, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+            FLAGS, local_workers=local, max_tokens=max_tokens, temperature=temperature,
+            top_k=top_k,
             top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, codec=codec,
             context_tokens=context, max_sessions=max_sessions, threads=threads, token=token,
             objective=objective, fetch=fetch)
         request = RunRequest(
-            model=model, prompt=prompt,
-            workers=parse_workers(workers) if workers is not None else None,
-            stops=tuple(stop or ()), chat=chat, system=system, stats=stats,
-            discover=workers is None and local is None, force=force)
+            model=model, prompt=prompt, workers=WorkerChoice.from_flags(workers, local),
+            stops=tuple(stop or ()), chat=chat, system=system, stats=stats, force=force)
         run_model(request, settings, console, err)
     except Reported:
         raise typer.Exit(1) from None
@@ -80,6 +86,19 @@ def run(
         err.print("interrupted")
         raise typer.Exit(130) from None
 
+
+
+def _stdin_prompt() -> str:
+    """All of stdin as one prompt, its trailing line ends dropped (as a shell's ``$(...)``
+    does). Bytes that are not UTF-8 are kept as the tokenizer's check expects them (the
+    same as in an argument), so it names the first one."""
+    if sys.stdin is None:
+        raise InvalidInputError("no prompt: give one as an argument or on stdin")
+    text = sys.stdin.buffer.read().decode("utf-8", "surrogateescape").rstrip("\r\n")
+    if not text.strip():
+        raise InvalidInputError("stdin holds no prompt: pipe some text in, give the prompt as "
+                                "an argument, or run in a terminal for a chat")
+    return text
 
 
 @app.command()
@@ -95,6 +114,7 @@ def plan(
     max_sessions: Annotated[int | None, setting_option("max_sessions", "--max-sessions")] = None,
     objective: Annotated[str | None, setting_option("objective", "--objective")] = None,
     codec: Annotated[str | None, setting_option("codec", "--codec")] = None,
+    threads: Annotated[int | None, setting_option("threads", "--threads")] = None,
     replan: Annotated[bool | None, setting_option("replan", "--replan")] = None,
     token: Annotated[str | None, typer.Option(
         help="Cluster token of the workers (or ORCH_TOKEN).")] = None,
@@ -103,14 +123,14 @@ def plan(
     """Show how MODEL would be cut across the workers, and what each stage needs, without
     sending anything (workers as for `orch run`: listed, local, or found on the LAN)."""
     setup_logging(False)
-    from orchestrator.cli.running import plan_only
+    from orchestrator.cli.running import WorkerChoice, plan_only
 
     try:
-        settings = OrchSettings.load(local_workers=local, context_tokens=context,
+        settings = OrchSettings.load(FLAGS, local_workers=local, context_tokens=context,
                                      max_sessions=max_sessions, objective=objective,
-                                     codec=codec, replan=replan, token=token)
-        made = plan_only(model, parse_workers(workers) if workers is not None else None,
-                         settings, discover_workers=workers is None and local is None, err=err)
+                                     codec=codec, threads=threads, replan=replan,
+                                     token=token)
+        made = plan_only(model, WorkerChoice.from_flags(workers, local), settings, err=err)
     except OrchError as exc:
         fail(exc)
     if as_json:
@@ -141,12 +161,19 @@ def verify(
             tokens = tokenizer.encode(prompt)
             with err.status(f"running the model whole and in {stages} ranges"):
                 result = verify_split(path, tokens, stages, steps, threads)
-            text = tokenizer.decode(list(result.tokens_split))
+            text = tokenizer.decode(list(result.tokens_whole))
     except OrchError as exc:
         err.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(1) from None
-    console.print(f"ranges: {' '.join(str(r) for r in result.ranges)}")
-    console.print(f"{prompt}[bold]{text}[/]", highlight=False)
+    console.print(f"layer ranges: {' '.join(str(r) for r in result.ranges)}", highlight=False)
+    differ = next((i for i, (a, b) in enumerate(zip(result.tokens_whole, result.tokens_split,
+                                                    strict=True)) if a != b), None)
+    same = ("the split model picked the same token at every step" if differ is None else
+            f"the split model picked another token at step {differ + 1}")
+    console.print(f"the unsplit model's greedy continuation of the prompt, "
+                  f"{len(result.tokens_whole)} tokens (raw text, no chat template; {same}):",
+                  highlight=False, markup=False, soft_wrap=True)
+    console.print(Text.assemble(prompt, (text, "bold")), highlight=False)
     verdict = "[green]identical[/]" if result.exact else "[red]DIFFERENT[/]"
     console.print(f"logits of {result.identical_steps}/{result.steps} steps {verdict} to the "
                   f"unsplit model (max abs diff {result.max_abs_diff:g})")

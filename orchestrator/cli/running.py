@@ -48,7 +48,7 @@ from orchestrator.pipeline.session import (
 from orchestrator.planning.plan import Plan, PlanOptions, make_plan
 from orchestrator.planning.speeds import SpeedBook
 from orchestrator.planning.sticky import PlanBook
-from orchestrator.settings import OrchSettings
+from orchestrator.settings import OrchSettings, parse_workers
 from orchestrator.text.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -60,12 +60,11 @@ class RunRequest:
 
     model: str
     prompt: str | None
-    workers: tuple[str, ...] | None  # validated HOST:PORT; the plan keeps this order among equals
+    workers: WorkerChoice
     stops: tuple[str, ...] = ()
     chat: bool = True
     system: str | None = None
     stats: bool = False
-    discover: bool = False  # neither --workers nor --local: look for workers on the LAN
     force: bool = False  # take workers over from another orchestrator
 
 
@@ -86,8 +85,8 @@ def run_model(req: RunRequest, settings: OrchSettings, out: Console, err: Consol
                           chat=req.chat)
 
     with ExitStack() as stack:
-        opened = open_model(stack, req.model, req.workers, settings, err, discover=req.discover,
-                            force=req.force, check=check)
+        opened = open_model(stack, req.model, req.workers, settings, err, force=req.force,
+                            check=check)
         answering = _Answering(opened.model, req, settings, out, err, opened.book,
                                opened.facts)
         try:
@@ -107,10 +106,9 @@ class Opened:
     book: SpeedBook  # measured speeds: runs refine them
 
 
-def open_model(stack: ExitStack, target: str, workers: tuple[str, ...] | None,
-               settings: OrchSettings, err: Console, *, discover: bool = False,
-               force: bool = False, check: Callable[[Tokenizer], None] | None = None
-               ) -> Opened:
+def open_model(stack: ExitStack, target: str, choice: WorkerChoice, settings: OrchSettings,
+               err: Console, *, force: bool = False,
+               check: Callable[[Tokenizer], None] | None = None) -> Opened:
     """The model deployed on the listed, discovered or local workers, its plan shown; closed
     with ``stack``. ``check`` sees the vocabulary before any worker starts."""
     path, source = locate_model(target, settings, err)
@@ -120,22 +118,21 @@ def open_model(stack: ExitStack, target: str, workers: tuple[str, ...] | None,
     if check is not None:
         check(tokenizer)
     alive = None
-    if workers is None and discover:
-        workers = discovered_workers(settings, err)
+    workers = choice.addresses(settings, err)
     if workers:
         addresses, token = list(workers), settings.token_value
     else:
-        with err.status(f"starting {settings.local_workers} local workers"):
+        with err.status(f"starting {_count(settings.local_workers, 'local worker')}"):
             local = stack.enter_context(LocalCluster(
-                settings.local_workers, cache_dir() / "local", settings.threads,
+                settings.local_workers, cache_dir() / "local",
+                settings.local_threads(cpu_info().cores),
                 start_deadline_s=settings.start_deadline_s))
         addresses, token, alive = local.addresses, local.token, local.check_alive
     cluster = Cluster.connect(addresses, token, settings, alive)
     stack.callback(cluster.close)
     book = SpeedBook(cache_dir() / "speeds.json")
     if workers and len(addresses) > 1 and settings.probe:
-        with err.status("timing each worker on this model's layers (once per shape)"):
-            cluster.measure_speeds(facts, book)
+        _measure_speeds(cluster, facts, book, err)
     options = settings.plan_options(use_all=not workers)  # --local N: exactly N stages
     plan = _sticky_plan(facts, cluster.devices, options)
     for line in plan.describe():
@@ -151,6 +148,15 @@ def open_model(stack: ExitStack, target: str, workers: tuple[str, ...] | None,
     return Opened(model, facts, book)
 
 
+def _measure_speeds(cluster: Cluster, facts: ModelFacts, book: SpeedBook | None,
+                    err: Console) -> None:
+    with err.status("timing each worker on this model's layers (once per shape)"):
+        untimed = cluster.measure_speeds(facts, book)
+    for exc in untimed:
+        err.print(f"[yellow]note:[/] not timed: {exc}; planned as a worker nothing measured",
+                  highlight=False)
+
+
 def _sticky_plan(facts: ModelFacts, devices: list[DeviceFacts], options: PlanOptions) -> Plan:
     """``make_plan``, keeping the cut this cluster used for this model last time while it is
     still as good (``PlanBook``)."""
@@ -160,8 +166,41 @@ def _sticky_plan(facts: ModelFacts, devices: list[DeviceFacts], options: PlanOpt
     return plan
 
 
-def discovered_workers(settings: OrchSettings, err: Console, *, local_fallback: bool = True
-                       ) -> tuple[str, ...] | None:
+@dataclass(frozen=True)
+class WorkerChoice:
+    """Which workers a command uses: ``--workers`` as listed (validated ``HOST:PORT``, in
+    order: the plan keeps it among equals); else, unless ``--local`` was given, the workers
+    of this cluster found on the LAN; else local worker processes."""
+
+    listed: tuple[str, ...] | None = None
+    discover: bool = True
+
+    @classmethod
+    def from_flags(cls, workers: str | None, local: int | None = None) -> WorkerChoice:
+        """From ``--workers`` and ``--local`` (None: not given); refuses a bad list at once."""
+        return cls(parse_workers(workers) if workers is not None else None,
+                   discover=workers is None and local is None)
+
+    def addresses(self, settings: OrchSettings, err: Console, *, local_fallback: bool = True
+                  ) -> tuple[str, ...] | None:
+        """The listed or discovered workers; None: local workers instead."""
+        if self.listed is not None:
+            return self.listed
+        if not self.discover:
+            return None
+        return _discovered(settings, err, local_fallback=local_fallback)
+
+    def required(self, settings: OrchSettings, err: Console) -> tuple[str, ...]:
+        """The listed or discovered workers, for a command that starts none of its own."""
+        found = self.addresses(settings, err, local_fallback=False)
+        if not found:
+            raise OrchError("no workers: give --workers HOST:PORT,... or start workers on the "
+                            "LAN (discovery: ORCH_DISCOVERY)")
+        return found
+
+
+def _discovered(settings: OrchSettings, err: Console, *, local_fallback: bool
+                ) -> tuple[str, ...] | None:
     """Workers of this cluster found on the LAN, after saying what was found."""
     if settings.discovery == "off":
         return None
@@ -171,44 +210,48 @@ def discovered_workers(settings: OrchSettings, err: Console, *, local_fallback: 
         err.print(f"[dim]not used: {worker.address} (worker {worker.advert.worker_id[:8]}): "
                   f"{why}[/]", highlight=False)
     if not found.members:
-        then = f"; using {settings.local_workers} local workers" if local_fallback else ""
+        then = (f"; using {_count(settings.local_workers, 'local worker')}"
+                if local_fallback else "")
         err.print(f"[dim]no workers of this cluster on the network{then}[/]")
         return None
-    err.print(f"[dim]found {len(found.members)} workers: "
+    err.print(f"[dim]found {_count(len(found.members), 'worker')}: "
               f"{', '.join(w.address for w in found.members)}[/]", highlight=False)
     return tuple(w.address for w in found.members)
 
 
-def plan_only(model: str, workers: tuple[str, ...] | None, settings: OrchSettings, *,
-              discover_workers: bool = False, err: Console | None = None) -> Plan:
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def plan_only(model: str, choice: WorkerChoice, settings: OrchSettings,
+              err: Console | None = None) -> Plan:
     """``orch plan``: the plan for listed or discovered workers (asked for their facts), or
     for local workers on this machine (their facts known without starting them)."""
     err = err or Console(stderr=True)
     facts = read_model_facts(locate_model(model, settings, err)[0])
     facts.require_supported()
-    if workers is None and discover_workers:
-        workers = discovered_workers(settings, err)
+    workers = choice.addresses(settings, err)
     if workers is None:
-        return make_plan(facts, local_devices(settings.local_workers),
-                         settings.plan_options(use_all=True))
+        return make_plan(facts, local_devices(settings), settings.plan_options(use_all=True))
     cluster = Cluster.connect(workers, settings.token_value, settings)
     try:
         if len(workers) > 1 and settings.probe:
-            cluster.measure_speeds(facts)
+            _measure_speeds(cluster, facts, None, err)
         return _sticky_plan(facts, cluster.devices, settings.plan_options())
     finally:
         cluster.close()
 
 
-def local_devices(count: int) -> list[DeviceFacts]:
-    """What ``count`` local workers would report: this machine, each with the default
-    budget (they share its RAM, which the planner accounts for)."""
+def local_devices(settings: OrchSettings) -> list[DeviceFacts]:
+    """What the local workers would report: this machine, each with the default budget
+    (they share its RAM, which the planner accounts for) and its share of the cores."""
     cpu, mem, host = cpu_info(), memory_info(), host_id()
     return [DeviceFacts(address=f"local #{i}", worker_id=f"local-{i}", host_id=host,
                         hostname=platform.node(), arch=cpu.arch, cores=cpu.cores,
+                        threads=settings.local_threads(cpu.cores),
                         ram_total_bytes=mem.total, ram_available_bytes=mem.available,
                         memory_budget_bytes=default_budget(mem.available))
-            for i in range(count)]
+            for i in range(settings.local_workers)]
 
 
 def _report_deployment(deployment: Deployment, err: Console) -> None:
@@ -297,21 +340,28 @@ class _Answering:
         self.book, self.facts, self.shape_key = book, facts, layer_shape(facts).key
 
     def answer(self, prompt: list[dict[str, str]] | str) -> str:
-        text = ""
-        for event in self.model.generate(prompt, self.settings.sampling(), stops=self.req.stops,
-                                         max_tokens=self.settings.max_tokens,
-                                         chat=self.req.chat):
-            if isinstance(event, TextPiece):
-                self.out.print(event.text, end="", markup=False, highlight=False,
-                               soft_wrap=True)
-                text += event.text
-            elif isinstance(event, Failover):  # the answer goes on
-                self.err.print(f"\n[yellow]note:[/] {event.describe()}", highlight=False)
-            elif isinstance(event, Finished):
+        text, finished = "", False
+        try:
+            for event in self.model.generate(prompt, self.settings.sampling(),
+                                             stops=self.req.stops,
+                                             max_tokens=self.settings.max_tokens,
+                                             chat=self.req.chat):
+                if isinstance(event, TextPiece):
+                    self.out.print(event.text, end="", markup=False, highlight=False,
+                                   soft_wrap=True)
+                    text += event.text
+                elif isinstance(event, Failover):  # the answer goes on
+                    self.err.print(f"\n[yellow]note:[/] {event.describe()}", highlight=False)
+                elif isinstance(event, Finished):
+                    self.out.print()
+                    finished = True
+                    self.model.record_speeds(event.stats, self.book, self.facts, self.shape_key)
+                    if self.req.stats:
+                        _print_stats(event.stats, self.model, self.err)
+        except BaseException:  # Ctrl-C or an error mid-answer: what follows starts a line
+            if text and not finished:
                 self.out.print()
-                self.model.record_speeds(event.stats, self.book, self.facts, self.shape_key)
-                if self.req.stats:
-                    _print_stats(event.stats, self.model, self.err)
+            raise
         return text
 
     def chat(self) -> None:
@@ -320,8 +370,12 @@ class _Answering:
         while True:
             try:
                 line = self.out.input("[bold]> [/]")
-            except EOFError:
+            except EOFError:  # Ctrl-D: the shell's prompt starts a line of its own
+                self.out.print()
                 break
+            except KeyboardInterrupt:  # so does "interrupted"
+                self.out.print()
+                raise
             if not line.strip():
                 break
             try:

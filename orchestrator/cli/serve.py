@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 
 from orchcore.errors import InvalidSettingError, OrchError
-from orchestrator.cli.app import app, err, fail, setting_option, setup_logging
-from orchestrator.settings import OrchSettings, parse_workers
+from orchestrator.cli.app import FLAGS, app, err, fail, setting_option, setup_logging
+from orchestrator.settings import OrchSettings
 
 
 @app.command()
@@ -55,13 +55,14 @@ def serve(
 
     import uvicorn
 
-    from orchestrator.cli.running import open_model
+    from orchestrator.cli.running import WorkerChoice, open_model
     from orchestrator.serve.app import create_app
     from orchestrator.serve.tls import tls_files
 
     try:
-        settings = OrchSettings.load(local_workers=local, serve_host=host, serve_port=port,
-                                     serve_queue=queue, serve_queue_wait_s=queue_wait,
+        settings = OrchSettings.load(FLAGS, local_workers=local, serve_host=host,
+                                     serve_port=port, serve_queue=queue,
+                                     serve_queue_wait_s=queue_wait,
                                      serve_max_body_bytes=max_body, serve_tls=tls,
                                      serve_tls_cert=tls_cert, serve_tls_key=tls_key,
                                      context_tokens=context,
@@ -71,9 +72,8 @@ def serve(
         _warn_if_open(settings.serve_host, bool(settings.api_key), https is not None)
         _check_port_free(settings.serve_host, settings.serve_port)
         with ExitStack() as stack:
-            opened = open_model(stack, model, parse_workers(workers) if workers else None,
-                                settings, err, discover=workers is None and local is None,
-                                force=force)
+            opened = open_model(stack, model, WorkerChoice.from_flags(workers, local),
+                                settings, err, force=force)
             name = model.rsplit("/", 1)[-1].removesuffix(".gguf")
             broken: list[str] = []
 

@@ -1,12 +1,13 @@
 """``orch cluster``: the topology map. What each worker is, holds and runs, and the links
-measured from the orchestrator to each worker and between consecutive workers."""
+measured from the orchestrator to each worker and between consecutive workers; the workers
+that did not answer (or did not prove the cluster token), with the reason."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from orchcore.errors import OrchError
+from orchcore.errors import OrchError, WorkerError
 from orchcore.wire import worker_pb2 as pb
 from orchestrator.cluster.client import WorkerClient, version_problem
 from orchestrator.settings import OrchSettings
@@ -50,23 +51,47 @@ class WorkerView:
     tls: str = ""  # the proven certificate's fingerprint (hex); "" for plaintext
 
 
-def survey(addresses: Sequence[str], settings: OrchSettings) -> list[WorkerView]:
-    """Ask every worker about itself; measure the links (raises for an unreachable one)."""
+@dataclass(frozen=True)
+class Unreached:
+    """A listed worker the map could not show: no answer, or it did not prove our token."""
+
+    address: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ClusterMap:
+    workers: tuple[WorkerView, ...]  # those that answered, in the order given
+    unreached: tuple[Unreached, ...] = ()
+
+
+def survey(addresses: Sequence[str], settings: OrchSettings) -> ClusterMap:
+    """Ask every worker about itself and measure the links between those that answer, each
+    to the next; the others are listed with the reason."""
     clients = [WorkerClient(a, settings.token_value, settings) for a in addresses]
     try:
-        infos = [c.info() for c in clients]  # a node of another version is shown, not fatal
+        reached, unreached = [], []
+        for client in clients:
+            try:
+                reached.append((client, client.info()))  # another version is shown, not fatal
+            except OrchError as exc:
+                unreached.append(Unreached(client.address, _reason(exc)))
         views = []
-        for i, (client, info) in enumerate(zip(clients, infos, strict=True)):
-            nxt = addresses[i + 1] if i + 1 < len(addresses) else None
+        for i, (client, info) in enumerate(reached):
+            nxt = reached[i + 1][0].address if i + 1 < len(reached) else None
             if version_problem(info) is not None:
                 views.append(_view(client, info, Link(None, None, "not measured"), None))
                 continue
             views.append(_view(client, info, _link(client, settings), nxt and _next_link(
                 client, nxt, settings)))
-        return views
+        return ClusterMap(tuple(views), tuple(unreached))
     finally:
         for c in clients:
             c.close()
+
+
+def _reason(exc: OrchError) -> str:
+    return exc.reason if isinstance(exc, WorkerError) else str(exc)
 
 
 def _view(client: WorkerClient, info: pb.WorkerInfo, link: Link, next_link: Link | None
@@ -106,5 +131,6 @@ def _next_link(client: WorkerClient, address: str, settings: OrchSettings) -> Li
     return Link(got.rtt_s * 1e3, got.bandwidth_bytes_s / 1e6)
 
 
-def to_json(views: Sequence[WorkerView]) -> list[dict]:
-    return [asdict(v) for v in views]
+def to_json(found: ClusterMap) -> dict:
+    return {"workers": [asdict(v) for v in found.workers],
+            "unreachable": [asdict(u) for u in found.unreached]}

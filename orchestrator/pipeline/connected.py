@@ -19,6 +19,7 @@ from dataclasses import replace
 
 from orchcore.cpu import host_id
 from orchcore.devices import DeviceFacts
+from orchcore.errors import InvalidInputError, MemoryBudgetError, OrchError
 from orchcore.facts import ModelFacts
 from orchcore.probe import layer_shape
 from orchcore.wire import convert
@@ -72,13 +73,23 @@ class Cluster:
             raise
         return cls(clients, devices, token, settings, alive)
 
-    def measure_speeds(self, facts: ModelFacts, book: SpeedBook | None = None) -> None:
+    def measure_speeds(self, facts: ModelFacts, book: SpeedBook | None = None
+                       ) -> list[OrchError]:
         """Each worker's time per layer on this model's shape: refined by earlier runs
-        (``book``), else timed by the worker's probe (cached by the worker)."""
+        (``book``), else timed by the worker's probe (cached by the worker).
+
+        A worker that cannot take the probe (too small for even one of the model's layers,
+        or refusing the shape) stays untimed, as the planner takes a worker nothing measured,
+        and its refusal is returned: a small worker is never the end of a run."""
         shape = layer_shape(facts)
-        devices = []
+        devices, untimed = [], []
         for device, client in zip(self.devices, self.clients, strict=True):
-            probed = client.probe(shape)
+            try:
+                probed = client.probe(shape)
+            except (MemoryBudgetError, InvalidInputError) as exc:
+                untimed.append(exc)
+                devices.append(device)
+                continue
             speed = probed.decode_s_per_layer
             known = book.speed(device, shape.key) if book else None
             # Runs refine the probe's figure only when they disagree beyond noise, so the
@@ -88,6 +99,7 @@ class Cluster:
             devices.append(replace(device, decode_s_per_layer=speed,
                                    prefill_s_per_layer=probed.prefill_s_per_token_per_layer))
         self.devices = devices
+        return untimed
 
     def open(self, plan: Plan, facts: ModelFacts, tokenizer: Tokenizer, store: ShardStore,
              progress: DeployProgress | None = None, *, force: bool = False,

@@ -51,7 +51,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from pathlib import Path
@@ -79,6 +79,7 @@ DEFAULT_TRANSFER_BYTES_S = 100e6  # a shard's way to a worker when nothing is me
 NOISE = 0.15  # probed speeds this close count as equal (probes of equal cores differ so)
 UNMEASURED_S_PER_LAYER = 1.0  # every device equally fast when nothing is measured
 DEFAULT_LINK_S = 0.0005  # a hop on a home LAN, when not measured
+MIN_CONTEXT_TOKENS = 16  # the shortest context an engine takes (orchcore.config)
 
 
 @dataclass(frozen=True)
@@ -272,7 +273,7 @@ class Plan:
                        f"{s.active_bytes / MIB:.1f} MiB)" if self.experts is not None else "")
             lines.append(f"stage {s.index}: layers {s.layers} on {s.device.label}: "
                          f"{s.memory.total / MIB:.0f} of {s.budget / MIB:.0f} MiB{weights}, "
-                         f"{s.engine.threads} threads{speed}")
+                         f"{s.engine.threads} thread{'s' if s.engine.threads != 1 else ''}{speed}")
         for out in self.left_out:
             lines.append(f"standby: {out.device.label}: {out.reason}")
         decode, prompt = self.predicted_decode_s, self.predicted_prompt_tokens_s
@@ -307,7 +308,8 @@ def make_plan(facts: ModelFacts, devices: Sequence[DeviceFacts],
     search = _Search(facts, memory, devices, budgets, options, hop_bytes)
     found = search.best()
     if found is None:
-        raise PlanError(_shortfall(memory, devices, budgets, options))
+        raise PlanError(f"{_shortfall(memory, devices, budgets)} "
+                        f"{_advice(facts, devices, budgets, options)}.")
     best, choice = search.choose(found, options)
     stages = []
     for i, (d, start, end) in enumerate(best):
@@ -535,8 +537,8 @@ class _Search:
         return "not needed: the plan is faster without one more hop"
 
 
-def _shortfall(memory: StageMemory, devices: Sequence[DeviceFacts], budgets: list[int],
-               options: PlanOptions) -> str:
+def _shortfall(memory: StageMemory, devices: Sequence[DeviceFacts], budgets: list[int]
+               ) -> str:
     """What is missing, in MiB: the whole model cut over every device, against the budgets."""
     n, count = memory.n_layers, min(len(devices), memory.n_layers)
     # Every stage pays the process, compute and logits overhead; the layers, the input
@@ -546,13 +548,53 @@ def _shortfall(memory: StageMemory, devices: Sequence[DeviceFacts], budgets: lis
     have = sum(budgets)
     names = ", ".join(f"{d.address} {b / MIB:.0f} MiB" for d, b in zip(devices, budgets,
                                                                          strict=True))
-    engine = options.engine
-    advice = (f"Add workers or memory, shorten the context (--context, now "
-              f"{engine.context_tokens}), or hold fewer sessions (--max-sessions, now "
-              f"{engine.max_sessions})")
     if need > have:
         return (f"the model does not fit: it needs about {need / MIB:.0f} MiB across "
-                f"{count} workers, {math.ceil((need - have) / MIB)} MiB more than their "
-                f"budgets ({names}). {advice}.")
+                f"{count} worker{'s' if count != 1 else ''}, "
+                f"{math.ceil((need - have) / MIB)} MiB more than their budgets ({names}).")
     return (f"the model does not fit: {have / MIB:.0f} MiB of budgets in all ({names}), but "
-            f"no cut into whole layers fits each worker's share. {advice}.")
+            f"no cut into whole layers fits each worker's share.")
+
+
+def _advice(facts: ModelFacts, devices: Sequence[DeviceFacts], budgets: list[int],
+            options: PlanOptions) -> str:
+    """What would make the model fit, each suggestion tried first: a shorter context, fewer
+    sessions, or both. More workers or memory always would."""
+    engine = options.engine
+    hop_bytes = get_codec(options.codec).encoded_size(1, facts.n_embd)
+    head = head_layers(facts)
+
+    def fits(context: int, sessions: int) -> bool:
+        memory = StageMemory(facts, replace(engine, context_tokens=context,
+                                            max_sessions=sessions))
+        return _Search(memory, devices, budgets, options, head, hop_bytes).best() is not None
+
+    context, sessions = engine.context_tokens, engine.max_sessions
+    if not fits(min(context, MIN_CONTEXT_TOKENS), 1):
+        return ("Add workers or memory (a shorter context or fewer sessions would not be "
+                "enough)")
+    helps = []
+    if (shorter := _largest(lambda c: fits(c, sessions), MIN_CONTEXT_TOKENS, context)):
+        helps.append(f"shorten the context (--context, now {context}; {shorter} fits)")
+    if (fewer := _largest(lambda k: fits(context, k), 1, sessions)):
+        helps.append(f"hold fewer sessions (--max-sessions, now {sessions}; {fewer} "
+                     f"fit{'s' if fewer == 1 else ''})")
+    if not helps:  # only both together
+        shorter = _largest(lambda c: fits(c, 1), MIN_CONTEXT_TOKENS, context + 1)
+        helps.append(f"hold one session (--max-sessions 1) with a context of at most "
+                     f"{shorter} tokens (--context)")
+    return f"Add workers or memory, or {', or '.join(helps)}"
+
+
+def _largest(fits: Callable[[int], bool], low: int, below: int) -> int | None:
+    """The largest value in ``[low, below)`` that ``fits`` (monotone: smaller values fit
+    once a value does), or None."""
+    if below <= low or not fits(low):
+        return None
+    while below - low > 1:  # fits(low), and nothing from ``below`` on does
+        middle = (low + below) // 2
+        if fits(middle):
+            low = middle
+        else:
+            below = middle
+    return low
