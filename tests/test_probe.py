@@ -53,11 +53,12 @@ WIDE = modelgen.ModelSpec(n_layers=2, n_embd=2048, n_head=32, n_head_kv=8, n_ff=
 
 
 def test_a_worker_too_small_for_the_probe_is_left_out_not_fatal(tmp_path):
-    """140 MiB may use 70 MiB for the probe: it times fewer layers. 30 MiB cannot hold one
-    probe layer: it stays untimed, and the plan leaves both out with their reason."""
+    """200 MiB leaves 40 MiB beside the worker process for the probe: it times fewer
+    layers. 165 MiB cannot hold one probe layer: it stays untimed, and the plan leaves both
+    out with their reason."""
     model = modelgen.write_model(tmp_path / "wide.gguf", WIDE)
     with LocalCluster(3, tmp_path / "w", threads_per_worker=1,
-                      memory_budgets_mb=[140, 30, 700]) as workers:
+                      memory_budgets_mb=[200, 165, 700]) as workers:
         env = dict(os.environ, ORCH_TOKEN=workers.token, ORCH_CACHE_DIR=str(tmp_path / "c"))
         done = subprocess.run(
             [sys.executable, "-m", "orchestrator.cli", "plan", str(model), "--json",

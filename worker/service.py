@@ -40,7 +40,7 @@ from orchcore.errors import (
 )
 from orchcore.facts import read_model_facts
 from orchcore.files import write_atomic
-from orchcore.memory import estimate_shard
+from orchcore.memory import PROCESS_BASELINE_BYTES, estimate_shard
 from orchcore.probe import LayerShape
 from orchcore.shard import LayerRange
 from orchcore.slices import total_bytes
@@ -405,12 +405,13 @@ class WorkerService(pb_grpc.WorkerServicer):
                            weight_type=request.weight_type, layer_bytes=request.layer_bytes)
         if (problem := shape.problem()) is not None:
             raise InvalidInputError(f"not a layer shape to probe: {problem}")
-        layers = shape.layers_within(self.budget // 2)
+        room = max(0, self.budget - PROCESS_BASELINE_BYTES)  # what this process leaves
+        layers = shape.layers_within(room)
         if not layers:
             raise MemoryBudgetError(
                 f"too small to time this model: one of its layers needs "
-                f"{shape.probe_layer_bytes() >> 20} MiB, {self.budget // 2 >> 20} MiB (half "
-                f"the memory budget) may be used")
+                f"{shape.probe_layer_bytes() >> 20} MiB, {room >> 20} MiB of the memory "
+                f"budget are left beside the worker process itself")
         threads = self.settings.threads or cpu_info().cores
         decode, prefill, cached = probe(shape, self.settings.cache_dir, threads, layers)
         return pb.ProbeReply(decode_s_per_layer=decode, prefill_s_per_token_per_layer=prefill,

@@ -562,12 +562,11 @@ def _advice(facts: ModelFacts, devices: Sequence[DeviceFacts], budgets: list[int
     sessions, or both. More workers or memory always would."""
     engine = options.engine
     hop_bytes = get_codec(options.codec).encoded_size(1, facts.n_embd)
-    head = head_layers(facts)
 
     def fits(context: int, sessions: int) -> bool:
         memory = StageMemory(facts, replace(engine, context_tokens=context,
                                             max_sessions=sessions))
-        return _Search(memory, devices, budgets, options, head, hop_bytes).best() is not None
+        return _Search(facts, memory, devices, budgets, options, hop_bytes).best() is not None
 
     context, sessions = engine.context_tokens, engine.max_sessions
     if not fits(min(context, MIN_CONTEXT_TOKENS), 1):
