@@ -23,7 +23,7 @@ from testkit.cluster import GREEDY, open_model
 from testkit.notifysock import NotifySocket
 
 TIMEOUT_S = 2.0  # WATCHDOG_USEC of these tests; the worker feeds it every third of that
-RPC_THREADS = 32  # the worker's gRPC thread pool (worker/service.py)
+RPC_THREADS = 32  # the worker's gRPC thread pool (worker/server.py)
 
 
 def _info(address: str, token: str) -> pb.WorkerInfo:
