@@ -20,7 +20,6 @@ import grpc
 from orchcore import clustertoken
 from orchcore.errors import InvalidSettingError
 from orchcore.files import write_atomic
-from orchcore.wire import worker_pb2_grpc as pb_grpc
 from orchcore.wire.channel import server_options
 from orchcore.wire.tls import load_identity, short
 from worker.advertise import Advertiser, advertised_addresses
@@ -117,7 +116,7 @@ def serve(settings: WorkerSettings, *, stop: threading.Event | None = None) -> N
     name = f"{settings.host}:{port}"
     service = WorkerService(settings, name, tokens, identity.fingerprint if identity else "",
                             rejects)
-    pb_grpc.add_WorkerServicer_to_server(service, server)
+    service.add_to(server)
     server.start()
     if not tokens.current and not loopback:
         log.warning("no cluster token set: anyone on the network can use this worker")
