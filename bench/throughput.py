@@ -49,15 +49,15 @@ from _common import (
 from rich.console import Console
 from rich.table import Table
 
+from orchcore.chunks import StageTiming
 from orchcore.facts import read_model_facts
-from orchcore.wire import worker_pb2 as pb
 from orchestrator.cluster.local import LocalCluster
 from orchestrator.pipeline.session import GenerationStats, RunningModel
 from testkit.cluster import GREEDY, greedy_tokens, open_model
 from testkit.reference import ReferenceModel
 
 SHORT_PROMPT = 16  # tokens fed before the decode runs
-STAGE_TIMES = ("queue_ms", "compute_ms", "send_ms")  # pb.StageTiming fields, in this order
+STAGE_TIMES = ("queue_ms", "compute_ms", "send_ms")  # StageTiming fields, in this order
 
 
 def int_list(text: str) -> list[int]:
@@ -110,7 +110,7 @@ class StepTimings(GenerationStats):
 
     steps: list[list[list[float]]] = field(default_factory=list)
 
-    def add_decode(self, timings: Sequence[pb.StageTiming]) -> None:
+    def add_decode(self, timings: Sequence[StageTiming]) -> None:
         super().add_decode(timings)
         ordered = sorted(timings, key=lambda t: t.stage_index)
         self.steps.append([[getattr(t, name) for name in STAGE_TIMES] for t in ordered])

@@ -1,6 +1,6 @@
 """What the planner knows about one worker's machine: ``DeviceFacts``, a pure value.
 
-Made once from a worker's ``WorkerInfo`` (``orchcore.wire.convert.device_from_proto``).
+Made once from what a worker reports (``orchcore.control.WorkerReport.device``).
 Workers that report the same ``host_id`` run on one machine and share its RAM.
 """
 

@@ -17,7 +17,7 @@ from orchestrator.pipeline.session import GenerationStats, RunningModel
 from orchestrator.planning.plan import make_plan
 from orchestrator.settings import OrchSettings
 from orchestrator.text.tokenizer import Tokenizer
-from worker.service import serve
+from worker.server import serve
 from worker.settings import WorkerSettings
 
 GREEDY = SamplingParams(temperature=0.0)

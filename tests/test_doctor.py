@@ -106,7 +106,7 @@ def test_a_busy_port_is_named_with_its_holder(tmp_path):
 
 
 def test_a_port_held_by_an_orch_worker_is_not_a_failure(tmp_path):
-    from worker.service import serve
+    from worker.server import serve
 
     ready = tmp_path / "ready"
     settings = WorkerSettings(host="127.0.0.1", port=0, cache_dir=tmp_path / "w", token=TOKEN,

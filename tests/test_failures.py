@@ -17,8 +17,9 @@ import psutil
 import pytest
 from test_plan import device
 
+from orchcore.chunks import ChunkError
 from orchcore.config import EngineConfig
-from orchcore.control import LoadRequest
+from orchcore.control import LoadedStage, LoadRequest, WorkerReport
 from orchcore.errors import (
     AuthError,
     InvalidInputError,
@@ -82,7 +83,7 @@ def test_wrong_or_missing_token_is_rejected_and_nothing_happens(tmp_path, small_
             link.close()
         good = client_for(address, "right-token")
         info = good.info()
-        assert list(info.cached_shards) == [] and not info.HasField("loaded")
+        assert info.cached_shards == () and info.loaded is None, info
         good.close()
 
 
@@ -250,15 +251,18 @@ class _ProbedWorker:
                  gone: bool = False) -> None:
         self.address, self.pipeline_id, self.fault, self.gone = address, pipeline_id, fault, gone
 
-    def info(self, deadline: float | None = None) -> pb.WorkerInfo:
+    def info(self, deadline: float | None = None) -> WorkerReport:
         if self.gone:
             raise WorkerUnreachableError(self.address, "connection refused")
-        info = pb.WorkerInfo()
-        info.loaded.pipeline_id = self.pipeline_id
-        if self.fault:
-            info.loaded.fault.CopyFrom(pb.Error(code=status.error_code(StageFaultError("x")),
-                                                message=self.fault, worker=self.address))
-        return info
+        fault = None if self.fault is None else ChunkError(
+            status.error_code(StageFaultError("x")), self.fault, self.address)
+        loaded = LoadedStage(sha256="", layer_start=0, layer_end=1, source_layers=2,
+                             pipeline_id=self.pipeline_id, resident_bytes=0, fault=fault)
+        return WorkerReport(
+            protocol_version=0, worker_id="", hostname="", software_version="",
+            ram_total_bytes=0, ram_available_bytes=0, memory_budget_bytes=0, cores=1,
+            cpu_model="", cpu_flags=(), arch="", cached_shards=(), loaded=loaded, host_id="",
+            cache_used_bytes=0, cache_free_bytes=0, cache_max_bytes=0, threads=1)
 
 
 def test_a_dead_later_stage_is_blamed_not_the_stage_that_could_not_reach_it(smollm2_path):

@@ -46,7 +46,7 @@ def test_two_orchestrators_share_the_same_model_and_a_third_is_told_busy(smollm2
                 pass
             info = _info(workers.addresses[0], workers.token)
             assert len(info.loaded.holders) == 2 and info.loaded.model.startswith("SmolLM2")
-        assert not _info(workers.addresses[0], workers.token).HasField("loaded")  # all left
+        assert _info(workers.addresses[0], workers.token).loaded is None  # all left
 
         with open_model(smollm2_path, *args, tmp_path / "a"), \
                 open_model(other, *args, tmp_path / "c", force=True) as taker:

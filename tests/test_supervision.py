@@ -12,8 +12,8 @@ import time
 import pytest
 
 from orchcore import modelgen
+from orchcore.control import WorkerReport
 from orchcore.notify import Notifier, socket_address, watchdog_timeout_s
-from orchcore.wire import worker_pb2 as pb
 from orchcore.wire import worker_pb2_grpc as pb_grpc
 from orchcore.wire.channel import auth_metadata, connect
 from orchestrator.cluster.client import WorkerClient
@@ -23,10 +23,10 @@ from testkit.cluster import GREEDY, open_model
 from testkit.notifysock import NotifySocket
 
 TIMEOUT_S = 2.0  # WATCHDOG_USEC of these tests; the worker feeds it every third of that
-RPC_THREADS = 32  # the worker's gRPC thread pool (worker/service.py)
+RPC_THREADS = 32  # the worker's gRPC thread pool (worker/server.py)
 
 
-def _info(address: str, token: str) -> pb.WorkerInfo:
+def _info(address: str, token: str) -> WorkerReport:
     client = WorkerClient(address, token, OrchSettings.load())
     try:
         return client.info()

@@ -140,3 +140,71 @@ def test_a_chunk_with_sampling_out_of_bounds_carries_the_error_and_no_rows():
     assert chunk.error is not None and chunk.error.worker == "worker:1", chunk
     assert chunk.error.code == "invalid_setting" and "top_k" in chunk.error.message
     assert chunk.hidden is None and chunk.sampling is None
+
+
+def _report(loaded):
+    from orchcore.control import WorkerReport
+
+    return WorkerReport(
+        protocol_version=5, worker_id="w1", hostname="pi-1", software_version="1.2.3",
+        ram_total_bytes=8 << 30, ram_available_bytes=6 << 30, memory_budget_bytes=4 << 30,
+        cores=4, cpu_model="Cortex-A76", cpu_flags=("asimd", "asimddp"), arch="aarch64",
+        cached_shards=("a" * 64, "b" * 64), loaded=loaded, host_id="h1",
+        cache_used_bytes=1 << 20, cache_free_bytes=2 << 20, cache_max_bytes=3 << 20, threads=4)
+
+
+def test_a_worker_report_round_trips_with_and_without_a_stage():
+    from orchcore.chunks import ChunkError
+    from orchcore.control import Holder, LoadedStage
+
+    stage = LoadedStage(sha256="c" * 64, layer_start=10, layer_end=20, source_layers=30,
+                        pipeline_id="p", resident_bytes=123, model="m.gguf", sessions=2,
+                        fault=ChunkError("stage_fault", "next stage gone", "w:1"),
+                        holders=(Holder("o1", 1.5, 20.0), Holder("o2", 2.5, 10.0)))
+    for report in (_report(None), _report(stage)):
+        back = convert.report_from_proto(convert.report_to_proto(report))
+        assert back == report, f"{back} != {report}"
+    assert str(stage.layers) == "[10, 20)"
+
+
+def test_a_report_gives_the_planner_its_device():
+    from dataclasses import replace
+
+    device = _report(None).device("10.0.0.7:50151")
+    assert (device.address, device.worker_id, device.host_id, device.cores, device.threads) \
+        == ("10.0.0.7:50151", "w1", "h1", 4, 4)
+    odd = replace(_report(None), host_id="", cores=0, threads=8).device("a:1")
+    assert (odd.host_id, odd.cores, odd.threads) == ("w1", 1, 1), odd  # never 0 cores
+
+
+def test_control_replies_and_requests_round_trip():
+    from orchcore.control import (
+        FetchProgress,
+        Lease,
+        LinkMeasurement,
+        ProbeResult,
+        Proof,
+        ShardReceipt,
+    )
+    from orchcore.probe import LayerShape
+
+    receipt = ShardReceipt("d" * 64, 99, already_cached=True)
+    assert convert.receipt_from_proto(convert.receipt_to_proto(receipt)) == receipt
+    for progress in (FetchProgress(5, 10), FetchProgress(10, 10, receipt)):
+        assert convert.progress_from_proto(convert.progress_to_proto(progress)) == progress
+    probed = ProbeResult(0.002, 0.0005, cached=True)
+    assert convert.probe_result_from_proto(convert.probe_result_to_proto(probed)) == probed
+    for link in (LinkMeasurement(0.001, 1e8), LinkMeasurement(error="refused")):
+        assert convert.link_from_proto(convert.link_to_proto(link)) == link
+    lease = Lease("p", "o1")
+    assert convert.lease_from_proto(convert.renew_to_proto(lease)) == lease
+    assert convert.lease_from_proto(convert.unload_to_proto(lease)) == lease
+    proof = Proof(b"x" * 32, b"", "w1")
+    assert convert.proof_from_proto(convert.proof_to_proto(proof)) == proof
+    shape = LayerShape("llama", 576, 1536, 9, 3, 2, 1 << 20)
+    assert convert.shape_from_proto(convert.probe_to_proto(shape)) == shape
+    assert convert.measure_link_from_proto(convert.measure_link_to_proto("a:1", 4096)) \
+        == ("a:1", 4096)
+    header, *data = convert.upload_to_proto("e" * 64, 6, [b"abc", b"def"])
+    assert (header.sha256, header.size, [m.data for m in data]) == ("e" * 64, 6,
+                                                                      [b"abc", b"def"])

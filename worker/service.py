@@ -1,39 +1,44 @@
-"""The worker's gRPC service: ``orch worker`` runs ``serve(settings)``.
+"""The worker's gRPC service, served by ``worker.server.serve``.
 
-Every call is authenticated when a cluster token is set (``TokenAuth``), maps our typed
-errors to status codes through ``orchcore.wire.status``, and never blocks without a
-bound: the long-lived streams end when the stage is unloaded or the peer goes away.
+Every call has had its token checked (``worker.server.TokenAuth``), maps our typed errors
+to status codes through ``orchcore.wire.status``, and never blocks without a bound: the
+long-lived streams end when the stage is unloaded or the peer goes away.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
-import os
-import signal
 import socket
-import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from orchcore import __version__, clustertoken
+from orchcore import __version__
 from orchcore.chunks import SUBSCRIBED
-from orchcore.control import LoadReply, LoadRequest
+from orchcore.control import (
+    FetchProgress,
+    Lease,
+    LinkMeasurement,
+    LoadedStage,
+    LoadReply,
+    LoadRequest,
+    ProbeResult,
+    Proof,
+    ShardReceipt,
+    WorkerReport,
+)
 from orchcore.cpu import cpu_info, host_id, memory_info
 from orchcore.discovery import Advert, proof
 from orchcore.engine import StageEngine, StageRole
 from orchcore.errors import (
     GGUFError,
     InvalidInputError,
-    InvalidSettingError,
     MemoryBudgetError,
     NotLoadedError,
     OrchError,
@@ -41,68 +46,26 @@ from orchcore.errors import (
 from orchcore.facts import read_model_facts
 from orchcore.files import write_atomic
 from orchcore.memory import PROCESS_BASELINE_BYTES, estimate_shard
-from orchcore.probe import LayerShape
 from orchcore.shard import LayerRange
 from orchcore.slices import total_bytes
 from orchcore.wire import PROTOCOL_VERSION, convert, status
 from orchcore.wire import worker_pb2 as pb
 from orchcore.wire import worker_pb2_grpc as pb_grpc
-from orchcore.wire.channel import Link, connect, measure_link, server_options
-from orchcore.wire.tls import load_identity, short
+from orchcore.wire.channel import Link, connect, measure_link
 from worker.admission import Admission, CurrentStage, ShardFacts, admit
-from worker.advertise import Advertiser, advertised_addresses
 from worker.probe import probe
-from worker.rejects import CheckedRequests, RejectLog
+from worker.rejects import RejectLog
 from worker.settings import WorkerSettings
 from worker.shardcache import ShardCache
 from worker.slicefetch import Built, SliceFetcher
 from worker.stage import Stage
-from worker.supervision import SelfCheck, Supervision
 from worker.tokens import Tokens
 
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
-_PROVE = "/orch.v1.Worker/Prove"  # the one call without a token: it proves ours
 _RECENT_PIPELINES = 16
 _PROGRESS_EVERY_S = 0.2  # FetchShard progress messages at most this often
 _LINK_DEADLINE_S = 10.0  # unloaded pipelines whose late messages are dropped quietly
-_UNAUTHENTICATED = ("missing or wrong cluster token: give the orchestrator the same token "
-                    "as the workers (--token or ORCH_TOKEN)")
-
-
-class TokenAuth(grpc.ServerInterceptor):
-    """Rejects every call whose ``authorization`` metadata lacks the cluster token."""
-
-    def __init__(self, tokens: Tokens, rejects: RejectLog) -> None:
-        self._tokens = tokens
-        self._rejects = rejects
-
-    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails
-                          ) -> grpc.RpcMethodHandler | None:
-        given = dict(details.invocation_metadata or ()).get("authorization", "")
-        if details.method == _PROVE or self._tokens.accepts(given.removeprefix("Bearer ")):
-            return continuation(details)
-        handler = continuation(details)
-        if handler is None:
-            return None
-        return _denied(handler, self._rejects)
-
-
-def _denied(handler: grpc.RpcMethodHandler, rejects: RejectLog) -> grpc.RpcMethodHandler:
-    def deny(_request: Any, context: grpc.ServicerContext) -> None:
-        rejects.note(context.peer(), "no cluster token, or a wrong one")
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, _UNAUTHENTICATED)
-
-    kinds = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }
-    make = kinds[(handler.request_streaming, handler.response_streaming)]
-    return make(deny, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
 
 
 def _rpc(method: Callable) -> Callable:
@@ -174,32 +137,28 @@ class WorkerService(pb_grpc.WorkerServicer):
         """The cluster token now (calls to other workers carry it)."""
         return self.tokens.current
 
+    def add_to(self, server: grpc.Server) -> None:
+        """Serve this worker's calls on ``server``."""
+        pb_grpc.add_WorkerServicer_to_server(self, server)
+
     # --- info --------------------------------------------------------------------------
 
     @_rpc
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.WorkerInfo:
+        return convert.report_to_proto(self.report())
+
+    def report(self) -> WorkerReport:
+        """What this worker is and holds, now."""
         cpu, mem = cpu_info(), memory_info()
-        info = pb.WorkerInfo(
+        return WorkerReport(
             protocol_version=PROTOCOL_VERSION, worker_id=self.id, hostname=socket.gethostname(),
             software_version=__version__, ram_total_bytes=mem.total,
             ram_available_bytes=mem.available, memory_budget_bytes=self.budget,
-            cores=cpu.cores, cpu_model=cpu.model, cpu_flags=sorted(cpu.flags), arch=cpu.arch,
-            cached_shards=self.cache.list(), host_id=self.host_id,
+            cores=cpu.cores, cpu_model=cpu.model, cpu_flags=tuple(sorted(cpu.flags)),
+            arch=cpu.arch, cached_shards=tuple(self.cache.list()),
+            loaded=_loaded(self.stage), host_id=self.host_id,
             cache_used_bytes=self.cache.used_bytes(), cache_free_bytes=self.cache.free_bytes(),
-            cache_max_bytes=self.cache.max_bytes,
-            threads=self.threads(cpu.cores))
-        stage = self.stage
-        if stage is not None:
-            role = stage.engine.role
-            info.loaded.CopyFrom(pb.LoadedShard(
-                sha256=stage.sha256, layer_start=role.start, layer_end=role.end,
-                source_layers=role.source_layers, pipeline_id=stage.pipeline_id,
-                resident_bytes=stage.resident_bytes, model=stage.request.model,
-                sessions=stage.engine.session_count,
-                holders=convert.holders_to_proto(stage.leases.holders(time.monotonic()))))
-            if stage.fault is not None:
-                info.loaded.fault.CopyFrom(convert.error_to_proto(stage.fault))
-        return info
+            cache_max_bytes=self.cache.max_bytes, threads=self.threads(cpu.cores))
 
     # --- shards ------------------------------------------------------------------------
 
@@ -210,7 +169,8 @@ class WorkerService(pb_grpc.WorkerServicer):
         if header is None or not header.sha256:
             raise InvalidInputError("UploadShard: the first message must name sha256 and size")
         if self.cache.has(header.sha256):
-            return pb.ShardReceipt(sha256=header.sha256, size=header.size, already_cached=True)
+            return convert.receipt_to_proto(ShardReceipt(header.sha256, header.size,
+                                                         already_cached=True))
         stage = self.stage
         evicted = self.cache.make_room(header.size, {stage.sha256} if stage else set())
         if evicted:
@@ -218,14 +178,14 @@ class WorkerService(pb_grpc.WorkerServicer):
         chunks = (c.data for c in _prepend(header, request_iterator) if c.data)
         self.cache.store(header.sha256, header.size, chunks)
         log.info("stored shard %s (%d bytes)", header.sha256[:12], header.size)
-        return pb.ShardReceipt(sha256=header.sha256, size=header.size)
+        return convert.receipt_to_proto(ShardReceipt(header.sha256, header.size))
 
     @_rpc
     def RotateToken(self, request: pb.RotateTokenRequest, context: grpc.ServicerContext
                     ) -> pb.RotateTokenReply:
         grace = self.settings.token_grace_s
-        self.tokens.rotate(request.new_token, grace)
-        return pb.RotateTokenReply(grace_s=grace)
+        self.tokens.rotate(convert.rotate_from_proto(request), grace)
+        return convert.grace_to_proto(grace)
 
     @_rpc_stream
     def FetchShard(self, request: pb.FetchShardRequest, context: grpc.ServicerContext
@@ -236,11 +196,11 @@ class WorkerService(pb_grpc.WorkerServicer):
         for step in SliceFetcher(self.cache, self.name).build(
                 files, ranges, layers, {stage.sha256} if stage else set()):
             if isinstance(step, Built):
-                yield pb.FetchProgress(done=total, total=total, shard=pb.ShardReceipt(
-                    sha256=step.sha256, size=step.size, already_cached=not step.fetched))
+                yield convert.progress_to_proto(FetchProgress(total, total, ShardReceipt(
+                    step.sha256, step.size, already_cached=not step.fetched)))
             elif time.monotonic() - last >= _PROGRESS_EVERY_S:
                 last = time.monotonic()
-                yield pb.FetchProgress(done=step, total=total)
+                yield convert.progress_to_proto(FetchProgress(step, total))
 
     @_rpc
     def LoadShard(self, request: pb.LoadShardRequest, context: grpc.ServicerContext
@@ -298,25 +258,30 @@ class WorkerService(pb_grpc.WorkerServicer):
 
     @_rpc
     def Renew(self, request: pb.RenewRequest, context: grpc.ServicerContext) -> pb.RenewReply:
+        lease = convert.lease_from_proto(request)
         with self._lock:
             stage = self.stage
-            held = stage is not None and stage.pipeline_id == request.pipeline_id and \
-                stage.leases.renew(request.holder, time.monotonic())
-        return pb.RenewReply(held=held)
+            held = stage is not None and stage.pipeline_id == lease.pipeline_id and \
+                stage.leases.renew(lease.holder, time.monotonic())
+        return convert.renewed_to_proto(held)
 
     @_rpc
     def Unload(self, request: pb.UnloadRequest, context: grpc.ServicerContext
                ) -> pb.UnloadReply:
+        return convert.unloaded_to_proto(self._unload_lease(convert.lease_from_proto(request)))
+
+    def _unload_lease(self, lease: Lease) -> bool:
+        """Drop ``lease``; the stage goes when no other lease is left. Whether the pipeline
+        (any, for an empty id) was loaded."""
         with self._lock:
             stage = self.stage
-            if stage is None or (request.pipeline_id and
-                                 stage.pipeline_id != request.pipeline_id):
-                return pb.UnloadReply(was_loaded=False)
-            stage.leases.drop(request.holder)
-            if request.holder and stage.leases.others(request.holder, time.monotonic()):
-                return pb.UnloadReply(was_loaded=True)  # still held by another orchestrator
+            if stage is None or (lease.pipeline_id and stage.pipeline_id != lease.pipeline_id):
+                return False
+            stage.leases.drop(lease.holder)
+            if lease.holder and stage.leases.others(lease.holder, time.monotonic()):
+                return True  # still held by another orchestrator
             self._unload()
-        return pb.UnloadReply(was_loaded=True)
+        return True
 
     def _unload(self) -> None:
         if self.stage is not None:
@@ -336,22 +301,23 @@ class WorkerService(pb_grpc.WorkerServicer):
     def Forward(self, request_iterator: Iterator[pb.StageInput],
                 context: grpc.ServicerContext) -> pb.ForwardSummary:
         count = 0
-        for msg in request_iterator:
-            if msg.pipeline_id in self._unloaded:
+        for chunk in convert.chunks_from_proto(request_iterator, self.name):
+            if chunk.pipeline_id in self._unloaded:
                 continue  # in flight while its pipeline was unloaded: nothing to do
-            self._current(msg.pipeline_id).submit(convert.chunk_from_proto(msg, self.name))
+            self._current(chunk.pipeline_id).submit(chunk)
             count += 1
-        return pb.ForwardSummary(chunks=count)
+        return convert.forwarded_to_proto(count)
 
     def Results(self, request: pb.ResultsRequest, context: grpc.ServicerContext
                 ) -> Iterator[pb.StageOutput]:
+        pipeline_id = convert.subscribe_from_proto(request)
         try:
-            stage = self._current(request.pipeline_id)
+            stage = self._current(pipeline_id)
         except OrchError as exc:
             context.abort(status.to_status(exc), str(exc))
         if not stage.is_last:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"not the last stage of {request.pipeline_id}")
+                          f"not the last stage of {pipeline_id}")
         q = stage.subscribers.subscribe()
         context.add_callback(lambda: stage.subscribers.unsubscribe(q))
         # subscribed: results published from now on reach this stream
@@ -360,35 +326,42 @@ class WorkerService(pb_grpc.WorkerServicer):
             yield convert.result_to_proto(out)
 
     def Prove(self, request: pb.ProveRequest, context: grpc.ServicerContext) -> pb.ProveReply:
-        if not 16 <= len(request.nonce) <= 64:
+        nonce = convert.nonce_from_proto(request)
+        if not 16 <= len(nonce) <= 64:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a nonce of 16 to 64 bytes")
-        current, previous = self.tokens.current, self.tokens.previous
-        return pb.ProveReply(
-            proof=proof(current, request.nonce, b"worker", self.fingerprint) if current else b"",
-            previous_proof=proof(previous, request.nonce, b"worker", self.fingerprint)
-            if previous else b"",
-            worker_id=self.id)
+
+        def answer(token: str | None) -> bytes:
+            return proof(token, nonce, b"worker", self.fingerprint) if token else b""
+
+        return convert.proof_to_proto(Proof(answer(self.tokens.current),
+                                            answer(self.tokens.previous), self.id))
 
     @_rpc
     def Ping(self, request: pb.PingRequest, context: grpc.ServicerContext) -> pb.PingReply:
-        return pb.PingReply(received=len(request.payload))
+        return convert.ping_reply_to_proto(convert.ping_from_proto(request))
 
     @_rpc
     def MeasureLink(self, request: pb.MeasureLinkRequest, context: grpc.ServicerContext
                     ) -> pb.LinkMeasure:
+        return convert.link_to_proto(self.measure_link_to(
+            *convert.measure_link_from_proto(request)))
+
+    def measure_link_to(self, address: str, payload_bytes: int) -> LinkMeasurement:
+        """This worker's link to the worker at ``address`` (a payload of 1 MiB unless told,
+        16 MiB at most); a measurement that could not be made says why."""
         try:
-            link = self.connect(request.address)
+            link = self.connect(address)
         except OrchError as exc:
-            return pb.LinkMeasure(error=str(exc))
+            return LinkMeasurement(error=str(exc))
         try:
             rtt, bandwidth = measure_link(link.channel, self.token,
-                                          min(request.payload_bytes or 1 << 20, 16 << 20),
+                                          min(payload_bytes or 1 << 20, 16 << 20),
                                           _LINK_DEADLINE_S)
         except grpc.RpcError as exc:
-            return pb.LinkMeasure(error=f"{exc.code().name}: {exc.details()}")
+            return LinkMeasurement(error=f"{exc.code().name}: {exc.details()}")
         finally:
             link.close()
-        return pb.LinkMeasure(rtt_s=rtt, bandwidth_bytes_s=bandwidth)
+        return LinkMeasurement(rtt, bandwidth)
 
     def connect(self, address: str) -> Link:
         """A link to another worker that proved it holds our token (the next stage, a link
@@ -400,9 +373,7 @@ class WorkerService(pb_grpc.WorkerServicer):
 
     @_rpc
     def Probe(self, request: pb.ProbeRequest, context: grpc.ServicerContext) -> pb.ProbeReply:
-        shape = LayerShape(arch=request.arch, n_embd=request.n_embd, n_ff=request.n_ff,
-                           n_head=request.n_head, n_head_kv=request.n_head_kv,
-                           weight_type=request.weight_type, layer_bytes=request.layer_bytes)
+        shape = convert.shape_from_proto(request)
         if (problem := shape.problem()) is not None:
             raise InvalidInputError(f"not a layer shape to probe: {problem}")
         room = max(0, self.budget - PROCESS_BASELINE_BYTES)  # what this process leaves
@@ -413,9 +384,8 @@ class WorkerService(pb_grpc.WorkerServicer):
                 f"{shape.probe_layer_bytes() >> 20} MiB, {room >> 20} MiB of the memory "
                 f"budget are left beside the worker process itself")
         threads = self.settings.threads or cpu_info().cores
-        decode, prefill, cached = probe(shape, self.settings.cache_dir, threads, layers)
-        return pb.ProbeReply(decode_s_per_layer=decode, prefill_s_per_token_per_layer=prefill,
-                             cached=cached)
+        return convert.probe_result_to_proto(ProbeResult(
+            *probe(shape, self.settings.cache_dir, threads, layers)))
 
     def renew_id(self) -> str:
         self.id = worker_id(self.settings.state_dir, renew=True)
@@ -429,12 +399,12 @@ class WorkerService(pb_grpc.WorkerServicer):
     @_rpc
     def EndSession(self, request: pb.EndSessionRequest, context: grpc.ServicerContext
                    ) -> pb.EndSessionReply:
-        stage = self.stage
+        session, stage = convert.end_session_from_proto(request), self.stage
         if stage is None:
-            return pb.EndSessionReply(existed=False)
-        existed = request.session in stage.engine.sessions
-        stage.end_session_here(request.session)
-        return pb.EndSessionReply(existed=existed)
+            return convert.session_ended_to_proto(False)
+        existed = session in stage.engine.sessions
+        stage.end_session_here(session)
+        return convert.session_ended_to_proto(existed)
 
     def status(self) -> str:
         """One line on what this worker is doing (systemd's STATUS=)."""
@@ -452,89 +422,19 @@ class WorkerService(pb_grpc.WorkerServicer):
             self._unload()
 
 
+def _loaded(stage: Stage | None) -> LoadedStage | None:
+    """What Info reports of ``stage``."""
+    if stage is None:
+        return None
+    role = stage.engine.role
+    return LoadedStage(
+        sha256=stage.sha256, layer_start=role.start, layer_end=role.end,
+        source_layers=role.source_layers, pipeline_id=stage.pipeline_id,
+        resident_bytes=stage.resident_bytes, fault=stage.fault,
+        holders=tuple(stage.leases.holders(time.monotonic())), model=stage.request.model,
+        sessions=stage.engine.session_count)
+
+
 def _prepend(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
     yield first
     yield from rest
-
-
-def _reachable_host(host: str) -> str:
-    if host in ("0.0.0.0", ""):
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
-    return host
-
-
-def _die_with(parent_pid: int) -> None:
-    """SIGTERM this process when ``parent_pid`` exits (Linux PR_SET_PDEATHSIG); exit now if
-    it already has."""
-    if sys.platform == "linux":
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent_pid:
-        raise SystemExit(f"parent process {parent_pid} is gone")
-
-
-def serve(settings: WorkerSettings, *, stop: threading.Event | None = None) -> None:
-    """Run a worker until SIGTERM/SIGINT (or ``stop`` is set)."""
-    if settings.parent_pid:
-        _die_with(settings.parent_pid)
-    max_bytes = settings.max_message_mb << 20
-    loopback = clustertoken.is_loopback(settings.host)
-    given = settings.token.get_secret_value() or None if settings.token else None
-    if given is not None and (warning := clustertoken.require(
-            given, loopback=loopback, source="ORCH_WORKER_TOKEN (--token)")):
-        log.warning("%s", warning)
-    tokens = Tokens.load(given, settings.state_dir, loopback=loopback)
-    rejects = RejectLog()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="rpc"),
-                         interceptors=[TokenAuth(tokens, rejects), CheckedRequests(rejects)],
-                         options=server_options(max_bytes))
-    identity = None if settings.plaintext else load_identity(settings.state_dir)
-    try:
-        port = server.add_insecure_port(f"{settings.host}:{settings.port}") if identity is None \
-            else server.add_secure_port(f"{settings.host}:{settings.port}",
-                                        grpc.ssl_server_credentials([(identity.key_pem,
-                                                                      identity.cert_pem)]))
-    except RuntimeError as exc:  # gRPC's way of saying the address is taken or invalid
-        raise InvalidSettingError(f"cannot listen on {settings.host}:{settings.port} ({exc}); "
-                                  f"is another worker using the port? Choose another with "
-                                  f"--port") from None
-    name = f"{settings.host}:{port}"
-    service = WorkerService(settings, name, tokens, identity.fingerprint if identity else "",
-                            rejects)
-    pb_grpc.add_WorkerServicer_to_server(service, server)
-    server.start()
-    if not tokens.current and not loopback:
-        log.warning("no cluster token set: anyone on the network can use this worker")
-    if identity is None and not loopback:
-        log.warning("serving without TLS (plaintext): the token and all data cross the "
-                    "network in the clear")
-    log.info("worker %s listening on %s, %s (cache %s)", service.id[:8], name,
-             f"TLS certificate {short(identity.fingerprint)}" if identity else "plaintext",
-             settings.cache_dir)
-    advertiser = Advertiser(advertised_addresses(settings.discovery, settings.host),
-                            lambda: service.advert(port), service.renew_id)
-    advertiser.start()
-    if settings.ready_file:  # an address others can connect to, even when bound to all
-        write_atomic(settings.ready_file, f"{_reachable_host(settings.host)}:{port}")
-    stop = stop or threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
-    check = SelfCheck(f"{_reachable_host(settings.host)}:{port}", lambda: tokens.current,
-                      identity.cert_pem if identity else None)
-    supervision = Supervision.from_environ(check, service.status, settings.watchdog_floor_s)
-    try:
-        supervision.ready()  # systemd (Type=notify): serving and advertised
-        # Wake up every second: a signal delivered to another thread (as after SIGSTOP and
-        # SIGCONT) only runs its Python handler once the main thread wakes.
-        while not stop.wait(1.0):
-            pass
-        log.info("worker %s stopping", name)
-    finally:
-        supervision.close()
-        check.close()
-        advertiser.close()
-        server.stop(grace=2).wait(5)
-        service.close()

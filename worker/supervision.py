@@ -25,9 +25,7 @@ import grpc
 
 from orchcore.errors import WorkerUnreachableError
 from orchcore.notify import USEC, Notifier, watchdog_timeout_s
-from orchcore.wire import worker_pb2 as pb
-from orchcore.wire import worker_pb2_grpc as pb_grpc
-from orchcore.wire.channel import auth_metadata, open_channel
+from orchcore.wire.channel import open_channel, ping
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +50,7 @@ class SelfCheck:
         if self._channel is None:
             self._channel = open_channel(self.address, self._certificate)
         try:
-            pb_grpc.WorkerStub(self._channel).Ping(
-                pb.PingRequest(), timeout=deadline_s, metadata=auth_metadata(self._token()),
-                wait_for_ready=True)
+            ping(self._channel, self._token(), deadline_s, wait_for_ready=True)
         except grpc.RpcError as exc:
             return f"{exc.code().name}: {exc.details()}"
         return None

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import grpc
 
 from orchcore.chunks import Chunk
+from orchcore.control import Proof
 from orchcore.discovery import proof
 from orchcore.errors import AuthError, WorkerError, WorkerUnreachableError
 from orchcore.wire import convert, tls
@@ -132,8 +133,8 @@ def connect(address: str, token: str | None, *, allow_plaintext: bool, timeout_s
     channel = open_channel(address, certificate, max_message_bytes)
     nonce = secrets.token_bytes(32)
     try:
-        reply = pb_grpc.WorkerStub(channel).Prove(pb.ProveRequest(nonce=nonce),
-                                                  timeout=timeout_s)
+        reply = convert.proof_from_proto(pb_grpc.WorkerStub(channel).Prove(
+            convert.prove_to_proto(nonce), timeout=timeout_s))
     except grpc.RpcError as exc:
         channel.close()
         if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -144,7 +145,7 @@ def connect(address: str, token: str | None, *, allow_plaintext: bool, timeout_s
                 reply.worker_id)
 
 
-def _trust(token: str | None, nonce: bytes, fingerprint: str, reply: pb.ProveReply) -> Trust:
+def _trust(token: str | None, nonce: bytes, fingerprint: str, reply: Proof) -> Trust:
     if not reply.proof:
         return Trust.NO_TOKEN
     if not token:
@@ -198,6 +199,14 @@ class ForwardStream:
 
     def close(self) -> None:
         self._queue.put(None)
+
+
+def ping(channel: grpc.Channel, token: str | None, deadline_s: float, *,
+         wait_for_ready: bool = False) -> None:
+    """One empty ``Ping`` to the worker behind ``channel``; raises ``grpc.RpcError`` when it
+    does not answer within ``deadline_s``."""
+    pb_grpc.WorkerStub(channel).Ping(pb.PingRequest(), timeout=deadline_s,
+                                     metadata=auth_metadata(token), wait_for_ready=wait_for_ready)
 
 
 def measure_link(channel: grpc.Channel, token: str | None, payload_bytes: int,

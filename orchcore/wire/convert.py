@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict
 
 import numpy as np
 
 from orchcore.chunks import Chunk, ChunkError, Rows, StageResult, StageTiming
 from orchcore.codecs import get_codec
 from orchcore.config import EngineConfig
-from orchcore.control import Holder, LoadReply, LoadRequest
-from orchcore.devices import DeviceFacts
+from orchcore.control import (
+    FetchProgress,
+    Holder,
+    Lease,
+    LinkMeasurement,
+    LoadedStage,
+    LoadReply,
+    LoadRequest,
+    ProbeResult,
+    Proof,
+    ShardReceipt,
+    WorkerReport,
+)
 from orchcore.errors import InvalidInputError, OrchError
+from orchcore.probe import LayerShape
 from orchcore.rangefetch import RemoteFile
 from orchcore.sampling import SamplingParams
 from orchcore.shard import LayerRange
@@ -60,16 +73,6 @@ def sampling_from_proto(msg: pb.Sampling) -> SamplingParams:
         repeat_last_n=int(msg.repeat_last_n),
         seed=int(msg.seed),
     )
-
-
-def device_from_proto(address: str, info: pb.WorkerInfo) -> DeviceFacts:
-    return DeviceFacts(
-        address=address, worker_id=info.worker_id,
-        host_id=info.host_id or info.worker_id,  # unknown host: assume a machine of its own
-        hostname=info.hostname, arch=info.arch, cores=max(1, info.cores),
-        ram_total_bytes=info.ram_total_bytes, ram_available_bytes=info.ram_available_bytes,
-        memory_budget_bytes=info.memory_budget_bytes,
-        threads=min(info.threads, max(1, info.cores)))
 
 
 def engine_to_proto(config: EngineConfig) -> pb.EngineSettings:
@@ -224,10 +227,6 @@ def load_from_proto(msg: pb.LoadShardRequest, default_threads: int, max_threads:
         model=msg.model, force=msg.force, ring_address=msg.ring_address)
 
 
-def holders_to_proto(holders: Sequence[Holder]) -> list[pb.Holder]:
-    return [pb.Holder(id=h.id, since=h.since, expires_in_s=h.expires_in_s) for h in holders]
-
-
 def load_reply_to_proto(reply: LoadReply) -> pb.LoadShardReply:
     return pb.LoadShardReply(resident_bytes=reply.resident_bytes,
                              load_seconds=reply.load_seconds,
@@ -241,3 +240,224 @@ def load_reply_from_proto(msg: pb.LoadShardReply) -> LoadReply:
                           batch_tokens=msg.engine.batch_tokens, threads=msg.engine.threads)
     return LoadReply(msg.resident_bytes, msg.load_seconds, engine, msg.pipeline_id,
                      msg.shared)
+
+
+# --- the control path: what a worker is and holds -------------------------------------------
+
+
+def info_to_proto() -> pb.InfoRequest:
+    return pb.InfoRequest()
+
+
+def report_to_proto(report: WorkerReport) -> pb.WorkerInfo:
+    fields = {k: v for k, v in asdict(report).items() if k != "loaded"}
+    msg = pb.WorkerInfo(**fields)
+    if report.loaded is not None:
+        msg.loaded.CopyFrom(loaded_to_proto(report.loaded))
+    return msg
+
+
+def report_from_proto(msg: pb.WorkerInfo) -> WorkerReport:
+    return WorkerReport(
+        protocol_version=msg.protocol_version, worker_id=msg.worker_id,
+        hostname=msg.hostname, software_version=msg.software_version,
+        ram_total_bytes=msg.ram_total_bytes, ram_available_bytes=msg.ram_available_bytes,
+        memory_budget_bytes=msg.memory_budget_bytes, cores=msg.cores,
+        cpu_model=msg.cpu_model, cpu_flags=tuple(msg.cpu_flags), arch=msg.arch,
+        cached_shards=tuple(msg.cached_shards),
+        loaded=loaded_from_proto(msg.loaded) if msg.HasField("loaded") else None,
+        host_id=msg.host_id, cache_used_bytes=msg.cache_used_bytes,
+        cache_free_bytes=msg.cache_free_bytes, cache_max_bytes=msg.cache_max_bytes,
+        threads=msg.threads)
+
+
+def loaded_to_proto(stage: LoadedStage) -> pb.LoadedShard:
+    msg = pb.LoadedShard(
+        sha256=stage.sha256, layer_start=stage.layer_start, layer_end=stage.layer_end,
+        source_layers=stage.source_layers, pipeline_id=stage.pipeline_id,
+        resident_bytes=stage.resident_bytes, model=stage.model, sessions=stage.sessions,
+        holders=[pb.Holder(id=h.id, since=h.since, expires_in_s=h.expires_in_s)
+                 for h in stage.holders])
+    if stage.fault is not None:
+        msg.fault.CopyFrom(error_to_proto(stage.fault))
+    return msg
+
+
+def loaded_from_proto(msg: pb.LoadedShard) -> LoadedStage:
+    return LoadedStage(
+        sha256=msg.sha256, layer_start=msg.layer_start, layer_end=msg.layer_end,
+        source_layers=msg.source_layers, pipeline_id=msg.pipeline_id,
+        resident_bytes=msg.resident_bytes,
+        fault=error_from_proto(msg.fault) if msg.HasField("fault") else None,
+        holders=tuple(Holder(h.id, h.since, h.expires_in_s) for h in msg.holders),
+        model=msg.model, sessions=msg.sessions)
+
+
+# --- the control path: shards into the cache -----------------------------------------------
+
+
+def upload_to_proto(sha256: str, size: int, blocks: Iterable[bytes]
+                    ) -> Iterator[pb.ShardChunk]:
+    """An UploadShard stream: the header, then ``blocks`` of the shard's bytes."""
+    yield pb.ShardChunk(sha256=sha256, size=size)
+    for data in blocks:
+        yield pb.ShardChunk(data=data)
+
+
+def receipt_to_proto(receipt: ShardReceipt) -> pb.ShardReceipt:
+    return pb.ShardReceipt(**receipt._asdict())
+
+
+def receipt_from_proto(msg: pb.ShardReceipt) -> ShardReceipt:
+    return ShardReceipt(msg.sha256, msg.size, msg.already_cached)
+
+
+def progress_to_proto(progress: FetchProgress) -> pb.FetchProgress:
+    msg = pb.FetchProgress(done=progress.done, total=progress.total)
+    if progress.shard is not None:
+        msg.shard.CopyFrom(receipt_to_proto(progress.shard))
+    return msg
+
+
+def progress_from_proto(msg: pb.FetchProgress) -> FetchProgress:
+    return FetchProgress(msg.done, msg.total,
+                         receipt_from_proto(msg.shard) if msg.HasField("shard") else None)
+
+
+# --- the control path: leases, probes, links, tokens ---------------------------------------
+
+
+def renew_to_proto(lease: Lease) -> pb.RenewRequest:
+    return pb.RenewRequest(pipeline_id=lease.pipeline_id, holder=lease.holder)
+
+
+def unload_to_proto(lease: Lease) -> pb.UnloadRequest:
+    return pb.UnloadRequest(pipeline_id=lease.pipeline_id, holder=lease.holder)
+
+
+def lease_from_proto(msg: pb.RenewRequest | pb.UnloadRequest) -> Lease:
+    return Lease(msg.pipeline_id, msg.holder)
+
+
+def renewed_to_proto(held: bool) -> pb.RenewReply:
+    return pb.RenewReply(held=held)
+
+
+def renewed_from_proto(msg: pb.RenewReply) -> bool:
+    """Whether the lease is still held (False: the pipeline is gone or the lease lapsed)."""
+    return msg.held
+
+
+def unloaded_to_proto(was_loaded: bool) -> pb.UnloadReply:
+    return pb.UnloadReply(was_loaded=was_loaded)
+
+
+def unloaded_from_proto(msg: pb.UnloadReply) -> bool:
+    return msg.was_loaded
+
+
+def probe_to_proto(shape: LayerShape) -> pb.ProbeRequest:
+    return pb.ProbeRequest(**asdict(shape))
+
+
+def shape_from_proto(msg: pb.ProbeRequest) -> LayerShape:
+    return LayerShape(arch=msg.arch, n_embd=msg.n_embd, n_ff=msg.n_ff, n_head=msg.n_head,
+                      n_head_kv=msg.n_head_kv, weight_type=msg.weight_type,
+                      layer_bytes=msg.layer_bytes)
+
+
+def probe_result_to_proto(result: ProbeResult) -> pb.ProbeReply:
+    return pb.ProbeReply(**result._asdict())
+
+
+def probe_result_from_proto(msg: pb.ProbeReply) -> ProbeResult:
+    return ProbeResult(msg.decode_s_per_layer, msg.prefill_s_per_token_per_layer, msg.cached)
+
+
+def measure_link_to_proto(address: str, payload_bytes: int) -> pb.MeasureLinkRequest:
+    return pb.MeasureLinkRequest(address=address, payload_bytes=payload_bytes)
+
+
+def measure_link_from_proto(msg: pb.MeasureLinkRequest) -> tuple[str, int]:
+    """(the other worker's address, the payload asked for; 0 if none)."""
+    return msg.address, msg.payload_bytes
+
+
+def link_to_proto(measured: LinkMeasurement) -> pb.LinkMeasure:
+    return pb.LinkMeasure(**measured._asdict())
+
+
+def link_from_proto(msg: pb.LinkMeasure) -> LinkMeasurement:
+    return LinkMeasurement(msg.rtt_s, msg.bandwidth_bytes_s, msg.error)
+
+
+def ping_from_proto(msg: pb.PingRequest) -> int:
+    """The bytes of payload a Ping carried."""
+    return len(msg.payload)
+
+
+def ping_reply_to_proto(received: int) -> pb.PingReply:
+    return pb.PingReply(received=received)
+
+
+def prove_to_proto(nonce: bytes) -> pb.ProveRequest:
+    return pb.ProveRequest(nonce=nonce)
+
+
+def nonce_from_proto(msg: pb.ProveRequest) -> bytes:
+    return msg.nonce
+
+
+def proof_to_proto(proof: Proof) -> pb.ProveReply:
+    return pb.ProveReply(**proof._asdict())
+
+
+def proof_from_proto(msg: pb.ProveReply) -> Proof:
+    return Proof(msg.proof, msg.previous_proof, msg.worker_id)
+
+
+def rotate_to_proto(new_token: str) -> pb.RotateTokenRequest:
+    return pb.RotateTokenRequest(new_token=new_token)
+
+
+def rotate_from_proto(msg: pb.RotateTokenRequest) -> str:
+    return msg.new_token
+
+
+def grace_to_proto(grace_s: float) -> pb.RotateTokenReply:
+    return pb.RotateTokenReply(grace_s=grace_s)
+
+
+def grace_from_proto(msg: pb.RotateTokenReply) -> float:
+    """Seconds the previous token still works."""
+    return msg.grace_s
+
+
+# --- the data path's own calls -------------------------------------------------------------
+
+
+def subscribe_to_proto(pipeline_id: str) -> pb.ResultsRequest:
+    return pb.ResultsRequest(pipeline_id=pipeline_id)
+
+
+def subscribe_from_proto(msg: pb.ResultsRequest) -> str:
+    """The pipeline whose results are asked for."""
+    return msg.pipeline_id
+
+
+def chunks_from_proto(messages: Iterable[pb.StageInput], worker: str) -> Iterator[Chunk]:
+    """A Forward stream's chunks (``chunk_from_proto``, as ``worker``)."""
+    for msg in messages:
+        yield chunk_from_proto(msg, worker)
+
+
+def forwarded_to_proto(chunks: int) -> pb.ForwardSummary:
+    return pb.ForwardSummary(chunks=chunks)
+
+
+def end_session_from_proto(msg: pb.EndSessionRequest) -> str:
+    return msg.session
+
+
+def session_ended_to_proto(existed: bool) -> pb.EndSessionReply:
+    return pb.EndSessionReply(existed=existed)

@@ -60,7 +60,7 @@ def worker(ctx: typer.Context) -> None:
         _worker_help()
         raise typer.Exit(0)
     from orchcore.cpu import cpu_info, memory_info
-    from worker.service import serve
+    from worker.server import serve
     from worker.settings import WorkerSettings, fit_to_machine
 
     try:

@@ -8,15 +8,22 @@ the rest are transport failures, named by gRPC status code, never by message tex
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import grpc
 
 from orchcore import __version__
 from orchcore.chunks import StageResult
-from orchcore.control import LoadReply, LoadRequest
+from orchcore.control import (
+    Lease,
+    LinkMeasurement,
+    LoadReply,
+    LoadRequest,
+    ProbeResult,
+    ShardReceipt,
+    WorkerReport,
+)
 from orchcore.errors import (
     AuthError,
     MessageTooLargeError,
@@ -26,8 +33,10 @@ from orchcore.errors import (
     WorkerUnreachableError,
 )
 from orchcore.probe import LayerShape
+from orchcore.rangefetch import RemoteFile
+from orchcore.shard import LayerRange
+from orchcore.slices import ByteRange, total_bytes
 from orchcore.wire import PROTOCOL_VERSION, convert
-from orchcore.wire import worker_pb2 as pb
 from orchcore.wire import worker_pb2_grpc as pb_grpc
 from orchcore.wire.channel import Link, auth_metadata, connect, measure_link
 from orchcore.wire.status import ERROR_CODE_KEY, from_code
@@ -64,7 +73,7 @@ def rpc_error(worker: str, exc: grpc.RpcError, *, answered_before: bool = False
     return WorkerError(worker, f"{code.name}: {details}")
 
 
-def version_problem(info: pb.WorkerInfo) -> str | None:
+def version_problem(info: WorkerReport) -> str | None:
     """What is wrong with a worker of another protocol version, and the fix; None if none."""
     if info.protocol_version == PROTOCOL_VERSION:
         return None
@@ -80,18 +89,18 @@ class ResultStream:
     worker when the stream breaks."""
 
     def __init__(self, call: grpc.Call, worker: str) -> None:
-        self._call = call
+        self._stream = call
         self._worker = worker
 
     def __iter__(self) -> Iterator[StageResult]:
         try:
-            for msg in self._call:
+            for msg in self._stream:
                 yield convert.result_from_proto(msg)
         except grpc.RpcError as exc:
             raise rpc_error(self._worker, exc, answered_before=True) from None
 
     def cancel(self) -> None:
-        self._call.cancel()
+        self._stream.cancel()
 
 
 class WorkerClient:
@@ -137,7 +146,7 @@ class WorkerClient:
 
     def results(self, pipeline_id: str) -> ResultStream:
         """Subscribe to the results of ``pipeline_id`` (this worker must be its last stage)."""
-        call = self.stub.Results(pb.ResultsRequest(pipeline_id=pipeline_id),
+        call = self.stub.Results(convert.subscribe_to_proto(pipeline_id),
                                  metadata=self.metadata)
         return ResultStream(call, self.address)
 
@@ -150,46 +159,49 @@ class WorkerClient:
         except grpc.RpcError as exc:
             raise rpc_error(self.address, exc, answered_before=self.answered) from None
 
-    def info(self, deadline: float | None = None) -> pb.WorkerInfo:
-        return self._call(self.stub.Info, pb.InfoRequest(),
-                          deadline or self.settings.info_deadline_s)
+    def info(self, deadline: float | None = None) -> WorkerReport:
+        return convert.report_from_proto(self._call(
+            self.stub.Info, convert.info_to_proto(), deadline or self.settings.info_deadline_s))
 
-    def check_protocol(self) -> pb.WorkerInfo:
+    def check_protocol(self) -> WorkerReport:
         info = self.info()
         if (problem := version_problem(info)) is not None:
             raise ProtocolMismatchError(self.address, problem)
         return info
 
     def upload_shard(self, path: Path, sha256: str,
-                     progress: Callable[[int], None] | None = None) -> pb.ShardReceipt:
+                     progress: Callable[[int], None] | None = None) -> ShardReceipt:
         size = path.stat().st_size
 
-        def chunks() -> Iterator[pb.ShardChunk]:
-            yield pb.ShardChunk(sha256=sha256, size=size)
+        def blocks() -> Iterator[bytes]:
             with path.open("rb") as f:
                 while data := f.read(UPLOAD_CHUNK):
-                    yield pb.ShardChunk(data=data)
+                    yield data
                     if progress:
                         progress(len(data))
 
         deadline = self.settings.load_deadline_s + size / (
             self.settings.upload_min_mib_s * (1 << 20))
-        return self._call(self.stub.UploadShard, chunks(), deadline)
+        return convert.receipt_from_proto(self._call(
+            self.stub.UploadShard, convert.upload_to_proto(sha256, size, blocks()), deadline))
 
-    def fetch_shard(self, request: pb.FetchShardRequest,
-                    progress: Callable[[int, int], None] | None = None) -> pb.ShardReceipt:
-        """Have the worker fetch its slice from the model's source and cut its shard."""
-        total = sum(r.length for r in request.ranges)
-        deadline = self.settings.load_deadline_s + total / (
+    def fetch_shard(self, files: Sequence[RemoteFile], ranges: Sequence[ByteRange],
+                    layers: LayerRange, progress: Callable[[int, int], None] | None = None
+                    ) -> ShardReceipt:
+        """Have the worker fetch the ``ranges`` of the model's ``files`` and cut the shard
+        of ``layers`` from them; ``progress(done, total)`` as bytes arrive there."""
+        deadline = self.settings.load_deadline_s + total_bytes(ranges) / (
             self.settings.upload_min_mib_s * (1 << 20))
         receipt = None
         try:
-            for msg in self.stub.FetchShard(request, timeout=deadline, metadata=self.metadata):
+            for msg in self.stub.FetchShard(convert.fetch_to_proto(files, ranges, layers),
+                                            timeout=deadline, metadata=self.metadata):
                 self.answered = True
+                step = convert.progress_from_proto(msg)
                 if progress:
-                    progress(msg.done, msg.total)
-                if msg.HasField("shard"):
-                    receipt = msg.shard
+                    progress(step.done, step.total)
+                if step.shard is not None:
+                    receipt = step.shard
         except grpc.RpcError as exc:
             raise rpc_error(self.address, exc, answered_before=self.answered) from None
         if receipt is None:
@@ -200,27 +212,31 @@ class WorkerClient:
         return convert.load_reply_from_proto(self._call(
             self.stub.LoadShard, convert.load_to_proto(request), self.settings.load_deadline_s))
 
-    def unload(self, pipeline_id: str, holder: str, deadline: float) -> pb.UnloadReply:
-        return self._call(self.stub.Unload,
-                          pb.UnloadRequest(pipeline_id=pipeline_id, holder=holder), deadline)
+    def unload(self, pipeline_id: str, holder: str, deadline: float) -> bool:
+        """Give up ``holder``'s lease; whether the pipeline was loaded there."""
+        return convert.unloaded_from_proto(self._call(
+            self.stub.Unload, convert.unload_to_proto(Lease(pipeline_id, holder)), deadline))
 
     def measure_link_to(self, address: str, payload_bytes: int, deadline: float
-                        ) -> pb.LinkMeasure:
-        return self._call(self.stub.MeasureLink, pb.MeasureLinkRequest(
-            address=address, payload_bytes=payload_bytes), deadline)
+                        ) -> LinkMeasurement:
+        return convert.link_from_proto(self._call(
+            self.stub.MeasureLink, convert.measure_link_to_proto(address, payload_bytes),
+            deadline))
 
-    def probe(self, shape: LayerShape) -> pb.ProbeReply:
-        return self._call(self.stub.Probe, pb.ProbeRequest(**asdict(shape)),
-                          self.settings.load_deadline_s)
+    def probe(self, shape: LayerShape) -> ProbeResult:
+        return convert.probe_result_from_proto(self._call(
+            self.stub.Probe, convert.probe_to_proto(shape), self.settings.load_deadline_s))
 
     def rotate_token(self, new_token: str) -> float:
         """Give the worker a new cluster token; returns how long the old one still works."""
-        return self._call(self.stub.RotateToken, pb.RotateTokenRequest(new_token=new_token),
-                          self.settings.info_deadline_s).grace_s
+        return convert.grace_from_proto(self._call(
+            self.stub.RotateToken, convert.rotate_to_proto(new_token),
+            self.settings.info_deadline_s))
 
     def renew(self, pipeline_id: str, holder: str, deadline: float) -> bool:
-        return self._call(self.stub.Renew, pb.RenewRequest(pipeline_id=pipeline_id,
-                                                           holder=holder), deadline).held
+        """Keep ``holder``'s lease; False when the pipeline is gone or the lease lapsed."""
+        return convert.renewed_from_proto(self._call(
+            self.stub.Renew, convert.renew_to_proto(Lease(pipeline_id, holder)), deadline))
 
     def close(self) -> None:
         if self._link is not None:

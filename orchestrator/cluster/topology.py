@@ -7,8 +7,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+from orchcore.control import WorkerReport
 from orchcore.errors import OrchError, WorkerError
-from orchcore.wire import worker_pb2 as pb
 from orchestrator.cluster.client import WorkerClient, version_problem
 from orchestrator.settings import OrchSettings
 
@@ -94,13 +94,11 @@ def _reason(exc: OrchError) -> str:
     return exc.reason if isinstance(exc, WorkerError) else str(exc)
 
 
-def _view(client: WorkerClient, info: pb.WorkerInfo, link: Link, next_link: Link | None
+def _view(client: WorkerClient, info: WorkerReport, link: Link, next_link: Link | None
           ) -> WorkerView:
     mib = 1 << 20
-    loaded = ""
-    if info.HasField("loaded"):
-        loaded = (f"{info.loaded.model or 'a model'} "
-                  f"[{info.loaded.layer_start}, {info.loaded.layer_end})")
+    stage = info.loaded
+    loaded = "" if stage is None else f"{stage.model or 'a model'} {stage.layers}"
     return WorkerView(
         address=client.address, worker_id=info.worker_id, host=info.hostname, arch=info.arch,
         cores=info.cores, cpu=info.cpu_model,
@@ -108,7 +106,8 @@ def _view(client: WorkerClient, info: pb.WorkerInfo, link: Link, next_link: Link
         ram_total_mb=info.ram_total_bytes // mib, ram_available_mb=info.ram_available_bytes // mib,
         budget_mb=info.memory_budget_bytes // mib, cache_used_mb=info.cache_used_bytes // mib,
         cache_free_mb=info.cache_free_bytes // mib, cache_max_mb=info.cache_max_bytes // mib,
-        cached_shards=len(info.cached_shards), loaded=loaded, holders=len(info.loaded.holders),
+        cached_shards=len(info.cached_shards), loaded=loaded,
+        holders=0 if stage is None else len(stage.holders),
         link=link, next_link=next_link, version=info.software_version,
         problem=version_problem(info), tls=client.link.fingerprint)
 

@@ -22,7 +22,6 @@ from orchcore.devices import DeviceFacts
 from orchcore.errors import InvalidInputError, MemoryBudgetError, OrchError
 from orchcore.facts import ModelFacts
 from orchcore.probe import layer_shape
-from orchcore.wire import convert
 from orchestrator.cluster.client import WorkerClient
 from orchestrator.pipeline.deploy import DeployProgress, FromSource, ShardStore
 from orchestrator.pipeline.failover import Replanner
@@ -56,7 +55,7 @@ class Cluster:
         try:
             devices = []
             for c in clients:
-                device = convert.device_from_proto(c.address, c.check_protocol())
+                device = c.check_protocol().device(c.address)
                 if device.host_id == here:
                     # On this machine every link is the same loopback: a measurement would
                     # only add jitter, which could re-cut the model and send shards again.

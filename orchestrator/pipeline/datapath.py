@@ -198,17 +198,16 @@ class DataPath:
                 raise
 
     def _probe_stage(self, index: int, client: WorkerClient) -> None:
-        info = client.info(deadline=self.settings.probe_deadline_s)
-        loaded = info.loaded
-        if not info.HasField("loaded") or loaded.pipeline_id != self.pipeline_id:
-            why = (f"another orchestrator took it over (it now runs layers "
-                   f"[{loaded.layer_start}, {loaded.layer_end}) of {loaded.model or 'a model'})"
-                   if info.HasField("loaded") else "it was restarted or unloaded")
+        loaded = client.info(deadline=self.settings.probe_deadline_s).loaded
+        if loaded is None or loaded.pipeline_id != self.pipeline_id:
+            why = (f"another orchestrator took it over (it now runs layers {loaded.layers} "
+                   f"of {loaded.model or 'a model'})" if loaded is not None
+                   else "it was restarted or unloaded")
             lost = NotLoadedError(f"worker {client.address}: no longer holds this pipeline: "
                                   f"{why}")
             lost.worker = client.address
             raise lost
-        if loaded.HasField("fault"):
+        if loaded.fault is not None:
             raise from_code(loaded.fault.code, client.address, loaded.fault.message)
 
     def _with_stage(self, exc: OrchError) -> OrchError:

@@ -25,7 +25,6 @@ from orchcore.files import read_json, write_atomic
 from orchcore.rangefetch import RemoteFile
 from orchcore.shard import SHARD_FORMAT, LayerRange, write_shard
 from orchcore.slices import shard_ranges, total_bytes
-from orchcore.wire import convert
 from orchestrator.cluster.client import WorkerClient
 from orchestrator.planning.plan import Plan, StagePlan
 
@@ -176,8 +175,7 @@ def fetch_slices(plan: Plan, facts: ModelFacts, clients: Sequence[WorkerClient],
         size = total_bytes(ranges)
         advance = progress.task(f"{stage.worker} fetching layers {stage.layers}", size,
                                 alone=False)
-        got = clients[stage.index].fetch_shard(
-            convert.fetch_to_proto(source.files, ranges, stage.layers), advance)
+        got = clients[stage.index].fetch_shard(source.files, ranges, stage.layers, advance)
         return got.sha256, 0 if got.already_cached else size
 
     done, failed = {}, []
