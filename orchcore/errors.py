@@ -153,6 +153,11 @@ class CacheFullError(OrchError):
     """A shard does not fit the worker's shard cache limit."""
 
 
+class DiskFullError(OrchError):
+    """Not enough free disk for what is about to be written: names the machine (on the
+    orchestrator's side), the folder, the bytes needed and the bytes free."""
+
+
 class MemoryBudgetError(OrchError):
     """Loading would exceed the worker's memory budget (numbers in the message)."""
 
