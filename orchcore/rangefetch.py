@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from orchcore.errors import NoRangeError, SourceFetchError
+from orchcore.errors import InvalidInputError, NoRangeError, SourceFetchError
 from orchcore.files import read_json, write_atomic
 from orchcore.ggufscan import HeaderScan, scan_header
 from orchcore.slices import ByteRange
@@ -163,6 +163,28 @@ class SparseCopy:
         if f.etag:
             headers["If-Match"] = f.etag
         return urllib.request.Request(f.url, headers=headers)
+
+    def receive(self, ranges: Sequence[ByteRange], data: Iterator[bytes]) -> Iterator[int]:
+        """Write ``ranges`` from ``data``, their bytes one after the other as an upload
+        sends them; yields the bytes written so far. ``data`` must hold exactly that much."""
+        done, rest = 0, b""
+        for r in ranges:
+            with self.path(r.part).open("r+b") as out:
+                out.seek(r.offset)
+                left = r.length
+                while left:
+                    chunk = rest or next(data, b"")
+                    if not chunk:
+                        raise InvalidInputError(f"the upload ended after {done} bytes of "
+                                                f"{sum(x.length for x in ranges)}")
+                    out.write(chunk[:left])
+                    rest, n = chunk[left:], min(left, len(chunk))
+                    left, done = left - n, done + n
+                    yield done
+            self._note(r)
+        if rest or next(data, b""):
+            raise InvalidInputError(f"the upload holds more than the {done} bytes of its "
+                                    f"ranges")
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
