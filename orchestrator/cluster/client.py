@@ -176,6 +176,27 @@ class WorkerClient:
             self.settings.upload_min_mib_s * (1 << 20))
         return self._call(self.stub.UploadShard, chunks(), deadline)
 
+    def find_shard(self, slice_: pb.ShardSlice) -> pb.ShardReceipt:
+        """The shard this worker built before for ``slice_``; sha256 empty when none."""
+        return self._call(self.stub.FindShard, slice_, self.settings.info_deadline_s)
+
+    def upload_slice(self, slice_: pb.ShardSlice, data: Iterator[bytes],
+                     progress: Callable[[int], None] | None = None) -> pb.ShardReceipt:
+        """Send the bytes of ``slice_``'s ranges, in order; the worker cuts the shard."""
+        size = sum(r.length for r in slice_.ranges)
+
+        def chunks() -> Iterator[pb.ShardChunk]:
+            yield pb.ShardChunk(slice=slice_, size=size)
+            for piece in data:
+                yield pb.ShardChunk(data=piece)
+                if progress:
+                    progress(len(piece))
+
+        # the bytes cross once and are read and written twice there (the copy, the shard)
+        deadline = self.settings.load_deadline_s + 2 * size / (
+            self.settings.upload_min_mib_s * (1 << 20))
+        return self._call(self.stub.UploadShard, chunks(), deadline)
+
     def fetch_shard(self, request: pb.FetchShardRequest,
                     progress: Callable[[int, int], None] | None = None) -> pb.ShardReceipt:
         """Have the worker fetch its slice from the model's source and cut its shard."""
