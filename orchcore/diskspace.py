@@ -30,20 +30,21 @@ def free_bytes(folder: Path) -> int:
 
 
 def full_disk(folder: Path, need: int, doing: str, free: int | None = None,
-              machine: str | None = None) -> DiskFullError:
+              machine: str | None = None, fix: str = "free space there or use a larger disk"
+              ) -> DiskFullError:
     """The one-line error for ``need`` bytes that do not fit in ``folder``."""
     free = free_bytes(folder) if free is None else free
     where = f"{machine}: " if machine else ""
     return DiskFullError(f"{where}{doing} needs {size_text(need)} free in {folder}, "
-                         f"{size_text(free)} are free; free space there or use a larger "
-                         f"disk")
+                         f"{size_text(free)} are free; {fix}")
 
 
-def require_free(folder: Path, need: int, doing: str, machine: str | None = None) -> None:
+def require_free(folder: Path, need: int, doing: str, machine: str | None = None,
+                 **fix: str) -> None:
     """Raise ``DiskFullError`` unless ``need`` bytes (and ``MARGIN``) fit in ``folder``."""
     free = free_bytes(folder)
     if need + MARGIN > free:
-        raise full_disk(folder, need + MARGIN, doing, free, machine)
+        raise full_disk(folder, need + MARGIN, doing, free, machine, **fix)
 
 
 def is_disk_full(exc: OSError) -> bool:

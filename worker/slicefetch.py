@@ -22,13 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchcore.diskspace import free_bytes, full_disk, is_disk_full
-from orchcore.errors import InvalidInputError
+from orchcore.errors import DiskFullError, InvalidInputError
 from orchcore.facts import forget_parsed_headers, read_model_facts
 from orchcore.files import locked, read_json, write_atomic
 from orchcore.rangefetch import RemoteFile, SparseCopy
 from orchcore.shard import SHARD_FORMAT, LayerRange, write_shard
 from orchcore.slices import ByteRange, shard_ranges, total_bytes, uncovered
-from worker.shardcache import ShardCache
+from worker.shardcache import FIX, ShardCache
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +96,16 @@ class SliceFetcher:
                 yield found
                 return
             need = total_bytes(ranges)
+            # a disk too small even without the cache's shards is no matter of the cache limit
+            self._check_disk(2 * need, layers, reclaimable=self.cache.used_bytes())
             self.cache.make_room(need, keep)
             copy = SparseCopy(work / key, files, self.client)
-            self._check_disk(need, total_bytes(copy.held()), layers)
+            try:
+                self._check_disk(2 * need - total_bytes(copy.held()), layers)
+            except DiskFullError:
+                if not copy.held():
+                    copy.remove()
+                raise
             try:
                 yield from fill(copy)
                 shard = self._cut(copy, ranges, layers, work / f"{key}.gguf")
@@ -106,7 +113,7 @@ class SliceFetcher:
                 copy.remove()
                 if is_disk_full(exc):
                     raise full_disk(self.cache.root, 2 * need + DISK_MARGIN,
-                                    f"building the shard of layers {layers}") from None
+                                    f"the shard of layers {layers}", fix=FIX) from None
                 raise
             except BaseException:
                 if not resumable:
@@ -134,9 +141,11 @@ class SliceFetcher:
         self.cache.adopt(shard.path, shard.sha256)
         return Built(shard.sha256, shard.size, True)
 
-    def _check_disk(self, need: int, held: int, layers: LayerRange) -> None:
-        """The ranges not held yet, then the shard cut from them, must fit at once."""
-        want = 2 * need - held + DISK_MARGIN
-        if want > (free := free_bytes(self.cache.root)):
-            raise full_disk(self.cache.root, want, f"the shard of layers {layers} (its slice "
-                            f"of the model, then the shard cut from it)", free)
+    def _check_disk(self, want: int, layers: LayerRange, reclaimable: int = 0) -> None:
+        """``want`` bytes (the ranges not held yet, then the shard cut from them) must fit
+        at once, with what evicting ``reclaimable`` bytes would free."""
+        free = free_bytes(self.cache.root)
+        if want + DISK_MARGIN > free + reclaimable:
+            raise full_disk(self.cache.root, want + DISK_MARGIN, f"the shard of layers "
+                            f"{layers} (its slice of the model, then the shard cut from it)",
+                            free, fix=FIX)
