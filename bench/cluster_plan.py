@@ -25,7 +25,6 @@ from rich.table import Table
 from orchcore.facts import read_model_facts
 from orchestrator.cluster.local import LocalCluster
 from orchestrator.pipeline.connected import Cluster
-from orchestrator.pipeline.deploy import ShardStore
 from orchestrator.pipeline.session import GenerationStats
 from orchestrator.planning.plan import make_plan
 from orchestrator.settings import OrchSettings
@@ -46,7 +45,7 @@ def predicted_vs_measured(out, model, workdir, args) -> None:
             plan = make_plan(facts, cluster.devices, settings.plan_options(use_all=True))
             measured: dict[int, list[float]] = {s.index: [] for s in plan.stages}
             with Tokenizer.from_gguf(model.path) as tokenizer, \
-                    cluster.open(plan, facts, tokenizer, ShardStore(workdir / "s")) as running:
+                    cluster.open(plan, facts, tokenizer) as running:
                 greedy_tokens(running, prompt[:8], 4)  # warm-up
                 for _ in range(args.rounds):
                     stats = GenerationStats()

@@ -27,7 +27,6 @@ from orchcore.facts import read_model_facts
 from orchcore.sampling import SamplingParams
 from orchestrator.cluster.local import LocalCluster
 from orchestrator.pipeline.connected import Cluster
-from orchestrator.pipeline.deploy import ShardStore
 from orchestrator.pipeline.session import Failover
 from orchestrator.planning.plan import make_plan
 from orchestrator.settings import OrchSettings
@@ -56,8 +55,7 @@ def one_answer(model, prompt: list[int], n: int, kill: tuple[int, int] | None
     return tokens, gap, notice
 
 
-def measure(path: Path, position: int, victim: int, workdir: Path, shards: ShardStore
-            ) -> dict:
+def measure(path: Path, position: int, victim: int, workdir: Path) -> dict:
     settings = OrchSettings.load(context_tokens=1024, lease_renew_s=1)
     facts = read_model_facts(path)
     answer_len = position + 8
@@ -69,7 +67,7 @@ def measure(path: Path, position: int, victim: int, workdir: Path, shards: Shard
         plan = make_plan(facts, connected.devices[:STAGES], options)
         prompt = tok.encode(PROMPT)
         try:
-            with connected.open(plan, facts, tok, shards, options=options,
+            with connected.open(plan, facts, tok, options=options,
                                 failover=True) as model:
                 want, _, _ = one_answer(model, prompt, answer_len, None)
                 address = model.plan.stages[victim].worker
@@ -97,11 +95,10 @@ def main() -> None:
     with work_directory(args.workdir) as workdir:
         for key in parse_models(args.models):
             model = get_model(key, workdir)
-            shards = ShardStore(workdir / f"shards-{key}")
             for position in (int(p) for p in args.positions.split(",")):
                 for victim in (int(v) for v in args.victims.split(",")):
                     row = {"model": model.label,
-                           **measure(model.path, position, victim, workdir, shards)}
+                           **measure(model.path, position, victim, workdir)}
                     rows.append(row)
                     if not args.json:
                         out.print(f"  {key} position {position} stage {victim}: "

@@ -36,7 +36,6 @@ from orchcore.memory import MIB, StageMemory
 from orchcore.probe import layer_shape
 from orchestrator.cluster.local import LocalCluster
 from orchestrator.pipeline.connected import Cluster
-from orchestrator.pipeline.deploy import ShardStore
 from orchestrator.pipeline.session import GenerationStats
 from orchestrator.planning.plan import make_plan
 from orchestrator.planning.speeds import SpeedBook
@@ -47,6 +46,13 @@ from testkit.cluster import GREEDY
 
 WORKERS = 3
 GB = 1e9
+
+
+def orchestrator_bytes(work: Path, model: Path) -> int:
+    """What the orchestrator keeps beside the model: everything in ``work`` but the model
+    and the workers' folders."""
+    return sum(p.stat().st_blocks * 512 for p in work.rglob("*")
+               if p.is_file() and p != model and "workers" not in p.relative_to(work).parts)
 
 
 def folder_bytes(path: Path) -> int:
@@ -90,7 +96,7 @@ def one_run(local: LocalCluster, facts, settings: OrchSettings, work: Path, args
         plans.keep(facts, cluster.devices, options, plan)
         stats = GenerationStats()
         with Tokenizer.from_gguf(facts.path) as tokenizer, \
-                cluster.open(plan, facts, tokenizer, ShardStore(work / "shards-out")) as model:
+                cluster.open(plan, facts, tokenizer) as model:
             session = model.new_session(GREEDY)
             tokens = model.stream(session, prompt_tokens(32, facts.n_vocab),
                                   args.decode_tokens + 1, stats)
@@ -146,12 +152,12 @@ def run_model(out, name: str, work: Path, args) -> None:
                               f"{r['first_s']:.1f}", f"{r['sent'] / GB:.2f}",
                               f"{decode:.1f} ({1 / predicted:.1f})" if predicted else
                               f"{decode:.1f}", mem,
-                              f"{folder_bytes(work / 'shards-out') / GB:.2f} / {disks}")
+                              f"{orchestrator_bytes(work, path) / GB:.2f} / {disks}")
                 if plan.choice is not None:
                     out.print(f"run {run}: {plan.choice.describe()}", highlight=False)
     finally:
         out.print(table)
-        for leftover in (path, work / "shards-out", work / "workers", work / "speeds.json",
+        for leftover in (path, work / "workers", work / "speeds.json",
                          work / "plans.json"):
             if leftover.is_dir():
                 shutil.rmtree(leftover, ignore_errors=True)

@@ -159,9 +159,10 @@ class CacheFullError(OrchError):
     """A shard does not fit the worker's shard cache limit."""
 
 
-class DiskFullError(CacheFullError, ModelFetchError):
-    """Bytes being fetched do not fit the disk (or the process's file size limit); names
-    the file, what it needs and what is free."""
+class DiskFullError(OrchError):
+    """Not enough free disk for what is about to be written (or the process's file size
+    limit): names the machine (on the orchestrator's side), the file or folder, the bytes
+    needed and the bytes free."""
 
 
 class MemoryBudgetError(OrchError):

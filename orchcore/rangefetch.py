@@ -41,6 +41,7 @@ from urllib.parse import urlparse
 from orchcore.errors import (
     DiskFullError,
     GGUFError,
+    InvalidInputError,
     ModelFetchError,
     NoRangeError,
     SourceChangedError,
@@ -332,6 +333,28 @@ class SparseCopy:
                 raise SourceFetchError(f"{f.url}: no complete GGUF header in its first "
                                        f"{_mib(min(f.size, MAX_HEADER_BYTES))} MiB")
             check_published(f, scan)
+
+    def receive(self, ranges: Sequence[ByteRange], data: Iterator[bytes]) -> Iterator[int]:
+        """Write ``ranges`` from ``data``, their bytes one after the other as an upload
+        sends them; yields the bytes written so far. ``data`` must hold exactly that much."""
+        done, rest = 0, b""
+        for r in ranges:
+            with self.path(r.part).open("r+b") as out:
+                out.seek(r.offset)
+                left = r.length
+                while left:
+                    chunk = rest or next(data, b"")
+                    if not chunk:
+                        raise InvalidInputError(f"the upload ended after {done} bytes of "
+                                                f"{sum(x.length for x in ranges)}")
+                    out.write(chunk[:left])
+                    rest, n = chunk[left:], min(left, len(chunk))
+                    left, done = left - n, done + n
+                    yield done
+            self._note(r)
+        if rest or next(data, b""):
+            raise InvalidInputError(f"the upload holds more than the {done} bytes of its "
+                                    f"ranges")
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -50,6 +50,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType, Keys
 
 from orchcore.archs import Rewrite
+from orchcore.diskspace import THIS_MACHINE, full_disk, is_disk_full, require_free
 from orchcore.errors import LayerRangeError
 from orchcore.facts import (
     OUTPUT,
@@ -291,17 +292,29 @@ def write_shard(
     *,
     facts: ModelFacts | None = None,
     progress: ProgressFn | None = None,
+    machine: str | None = THIS_MACHINE,
 ) -> ShardFile:
-    """Write the shard for ``layers`` of ``source`` to ``dest`` atomically; return its hash."""
+    """Write the shard for ``layers`` of ``source`` to ``dest`` atomically; return its hash.
+
+    Its bytes must fit on ``dest``'s disk first (``DiskFullError`` names ``machine``, the
+    folder and the numbers; a worker passes None: the orchestrator names it); a disk that
+    fills up anyway leaves no partial file."""
     source, dest = Path(source), Path(dest)
     facts = facts or read_model_facts(source)
     layout = shard_layout(facts, layers)
+    doing = f"the shard of layers {layers}"
+    require_free(dest.parent, layout.total_tensor_bytes, doing, machine)
     reader = open_gguf(source)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
     try:
         _write(layout, _shard_metadata(facts, reader, layout), tmp, progress)
         digest = sha256_file(tmp)
         os.replace(tmp, dest)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise full_disk(dest.parent, layout.total_tensor_bytes, doing,
+                            machine=machine) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return ShardFile(dest, digest, dest.stat().st_size, layout)

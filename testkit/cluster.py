@@ -12,7 +12,7 @@ from pathlib import Path
 from orchcore.facts import read_model_facts
 from orchcore.sampling import SamplingParams
 from orchestrator.pipeline.connected import Cluster
-from orchestrator.pipeline.deploy import DeployProgress, ShardStore
+from orchestrator.pipeline.deploy import DeployProgress
 from orchestrator.pipeline.session import GenerationStats, RunningModel
 from orchestrator.planning.plan import make_plan
 from orchestrator.settings import OrchSettings
@@ -58,8 +58,7 @@ def open_model(model: Path, addresses: Sequence[str], token: str | None, workdir
             cluster.measure_speeds(facts)
         plan = make_plan(facts, cluster.devices, config.plan_options(use_all=True))
         with Tokenizer.from_gguf(model) as tokenizer, \
-                cluster.open(plan, facts, tokenizer, ShardStore(workdir / "shards-out"),
-                             progress, force=force) as opened:
+                cluster.open(plan, facts, tokenizer, progress, force=force) as opened:
             yield opened
     finally:
         cluster.close()

@@ -12,7 +12,6 @@ from orchcore.memory import MIB, StageMemory
 from orchcore.shard import even_ranges
 from orchestrator.cluster.local import LocalCluster
 from orchestrator.pipeline.connected import Cluster
-from orchestrator.pipeline.deploy import ShardStore
 from orchestrator.pipeline.verify import LocalChain
 from orchestrator.planning.plan import make_plan
 from orchestrator.settings import OrchSettings
@@ -62,7 +61,7 @@ def test_a_model_larger_than_any_worker_runs_exactly(tmp_path):
                     if a.budget > b.budget:
                         assert len(a.layers) >= len(b.layers)
             with Tokenizer.from_gguf(model) as tokenizer, \
-                    cluster.open(plan, facts, tokenizer, ShardStore(tmp_path / "s")) as running:
+                    cluster.open(plan, facts, tokenizer) as running:
                 assert greedy_tokens(running, PROMPT, 6) == want
             for stage in plan.stages:
                 proc = local.procs[local.addresses.index(stage.worker)]

@@ -19,7 +19,6 @@ from orchcore.facts import read_model_facts
 from orchcore.sampling import SamplingParams
 from orchestrator.cluster.local import LocalCluster
 from orchestrator.pipeline.connected import Cluster
-from orchestrator.pipeline.deploy import ShardStore
 from orchestrator.pipeline.session import Failover, RunningModel
 from orchestrator.planning.plan import make_plan
 from orchestrator.settings import OrchSettings
@@ -40,13 +39,8 @@ def prompt(smollm2_path) -> list[int]:
     return tokens
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return ShardStore(tmp_path_factory.mktemp("shards-out"))
-
-
 @contextmanager
-def failover_model(smollm2_path, cluster: LocalCluster, stages: int, shards: ShardStore
+def failover_model(smollm2_path, cluster: LocalCluster, stages: int
                    ) -> Iterator[RunningModel]:
     """The model on the first ``stages`` of the cluster's workers (one stage each); every
     other worker stays connected as a standby."""
@@ -58,7 +52,7 @@ def failover_model(smollm2_path, cluster: LocalCluster, stages: int, shards: Sha
     plan = make_plan(facts, connected.devices[:stages], options)
     try:
         with Tokenizer.from_gguf(smollm2_path) as tokenizer, \
-                connected.open(plan, facts, tokenizer, shards, options=options,
+                connected.open(plan, facts, tokenizer, options=options,
                                failover=True) as model:
             yield model
     finally:
@@ -101,10 +95,10 @@ def pid_of(cluster: LocalCluster, address: str) -> int:
 
 @pytest.mark.parametrize("victim", [0, 1, 2])
 def test_killed_stage_is_replaced_and_the_answers_are_unchanged(
-        smollm2_path, prompt, shards, tmp_path, victim):
+        smollm2_path, prompt, tmp_path, victim):
     """A greedy and a seeded answer in flight: both replayed, both unchanged."""
     with LocalCluster(4, tmp_path / "w", threads_per_worker=1) as cluster, \
-            failover_model(smollm2_path, cluster, 3, shards) as model:
+            failover_model(smollm2_path, cluster, 3) as model:
         want, _, _ = answers(model, prompt, [GREEDY, SEEDED])
         address = model.plan.stages[victim].worker
         got, notices, gap = answers(model, prompt, [GREEDY, SEEDED],
@@ -120,11 +114,11 @@ def test_killed_stage_is_replaced_and_the_answers_are_unchanged(
 
 
 def test_hung_stage_is_replaced_and_rejoins_on_the_next_answer(
-        smollm2_path, prompt, shards, tmp_path):
+        smollm2_path, prompt, tmp_path):
     with LocalCluster(4, tmp_path / "w", threads_per_worker=1) as cluster:
         victim = None
         try:
-            with failover_model(smollm2_path, cluster, 3, shards) as model:
+            with failover_model(smollm2_path, cluster, 3) as model:
                 first = [s.worker for s in model.plan.stages]
                 address = first[1]
                 victim = cluster.procs[cluster.addresses.index(address)]
@@ -147,12 +141,12 @@ def test_hung_stage_is_replaced_and_rejoins_on_the_next_answer(
                 os.kill(victim.pid, signal.SIGCONT)
 
 
-def test_no_worker_to_take_over_is_a_clear_error(smollm2_path, prompt, shards, tmp_path):
+def test_no_worker_to_take_over_is_a_clear_error(smollm2_path, prompt, tmp_path):
     """Two workers, no standby, and the survivor's budget (280 MiB) holds half the model
     but not all of it (about 300 MiB)."""
     with LocalCluster(2, tmp_path / "w", threads_per_worker=1,
                       memory_budgets_mb=[1024, 280]) as cluster, \
-            failover_model(smollm2_path, cluster, 2, shards) as model:
+            failover_model(smollm2_path, cluster, 2) as model:
         assert len(model.plan.stages) == 2
         stream = model.steps(model.new_session(GREEDY), prompt, ANSWER)
         for _ in range(KILL_AFTER):

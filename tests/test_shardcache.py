@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from orchcore.errors import CacheFullError
+from orchcore.errors import CacheFullError, DiskFullError
+from testkit.disks import NEEDS_ROOT, can_mount, small_disk
 from worker.shardcache import ShardCache
 
 
@@ -46,3 +47,13 @@ def test_too_big_or_all_held_is_a_clear_error(tmp_path):
 def test_default_limit_is_half_the_free_disk(tmp_path):
     cache = ShardCache(tmp_path)
     assert 0 < cache.max_bytes <= cache.free_bytes()
+
+
+@pytest.mark.skipif(not can_mount(), reason=NEEDS_ROOT)
+def test_a_shard_larger_than_the_disk_is_refused_and_leaves_nothing(tmp_path):
+    with small_disk(tmp_path / "disk", 16) as disk:
+        cache = ShardCache(disk, max_bytes=1 << 30)  # the limit allows it, the disk does not
+        data = bytes(8 << 20)
+        with pytest.raises(DiskFullError, match=r"needs 72 MiB free in .*, 16 MiB are free"):
+            cache.store(hashlib.sha256(data).hexdigest(), len(data), iter([data]))
+        assert list(disk.iterdir()) == [], "a partial file was left"

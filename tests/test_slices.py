@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from orchcore import modelgen
-from orchcore.errors import SourceFetchError
+from orchcore.errors import InvalidInputError, SourceFetchError
 from orchcore.facts import read_model_facts
 from orchcore.ggufscan import scan_header
 from orchcore.rangefetch import RemoteFile, describe_url
@@ -20,6 +20,7 @@ from orchcore.slices import ByteRange, merge, shard_ranges, total_bytes, uncover
 from orchestrator.models.registry import Expected
 from orchestrator.models.remote import check_header, open_remote
 from orchestrator.models.store import Store, header_sha256
+from orchestrator.pipeline.deploy import model_files, read_ranges
 from orchestrator.text.tokenizer import Tokenizer
 from testkit.httpserver import serve
 from worker.shardcache import ShardCache
@@ -90,6 +91,43 @@ def test_a_worker_cuts_the_same_shard_as_the_whole_file(models, kind, tmp_path) 
             assert again == Built(whole.sha256, whole.size, False)
             assert server.served_by_client["w1"] - before == total_bytes(ranges)
     assert not list((tmp_path / "cache" / "fetching").glob("*/*.gguf"))  # sparse copies gone
+
+
+
+@pytest.mark.parametrize("kind", ["one", "set"])
+def test_an_uploaded_slice_is_cut_into_the_same_shard(models, kind, tmp_path) -> None:
+    """The orchestrator's bytes of a slice, streamed: the shard the whole file gives, kept
+    once (no sparse copy left), and known by the index without a byte the second time."""
+    facts = read_model_facts(models[kind])
+    files = model_files(facts)
+    fetcher = SliceFetcher(ShardCache(tmp_path / "cache"), "w1")
+    for layers in CUTS:
+        ranges = shard_ranges(facts, layers)
+        assert fetcher.find(files, layers) is None
+        steps = list(fetcher.receive(files, ranges, layers, set(),
+                                     read_ranges(facts.parts, ranges, chunk=1000)))
+        whole = write_shard(models[kind], layers, tmp_path / f"{layers.start}.gguf")
+        assert steps[-1] == Built(whole.sha256, whole.size, True)
+        assert steps[-2] == total_bytes(ranges), "every byte of the ranges was written"
+        pulled = []
+        again = list(fetcher.receive(files, ranges, layers, set(),
+                                     (pulled.append(b) or b for b in [b"x"])))
+        assert again == [Built(whole.sha256, whole.size, False)] and pulled == []
+        assert fetcher.find(files, layers) == again[0]
+    assert not list((tmp_path / "cache" / "fetching").glob("*/*")), "a sparse copy was left"
+
+
+def test_an_upload_of_the_wrong_length_is_refused_and_leaves_nothing(models, tmp_path):
+    facts = read_model_facts(models["one"])
+    layers = LayerRange(1, 3)
+    ranges = shard_ranges(facts, layers)
+    fetcher = SliceFetcher(ShardCache(tmp_path / "cache"), "w1")
+    data = b"".join(read_ranges(facts.parts, ranges))
+    for wrong, says in ((data[:-1], "ended after"), (data + b"!", "more than")):
+        with pytest.raises(InvalidInputError, match=says):
+            list(fetcher.receive(model_files(facts), ranges, layers, set(), iter([wrong])))
+        assert not list((tmp_path / "cache").glob("**/*.gguf")), "a partial shard was left"
+        assert not list((tmp_path / "cache" / "fetching").glob("*/*")), "a copy was left"
 
 
 def test_cut_connections_resume_mid_range(models, tmp_path) -> None:

@@ -166,8 +166,11 @@ class WorkerService(pb_grpc.WorkerServicer):
     def UploadShard(self, request_iterator: Iterator[pb.ShardChunk],
                     context: grpc.ServicerContext) -> pb.ShardReceipt:
         header = next(request_iterator, None)
+        if header is not None and header.HasField("slice"):
+            return self._receive_slice(header, request_iterator)
         if header is None or not header.sha256:
-            raise InvalidInputError("UploadShard: the first message must name sha256 and size")
+            raise InvalidInputError("UploadShard: the first message must name sha256 and size"
+                                    ", or a slice")
         if self.cache.has(header.sha256):
             return convert.receipt_to_proto(ShardReceipt(header.sha256, header.size,
                                                          already_cached=True))
@@ -179,6 +182,34 @@ class WorkerService(pb_grpc.WorkerServicer):
         self.cache.store(header.sha256, header.size, chunks)
         log.info("stored shard %s (%d bytes)", header.sha256[:12], header.size)
         return convert.receipt_to_proto(ShardReceipt(header.sha256, header.size))
+
+    def _receive_slice(self, header: pb.ShardChunk, rest: Iterator[pb.ShardChunk]
+                       ) -> pb.ShardReceipt:
+        """A slice of the model sent by the orchestrator: cut into the shard here."""
+        files, ranges, layers = convert.slice_from_proto(header.slice)
+        if header.size != total_bytes(ranges):
+            raise InvalidInputError(f"UploadShard: the slice's ranges hold "
+                                    f"{total_bytes(ranges)} bytes, not the announced "
+                                    f"{header.size}")
+        stage = self.stage
+        data = (c.data for c in _prepend(header, rest) if c.data)
+        built = None
+        for step in SliceFetcher(self.cache, self.name).receive(
+                files, ranges, layers, {stage.sha256} if stage else set(), data):
+            if isinstance(step, Built):
+                built = step
+        return pb.ShardReceipt(sha256=built.sha256, size=built.size,
+                               already_cached=not built.fetched)
+
+    @_rpc
+    def FindShard(self, request: pb.ShardSlice, context: grpc.ServicerContext
+                  ) -> pb.ShardReceipt:
+        files, _, layers = convert.slice_from_proto(request)
+        found = SliceFetcher(self.cache, self.name).find(files, layers)
+        if found is None:
+            return pb.ShardReceipt()
+        self.cache.touch(found.sha256)
+        return pb.ShardReceipt(sha256=found.sha256, size=found.size, already_cached=True)
 
     @_rpc
     def RotateToken(self, request: pb.RotateTokenRequest, context: grpc.ServicerContext

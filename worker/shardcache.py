@@ -14,9 +14,11 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from orchcore.diskspace import full_disk, is_disk_full, require_free
 from orchcore.errors import CacheFullError, InvalidInputError, ShardHashError
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+FIX = "free space there or start the worker with --cache-dir on a larger disk"
 
 
 class ShardCache:
@@ -83,6 +85,8 @@ class ShardCache:
     def store(self, sha256: str, size: int, chunks: Iterable[bytes]) -> Path:
         """Write ``chunks`` under a temporary name; keep it only if size and hash match."""
         dest = self.path(sha256)
+        doing = f"shard {sha256[:12]}"
+        require_free(self.root, size, doing, fix=FIX)
         fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=self.root)
         tmp = Path(name)
         digest, got = hashlib.sha256(), 0
@@ -103,6 +107,10 @@ class ShardCache:
                 raise ShardHashError(f"shard {sha256[:12]}: received bytes hash to "
                                      f"{digest.hexdigest()[:12]}; transfer corrupted, retry")
             os.replace(tmp, dest)
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise full_disk(self.root, size, doing, fix=FIX) from None
+            raise
         finally:
             tmp.unlink(missing_ok=True)
         return dest

@@ -121,6 +121,37 @@ def fetch_from_proto(msg: pb.FetchShardRequest
     return files, ranges, LayerRange(msg.layer_start, msg.layer_end)
 
 
+# --- a slice sent by the orchestrator (UploadShard, FindShard) ----------------------------
+
+
+def slice_to_proto(files: Sequence[RemoteFile], ranges: Sequence[ByteRange],
+                   layers: LayerRange) -> pb.ShardSlice:
+    return pb.ShardSlice(
+        files=[pb.SourceFile(size=f.size, etag=f.etag, name=f.filename) for f in files],
+        ranges=[pb.ByteRange(part=r.part, offset=r.offset, length=r.length) for r in ranges],
+        layer_start=layers.start, layer_end=layers.end)
+
+
+def slice_from_proto(msg: pb.ShardSlice
+                     ) -> tuple[tuple[RemoteFile, ...], tuple[ByteRange, ...], LayerRange]:
+    """The files (no URL: their bytes come in the upload), ranges and layers of a slice."""
+    files = tuple(RemoteFile("", f.size, f.etag, f.name) for f in msg.files)
+    if not files or any(not f.name or not f.etag for f in files):
+        raise InvalidInputError("a shard slice names each file of the model, with its "
+                                "identity")
+    if any(f.size > MAX_SOURCE_FILE_BYTES for f in files):
+        raise InvalidInputError(f"a shard slice: a file of more than "
+                                f"{MAX_SOURCE_FILE_BYTES >> 40} TiB is not a model")
+    if any(f.name in (".", "..") or "/" in f.name or "\0" in f.name for f in files):
+        raise InvalidInputError("a shard slice: a file name must be a plain name, not a path")
+    ranges = tuple(ByteRange(r.part, r.offset, r.length) for r in msg.ranges)
+    if any(r.part >= len(files) or r.end > files[r.part].size for r in ranges):
+        raise InvalidInputError("a shard slice: a byte range lies outside its file")
+    if sum(r.length for r in ranges) > sum(f.size for f in files):
+        raise InvalidInputError("a shard slice: its ranges hold more bytes than its files")
+    return files, ranges, LayerRange(msg.layer_start, msg.layer_end)
+
+
 # --- the data path -------------------------------------------------------------------------
 
 
@@ -300,6 +331,16 @@ def upload_to_proto(sha256: str, size: int, blocks: Iterable[bytes]
                     ) -> Iterator[pb.ShardChunk]:
     """An UploadShard stream: the header, then ``blocks`` of the shard's bytes."""
     yield pb.ShardChunk(sha256=sha256, size=size)
+    for data in blocks:
+        yield pb.ShardChunk(data=data)
+
+
+def slice_upload_to_proto(files: Sequence[RemoteFile], ranges: Sequence[ByteRange],
+                          layers: LayerRange, size: int, blocks: Iterable[bytes]
+                          ) -> Iterator[pb.ShardChunk]:
+    """An UploadShard stream of a slice: the header names it, then ``blocks`` of the bytes
+    of its ranges, in order; the worker cuts the shard."""
+    yield pb.ShardChunk(slice=slice_to_proto(files, ranges, layers), size=size)
     for data in blocks:
         yield pb.ShardChunk(data=data)
 

@@ -32,6 +32,7 @@ _TABLE: tuple[Row, ...] = (
     Row(errors.ContextFullError, grpc.StatusCode.RESOURCE_EXHAUSTED, "context_full", False),
     Row(errors.MemoryBudgetError, grpc.StatusCode.RESOURCE_EXHAUSTED, "memory_budget", False),
     Row(errors.CacheFullError, grpc.StatusCode.RESOURCE_EXHAUSTED, "cache_full", False),
+    Row(errors.DiskFullError, grpc.StatusCode.RESOURCE_EXHAUSTED, "disk_full", False),
     Row(errors.MessageTooLargeError, grpc.StatusCode.RESOURCE_EXHAUSTED, "message_too_large",
         False),
     Row(errors.SessionError, grpc.StatusCode.FAILED_PRECONDITION, "session", True),

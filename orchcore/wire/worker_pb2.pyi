@@ -229,14 +229,28 @@ class LoadedShard(_message.Message):
     def __init__(self, sha256: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., source_layers: _Optional[int] = ..., pipeline_id: _Optional[str] = ..., resident_bytes: _Optional[int] = ..., fault: _Optional[_Union[Error, _Mapping]] = ..., holders: _Optional[_Iterable[_Union[Holder, _Mapping]]] = ..., model: _Optional[str] = ..., sessions: _Optional[int] = ...) -> None: ...
 
 class ShardChunk(_message.Message):
-    __slots__ = ("sha256", "size", "data")
+    __slots__ = ("sha256", "size", "data", "slice")
     SHA256_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    SLICE_FIELD_NUMBER: _ClassVar[int]
     sha256: str
     size: int
     data: bytes
-    def __init__(self, sha256: _Optional[str] = ..., size: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    slice: ShardSlice
+    def __init__(self, sha256: _Optional[str] = ..., size: _Optional[int] = ..., data: _Optional[bytes] = ..., slice: _Optional[_Union[ShardSlice, _Mapping]] = ...) -> None: ...
+
+class ShardSlice(_message.Message):
+    __slots__ = ("files", "ranges", "layer_start", "layer_end")
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    RANGES_FIELD_NUMBER: _ClassVar[int]
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    files: _containers.RepeatedCompositeFieldContainer[SourceFile]
+    ranges: _containers.RepeatedCompositeFieldContainer[ByteRange]
+    layer_start: int
+    layer_end: int
+    def __init__(self, files: _Optional[_Iterable[_Union[SourceFile, _Mapping]]] = ..., ranges: _Optional[_Iterable[_Union[ByteRange, _Mapping]]] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ...) -> None: ...
 
 class ShardReceipt(_message.Message):
     __slots__ = ("sha256", "size", "already_cached")

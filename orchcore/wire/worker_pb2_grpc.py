@@ -44,6 +44,11 @@ class WorkerStub:
                 request_serializer=worker__pb2.ShardChunk.SerializeToString,
                 response_deserializer=worker__pb2.ShardReceipt.FromString,
                 _registered_method=True)
+        self.FindShard = channel.unary_unary(
+                '/orch.v1.Worker/FindShard',
+                request_serializer=worker__pb2.ShardSlice.SerializeToString,
+                response_deserializer=worker__pb2.ShardReceipt.FromString,
+                _registered_method=True)
         self.LoadShard = channel.unary_unary(
                 '/orch.v1.Worker/LoadShard',
                 request_serializer=worker__pb2.LoadShardRequest.SerializeToString,
@@ -117,7 +122,17 @@ class WorkerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UploadShard(self, request_iterator, context):
-        """Store a shard in the worker's cache. First message: header; then data chunks.
+        """Store a shard in the worker's cache. First message: header; then data chunks. With
+        ShardChunk.slice set, the chunks are the slice's byte ranges of the model, in order:
+        the worker writes them into a sparse copy and cuts the shard itself, as FetchShard.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FindShard(self, request, context):
+        """Whether this worker built the shard of a slice already (indexed by what was asked),
+        so nothing needs sending; an empty sha256 in the receipt: not built here.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -226,6 +241,11 @@ def add_WorkerServicer_to_server(servicer, server):
             'UploadShard': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadShard,
                     request_deserializer=worker__pb2.ShardChunk.FromString,
+                    response_serializer=worker__pb2.ShardReceipt.SerializeToString,
+            ),
+            'FindShard': grpc.unary_unary_rpc_method_handler(
+                    servicer.FindShard,
+                    request_deserializer=worker__pb2.ShardSlice.FromString,
                     response_serializer=worker__pb2.ShardReceipt.SerializeToString,
             ),
             'LoadShard': grpc.unary_unary_rpc_method_handler(
@@ -342,6 +362,33 @@ class Worker:
             target,
             '/orch.v1.Worker/UploadShard',
             worker__pb2.ShardChunk.SerializeToString,
+            worker__pb2.ShardReceipt.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FindShard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orch.v1.Worker/FindShard',
+            worker__pb2.ShardSlice.SerializeToString,
             worker__pb2.ShardReceipt.FromString,
             options,
             channel_credentials,

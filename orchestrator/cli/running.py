@@ -26,6 +26,7 @@ from rich.table import Table
 
 from orchcore.cpu import cpu_info, host_id, memory_info
 from orchcore.devices import DeviceFacts
+from orchcore.diskspace import size_text
 from orchcore.errors import ContextFullError, InvalidInputError, NoRangeError, OrchError
 from orchcore.facts import ModelFacts, read_model_facts
 from orchcore.memory import default_budget
@@ -36,7 +37,7 @@ from orchestrator.cluster.local import LocalCluster
 from orchestrator.models.remote import check_header, expected_for, open_remote, published
 from orchestrator.models.store import Store
 from orchestrator.pipeline.connected import Cluster
-from orchestrator.pipeline.deploy import Deployment, FromSource, ShardStore
+from orchestrator.pipeline.deploy import Deployment, FromSource, forget_shard_copies
 from orchestrator.pipeline.session import (
     Failover,
     Finished,
@@ -114,6 +115,9 @@ def open_model(stack: ExitStack, target: str, choice: WorkerChoice, settings: Or
     path, source = locate_model(target, settings, err)
     facts = read_model_facts(path)
     facts.require_supported()
+    if freed := forget_shard_copies(cache_dir()):
+        err.print(f"[dim]deleted the {size_text(freed)} of shard copies older versions kept in "
+                  f"{cache_dir()}: workers now cut their own shards[/]", highlight=False)
     tokenizer = stack.enter_context(Tokenizer.from_gguf(path))
     if check is not None:
         check(tokenizer)
@@ -140,9 +144,8 @@ def open_model(stack: ExitStack, target: str, choice: WorkerChoice, settings: Or
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                   DownloadColumn(), TransferSpeedColumn(), console=err,
                   transient=True) as bars:
-        model = cluster.open(plan, facts, tokenizer, ShardStore(cache_dir() / "shards-out"),
-                             RichProgress(bars, err), force=force, source=source,
-                             options=options, failover=True)
+        model = cluster.open(plan, facts, tokenizer, RichProgress(bars, err), force=force,
+                             source=source, options=options, failover=True)
     stack.callback(model.close)
     _report_deployment(model.deployment, err)
     return Opened(model, facts, book)

@@ -185,6 +185,34 @@ class WorkerClient:
         return convert.receipt_from_proto(self._call(
             self.stub.UploadShard, convert.upload_to_proto(sha256, size, blocks()), deadline))
 
+    def find_shard(self, files: Sequence[RemoteFile], ranges: Sequence[ByteRange],
+                   layers: LayerRange) -> ShardReceipt | None:
+        """The shard this worker built before from this slice of the model, if any."""
+        receipt = convert.receipt_from_proto(self._call(
+            self.stub.FindShard, convert.slice_to_proto(files, ranges, layers),
+            self.settings.info_deadline_s))
+        return receipt if receipt.sha256 else None
+
+    def upload_slice(self, files: Sequence[RemoteFile], ranges: Sequence[ByteRange],
+                     layers: LayerRange, data: Iterator[bytes],
+                     progress: Callable[[int], None] | None = None) -> ShardReceipt:
+        """Send the bytes of ``ranges`` of the model's ``files``, in order (``data``); the
+        worker cuts the shard of ``layers`` from them."""
+        size = total_bytes(ranges)
+
+        def blocks() -> Iterator[bytes]:
+            for piece in data:
+                yield piece
+                if progress:
+                    progress(len(piece))
+
+        # the bytes cross once and are read and written twice there (the copy, the shard)
+        deadline = self.settings.load_deadline_s + 2 * size / (
+            self.settings.upload_min_mib_s * (1 << 20))
+        return convert.receipt_from_proto(self._call(
+            self.stub.UploadShard,
+            convert.slice_upload_to_proto(files, ranges, layers, size, blocks()), deadline))
+
     def fetch_shard(self, files: Sequence[RemoteFile], ranges: Sequence[ByteRange],
                     layers: LayerRange, progress: Callable[[int, int], None] | None = None
                     ) -> ShardReceipt:

@@ -4,7 +4,7 @@ step from a plan to a running model (``open``).
     cluster = Cluster.connect(addresses, token, settings)   # Info, round trips
     cluster.measure_speeds(facts)                            # optional: the probe
     plan = make_plan(facts, cluster.devices, options)        # pure; show it
-    model = cluster.open(plan, facts, tokenizer, store)      # deploy; a RunningModel
+    model = cluster.open(plan, facts, tokenizer)             # deploy; a RunningModel
 
 With ``failover=True`` the model gets a ``Replanner`` over every connected worker: one
 that fails mid-answer is replaced by a standby (a worker the plan left out) or the model is
@@ -23,7 +23,7 @@ from orchcore.errors import InvalidInputError, MemoryBudgetError, OrchError
 from orchcore.facts import ModelFacts
 from orchcore.probe import layer_shape
 from orchestrator.cluster.client import WorkerClient
-from orchestrator.pipeline.deploy import DeployProgress, FromSource, ShardStore
+from orchestrator.pipeline.deploy import DeployProgress, FromSource
 from orchestrator.pipeline.failover import Replanner
 from orchestrator.pipeline.session import RunningModel
 from orchestrator.planning.plan import Plan, PlanOptions
@@ -100,7 +100,7 @@ class Cluster:
         self.devices = devices
         return untimed
 
-    def open(self, plan: Plan, facts: ModelFacts, tokenizer: Tokenizer, store: ShardStore,
+    def open(self, plan: Plan, facts: ModelFacts, tokenizer: Tokenizer,
              progress: DeployProgress | None = None, *, force: bool = False,
              source: FromSource | None = None,
              options: PlanOptions | None = None, failover: bool = False) -> RunningModel:
@@ -108,7 +108,7 @@ class Cluster:
         path; with ``source``, the workers fetch their slices from it. With ``failover`` a
         worker that fails mid-answer is replaced (planning again with the same ``options``,
         default the settings'); without it the failure is the caller's error."""
-        replanner = Replanner(self.clients, self.devices, facts, store,
+        replanner = Replanner(self.clients, self.devices, facts,
                               options or self.settings.plan_options(), self.token,
                               self.settings, self.alive, source)
         pipeline = replanner.open(plan, progress, force=force)

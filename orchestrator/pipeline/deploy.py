@@ -1,54 +1,47 @@
-"""Deployment: each stage's shard written, sent unless the worker has it, and loaded.
+"""Deployment: each stage's shard cut on its worker, and loaded.
 
-Shards are written by the orchestrator from the model file and kept in ``ShardStore``
-while the source file is unchanged; workers keep received shards by sha256, so a second
-run sends nothing. Stages are loaded last first, so each one's next stage is listening
-when it connects.
+The orchestrator writes no shard: each worker gets its slice of the model (the byte
+ranges its shard copies, ``shard_ranges``) and cuts the shard itself, the same way as from
+a published file. The slice comes from where the model is published (``FromSource``, the
+worker fetches it) or is streamed from the model file here (``UploadShard`` with a slice).
+Workers index what they built by what was asked, so a second run asks (``FindShard``) and
+sends nothing. Stages are loaded last first, so each one's next stage is listening when it
+connects.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import shutil
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from orchcore.control import LoadReply, LoadRequest
-from orchcore.errors import OrchError, SourceFetchError
+from orchcore.errors import OrchError, SourceFetchError, TruncatedGGUFError
 from orchcore.facts import ModelFacts
-from orchcore.files import read_json, write_atomic
 from orchcore.rangefetch import RemoteFile
-from orchcore.shard import SHARD_FORMAT, LayerRange, write_shard
-from orchcore.slices import shard_ranges, total_bytes
-from orchestrator.cluster.client import WorkerClient
+from orchcore.slices import ByteRange, shard_ranges, total_bytes
+from orchestrator.cluster.client import UPLOAD_CHUNK, WorkerClient
 from orchestrator.planning.plan import Plan, StagePlan
 
 log = logging.getLogger(__name__)
 
+SHARD_COPIES = "shards-out"  # where orchestrators before protocol 6 kept a copy of each shard
 
-class ShardStore:
-    """Shards written by the orchestrator, reused while the source file is unchanged."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def get(self, facts: ModelFacts, layers: LayerRange,
-            progress: Callable[[int, int], None] | None = None) -> tuple[Path, str]:
-        stats = [p.stat() for p in facts.parts]  # every file of a split set
-        size, mtime = sum(s.st_size for s in stats), max(s.st_mtime_ns for s in stats)
-        key = f"{facts.path.stem}-{size}-{mtime}-{layers.start}-{layers.end}-v{SHARD_FORMAT}"
-        path, meta = self.root / f"{key}.gguf", self.root / f"{key}.json"
-        if path.exists() and "sha256" in (known := read_json(meta)):
-            return path, known["sha256"]
-        self.root.mkdir(parents=True, exist_ok=True)
-        shard = write_shard(facts.path, layers, path, facts=facts, progress=progress)
-        write_atomic(meta, json.dumps({"sha256": shard.sha256, "source": str(facts.path)}))
-        return path, shard.sha256
+def forget_shard_copies(cache: Path) -> int:
+    """Delete the shard copies older versions kept in ``cache``; returns the bytes freed."""
+    folder = cache / SHARD_COPIES
+    if not folder.is_dir():
+        return 0
+    freed = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    shutil.rmtree(folder, ignore_errors=True)
+    return freed
 
 
 class DeployProgress(Protocol):
@@ -89,13 +82,13 @@ class Deployment:
     fetched_bytes: int = 0  # bytes the workers fetched from the model's source
 
 
-def deploy(plan: Plan, facts: ModelFacts, clients: Sequence[WorkerClient], store: ShardStore,
+def deploy(plan: Plan, facts: ModelFacts, clients: Sequence[WorkerClient],
            progress: DeployProgress | None = None, *, force: bool = False,
            source: FromSource | None = None) -> Deployment:
     """Load every stage of ``plan``, last stage first, each under a lease of ours.
 
     With ``source``, ``facts`` are read from headers only: each worker fetches its own slice
-    (all at once), and only those that cannot get shards written from the whole file.
+    (all at once), and only those that cannot get theirs sent from the whole file.
     A worker that already runs the very same stage shares it; the pipeline then keeps the
     id the last stage already has, so the whole chain agrees on it.
     """
@@ -113,8 +106,8 @@ def deploy(plan: Plan, facts: ModelFacts, clients: Sequence[WorkerClient], store
             for stage in reversed(plan.stages):
                 client = clients[stage.index]
                 sha = fetched[stage.index][0] if stage.index in fetched else None
-                reply, n = _deploy_stage(plan, stage, client, facts, store, pipeline_id,
-                                         holder, progress, force, sha)
+                reply, n = _deploy_stage(plan, stage, client, facts, pipeline_id, holder,
+                                         progress, force, sha)
                 loaded.append(client)
                 pipeline_id = reply.pipeline_id or pipeline_id
                 leases.hold(loaded, pipeline_id)
@@ -197,11 +190,10 @@ def fetch_slices(plan: Plan, facts: ModelFacts, clients: Sequence[WorkerClient],
 
 
 def _deploy_stage(plan: Plan, stage: StagePlan, client: WorkerClient, facts: ModelFacts,
-                  store: ShardStore, pipeline_id: str, holder: str, progress: DeployProgress,
+                  pipeline_id: str, holder: str, progress: DeployProgress,
                   force: bool, fetched: str | None) -> tuple[LoadReply, int]:
     """Give the worker its shard (unless it fetched it) and load it; returns the bytes sent."""
-    sha, sent = (fetched, 0) if fetched is not None else _send(stage, client, facts, store,
-                                                                progress)
+    sha, sent = (fetched, 0) if fetched is not None else _send(stage, client, facts, progress)
     progress.task(f"loading layers {stage.layers} on {stage.worker}", None)
     last = stage.index + 1 == len(plan.stages)
     reply = client.load_shard(LoadRequest(
@@ -215,23 +207,48 @@ def _deploy_stage(plan: Plan, stage: StagePlan, client: WorkerClient, facts: Mod
     return reply, sent
 
 
-def _send(stage: StagePlan, client: WorkerClient, facts: ModelFacts, store: ShardStore,
+def model_files(facts: ModelFacts) -> tuple[RemoteFile, ...]:
+    """The model's files here as a slice names them: name, size and identity (size and
+    modification time: a changed file is a new slice)."""
+    stats = [p.stat() for p in facts.parts]
+    return tuple(RemoteFile("", s.st_size, f"{s.st_size}-{s.st_mtime_ns}", p.name)
+                 for p, s in zip(facts.parts, stats, strict=True))
+
+
+def read_ranges(parts: Sequence[Path], ranges: Sequence[ByteRange],
+                chunk: int = UPLOAD_CHUNK) -> Iterator[bytes]:
+    """The bytes of ``ranges`` of the files ``parts``, one range after the other."""
+    for r in ranges:
+        with parts[r.part].open("rb") as f:
+            f.seek(r.offset)
+            left = r.length
+            while left:
+                data = f.read(min(chunk, left))
+                if not data:
+                    raise TruncatedGGUFError(parts[r.part], f"it ends inside bytes its header "
+                                             f"names (at {r.end - left}); has it changed?")
+                left -= len(data)
+                yield data
+
+
+def _send(stage: StagePlan, client: WorkerClient, facts: ModelFacts,
           progress: DeployProgress) -> tuple[str, int]:
-    """Write the stage's shard here and upload it unless the worker has it cached."""
-    path, sha = store.get(facts, stage.layers,
-                          progress=progress.task(f"writing layers {stage.layers}", None))
-    sent = 0
-    if sha not in client.info().cached_shards:
-        size = path.stat().st_size
-        advance = progress.task(f"sending layers {stage.layers} to {stage.worker}", size)
+    """Stream the stage's slice of the model file to its worker, which cuts the shard,
+    unless it built that slice before; returns the shard's sha256 and the bytes sent."""
+    ranges, files = shard_ranges(facts, stage.layers), model_files(facts)
+    if (found := client.find_shard(files, ranges, stage.layers)) is not None:
+        return found.sha256, 0
+    size, sent = total_bytes(ranges), 0
+    advance = progress.task(f"sending layers {stage.layers} to {stage.worker}", size)
 
-        def on_chunk(n: int) -> None:
-            nonlocal sent
-            sent += n
-            advance(sent, size)
+    def on_chunk(n: int) -> None:
+        nonlocal sent
+        sent += n
+        advance(sent, size)
 
-        client.upload_shard(path, sha, on_chunk)
-    return sha, sent
+    receipt = client.upload_slice(files, ranges, stage.layers,
+                                  read_ranges(facts.parts, ranges), on_chunk)
+    return receipt.sha256, sent
 
 
 def undeploy(deployment: Deployment, clients: Sequence[WorkerClient], deadline_s: float,

@@ -2,9 +2,10 @@
 
 ``Replanner`` is what a ``RunningModel`` needs to deploy again, handed over by the
 ``Cluster`` that opened it: every connected worker (the plan's stages and the standbys),
-the model's facts, the shard store and the plan options. ``plan_without`` (pure) chooses
-the workers of the next plan; ``Replanner.open`` deploys a plan (shards the workers have
-cached are not sent again) and opens its data path.
+the model's facts (its file, or where it is published) and the plan options.
+``plan_without`` (pure) chooses the workers of the next plan; ``Replanner.open`` deploys a
+plan (a worker gets its slice from the model file again unless it built that shard before)
+and opens its data path.
 
 ``replay`` rebuilds one session on a fresh pipeline from its token history, in the batch
 shapes it was first sent in: the prompt in its chunks, then each generated token alone.
@@ -31,7 +32,6 @@ from orchestrator.pipeline.deploy import (
     DeployProgress,
     FromSource,
     LogProgress,
-    ShardStore,
     deploy,
     undeploy,
 )
@@ -104,7 +104,6 @@ class Replanner:
     clients: list[WorkerClient]  # every connected worker: stages and standbys
     devices: list[DeviceFacts]
     facts: ModelFacts
-    store: ShardStore
     options: PlanOptions
     token: str | None
     settings: OrchSettings
@@ -121,7 +120,7 @@ class Replanner:
              force: bool = False) -> Pipeline:
         """Deploy ``plan`` (stages last first, cached shards not sent) and open its path."""
         clients = [self.client(s.worker) for s in plan.stages]
-        deployment = deploy(plan, self.facts, clients, self.store, progress or LogProgress(),
+        deployment = deploy(plan, self.facts, clients, progress or LogProgress(),
                             force=force, source=self.source)
         path = DataPath(plan, deployment.pipeline_id, clients, self.token, self.settings,
                         self.alive)
