@@ -27,6 +27,7 @@ def serve(
     max_tokens: Annotated[int | None, setting_option("max_tokens", "--max-tokens")] = None,
     threads: Annotated[int | None, setting_option("threads", "--threads")] = None,
     codec: Annotated[str | None, setting_option("codec", "--codec")] = None,
+    speculate: Annotated[str | None, setting_option("speculate", "--speculate")] = None,
     force: Annotated[bool, typer.Option(
         help="Take over workers that run another orchestrator's model.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -49,7 +50,7 @@ def serve(
         settings = OrchSettings.load(local_workers=local, serve_host=host, serve_port=port,
                                      serve_queue=queue, context_tokens=context,
                                      max_sessions=max_sessions, max_tokens=max_tokens,
-                                     threads=threads, codec=codec)
+                                     threads=threads, codec=codec, speculate=speculate)
         if settings.serve_host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
             err.print(f"[yellow]note:[/] serving on {settings.serve_host} without an API key: "
                       f"anyone who reaches the port can use the cluster (set ORCH_API_KEY)")
