@@ -112,8 +112,9 @@ class Speculator:
             return 0
         if self.mode.kind == "ngram":
             return self.mode.k
-        if self.costs is None:
-            return 0
+        if self.costs is None or (len(session.generated) < AUTO_SEGMENT // 2
+                                  and not self.history.passes):
+            return 0  # nothing measured yet: plain, until the answer shows what drafts meet
         meter = AcceptanceMeter(prior_kept=2 * self.history.rate,
                                 prior_rejected=2 * (1 - self.history.rate))
         meter.kept, meter.rejected = shadow_counts(self._drafter, session.prompt,
@@ -137,6 +138,7 @@ class Speculator:
                                        SHADOW_K)
         self.history.kept += kept
         self.history.rejected += rejected
+        self.history.passes += kept + rejected > 0
 
 
 def measure_costs(path: DataPath, session: str, prompt: Sequence[int], batch_tokens: int,
