@@ -1,6 +1,15 @@
-"""Speculative decoding in process: plain decode vs prompt-lookup speculation.
+"""Speculative decoding: plain decode vs prompt-lookup speculation, in process and through
+the pipeline.
 
     python bench/speculation.py --rounds 3 --tokens 96 --k 4
+    python bench/speculation.py --pipeline --rounds 3 --tokens 64 --k 4
+
+``--pipeline``: two local workers pinned to separate cores, one thread each (as
+``bench/throughput.py``), the token ring on; per task the plain pipeline, ``ngram:K`` and
+``auto`` in alternating order each round, decode tokens/s from the session's own stats;
+beside them the batch-cost ceiling (k+1) / c(k+1) and the cost model's prediction, with
+c(n) measured through the same pipeline in the same run (``measure_costs``: the stages'
+compute time for a verification chunk of n rows).
 
 The real SmolLM2-135M requantized to Q4_0 (cached in the orch cache; its batches are
 cheap on x86, FINDINGS 11), one thread pinned to one core, as one engine and as a chain of
@@ -30,9 +39,13 @@ from orchcore.paths import cache_dir
 from orchcore.speculation.cost import PassCosts, expected_tokens
 from orchcore.speculation.decode import DecodeStats, EngineTarget, Target, decode
 from orchcore.speculation.drafters import PromptLookup
+from orchestrator.cluster.local import LocalCluster
 from orchestrator.models.store import resolve_model
+from orchestrator.pipeline.session import GenerationStats
+from orchestrator.pipeline.speculation import SpeculationStats, measure_costs
 from orchestrator.text.tokenizer import Tokenizer
 from testkit.chain import Chain, ChainTarget
+from testkit.cluster import GREEDY, greedy_tokens, open_model
 
 TASKS = {
     "copy with an edit": "Repeat this paragraph exactly, but write 'evening' instead of "
@@ -132,12 +145,85 @@ def predicted(st: DecodeStats, k: int, costs: PassCosts) -> float:
     return tokens / (f * costs.rows_cost(k + 1) + (1 - f))
 
 
+def pipeline_predicted(spec: SpeculationStats, k: int, costs: PassCosts) -> float:
+    """``predicted`` for passes through the pipeline: each pass also pays the link."""
+    f = spec.drafting_passes / spec.passes if spec.passes else 0.0
+    tokens = f * expected_tokens(spec.acceptance, k) + (1 - f)
+    plain = costs.step_ms + costs.link_ms
+    spent = f * (costs.rows_cost(k + 1) * costs.step_ms + costs.link_ms) + (1 - f) * plain
+    return tokens * plain / spent
+
+
+def pipeline_main(args: argparse.Namespace, model: Path, prompts: dict[str, list[int]]
+                  ) -> None:
+    out = console()
+    variants = ["off", f"ngram:{args.k}", "auto"]
+    with tempfile.TemporaryDirectory(prefix="orch-bench-") as tmp, \
+            LocalCluster(2, Path(tmp) / "workers", threads_per_worker=1,
+                         pin_cores=True) as cluster:
+        rate: dict[tuple[str, str], list[float]] = {}
+        spec: dict[tuple[str, str], SpeculationStats] = {}
+        same: dict[str, bool] = {}
+        costs: list[PassCosts] = []
+        for r in range(args.rounds):
+            for task, prompt in prompts.items():
+                order = variants if r % 2 == 0 else variants[::-1]
+                answers = {}
+                for variant in order:
+                    with open_model(model, cluster.addresses, cluster.token, Path(tmp),
+                                    speculate=variant, context_tokens=1024,
+                                    batch_tokens=128) as running:
+                        if variant == "off" and task == next(iter(prompts)):
+                            costs.append(measure_costs(running.path, f"costs-{r}",
+                                                       prompt[:32], 128, GREEDY))
+                        stats = GenerationStats()
+                        answers[variant] = greedy_tokens(running, prompt, args.tokens, stats)
+                        rate.setdefault((task, variant), []).append(
+                            stats.decode_tokens / stats.decode_s)
+                        spec[task, variant] = stats.speculation
+                same[task] = answers["off"] == answers[f"ngram:{args.k}"]
+                out.print(f"round {r + 1} {task}: " + ", ".join(
+                    f"{v} {rate[task, v][-1]:.1f} tok/s" for v in variants))
+    cost = PassCosts({n: median([c.batch_cost[n] for c in costs]) for n in costs[0].batch_cost},
+                     step_ms=median([c.step_ms for c in costs]),
+                     link_ms=median([c.link_ms for c in costs]))
+    table = Table(title=f"{model.name} over 2 pinned workers x 1 thread, token ring on; "
+                        f"k = {args.k}; step {cost.step_ms:.1f} ms, link {cost.link_ms:.1f} "
+                        f"ms; " + ", ".join(f"c({n}) {c:.2f}"
+                                            for n, c in sorted(cost.batch_cost.items())))
+    for col in ("task", "plain tok/s", f"ngram:{args.k} tok/s", "x", "auto tok/s", "x",
+                "kept/drafted", "a", "tokens/pass", "ceiling (k+1)/c(k+1)", "predicted x",
+                "same tokens"):
+        table.add_column(col, justify="right")
+    for task in prompts:
+        plain = median(rate[task, "off"])
+        ngram, auto = median(rate[task, f"ngram:{args.k}"]), median(rate[task, "auto"])
+        st = spec[task, f"ngram:{args.k}"]
+        table.add_row(task, f"{plain:.1f}", f"{ngram:.1f}", f"{ngram / plain:.2f}",
+                      f"{auto:.1f}", f"{auto / plain:.2f}", f"{st.accepted}/{st.drafted}",
+                      f"{st.acceptance:.2f}", f"{st.tokens_per_pass:.2f}",
+                      f"{cost.ceiling(args.k):.2f}",
+                      f"{pipeline_predicted(st, args.k, cost):.2f}",
+                      "yes" if same[task] else "no")
+    out.print(table)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--pipeline", action="store_true",
+                    help="through two pinned local workers instead of in process")
     args = ap.parse_args()
+    if args.pipeline:
+        print_header(console(), "Speculative decoding through the pipeline (prompt lookup)")
+        model = requantized(resolve_model("smollm2-135m", progress=False))
+        with Tokenizer.from_gguf(model) as tok:
+            prompts = {t: tok.encode_chat([{"role": "user", "content": m}])
+                       for t, m in TASKS.items()}
+        pipeline_main(args, model, prompts)
+        return
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[-1]})
     out = console()
     print_header(out, "Speculative decoding in process (prompt lookup)")

@@ -72,6 +72,18 @@ class Chunk:
     batched: tuple[Chunk, ...] = ()  # decode steps computed in the same batch, after it
     ring_left: int = 0  # tokens the last stage still generates on its own (the token ring)
     ring_stops: tuple[int, ...] = ()  # tokens that end the ring early
+    drafted: int = 0  # the last `drafted` tokens are drafts after the pending one (verify)
+    draft_k: int = 0  # the last stage drafts up to this many with each ring chunk
+
+    @property
+    def drafts(self) -> tuple[int, ...]:
+        """The drafted tokens a verification chunk carries (after the pending one)."""
+        return self.tokens[len(self.tokens) - self.drafted:] if self.drafted else ()
+
+    @property
+    def verifies(self) -> bool:
+        """Whether the last stage judges drafts for this chunk (logits of every row)."""
+        return self.drafted > 0
 
     @property
     def members(self) -> tuple[Chunk, ...]:
@@ -102,6 +114,13 @@ class StageResult:
     session_ended: bool = False
     batch: tuple[int, ...] = ()  # the chunks computed in one batch with this one, in
     #                              batch order (this one included); empty when alone
+    drafts: tuple[int, ...] = ()  # a verification chunk's drafts, as it carried them
+    accepted: int = 0  # drafts kept: the pass added drafts[:accepted], then token
+
+    @property
+    def tokens(self) -> tuple[int, ...]:
+        """The tokens this result adds to the answer, in order (one without drafts)."""
+        return (*self.drafts[:self.accepted], self.token)
 
     @property
     def announces_subscription(self) -> bool:

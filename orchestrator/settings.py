@@ -19,6 +19,7 @@ from orchcore.codecs import CODEC_NAMES
 from orchcore.config import MAX_BATCH_TOKENS, MAX_CONTEXT_TOKENS, MAX_SESSIONS, EngineConfig
 from orchcore.errors import InvalidSettingError, describe_validation
 from orchcore.sampling import MAX_REPEAT_LAST_N, MAX_TOP_K, RANDOM_SEED, SamplingParams
+from orchcore.speculation.mode import SpeculationMode, parse_mode
 from orchestrator.planning.plan import DEFAULT_HORIZON_TOKENS, Objective, PlanOptions
 
 _ENGINE = EngineConfig()
@@ -75,6 +76,10 @@ class OrchSettings(BaseSettings):
     token_ring: bool = Field(True, description="The last stage sends each sampled token "
                              "straight to stage 0 and this machine only listens (one hop "
                              "less per token); off: every token goes through here.")
+    speculate: str = Field("off", description="Speculative decoding: off; ngram (or "
+                           "ngram:K) drafts K tokens per pass by prompt lookup and the last "
+                           "stage verifies them in one batch; auto picks K per answer from "
+                           "measured batch costs and acceptance, off when it would not pay.")
     temperature: float = Field(_SAMPLING.temperature, ge=0.0, description="0 = greedy.")
     top_k: int = Field(_SAMPLING.top_k, ge=0, le=MAX_TOP_K, description="0 = off.")
     top_p: float = Field(_SAMPLING.top_p, gt=0.0, le=1.0, description="1 = off.")
@@ -133,6 +138,15 @@ class OrchSettings(BaseSettings):
             raise ValueError(f"unknown codec {value!r}; choose one of {', '.join(CODEC_NAMES)}")
         return value
 
+    @field_validator("speculate")
+    @classmethod
+    def _known_speculation(cls, value: str) -> str:
+        try:
+            parse_mode(value)
+        except InvalidSettingError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
     @classmethod
     def load(cls, flags: Mapping[str, str] | None = None, **given: object) -> OrchSettings:
         """Environment, then the values ``given`` (None = not given); typed errors that name
@@ -161,6 +175,9 @@ class OrchSettings(BaseSettings):
         return PlanOptions(codec=self.codec, engine=self.engine(), objective=self.objective,
                            use_all=use_all, horizon_tokens=self.replan_horizon_tokens,
                            replan=self.replan)
+
+    def speculation(self) -> SpeculationMode:
+        return parse_mode(self.speculate)
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from orchcore.chunks import Chunk, ChunkError, Rows, StageTiming
 from orchcore.sampling import SamplingParams
+from orchcore.speculation.accept import Verdict
 from orchestrator.pipeline.ring import TokenRing
 from worker.batching import MERGE_WAIT_MAX_S, STRAGGLER_WAIT_S, BatchPolicy
 from worker.publish import results_for
-from worker.ring import next_step
+from worker.ring import next_step, ring_draft_room
 
 
 def step(session: str, pos: int = 5, **fields: object) -> Chunk:
@@ -27,6 +30,9 @@ def step(session: str, pos: int = 5, **fields: object) -> Chunk:
     (step("a", end_session=True), 5, "ends its session"),
     (step("a", batched=(step("b"),)), 5, "is a batch already"),
     (Chunk(pipeline_id="p", session="a", start_pos=5, tokens=(1, 2)), 5, "two tokens"),
+    (Chunk(pipeline_id="p", session="a", start_pos=5, tokens=(1, 2), drafted=1,
+           want_token=True), 5, "a verification chunk"),
+    (step("a", pos=5), 7, "below the held position: it rolls back a verdict's rejects"),
 ])
 def test_only_a_plain_decode_step_at_the_held_position_is_batchable(chunk, held, why):
     policy = BatchPolicy(limit=4, stages=2, context_tokens=100)
@@ -88,22 +94,44 @@ def test_a_step_joins_a_batch_once_per_session_and_is_back_when_it_joins():
 def test_the_ring_goes_on_with_the_next_chunk_until_a_stop_or_its_end():
     sent = Chunk("p", "s", chunk=3, start_pos=10, tokens=(1, 2), want_token=True,
                  ring_left=2, ring_stops=(0,))
-    nxt = next_step(sent, 42)
+    nxt = next_step(sent, Verdict(0, 42))
     assert nxt == Chunk("p", "s", chunk=4, start_pos=12, tokens=(42,), want_token=True,
                         ring_left=1, ring_stops=(0,))
-    assert next_step(sent, 0) is None, "a stop token"
-    assert next_step(sent, -1) is None, "no token sampled"
-    assert next_step(nxt, 5).ring_left == 0 and next_step(next_step(nxt, 5), 6) is None
+    assert next_step(sent, Verdict(0, 0)) is None, "a stop token"
+    assert next_step(sent, Verdict(0, -1)) is None, "no token sampled"
+    last = next_step(nxt, Verdict(0, 5))
+    assert last.ring_left == 0 and next_step(last, Verdict(0, 6)) is None
+
+
+def test_the_ring_carries_drafts_and_counts_every_token_a_verdict_adds():
+    sent = Chunk("p", "s", chunk=3, start_pos=10, tokens=(1, 2, 3, 4), want_token=True,
+                 drafted=3, draft_k=3, ring_left=6, ring_stops=(0,))
+    kept_two = Verdict(2, 9)  # pending 1 at 10, drafts 2 and 3 kept (11, 12), 9 is new
+    assert ring_draft_room(sent, kept_two, context_tokens=64, batch_tokens=8) == 3
+    nxt = next_step(sent, kept_two, (5, 6, 7))
+    assert nxt == Chunk("p", "s", chunk=4, start_pos=13, tokens=(9, 5, 6, 7),
+                        want_token=True, drafted=3, draft_k=3, ring_left=3, ring_stops=(0,))
+    assert ring_draft_room(nxt, Verdict(3, 8), 64, 8) == 0, "the answer's last token"
+    assert next_step(nxt, Verdict(3, 8)) is None, "four tokens would overshoot three left"
+    assert next_step(nxt, Verdict(1, 8)).ring_left == 1
+    assert next_step(sent, Verdict(3, 0)) is None, "a stop among the tokens added"
+    assert ring_draft_room(sent, kept_two, context_tokens=15, batch_tokens=8) == 1, \
+        "positions stop before the context's end"
+    assert ring_draft_room(sent, kept_two, context_tokens=64, batch_tokens=3) == 2, \
+        "every row in one forward"
+    assert ring_draft_room(replace(sent, draft_k=0), kept_two, 64, 8) == 0
 
 
 def test_the_orchestrators_ring_follows_the_same_numbers():
     left = TokenRing.length(True, limit=4, generated=0)
     assert left == 3 and TokenRing.numbers(left) == 4
     assert TokenRing.length(False, limit=4, generated=0) == 0
-    ring = TokenRing.after(7, left, stopped=False)
+    ring = TokenRing.after(7, left, added=1, stopped=False)
     assert ring == TokenRing(8, 2)
-    assert TokenRing.after(7, left, stopped=True) is None
-    assert TokenRing.after(9, 0, stopped=False) is None
+    assert TokenRing.after(7, left, added=1, stopped=True) is None
+    assert TokenRing.after(9, 0, added=1, stopped=False) is None
+    assert TokenRing.after(7, left, added=3, stopped=False) == TokenRing(8, 0)
+    assert TokenRing.after(7, left, added=4, stopped=False) is None
 
 
 def test_a_batch_gets_a_result_for_each_step_that_asks_and_all_see_its_error():
@@ -111,10 +139,13 @@ def test_a_batch_gets_a_result_for_each_step_that_asks_and_all_see_its_error():
     batch = Chunk("p", "a", chunk=1, tokens=(1,), want_token=True, timings=timing,
                   batched=(Chunk("p", "b", chunk=2, tokens=(2,)),
                            Chunk("p", "c", chunk=3, tokens=(3,), want_token=True)))
-    got = results_for(batch, [10, -1, 30])
+    got = results_for(batch, [Verdict(0, 10), Verdict(0, -1), Verdict(0, 30)])
     assert [(r.session, r.token, r.batch) for r in got] == [
         ("a", 10, (1, 2, 3)), ("c", 30, (1, 2, 3))]
     assert all(r.timings == timing for r in got)
     failed = batch.failed(ChunkError("compute", "x", "w"))
+    verified = Chunk("p", "d", chunk=4, tokens=(1, 2, 3), drafted=2, want_token=True)
+    (judged,) = results_for(verified, [Verdict(1, 7)])
+    assert (judged.drafts, judged.accepted, judged.tokens) == ((2, 3), 1, (2, 7))
     assert [r.session for r in results_for(failed, [])] == ["a", "b", "c"]
     assert all(r.token == -1 and r.error.code == "compute" for r in results_for(failed, []))

@@ -40,11 +40,12 @@ def prompt(smollm2_path) -> list[int]:
 
 
 @contextmanager
-def failover_model(smollm2_path, cluster: LocalCluster, stages: int
+def failover_model(smollm2_path, cluster: LocalCluster, stages: int, **settings: object
                    ) -> Iterator[RunningModel]:
     """The model on the first ``stages`` of the cluster's workers (one stage each); every
     other worker stays connected as a standby."""
-    settings = OrchSettings.load(context_tokens=512, batch_tokens=8, lease_renew_s=1)
+    settings = OrchSettings.load(context_tokens=512, batch_tokens=8, lease_renew_s=1,
+                                 **settings)
     facts = read_model_facts(smollm2_path)
     connected = Cluster.connect(cluster.addresses, cluster.token, settings,
                                 cluster.check_alive)
@@ -111,6 +112,30 @@ def test_killed_stage_is_replaced_and_the_answers_are_unchanged(
         workers = [s.worker for s in model.plan.stages]
         assert address not in workers and cluster.addresses[3] in workers  # the standby
         assert gap < 10
+
+
+def test_a_speculative_session_is_replayed_pass_by_pass_and_goes_on_unchanged(
+        smollm2_path, prompt, tmp_path):
+    """Prompt lookup drafts on this answer (it repeats the prompt's pattern); the session's
+    passes, rejected drafts included, are sent again on the new pipeline: a greedy and a
+    seeded answer go on exactly as without the kill."""
+    with LocalCluster(3, tmp_path / "w", threads_per_worker=1) as cluster, \
+            failover_model(smollm2_path, cluster, 2, speculate="ngram:3") as model:
+        sessions = []
+        original = model.new_session
+        model.new_session = lambda s: sessions.append(original(s)) or sessions[-1]
+        want, _, _ = answers(model, prompt, [GREEDY, SEEDED])
+        drafted = [p.drafted for s in sessions for p in s.passes]
+        assert sum(drafted) > 0, f"nothing drafted: {drafted}"
+        address = model.plan.stages[1].worker
+        got, notices, _ = answers(model, prompt, [GREEDY, SEEDED],
+                                  (pid_of(cluster, address), signal.SIGKILL))
+        replayed = [p.drafted for s in sessions[2:] for p in s.passes]
+        print(f"speculative failover: drafts per pass {replayed}; "
+              f"{notices[0].describe() if notices else 'no failover'}")
+        assert got == want
+        assert len(notices) == 1 and notices[0].failed == (address,)
+        assert notices[0].sessions == 2
 
 
 def test_hung_stage_is_replaced_and_rejoins_on_the_next_answer(

@@ -131,6 +131,24 @@ def test_a_chunk_and_a_result_round_trip_through_their_messages():
     result = StageResult(session="s", chunk=3, token=5, timings=chunk.timings,
                          error=ChunkError("compute", "x", "w"), batch=(3, 4))
     assert convert.result_from_proto(convert.result_to_proto(result)) == result
+    verify = Chunk(pipeline_id="p", session="s", start_pos=9, tokens=(4, 5, 6, 7),
+                   want_token=True, drafted=3, draft_k=3, ring_left=10)
+    back = convert.chunk_from_proto(convert.chunk_to_proto(verify), "w")
+    assert back == verify and back.drafts == (5, 6, 7) and back.verifies
+    verdict = StageResult(session="s", chunk=4, token=8, drafts=(5, 6, 7), accepted=2)
+    back = convert.result_from_proto(convert.result_to_proto(verdict))
+    assert back == verdict and back.tokens == (5, 6, 8)
+
+
+@pytest.mark.parametrize(("tokens", "want_token"), [([4, 5], True), ([4], True),
+                                                     ([4, 5, 6], False)])
+def test_a_verification_chunk_without_a_pending_token_or_a_verdict_carries_the_error(
+        tokens, want_token):
+    msg = pb.StageInput(pipeline_id="p", session="s", tokens=tokens, want_token=want_token,
+                        drafted=2)
+    chunk = convert.chunk_from_proto(msg, "worker:1")
+    assert chunk.error is not None and chunk.error.code == "invalid_input", chunk
+    assert "pending token, then its drafts" in chunk.error.message and not chunk.drafted
 
 
 def test_a_chunk_with_sampling_out_of_bounds_carries_the_error_and_no_rows():

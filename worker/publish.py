@@ -8,19 +8,24 @@ import queue
 import threading
 
 from orchcore.chunks import NO_TOKEN, Chunk, StageResult
+from orchcore.speculation.accept import Verdict
 
 log = logging.getLogger(__name__)
 
+NOTHING = Verdict(0, NO_TOKEN)  # the answer to a chunk that asked for no token
 
-def results_for(chunk: Chunk, tokens: list[int]) -> list[StageResult]:
+
+def results_for(chunk: Chunk, verdicts: list[Verdict]) -> list[StageResult]:
     """The answers for ``chunk``'s batch: each member that asks for a token, failed, or
-    ends its session gets one (``tokens``: one per member, empty when none was sampled)."""
+    ends its session gets one (``verdicts``: one per member, each its token and the
+    drafts it kept; empty when nothing was sampled)."""
     members = chunk.members
     batch = tuple(m.chunk for m in members) if chunk.batched else ()
-    tokens = tokens or [NO_TOKEN] * len(members)
-    return [StageResult(session=m.session, chunk=m.chunk, token=token, timings=chunk.timings,
-                        error=chunk.error, session_ended=m.end_session, batch=batch)
-            for m, token in zip(members, tokens, strict=True)
+    verdicts = verdicts or [NOTHING] * len(members)
+    return [StageResult(session=m.session, chunk=m.chunk, token=v.token, timings=chunk.timings,
+                        error=chunk.error, session_ended=m.end_session, batch=batch,
+                        drafts=m.drafts, accepted=v.accepted)
+            for m, v in zip(members, verdicts, strict=True)
             if m.want_token or chunk.error is not None or m.end_session]
 
 

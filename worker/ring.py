@@ -1,5 +1,7 @@
 """The token ring at the last stage: each token it samples for a chunk with ``ring_left``
 goes straight to stage 0 as the session's next chunk, so the orchestrator only listens.
+With ``draft_k`` the last stage drafts the next chunk's tokens too (prompt lookup over the
+session's tokens, ``Verdicts.draft``): the ring then carries verification chunks.
 
 ``RingFeed`` holds the stage side of the ring in one place: the rule for the next step, the
 link to stage 0 (or stage 0 itself, when the last stage is also the first), and the
@@ -12,20 +14,43 @@ from collections.abc import Callable
 
 from orchcore.chunks import Chunk
 from orchcore.errors import InvalidInputError, StageFaultError
+from orchcore.speculation.accept import Verdict
+from orchcore.speculation.decode import draft_room
 from orchcore.wire.channel import StreamClosedError
 from worker.downstream import DownstreamLink
 
 _ENDED_KEPT = 4096  # sessions remembered as ended, to drop ring chunks still on their way
 
 
-def next_step(chunk: Chunk, token: int) -> Chunk | None:
-    """The chunk the ring sends after ``chunk`` sampled ``token``: the token alone, at the
-    next position, numbered on, one token less left; None when the ring stops there."""
-    if not chunk.ring_left or token < 0 or token in chunk.ring_stops:
+def _pending_at(chunk: Chunk, verdict: Verdict) -> int:
+    """The position of the new pending token: after the chunk's kept tokens."""
+    return chunk.start_pos + len(chunk.tokens) - chunk.drafted + verdict.accepted
+
+
+def next_step(chunk: Chunk, verdict: Verdict, drafts: tuple[int, ...] = ()) -> Chunk | None:
+    """The chunk the ring sends after ``chunk`` came to ``verdict``: the new token and
+    ``drafts``, at the position after the kept ones, numbered on, with as many tokens less
+    left as the verdict added; None when the ring stops there (no tokens left, or one of
+    its stops among the tokens added)."""
+    added = (*chunk.drafts[:verdict.accepted], verdict.token)
+    left = chunk.ring_left - len(added)
+    if (not chunk.ring_left or verdict.token < 0 or left < 0
+            or any(t in chunk.ring_stops for t in added)):
         return None
     return Chunk(pipeline_id=chunk.pipeline_id, session=chunk.session, chunk=chunk.chunk + 1,
-                 start_pos=chunk.start_pos + len(chunk.tokens), tokens=(token,),
-                 want_token=True, ring_left=chunk.ring_left - 1, ring_stops=chunk.ring_stops)
+                 start_pos=_pending_at(chunk, verdict), tokens=(verdict.token, *drafts),
+                 want_token=True, ring_left=left, ring_stops=chunk.ring_stops,
+                 drafted=len(drafts), draft_k=chunk.draft_k)
+
+
+def ring_draft_room(chunk: Chunk, verdict: Verdict, context_tokens: int,
+                    batch_tokens: int) -> int:
+    """How many tokens the last stage drafts for the ring's step after ``chunk``."""
+    if not chunk.draft_k or not chunk.ring_left or verdict.token < 0:
+        return 0
+    budget = chunk.ring_left - verdict.accepted - 1  # the next step's ring_left
+    return draft_room(chunk.draft_k, budget, _pending_at(chunk, verdict), context_tokens,
+                      batch_tokens)
 
 
 class RingFeed:
@@ -42,9 +67,9 @@ class RingFeed:
         # Sessions ended here, oldest first (a dict: ordered, and a set for lookups).
         self._ended: dict[str, None] = {}
 
-    def send(self, chunk: Chunk, token: int) -> None:
+    def send(self, chunk: Chunk, verdict: Verdict, drafts: tuple[int, ...] = ()) -> None:
         """Send the ring's step after ``chunk`` to stage 0, if the ring goes on."""
-        step = next_step(chunk, token)
+        step = next_step(chunk, verdict, drafts)
         if step is None:
             return
         if self._home is not None:

@@ -11,7 +11,9 @@ the stage's ``fault``: reported by Info, which the orchestrator polls while it w
 is named within seconds instead of a step deadline later.
 
 Which queued decode steps share a batch is ``BatchPolicy``'s decision (``worker/batching``);
-the token ring's steps go through ``RingFeed`` (``worker/ring``).
+the token ring's steps go through ``RingFeed`` (``worker/ring``); the last stage's tokens and
+verdicts on drafts come from ``Verdicts`` (``worker/verdicts``). A chunk that starts below a
+session's length (the drafts a verdict rejected) first drops the positions from there on.
 """
 
 from __future__ import annotations
@@ -27,19 +29,20 @@ from dataclasses import replace
 
 import numpy as np
 
-from orchcore.chunks import NO_TOKEN, Chunk, ChunkError, Rows, StageTiming
+from orchcore.chunks import Chunk, ChunkError, Rows, StageTiming
 from orchcore.codecs import get_codec
 from orchcore.control import LoadRequest
 from orchcore.engine import StageEngine, Step
 from orchcore.errors import InvalidInputError, MessageTooLargeError, OrchError, StageFaultError
+from orchcore.speculation.accept import Verdict
 from orchcore.wire import convert, status
 from orchcore.wire.channel import Link, StreamClosedError
 from worker.batching import BatchPolicy, InFlight
 from worker.downstream import DownstreamLink
 from worker.leases import Leases
-from worker.publish import Subscribers, results_for
-from worker.ring import RingFeed
-from worker.sampler import TokenSampler
+from worker.publish import NOTHING, Subscribers, results_for
+from worker.ring import RingFeed, ring_draft_room
+from worker.verdicts import Verdicts
 
 __all__ = ["DownstreamLink", "InFlight", "Stage"]
 
@@ -90,7 +93,7 @@ class Stage:
             min(engine.config.max_sessions, engine.config.batch_tokens) if role.is_first
             else 1, request.stage_count, engine.config.context_tokens)
         self.subscribers = Subscribers(self.index)
-        self._samplers: dict[str, TokenSampler] = {}
+        self.verdicts = Verdicts(engine.n_vocab) if role.is_last else None
         self._inbox: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._held: deque[_Item | None] = deque()  # taken, not batched: computed next
         self._closing = False
@@ -186,7 +189,7 @@ class Stage:
 
     def _handle(self, msg: Chunk, arrived: float) -> None:
         started = time.perf_counter()
-        tokens: list[int] = []
+        verdicts: list[Verdict] = []
         if self.ring.dropped(msg):
             return  # a ring chunk of a session ended meanwhile (stopped by the orchestrator)
         if msg.error is not None:
@@ -195,7 +198,7 @@ class Stage:
             self.end_session(msg.session)
         else:
             try:
-                msg, tokens = self._compute(msg)
+                msg, verdicts = self._compute(msg)
             except (OrchError, ValueError) as exc:
                 msg = self._fail(msg, exc)
             except Exception as exc:  # a bug: report it down the path instead of going silent
@@ -207,7 +210,7 @@ class Stage:
         timing = StageTiming(self.index, queue_ms=(started - arrived) * 1e3,
                              compute_ms=(computed - started) * 1e3)
         if self.next is None:
-            self._publish(msg.timed(timing), tokens)
+            self._publish(msg.timed(timing), verdicts)
             return
         size = convert.chunk_size(msg)
         if size > self.max_message_bytes:
@@ -223,17 +226,20 @@ class Stage:
         except StreamClosedError as exc:
             raise StageFaultError(str(exc)) from None
 
-    def _publish(self, msg: Chunk, tokens: list[int]) -> None:
+    def _publish(self, msg: Chunk, verdicts: list[Verdict]) -> None:
         """The last stage's answer for each chunk of ``msg``'s batch that asks for one. The
-        ring goes first, so stage 0 starts on the next step at once."""
+        ring goes first (with the drafts it carries next), so stage 0 starts on the next
+        step at once."""
         broken_ring = None
-        for m, token in zip(msg.members, tokens or [NO_TOKEN] * len(msg.members),
-                            strict=True):
+        config = self.engine.config
+        for m, verdict in zip(msg.members, verdicts or [NOTHING] * len(msg.members),
+                              strict=True):
+            room = ring_draft_room(m, verdict, config.context_tokens, config.batch_tokens)
             try:
-                self.ring.send(m, token)
+                self.ring.send(m, verdict, self.verdicts.draft(m, verdict, room))
             except StageFaultError as exc:
                 broken_ring = exc
-        for out in results_for(msg, tokens):
+        for out in results_for(msg, verdicts):
             self.subscribers.publish(out)
         if broken_ring is not None:
             raise broken_ring
@@ -246,46 +252,37 @@ class Stage:
     def _fail(self, msg: Chunk, exc: BaseException) -> Chunk:
         return msg.failed(ChunkError(status.error_code(exc), str(exc), self.worker_name))
 
-    def _compute(self, msg: Chunk) -> tuple[Chunk, list[int]]:
+    def _compute(self, msg: Chunk) -> tuple[Chunk, list[Verdict]]:
         """Run the chunk (and the steps batched with it): a non-final stage returns it with
-        its output rows; the last stage returns each one's sampled token (-1 where none is
-        asked for)."""
+        its output rows; the last stage returns each one's verdict (its token, and the
+        drafts it kept)."""
         members = msg.members
+        for m in members:  # the positions a verdict rejected go before anything is computed
+            if m.start_pos < self.engine.session_length(m.session):
+                self.engine.rollback(m.session, m.start_pos)
         steps = [Step(m.session, m.positions) for m in members]
+        every_row = msg.verifies  # a verification chunk is never batched
         if self.engine.role.is_first:
             tokens = np.asarray([t for m in members for t in m.tokens], dtype=np.int32)
-            out = self.engine.forward_batch(steps, tokens=tokens)
+            out = self.engine.forward_batch(steps, tokens=tokens, all_logits=every_row)
         else:
             if msg.hidden is None:
                 raise InvalidInputError(f"stage {self.index} needs hidden states")
-            out = self.engine.forward_batch(steps, hidden=msg.hidden.decode())
+            out = self.engine.forward_batch(steps, hidden=msg.hidden.decode(),
+                                            all_logits=every_row)
         if not self.is_last:
             return replace(msg, hidden=Rows.encode(out, self.request.codec)), []
-        sampled = []
-        for m, logits in zip(members, out, strict=True):
-            sampler = self._sampler(m)
-            sampler.accept(list(m.tokens))
-            sampled.append(sampler.sample(logits) if m.want_token else NO_TOKEN)
-        return msg, sampled
-
-    def _sampler(self, msg: Chunk) -> TokenSampler:
-        sampler = self._samplers.get(msg.session)
-        if sampler is None:
-            if msg.sampling is None:
-                raise InvalidInputError(f"session {msg.session!r}: the first chunk must carry "
-                                        f"sampling parameters")
-            sampler = self._samplers[msg.session] = TokenSampler(msg.sampling,
-                                                                 self.engine.n_vocab)
-        return sampler
+        if every_row:
+            return msg, [self.verdicts.decide(msg, out)]
+        return msg, [self.verdicts.decide(m, out[i:i + 1]) for i, m in enumerate(members)]
 
     # --- lifetime ----------------------------------------------------------------------
 
     def end_session(self, session: str) -> bool:
         self.ring.ended(session)
         self.batching.ended(session, time.perf_counter())
-        sampler = self._samplers.pop(session, None)
-        if sampler is not None:
-            sampler.close()
+        if self.verdicts is not None:
+            self.verdicts.end(session)
         return self.engine.end_session(session)
 
     def close(self) -> None:
@@ -301,7 +298,6 @@ class Stage:
         if self.next is not None:
             self.next.close()
         self.ring.close()
-        for sampler in self._samplers.values():
-            sampler.close()
-        self._samplers.clear()
+        if self.verdicts is not None:
+            self.verdicts.close()
         self.engine.close()

@@ -93,6 +93,14 @@ class Judge:
                                    draft.probs, self.rng)
 
 
+def draft_room(k: int, budget: int, position: int, context_tokens: int,
+               batch_tokens: int) -> int:
+    """How many drafts a pass whose pending token sits at ``position`` may carry: at most
+    ``k``, no more than ``budget`` (the tokens the answer may still take after the pending
+    one), no position at or past the context, and all rows in one forward."""
+    return max(0, min(k, budget, context_tokens - position - 1, batch_tokens - 1))
+
+
 def prefill(target: Target, prompt: Sequence[int]) -> np.ndarray:
     """The prompt in chunks of ``batch_tokens``; the last row's logits."""
     if not prompt:
@@ -116,8 +124,8 @@ def decode(target: Target, prompt: Sequence[int], max_tokens: int, *,
     context, out = list(prompt), [pending]
     while len(out) < max_tokens and pending not in stop:
         pos = len(context)
-        room = min(max_tokens - len(out), target.context_tokens - pos - 1,
-                   target.batch_tokens - 1, k)
+        room = draft_room(k, max_tokens - len(out), pos, target.context_tokens,
+                          target.batch_tokens)
         draft = drafter.propose([*context, pending], room) if room > 0 else NO_DRAFT
         rows = target.forward(pos, [pending, *draft.tokens], all_rows=True)
         verdict = judge(draft, rows)
@@ -141,3 +149,24 @@ def _until_stop(tokens: list[int], stop: Collection[int]) -> list[int]:
         if tok in stop:
             return tokens[:i + 1]
     return tokens
+
+
+def shadow_counts(drafter: Drafter, prompt: Sequence[int], answer: Sequence[int], k: int
+                  ) -> tuple[int, int]:
+    """(kept, rejections) that drafting ``k`` per pass would have met on ``answer`` (the
+    tokens the target chose after ``prompt``), pass by pass as ``decode`` runs them. The
+    target's own tokens are what a greedy verdict keeps, and a sampled one keeps a
+    deterministic draft with the probability the target gives it, so this measures
+    acceptance without verifying anything: also while speculation is off."""
+    kept = rejections = 0
+    i = 0  # answer[i] is the pending token
+    while i < len(answer) - 1:
+        room = min(k, len(answer) - 1 - i)
+        draft = drafter.propose([*prompt, *answer[:i + 1]], room).tokens
+        m = 0
+        while m < len(draft) and draft[m] == answer[i + 1 + m]:
+            m += 1
+        kept += m
+        rejections += m < len(draft)
+        i += m + 1
+    return kept, rejections

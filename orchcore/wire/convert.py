@@ -179,7 +179,7 @@ def chunk_to_proto(chunk: Chunk) -> pb.StageInput:
         start_pos=chunk.start_pos, tokens=chunk.tokens, want_token=chunk.want_token,
         end_session=chunk.end_session, timings=[timing_to_proto(t) for t in chunk.timings],
         batched=[chunk_to_proto(b) for b in chunk.batched], ring_left=chunk.ring_left,
-        ring_stops=chunk.ring_stops)
+        ring_stops=chunk.ring_stops, drafted=chunk.drafted, draft_k=chunk.draft_k)
     if chunk.hidden is not None:
         msg.hidden.CopyFrom(rows_to_proto(chunk.hidden))
     if chunk.sampling is not None:
@@ -200,6 +200,11 @@ def chunk_from_proto(msg: pb.StageInput, worker: str) -> Chunk:
             sampling = sampling_from_proto(msg.sampling)
         except (OrchError, ValueError) as exc:
             error = ChunkError(status.error_code(exc), str(exc), worker)
+    if error is None and msg.drafted and (msg.drafted >= len(msg.tokens) or not msg.want_token):
+        error = ChunkError(status.error_code(InvalidInputError()),
+                           f"a verification chunk carries the pending token, then its drafts, "
+                           f"and asks for a token; got {len(msg.tokens)} tokens with "
+                           f"{msg.drafted} drafted", worker)
     return Chunk(
         pipeline_id=msg.pipeline_id, session=msg.session, chunk=msg.chunk,
         start_pos=msg.start_pos, tokens=tuple(msg.tokens),
@@ -208,7 +213,8 @@ def chunk_from_proto(msg: pb.StageInput, worker: str) -> Chunk:
         want_token=msg.want_token, sampling=sampling, end_session=msg.end_session,
         timings=tuple(timing_from_proto(t) for t in msg.timings), error=error,
         batched=tuple(chunk_from_proto(b, worker) for b in msg.batched),
-        ring_left=msg.ring_left, ring_stops=tuple(msg.ring_stops))
+        ring_left=msg.ring_left, ring_stops=tuple(msg.ring_stops),
+        drafted=msg.drafted if error is None else 0, draft_k=msg.draft_k)
 
 
 def chunk_size(chunk: Chunk) -> int:
@@ -219,7 +225,8 @@ def chunk_size(chunk: Chunk) -> int:
 def result_to_proto(result: StageResult) -> pb.StageOutput:
     msg = pb.StageOutput(session=result.session, chunk=result.chunk, token=result.token,
                          timings=[timing_to_proto(t) for t in result.timings],
-                         session_ended=result.session_ended, batch=result.batch)
+                         session_ended=result.session_ended, batch=result.batch,
+                         drafts=result.drafts, accepted=result.accepted)
     if result.error is not None:
         msg.error.CopyFrom(error_to_proto(result.error))
     return msg
@@ -230,7 +237,8 @@ def result_from_proto(msg: pb.StageOutput) -> StageResult:
         session=msg.session, chunk=msg.chunk, token=msg.token,
         timings=tuple(timing_from_proto(t) for t in msg.timings),
         error=error_from_proto(msg.error) if msg.HasField("error") else None,
-        session_ended=msg.session_ended, batch=tuple(msg.batch))
+        session_ended=msg.session_ended, batch=tuple(msg.batch), drafts=tuple(msg.drafts),
+        accepted=msg.accepted)
 
 
 # --- the control path ----------------------------------------------------------------------

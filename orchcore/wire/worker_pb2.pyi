@@ -387,7 +387,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., worker: _Optional[str] = ...) -> None: ...
 
 class StageInput(_message.Message):
-    __slots__ = ("pipeline_id", "session", "chunk", "start_pos", "tokens", "hidden", "want_token", "sampling", "end_session", "timings", "error", "batched", "ring_left", "ring_stops")
+    __slots__ = ("pipeline_id", "session", "chunk", "start_pos", "tokens", "hidden", "want_token", "sampling", "end_session", "timings", "error", "batched", "ring_left", "ring_stops", "drafted", "draft_k")
     PIPELINE_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
@@ -402,6 +402,8 @@ class StageInput(_message.Message):
     BATCHED_FIELD_NUMBER: _ClassVar[int]
     RING_LEFT_FIELD_NUMBER: _ClassVar[int]
     RING_STOPS_FIELD_NUMBER: _ClassVar[int]
+    DRAFTED_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_K_FIELD_NUMBER: _ClassVar[int]
     pipeline_id: str
     session: str
     chunk: int
@@ -416,10 +418,12 @@ class StageInput(_message.Message):
     batched: _containers.RepeatedCompositeFieldContainer[StageInput]
     ring_left: int
     ring_stops: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, pipeline_id: _Optional[str] = ..., session: _Optional[str] = ..., chunk: _Optional[int] = ..., start_pos: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Hidden, _Mapping]] = ..., want_token: _Optional[bool] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., end_session: _Optional[bool] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., batched: _Optional[_Iterable[_Union[StageInput, _Mapping]]] = ..., ring_left: _Optional[int] = ..., ring_stops: _Optional[_Iterable[int]] = ...) -> None: ...
+    drafted: int
+    draft_k: int
+    def __init__(self, pipeline_id: _Optional[str] = ..., session: _Optional[str] = ..., chunk: _Optional[int] = ..., start_pos: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Hidden, _Mapping]] = ..., want_token: _Optional[bool] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., end_session: _Optional[bool] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., batched: _Optional[_Iterable[_Union[StageInput, _Mapping]]] = ..., ring_left: _Optional[int] = ..., ring_stops: _Optional[_Iterable[int]] = ..., drafted: _Optional[int] = ..., draft_k: _Optional[int] = ...) -> None: ...
 
 class StageOutput(_message.Message):
-    __slots__ = ("session", "chunk", "token", "timings", "error", "session_ended", "batch")
+    __slots__ = ("session", "chunk", "token", "timings", "error", "session_ended", "batch", "drafts", "accepted")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -427,6 +431,8 @@ class StageOutput(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     SESSION_ENDED_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
+    DRAFTS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     session: str
     chunk: int
     token: int
@@ -434,7 +440,9 @@ class StageOutput(_message.Message):
     error: Error
     session_ended: bool
     batch: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, session: _Optional[str] = ..., chunk: _Optional[int] = ..., token: _Optional[int] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., session_ended: _Optional[bool] = ..., batch: _Optional[_Iterable[int]] = ...) -> None: ...
+    drafts: _containers.RepeatedScalarFieldContainer[int]
+    accepted: int
+    def __init__(self, session: _Optional[str] = ..., chunk: _Optional[int] = ..., token: _Optional[int] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., session_ended: _Optional[bool] = ..., batch: _Optional[_Iterable[int]] = ..., drafts: _Optional[_Iterable[int]] = ..., accepted: _Optional[int] = ...) -> None: ...
 
 class ForwardSummary(_message.Message):
     __slots__ = ("chunks",)

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.text import Text
 
-from orchcore.errors import InvalidInputError, OrchError
+from orchcore.errors import InvalidInputError, InvalidSettingError, OrchError
 from orchestrator.cli.app import FLAGS, app, console, err, fail, setting_option, setup_logging
 from orchestrator.settings import OrchSettings
 
@@ -41,6 +41,7 @@ def run(
     max_sessions: Annotated[int | None, setting_option("max_sessions", "--max-sessions")] = None,
     threads: Annotated[int | None, setting_option("threads", "--threads")] = None,
     objective: Annotated[str | None, setting_option("objective", "--objective")] = None,
+    speculate: Annotated[str | None, setting_option("speculate", "--speculate")] = None,
     stop: Annotated[list[str] | None, typer.Option(
         help="Stop when this text appears (repeatable).")] = None,
     chat: Annotated[bool, typer.Option(
@@ -73,7 +74,11 @@ def run(
             top_k=top_k,
             top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, codec=codec,
             context_tokens=context, max_sessions=max_sessions, threads=threads, token=token,
-            objective=objective, fetch=fetch)
+            objective=objective, fetch=fetch, speculate=speculate)
+        if settings.speculation().on and settings.sampling().penalised:
+            raise InvalidSettingError("speculation needs --repeat-penalty 1 (a penalty "
+                                      "depends on each drafted row's history); or "
+                                      "--speculate off")
         request = RunRequest(
             model=model, prompt=prompt, workers=WorkerChoice.from_flags(workers, local),
             stops=tuple(stop or ()), chat=chat, system=system, stats=stats, force=force)

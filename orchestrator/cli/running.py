@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import statistics
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
@@ -420,4 +421,26 @@ def _print_stats(stats: GenerationStats, model: RunningModel, err: Console) -> N
             table.add_row(f"hop {index}->{index + 1} ({model.plan.codec})",
                           f"{total / n:.0f} bytes/token")
         table.add_row("wire and hand-offs", f"{max(0.0, per_token - busy):.2f} ms/token")
+        _speculation_rows(table, stats, model)
     err.print(table)
+
+
+def _speculation_rows(table: Table, stats: GenerationStats, model: RunningModel) -> None:
+    """Acceptance, tokens per pass, and the speedup against plain decoding's estimate: a
+    pass without drafts measured in this answer, else the measured one-row pass."""
+    spec = stats.speculation
+    if not model.speculator.mode.on or not spec.passes:
+        return
+    table.add_row("speculation", f"{model.settings.speculate}: {spec.accepted}/{spec.drafted} "
+                                 f"drafts kept (acceptance {spec.acceptance:.2f}), "
+                                 f"{spec.tokens_per_pass:.2f} tokens/pass")
+    costs = model.speculator.costs
+    if spec.plain_pass_s:
+        plain_s = statistics.median(spec.plain_pass_s)
+    elif costs is not None:
+        plain_s = (costs.step_ms + costs.link_ms) / 1e3
+    else:
+        return
+    actual_s = stats.decode_s / stats.decode_tokens
+    table.add_row("speedup against plain decoding",
+                  f"{plain_s / actual_s:.2f}x (plain estimate {plain_s * 1e3:.1f} ms/token)")

@@ -39,6 +39,7 @@ def serve(
     max_tokens: Annotated[int | None, setting_option("max_tokens", "--max-tokens")] = None,
     threads: Annotated[int | None, setting_option("threads", "--threads")] = None,
     codec: Annotated[str | None, setting_option("codec", "--codec")] = None,
+    speculate: Annotated[str | None, setting_option("speculate", "--speculate")] = None,
     force: Annotated[bool, typer.Option(
         help="Take over workers that run another orchestrator's model.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -67,7 +68,7 @@ def serve(
                                      serve_tls_cert=tls_cert, serve_tls_key=tls_key,
                                      context_tokens=context,
                                      max_sessions=max_sessions, max_tokens=max_tokens,
-                                     threads=threads, codec=codec)
+                                     threads=threads, codec=codec, speculate=speculate)
         https = tls_files(settings.serve_tls, settings.serve_tls_cert, settings.serve_tls_key)
         _warn_if_open(settings.serve_host, bool(settings.api_key), https is not None)
         _check_port_free(settings.serve_host, settings.serve_port)

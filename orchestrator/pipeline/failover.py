@@ -8,7 +8,8 @@ plan (a worker gets its slice from the model file again unless it built that sha
 and opens its data path.
 
 ``replay`` rebuilds one session on a fresh pipeline from its token history, in the batch
-shapes it was first sent in: the prompt in its chunks, then each generated token alone.
+shapes it was first sent in: the prompt in its chunks, then each decode pass (its pending
+token, and the drafts it carried to be verified, rejected ones included).
 Batch shape moves logits, so only the same shapes give bit-identical KV caches. Every
 replayed step samples again (``want_token``) with the session's seed, so the last stage's
 sampler ends up having drawn the same random numbers; each re-sampled token must equal the
@@ -135,8 +136,10 @@ class Replanner:
 
 def replay(path: DataPath, session: Session) -> None:
     """Rebuild ``session`` on ``path`` up to its last generated token (which is not fed
-    yet): KV caches and sampler state as they were. Every chunk goes out at once; the
-    results come back in order and are checked against the recorded tokens."""
+    yet): KV caches and sampler state as they were. Every chunk goes out at once, in the
+    shapes it was first sent in (the prompt in its chunks, then each pass with the drafts
+    it carried, rejected ones included, which the next pass rolls back); the results come
+    back in order and are checked against the recorded tokens."""
     if not session.generated:
         return  # nothing entered the model yet that a retry would not send
     chunks, start = [], 0
@@ -145,14 +148,14 @@ def replay(path: DataPath, session: Session) -> None:
         chunk = path.send(session.id, start, part, want_token=last,
                           sampling=session.sampling if i == 0 else None)
         start += len(part)
-    chunks.append(chunk)
-    for token in session.generated[:-1]:
-        chunks.append(path.send(session.id, start, [token], want_token=True))
-        start += 1
-    for step, (chunk, recorded) in enumerate(zip(chunks, session.generated, strict=True)):
-        got = path.wait(session.id, chunk).token
+    chunks.append((chunk, (session.generated[0],)))
+    for step in session.passes:
+        chunks.append((path.send(session.id, step.start, step.tokens, want_token=True,
+                                 drafted=step.drafted), step.added))
+    for n, (chunk, recorded) in enumerate(chunks):
+        got = path.wait(session.id, chunk).tokens
         if got != recorded:
             raise ReplayMismatchError(
-                f"session {session.id}: replaying token {step} sampled {got} where the "
-                f"answer had {recorded}; the rebuilt pipeline does not reproduce the answer "
-                f"(seed {session.sampling.seed}), so it stops here")
+                f"session {session.id}: replaying step {n} gave tokens {list(got)} where the "
+                f"answer had {list(recorded)}; the rebuilt pipeline does not reproduce the "
+                f"answer (seed {session.sampling.seed}), so it stops here")

@@ -33,9 +33,12 @@ class TokenRing:
         return 1 + ring_left
 
     @classmethod
-    def after(cls, chunk: int, ring_left: int, *, stopped: bool) -> TokenRing | None:
-        """The ring after the result of ``chunk`` (sent with ``ring_left``); None when it
-        is over: no tokens left, or the token was one of its stops."""
-        if not ring_left or stopped:
+    def after(cls, chunk: int, ring_left: int, *, added: int, stopped: bool
+              ) -> TokenRing | None:
+        """The ring after the result of ``chunk`` (sent with ``ring_left``), which added
+        ``added`` tokens (a verdict adds the drafts it kept and one token); None when it is
+        over: fewer tokens left than that, or a token was one of its stops (the last
+        stage's rule, ``worker.ring.next_step``)."""
+        if not ring_left or stopped or ring_left < added:
             return None
-        return cls(chunk + 1, ring_left - 1)
+        return cls(chunk + 1, ring_left - added)

@@ -8,8 +8,10 @@
                  # (a Failover notice in between if a worker failed and the answer went on)
 
 A ``Session`` owns its token history: the prompt in the chunks it was sent in, then each
-generated token; and its sampling parameters with the concrete seed and the number of
-draws, which is enough to rebuild the last stage's sampler elsewhere. ``orch run`` only
+decode pass (its pending token, the drafts it carried and the tokens its verdict added);
+and its sampling parameters with the concrete seed, which is enough to rebuild the last
+stage's KV caches and sampler elsewhere. With speculation (``Speculator``) a pass may add
+several tokens. ``orch run`` only
 renders events; the HTTP server builds on the same objects.
 
 Failover: when a step fails with an error another pipeline may not have (a dead, hung or
@@ -30,10 +32,10 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Literal
 
-from orchcore.chunks import StageResult, StageTiming
+from orchcore.chunks import StageResult
 from orchcore.errors import ContextFullError, InvalidInputError, OrchError, PlanError
 from orchcore.facts import ModelFacts
 from orchcore.sampling import RANDOM_SEED, SamplingParams
@@ -41,57 +43,19 @@ from orchestrator.pipeline.datapath import DataPath
 from orchestrator.pipeline.deploy import Deployment, undeploy
 from orchestrator.pipeline.failover import Pipeline, Replanner, calls_for_failover, replay
 from orchestrator.pipeline.ring import TokenRing
+from orchestrator.pipeline.sessionstate import GenerationStats, Session
+from orchestrator.pipeline.speculation import Pass, Speculator, measure_costs
 from orchestrator.planning.plan import Plan
 from orchestrator.planning.speeds import SpeedBook
 from orchestrator.settings import OrchSettings
 from orchestrator.text.tokenizer import StopMatcher, StreamDecoder, Tokenizer
 
+__all__ = ["Failover", "Finished", "GenerationStats", "RunningModel", "Session", "TextPiece"]
+
 log = logging.getLogger(__name__)
 
 FinishReason = Literal["length", "stop", "end"]  # max tokens or context; stop text; EOG
 MAX_FAILOVERS = 3  # consecutive failovers for one step before its error is raised
-
-
-@dataclass
-class GenerationStats:
-    prompt_tokens: int = 0
-    prompt_s: float = 0.0
-    first_token_s: float = 0.0
-    decode_tokens: int = 0
-    decode_s: float = 0.0
-    compute_ms: dict[int, float] = field(default_factory=dict)  # per stage, decode steps
-    queue_ms: dict[int, float] = field(default_factory=dict)  # per stage: behind other work
-    wire_bytes: dict[int, int] = field(default_factory=dict)  # per hop, decode steps
-
-    def add_decode(self, timings: Sequence[StageTiming]) -> None:
-        for t in timings:
-            self.compute_ms[t.stage_index] = self.compute_ms.get(t.stage_index, 0) + t.compute_ms
-            self.queue_ms[t.stage_index] = self.queue_ms.get(t.stage_index, 0) + t.queue_ms
-            if t.sent_bytes:
-                self.wire_bytes[t.stage_index] = (self.wire_bytes.get(t.stage_index, 0)
-                                                  + t.sent_bytes)
-
-
-@dataclass
-class Session:
-    """One answer's state: what entered the model, in its batch shapes, and the sampler's."""
-
-    id: str
-    sampling: SamplingParams  # seed concrete: a random seed is drawn once, here
-    prompt_chunks: list[tuple[int, ...]] = field(default_factory=list)
-    generated: list[int] = field(default_factory=list)
-    draws: int = 0  # tokens the last stage's sampler has drawn
-    limit: int = 0  # tokens this answer may generate
-    ring: TokenRing | None = None  # while the last stage feeds this session's steps itself
-
-    @property
-    def prompt(self) -> list[int]:
-        return [t for chunk in self.prompt_chunks for t in chunk]
-
-    @property
-    def length(self) -> int:
-        """Positions this session holds in every stage's KV cache."""
-        return sum(len(c) for c in self.prompt_chunks) + max(0, len(self.generated) - 1)
 
 
 @dataclass(frozen=True)
@@ -210,6 +174,8 @@ class RunningModel:
         self._excluded: dict[str, Deployment] = {}  # failed worker -> the pipeline it held
         self._returned: set[str] = set()  # excluded workers that answer again
         self._closed = threading.Event()
+        self.speculator = Speculator(settings.speculation())
+        self._measuring = threading.Lock()
         self._renewer = threading.Thread(target=self._renew_leases, name="leases", daemon=True)
         self._renewer.start()
 
@@ -291,6 +257,7 @@ class RunningModel:
         check_prompt(prompt, context)
         limit = min(max_tokens or self.settings.max_tokens, context - len(prompt))
         self._rejoin()
+        self._measure_costs()
         with self._failing_over:
             self._live[session.id] = session
         try:
@@ -299,28 +266,50 @@ class RunningModel:
             with self._failing_over:
                 self._live.pop(session.id, None)
             self.end(session)
+            self.speculator.finished(session)
+
+    def _measure_costs(self) -> None:
+        """Once, before the first answer of ``auto``: this pipeline's batch costs."""
+        with self._measuring:
+            if not self.speculator.needs_costs:
+                return
+            with self._gate.shared():
+                prompt = self.tokenizer.encode("The quick brown fox jumps over the lazy dog. "
+                                               * 8)[:32]
+                self.speculator.costs = measure_costs(
+                    self.path, f"costs-{uuid.uuid4().hex[:8]}", prompt,
+                    self.plan.batch_tokens, SamplingParams())
 
     def _tokens(self, session: Session, prompt: list[int], limit: int,
                 stats: GenerationStats) -> Iterator[int | Failover]:
-        """Sampled token ids: the prompt's chunks all in flight at once, then one by one."""
+        """Sampled token ids: the prompt's chunks all in flight at once, then pass by pass
+        (a pass adds one token, or with speculation the drafts its verdict kept and one)."""
         size = self.plan.prompt_chunk(len(prompt))
         session.prompt_chunks = [tuple(prompt[s:s + size]) for s in range(0, len(prompt), size)]
         session.limit = limit
-        for produced in range(limit):
+        produced = 0
+        while produced < limit:
             t0 = time.perf_counter()
-            out, notice = self._step(session)
-            if produced == 0:
-                stats.prompt_s = stats.first_token_s = time.perf_counter() - t0
+            (out, step), notice = self._step(session)
+            took = time.perf_counter() - t0
+            tokens = out.tokens[:limit - produced]
+            if step is None:
+                stats.prompt_s = stats.first_token_s = took
             else:
-                stats.decode_s += time.perf_counter() - t0
-                stats.decode_tokens += 1
+                stats.decode_s += took
+                stats.decode_tokens += len(tokens)
                 stats.add_decode(out.timings)
+                stats.speculation.add(step, took)
             if notice is not None:
                 yield notice
-            yield out.token
+            for token in tokens:
+                produced += 1
+                yield token
 
-    def _step(self, session: Session) -> tuple[StageResult, Failover | None]:
-        """The session's next token, failing over as often as ``MAX_FAILOVERS`` allows."""
+    def _step(self, session: Session
+              ) -> tuple[tuple[StageResult, Pass | None], Failover | None]:
+        """The session's next step (and its pass, after the prompt), failing over as often
+        as ``MAX_FAILOVERS`` allows."""
         notice = None
         for attempt in range(MAX_FAILOVERS + 1):
             with self._gate.shared():
@@ -335,37 +324,47 @@ class RunningModel:
             notice = self._fail_over(epoch, failure) or notice
         raise AssertionError("unreachable")
 
-    def _advance(self, session: Session) -> StageResult:
-        """Send what the session has not fed yet (the whole prompt, or its last token) and
-        record the token sampled. Runs under the step gate, so a failover sees either the
-        token recorded or the step not done. With the token ring on, the last stage feeds
-        each token to stage 0 itself: after the first, steps only wait."""
+    def _advance(self, session: Session) -> tuple[StageResult, Pass | None]:
+        """Send what the session has not fed yet (the whole prompt, or its pending token
+        and its drafts) and record what the step added. Runs under the step gate, so a
+        failover sees either the step recorded or not done. With the token ring on, the
+        last stage feeds each step to stage 0 itself: after the first, steps only wait."""
         if session.ring is not None:
             chunk, ring_left = session.ring.chunk, session.ring.left
         else:
             ring_left = TokenRing.length(self.settings.token_ring, session.limit,
                                          len(session.generated))
+            if (segment := self.speculator.ring_segment()) is not None:
+                ring_left = min(ring_left, segment)
+            session.draft_k = self.speculator.choose(session)
             chunk = self._send_step(session, ring_left)
         out = self.path.wait(session.id, chunk)
-        session.draws += 1
-        session.generated.append(out.token)
+        step = session.record(out)
         session.ring = TokenRing.after(
-            chunk, ring_left, stopped=self.tokenizer.is_end_of_generation(out.token))
-        return out
+            chunk, ring_left, added=len(out.tokens),
+            stopped=any(self.tokenizer.is_end_of_generation(t) for t in out.tokens))
+        return out, step
 
     def _send_step(self, session: Session, ring_left: int) -> int:
-        """Send the session's next step (its prompt in chunks, or its last token); returns
-        the chunk number whose result is the next token."""
+        """Send the session's next step (its prompt in chunks, or its pending token and
+        the drafts to verify with it); returns the chunk number whose result comes next."""
         stops = self.tokenizer.end_of_generation if ring_left else ()
+        draft_k = session.draft_k if ring_left else 0  # the ring's steps draft this many
         if session.generated:
-            return self.path.send(session.id, session.length, [session.generated[-1]],
-                                  want_token=True, ring_left=ring_left, ring_stops=stops)
+            budget = ring_left or session.limit - len(session.generated) - 1
+            drafts = self.speculator.drafts(session, budget, self.plan.context_tokens,
+                                            self.plan.batch_tokens) if session.draft_k else ()
+            return self.path.send(session.id, session.length,
+                                  [session.generated[-1], *drafts], want_token=True,
+                                  ring_left=ring_left, ring_stops=stops,
+                                  drafted=len(drafts), draft_k=draft_k)
         start = chunk = 0
         for i, part in enumerate(session.prompt_chunks):
             last = i + 1 == len(session.prompt_chunks)
             chunk = self.path.send(session.id, start, part, want_token=last,
                                    sampling=session.sampling if i == 0 else None,
-                                   ring_left=ring_left if last else 0, ring_stops=stops)
+                                   ring_left=ring_left if last else 0, ring_stops=stops,
+                                   draft_k=draft_k if last else 0)
             start += len(part)
         return chunk
 

@@ -1,0 +1,143 @@
+"""Speculative decoding through real workers: verification chunks go down the stages as
+one batch, the last stage judges them, every stage rolls back what it rejected.
+
+Greedy answers equal the unsplit model fed the same batches (the prompt in its chunks,
+then every recorded pass with its drafts, rolled back to each pass's start), on the real
+135M and a generated model, with the token ring (the last stage drafts) and without it
+(this side drafts), which also draft the same passes. Seeded sampling is reproducible run
+to run. Sessions that speculate share the pipeline with plain ones.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from orchcore.modelgen import preset, write_model
+from orchcore.sampling import SamplingParams
+from orchcore.speculation.accept import greedy_verdict
+from orchestrator.pipeline.session import GenerationStats, RunningModel, Session
+from testkit.cluster import GREEDY, open_model, worker_server
+from testkit.reference import ReferenceModel
+
+COPY = ("Repeat this paragraph exactly, but write 'evening' instead of 'night': The old "
+        "lighthouse keeper climbed the stairs every night to light the lamp. The ships passed "
+        "safely through the narrow strait, and the village slept without fear of the rocks.")
+ANSWER = 40
+SEEDED = SamplingParams(temperature=0.8, seed=4321)
+
+
+@pytest.fixture(scope="module")
+def workers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("spec")
+    with worker_server(root / "a") as a, worker_server(root / "b") as b:
+        yield [a, b]
+
+
+def answer(model: RunningModel, prompt: list[int], sampling: SamplingParams = GREEDY,
+           n: int = ANSWER) -> tuple[list[int], Session, GenerationStats]:
+    session, stats = model.new_session(sampling), GenerationStats()
+    return list(model.stream(session, prompt, n, stats)), session, stats
+
+
+def assert_unsplit_agrees(path, session: Session, tokens: list[int]) -> None:
+    """The unsplit model fed ``session``'s batches (prompt chunks, then each pass, rolled
+    back to its start) keeps the same drafts and picks the same tokens, pass by pass."""
+    ref = ReferenceModel(path, threads=1)
+    try:
+        for chunk in session.prompt_chunks:
+            logits = ref.eval_batch([(0, list(chunk))])
+        assert int(logits[-1].argmax()) == session.generated[0], "the prompt's token"
+        for n, step in enumerate(session.passes):
+            ref.rollback(step.start)
+            rows = ref.eval(list(step.tokens))
+            verdict = greedy_verdict(step.tokens[1:], rows)
+            got = (*step.tokens[1:][:verdict.accepted], verdict.token)
+            assert got == step.added, (f"pass {n} at {step.start} with {step.drafted} drafts: "
+                                       f"unsplit {got}, pipeline {step.added}")
+    finally:
+        ref.close()
+    assert tokens == session.generated[:len(tokens)]
+
+
+@pytest.mark.parametrize("ring", [True, False])
+def test_greedy_speculation_equals_the_unsplit_model_fed_the_same_batches_real(
+        smollm2_path, workers, tmp_path, ring, capsys):
+    with open_model(smollm2_path, workers, None, tmp_path, token_ring=ring,
+                    speculate="ngram:4") as model:
+        prompt = model.encode([{"role": "user", "content": COPY}])
+        tokens, session, stats = answer(model, prompt)
+    with open_model(smollm2_path, workers, None, tmp_path, token_ring=ring) as model:
+        plain, _, _ = answer(model, prompt)
+    drafted = [p.drafted for p in session.passes]
+    kept = [len(p.added) - 1 for p in session.passes]
+    assert sum(kept) > 0 and any(k < d for k, d in zip(kept, drafted, strict=True)), \
+        f"passes should keep some drafts and reject some: drafted {drafted}, kept {kept}"
+    assert stats.decode_tokens == len(tokens) - 1 and stats.speculation.passes < len(tokens) - 1
+    assert_unsplit_agrees(smollm2_path, session, tokens)
+    same = sum(a == b for a, b in zip(tokens, plain, strict=False))
+    with capsys.disabled():
+        print(f"\n135M, ring {ring}: {len(tokens)} tokens in {stats.speculation.passes + 1} "
+              f"passes ({sum(kept)}/{sum(drafted)} drafts kept); equal to plain one-token "
+              f"decoding at {same}/{len(tokens)} tokens")
+
+
+def test_greedy_speculation_equals_the_unsplit_model_fed_the_same_batches_generated(
+        workers, tmp_path, capsys):
+    model_path = write_model(tmp_path / "model.gguf", preset("tiny-llama-gqa", n_layers=4))
+    prompt = [1, 17, 300, 42, 99, 17, 300, 42, 5, 17, 300]
+    with open_model(model_path, workers, None, tmp_path, speculate="ngram:3") as model:
+        tokens, session, stats = answer(model, prompt, n=48)
+    drafted = [p.drafted for p in session.passes]
+    assert sum(drafted) > 0, "prompt lookup drafted nothing on this answer"
+    assert_unsplit_agrees(model_path, session, tokens)
+    with capsys.disabled():
+        print(f"\ngenerated: {len(tokens)} tokens, {stats.speculation.accepted}/"
+              f"{stats.speculation.drafted} drafts kept in {stats.speculation.passes} passes")
+
+
+def test_seeded_sampling_is_reproducible_and_the_ring_drafts_what_this_side_would(
+        smollm2_path, workers, tmp_path):
+    runs = []
+    for ring in (True, True, False):
+        with open_model(smollm2_path, workers, None, tmp_path, token_ring=ring,
+                        speculate="ngram:4") as model:
+            prompt = model.encode([{"role": "user", "content": COPY}])
+            tokens, session, _ = answer(model, prompt, SEEDED)
+            runs.append((tokens, [(p.start, p.tokens, p.added) for p in session.passes]))
+    assert sum(len(t) - 1 for _, passes in runs for _, t, _ in passes) > 0, "no drafts"
+    assert runs[0] == runs[1], "the same seed gave another answer"
+    assert runs[0] == runs[2], "the ring's passes differ from the orchestrator's"
+
+
+def test_speculating_and_plain_sessions_share_the_pipeline(smollm2_path, workers, tmp_path):
+    """Two speculative and two plain sessions at once: stage 0 batches the plain steps and
+    computes verification chunks alone; every answer equals the same answer alone, and
+    every KV slot is free afterwards."""
+    with open_model(smollm2_path, workers, None, tmp_path, max_sessions=4,
+                    speculate="ngram:4") as model:
+        prompt = model.encode([{"role": "user", "content": COPY}])
+        alone, _, _ = answer(model, prompt)
+        plain_alone, _, _ = answer(model, prompt, SamplingParams(temperature=0.0,
+                                                                 repeat_penalty=1.1))
+        results: dict[int, list[int]] = {}
+
+        def run(i: int) -> None:
+            sampling = GREEDY if i % 2 == 0 else SamplingParams(temperature=0.0,
+                                                                repeat_penalty=1.1)
+            results[i] = answer(model, prompt, sampling)[0]
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert sorted(results) == [0, 1, 2, 3], "a session did not finish"
+        assert results[0] == results[2] == alone
+        assert results[1] == results[3] == plain_alone
+        give_up = time.monotonic() + 10  # the last session's end reaches the last stage
+        while (held := [c.info().loaded.sessions for c in model.path.clients]) != [0, 0]:
+            assert time.monotonic() < give_up, f"sessions still held: {held}"
+            time.sleep(0.05)

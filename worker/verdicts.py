@@ -1,0 +1,91 @@
+"""The last stage's decisions, per session: the token of a plain step (llama.cpp's own
+sampler chain, ``TokenSampler``), the verdict on a verification chunk's drafts
+(``orchcore.speculation``: greedy, or speculative sampling with the session's seeded
+generator), and the session's tokens so far, which the token ring drafts from.
+
+A verification chunk carries the pending token and k drafts; its logits come for every
+row. The verdict keeps the longest acceptable prefix of the drafts plus one token of the
+target's own. The positions it rejects stay in the KV caches until the session's next chunk,
+which starts below the stage's length: every stage then drops them first (``Stage``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from orchcore.chunks import Chunk
+from orchcore.errors import InvalidInputError
+from orchcore.speculation.accept import Verdict
+from orchcore.speculation.decode import Judge
+from orchcore.speculation.drafters import Draft, PromptLookup
+from worker.publish import NOTHING
+from worker.sampler import TokenSampler
+
+
+class Verdicts:
+    """Per session at the last stage: its sampler chain, its judge (made at its first
+    verification chunk), and every token that entered the model, in position order."""
+
+    def __init__(self, n_vocab: int) -> None:
+        self.n_vocab = n_vocab
+        self._samplers: dict[str, TokenSampler] = {}
+        self._judges: dict[str, Judge] = {}
+        self._history: dict[str, list[int]] = {}
+        self._drafter = PromptLookup()
+
+    def decide(self, chunk: Chunk, logits: np.ndarray) -> Verdict:
+        """Record ``chunk``'s tokens and answer it: nothing, a sampled token, or the verdict
+        on its drafts (``logits``: one row per token of a verification chunk, else the
+        chunk's last row)."""
+        sampler = self._sampler(chunk)
+        judge = self._judge(chunk, sampler) if chunk.verifies else None
+        history = self._history.setdefault(chunk.session, [])
+        del history[chunk.start_pos:]  # positions rolled back on every stage
+        history += chunk.tokens
+        sampler.accept(chunk.tokens)
+        if not chunk.want_token:
+            return NOTHING
+        if judge is None:
+            return Verdict(0, sampler.sample(logits[-1]))
+        return judge(Draft(chunk.drafts), logits)
+
+    def kept(self, chunk: Chunk, verdict: Verdict) -> list[int]:
+        """The session's tokens once ``verdict`` is in: what entered the model and was kept,
+        then the new pending token."""
+        length = chunk.start_pos + len(chunk.tokens) - chunk.drafted + verdict.accepted
+        return [*self._history.get(chunk.session, [])[:length], verdict.token]
+
+    def draft(self, chunk: Chunk, verdict: Verdict, room: int) -> tuple[int, ...]:
+        """Up to ``room`` tokens to verify after the new pending token (prompt lookup)."""
+        if room <= 0:
+            return ()
+        return self._drafter.propose(self.kept(chunk, verdict), room).tokens
+
+    def _sampler(self, chunk: Chunk) -> TokenSampler:
+        sampler = self._samplers.get(chunk.session)
+        if sampler is None:
+            if chunk.sampling is None:
+                raise InvalidInputError(f"session {chunk.session!r}: the first chunk must "
+                                        f"carry sampling parameters")
+            sampler = self._samplers[chunk.session] = TokenSampler(chunk.sampling,
+                                                                   self.n_vocab)
+        return sampler
+
+    def _judge(self, chunk: Chunk, sampler: TokenSampler) -> Judge:
+        judge = self._judges.get(chunk.session)
+        if judge is None:  # refuses penalised sessions: their history cannot roll back
+            judge = self._judges[chunk.session] = Judge(sampler.params)
+        return judge
+
+    def end(self, session: str) -> None:
+        self._history.pop(session, None)
+        self._judges.pop(session, None)
+        sampler = self._samplers.pop(session, None)
+        if sampler is not None:
+            sampler.close()
+
+    def close(self) -> None:
+        for session in list(self._samplers):
+            self.end(session)
+        self._history.clear()
+        self._judges.clear()
