@@ -26,8 +26,8 @@ class ChatTemplateError(OrchError, ValueError):
     """The chat template cannot render these messages (bad messages or a broken template)."""
 
 
-def _matching_cut(masked: str, marks: Sequence[str], contents: Sequence[str],
-                  rendered: str) -> list[Raw]:
+def matching_cut(masked: str, marks: Sequence[str], contents: Sequence[str],
+                 rendered: str) -> list[Raw]:
     """The template's text and the contents, as the template placed them. A template may
     trim the content (llama.cpp's Gemma and Llama 3 renderers do): the trimmed contents
     are put back when that is what the template rendered."""
@@ -39,7 +39,8 @@ def _matching_cut(masked: str, marks: Sequence[str], contents: Sequence[str],
     return cut(masked, marks, contents)
 
 
-def _turns(messages: Sequence[Mapping[str, str]]) -> list[tuple[str, str]]:
+def chat_turns(messages: Sequence[Mapping[str, str]]) -> list[tuple[str, str]]:
+    """(role, content) of each message, or a typed error naming the first bad one."""
     if not messages:
         raise ChatTemplateError("no messages: give at least one "
                                 "{'role': 'user', 'content': ...}")
@@ -55,8 +56,8 @@ def _turns(messages: Sequence[Mapping[str, str]]) -> list[tuple[str, str]]:
     return turns
 
 
-def _builtin_chat(template: str, turns: Sequence[tuple[str, str]],
-                  add_assistant: bool) -> str | None:
+def builtin_chat(template: str, turns: Sequence[tuple[str, str]],
+                 add_assistant: bool) -> str | None:
     """llama.cpp's rendering with a template it recognises; None when it does not."""
     encoded = [(utf8(role), utf8(content)) for role, content in turns]
     chat = (llama_cpp.llama_chat_message * len(encoded))(

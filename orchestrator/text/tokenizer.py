@@ -33,7 +33,7 @@ from gguf import Keys
 from orchcore.errors import GGUFError, OrchError, UnsupportedModelError
 from orchcore.facts import open_gguf
 from orchcore.llama_ext import init_backend
-from orchestrator.text.chat import _builtin_chat, _matching_cut, _turns, render_jinja
+from orchestrator.text.chat import builtin_chat, chat_turns, matching_cut, render_jinja
 from orchestrator.text.encoding import utf8
 from orchestrator.text.fragments import SpecialToken, partition, placeholders, token_ids
 
@@ -249,8 +249,8 @@ class Tokenizer:
             raise NoChatTemplateError(
                 self.path, f"has no chat template (metadata {Keys.Tokenizer.CHAT_TEMPLATE}); "
                            f"pass a raw prompt instead (--no-chat)")
-        turns = _turns(messages)
-        text = _builtin_chat(source, turns, add_generation_prompt)
+        turns = chat_turns(messages)
+        text = builtin_chat(source, turns, add_generation_prompt)
         if text is not None:
             return text
         return render_jinja(source, [dict(m) for m in messages],
@@ -278,7 +278,7 @@ class Tokenizer:
                                            zip(messages, marks, strict=True)],
                                           add_generation_prompt=add_generation_prompt,
                                           template=template)
-        parts = _matching_cut(masked, marks, contents, rendered)
+        parts = matching_cut(masked, marks, contents, rendered)
         bos_text = self.special_text(self.bos)
         has_bos = bool(bos_text) and rendered.startswith(bos_text)
         ids = token_ids(partition(parts, self.specials), self._encode_text)
