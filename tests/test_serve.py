@@ -1,5 +1,5 @@
 """`orch serve` for real: the official `openai` client against the HTTP API over two real
-workers, and the web page in a real headless Chromium.
+workers (the web page is tested in a real headless Chromium in test_page.py).
 
 The server runs in this process (uvicorn in a thread) over the product's session API, so
 the tests can ask the workers themselves (Info) whether a cancelled stream freed its
@@ -199,34 +199,6 @@ def test_the_gate_queues_then_refuses() -> None:
     assert asyncio.run(scenario()) == ["429 rate_limit_error", "active 1, waiting 0"]
 
 
-def test_the_page_answers_in_chromium(served) -> None:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    options = webdriver.ChromeOptions()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
-        options.add_argument(arg)
-    options.binary_location = "/usr/bin/chromium"
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
-    try:
-        driver.get(served["base"] + "/")
-        driver.execute_script(f"localStorage.setItem('orch-key', '{KEY}')")
-        driver.refresh()
-        wait = WebDriverWait(driver, 60)
-        wait.until(lambda d: all(w in d.find_element(By.ID, "stages").text
-                                 for w in served["workers"]))
-        driver.find_element(By.ID, "prompt").send_keys(QUESTION)
-        driver.find_element(By.ID, "send").click()
-        answer = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR,
-                                                      ".assistant[data-done='1']"))
-        assert "Paris" in answer[0].text
-        wait.until(lambda d: "tokens/s" in d.find_element(By.ID, "stages").text)
-    finally:
-        driver.quit()
-
-
 def test_orch_serve_command_refuses_a_busy_port(tmp_path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -237,7 +209,6 @@ def test_orch_serve_command_refuses_a_busy_port(tmp_path) -> None:
                               timeout=60, env=dict(os.environ, ORCH_CACHE_DIR=str(tmp_path)))
     assert done.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "Traceback" not in done.stderr
-
 
 
 def test_a_dead_worker_ends_the_stream_with_an_error_and_stops_the_server(

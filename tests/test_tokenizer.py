@@ -15,14 +15,13 @@ from hypothesis import strategies as st
 
 from orchcore import modelgen
 from orchcore.errors import GGUFError, NotGGUFError
+from orchestrator.text.chat import ChatTemplateError, render_jinja
 from orchestrator.text.tokenizer import (
-    ChatTemplateError,
     NoChatTemplateError,
     StopMatcher,
     StreamDecoder,
     TokenIdError,
     Tokenizer,
-    render_jinja,
 )
 
 EMOJI_TEXT = "Héllo café 😀 ok"

@@ -46,6 +46,7 @@ from orchestrator.pipeline.session import (
 from orchestrator.serve import replies
 from orchestrator.serve.gate import ApiError, Gate
 from orchestrator.serve.guard import ApiKeyGuard, read_json
+from orchestrator.serve.health import HealthWatch
 from orchestrator.serve.metrics import CountRequests, Metrics
 from orchestrator.serve.openai import (
     ChatRequest,
@@ -61,6 +62,7 @@ log = logging.getLogger(__name__)
 _PATHS = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/api/cluster", "/metrics",
           "/")
 DISCONNECT_POLL_S = 0.2  # how often a waiting or non-streamed request checks its client
+HEALTH_EVERY_S = 1.0  # how often the page's view asks each stage's worker how it is
 
 
 @dataclass
@@ -79,10 +81,22 @@ def create_app(model: RunningModel, name: str, settings: OrchSettings,
     once that a worker of the pipeline is dead or hung and no failover could replace it
     (every later answer would fail: the caller stops). A failover that succeeds is only
     logged."""
-    app = FastAPI(title="orch", docs_url=None, redoc_url=None, openapi_url=None)
     key = settings.api_key.get_secret_value() if settings.api_key else None
     state = _State(model, (name, *dict.fromkeys(a for a in aliases if a != name)), settings,
                    on_broken)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        watching = asyncio.create_task(state.health.watch())
+        try:
+            yield
+        finally:
+            watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watching
+
+    app = FastAPI(title="orch", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=lifespan)
     app.add_middleware(ApiKeyGuard, key=key)
     app.add_middleware(CountRequests, metrics=state.metrics, paths=_PATHS)  # outermost: 401s too
     limit = settings.serve_max_body_bytes
@@ -147,6 +161,7 @@ class _State:
                          settings.serve_queue_wait_s)
         self.live = Live()
         self.metrics = Metrics(model, lambda: self.gate.active, lambda: self.gate.waiting)
+        self.health = HealthWatch(model, HEALTH_EVERY_S, settings.probe_deadline_s)
 
     async def answer(self, request: Request, body: ChatRequest | CompletionRequest,
                      prompt: Any, *, chat: bool) -> Any:
@@ -278,21 +293,27 @@ class _State:
             self.on_broken = None
 
     def cluster(self) -> dict:
-        """The plan and each stage's speed (answers in flight first, else the last one)."""
+        """The plan; each stage's health, memory, codec to the next stage, and speed
+        (answers in flight first, else the last one); the context and answer lengths."""
         watched = next(iter(self.live.running.values()), None) or self.live.last
-        stages = []
-        for s in self.model.plan.stages:
+        plan, stages = self.model.plan, []
+        for s in plan.stages:
             ms = (watched.compute_ms.get(s.index, 0.0) / watched.decode_tokens
                   if watched and watched.decode_tokens else None)
+            health = self.health.of(s.worker)
             stages.append({"index": s.index, "worker": s.worker, "host": s.device.hostname,
                            "layers": [s.layers.start, s.layers.end],
+                           "health": health.state,
+                           "memory_bytes": health.resident_bytes or s.memory.total,
+                           "budget_bytes": s.budget,
+                           "codec": plan.codec if s.index + 1 < len(plan.stages) else None,
                            "compute_ms_per_token": ms,
                            "tokens_per_s": 1e3 / ms if ms else None})
         rate = (watched.decode_tokens / watched.decode_s
                 if watched and watched.decode_s else None)
-        return {"model": self.names[0], "layers": self.model.plan.n_layers, "stages": stages,
+        return {"model": self.names[0], "layers": plan.n_layers, "stages": stages,
                 "tokens_per_s": rate, "answers": self.live.answers,
-                "context_tokens": self.model.plan.context_tokens,
+                "context_tokens": plan.context_tokens, "max_tokens": self.settings.max_tokens,
                 "sessions": {"slots": self.gate.slots, "active": self.gate.active,
                              "waiting": self.gate.waiting}}
 

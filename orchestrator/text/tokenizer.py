@@ -12,31 +12,30 @@ Streaming output goes through two small state machines:
 * ``StopMatcher``: text in, text out until a stop string appears. Text that may be the
   start of a stop string is held back until it is known not to be one.
 
-Chat prompts use llama.cpp's built-in renderer for the templates it recognises and the
-GGUF's Jinja template (sandboxed jinja2) for the others.
+Chat prompts are rendered by ``chat`` (llama.cpp's built-in renderer, else the GGUF's
+Jinja template) and tokenized here.
 """
 
 from __future__ import annotations
 
 import codecs
 import ctypes
-import json
 import logging
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Self
 
 import llama_cpp
 from gguf import Keys
 
-from orchcore.errors import GGUFError, InvalidInputError, OrchError, UnsupportedModelError
+from orchcore.errors import GGUFError, OrchError, UnsupportedModelError
 from orchcore.ggufread import open_gguf
 from orchcore.llama_ext import init_backend
-from orchestrator.text.fragments import Raw, SpecialToken, cut, partition, placeholders, token_ids
+from orchestrator.text.chat import builtin_chat, chat_turns, matching_cut, render_jinja
+from orchestrator.text.encoding import utf8
+from orchestrator.text.fragments import SpecialToken, partition, placeholders, token_ids
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +47,8 @@ class TokenIdError(OrchError, ValueError):
     """A token id outside the vocabulary (llama.cpp would abort the process on it)."""
 
 
-class TextEncodingError(InvalidInputError):
-    """Text that is not valid UTF-8 (a terminal in another encoding, a bad JSON string)."""
-
-
 class NoChatTemplateError(GGUFError):
     """The GGUF carries no chat template, so messages cannot be turned into a prompt."""
-
-
-class ChatTemplateError(OrchError, ValueError):
-    """The chat template cannot render these messages (bad messages or a broken template)."""
 
 
 # --- loading ---------------------------------------------------------------------------
@@ -258,8 +249,8 @@ class Tokenizer:
             raise NoChatTemplateError(
                 self.path, f"has no chat template (metadata {Keys.Tokenizer.CHAT_TEMPLATE}); "
                            f"pass a raw prompt instead (--no-chat)")
-        turns = _turns(messages)
-        text = _builtin_chat(source, turns, add_generation_prompt)
+        turns = chat_turns(messages)
+        text = builtin_chat(source, turns, add_generation_prompt)
         if text is not None:
             return text
         return render_jinja(source, [dict(m) for m in messages],
@@ -287,7 +278,7 @@ class Tokenizer:
                                            zip(messages, marks, strict=True)],
                                           add_generation_prompt=add_generation_prompt,
                                           template=template)
-        parts = _matching_cut(masked, marks, contents, rendered)
+        parts = matching_cut(masked, marks, contents, rendered)
         bos_text = self.special_text(self.bos)
         has_bos = bool(bos_text) and rendered.startswith(bos_text)
         ids = token_ids(partition(parts, self.specials), self._encode_text)
@@ -321,130 +312,7 @@ class Tokenizer:
         return self._specials
 
 
-def _matching_cut(masked: str, marks: Sequence[str], contents: Sequence[str],
-                  rendered: str) -> list[Raw]:
-    """The template's text and the contents, as the template placed them. A template may
-    trim the content (llama.cpp's Gemma and Llama 3 renderers do): the trimmed contents
-    are put back when that is what the template rendered."""
-    for variant in (lambda c: c, str.strip):
-        parts = cut(masked, marks, [variant(c) for c in contents])
-        if "".join(p.text for p in parts) == rendered:
-            return parts
-    log.debug("the chat template transforms message content; it is tokenized as given")
-    return cut(masked, marks, contents)
-
-
-def _turns(messages: Sequence[Mapping[str, str]]) -> list[tuple[str, str]]:
-    if not messages:
-        raise ChatTemplateError("no messages: give at least one "
-                                "{'role': 'user', 'content': ...}")
-    turns = []
-    for i, message in enumerate(messages):
-        role, content = message.get("role"), message.get("content")
-        if not isinstance(role, str) or not isinstance(content, str):
-            raise ChatTemplateError(f"message {i} needs string 'role' and 'content' "
-                                    f"entries, got {dict(message)!r}")
-        if "\0" in role or "\0" in content:
-            raise ChatTemplateError(f"message {i} contains a NUL character; remove it")
-        turns.append((role, content))
-    return turns
-
-
-def _builtin_chat(template: str, turns: Sequence[tuple[str, str]],
-                  add_assistant: bool) -> str | None:
-    """llama.cpp's rendering with a template it recognises; None when it does not."""
-    encoded = [(utf8(role), utf8(content)) for role, content in turns]
-    chat = (llama_cpp.llama_chat_message * len(encoded))(
-        *(llama_cpp.llama_chat_message(role, content) for role, content in encoded))
-    tmpl = template.encode()
-    capacity = 2 * sum(len(r) + len(c) for r, c in encoded) + 256
-    for _ in range(2):
-        buf = ctypes.create_string_buffer(capacity)
-        n = llama_cpp.llama_chat_apply_template(tmpl, chat, len(encoded), add_assistant,
-                                                buf, capacity)
-        if n < 0:
-            return None
-        if n <= capacity:
-            return buf.raw[:n].decode("utf-8", errors="replace")
-        capacity = n
-    return None
-
-
-# --- Jinja templates -------------------------------------------------------------------
-
-
-class _TemplateRaised(Exception):
-    """A template called ``raise_exception(message)``."""
-
-
-def _raise_exception(message: str) -> None:
-    raise _TemplateRaised(message)
-
-
-def _tojson(value: Any, indent: int | None = None) -> str:
-    # Hugging Face's tojson: no HTML escaping, non-ASCII kept.
-    return json.dumps(value, indent=indent, ensure_ascii=False)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-@lru_cache(maxsize=8)
-def _compile(template: str) -> Any:
-    try:
-        from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-    except ImportError:
-        raise ChatTemplateError("this model's chat template needs the jinja2 package: "
-                                "pip install jinja2, or pass a raw prompt (--no-chat)") from None
-    # The environment Hugging Face's apply_chat_template uses, which templates are written for.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    try:
-        return env.from_string(template)
-    except TemplateError as exc:
-        raise ChatTemplateError(f"the chat template does not parse: {exc}") from None
-
-
-def render_jinja(template: str, messages: Sequence[Mapping[str, Any]], *,
-                 add_generation_prompt: bool, bos_token: str = "",
-                 eos_token: str = "") -> str:
-    """Render a Hugging Face style Jinja chat template in a sandbox."""
-    from jinja2 import TemplateError
-
-    compiled = _compile(template)
-    try:
-        return compiled.render(messages=list(messages),
-                               add_generation_prompt=add_generation_prompt,
-                               bos_token=bos_token, eos_token=eos_token)
-    except _TemplateRaised as exc:
-        raise ChatTemplateError(f"the chat template rejected the messages: {exc}") from None
-    except TemplateError as exc:
-        raise ChatTemplateError(f"the chat template failed: {exc}") from None
-
-
 # --- streaming -------------------------------------------------------------------------
-
-
-def utf8(text: str) -> bytes:
-    """``text`` as UTF-8, or a typed error naming the first byte that is not UTF-8.
-
-    Command-line arguments that are not UTF-8 reach Python as lone surrogates
-    (``\udce9`` for the byte 0xe9); JSON can carry them too.
-    """
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        char = text[exc.start]
-        code = ord(char) - 0xDC00 if 0xDC80 <= ord(char) <= 0xDCFF else None
-        what = f"the byte {code:#04x}" if code is not None else f"{char!r}"
-        raise TextEncodingError(f"the text is not valid UTF-8 ({what} at character "
-                                f"{exc.start}); check your terminal's character encoding"
-                                ) from None
 
 
 class StreamDecoder:
