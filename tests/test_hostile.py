@@ -114,8 +114,7 @@ def test_garbage_costs_a_few_log_lines_not_a_traceback_each(tmp_path):
         for _ in range(210):
             call_raw(link.channel, info, [rng.randbytes(64)], workers.token, 10.0, tally)
         link.close()
-        time.sleep(0.2)
-        log = (workers.log_dir / "worker-0.log").read_text()
+    log = (workers.log_dir / "worker-0.log").read_text()  # all of it: the worker has exited
     assert tally.findings == [] and tally.codes.get("INVALID_ARGUMENT", 0) > 150
     assert "Traceback" not in log
     assert len(log.splitlines()) <= 10, log
