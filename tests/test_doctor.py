@@ -21,7 +21,7 @@ import pytest
 from rich.console import Console
 
 from orchcore.cpu import cpu_info
-from orchestrator import cli
+from testkit.waiting import wait_until
 from worker import doctor
 from worker.doctor import Status, disk_status, doctor_options, run_checks, to_json
 from worker.settings import WorkerSettings
@@ -114,9 +114,7 @@ def test_a_port_held_by_an_orch_worker_is_not_a_failure(tmp_path):
     server = threading.Thread(target=serve, args=(settings,), kwargs={"stop": stop})
     server.start()
     try:
-        deadline = time.monotonic() + 30
-        while not ready.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(ready.exists, 30, "the worker to be ready")
         port = ready.read_text().rsplit(":", 1)[1]
         ours = check("port", options_for(tmp_path, host="127.0.0.1", port=port, token=TOKEN))
         theirs = check("port", options_for(tmp_path, host="127.0.0.1", port=port,
@@ -220,7 +218,6 @@ def _orch_doctor(*args: str) -> subprocess.CompletedProcess[str]:
                           env=env, capture_output=True, text=True, timeout=60)
 
 
-@pytest.mark.skipif(not hasattr(cli, "doctor"), reason="orch doctor is not wired into the CLI")
 def test_the_command_line(tmp_path):
     port = str(free_port())
     good = env_file(tmp_path / "good.env", token=TOKEN, host="0.0.0.0", discovery="lo")
