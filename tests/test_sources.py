@@ -214,7 +214,8 @@ def test_corrupt_hub_bytes_are_deleted_and_the_next_source_serves(
     path = shop.resolve(NAME, entry(source, WHEEL, expect=known(model)))
     assert path.read_bytes() == model
     assert shop.stamp(path).source == str(WHEEL)
-    assert [n for n in notes if n.startswith(f"{source}: the download is not the expected")]
+    assert [n for n in notes if n.startswith(f"{source}: the download is not the expected")], \
+        notes
     assert hub_files(tmp_path) == []
 
 
