@@ -17,6 +17,7 @@ import pytest
 from orchcore import modelgen
 from orchcore.errors import ModelFetchError
 from orchestrator.models.download import pull_url, pulled_files, remove_pulled
+from testkit.models import generated_model
 
 
 class _Server(http.server.ThreadingHTTPServer):
@@ -67,9 +68,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture(scope="module")
-def model_bytes(tmp_path_factory) -> bytes:
-    path = tmp_path_factory.mktemp("m") / "tiny.gguf"
-    return modelgen.write_model(path, modelgen.preset("tiny-llama-gqa")).read_bytes()
+def model_bytes() -> bytes:
+    return generated_model(modelgen.preset("tiny-llama-gqa"), "tiny.gguf").read_bytes()
 
 
 @pytest.fixture
