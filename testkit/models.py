@@ -60,8 +60,8 @@ def generated_model(spec: ModelSpec, name: str = "model.gguf", *,
             first = modelgen.write_model(folder / name, spec, split_max_tensors=split_max_tensors)
             write_atomic(ready, first.name)
             log.info("generated %s in %.1f s", first, time.monotonic() - started)
-        else:
-            os.utime(ready)  # used now: the last to be evicted
+        now = time.time_ns()  # used now: the last to be evicted (finer than the fs clock)
+        os.utime(ready, ns=(now, now))
         first = folder / ready.read_text()
     _evict(keep=folder)
     return first
