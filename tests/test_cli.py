@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -14,18 +15,15 @@ import time
 import psutil
 import pytest
 
+from testkit.cluster import assert_no_workers_left, workers_under
+from testkit.waiting import WaitTimeout, wait_until
+
 
 def orch(*args: str, cache, stdin: str | None = None, timeout: float = 180
          ) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, ORCH_CACHE_DIR=str(cache), COLUMNS="120")
     return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], env=env,
                           input=stdin, capture_output=True, text=True, timeout=timeout)
-
-
-def _no_workers_left() -> bool:
-    me = psutil.Process()
-    return not [c for c in me.children(recursive=True)
-                if "worker" in " ".join(c.cmdline()) and c.status() != psutil.STATUS_ZOMBIE]
 
 
 def test_run_answers_and_cleans_up(smollm2_path, tmp_path):
@@ -35,11 +33,13 @@ def test_run_answers_and_cleans_up(smollm2_path, tmp_path):
     assert "Paris" in done.stdout
     assert "decode" in done.stderr and "bytes/token" in done.stderr
     assert "MiB of shards sent" in done.stderr
-    assert _no_workers_left()
+    assert_no_workers_left(tmp_path)
     again = orch("run", str(smollm2_path), "What is the capital of France?", "--max-tokens",
                  "4", cache=tmp_path)
     assert "0 bytes of shards sent" in again.stderr  # sticky: the same plan, all cached
-    for log in (tmp_path / "local" / "logs").glob("worker-*.log"):  # a normal run is quiet
+    logs = sorted((tmp_path / "local" / "logs").glob("worker-*.log"))
+    assert logs, f"no worker logs in {tmp_path / 'local' / 'logs'}"
+    for log in logs:  # a normal run is quiet
         assert "WARNING" not in log.read_text() and "ERROR" not in log.read_text(), log
 
 
@@ -118,7 +118,41 @@ def test_bad_input_is_a_message_not_a_traceback(smollm2_path, tmp_path, args, me
     assert done.returncode == 1
     assert message in done.stderr
     assert "Traceback" not in done.stderr
-    assert _no_workers_left()
+    assert_no_workers_left(tmp_path)
+
+
+LEAK = """
+import subprocess, sys
+# Start a worker and exit without stopping it: the worker is re-parented, as the workers of
+# an orchestrator that forgot them would be.
+proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "worker", "--host",
+                         "127.0.0.1", "--port", "0", "--threads", "1", "--cache-dir",
+                         sys.argv[1], "--ready-file", sys.argv[2]], start_new_session=True,
+                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL)
+print(proc.pid)
+"""
+
+
+def test_a_leaked_worker_fails_the_check_for_leftover_workers(tmp_path):
+    ready = tmp_path / "ready"
+    env = dict(os.environ, ORCH_WORKER_TOKEN="a-token-for-the-leak-test")
+    done = subprocess.run([sys.executable, "-c", LEAK, str(tmp_path / "local" / "worker-0"),
+                           str(ready)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    pid = int(done.stdout)
+    try:
+        wait_until(ready.exists, 60, "the leaked worker to be ready")
+        assert pid not in [c.pid for c in psutil.Process().children(recursive=True)], \
+            "the leaked worker should no longer be a child of this process"
+        assert [p.pid for p in workers_under(tmp_path)] == [pid]
+        with pytest.raises(WaitTimeout, match=f"pid {pid}: .*orchestrator.cli worker"):
+            assert_no_workers_left(tmp_path, timeout=1)
+        assert workers_under(tmp_path / "elsewhere") == []  # only this folder's workers
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    assert_no_workers_left(tmp_path, timeout=30)
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -21,6 +21,7 @@ import pytest
 from rich.console import Console
 
 from orchcore.cpu import cpu_info
+from testkit.waiting import wait_until
 from worker import doctor
 from worker.doctor import Status, disk_status, doctor_options, run_checks, to_json
 from worker.settings import WorkerSettings
@@ -115,9 +116,7 @@ def test_a_port_held_by_an_orch_worker_is_not_a_failure(tmp_path):
     server = threading.Thread(target=serve, args=(settings,), kwargs={"stop": stop})
     server.start()
     try:
-        deadline = time.monotonic() + 30
-        while not ready.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(ready.exists, 30, "the worker to be ready")
         port = ready.read_text().rsplit(":", 1)[1]
         ours = check("port", options_for(tmp_path, host="127.0.0.1", port=port, token=TOKEN))
         theirs = check("port", options_for(tmp_path, host="127.0.0.1", port=port,

@@ -21,7 +21,7 @@ from orchcore.config import EngineConfig
 from orchcore.errors import PlanError, UnsupportedModelError
 from orchcore.facts import OUTPUT, TOKEN_EMBD, read_model_facts
 from orchcore.memory import StageMemory, estimate_shard, kv_cells
-from orchcore.modelgen import GType, preset, write_model
+from orchcore.modelgen import GType, preset
 from orchcore.probe import layer_shape
 from orchcore.shard import KEY_INPUT_SCALE, LayerRange, shard_layout, write_shard
 from orchcore.slices import shard_ranges
@@ -30,6 +30,7 @@ from orchestrator.cluster.local import LocalCluster
 from orchestrator.planning.plan import PlanOptions, head_layers, make_plan
 from testkit.chain import Chain, assert_split_exact
 from testkit.cluster import greedy_tokens, open_model
+from testkit.models import generated_model
 from testkit.reference import ReferenceModel
 
 STEPS = 12
@@ -65,7 +66,7 @@ def _check_exact(model, tmp_path, threads, cuts_list):
 @pytest.mark.parametrize(("name", "wtype", "changes", "cuts"), CASES,
                          ids=[f"{c[0]}-{c[1].name}-{i}" for i, c in enumerate(CASES)])
 def test_split_equals_unsplit(name, wtype, changes, cuts, tmp_path, threads):
-    model = write_model(tmp_path / "model.gguf", preset(name, weight_type=wtype, **changes))
+    model = generated_model(preset(name, weight_type=wtype, **changes))
     _check_exact(model, tmp_path, threads, cuts)
 
 
@@ -102,7 +103,7 @@ def test_uniform_per_layer_expert_keys_are_sliced_and_exact(tmp_path, threads):
     spec = preset("arch-qwen3moe", weight_type=GType.Q8_0)
     used, width = (k.format(arch="qwen3moe") for k in (
         Keys.LLM.EXPERT_USED_COUNT, Keys.LLM.EXPERT_FEED_FORWARD_LENGTH))
-    model = _rewritten(write_model(tmp_path / "plain.gguf", spec), tmp_path / "model.gguf",
+    model = _rewritten(generated_model(spec), tmp_path / "model.gguf",
                        _per_layer(used, [2] * 4) | _per_layer(width, [64] * 4))
     facts = read_model_facts(model)
     assert facts.is_supported and (facts.n_expert_used, facts.n_ff_exp) == (2, 64)
@@ -115,7 +116,7 @@ def test_uniform_per_layer_expert_keys_are_sliced_and_exact(tmp_path, threads):
 def test_nonuniform_expert_count_is_refused(tmp_path):
     spec = preset("arch-qwen3moe", weight_type=GType.Q8_0)
     used = Keys.LLM.EXPERT_USED_COUNT.format(arch="qwen3moe")
-    model = _rewritten(write_model(tmp_path / "plain.gguf", spec), tmp_path / "model.gguf",
+    model = _rewritten(generated_model(spec), tmp_path / "model.gguf",
                        _per_layer(used, [2, 2, 1, 2]))
     facts = read_model_facts(model)
     with pytest.raises(UnsupportedModelError, match="expert_used_count differ between layers"):
@@ -131,7 +132,7 @@ def _keys(path: Path) -> dict:
 
 
 def test_gemma3_shards_carry_their_own_sliding_layers_and_the_input_scale(tmp_path):
-    model = write_model(tmp_path / "g.gguf", preset("arch-gemma3"))
+    model = generated_model(preset("arch-gemma3"), "g.gguf")
     facts = read_model_facts(model)
     assert facts.swa_layers == (True,) * 5 + (False, True) and facts.sliding_window == 4
     pattern, window = "gemma3.attention.sliding_window_pattern", "gemma3.attention.sliding_window"
@@ -150,8 +151,8 @@ def test_gemma3_shards_carry_their_own_sliding_layers_and_the_input_scale(tmp_pa
 def test_qwen2moe_shards_keep_an_output_matrix(tmp_path):
     """llama.cpp requires output.weight for qwen2moe: 1-row zeros before the last stage; the
     last keeps the real one next to a token_embd of zeros it never reads."""
-    model = write_model(tmp_path / "q.gguf", preset("arch-qwen2moe", **WIDE, n_ff_exp=256,
-                                                    n_ff_shexp=256, weight_type=GType.Q8_0))
+    model = generated_model(preset("arch-qwen2moe", **WIDE, n_ff_exp=256, n_ff_shexp=256,
+                                   weight_type=GType.Q8_0), "q.gguf")
     facts = read_model_facts(model)
     middle = {t.name: t for t in shard_layout(facts, LayerRange(1, 3)).tensors}
     assert middle[OUTPUT].source is None and middle[OUTPUT].shape == (256, 1)
@@ -181,7 +182,7 @@ def test_qwen2moe_shards_keep_an_output_matrix(tmp_path):
 @pytest.mark.parametrize("name", ["arch-qwen2moe", "arch-gemma3", "arch-phi3",
                                   "arch-llama-moe"])
 def test_planner_and_worker_estimate_the_same_bytes(name, tmp_path):
-    model = write_model(tmp_path / "m.gguf", preset(name))
+    model = generated_model(preset(name), "m.gguf")
     facts = read_model_facts(model)
     config = EngineConfig(context_tokens=256, max_sessions=2, batch_tokens=32)
     memory = StageMemory(facts, config)
@@ -203,8 +204,7 @@ def test_sliding_layers_hold_the_whole_context_as_llama_cpp_allocates_them():
 
 @pytest.fixture(scope="module")
 def moe_mini(tmp_path_factory) -> Path:
-    return write_model(tmp_path_factory.mktemp("moe") / "mini.gguf",
-                       preset("qwen3moe-30b-a3b-mini"))
+    return generated_model(preset("qwen3moe-30b-a3b-mini"), "mini.gguf")
 
 
 def test_moe_facts_count_every_expert_for_memory_and_the_used_ones_for_time(moe_mini):

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from orchcore.modelgen import GType, preset, write_model
+from orchcore.modelgen import GType, preset
 from testkit.chain import assert_split_exact
+from testkit.models import generated_model
 
 STEPS = 12
 PROMPT = [1, 17, 300, 42, 99, 5, 260, 77]
@@ -26,5 +27,5 @@ def _check_exact(model, tmp_path, threads, cuts_list):
 def test_generated_chain_equals_unsplit(name, wtype, tmp_path, threads):
     width = {"n_embd": 256, "n_ff": 512} if wtype in K_QUANTS else {}
     spec = preset(name, weight_type=wtype, n_layers=4, **width)
-    model = write_model(tmp_path / "model.gguf", spec)
+    model = generated_model(spec)
     _check_exact(model, tmp_path, threads, [[1], [3], [1, 2]])

@@ -28,8 +28,9 @@ from orchcore.errors import (
     UnsupportedModelError,
 )
 from orchcore.facts import SUPPORTED_ARCHITECTURES, read_model_facts
-from orchcore.modelgen import ModelSpec, preset, write_model
+from orchcore.modelgen import ModelSpec, preset
 from orchcore.shard import LayerRange, shard_layout
+from testkit.models import generated_model
 
 SPEC = ModelSpec()  # tiny llama: 4 layers, n_embd 64, vocab 384
 ENGINE = EngineConfig(threads=1, context_tokens=32, max_sessions=1, batch_tokens=8)
@@ -103,7 +104,7 @@ def test_real_model_kv_bytes(real_facts):
                                   "tiny-qwen3"])
 def test_generated_model_facts_match_spec(name, tmp_path):
     spec = preset(name, n_layers=3)
-    f = read_model_facts(write_model(tmp_path / "m.gguf", spec))
+    f = read_model_facts(generated_model(spec, "m.gguf"))
     assert (f.arch, f.n_layers, f.n_embd, f.n_head, f.n_head_kv) == (
         spec.arch, 3, spec.n_embd, spec.n_head, spec.n_head_kv)
     assert (f.n_vocab, f.tied_output, f.n_ctx_train) == (
@@ -118,7 +119,7 @@ def test_generated_model_facts_match_spec(name, tmp_path):
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
-    return write_model(tmp_path_factory.mktemp("facts") / "model.gguf", SPEC)
+    return generated_model(SPEC)
 
 
 @pytest.fixture(scope="module")
@@ -181,10 +182,10 @@ def test_unknown_version(model, tmp_path, version):
 @settings(max_examples=12, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(where=st.floats(0.0, 1.0, exclude_max=True))
-def test_truncated_anywhere(model, regions, region, where):
+def test_truncated_anywhere(model, regions, region, where, tmp_path_factory):
     start, end = regions[region]
     cut = start + int(where * (end - start))
-    path = model.with_name(f"cut-{cut}.gguf")
+    path = tmp_path_factory.getbasetemp() / f"cut-{cut}.gguf"  # never next to the shared model
     path.write_bytes(model.read_bytes()[:cut])
     try:
         err = _expect_error(path, GGUFError)

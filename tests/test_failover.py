@@ -23,6 +23,7 @@ from orchestrator.pipeline.session import Failover, RunningModel
 from orchestrator.planning.plan import make_plan
 from orchestrator.settings import OrchSettings
 from orchestrator.text.tokenizer import Tokenizer
+from testkit.waiting import wait_until
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"
 ANSWER = 20  # tokens
@@ -155,10 +156,8 @@ def test_hung_stage_is_replaced_and_rejoins_on_the_next_answer(
                 assert "did not answer in time" in notices[0].reason
                 assert gap < 10
                 os.kill(victim.pid, signal.SIGCONT)  # it comes back: not mid-answer, but ...
-                give_up = time.monotonic() + 10
-                while address not in model._returned:
-                    assert time.monotonic() < give_up, "the worker back was not noticed"
-                    time.sleep(0.2)
+                wait_until(lambda: address in model._returned, 10,
+                           "the worker back to be noticed")
                 assert answer(model, prompt, GREEDY)[0] == want
                 assert [s.worker for s in model.plan.stages] == first  # ... on the next one
         finally:

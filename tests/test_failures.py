@@ -42,6 +42,7 @@ from orchestrator.pipeline.datapath import DataPath
 from orchestrator.planning.plan import PlanOptions, make_plan
 from orchestrator.settings import OrchSettings
 from testkit.cluster import GREEDY, greedy_tokens, open_model, worker_server
+from testkit.waiting import wait_until
 
 SETTINGS = OrchSettings.load()
 
@@ -216,10 +217,8 @@ def test_killed_orchestrator_leaves_no_workers(tmp_path):
     assert len(pids) == 2 and all(psutil.pid_exists(p) for p in pids)
     proc.kill()
     proc.wait()
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and any(_running(p) for p in pids):
-        time.sleep(0.1)
-    assert not any(_running(p) for p in pids)
+    wait_until(lambda: not any(_running(p) for p in pids), 15,
+               f"the orphaned workers {pids} to exit")
 
 
 def _running(pid: int) -> bool:

@@ -40,6 +40,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils._http import default_client_factory, hf_request_event_hook
 
 from testkit.httpserver import FileServer, plain_etag, serve
+from testkit.waiting import wait_until
 
 REPO = "orch-test/tiny"
 FILE = "tiny-q8_0.gguf"
@@ -456,9 +457,7 @@ def test_stalled_hub_download_retries_despite_etag_timeout(
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 15
-        while len(server.requests) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: len(server.requests) >= 2, 15, "the client's second HEAD request")
         assert server.requests == [("HEAD", f"/{REPO}/resolve/main/{FILE}", "")] * 2
         assert proc.poll() is None  # still waiting on the retry, 60 s timeout
     finally:

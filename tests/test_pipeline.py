@@ -3,6 +3,7 @@ the unsplit model's greedy tokens, and every failure is a clear, fast, typed err
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import time
@@ -105,7 +106,8 @@ def test_worker_killed_mid_answer_fails_fast_and_names_it(smollm2_path, expected
         with open_model(smollm2_path, cluster.addresses, cluster.token, tmp_path,
                         alive=cluster.check_alive) as model:
             stream = model.stream(model.new_session(GREEDY), prompt, 400)
-            assert [next(stream) for _ in range(3)]
+            first = list(itertools.islice(stream, 3))
+            assert len(first) == 3, f"the answer ended after {len(first)} tokens, before the kill"
             os.kill(cluster.procs[1].pid, signal.SIGKILL)
             started = time.monotonic()
             with pytest.raises(WorkerUnreachableError) as info:

@@ -18,6 +18,7 @@ from orchcore.shard import LayerRange, write_shard
 from orchestrator.planning.plan import PlanOptions, host_shares, make_plan
 from orchestrator.planning.speeds import head_layers, lookup_layers
 from orchestrator.settings import OrchSettings, parse_workers
+from testkit.models import generated_model
 
 GIB = 1 << 30
 
@@ -191,9 +192,8 @@ def test_worker_lists_keep_order_and_come_from_a_cluster_file(tmp_path):
 def small_facts(tmp_path_factory):
     from orchcore import modelgen
 
-    path = tmp_path_factory.mktemp("plan") / "six.gguf"
-    return read_model_facts(modelgen.write_model(path, modelgen.preset("tiny-llama-gqa",
-                                                                       n_layers=6)))
+    return read_model_facts(generated_model(modelgen.preset("tiny-llama-gqa", n_layers=6),
+                                            "six.gguf"))
 
 
 def _brute_force(facts, devices, options):

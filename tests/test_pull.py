@@ -23,12 +23,12 @@ from orchcore import modelgen
 from orchcore.errors import ModelFetchError, SourceFetchError
 from orchestrator.models.download import find_pulled, pull_url, pulled_files, remove_pulled
 from testkit.httpserver import FileServer, serve
+from testkit.models import generated_model
 
 
 @pytest.fixture(scope="module")
-def model_bytes(tmp_path_factory) -> bytes:
-    path = tmp_path_factory.mktemp("m") / "tiny.gguf"
-    return modelgen.write_model(path, modelgen.preset("tiny-llama-gqa")).read_bytes()
+def model_bytes() -> bytes:
+    return generated_model(modelgen.preset("tiny-llama-gqa"), "tiny.gguf").read_bytes()
 
 
 @pytest.fixture

