@@ -8,11 +8,15 @@ same bytes (no timestamps, fixed order), so shards are cached by sha256.
 What each shard carries (llama.cpp loads every one of them as an ordinary model):
 
 * every shard: its layers renumbered from 0, ``block_count`` = its layer count, global
-  tensors such as ``rope_freqs``, the final norm (the loader requires it; ``n_embd``
-  floats), and no tokenizer: ``tokenizer.ggml.model = "none"`` (llama.cpp then makes
-  dummy tokens up to ``{arch}.vocab_size``).
+  tensors such as ``rope_freqs``, and the final norm (the loader requires it; ``n_embd``
+  floats).
 * non-final shards: ``vocab_size = 1`` and a 1-row zero ``token_embd``: no vocabulary, no
   lm head; their lm head costs one dot product and the engine stops the graph before it.
+  No tokenizer either: ``tokenizer.ggml.model = "none"`` (llama.cpp then makes dummy
+  tokens up to ``{arch}.vocab_size``).
+* the final shard carries the model's ``tokenizer.*`` keys as they are: the stage that
+  samples needs each token's text for a grammar (``worker.sampler``). Its lm head is the
+  same matrix product either way.
 * the final shard: the lm head as ``output.weight`` (the embedding, for tied models), and
   a ``token_embd`` of zeros of the smallest type, which llama.cpp checks the shape of but
   never reads (the final shard takes hidden states, not tokens). The lm head is then held
@@ -28,7 +32,7 @@ What each shard carries (llama.cpp loads every one of them as an ordinary model)
   ``docs/shard-format.md``). The worker looks rows up with ggml's own dequantisation
   (``ggml_get_type_traits(type)->to_float``, the function llama.cpp's CPU ``get_rows``
   calls), and feeds them as embeddings, so the first stage costs no lm-head memory.
-* a shard holding every layer is the model itself minus the tokenizer.
+* a shard holding every layer is the model itself.
 
 A model in several files (a gguf-split set) gives the same shards, byte for byte, as the
 same model in one file: each tensor is copied from the file holding it, and the ``split.*``
@@ -66,7 +70,8 @@ from orchcore.facts import (
 from orchcore.files import sha256_file
 
 # Bumped whenever the bytes of a shard for the same source and range change.
-SHARD_FORMAT = 2
+# 3: the last shard carries the model's tokenizer (grammar-constrained sampling needs it).
+SHARD_FORMAT = 3
 
 # Metadata keys of our own, under a namespace no GGUF reader interprets.
 KEY_LAYER_START = "orch.shard.layer_start"
@@ -251,8 +256,10 @@ def _shard_metadata(facts: ModelFacts, reader: gguf.GGUFReader, layout: ShardLay
         rewrites |= table.sliding_window.rewrites(arch, facts.swa_layers[start:end])
     out: list[tuple[str, Any, GGUFValueType, GGUFValueType | None]] = []
     for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key.startswith("tokenizer.") or key in rewrites:
+        if key.startswith("GGUF.") or key in rewrites:
             continue
+        if key.startswith("tokenizer.") and not layout.is_last:
+            continue  # the vocabulary is read only where tokens are sampled
         if key in SPLIT_KEYS:
             continue
         if key == Keys.General.ARCHITECTURE:
@@ -266,7 +273,8 @@ def _shard_metadata(facts: ModelFacts, reader: gguf.GGUFReader, layout: ShardLay
             value = value[start:end]
         out.append((key, value, vtype, sub))
     out += [(key, r.value, r.vtype, r.sub_type) for key, r in rewrites.items() if r is not None]
-    out.append((Keys.Tokenizer.MODEL, NO_VOCAB, GGUFValueType.STRING, None))
+    if not layout.is_last:
+        out.append((Keys.Tokenizer.MODEL, NO_VOCAB, GGUFValueType.STRING, None))
     out.append((KEY_LAYER_START, start, GGUFValueType.UINT32, None))
     out.append((KEY_LAYER_END, end, GGUFValueType.UINT32, None))
     out.append((KEY_SOURCE_LAYERS, facts.n_layers, GGUFValueType.UINT32, None))
