@@ -14,7 +14,7 @@ from typing import NamedTuple
 import numpy as np
 
 from orchcore.codecs import get_codec
-from orchcore.sampling import SamplingParams
+from orchcore.sampling import SamplingParams, TokenLogprobs
 
 NO_TOKEN = -1  # a result for a chunk that asked for no token
 
@@ -102,6 +102,7 @@ class StageResult:
     session_ended: bool = False
     batch: tuple[int, ...] = ()  # the chunks computed in one batch with this one, in
     #                              batch order (this one included); empty when alone
+    logprobs: TokenLogprobs | None = None  # the token's, when the session asked for them
 
     @property
     def announces_subscription(self) -> bool:

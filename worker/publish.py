@@ -6,21 +6,27 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Sequence
 
 from orchcore.chunks import NO_TOKEN, Chunk, StageResult
+from orchcore.sampling import TokenLogprobs
 
 log = logging.getLogger(__name__)
 
 
-def results_for(chunk: Chunk, tokens: list[int]) -> list[StageResult]:
+def results_for(chunk: Chunk, tokens: list[int],
+                scores: Sequence[TokenLogprobs | None] = ()) -> list[StageResult]:
     """The answers for ``chunk``'s batch: each member that asks for a token, failed, or
-    ends its session gets one (``tokens``: one per member, empty when none was sampled)."""
+    ends its session gets one (``tokens``: one per member, empty when none was sampled;
+    ``scores``: their logprobs likewise)."""
     members = chunk.members
     batch = tuple(m.chunk for m in members) if chunk.batched else ()
     tokens = tokens or [NO_TOKEN] * len(members)
+    scores = scores or [None] * len(members)
     return [StageResult(session=m.session, chunk=m.chunk, token=token, timings=chunk.timings,
-                        error=chunk.error, session_ended=m.end_session, batch=batch)
-            for m, token in zip(members, tokens, strict=True)
+                        error=chunk.error, session_ended=m.end_session, batch=batch,
+                        logprobs=score)
+            for m, token, score in zip(members, tokens, scores, strict=True)
             if m.want_token or chunk.error is not None or m.end_session]
 
 

@@ -32,6 +32,7 @@ from orchcore.codecs import get_codec
 from orchcore.control import LoadRequest
 from orchcore.engine import StageEngine, Step
 from orchcore.errors import InvalidInputError, MessageTooLargeError, OrchError, StageFaultError
+from orchcore.sampling import TokenLogprobs
 from orchcore.wire import convert, status
 from orchcore.wire.channel import Link, StreamClosedError
 from worker.batching import BatchPolicy, InFlight
@@ -187,6 +188,7 @@ class Stage:
     def _handle(self, msg: Chunk, arrived: float) -> None:
         started = time.perf_counter()
         tokens: list[int] = []
+        scores: list[TokenLogprobs | None] = []
         if self.ring.dropped(msg):
             return  # a ring chunk of a session ended meanwhile (stopped by the orchestrator)
         if msg.error is not None:
@@ -195,7 +197,7 @@ class Stage:
             self.end_session(msg.session)
         else:
             try:
-                msg, tokens = self._compute(msg)
+                msg, tokens, scores = self._compute(msg)
             except (OrchError, ValueError) as exc:
                 msg = self._fail(msg, exc)
             except Exception as exc:  # a bug: report it down the path instead of going silent
@@ -207,7 +209,7 @@ class Stage:
         timing = StageTiming(self.index, queue_ms=(started - arrived) * 1e3,
                              compute_ms=(computed - started) * 1e3)
         if self.next is None:
-            self._publish(msg.timed(timing), tokens)
+            self._publish(msg.timed(timing), tokens, scores)
             return
         size = convert.chunk_size(msg)
         if size > self.max_message_bytes:
@@ -223,7 +225,8 @@ class Stage:
         except StreamClosedError as exc:
             raise StageFaultError(str(exc)) from None
 
-    def _publish(self, msg: Chunk, tokens: list[int]) -> None:
+    def _publish(self, msg: Chunk, tokens: list[int],
+                 scores: list[TokenLogprobs | None]) -> None:
         """The last stage's answer for each chunk of ``msg``'s batch that asks for one. The
         ring goes first, so stage 0 starts on the next step at once."""
         broken_ring = None
@@ -233,7 +236,7 @@ class Stage:
                 self.ring.send(m, token)
             except StageFaultError as exc:
                 broken_ring = exc
-        for out in results_for(msg, tokens):
+        for out in results_for(msg, tokens, scores):
             self.subscribers.publish(out)
         if broken_ring is not None:
             raise broken_ring
@@ -246,10 +249,10 @@ class Stage:
     def _fail(self, msg: Chunk, exc: BaseException) -> Chunk:
         return msg.failed(ChunkError(status.error_code(exc), str(exc), self.worker_name))
 
-    def _compute(self, msg: Chunk) -> tuple[Chunk, list[int]]:
+    def _compute(self, msg: Chunk) -> tuple[Chunk, list[int], list[TokenLogprobs | None]]:
         """Run the chunk (and the steps batched with it): a non-final stage returns it with
         its output rows; the last stage returns each one's sampled token (-1 where none is
-        asked for)."""
+        asked for) and its logprobs (None where the session asked for none)."""
         members = msg.members
         steps = [Step(m.session, m.positions) for m in members]
         if self.engine.role.is_first:
@@ -260,13 +263,15 @@ class Stage:
                 raise InvalidInputError(f"stage {self.index} needs hidden states")
             out = self.engine.forward_batch(steps, hidden=msg.hidden.decode())
         if not self.is_last:
-            return replace(msg, hidden=Rows.encode(out, self.request.codec)), []
-        sampled = []
+            return replace(msg, hidden=Rows.encode(out, self.request.codec)), [], []
+        sampled, scores = [], []
         for m, logits in zip(members, out, strict=True):
             sampler = self._sampler(m)
             sampler.accept(list(m.tokens))
-            sampled.append(sampler.sample(logits) if m.want_token else NO_TOKEN)
-        return msg, sampled
+            token = sampler.sample(logits) if m.want_token else NO_TOKEN
+            sampled.append(token)
+            scores.append(sampler.logprobs(logits, token) if m.want_token else None)
+        return msg, sampled, scores
 
     def _sampler(self, msg: Chunk) -> TokenSampler:
         sampler = self._samplers.get(msg.session)
@@ -274,8 +279,8 @@ class Stage:
             if msg.sampling is None:
                 raise InvalidInputError(f"session {msg.session!r}: the first chunk must carry "
                                         f"sampling parameters")
-            sampler = self._samplers[msg.session] = TokenSampler(msg.sampling,
-                                                                 self.engine.n_vocab)
+            sampler = self._samplers[msg.session] = TokenSampler(
+                msg.sampling, self.engine.n_vocab, self.engine.vocab)
         return sampler
 
     # --- lifetime ----------------------------------------------------------------------

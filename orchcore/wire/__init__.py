@@ -3,4 +3,4 @@ the one table mapping errors to status codes (``status``), the one place that co
 messages to Python values (``convert``), and channels, auth and streams (``channel``)."""
 
 # Bumped on any change an older peer cannot ignore; peers of another version are refused.
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
