@@ -42,6 +42,7 @@ keys, which describe the source's files, are left out (a shard is one file).
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -266,7 +267,7 @@ def _shard_metadata(facts: ModelFacts, reader: gguf.GGUFReader, layout: ShardLay
             continue  # GGUFWriter writes it first from its ``arch`` argument
         vtype = field.types[0]
         sub = field.types[1] if vtype == GGUFValueType.ARRAY and len(field.types) > 1 else None
-        value = field.contents()
+        value = _long_array(reader, field) if _stepped_over(field) else field.contents()
         if vtype == GGUFValueType.ARRAY and not value:
             continue  # gguf-py cannot write empty arrays; llama.cpp treats them as absent
         if key in sliced and isinstance(value, list) and len(value) == facts.n_layers:
@@ -287,6 +288,30 @@ def _shard_metadata(facts: ModelFacts, reader: gguf.GGUFReader, layout: ShardLay
         if table.input_scale is not None:
             out.append((KEY_INPUT_SCALE, table.input_scale(facts.n_embd),
                         GGUFValueType.FLOAT32, None))
+    return out
+
+
+def _stepped_over(field: gguf.ReaderField) -> bool:
+    """A long array the header reader did not read (``facts._CheckedReader``)."""
+    return field.types[:1] == [GGUFValueType.ARRAY] and not field.data and \
+        int(field.parts[-1][0]) > 0
+
+
+def _long_array(reader: gguf.GGUFReader, field: gguf.ReaderField) -> list[Any]:
+    """The elements of a long array (a tokenizer's 50k-262k tokens) read from the file in
+    one pass: strings as their raw bytes (written back unchanged), numbers as numbers."""
+    buf = memoryview(reader.data)
+    pos = field.offset + 8 + len(field.name.encode()) + 4  # key length, key, value type
+    item, count = struct.unpack_from("<IQ", buf, pos)
+    pos += 12
+    if GGUFValueType(item) != GGUFValueType.STRING:
+        dtype = np.dtype(reader.gguf_scalar_to_np[GGUFValueType(item)]).newbyteorder("<")
+        return np.frombuffer(buf, dtype, count, pos).tolist()
+    out = []
+    for _ in range(count):
+        (n,) = struct.unpack_from("<Q", buf, pos)
+        out.append(bytes(buf[pos + 8:pos + 8 + n]))
+        pos += 8 + n
     return out
 
 
