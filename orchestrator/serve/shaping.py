@@ -76,7 +76,7 @@ def _forced(tools: Sequence[Mapping[str, Any]], fmt: ToolFormat, only: str | Non
     for i, tool in enumerate(tools):
         if only is None or tool["function"]["name"] == only:
             try:
-                forced_grammar([tool], fmt)
+                schema_grammar(tool["function"].get("parameters") or {"type": "object"})
             except SchemaError as exc:
                 raise RequestError(f"tools[{i}].function.parameters"
                                    f"{exc.where.replace('/', '.')}", f"{exc}") from None
