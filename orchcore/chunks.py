@@ -14,7 +14,7 @@ from typing import NamedTuple
 import numpy as np
 
 from orchcore.codecs import get_codec
-from orchcore.sampling import SamplingParams
+from orchcore.sampling import SamplingParams, TokenLogprobs
 
 NO_TOKEN = -1  # a result for a chunk that asked for no token
 
@@ -116,6 +116,7 @@ class StageResult:
     #                              batch order (this one included); empty when alone
     drafts: tuple[int, ...] = ()  # a verification chunk's drafts, as it carried them
     accepted: int = 0  # drafts kept: the pass added drafts[:accepted], then token
+    logprobs: TokenLogprobs | None = None  # the token's, when the session asked for them
 
     @property
     def tokens(self) -> tuple[int, ...]:

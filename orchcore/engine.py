@@ -209,6 +209,14 @@ class StageEngine:
         self._sessions: dict[str, int] = {}
         self._next_pos: dict[int, int] = {}
 
+    @property
+    def vocab(self) -> llama_cpp.llama_vocab_p | None:
+        """The shard's vocabulary, for llama.cpp's grammar sampler: a last shard carries the
+        model's tokenizer (shard format 3); None for a shard without one."""
+        vocab = llama_cpp.llama_model_get_vocab(self._model)
+        return None if llama_cpp.llama_vocab_type(vocab) == llama_cpp.LLAMA_VOCAB_TYPE_NONE \
+            else vocab
+
     # --- setup -----------------------------------------------------------------------
 
     def _load_model(self) -> llama_cpp.llama_model_p:

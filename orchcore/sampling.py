@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from orchcore.errors import InvalidSettingError
 
@@ -17,6 +18,8 @@ RANDOM_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: llama.cpp picks a random seed
 MAX_TOP_K = 2**31 - 1  # int32_t in llama_sampler_init_top_k
 # The penalties sampler allocates its ring buffer of repeat_last_n tokens up front.
 MAX_REPEAT_LAST_N = 1 << 20
+MAX_TOP_LOGPROBS = 20  # alternatives returned per token (OpenAI's limit)
+MAX_GRAMMAR_BYTES = 1 << 20  # a GBNF grammar travels in the session's first chunk
 
 
 def _check_float(name: str, value: object, low: float, high: float, *, low_open: bool = False,
@@ -46,6 +49,10 @@ class SamplingParams:
     #                              tokens by this; 1.0 = off
     repeat_last_n: int = 64  # how many of the latest input tokens are "recent"; 0 = off
     seed: int = RANDOM_SEED  # RANDOM_SEED (0xFFFFFFFF) = random; any other value reproducible
+    grammar: str = ""  # GBNF (llama.cpp's grammar format, root rule "root") every sampled
+    #                    token must follow; "" = off. The last stage needs the vocabulary.
+    logprobs: bool = False  # return each sampled token's log-probability
+    top_logprobs: int = 0  # ... and the most likely tokens' at that step, at most 20
 
     def __post_init__(self) -> None:
         inf = math.inf
@@ -66,9 +73,25 @@ class SamplingParams:
             "seed": check_int(
                 "seed", self.seed, 0, RANDOM_SEED,
                 allowed=f"an integer in [0, {RANDOM_SEED:#x}] ({RANDOM_SEED:#x} = random)"),
+            "top_logprobs": check_int(
+                "top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS,
+                allowed=f"an integer in [0, {MAX_TOP_LOGPROBS}]"),
         }
+        if not isinstance(self.grammar, str) or len(self.grammar.encode()) > MAX_GRAMMAR_BYTES:
+            raise InvalidSettingError(f"grammar must be GBNF text of at most "
+                                      f"{MAX_GRAMMAR_BYTES} bytes")
+        if not isinstance(self.logprobs, bool):
+            raise InvalidSettingError(f"logprobs must be true or false, got {self.logprobs!r}")
         for name, value in checked.items():  # numpy scalars become plain Python numbers
             object.__setattr__(self, name, value)
+
+    def __repr__(self) -> str:  # a grammar can be long: say only how long
+        grammar = f"<{len(self.grammar)} characters>" if self.grammar else "''"
+        return (f"SamplingParams(temperature={self.temperature}, top_k={self.top_k}, "
+                f"top_p={self.top_p}, min_p={self.min_p}, "
+                f"repeat_penalty={self.repeat_penalty}, repeat_last_n={self.repeat_last_n}, "
+                f"seed={self.seed}, grammar={grammar}, logprobs={self.logprobs}, "
+                f"top_logprobs={self.top_logprobs})")
 
     @property
     def greedy(self) -> bool:
@@ -78,3 +101,12 @@ class SamplingParams:
     def penalised(self) -> bool:
         """Whether the repeat penalty does anything (llama.cpp's own "disabled" test)."""
         return self.repeat_last_n > 0 and self.repeat_penalty != 1.0
+
+
+class TokenLogprobs(NamedTuple):
+    """A sampled token's log-probability under the model (the log-softmax of its logits,
+    before any sampler), and the ``top`` most likely tokens of that step as ``(id,
+    logprob)``, most likely first."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()

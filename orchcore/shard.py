@@ -8,11 +8,15 @@ same bytes (no timestamps, fixed order), so shards are cached by sha256.
 What each shard carries (llama.cpp loads every one of them as an ordinary model):
 
 * every shard: its layers renumbered from 0, ``block_count`` = its layer count, global
-  tensors such as ``rope_freqs``, the final norm (the loader requires it; ``n_embd``
-  floats), and no tokenizer: ``tokenizer.ggml.model = "none"`` (llama.cpp then makes
-  dummy tokens up to ``{arch}.vocab_size``).
+  tensors such as ``rope_freqs``, and the final norm (the loader requires it; ``n_embd``
+  floats).
 * non-final shards: ``vocab_size = 1`` and a 1-row zero ``token_embd``: no vocabulary, no
   lm head; their lm head costs one dot product and the engine stops the graph before it.
+  No tokenizer either: ``tokenizer.ggml.model = "none"`` (llama.cpp then makes dummy
+  tokens up to ``{arch}.vocab_size``).
+* the final shard carries the model's ``tokenizer.*`` keys as they are: the stage that
+  samples needs each token's text for a grammar (``worker.sampler``). Its lm head is the
+  same matrix product either way.
 * the final shard: the lm head as ``output.weight`` (the embedding, for tied models), and
   a ``token_embd`` of zeros of the smallest type, which llama.cpp checks the shape of but
   never reads (the final shard takes hidden states, not tokens). The lm head is then held
@@ -28,7 +32,7 @@ What each shard carries (llama.cpp loads every one of them as an ordinary model)
   ``docs/shard-format.md``). The worker looks rows up with ggml's own dequantisation
   (``ggml_get_type_traits(type)->to_float``, the function llama.cpp's CPU ``get_rows``
   calls), and feeds them as embeddings, so the first stage costs no lm-head memory.
-* a shard holding every layer is the model itself minus the tokenizer.
+* a shard holding every layer is the model itself.
 
 A model in several files (a gguf-split set) gives the same shards, byte for byte, as the
 same model in one file: each tensor is copied from the file holding it, and the ``split.*``
@@ -38,6 +42,7 @@ keys, which describe the source's files, are left out (a shard is one file).
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -66,7 +71,8 @@ from orchcore.files import sha256_file
 from orchcore.ggufread import open_gguf, type_bytes
 
 # Bumped whenever the bytes of a shard for the same source and range change.
-SHARD_FORMAT = 2
+# 3: the last shard carries the model's tokenizer (grammar-constrained sampling needs it).
+SHARD_FORMAT = 3
 
 # Metadata keys of our own, under a namespace no GGUF reader interprets.
 KEY_LAYER_START = "orch.shard.layer_start"
@@ -251,22 +257,25 @@ def _shard_metadata(facts: ModelFacts, reader: gguf.GGUFReader, layout: ShardLay
         rewrites |= table.sliding_window.rewrites(arch, facts.swa_layers[start:end])
     out: list[tuple[str, Any, GGUFValueType, GGUFValueType | None]] = []
     for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key.startswith("tokenizer.") or key in rewrites:
+        if key.startswith("GGUF.") or key in rewrites:
             continue
+        if key.startswith("tokenizer.") and not layout.is_last:
+            continue  # the vocabulary is read only where tokens are sampled
         if key in SPLIT_KEYS:
             continue
         if key == Keys.General.ARCHITECTURE:
             continue  # GGUFWriter writes it first from its ``arch`` argument
         vtype = field.types[0]
         sub = field.types[1] if vtype == GGUFValueType.ARRAY and len(field.types) > 1 else None
-        value = field.contents()
+        value = _long_array(reader, field) if _stepped_over(field) else field.contents()
         if vtype == GGUFValueType.ARRAY and not value:
             continue  # gguf-py cannot write empty arrays; llama.cpp treats them as absent
         if key in sliced and isinstance(value, list) and len(value) == facts.n_layers:
             value = value[start:end]
         out.append((key, value, vtype, sub))
     out += [(key, r.value, r.vtype, r.sub_type) for key, r in rewrites.items() if r is not None]
-    out.append((Keys.Tokenizer.MODEL, NO_VOCAB, GGUFValueType.STRING, None))
+    if not layout.is_last:
+        out.append((Keys.Tokenizer.MODEL, NO_VOCAB, GGUFValueType.STRING, None))
     out.append((KEY_LAYER_START, start, GGUFValueType.UINT32, None))
     out.append((KEY_LAYER_END, end, GGUFValueType.UINT32, None))
     out.append((KEY_SOURCE_LAYERS, facts.n_layers, GGUFValueType.UINT32, None))
@@ -279,6 +288,30 @@ def _shard_metadata(facts: ModelFacts, reader: gguf.GGUFReader, layout: ShardLay
         if table.input_scale is not None:
             out.append((KEY_INPUT_SCALE, table.input_scale(facts.n_embd),
                         GGUFValueType.FLOAT32, None))
+    return out
+
+
+def _stepped_over(field: gguf.ReaderField) -> bool:
+    """A long array the header reader did not read (``facts._CheckedReader``)."""
+    return field.types[:1] == [GGUFValueType.ARRAY] and not field.data and \
+        int(field.parts[-1][0]) > 0
+
+
+def _long_array(reader: gguf.GGUFReader, field: gguf.ReaderField) -> list[Any]:
+    """The elements of a long array (a tokenizer's 50k-262k tokens) read from the file in
+    one pass: strings as their raw bytes (written back unchanged), numbers as numbers."""
+    buf = memoryview(reader.data)
+    pos = field.offset + 8 + len(field.name.encode()) + 4  # key length, key, value type
+    item, count = struct.unpack_from("<IQ", buf, pos)
+    pos += 12
+    if GGUFValueType(item) != GGUFValueType.STRING:
+        dtype = np.dtype(reader.gguf_scalar_to_np[GGUFValueType(item)]).newbyteorder("<")
+        return np.frombuffer(buf, dtype, count, pos).tolist()
+    out = []
+    for _ in range(count):
+        (n,) = struct.unpack_from("<Q", buf, pos)
+        out.append(bytes(buf[pos + 8:pos + 8 + n]))
+        pos += 8 + n
     return out
 
 

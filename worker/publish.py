@@ -6,8 +6,10 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Sequence
 
 from orchcore.chunks import NO_TOKEN, Chunk, StageResult
+from orchcore.sampling import TokenLogprobs
 from orchcore.speculation.accept import Verdict
 
 log = logging.getLogger(__name__)
@@ -15,17 +17,19 @@ log = logging.getLogger(__name__)
 NOTHING = Verdict(0, NO_TOKEN)  # the answer to a chunk that asked for no token
 
 
-def results_for(chunk: Chunk, verdicts: list[Verdict]) -> list[StageResult]:
+def results_for(chunk: Chunk, verdicts: list[Verdict],
+                scores: Sequence[TokenLogprobs | None] = ()) -> list[StageResult]:
     """The answers for ``chunk``'s batch: each member that asks for a token, failed, or
     ends its session gets one (``verdicts``: one per member, each its token and the
-    drafts it kept; empty when nothing was sampled)."""
+    drafts it kept; empty when nothing was sampled; ``scores``: their logprobs likewise)."""
     members = chunk.members
     batch = tuple(m.chunk for m in members) if chunk.batched else ()
     verdicts = verdicts or [NOTHING] * len(members)
+    scores = scores or [None] * len(members)
     return [StageResult(session=m.session, chunk=m.chunk, token=v.token, timings=chunk.timings,
                         error=chunk.error, session_ended=m.end_session, batch=batch,
-                        drafts=m.drafts, accepted=v.accepted)
-            for m, v in zip(members, verdicts, strict=True)
+                        drafts=m.drafts, accepted=v.accepted, logprobs=score)
+            for m, v, score in zip(members, verdicts, scores, strict=True)
             if m.want_token or chunk.error is not None or m.end_session]
 
 

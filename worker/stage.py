@@ -34,6 +34,7 @@ from orchcore.codecs import get_codec
 from orchcore.control import LoadRequest
 from orchcore.engine import StageEngine, Step
 from orchcore.errors import InvalidInputError, MessageTooLargeError, OrchError, StageFaultError
+from orchcore.sampling import TokenLogprobs
 from orchcore.speculation.accept import Verdict
 from orchcore.wire import convert, status
 from orchcore.wire.channel import Link, StreamClosedError
@@ -93,7 +94,7 @@ class Stage:
             min(engine.config.max_sessions, engine.config.batch_tokens) if role.is_first
             else 1, request.stage_count, engine.config.context_tokens)
         self.subscribers = Subscribers(self.index)
-        self.verdicts = Verdicts(engine.n_vocab) if role.is_last else None
+        self.verdicts = Verdicts(engine.n_vocab, engine.vocab) if role.is_last else None
         self._inbox: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._held: deque[_Item | None] = deque()  # taken, not batched: computed next
         self._closing = False
@@ -190,6 +191,7 @@ class Stage:
     def _handle(self, msg: Chunk, arrived: float) -> None:
         started = time.perf_counter()
         verdicts: list[Verdict] = []
+        scores: list[TokenLogprobs | None] = []
         if self.ring.dropped(msg):
             return  # a ring chunk of a session ended meanwhile (stopped by the orchestrator)
         if msg.error is not None:
@@ -198,7 +200,7 @@ class Stage:
             self.end_session(msg.session)
         else:
             try:
-                msg, verdicts = self._compute(msg)
+                msg, verdicts, scores = self._compute(msg)
             except (OrchError, ValueError) as exc:
                 msg = self._fail(msg, exc)
             except Exception as exc:  # a bug: report it down the path instead of going silent
@@ -210,7 +212,7 @@ class Stage:
         timing = StageTiming(self.index, queue_ms=(started - arrived) * 1e3,
                              compute_ms=(computed - started) * 1e3)
         if self.next is None:
-            self._publish(msg.timed(timing), verdicts)
+            self._publish(msg.timed(timing), verdicts, scores)
             return
         size = convert.chunk_size(msg)
         if size > self.max_message_bytes:
@@ -226,7 +228,8 @@ class Stage:
         except StreamClosedError as exc:
             raise StageFaultError(str(exc)) from None
 
-    def _publish(self, msg: Chunk, verdicts: list[Verdict]) -> None:
+    def _publish(self, msg: Chunk, verdicts: list[Verdict],
+                 scores: list[TokenLogprobs | None]) -> None:
         """The last stage's answer for each chunk of ``msg``'s batch that asks for one. The
         ring goes first (with the drafts it carries next), so stage 0 starts on the next
         step at once."""
@@ -239,7 +242,7 @@ class Stage:
                 self.ring.send(m, verdict, self.verdicts.draft(m, verdict, room))
             except StageFaultError as exc:
                 broken_ring = exc
-        for out in results_for(msg, verdicts):
+        for out in results_for(msg, verdicts, scores):
             self.subscribers.publish(out)
         if broken_ring is not None:
             raise broken_ring
@@ -252,10 +255,11 @@ class Stage:
     def _fail(self, msg: Chunk, exc: BaseException) -> Chunk:
         return msg.failed(ChunkError(status.error_code(exc), str(exc), self.worker_name))
 
-    def _compute(self, msg: Chunk) -> tuple[Chunk, list[Verdict]]:
+    def _compute(self, msg: Chunk
+                 ) -> tuple[Chunk, list[Verdict], list[TokenLogprobs | None]]:
         """Run the chunk (and the steps batched with it): a non-final stage returns it with
         its output rows; the last stage returns each one's verdict (its token, and the
-        drafts it kept)."""
+        drafts it kept) and the token's logprobs (None where the session asked for none)."""
         members = msg.members
         for m in members:  # the positions a verdict rejected go before anything is computed
             if m.start_pos < self.engine.session_length(m.session):
@@ -271,10 +275,12 @@ class Stage:
             out = self.engine.forward_batch(steps, hidden=msg.hidden.decode(),
                                             all_logits=every_row)
         if not self.is_last:
-            return replace(msg, hidden=Rows.encode(out, self.request.codec)), []
+            return replace(msg, hidden=Rows.encode(out, self.request.codec)), [], []
         if every_row:
-            return msg, [self.verdicts.decide(msg, out)]
-        return msg, [self.verdicts.decide(m, out[i:i + 1]) for i, m in enumerate(members)]
+            return msg, [self.verdicts.decide(msg, out)], [None]
+        verdicts = [self.verdicts.decide(m, out[i:i + 1]) for i, m in enumerate(members)]
+        return msg, verdicts, [self.verdicts.score(m, out[i], v)
+                               for i, (m, v) in enumerate(zip(members, verdicts, strict=True))]
 
     # --- lifetime ----------------------------------------------------------------------
 

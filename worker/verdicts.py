@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from orchcore.chunks import Chunk
+from orchcore.chunks import NO_TOKEN, Chunk
 from orchcore.errors import InvalidInputError
+from orchcore.sampling import TokenLogprobs
 from orchcore.speculation.accept import Verdict
 from orchcore.speculation.decode import Judge
 from orchcore.speculation.drafters import Draft, PromptLookup
@@ -26,8 +27,8 @@ class Verdicts:
     """Per session at the last stage: its sampler chain, its judge (made at its first
     verification chunk), and every token that entered the model, in position order."""
 
-    def __init__(self, n_vocab: int) -> None:
-        self.n_vocab = n_vocab
+    def __init__(self, n_vocab: int, vocab: object | None = None) -> None:
+        self.n_vocab, self.vocab = n_vocab, vocab  # vocab: for grammars (llama_vocab_p)
         self._samplers: dict[str, TokenSampler] = {}
         self._judges: dict[str, Judge] = {}
         self._history: dict[str, list[int]] = {}
@@ -49,6 +50,13 @@ class Verdicts:
             return Verdict(0, sampler.sample(logits[-1]))
         return judge(Draft(chunk.drafts), logits)
 
+    def score(self, chunk: Chunk, row: np.ndarray, verdict: Verdict) -> TokenLogprobs | None:
+        """The sampled token's logprobs from its logits ``row``, when the session asked for
+        them (a plain step's: sessions that ask are not speculated)."""
+        if verdict.token == NO_TOKEN or chunk.verifies:
+            return None
+        return self._sampler(chunk).logprobs(row, verdict.token)
+
     def kept(self, chunk: Chunk, verdict: Verdict) -> list[int]:
         """The session's tokens once ``verdict`` is in: what entered the model and was kept,
         then the new pending token."""
@@ -67,8 +75,8 @@ class Verdicts:
             if chunk.sampling is None:
                 raise InvalidInputError(f"session {chunk.session!r}: the first chunk must "
                                         f"carry sampling parameters")
-            sampler = self._samplers[chunk.session] = TokenSampler(chunk.sampling,
-                                                                   self.n_vocab)
+            sampler = self._samplers[chunk.session] = TokenSampler(
+                chunk.sampling, self.n_vocab, self.vocab)
         return sampler
 
     def _judge(self, chunk: Chunk, sampler: TokenSampler) -> Judge:

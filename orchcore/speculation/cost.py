@@ -89,8 +89,11 @@ def choose_draft_length(acceptance: float, costs: PassCosts,
 
 
 def speculation_allowed(params: SamplingParams) -> bool:
-    """Whether the acceptance rule keeps this session's output exact (``accept``)."""
-    return not params.penalised
+    """Whether the acceptance rule keeps this session's output exact (``accept``) and gives
+    what it asked for: not with repeat penalties (each row's history differs), a grammar
+    (the verdict does not apply it) or logprobs (given for plain steps only). Such a
+    session decodes one token a pass."""
+    return not (params.penalised or params.grammar or params.logprobs)
 
 
 @dataclass

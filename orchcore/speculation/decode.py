@@ -81,8 +81,9 @@ class Judge:
 
     def __init__(self, params: SamplingParams) -> None:
         if not speculation_allowed(params):
-            raise InvalidSettingError("repeat penalties are not supported with speculation; "
-                                      "set repeat_penalty to 1 or turn speculation off")
+            raise InvalidSettingError("repeat penalties, grammars and logprobs are not "
+                                      "supported with speculation; set repeat_penalty to 1, "
+                                      "drop them, or turn speculation off")
         self.params = params
         self.rng = np.random.default_rng(None if params.seed == RANDOM_SEED else params.seed)
 

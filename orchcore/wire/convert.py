@@ -26,7 +26,7 @@ from orchcore.control import (
 from orchcore.errors import InvalidInputError, OrchError
 from orchcore.probe import LayerShape
 from orchcore.rangefetch import RemoteFile
-from orchcore.sampling import SamplingParams
+from orchcore.sampling import SamplingParams, TokenLogprobs
 from orchcore.shard import LayerRange
 from orchcore.slices import ByteRange
 from orchcore.wire import status
@@ -59,6 +59,9 @@ def sampling_to_proto(params: SamplingParams) -> pb.Sampling:
         repeat_penalty=params.repeat_penalty,
         repeat_last_n=params.repeat_last_n,
         seed=params.seed,
+        grammar=params.grammar,
+        logprobs=params.logprobs,
+        top_logprobs=params.top_logprobs,
     )
 
 
@@ -72,6 +75,9 @@ def sampling_from_proto(msg: pb.Sampling) -> SamplingParams:
         repeat_penalty=round(float(msg.repeat_penalty), 6),
         repeat_last_n=int(msg.repeat_last_n),
         seed=int(msg.seed),
+        grammar=msg.grammar,
+        logprobs=msg.logprobs,
+        top_logprobs=int(msg.top_logprobs),
     )
 
 
@@ -229,6 +235,10 @@ def result_to_proto(result: StageResult) -> pb.StageOutput:
                          drafts=result.drafts, accepted=result.accepted)
     if result.error is not None:
         msg.error.CopyFrom(error_to_proto(result.error))
+    if result.logprobs is not None:
+        msg.logprob = result.logprobs.logprob
+        msg.top_logprobs.extend(pb.TokenLogprob(token=t, logprob=p)
+                                for t, p in result.logprobs.top)
     return msg
 
 
@@ -238,7 +248,10 @@ def result_from_proto(msg: pb.StageOutput) -> StageResult:
         timings=tuple(timing_from_proto(t) for t in msg.timings),
         error=error_from_proto(msg.error) if msg.HasField("error") else None,
         session_ended=msg.session_ended, batch=tuple(msg.batch), drafts=tuple(msg.drafts),
-        accepted=msg.accepted)
+        accepted=msg.accepted,
+        logprobs=TokenLogprobs(msg.logprob, tuple((t.token, t.logprob) for t in
+                                                  msg.top_logprobs))
+        if msg.HasField("logprob") else None)
 
 
 # --- the control path ----------------------------------------------------------------------

@@ -38,7 +38,7 @@ from typing import Literal
 from orchcore.chunks import StageResult
 from orchcore.errors import ContextFullError, InvalidInputError, OrchError, PlanError
 from orchcore.facts import ModelFacts
-from orchcore.sampling import RANDOM_SEED, SamplingParams
+from orchcore.sampling import RANDOM_SEED, SamplingParams, TokenLogprobs
 from orchestrator.pipeline.datapath import DataPath
 from orchestrator.pipeline.deploy import Deployment, undeploy
 from orchestrator.pipeline.failover import Pipeline, Replanner, calls_for_failover, replay
@@ -60,7 +60,12 @@ MAX_FAILOVERS = 3  # consecutive failovers for one step before its error is rais
 
 @dataclass(frozen=True)
 class TextPiece:
+    """Text of the answer, and the generated tokens it is the text of (those since the
+    previous piece), with their logprobs when the session asked for them."""
+
     text: str
+    tokens: tuple[int, ...] = ()
+    scores: tuple[TokenLogprobs | None, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -211,16 +216,28 @@ class RunningModel:
 
     def generate(self, prompt: Prompt, sampling: SamplingParams | None = None, *,
                  stops: Sequence[str] = (), max_tokens: int | None = None,
-                 chat: bool = True, stats: GenerationStats | None = None) -> Iterator[Event]:
+                 chat: bool = True, stats: GenerationStats | None = None,
+                 special: bool = False) -> Iterator[Event]:
         """Text pieces of the answer, then one ``Finished``. ``stats`` (filled as the answer
-        goes) lets a caller watch it live."""
+        goes) lets a caller watch it live. ``special``: control tokens the model writes
+        (not the one that ends it) appear as their text, for a parser of tool calls."""
         tokens = self.encode(prompt, chat=chat)
         session = self.new_session(sampling or self.settings.sampling())
         stats = stats or GenerationStats()
         stats.prompt_tokens = len(tokens)
         stops_at = StopMatcher(stops)
-        decoder = StreamDecoder(self.tokenizer)
+        decoder = StreamDecoder(self.tokenizer, special=special)
         reason: FinishReason = "length"
+        shown = 0  # generated tokens whose text has been yielded
+
+        def piece(text: str) -> TextPiece:
+            nonlocal shown
+            upto = len(session.generated) - (reason == "end")  # not the token that ends it
+            out = TextPiece(text, tuple(session.generated[shown:upto]),
+                            tuple(session.scores[shown:upto]))
+            shown = upto
+            return out
+
         with contextlib.closing(self.steps(session, tokens, max_tokens, stats)) as steps:
             for token in steps:
                 if isinstance(token, Failover):
@@ -231,14 +248,14 @@ class RunningModel:
                     break
                 text, stopped = stops_at.feed(decoder.feed(token))
                 if text:
-                    yield TextPiece(text)
+                    yield piece(text)
                 if stopped:
                     reason = "stop"
                     break
         if reason != "stop":
             tail, _ = stops_at.feed(decoder.flush())
             if tail := tail + stops_at.flush():
-                yield TextPiece(tail)
+                yield piece(tail)
         yield Finished(reason, stats, session)
 
     def stream(self, session: Session, prompt: Sequence[int], max_tokens: int | None = None,

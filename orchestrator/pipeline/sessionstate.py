@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from orchcore.chunks import StageResult, StageTiming
-from orchcore.sampling import SamplingParams
+from orchcore.sampling import SamplingParams, TokenLogprobs
 from orchestrator.pipeline.ring import TokenRing
 from orchestrator.pipeline.speculation import Pass, SpeculationStats
 
@@ -41,6 +41,8 @@ class Session:
     sampling: SamplingParams  # seed concrete: a random seed is drawn once, here
     prompt_chunks: list[tuple[int, ...]] = field(default_factory=list)
     generated: list[int] = field(default_factory=list)
+    scores: list[TokenLogprobs | None] = field(default_factory=list)  # per generated token,
+    #                                   when ``sampling.logprobs`` asked for them
     passes: list[Pass] = field(default_factory=list)  # decode steps after the prompt
     limit: int = 0  # tokens this answer may generate
     ring: TokenRing | None = None  # while the last stage feeds this session's steps itself
@@ -54,6 +56,7 @@ class Session:
                         out.tokens)
             self.passes.append(step)
         self.generated += out.tokens
+        self.scores += [None] * (len(out.tokens) - 1) + [out.logprobs]
         return step
 
     @property

@@ -42,6 +42,7 @@ from orchestrator.pipeline.session import (
     GenerationStats,
     RunningModel,
     TextPiece,
+    check_prompt,
 )
 from orchestrator.serve import replies
 from orchestrator.serve.gate import ApiError, Gate
@@ -55,7 +56,18 @@ from orchestrator.serve.openai import (
     parse_chat,
     parse_completion,
 )
+from orchestrator.serve.shaping import (
+    PLAIN,
+    Collected,
+    Shape,
+    chat_message,
+    logprob_content,
+    logprobs_of,
+    shape_chat,
+    tool_calls,
+)
 from orchestrator.settings import OrchSettings
+from orchestrator.text.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +141,8 @@ def create_app(model: RunningModel, name: str, settings: OrchSettings,
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
         body = parse_chat(await read_json(request, limit))
-        return await state.answer(request, body, body.chat(), chat=True)
+        shape = shape_chat(body, state.model.tokenizer.chat_template)
+        return await state.answer(request, body, body.chat(), chat=True, shape=shape)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
@@ -164,16 +177,17 @@ class _State:
         self.health = HealthWatch(model, HEALTH_EVERY_S, settings.probe_deadline_s)
 
     async def answer(self, request: Request, body: ChatRequest | CompletionRequest,
-                     prompt: Any, *, chat: bool) -> Any:
+                     prompt: Any, *, chat: bool, shape: Shape = PLAIN) -> Any:
         if body.model is not None and body.model not in self.names:
             raise ApiError(404, f"model {body.model!r} is not served here; this server serves "
                                 f"{', '.join(self.names)}", param="model",
                            code="model_not_found")
-        stops, sampling = body.stops(), body.sampling(self.settings.sampling())
-        tokens = await asyncio.to_thread(self._encode, prompt, chat)
+        stops, sampling = body.stops(), shape.sampling(body.sampling(self.settings.sampling()))
+        tokens = await asyncio.to_thread(self._encode, prompt, chat, shape)
         since = await _unless_gone(request, self.gate.enter(), self.gate.leave)
         try:
-            running = self._start(tokens, sampling, stops, body.limit(), since)
+            running = self._start(tokens, sampling, stops, body.limit(), since,
+                                  special=shape.fmt is not None)
         except BaseException:
             self.gate.leave(since)
             raise
@@ -182,18 +196,25 @@ class _State:
         name = body.model or self.names[0]
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._sse(events, kind, name, usage),
+            return StreamingResponse(self._sse(events, kind, name, usage, shape),
                                      media_type="text/event-stream")
         watcher = asyncio.create_task(_stop_when_gone(request, running.stop))
         try:
-            text, done = await _collect(events)
+            collected, done = await _collect(events, self.model.tokenizer)
         finally:
             watcher.cancel()
         if done is None:  # the client went away: nobody reads this
             return Response(status_code=499)
-        return replies.whole(kind, name, text, done)
+        text = "".join(collected.text)
+        if not chat:
+            return replies.whole(kind, name, text, done)
+        message, called = chat_message(text, shape)
+        return replies.whole(kind, name, text, done, message=message,
+                             finish="tool_calls" if called else None,
+                             logprobs=logprobs_of(collected.logprobs) if shape.logprobs
+                             else None)
 
-    def _encode(self, prompt: Any, chat: bool) -> list[int]:
+    def _encode(self, prompt: Any, chat: bool, shape: Shape) -> list[int]:
         """Token ids of the prompt, or a 400 saying what is wrong with it (in a thread: a
         long prompt never holds up the event loop)."""
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
@@ -202,7 +223,11 @@ class _State:
                 raise ApiError(400, f"token id {bad} is outside the vocabulary [0, "
                                     f"{self.model.tokenizer.n_vocab})", param="prompt")
         try:
-            return self.model.encode(prompt, chat=chat)
+            if shape.tools is None:
+                return self.model.encode(prompt, chat=chat)
+            tokens = self.model.tokenizer.encode_chat(prompt, tools=shape.tools)
+            check_prompt(tokens, self.model.plan.context_tokens)
+            return tokens
         except ContextFullError:
             raise ApiError(400, f"the prompt is longer than this server's context of "
                                 f"{self.model.plan.context_tokens} tokens; shorten it (or the "
@@ -211,23 +236,36 @@ class _State:
         except (OrchError, ValueError) as exc:  # empty, not text, the template refused it
             raise ApiError(400, str(exc), param="messages" if chat else "prompt") from None
 
-    async def _sse(self, events: AsyncIterator[Event], kind: str, name: str, usage: bool
-                   ) -> AsyncIterator[str]:
+    async def _sse(self, events: AsyncIterator[Event], kind: str, name: str, usage: bool,
+                   shape: Shape) -> AsyncIterator[str]:
         ident, created = replies.ident(kind), int(time.time())
+        watch = shape.watch()
 
         def chunk(content: str | dict | None, finish: str | None = None,
-                  totals: dict | None = None) -> str:
+                  totals: dict | None = None, logprobs: dict | None = None) -> str:
             return replies.data(replies.chunk(kind, ident, created, name, content, finish,
-                                              totals))
+                                              totals, logprobs))
 
         try:  # closing the events (the client went away) stops the answer
             if kind == "chat.completion":
                 yield chunk({"role": "assistant", "content": ""})
             async for event in events:
                 if isinstance(event, TextPiece):
-                    yield chunk(event.text)
+                    text = watch.feed(event.text) if watch else event.text
+                    scores = logprobs_of(logprob_content(self.model.tokenizer, event)) \
+                        if shape.logprobs else None
+                    if text or scores:
+                        yield chunk(text, logprobs=scores)
                 elif isinstance(event, Finished):
-                    yield chunk(None, replies.FINISH[event.reason])
+                    finish = replies.FINISH[event.reason]
+                    if watch is not None:
+                        tail, calls = watch.finish()
+                        if tail:
+                            yield chunk(tail)
+                        if calls:
+                            yield chunk({"tool_calls": tool_calls(calls, streamed=True)})
+                            finish = "tool_calls"
+                    yield chunk(None, finish)
                     if usage:
                         yield chunk(None, None, replies.usage(event))
             yield "data: [DONE]\n\n"
@@ -237,7 +275,7 @@ class _State:
             await events.aclose()
 
     def _start(self, tokens: list[int], sampling: SamplingParams, stops: list[str],
-               max_tokens: int | None, since: float) -> _Running:
+               max_tokens: int | None, since: float, special: bool = False) -> _Running:
         """Generate the answer in a thread, which gives the gate's place back when it ends:
         only then has the answer's session ended on the workers. (Given back when the
         client went away, the place could go to an answer whose session reaches the workers
@@ -253,7 +291,7 @@ class _State:
             self.metrics.answered(running.stats)
 
         gen = self.model.generate(tokens, sampling, stops=stops, max_tokens=max_tokens,
-                                  chat=False, stats=running.stats)
+                                  chat=False, stats=running.stats, special=special)
         threading.Thread(target=_pump, args=(gen, running, loop, ended), daemon=True,
                          name="answer").start()
         return running
@@ -348,15 +386,16 @@ def _pump(gen: Iterator[Event], running: _Running, loop: asyncio.AbstractEventLo
         loop.call_soon_threadsafe(ended)
 
 
-async def _collect(events: AsyncIterator[Event]) -> tuple[str, Finished | None]:
-    text, done = [], None
+async def _collect(events: AsyncIterator[Event], tokenizer: Tokenizer
+                   ) -> tuple[Collected, Finished | None]:
+    collected, done = Collected(), None
     async with aclosing(events):
         async for event in events:
             if isinstance(event, TextPiece):
-                text.append(event.text)
+                collected.add(tokenizer, event)
             elif isinstance(event, Finished):
                 done = event
-    return "".join(text), done
+    return collected, done
 
 
 async def _gone(request: Request) -> None:

@@ -12,12 +12,13 @@ A field OpenAI does not have is a 400 too, as OpenAI answers it. docs/api.md lis
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from orchcore.sampling import MAX_TOP_K, SamplingParams
+from orchcore.sampling import MAX_TOP_K, MAX_TOP_LOGPROBS, SamplingParams
 
 
 class RequestError(ValueError):
@@ -40,12 +41,9 @@ _OFF: dict[str, tuple[tuple[Any, ...], str]] = {
     "top_logprobs": ((0,), "log probabilities are not returned"),
     "echo": ((False,), "the prompt is not echoed; prepend it yourself"),
     "suffix": (("",), "insertion (a suffix after the completion) is not implemented"),
-    "tools": (([],), "tool calls are not implemented"),
-    "functions": (([],), "function calls are not implemented"),
-    "tool_choice": (("none", "auto"), "tool calls are not implemented"),
-    "function_call": (("none", "auto"), "function calls are not implemented"),
-    "parallel_tool_calls": ((True, False), ""),  # meaningless without tools: any bool is off
-    "response_format": (({"type": "text"},), "structured (JSON) output is not implemented"),
+    "functions": (([],), "the deprecated functions field is not implemented; use tools"),
+    "function_call": (("none", "auto"), "the deprecated function_call field is not "
+                                        "implemented; use tool_choice"),
     "modalities": ((["text"],), "this server answers with text only"),
     "audio": ((), "this server answers with text only"),
     "prediction": ((), "predicted outputs are not implemented"),
@@ -57,10 +55,9 @@ _OFF: dict[str, tuple[tuple[Any, ...], str]] = {
 }
 IGNORED = ("user", "metadata", "prompt_cache_key", "safety_identifier")
 
-CHAT_REFUSED = ("n", "frequency_penalty", "presence_penalty", "logit_bias", "logprobs",
-                "top_logprobs", "tools", "functions", "tool_choice", "function_call",
-                "parallel_tool_calls", "response_format", "modalities", "audio", "prediction",
-                "reasoning_effort", "verbosity", "web_search_options", "store", "service_tier")
+CHAT_REFUSED = ("n", "frequency_penalty", "presence_penalty", "logit_bias", "functions",
+                "function_call", "modalities", "audio", "prediction", "reasoning_effort",
+                "verbosity", "web_search_options", "store", "service_tier")
 COMPLETION_REFUSED = ("n", "best_of", "frequency_penalty", "presence_penalty", "logit_bias",
                       "logprobs", "echo", "suffix")
 
@@ -123,37 +120,76 @@ class _Common(BaseModel):
         return replace(default, **{k: v for k, v in given.items() if v is not None})
 
 
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class CallMade(BaseModel):
+    """A tool call of an earlier assistant message, sent back with the conversation."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+    def for_template(self, where: str) -> dict[str, Any]:
+        """As chat templates read it: the arguments as an object, not text."""
+        try:
+            arguments = json.loads(self.function.arguments)
+        except ValueError:
+            raise RequestError(f"{where}.function.arguments", "is not JSON text") from None
+        return {"id": self.id, "type": "function",
+                "function": {"name": self.function.name, "arguments": arguments}}
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: str
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None  # ignored: a participant's name does not reach the template
-    tool_calls: Any = None
-    tool_call_id: Any = None
+    tool_calls: list[CallMade] | None = None
+    tool_call_id: str | None = None
     function_call: Any = None
     refusal: Any = None
     audio: Any = None
 
-    def text(self, where: str) -> dict[str, str]:
-        """``{"role", "content"}`` for the template: text parts joined, the developer role
-        as the system role templates know."""
-        if self.role in ("tool", "function"):
-            raise RequestError(f"{where}.role", f"{self.role!r} messages are not supported "
-                                                f"(tool calls are not implemented)")
-        if self.role not in ("system", "user", "assistant", "developer"):
+    def text(self, where: str) -> dict[str, Any]:
+        """The message for the template: ``{"role", "content"}``, text parts joined, the
+        developer role as the system role templates know; a tool result's
+        ``tool_call_id``, an assistant's ``tool_calls``."""
+        if self.role == "function":
+            raise RequestError(f"{where}.role", "'function' messages (deprecated) are not "
+                                                "supported; send 'tool' messages")
+        if self.role not in ("system", "user", "assistant", "developer", "tool"):
             raise RequestError(f"{where}.role", f"{self.role!r} is not a role; use system, "
-                                                f"user, assistant or developer")
-        for name in ("tool_calls", "function_call", "audio", "refusal", "tool_call_id"):
+                                                f"user, assistant, developer or tool")
+        for name in ("function_call", "audio", "refusal"):
             if getattr(self, name):
-                raise RequestError(f"{where}.{name}", "is not supported (tool calls, audio and "
-                                                      "refusals are not implemented)")
+                raise RequestError(f"{where}.{name}", "is not supported (function_call, audio "
+                                                      "and refusals are not implemented)")
+        if self.tool_calls and self.role != "assistant":
+            raise RequestError(f"{where}.tool_calls", "only assistant messages make calls")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise RequestError(f"{where}.tool_call_id", "a tool message names the call it "
+                                                        "answers with tool_call_id (and only it)")
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": self._content(where)}
+        out: dict[str, Any] = {"role": role,
+                               "content": self._content(where, empty_ok=bool(self.tool_calls))}
+        if self.tool_calls:
+            out["tool_calls"] = [c.for_template(f"{where}.tool_calls[{i}]")
+                                 for i, c in enumerate(self.tool_calls)]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
-    def _content(self, where: str) -> str:
+    def _content(self, where: str, empty_ok: bool = False) -> str:
         if isinstance(self.content, str):
             return self.content
         if self.content is None:
+            if empty_ok:
+                return ""
             raise RequestError(f"{where}.content", "is missing; give the message's text")
         texts = []
         for i, part in enumerate(self.content):
@@ -169,16 +205,56 @@ class Message(BaseModel):
         return "\n".join(texts)
 
 
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments
+    strict: bool | None = None  # forced calls follow the schema exactly either way
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedTool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchema(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None  # the schema is enforced either way
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+
 class ChatRequest(_Common):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    top_logprobs: Any = None
-    tools: Any = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[Tool] | None = None
     functions: Any = None
-    tool_choice: Any = None
+    tool_choice: Literal["none", "auto", "required"] | NamedTool | None = None
     function_call: Any = None
-    parallel_tool_calls: Any = None
-    response_format: Any = None
+    parallel_tool_calls: bool | None = None  # a forced call is one call; auto may be several
+    response_format: ResponseFormat | None = None
     modalities: Any = None
     audio: Any = None
     prediction: Any = None
@@ -188,8 +264,35 @@ class ChatRequest(_Common):
     store: Any = None
     service_tier: Any = None
 
-    def chat(self) -> list[dict[str, str]]:
+    def chat(self) -> list[dict[str, Any]]:
         return [m.text(f"messages[{i}]") for i, m in enumerate(self.messages)]
+
+    def tool_mode(self) -> str | None:
+        """None (no tools: "none", or none given), "auto", "required", or the name of the
+        one function to call."""
+        choice = self.tool_choice
+        if isinstance(choice, NamedTool):
+            if not any(t.function.name == choice.function.name for t in self.tools or ()):
+                raise RequestError("tool_choice", f"names {choice.function.name!r}, which is "
+                                                  f"not in tools")
+            return choice.function.name
+        if choice == "none" or not self.tools:
+            if choice == "required":
+                raise RequestError("tool_choice", "'required' needs tools")
+            return None
+        return choice or "auto"
+
+    def check(self) -> None:
+        """What the fields' types alone cannot say."""
+        if self.top_logprobs and not self.logprobs:
+            raise RequestError("top_logprobs", "needs logprobs: true")
+        fmt = self.response_format
+        if fmt is not None and (fmt.type == "json_schema") != (fmt.json_schema is not None):
+            raise RequestError("response_format.json_schema",
+                               "is given exactly when type is 'json_schema'")
+        if fmt is not None and fmt.type != "text" and self.tool_mode() not in (None, "auto"):
+            raise RequestError("response_format", "a forced tool call and a response format "
+                                                  "cannot both shape one answer; send one")
 
     def limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -222,7 +325,9 @@ class CompletionRequest(_Common):
 def parse_chat(body: Any) -> ChatRequest:
     """A chat request, or a ``RequestError`` / pydantic ``ValidationError`` saying why not."""
     check_refused(_object(body), CHAT_REFUSED)
-    return ChatRequest.model_validate(body)
+    request = ChatRequest.model_validate(body)
+    request.check()
+    return request
 
 
 def parse_completion(body: Any) -> CompletionRequest:

@@ -40,11 +40,16 @@ def usage(done: Finished) -> dict:
             "total_tokens": done.stats.prompt_tokens + completion}
 
 
-def whole(kind: str, name: str, text: str, done: Finished) -> dict:
-    choice: dict[str, Any] = {"index": 0, "finish_reason": FINISH[done.reason],
-                              "logprobs": None}
+def whole(kind: str, name: str, text: str, done: Finished, *,
+          message: dict | None = None, finish: str | None = None,
+          logprobs: dict | None = None) -> dict:
+    """A whole answer; ``message`` (chat) replaces the plain one holding ``text``, and
+    ``finish`` the finish reason of ``done`` (``tool_calls``)."""
+    choice: dict[str, Any] = {"index": 0, "finish_reason": finish or FINISH[done.reason],
+                              "logprobs": logprobs}
     if kind == "chat.completion":
-        choice["message"] = {"role": "assistant", "content": text, "refusal": None}
+        choice["message"] = message or {"role": "assistant", "content": text,
+                                        "refusal": None}
     else:
         choice["text"] = text
     return {"id": ident(kind), "object": kind, "created": int(time.time()), "model": name,
@@ -52,13 +57,15 @@ def whole(kind: str, name: str, text: str, done: Finished) -> dict:
 
 
 def chunk(kind: str, ident: str, created: int, name: str, content: str | dict | None,
-          finish: str | None = None, usage: dict | None = None) -> dict:
+          finish: str | None = None, usage: dict | None = None,
+          logprobs: dict | None = None) -> dict:
     if usage is not None:
         choices: list[dict] = []
     elif kind == "chat.completion":
         delta = content if isinstance(content, dict) else \
             ({} if content is None else {"content": content})
-        choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+        choices = [{"index": 0, "delta": delta, "logprobs": logprobs,
+                    "finish_reason": finish}]
     else:
         choices = [{"index": 0, "text": content or "", "logprobs": None,
                     "finish_reason": finish}]

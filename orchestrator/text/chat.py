@@ -39,7 +39,7 @@ def matching_cut(masked: str, marks: Sequence[str], contents: Sequence[str],
     return cut(masked, marks, contents)
 
 
-def chat_turns(messages: Sequence[Mapping[str, str]]) -> list[tuple[str, str]]:
+def chat_turns(messages: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
     """(role, content) of each message, or a typed error naming the first bad one."""
     if not messages:
         raise ChatTemplateError("no messages: give at least one "
@@ -118,15 +118,16 @@ def _compile(template: str) -> Any:
 
 def render_jinja(template: str, messages: Sequence[Mapping[str, Any]], *,
                  add_generation_prompt: bool, bos_token: str = "",
-                 eos_token: str = "") -> str:
-    """Render a Hugging Face style Jinja chat template in a sandbox."""
+                 eos_token: str = "", **extra: Any) -> str:
+    """Render a Hugging Face style Jinja chat template in a sandbox; ``extra``: more of its
+    variables (``tools``)."""
     from jinja2 import TemplateError
 
     compiled = _compile(template)
     try:
         return compiled.render(messages=list(messages),
                                add_generation_prompt=add_generation_prompt,
-                               bos_token=bos_token, eos_token=eos_token)
+                               bos_token=bos_token, eos_token=eos_token, **extra)
     except _TemplateRaised as exc:
         raise ChatTemplateError(f"the chat template rejected the messages: {exc}") from None
     except TemplateError as exc:

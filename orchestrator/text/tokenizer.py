@@ -25,7 +25,7 @@ import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import llama_cpp
 from gguf import Keys
@@ -234,15 +234,17 @@ class Tokenizer:
 
     # --- chat --------------------------------------------------------------------------
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, str]], *,
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], *,
                             add_generation_prompt: bool = True,
-                            template: str | None = None) -> str:
+                            template: str | None = None,
+                            tools: Sequence[Mapping[str, Any]] | None = None) -> str:
         """The prompt text for ``messages`` (``{"role": ..., "content": ...}`` dicts).
 
         ``add_generation_prompt``: end with the assistant's turn opening, so the model
         answers. ``template``: a Jinja template or llama.cpp template name to use instead
         of the GGUF's. llama.cpp renders the templates it recognises (it does not add a
-        template's default system prompt); jinja2 renders the rest.
+        template's default system prompt); jinja2 renders the rest, and every template
+        given ``tools`` (OpenAI's tool list, which llama.cpp's renderer cannot place).
         """
         source = template if template is not None else self.chat_template
         if source is None:
@@ -250,34 +252,39 @@ class Tokenizer:
                 self.path, f"has no chat template (metadata {Keys.Tokenizer.CHAT_TEMPLATE}); "
                            f"pass a raw prompt instead (--no-chat)")
         turns = chat_turns(messages)
-        text = builtin_chat(source, turns, add_generation_prompt)
+        text = None if tools is not None else builtin_chat(source, turns,
+                                                           add_generation_prompt)
         if text is not None:
             return text
         return render_jinja(source, [dict(m) for m in messages],
                             add_generation_prompt=add_generation_prompt,
                             bos_token=self.special_text(self.bos),
-                            eos_token=self.special_text(self.eos))
+                            eos_token=self.special_text(self.eos),
+                            **({} if tools is None else {"tools": list(tools)}))
 
-    def encode_chat(self, messages: Sequence[Mapping[str, str]], *,
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]], *,
                     add_generation_prompt: bool = True,
-                    template: str | None = None) -> list[int]:
+                    template: str | None = None,
+                    tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
         """Token ids of the chat prompt, with exactly one BOS where the model wants one.
 
         Special tokens are parsed only where the template writes them: ``<|im_end|>``
         inside a message's content is text, so no message can forge another turn
         (``fragments``). Jinja templates often write the BOS text themselves and
         llama.cpp's renderer never does, so BOS is added only when the vocabulary asks for
-        it and the prompt does not already start with it. ``template``: as for
-        ``apply_chat_template``.
+        it and the prompt does not already start with it. ``template``, ``tools``: as for
+        ``apply_chat_template``. An empty content (an assistant turn that only calls
+        tools) stays empty: templates test it.
         """
         rendered = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                            template=template)
-        contents = [m["content"] for m in messages]
+                                            template=template, tools=tools)
         marks = placeholders(len(messages))
-        masked = self.apply_chat_template([dict(m, content=mark) for m, mark in
-                                           zip(messages, marks, strict=True)],
+        masked = self.apply_chat_template([dict(m, content=mark if m["content"] else "")
+                                           for m, mark in zip(messages, marks, strict=True)],
                                           add_generation_prompt=add_generation_prompt,
-                                          template=template)
+                                          template=template, tools=tools)
+        marks, contents = [mark for m, mark in zip(messages, marks, strict=True)
+                           if m["content"]], [m["content"] for m in messages if m["content"]]
         parts = matching_cut(masked, marks, contents, rendered)
         bos_text = self.special_text(self.bos)
         has_bos = bool(bos_text) and rendered.startswith(bos_text)
