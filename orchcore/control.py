@@ -10,13 +10,16 @@ field means.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from orchcore.chunks import ChunkError
 from orchcore.config import EngineConfig
 from orchcore.devices import DeviceFacts
+from orchcore.rangefetch import RemoteFile
 from orchcore.shard import LayerRange
+from orchcore.slices import ByteRange
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,26 @@ class ShardReceipt(NamedTuple):
     sha256: str
     size: int
     already_cached: bool = False  # it was there before: nothing was stored or fetched
+
+
+class ShardUpload(NamedTuple):
+    """An upload of a whole shard (the tests' and fuzzers' way in): its sha256, its size
+    and its bytes as they arrive."""
+
+    sha256: str
+    size: int
+    data: Iterator[bytes]
+
+
+class SliceUpload(NamedTuple):
+    """An upload of a slice of the model (the orchestrator's way): the files it comes from,
+    the byte ranges sent one after the other (``data``), the layers the worker cuts."""
+
+    files: tuple[RemoteFile, ...]
+    ranges: tuple[ByteRange, ...]
+    layers: LayerRange
+    size: int
+    data: Iterator[bytes]
 
 
 class FetchProgress(NamedTuple):

@@ -136,9 +136,14 @@ def load_stage(address: str, token: str, settings: OrchSettings, folder: Path) -
 def seeds(token: str, sha: str = "ab" * 32) -> dict[str, list[bytes]]:
     """Valid requests of each method, to mutate from."""
     hidden = pb.Hidden(codec="f32", rows=3, cols=N_EMBD, data=bytes(3 * N_EMBD * 4))
+    slice_ = pb.ShardSlice(files=[pb.SourceFile(name="m.gguf", size=1 << 20, etag="1-2")],
+                           ranges=[pb.ByteRange(part=0, offset=0, length=1 << 10)],
+                           layer_start=0, layer_end=1)
     messages = {
         "Info": [pb.InfoRequest()],
-        "UploadShard": [pb.ShardChunk(sha256=sha, size=1 << 40), pb.ShardChunk(data=b"x" * 64)],
+        "UploadShard": [pb.ShardChunk(sha256=sha, size=1 << 40), pb.ShardChunk(data=b"x" * 64),
+                        pb.ShardChunk(slice=slice_, size=1 << 10)],
+        "FindShard": [slice_],
         "FetchShard": [pb.FetchShardRequest(
             files=[pb.SourceFile(url=f"http://{CLOSED}/m.gguf", size=1 << 50, etag='"e"')],
             ranges=[pb.ByteRange(part=0, offset=0, length=1 << 40)],

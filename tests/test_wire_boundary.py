@@ -15,8 +15,6 @@ The rule, checked on the source of orchcore, orchestrator, worker, bench and the
      that is only passed on (to the stream's wrapper); and the variable of a ``for`` over a
      stub call or a kept stream (``self._stream``) is used only as a ``convert.`` argument.
 
-``UploadShard`` still reads its stream's header and data itself (``READS_ITS_STREAM``); its
-receipt goes through ``convert`` like every other reply.
 """
 
 from __future__ import annotations
@@ -36,7 +34,6 @@ CLIENT = ROOT / "orchestrator" / "cluster" / "client.py"
 SERVICE = ROOT / "worker" / "service.py"
 GENERATED = ("worker_pb2", "worker_pb2_grpc")
 RPCS = set(pb.DESCRIPTOR.services_by_name["Worker"].methods_by_name)
-READS_ITS_STREAM = {"UploadShard"}
 
 
 def _imports_generated(tree: ast.AST) -> bool:
@@ -116,7 +113,6 @@ def servicer_reads(source: str) -> list[str]:
         request = fn.args.args[1].arg
         for node in _own_nodes(fn):
             if (isinstance(node, ast.Name) and node.id == request
-                    and fn.name not in READS_ITS_STREAM
                     and not _convert_argument(node, parents)):
                 problems.append(f"{fn.name} reads its request: {_where(parents[node])}")
             if (isinstance(node, (ast.Return, ast.Yield, ast.YieldFrom))

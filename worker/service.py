@@ -31,6 +31,8 @@ from orchcore.control import (
     ProbeResult,
     Proof,
     ShardReceipt,
+    ShardUpload,
+    SliceUpload,
     WorkerReport,
 )
 from orchcore.cpu import cpu_info, host_id, memory_info
@@ -165,41 +167,33 @@ class WorkerService(pb_grpc.WorkerServicer):
     @_rpc
     def UploadShard(self, request_iterator: Iterator[pb.ShardChunk],
                     context: grpc.ServicerContext) -> pb.ShardReceipt:
-        header = next(request_iterator, None)
-        if header is not None and header.HasField("slice"):
-            return self._receive_slice(header, request_iterator)
-        if header is None or not header.sha256:
-            raise InvalidInputError("UploadShard: the first message must name sha256 and size"
-                                    ", or a slice")
-        if self.cache.has(header.sha256):
-            return convert.receipt_to_proto(ShardReceipt(header.sha256, header.size,
-                                                         already_cached=True))
+        upload = convert.upload_from_proto(request_iterator)
+        if isinstance(upload, SliceUpload):
+            return convert.receipt_to_proto(self._receive_slice(upload))
+        return convert.receipt_to_proto(self._store_shard(upload))
+
+    def _store_shard(self, upload: ShardUpload) -> ShardReceipt:
+        """A whole shard, stored by its sha256 (the tests' and fuzzers' way in)."""
+        if self.cache.has(upload.sha256):
+            return ShardReceipt(upload.sha256, upload.size, already_cached=True)
         stage = self.stage
-        evicted = self.cache.make_room(header.size, {stage.sha256} if stage else set())
+        evicted = self.cache.make_room(upload.size, {stage.sha256} if stage else set())
         if evicted:
             log.info("evicted %d least recently used shards to make room", len(evicted))
-        chunks = (c.data for c in _prepend(header, request_iterator) if c.data)
-        self.cache.store(header.sha256, header.size, chunks)
-        log.info("stored shard %s (%d bytes)", header.sha256[:12], header.size)
-        return convert.receipt_to_proto(ShardReceipt(header.sha256, header.size))
+        self.cache.store(upload.sha256, upload.size, upload.data)
+        log.info("stored shard %s (%d bytes)", upload.sha256[:12], upload.size)
+        return ShardReceipt(upload.sha256, upload.size)
 
-    def _receive_slice(self, header: pb.ShardChunk, rest: Iterator[pb.ShardChunk]
-                       ) -> pb.ShardReceipt:
+    def _receive_slice(self, upload: SliceUpload) -> ShardReceipt:
         """A slice of the model sent by the orchestrator: cut into the shard here."""
-        files, ranges, layers = convert.slice_from_proto(header.slice)
-        if header.size != total_bytes(ranges):
-            raise InvalidInputError(f"UploadShard: the slice's ranges hold "
-                                    f"{total_bytes(ranges)} bytes, not the announced "
-                                    f"{header.size}")
         stage = self.stage
-        data = (c.data for c in _prepend(header, rest) if c.data)
         built = None
         for step in SliceFetcher(self.cache, self.name).receive(
-                files, ranges, layers, {stage.sha256} if stage else set(), data):
+                upload.files, upload.ranges, upload.layers,
+                {stage.sha256} if stage else set(), upload.data):
             if isinstance(step, Built):
                 built = step
-        return pb.ShardReceipt(sha256=built.sha256, size=built.size,
-                               already_cached=not built.fetched)
+        return ShardReceipt(built.sha256, built.size, already_cached=not built.fetched)
 
     @_rpc
     def FindShard(self, request: pb.ShardSlice, context: grpc.ServicerContext
@@ -207,9 +201,10 @@ class WorkerService(pb_grpc.WorkerServicer):
         files, _, layers = convert.slice_from_proto(request)
         found = SliceFetcher(self.cache, self.name).find(files, layers)
         if found is None:
-            return pb.ShardReceipt()
+            return convert.receipt_to_proto(ShardReceipt("", 0))
         self.cache.touch(found.sha256)
-        return pb.ShardReceipt(sha256=found.sha256, size=found.size, already_cached=True)
+        return convert.receipt_to_proto(ShardReceipt(found.sha256, found.size,
+                                                     already_cached=True))
 
     @_rpc
     def RotateToken(self, request: pb.RotateTokenRequest, context: grpc.ServicerContext
@@ -464,8 +459,3 @@ def _loaded(stage: Stage | None) -> LoadedStage | None:
         resident_bytes=stage.resident_bytes, fault=stage.fault,
         holders=tuple(stage.leases.holders(time.monotonic())), model=stage.request.model,
         sessions=stage.engine.session_count)
-
-
-def _prepend(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
-    yield first
-    yield from rest

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict
 
@@ -21,6 +22,8 @@ from orchcore.control import (
     ProbeResult,
     Proof,
     ShardReceipt,
+    ShardUpload,
+    SliceUpload,
     WorkerReport,
 )
 from orchcore.errors import InvalidInputError, OrchError
@@ -364,6 +367,24 @@ def slice_upload_to_proto(files: Sequence[RemoteFile], ranges: Sequence[ByteRang
     yield pb.ShardChunk(slice=slice_to_proto(files, ranges, layers), size=size)
     for data in blocks:
         yield pb.ShardChunk(data=data)
+
+
+def upload_from_proto(stream: Iterator[pb.ShardChunk]) -> ShardUpload | SliceUpload:
+    """An UploadShard stream as what it uploads: its first message names a shard (sha256,
+    size) or a slice; the bytes follow, the first message's included."""
+    header = next(stream, None)
+    if header is None or not (header.sha256 or header.HasField("slice")):
+        raise InvalidInputError("UploadShard: the first message must name sha256 and size, "
+                                "or a slice")
+    data = (c.data for c in itertools.chain([header], stream) if c.data)
+    if not header.HasField("slice"):
+        return ShardUpload(header.sha256, header.size, data)
+    files, ranges, layers = slice_from_proto(header.slice)
+    if header.size != sum(r.length for r in ranges):
+        raise InvalidInputError(f"UploadShard: the slice's ranges hold "
+                                f"{sum(r.length for r in ranges)} bytes, not the announced "
+                                f"{header.size}")
+    return SliceUpload(files, ranges, layers, header.size, data)
 
 
 def receipt_to_proto(receipt: ShardReceipt) -> pb.ShardReceipt:
