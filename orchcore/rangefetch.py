@@ -327,8 +327,7 @@ class SparseCopy:
         """Raise ``SourceFetchError`` unless every file's header (fetched) describes a whole
         file of its published size."""
         for f in self.files:
-            with self.path(f).open("rb") as fh:
-                scan = scan_header(fh.read(min(f.size, MAX_HEADER_BYTES)))
+            scan = _read_header(self.path(f), f.size)
             if scan is None:
                 raise SourceFetchError(f"{f.url}: no complete GGUF header in its first "
                                        f"{_mib(min(f.size, MAX_HEADER_BYTES))} MiB")
@@ -358,6 +357,19 @@ class SparseCopy:
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _read_header(path: Path, size: int) -> HeaderScan | None:
+    """The header of the file at ``path``, read in a doubling prefix (a worker's memory is
+    its budget: the whole ``MAX_HEADER_BYTES`` is read only for a header that large)."""
+    want = min(size, FIRST_HEADER_BYTES)
+    with path.open("rb") as fh:
+        while True:
+            fh.seek(0)
+            scan = scan_header(fh.read(want))
+            if scan is not None or want >= min(size, MAX_HEADER_BYTES):
+                return scan
+            want = min(size, MAX_HEADER_BYTES, 2 * want)
 
 
 def check_published(f: RemoteFile, scan: HeaderScan) -> None:

@@ -239,3 +239,18 @@ def test_a_published_file_that_is_not_whole_is_refused(smollm2_path, tmp_path) -
         with pytest.raises(SourceFetchError, match=r"not a whole model file.*follow its last"):
             _build(tmp_path / "cache", [long], shard_ranges(facts, layers), layers)
     assert not list((tmp_path / "cache").glob("*.gguf")), "no shard may come of it"
+
+
+def test_a_header_is_read_in_doubling_steps_not_whole(smollm2_path, monkeypatch):
+    """Checking a copy whole read up to 256 MiB at once, a worker's whole budget on a Pi:
+    a slice's cut raised a worker's peak from 110 to 357 MiB for a 1B model."""
+    from orchcore import rangefetch
+
+    seen: list[int] = []
+    real = rangefetch.scan_header
+    monkeypatch.setattr(rangefetch, "scan_header", lambda data: seen.append(len(data))
+                        or real(data))
+    size = smollm2_path.stat().st_size
+    scan = rangefetch._read_header(smollm2_path, size)
+    assert scan is not None
+    assert max(seen) <= 2 * scan.end + rangefetch.FIRST_HEADER_BYTES, seen
