@@ -17,7 +17,6 @@ from orchcore.errors import DiskFullError
 from orchcore.facts import read_model_facts
 from orchcore.shard import LayerRange, write_shard
 from orchcore.slices import shard_ranges
-from orchcore.wire import convert
 from orchestrator.cluster.client import WorkerClient
 from orchestrator.pipeline.deploy import model_files, read_ranges
 from orchestrator.settings import OrchSettings
@@ -66,18 +65,18 @@ def test_a_worker_whose_disk_is_too_small_refuses_the_slice(gb_model, tmp_path):
     facts = read_model_facts(gb_model)
     layers = LayerRange(0, 2)
     ranges = shard_ranges(facts, layers)
-    sliced = convert.slice_to_proto(model_files(facts), ranges, layers)
+    files = model_files(facts)
     with small_disk(tmp_path / "disk", 64) as disk, worker_server(disk) as address:
         client = WorkerClient(address, None, OrchSettings.load())
         try:
             with pytest.raises(DiskFullError) as caught:
-                client.upload_slice(sliced, read_ranges(facts.parts, ranges))
+                client.upload_slice(files, ranges, layers, read_ranges(facts.parts, ranges))
             message = str(caught.value)
             _one_line(message)
             assert message.startswith(f"worker {address}: "), message
             assert str(disk / "cache") in message and "--cache-dir" in message, message
             assert _files(disk) == [], "a partial file was left"
-            assert not client.find_shard(sliced).sha256
+            assert client.find_shard(files, ranges, layers) is None
         finally:
             client.close()
 
@@ -89,7 +88,7 @@ def test_a_disk_that_fills_up_mid_upload_leaves_no_partial_file(tmp_path):
     facts = read_model_facts(model)
     layers = LayerRange(0, 1)
     ranges = shard_ranges(facts, layers)
-    sliced = convert.slice_to_proto(model_files(facts), ranges, layers)
+    files = model_files(facts)
     with small_disk(tmp_path / "disk", 160) as disk, worker_server(disk) as address:
         ballast = disk / "ballast"
 
@@ -108,11 +107,11 @@ def test_a_disk_that_fills_up_mid_upload_leaves_no_partial_file(tmp_path):
         client = WorkerClient(address, None, OrchSettings.load())
         try:
             with pytest.raises(DiskFullError) as caught:
-                client.upload_slice(sliced, data())
+                client.upload_slice(files, ranges, layers, data())
             _one_line(str(caught.value))
             assert str(caught.value).startswith(f"worker {address}: ")
             ballast.unlink()
             assert _files(disk) == [], "a partial file was left"
-            assert not client.find_shard(sliced).sha256
+            assert client.find_shard(files, ranges, layers) is None
         finally:
             client.close()
