@@ -18,11 +18,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
-import itertools
 import shutil
-import string
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -31,7 +29,9 @@ import gguf
 import numpy as np
 import numpy.typing as npt
 
-_MATRIX_STD = 0.02  # standard deviation of the 2-D weight matrices
+from orchcore.modelblocks import MATRIX_STD, RANDOM_BLOCK_TYPES, random_blocks
+from orchcore.modelvocab import MIN_VOCAB, add_tokenizer
+
 _NORM_NOISE = 0.1  # norm weights are 1 + _NORM_NOISE * N(0, 1)
 _BIAS_STD = 0.02
 _ROUTER_STD = 0.1  # expert routers: logits of a few units, so tokens pick different experts
@@ -40,30 +40,6 @@ _ROPE_FREQ_BASE = 10000.0
 
 GType = gguf.GGMLQuantizationType
 
-
-class _BlockScales(NamedTuple):
-    """Where a quantized block keeps its f16 scale (d) and, for some types, its min.
-
-    Offsets are bytes from the block start (negative: from its end), as laid out in
-    ggml-common.h. A min field holds `min_per_d * d`, chosen so weights centre near zero.
-    """
-
-    d_offset: int
-    min_offset: int | None = None
-    min_per_d: float = 0.0
-
-
-_BLOCK_SCALES: Mapping[GType, _BlockScales] = {
-    GType.Q8_0: _BlockScales(0),
-    GType.Q4_0: _BlockScales(0),
-    GType.Q4_1: _BlockScales(0, 2, -7.5),  # x = d * q + m, q in 0..15
-    GType.Q5_0: _BlockScales(0),
-    GType.Q5_1: _BlockScales(0, 2, -15.5),  # x = d * q + m, q in 0..31
-    GType.Q4_K: _BlockScales(0, 2, 7.5),  # x = d * sc * q - dmin * m, q in 0..15
-    GType.Q5_K: _BlockScales(0, 2, 15.5),  # x = d * sc * q - dmin * m, q in 0..31
-    GType.Q6_K: _BlockScales(-2),  # d is the block's last field
-}
-RANDOM_BLOCK_TYPES: tuple[GType, ...] = tuple(_BLOCK_SCALES)
 
 _FILE_TYPES: Mapping[GType, gguf.LlamaFileType] = {
     GType.F32: gguf.LlamaFileType.ALL_F32,
@@ -124,15 +100,6 @@ _LAYOUTS: Mapping[str, _Layout] = {gguf.MODEL_ARCH_NAMES[arch]: layout for arch,
 DENSE_ARCHS: tuple[str, ...] = tuple(
     name for name, layout in _LAYOUTS.items() if layout.experts != "always" and not layout.untied)
 
-# SentencePiece tokenizer: special pieces, then byte fallback, then normal pieces.
-_SPECIAL_TOKENS = (
-    ("<unk>", gguf.TokenType.UNKNOWN),
-    ("<s>", gguf.TokenType.CONTROL),
-    ("</s>", gguf.TokenType.CONTROL),
-)
-_WORD_START = "\u2581"  # SentencePiece's word-boundary marker; must be in the vocabulary
-_BYTE_PIECE = "<0x{:02X}>"  # the byte-fallback piece llama.cpp looks up for each byte
-MIN_VOCAB = len(_SPECIAL_TOKENS) + 256 + 1
 
 
 class SpecError(ValueError):
@@ -364,7 +331,7 @@ def _write_model(writer: gguf.GGUFWriter, spec: ModelSpec, sparse: bool = False)
     tensor data left a hole of its size)."""
     plan = tensor_plan(spec)
     _add_hparams(writer, spec)
-    _add_tokenizer(writer, spec.n_vocab, _LAYOUTS[spec.arch].extra_special)
+    add_tokenizer(writer, spec.n_vocab, _LAYOUTS[spec.arch].extra_special)
     for t in plan:
         byte_shape = _byte_shape(t)
         writer.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8),
@@ -414,42 +381,6 @@ def _add_hparams(writer: gguf.GGUFWriter, spec: ModelSpec) -> None:
         writer.add_rope_scaling_orig_ctx_len(spec.original_context_length)
 
 
-def _add_tokenizer(writer: gguf.GGUFWriter, n_vocab: int, extra_special: tuple[str, ...] = ()
-                   ) -> None:
-    """A SentencePiece ("llama") vocabulary with byte fallback and generated pieces."""
-    tokens = [text for text, _ in _SPECIAL_TOKENS] + list(extra_special)
-    types = [kind for _, kind in _SPECIAL_TOKENS] + [gguf.TokenType.CONTROL] * len(extra_special)
-    tokens += [_BYTE_PIECE.format(b) for b in range(256)]
-    types += [gguf.TokenType.BYTE] * 256
-    n_normal = n_vocab - len(tokens)
-    tokens += itertools.islice(_normal_pieces(), n_normal)
-    types += [gguf.TokenType.NORMAL] * n_normal
-    # SPM merges the highest-scoring pair first: earlier pieces count as more frequent
-    scores = [0.0] * (n_vocab - n_normal) + [-float(rank) for rank in range(n_normal)]
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    for text, add_id in zip(("<unk>", "<s>", "</s>"), (
-            writer.add_unk_token_id, writer.add_bos_token_id, writer.add_eos_token_id),
-            strict=True):
-        add_id(tokens.index(text))
-    writer.add_add_bos_token(True)
-    writer.add_add_eos_token(False)
-
-
-def _normal_pieces() -> Iterator[str]:
-    """The word marker, printable ASCII, then marked and bare lowercase words by length."""
-    yield _WORD_START
-    yield from (c for c in string.printable if not c.isspace())
-    for length in itertools.count(1):
-        for letters in itertools.product(string.ascii_lowercase, repeat=length):
-            word = "".join(letters)
-            yield _WORD_START + word
-            if length > 1:  # single letters came with printable ASCII
-                yield word
-
-
 def _byte_shape(t: TensorSpec) -> tuple[int, ...]:
     return gguf.quant_shape_to_byte_shape(t.shape, t.qtype)
 
@@ -463,43 +394,11 @@ def _tensor_bytes(t: TensorSpec, spec: ModelSpec) -> npt.NDArray[np.uint8]:
         values = _BIAS_STD * rng.standard_normal(t.shape, dtype=np.float32)
     elif t.role is Role.ROUTER:
         values = _ROUTER_STD * rng.standard_normal(t.shape, dtype=np.float32)
-    elif t.qtype in _BLOCK_SCALES and (spec.random_blocks or not _gguf_quantizes(t.qtype)):
+    elif t.qtype in RANDOM_BLOCK_TYPES and (spec.random_blocks or not _gguf_quantizes(t.qtype)):
         return random_blocks(rng, t.shape, t.qtype)
     else:
-        values = _MATRIX_STD * rng.standard_normal(t.shape, dtype=np.float32)
+        values = MATRIX_STD * rng.standard_normal(t.shape, dtype=np.float32)
     return gguf.quants.quantize(values, t.qtype).view(np.uint8)
-
-
-def random_blocks(rng: np.random.Generator, shape: tuple[int, ...], qtype: GType,
-                  std: float = _MATRIX_STD) -> npt.NDArray[np.uint8]:
-    """Quantized bytes of a `shape` tensor: random quants, f16 scales giving about `std`."""
-    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
-    n_blocks = int(np.prod(shape)) // block_size
-    blocks = rng.integers(0, 256, size=(n_blocks, type_size), dtype=np.uint8)
-    d = std / _unit_std(qtype) * rng.uniform(0.5, 1.5, size=n_blocks)
-    _set_scales(blocks, qtype, d)
-    return blocks.reshape(gguf.quant_shape_to_byte_shape(shape, qtype))
-
-
-def _set_scales(blocks: npt.NDArray[np.uint8], qtype: GType, d: npt.NDArray[np.float64]) -> None:
-    layout = _BLOCK_SCALES[qtype]
-    _, type_size = gguf.GGML_QUANT_SIZES[qtype]
-    fields = [(layout.d_offset, d)]
-    if layout.min_offset is not None:
-        fields.append((layout.min_offset, layout.min_per_d * d))
-    for offset, value in fields:
-        start = offset % type_size
-        blocks[:, start:start + 2] = value.astype(np.float16).view(np.uint8).reshape(-1, 2)
-
-
-@functools.cache
-def _unit_std(qtype: GType) -> float:
-    """Standard deviation of random blocks with d = 1, measured with gguf's dequantizer."""
-    _, type_size = gguf.GGML_QUANT_SIZES[qtype]
-    rng = np.random.default_rng(0)
-    blocks = rng.integers(0, 256, size=(256, type_size), dtype=np.uint8)
-    _set_scales(blocks, qtype, np.ones(len(blocks)))
-    return float(gguf.quants.dequantize(blocks, qtype).std())
 
 
 @functools.cache

@@ -18,7 +18,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from orchcore import modelgen
+from orchcore import modelgen, modelvocab
 
 NEEDS_ROOT = "mounting a size-limited tmpfs needs root (the suite runs as root in CI)"
 
@@ -43,7 +43,7 @@ def write_sparse_model(path: Path, spec: modelgen.ModelSpec) -> Path:
     """``spec``'s header and tensor table, then holes where its tensors are."""
     writer = gguf.GGUFWriter(path, spec.arch)
     modelgen._add_hparams(writer, spec)  # the generator's own keys, so facts agree
-    modelgen._add_tokenizer(writer, spec.n_vocab)
+    modelvocab.add_tokenizer(writer, spec.n_vocab)
     for t in modelgen.tensor_plan(spec):
         shape = gguf.quant_shape_to_byte_shape(t.shape, t.qtype)
         writer.add_tensor_info(t.name, shape, np.dtype(np.uint8), int(np.prod(shape)),

@@ -24,7 +24,7 @@ import shutil
 import time
 from pathlib import Path
 
-from orchcore import modelgen
+from orchcore import modelblocks, modelgen, modelvocab
 from orchcore.files import locked, write_atomic
 from orchcore.modelgen import ModelSpec
 
@@ -81,7 +81,7 @@ def fetched_model(name: str) -> Path:
 
 
 def _key(spec: ModelSpec, name: str, split_max_tensors: int) -> str:
-    generator = Path(modelgen.__file__).read_bytes()
+    generator = b"".join(Path(m.__file__).read_bytes() for m in (modelgen, modelvocab, modelblocks))
     text = f"{spec!r}|{name}|{split_max_tensors}|"
     return hashlib.sha256(text.encode() + generator).hexdigest()[:20]
 
