@@ -62,3 +62,10 @@ def test_install_warns_about_a_program_under_tmp(tmp_path):
     install(InstallRequest(root=tmp_path / "root", enable=False,
                            exec_path="/opt/orch/bin/orch"), said.append)
     assert not [line for line in said if "PrivateTmp" in line], said
+
+
+def test_a_bad_flag_is_named_as_the_user_gave_it(tmp_path):
+    done = start_worker(tmp_path, "--port", "99999")
+    assert done.returncode != 0
+    assert "--port (ORCH_WORKER_PORT)" in done.stderr and "port:" not in done.stderr, \
+        done.stderr

@@ -105,15 +105,16 @@ def doctor_options(settings_type: type[BaseSettings], *, env_file: Path | None =
     from_file = env.worker_values()
     unknown = sorted(k for k in from_file if k not in settings_type.model_fields)
     problem = "; ".join(f"ORCH_WORKER_{k.upper()} is not a worker setting" for k in unknown)
+    variables = {name: f"ORCH_WORKER_{name.upper()}" for name in settings_type.model_fields}
     try:
         settings = settings_type(**{k: v for k, v in from_file.items() if k not in unknown},
                                  **given)
     except ValidationError as exc:
-        problem = "; ".join(filter(None, (problem, describe_validation(exc))))
+        problem = "; ".join(filter(None, (problem, describe_validation(exc, variables))))
         try:
             settings = settings_type(**given)
         except ValidationError as again:
-            raise InvalidSettingError(describe_validation(again)) from None
+            raise InvalidSettingError(describe_validation(again, variables)) from None
     return DoctorOptions(
         host=settings.host, port=settings.port, cache_dir=settings.cache_dir,
         cache_max_mb=settings.cache_max_mb, discovery=settings.discovery,

@@ -68,7 +68,9 @@ def worker(ctx: typer.Context) -> None:
                                   _cli_kebab_case=True)
         warnings = fit_to_machine(settings, memory_info().total, cpu_info().cores)
     except ValidationError as exc:
-        fail(InvalidSettingError(describe_validation(exc)))
+        fail(InvalidSettingError(describe_validation(exc, {
+            name: f"--{name.replace('_', '-')} (ORCH_WORKER_{name.upper()})"
+            for name in WorkerSettings.model_fields})))
     except OrchError as exc:
         fail(exc)
     for warning in warnings:
