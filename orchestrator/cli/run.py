@@ -42,6 +42,7 @@ def run(
     threads: Annotated[int | None, setting_option("threads", "--threads")] = None,
     objective: Annotated[str | None, setting_option("objective", "--objective")] = None,
     speculate: Annotated[str | None, setting_option("speculate", "--speculate")] = None,
+    replan: Annotated[bool | None, setting_option("replan", "--replan")] = None,
     stop: Annotated[list[str] | None, typer.Option(
         help="Stop when this text appears (repeatable).")] = None,
     chat: Annotated[bool, typer.Option(
@@ -74,7 +75,7 @@ def run(
             top_k=top_k,
             top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, codec=codec,
             context_tokens=context, max_sessions=max_sessions, threads=threads, token=token,
-            objective=objective, fetch=fetch, speculate=speculate)
+            objective=objective, fetch=fetch, speculate=speculate, replan=replan)
         if settings.speculation().on and settings.sampling().penalised:
             raise InvalidSettingError("speculation needs --repeat-penalty 1 (a penalty "
                                       "depends on each drafted row's history); or "
