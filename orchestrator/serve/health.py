@@ -56,7 +56,7 @@ class HealthWatch:
             log.debug("worker %s does not answer: %s", client.address, exc)
             return WorkerHealth("down")
         loaded = info.loaded
-        if not info.HasField("loaded") or loaded.pipeline_id != pipeline_id:
+        if loaded is None or loaded.pipeline_id != pipeline_id:
             return WorkerHealth("faulty")
-        return WorkerHealth("faulty" if loaded.HasField("fault") else "up",
+        return WorkerHealth("faulty" if loaded.fault is not None else "up",
                             loaded.resident_bytes or None)
