@@ -158,12 +158,14 @@ def estimate_stage(facts: ModelFacts, layers: LayerRange, config: EngineConfig,
     return StageMemory(facts, config)(layers.start, layers.end, baseline)
 
 
-def estimate_shard(shard: ModelFacts, config: EngineConfig) -> MemoryEstimate:
-    """The worker's figure for a shard file it holds (or a whole model file)."""
+def estimate_shard(shard: ModelFacts, config: EngineConfig, baseline: int | None = None
+                   ) -> MemoryEstimate:
+    """The worker's figure for a shard file it holds (or a whole model file), in a process
+    that holds ``baseline`` bytes with nothing loaded (None or 0: unknown)."""
     weights = sum(t.n_bytes for t in shard.tensors)
     if KEY_INPUT_ROWS in shard.metadata:  # the first stage's input table, after the tensors
         weights += type_bytes(shard.metadata[KEY_INPUT_TYPE],
                               int(shard.metadata[KEY_INPUT_ROWS]) * shard.n_embd)
     return _estimate(weights=weights, kv=sum(_kv_bytes(shard, config)),
                      n_vocab_out=shard.n_vocab, n_embd=shard.n_embd,
-                     ffn_width=shard.ffn_width, config=config)
+                     ffn_width=shard.ffn_width, config=config, baseline=baseline)
