@@ -7,7 +7,7 @@ planner estimates each stage before anything is sent (``estimate_stage``); the w
 checks the same figure for the shard it received (``estimate_shard``); both end in
 ``_estimate``, so they agree to the byte.
 
-The constants were measured (``bench/engine_memory.py``, docs/benchmarks.md) and are
+The constants were measured (``bench/stage_memory.py``, docs/benchmarks.md) and are
 tested against the peak RSS of real worker processes (tests/test_memory.py,
 tests/test_exact_archs.py for a mixture of experts).
 

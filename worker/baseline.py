@@ -36,15 +36,23 @@ def process_baseline(folder: Path, threads: int) -> int:
     """This process's resident bytes with a warmed engine and nothing loaded: kept in
     ``folder`` for this version and ``threads``, else measured now (0: cannot be read on
     this system)."""
-    path, key = folder / _FILE, f"{__version__}-llama{llama_cpp.__version__}-t{threads}"
-    known = read_json(path)
-    if isinstance(known.get(key), int) and known[key] > 0:
-        return known[key]
+    known = read_json(folder / _FILE).get(_key(threads))
+    if isinstance(known, int) and known > 0:
+        return known
     measured = _measure(folder, threads)
     if measured:
-        write_atomic(path, json.dumps({key: measured}) + "\n")  # older versions' go
-        log.info("process baseline: %d MiB with nothing loaded", measured >> 20)
+        keep(folder, threads, measured)
     return measured
+
+
+def keep(folder: Path, threads: int, baseline: int) -> None:
+    """Keep ``baseline`` in ``folder`` as this version's figure for ``threads`` (the only
+    one kept: older versions' figures go)."""
+    write_atomic(folder / _FILE, json.dumps({_key(threads): baseline}) + "\n")
+
+
+def _key(threads: int) -> str:
+    return f"{__version__}-llama{llama_cpp.__version__}-t{threads}"
 
 
 def _measure(folder: Path, threads: int) -> int:
