@@ -120,6 +120,9 @@ class WorkerReport:
     cache_free_bytes: int  # on the cache's disk
     cache_max_bytes: int
     threads: int  # llama.cpp threads it runs with (what its speed was probed with)
+    # What its process holds with nothing loaded, measured at start with a warmed engine
+    # (``orchcore.memory.measure_baseline``); 0 = not measured (an older worker).
+    baseline_bytes: int = 0
 
     def device(self, address: str) -> DeviceFacts:
         """The planner's view of this worker, reached at ``address``."""
@@ -130,7 +133,8 @@ class WorkerReport:
             hostname=self.hostname, arch=self.arch, cores=cores,
             ram_total_bytes=self.ram_total_bytes,
             ram_available_bytes=self.ram_available_bytes,
-            memory_budget_bytes=self.memory_budget_bytes, threads=min(self.threads, cores))
+            memory_budget_bytes=self.memory_budget_bytes, threads=min(self.threads, cores),
+            baseline_bytes=self.baseline_bytes or None)
 
 
 class ShardReceipt(NamedTuple):

@@ -7,7 +7,7 @@ planner estimates each stage before anything is sent (``estimate_stage``); the w
 checks the same figure for the shard it received (``estimate_shard``); both end in
 ``_estimate``, so they agree to the byte.
 
-The constants were measured (``bench/engine_memory.py``, docs/benchmarks.md) and are
+The constants were measured (``bench/stage_memory.py``, docs/benchmarks.md) and are
 tested against the peak RSS of real worker processes (tests/test_memory.py,
 tests/test_exact_archs.py for a mixture of experts).
 
@@ -33,13 +33,22 @@ DEFAULT_RESERVE_MB = 512  # a worker without a budget leaves this much RAM to th
 # planner uses a worker's own measured figure when it reports one (``DeviceFacts``); idle
 # workers measure 80-110 MiB, so this is the safe side for one that does not.
 PROCESS_BASELINE_BYTES = 160 * MIB
+# A serving worker beyond its idle figure: gRPC's streams and message buffers, TLS, the
+# stage's threads and their heap arenas (measured 21-45 MiB over the four models of
+# bench/stage_memory.py; docs/benchmarks.md).
+_SERVING_BYTES = 48 * MIB
 # Bytes of one vocabulary entry per session on the last stage: llama.cpp's output buffer
 # (a float per row and session), the copy handed to the sampler (a float), and the
 # sampler's candidate array (token id, logit and probability: 12 bytes, and its ids).
 _LOGITS_BYTES_PER_SESSION = 4 + 4 + 16
+# A shard that carries the tokenizer (the last one): llama.cpp's vocabulary (each piece's
+# text, score and attributes, the text-to-id map, the piece cache, BPE merges) and the
+# header's arrays, mapped with the file. Measured: 190 (Gemma 3, 262k pieces) to 335
+# (SmolLM2, 49k pieces and 49k merges) bytes per piece; the excess of the one is within the
+# slack of the other.
+_VOCAB_BYTES_PER_TOKEN = 224
 # llama.cpp's compute buffer: graph intermediates per row of a batch, in floats of width
-# n_ff and n_embd, plus a fixed part (measured; see the module docstring).
-_COMPUTE_FIXED_BYTES = 16 * MIB
+# n_ff and n_embd (the pages a full chunk touches; the buffer reserved is larger).
 _COMPUTE_FF_ROWS = 4
 _COMPUTE_EMBD_ROWS = 8
 _SWA_PAD = 256  # llama.cpp pads a window-sized cache to this many cells
@@ -47,23 +56,35 @@ _SWA_PAD = 256  # llama.cpp pads a window-sized cache to this many cells
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    baseline: int
-    weights: int
+    """A stage's whole worker process at its peak, by term (bytes).
+
+    The first stage's input table is mapped whole while llama.cpp loads the shard (it
+    maps the file and reads it all in) and let go before the KV cache is made, so it
+    competes with the terms that come after the load rather than adding to them."""
+
+    baseline: int  # the idle process (measured by the worker, else assumed)
+    weights: int  # the shard's tensors llama.cpp holds
     kv_cache: int
     logits: int
     compute: int
+    input_table: int = 0  # the first stage's token embeddings: read per row once loaded
+    vocab: int = 0  # the tokenizer a last stage holds
+    serving: int = _SERVING_BYTES  # gRPC, TLS, threads beyond the idle figure
 
     @property
     def total(self) -> int:
-        return self.baseline + self.weights + self.kv_cache + self.logits + self.compute
+        after_load = self.kv_cache + self.logits + self.compute + self.vocab
+        return self.baseline + self.serving + self.weights + max(self.input_table, after_load)
 
     def describe(self) -> str:
         def mib(n: int) -> str:
             return f"{n / MIB:.0f}"
 
+        extra = (f", input table {mib(self.input_table)} while loading" if self.input_table
+                 else "") + (f", vocabulary {mib(self.vocab)}" if self.vocab else "")
         return (f"{mib(self.total)} MiB (weights {mib(self.weights)}, KV {mib(self.kv_cache)}, "
-                f"logits {mib(self.logits)}, compute {mib(self.compute)}, process "
-                f"{mib(self.baseline)})")
+                f"logits {mib(self.logits)}, compute {mib(self.compute)}{extra}, process "
+                f"{mib(self.baseline)} + {mib(self.serving)} serving)")
 
 
 def default_budget(available_bytes: int, reserve_mb: int = DEFAULT_RESERVE_MB) -> int:
@@ -89,24 +110,24 @@ def _kv_bytes(facts: ModelFacts, config: EngineConfig) -> list[int]:
 
 
 def logits_bytes(n_vocab_out: int, config: EngineConfig) -> int:
-    """Every logits row the last stage may hold: llama.cpp reserves its compute graph for a
-    whole chunk with every row an output (``n_ubatch`` = ``batch_tokens`` rows of floats),
-    and per session a row in its output buffer, in the sampler's copy and its candidates.
-    A stage without the vocabulary (``n_vocab_out`` 1) holds none."""
+    """Every logits row the last stage holds: per session a row in llama.cpp's output
+    buffer, in the sampler's copy and its candidates (a decode batch has a row per session;
+    the graph keeps only the rows asked for). A stage without the vocabulary
+    (``n_vocab_out`` 1) holds none."""
     if n_vocab_out <= 1:
         return 0
-    return n_vocab_out * (4 * config.batch_tokens
-                          + _LOGITS_BYTES_PER_SESSION * config.max_sessions)
+    return n_vocab_out * _LOGITS_BYTES_PER_SESSION * config.max_sessions
 
 
-def _estimate(*, weights: int, kv: int, n_vocab_out: int, n_embd: int, ffn_width: int,
-              config: EngineConfig, baseline: int | None = None) -> MemoryEstimate:
+def _estimate(*, weights: int, input_table: int, kv: int, n_vocab_out: int, n_embd: int,
+              ffn_width: int, config: EngineConfig, baseline: int | None = None
+              ) -> MemoryEstimate:
     rows = config.batch_tokens
-    compute = _COMPUTE_FIXED_BYTES + 4 * rows * (
-        _COMPUTE_FF_ROWS * ffn_width + _COMPUTE_EMBD_ROWS * n_embd)
+    compute = 4 * rows * (_COMPUTE_FF_ROWS * ffn_width + _COMPUTE_EMBD_ROWS * n_embd)
     return MemoryEstimate(baseline=baseline or PROCESS_BASELINE_BYTES, weights=weights,
                           kv_cache=kv, logits=logits_bytes(n_vocab_out, config),
-                          compute=compute)
+                          compute=compute, input_table=input_table,
+                          vocab=_VOCAB_BYTES_PER_TOKEN * n_vocab_out if n_vocab_out > 1 else 0)
 
 
 class StageMemory:
@@ -130,13 +151,17 @@ class StageMemory:
             for start, end in ((0, n), (0, 1), (n - 1, n), (1, 2)) if 0 <= start < end <= n
         }
 
-    def _layout_bytes(self, start: int, end: int) -> int:
-        """Bytes of the shard for [start, end) besides its layers."""
+    def _layout_bytes(self, start: int, end: int) -> tuple[int, int]:
+        """Tensor bytes of the shard for [start, end) besides its layers, and its input
+        table's."""
         layout = shard_layout(self._facts, LayerRange(start, end))
-        return layout.total_tensor_bytes - (self._prefix[end] - self._prefix[start])
+        table = layout.input_table.n_bytes if layout.input_table else 0
+        return (layout.total_tensor_bytes - table - (self._prefix[end] - self._prefix[start]),
+                table)
 
     def weights(self, start: int, end: int) -> int:
-        extra = self._extra[start == 0, end == self.n_layers]
+        """The tensor bytes llama.cpp holds for ``[start, end)`` (no input table)."""
+        extra, _ = self._extra[start == 0, end == self.n_layers]
         return self._prefix[end] - self._prefix[start] + extra
 
     def __call__(self, start: int, end: int, baseline: int | None = None) -> MemoryEstimate:
@@ -144,6 +169,7 @@ class StageMemory:
         bytes (None or 0: unknown, ``PROCESS_BASELINE_BYTES``)."""
         facts = self._facts
         return _estimate(weights=self.weights(start, end),
+                         input_table=self._extra[start == 0, end == self.n_layers][1],
                          kv=self._kv_prefix[end] - self._kv_prefix[start],
                          n_vocab_out=facts.n_vocab if end == self.n_layers else 1,
                          n_embd=facts.n_embd, ffn_width=facts.ffn_width, config=self.config,
@@ -158,12 +184,15 @@ def estimate_stage(facts: ModelFacts, layers: LayerRange, config: EngineConfig,
     return StageMemory(facts, config)(layers.start, layers.end, baseline)
 
 
-def estimate_shard(shard: ModelFacts, config: EngineConfig) -> MemoryEstimate:
-    """The worker's figure for a shard file it holds (or a whole model file)."""
-    weights = sum(t.n_bytes for t in shard.tensors)
+def estimate_shard(shard: ModelFacts, config: EngineConfig, baseline: int | None = None
+                   ) -> MemoryEstimate:
+    """The worker's figure for a shard file it holds (or a whole model file), in a process
+    that holds ``baseline`` bytes with nothing loaded (None or 0: unknown)."""
+    table = 0
     if KEY_INPUT_ROWS in shard.metadata:  # the first stage's input table, after the tensors
-        weights += type_bytes(shard.metadata[KEY_INPUT_TYPE],
-                              int(shard.metadata[KEY_INPUT_ROWS]) * shard.n_embd)
-    return _estimate(weights=weights, kv=sum(_kv_bytes(shard, config)),
+        table = type_bytes(shard.metadata[KEY_INPUT_TYPE],
+                           int(shard.metadata[KEY_INPUT_ROWS]) * shard.n_embd)
+    return _estimate(weights=sum(t.n_bytes for t in shard.tensors), input_table=table,
+                     kv=sum(_kv_bytes(shard, config)),
                      n_vocab_out=shard.n_vocab, n_embd=shard.n_embd,
-                     ffn_width=shard.ffn_width, config=config)
+                     ffn_width=shard.ffn_width, config=config, baseline=baseline)

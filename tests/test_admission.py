@@ -23,7 +23,8 @@ from worker.admission import Admission, CurrentStage, ShardFacts, admit
 ASKED = LoadRequest(pipeline_id="p2", sha256="ab" * 32, layer_start=10, layer_end=20,
                     engine=EngineConfig(threads=2), next_address="host:1", holder="me",
                     model="m.gguf")
-SHARD = ShardFacts(LayerRange(10, 20), MemoryEstimate(100 * MIB, 50 * MIB, 10 * MIB, 0, 5 * MIB))
+SHARD = ShardFacts(LayerRange(10, 20), MemoryEstimate(100 * MIB, 50 * MIB, 10 * MIB, 0, 5 * MIB,
+                                                         serving=0))
 BUDGET = 1024 * MIB
 
 

@@ -10,12 +10,14 @@ import sys
 
 from orchcore import modelgen
 from orchcore.facts import read_model_facts
+from orchcore.memory import PROCESS_BASELINE_BYTES
 from orchcore.probe import layer_shape
 from orchestrator.cluster.local import LocalCluster
 from orchestrator.pipeline.connected import Cluster
 from orchestrator.planning.plan import PlanOptions, make_plan
 from orchestrator.settings import OrchSettings
 from testkit.cluster import worker_server
+from worker import baseline
 
 
 def test_probe_times_the_model_shape_once_and_feeds_the_planner(smollm2_path, tmp_path):
@@ -57,6 +59,8 @@ def test_a_worker_too_small_for_the_probe_is_left_out_not_fatal(tmp_path):
     layers. 165 MiB cannot hold one probe layer: it stays untimed, and the plan leaves both
     out with their reason."""
     model = modelgen.write_model(tmp_path / "wide.gguf", WIDE)
+    for i in range(3):  # the budgets above are sized for a process of 160 MiB
+        baseline.keep(tmp_path / "w" / f"worker-{i}", 1, PROCESS_BASELINE_BYTES)
     with LocalCluster(3, tmp_path / "w", threads_per_worker=1,
                       memory_budgets_mb=[200, 165, 700]) as workers:
         env = dict(os.environ, ORCH_TOKEN=workers.token, ORCH_CACHE_DIR=str(tmp_path / "c"))

@@ -3,6 +3,7 @@ about a program the service could not see."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import time
 import pytest
 
 from orchcore.cpu import cpu_info, memory_info
+from orchcore.memory import MIB, PROCESS_BASELINE_BYTES
 from worker.install import InstallRequest, install
 
 TOKEN = "a-cluster-token-for-the-flag-tests"
@@ -41,8 +43,24 @@ def test_a_budget_outside_the_machine_is_refused_with_the_range(tmp_path, budget
     assert done.returncode == 1, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: --memory-budget-mb"), done.stderr
-    assert f"give 160..{ram_mb} MiB" in lines[0], lines[0]
+    floor = -(-_kept_baseline(tmp_path) // MIB)  # measured at start, kept for the next
+    assert f"give {floor}..{ram_mb} MiB" in lines[0], lines[0]
     assert not (tmp_path / "ready").exists()
+
+
+def _kept_baseline(tmp_path) -> int:
+    kept = json.loads((tmp_path / "cache" / "baseline.json").read_text())
+    assert len(kept) == 1, kept  # one figure, for this version and thread count
+    return next(iter(kept.values()))
+
+
+def test_the_budget_floor_is_the_process_measured_here(tmp_path):
+    refused = start_worker(tmp_path, "--memory-budget-mb", "1")
+    assert refused.returncode == 1, refused.stderr
+    floor = -(-_kept_baseline(tmp_path) // MIB)
+    assert 40 < floor < PROCESS_BASELINE_BYTES // MIB, f"an idle worker measured {floor} MiB"
+    served = start_worker(tmp_path, "--memory-budget-mb", str(floor))
+    assert (tmp_path / "ready").exists(), served.stderr  # the assumed 160 MiB would refuse it
 
 
 def test_more_threads_than_cores_are_warned_about(tmp_path):

@@ -18,11 +18,13 @@ from typing import Any
 import grpc
 
 from orchcore import clustertoken
+from orchcore.cpu import cpu_info
 from orchcore.errors import InvalidSettingError
 from orchcore.files import write_atomic
 from orchcore.wire.channel import server_options
 from orchcore.wire.tls import load_identity, short
 from worker.advertise import Advertiser, advertised_addresses
+from worker.baseline import process_baseline
 from worker.rejects import CheckedRequests, RejectLog
 from worker.service import WorkerService
 from worker.settings import WorkerSettings
@@ -114,8 +116,9 @@ def serve(settings: WorkerSettings, *, stop: threading.Event | None = None) -> N
                                   f"is another worker using the port? Choose another with "
                                   f"--port") from None
     name = f"{settings.host}:{port}"
+    baseline = process_baseline(settings.state_dir, settings.engine_threads(cpu_info().cores))
     service = WorkerService(settings, name, tokens, identity.fingerprint if identity else "",
-                            rejects)
+                            rejects, baseline)
     service.add_to(server)
     server.start()
     if not tokens.current and not loopback:
@@ -123,9 +126,10 @@ def serve(settings: WorkerSettings, *, stop: threading.Event | None = None) -> N
     if identity is None and not loopback:
         log.warning("serving without TLS (plaintext): the token and all data cross the "
                     "network in the clear")
-    log.info("worker %s listening on %s, %s (cache %s)", service.id[:8], name,
+    log.info("worker %s listening on %s, %s (cache %s; %d MiB with nothing loaded)",
+             service.id[:8], name,
              f"TLS certificate {short(identity.fingerprint)}" if identity else "plaintext",
-             settings.cache_dir)
+             settings.cache_dir, baseline >> 20)
     advertiser = Advertiser(advertised_addresses(settings.discovery, settings.host),
                             lambda: service.advert(port), service.renew_id)
     advertiser.start()

@@ -115,7 +115,8 @@ def worker_id(state_dir: Path, *, renew: bool = False) -> str:
 
 class WorkerService(pb_grpc.WorkerServicer):
     def __init__(self, settings: WorkerSettings, name: str, tokens: Tokens,
-                 fingerprint: str = "", rejects: RejectLog | None = None) -> None:
+                 fingerprint: str = "", rejects: RejectLog | None = None,
+                 baseline: int = 0) -> None:
         self.settings = settings
         self.name = name
         self.rejects = rejects or RejectLog()
@@ -124,6 +125,9 @@ class WorkerService(pb_grpc.WorkerServicer):
         self.id = worker_id(settings.state_dir)
         self.tokens = tokens
         self.budget = settings.budget_bytes(memory_info().available)
+        # What this process holds with nothing loaded (``worker.baseline``); 0 = unknown,
+        # and the estimate assumes ``PROCESS_BASELINE_BYTES``.
+        self.baseline = baseline
         self.host_id = host_id()
         self.stage: Stage | None = None
         self._unloaded: list[str] = []  # recently unloaded pipeline ids, newest last
@@ -132,7 +136,7 @@ class WorkerService(pb_grpc.WorkerServicer):
     def threads(self, cores: int) -> int:
         """The llama.cpp threads this worker runs a stage with: its setting, at most its
         cores (Info reports it; a LoadShard that names none gets it)."""
-        return min(self.settings.threads or cores, cores)
+        return self.settings.engine_threads(cores)
 
     @property
     def token(self) -> str | None:
@@ -160,7 +164,8 @@ class WorkerService(pb_grpc.WorkerServicer):
             arch=cpu.arch, cached_shards=tuple(self.cache.list()),
             loaded=_loaded(self.stage), host_id=self.host_id,
             cache_used_bytes=self.cache.used_bytes(), cache_free_bytes=self.cache.free_bytes(),
-            cache_max_bytes=self.cache.max_bytes, threads=self.threads(cpu.cores))
+            cache_max_bytes=self.cache.max_bytes, threads=self.threads(cpu.cores),
+            baseline_bytes=self.baseline)
 
     # --- shards ------------------------------------------------------------------------
 
@@ -266,7 +271,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             facts = read_model_facts(self.cache.path(asked.sha256))
             role = StageRole.of(facts)
             return ShardFacts(LayerRange(role.start, role.end),
-                              estimate_shard(facts, asked.engine))
+                              estimate_shard(facts, asked.engine, self.baseline))
         except GGUFError as exc:  # name what the user asked for, not our cache file
             return ShardFacts(problem=exc.problem)
 
@@ -402,7 +407,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         shape = convert.shape_from_proto(request)
         if (problem := shape.problem()) is not None:
             raise InvalidInputError(f"not a layer shape to probe: {problem}")
-        room = max(0, self.budget - PROCESS_BASELINE_BYTES)  # what this process leaves
+        room = max(0, self.budget - (self.baseline or PROCESS_BASELINE_BYTES))
         layers = shape.layers_within(room)
         if not layers:
             raise MemoryBudgetError(

@@ -91,6 +91,10 @@ class WorkerSettings(BaseSettings):
             return value
         return _systemd_directory("STATE_DIRECTORY") or info.data.get("cache_dir")
 
+    def engine_threads(self, cores: int) -> int:
+        """The llama.cpp threads a stage runs with here: ``threads``, at most ``cores``."""
+        return min(self.threads or cores, cores)
+
     def budget_bytes(self, available_bytes: int) -> int:
         """The memory budget in bytes, given the RAM available now."""
         if self.memory_budget_mb:
@@ -98,18 +102,19 @@ class WorkerSettings(BaseSettings):
         return default_budget(available_bytes, self.memory_reserve_mb)
 
 
-def fit_to_machine(settings: WorkerSettings, ram_bytes: int, cores: int) -> list[str]:
-    """``settings`` held to this machine (``ram_bytes`` of RAM, ``cores`` usable): a memory
-    budget below the process's own baseline or above the RAM is refused
-    (``InvalidSettingError``); more threads than cores are warned about. Returns the
-    warnings."""
-    budget, low, high = settings.memory_budget_mb, -(-PROCESS_BASELINE_BYTES // MIB), \
-        ram_bytes // MIB
+def fit_to_machine(settings: WorkerSettings, ram_bytes: int, cores: int,
+                   baseline_bytes: int = 0) -> list[str]:
+    """``settings`` held to this machine (``ram_bytes`` of RAM, ``cores`` usable, a process
+    that holds ``baseline_bytes`` with nothing loaded: measured, 0 = unknown): a memory
+    budget below that baseline or above the RAM is refused (``InvalidSettingError``); more
+    threads than cores are warned about. Returns the warnings."""
+    low = -(-(baseline_bytes or PROCESS_BASELINE_BYTES) // MIB)
+    budget, high = settings.memory_budget_mb, ram_bytes // MIB
     if budget and not low <= budget <= high:
         raise InvalidSettingError(
             f"--memory-budget-mb {budget} (ORCH_WORKER_MEMORY_BUDGET_MB): give {low}..{high} "
-            f"MiB (a worker process needs {low} MiB with nothing loaded; this machine has "
-            f"{high} MiB of RAM), or 0 for the RAM available at start")
+            f"MiB (this worker process holds {low} MiB with nothing loaded; this machine "
+            f"has {high} MiB of RAM), or 0 for the RAM available at start")
     if settings.threads > cores:
         return [f"--threads {settings.threads} (ORCH_WORKER_THREADS) is more than the {cores} "
                 f"cores this worker may use: llama.cpp's threads would take turns on them; "

@@ -323,7 +323,7 @@ def report_from_proto(msg: pb.WorkerInfo) -> WorkerReport:
         loaded=loaded_from_proto(msg.loaded) if msg.HasField("loaded") else None,
         host_id=msg.host_id, cache_used_bytes=msg.cache_used_bytes,
         cache_free_bytes=msg.cache_free_bytes, cache_max_bytes=msg.cache_max_bytes,
-        threads=msg.threads)
+        threads=msg.threads, baseline_bytes=msg.baseline_bytes)
 
 
 def loaded_to_proto(stage: LoadedStage) -> pb.LoadedShard:

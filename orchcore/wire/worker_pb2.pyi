@@ -165,7 +165,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("protocol_version", "worker_id", "hostname", "software_version", "ram_total_bytes", "ram_available_bytes", "memory_budget_bytes", "cores", "cpu_model", "cpu_flags", "arch", "cached_shards", "loaded", "host_id", "cache_used_bytes", "cache_free_bytes", "cache_max_bytes", "threads")
+    __slots__ = ("protocol_version", "worker_id", "hostname", "software_version", "ram_total_bytes", "ram_available_bytes", "memory_budget_bytes", "cores", "cpu_model", "cpu_flags", "arch", "cached_shards", "loaded", "host_id", "cache_used_bytes", "cache_free_bytes", "cache_max_bytes", "threads", "baseline_bytes")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +184,7 @@ class WorkerInfo(_message.Message):
     CACHE_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
     CACHE_MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
     THREADS_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_BYTES_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     worker_id: str
     hostname: str
@@ -202,7 +203,8 @@ class WorkerInfo(_message.Message):
     cache_free_bytes: int
     cache_max_bytes: int
     threads: int
-    def __init__(self, protocol_version: _Optional[int] = ..., worker_id: _Optional[str] = ..., hostname: _Optional[str] = ..., software_version: _Optional[str] = ..., ram_total_bytes: _Optional[int] = ..., ram_available_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., cores: _Optional[int] = ..., cpu_model: _Optional[str] = ..., cpu_flags: _Optional[_Iterable[str]] = ..., arch: _Optional[str] = ..., cached_shards: _Optional[_Iterable[str]] = ..., loaded: _Optional[_Union[LoadedShard, _Mapping]] = ..., host_id: _Optional[str] = ..., cache_used_bytes: _Optional[int] = ..., cache_free_bytes: _Optional[int] = ..., cache_max_bytes: _Optional[int] = ..., threads: _Optional[int] = ...) -> None: ...
+    baseline_bytes: int
+    def __init__(self, protocol_version: _Optional[int] = ..., worker_id: _Optional[str] = ..., hostname: _Optional[str] = ..., software_version: _Optional[str] = ..., ram_total_bytes: _Optional[int] = ..., ram_available_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., cores: _Optional[int] = ..., cpu_model: _Optional[str] = ..., cpu_flags: _Optional[_Iterable[str]] = ..., arch: _Optional[str] = ..., cached_shards: _Optional[_Iterable[str]] = ..., loaded: _Optional[_Union[LoadedShard, _Mapping]] = ..., host_id: _Optional[str] = ..., cache_used_bytes: _Optional[int] = ..., cache_free_bytes: _Optional[int] = ..., cache_max_bytes: _Optional[int] = ..., threads: _Optional[int] = ..., baseline_bytes: _Optional[int] = ...) -> None: ...
 
 class LoadedShard(_message.Message):
     __slots__ = ("sha256", "layer_start", "layer_end", "source_layers", "pipeline_id", "resident_bytes", "fault", "holders", "model", "sessions")

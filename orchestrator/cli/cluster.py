@@ -125,7 +125,9 @@ def _print_cluster(views: Sequence[WorkerView]) -> None:
             + (f"TLS {short(v.tls)}" if v.tls else "[yellow]plaintext[/]")
             + ("\n[red]other version[/]" if v.problem else ""),
             f"{v.host}, {v.arch}, {v.cores} cores\n{' '.join(v.flags)}",
-            f"budget {v.budget_mb}\nfree {v.ram_available_mb} of {v.ram_total_mb}",
+            f"budget {v.budget_mb}\n"
+            + (f"process {v.baseline_mb} idle\n" if v.baseline_mb else "")
+            + f"free {v.ram_available_mb} of {v.ram_total_mb}",
             f"{v.cached_shards} shards\n{v.cache_used_mb} of {v.cache_max_mb} MiB",
             v.loaded + (f"\n{v.holders} holder{'s' if v.holders > 1 else ''}"
                         if v.holders else ""),

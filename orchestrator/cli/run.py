@@ -144,6 +144,10 @@ def plan(
         return
     for line in made.describe():
         console.print(line, highlight=False)
+    for stage in made.stages:  # what each stage's figure is made of
+        process = "measured" if stage.device.baseline_bytes else "assumed: not reported"
+        console.print(f"stage {stage.index} memory: {stage.memory.describe()}; the worker's "
+                      f"process with nothing loaded {process}", highlight=False)
 
 @app.command()
 def verify(

@@ -60,13 +60,16 @@ def worker(ctx: typer.Context) -> None:
         _worker_help()
         raise typer.Exit(0)
     from orchcore.cpu import cpu_info, memory_info
+    from worker.baseline import process_baseline
     from worker.server import serve
     from worker.settings import WorkerSettings, fit_to_machine
 
     try:
         settings = WorkerSettings(_cli_parse_args=ctx.args, _cli_prog_name="orch worker",
                                   _cli_kebab_case=True)
-        warnings = fit_to_machine(settings, memory_info().total, cpu_info().cores)
+        cores = cpu_info().cores  # the budget's floor: this process, measured (kept)
+        baseline = process_baseline(settings.state_dir, settings.engine_threads(cores))
+        warnings = fit_to_machine(settings, memory_info().total, cores, baseline)
     except ValidationError as exc:
         fail(InvalidSettingError(describe_validation(exc, {
             name: f"--{name.replace('_', '-')} (ORCH_WORKER_{name.upper()})"

@@ -49,6 +49,7 @@ class WorkerView:
     version: str  # the worker's orch version
     problem: str | None  # another protocol version: what to do
     tls: str = ""  # the proven certificate's fingerprint (hex); "" for plaintext
+    baseline_mb: int = 0  # its process with nothing loaded, measured; 0 = not reported
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,8 @@ def _view(client: WorkerClient, info: WorkerReport, link: Link, next_link: Link 
         cached_shards=len(info.cached_shards), loaded=loaded,
         holders=0 if stage is None else len(stage.holders),
         link=link, next_link=next_link, version=info.software_version,
-        problem=version_problem(info), tls=client.link.fingerprint)
+        problem=version_problem(info), tls=client.link.fingerprint,
+        baseline_mb=-(-info.baseline_bytes // mib))
 
 
 def _link(client: WorkerClient, settings: OrchSettings) -> Link:

@@ -184,6 +184,8 @@ class Plan:
                         "host": s.device.hostname, "layers": [s.layers.start, s.layers.end],
                         "memory_bytes": s.memory.total, "budget_bytes": s.budget,
                         "weights_bytes": s.memory.weights, "active_bytes": s.active_bytes,
+                        "process_bytes": s.memory.baseline,
+                        "process_measured": bool(s.device.baseline_bytes),
                         "threads": s.engine.threads, "predicted_decode_s": s.decode_s}
                        for s in self.stages],
             "standby": [{"worker": o.device.address, "reason": o.reason}
