@@ -174,7 +174,8 @@ def test_bad_settings_in_the_env_file_are_named(tmp_path):
     options = doctor_options(WorkerSettings, env_file=path)
     bad = check("settings", options)
     assert bad.status is Status.FAIL
-    assert "ORCH_WORKER_PROT is not a worker setting" in bad.found and "ORCH_WORKER_PORT: " in bad.found, bad.found
+    assert "ORCH_WORKER_PROT is not a worker setting" in bad.found, bad.found
+    assert "ORCH_WORKER_PORT: " in bad.found, bad.found
     assert options.port == WorkerSettings().port  # the other checks go on with the default
     missing = check("settings", doctor_options(WorkerSettings, env_file=tmp_path / "nope"))
     assert missing.status is Status.FAIL and "does not exist" in missing.found
