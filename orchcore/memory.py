@@ -37,6 +37,7 @@ PROCESS_BASELINE_BYTES = 160 * MIB
 # (a float per row and session), the copy handed to the sampler (a float), and the
 # sampler's candidate array (token id, logit and probability: 12 bytes, and its ids).
 _LOGITS_BYTES_PER_SESSION = 4 + 4 + 16
+_SCORED_ROW_BYTES = 4 + 8 + 8  # output buffer (f32), its float64 copy, the log-softmax
 # llama.cpp's compute buffer: graph intermediates per row of a batch, in floats of width
 # n_ff and n_embd, plus a fixed part (measured; see the module docstring).
 _COMPUTE_FIXED_BYTES = 16 * MIB
@@ -92,11 +93,14 @@ def logits_bytes(n_vocab_out: int, config: EngineConfig) -> int:
     """Every logits row the last stage may hold: llama.cpp reserves its compute graph for a
     whole chunk with every row an output (``n_ubatch`` = ``batch_tokens`` rows of floats),
     and per session a row in its output buffer, in the sampler's copy and its candidates.
-    A stage without the vocabulary (``n_vocab_out`` 1) holds none."""
+    A chunk scoring its prompt rows adds ``output_rows`` rows to the output buffer and
+    their float64 log-softmax (``_SCORED_ROW_BYTES`` each). A stage without the vocabulary
+    (``n_vocab_out`` 1) holds none."""
     if n_vocab_out <= 1:
         return 0
     return n_vocab_out * (4 * config.batch_tokens
-                          + _LOGITS_BYTES_PER_SESSION * config.max_sessions)
+                          + _LOGITS_BYTES_PER_SESSION * config.max_sessions
+                          + _SCORED_ROW_BYTES * config.output_rows)
 
 
 def _estimate(*, weights: int, kv: int, n_vocab_out: int, n_embd: int, ffn_width: int,
