@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.resources import files
 from typing import Any
 
@@ -34,17 +34,20 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from orchcore.errors import ContextFullError, InvalidInputError, OrchError
-from orchcore.sampling import SamplingParams
+from orchcore.sampling import RANDOM_SEED, SamplingParams
 from orchestrator.pipeline.session import (
     Event,
     Failover,
     Finished,
     GenerationStats,
     RunningModel,
+    Session,
     TextPiece,
     check_prompt,
 )
-from orchestrator.serve import replies
+from orchestrator.serve import legacy, replies
+from orchestrator.serve.embeddings import EmbeddingRequest, normalized, parse_embeddings
+from orchestrator.serve.embeddings import reply as embedding_reply
 from orchestrator.serve.gate import ApiError, Gate
 from orchestrator.serve.guard import ApiKeyGuard, read_json
 from orchestrator.serve.health import HealthWatch
@@ -71,8 +74,8 @@ from orchestrator.text.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-_PATHS = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/api/cluster", "/metrics",
-          "/")
+_PATHS = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+          "/api/cluster", "/metrics", "/")
 DISCONNECT_POLL_S = 0.2  # how often a waiting or non-streamed request checks its client
 HEALTH_EVERY_S = 1.0  # how often the page's view asks each stage's worker how it is
 
@@ -149,6 +152,10 @@ def create_app(model: RunningModel, name: str, settings: OrchSettings,
         body = parse_completion(await read_json(request, limit))
         return await state.answer(request, body, body.one_prompt(), chat=False)
 
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Any:
+        return await state.embed(parse_embeddings(await read_json(request, limit)))
+
     @app.get("/api/cluster")
     async def cluster() -> dict:
         return state.cluster()
@@ -176,43 +183,106 @@ class _State:
         self.metrics = Metrics(model, lambda: self.gate.active, lambda: self.gate.waiting)
         self.health = HealthWatch(model, HEALTH_EVERY_S, settings.probe_deadline_s)
 
-    async def answer(self, request: Request, body: ChatRequest | CompletionRequest,
-                     prompt: Any, *, chat: bool, shape: Shape = PLAIN) -> Any:
-        if body.model is not None and body.model not in self.names:
-            raise ApiError(404, f"model {body.model!r} is not served here; this server serves "
+    def check_model(self, model: str | None) -> str:
+        """The name a request asked for (404 if it is not served here)."""
+        if model is not None and model not in self.names:
+            raise ApiError(404, f"model {model!r} is not served here; this server serves "
                                 f"{', '.join(self.names)}", param="model",
                            code="model_not_found")
+        return model or self.names[0]
+
+    async def answer(self, request: Request, body: ChatRequest | CompletionRequest,
+                     prompt: Any, *, chat: bool, shape: Shape = PLAIN) -> Any:
+        """``n`` answers to one prompt: prefilled once, a session and a place each."""
+        name, n = self.check_model(body.model), body.answers()
         stops, sampling = body.stops(), shape.sampling(body.sampling(self.settings.sampling()))
+        if not chat and body.logprobs is not None:  # the legacy shape
+            sampling = replace(sampling, logprobs=True, top_logprobs=body.logprobs)
         tokens = await asyncio.to_thread(self._encode, prompt, chat, shape)
-        since = await _unless_gone(request, self.gate.enter(), self.gate.leave)
+        sessions = self.model.fork(tokens, seeded(sampling, n),
+                                   score_prompt=not chat and body.scores())
+        since = await _unless_gone(request, self.gate.enter(n),
+                                   lambda t: self.gate.leave(t, n))
+        started: list[_Running] = []
         try:
-            running = self._start(tokens, sampling, stops, body.limit(), since,
-                                  special=shape.fmt is not None)
+            for session in sessions:
+                started.append(self._start(tokens, session, stops, body.limit(), since,
+                                           special=shape.fmt is not None))
         except BaseException:
-            self.gate.leave(since)
+            self.gate.leave(since, n - len(started))
+            for running in started:
+                running.stop.set()
             raise
-        events = self._events(running)
         kind = "chat.completion" if chat else "text_completion"
-        name = body.model or self.names[0]
+        echo = "" if chat or not body.echo else legacy.echoed(self.model.tokenizer, prompt,
+                                                               tokens)
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._sse(events, kind, name, usage, shape),
+            return StreamingResponse(self._sse(self._events(started[0]), kind, name, usage,
+                                               shape, echo),
                                      media_type="text/event-stream")
-        watcher = asyncio.create_task(_stop_when_gone(request, running.stop))
+        answers = await self._collect_all(request, started)
+        if answers is None:  # the client went away: nobody reads this
+            return Response(status_code=499)
+        if chat:
+            return replies.whole(kind, name, [self._chat_choice(i, c, d, shape)
+                                              for i, (c, d) in enumerate(answers)],
+                                 [d for _, d in answers])
+        rows = answers[0][1].session.prompt_scores  # the prompt was scored once, by the first
+        return replies.whole(kind, name, [
+            replies.choice(kind, i, echo + "".join(c.text), d, logprobs=None
+                           if body.logprobs is None else legacy.logprobs(
+                               self.model.tokenizer, d, tokens, rows, echo=bool(body.echo),
+                               start=0 if body.echo else len(legacy.echoed(
+                                   self.model.tokenizer, prompt, tokens))))
+            for i, (c, d) in enumerate(answers)], [d for _, d in answers])
+
+    async def _collect_all(self, request: Request, started: list[_Running]
+                           ) -> list[tuple[Collected, Finished]] | None:
+        """Every answer whole, in order; None if the client went away (which stops them)."""
+        stop = threading.Event()
+        watcher = asyncio.create_task(_stop_when_gone(request, stop))
+        relay = asyncio.create_task(_relay(stop, [r.stop for r in started]))
         try:
-            collected, done = await _collect(events, self.model.tokenizer)
+            answers = await asyncio.gather(*(_collect(self._events(r), self.model.tokenizer)
+                                              for r in started))
+        except BaseException:
+            stop.set()  # one failed: the others stop too
+            raise
         finally:
             watcher.cancel()
-        if done is None:  # the client went away: nobody reads this
-            return Response(status_code=499)
-        text = "".join(collected.text)
-        if not chat:
-            return replies.whole(kind, name, text, done)
-        message, called = chat_message(text, shape)
-        return replies.whole(kind, name, text, done, message=message,
-                             finish="tool_calls" if called else None,
-                             logprobs=logprobs_of(collected.logprobs) if shape.logprobs
-                             else None)
+            relay.cancel()
+        if any(done is None for _, done in answers):
+            return None
+        return answers  # type: ignore[return-value]
+
+    def _chat_choice(self, index: int, collected: Collected, done: Finished,
+                     shape: Shape) -> dict:
+        message, called = chat_message("".join(collected.text), shape)
+        return replies.choice("chat.completion", index, "", done, message=message,
+                              finish="tool_calls" if called else None,
+                              logprobs=logprobs_of(collected.logprobs) if shape.logprobs
+                              else None)
+
+    async def embed(self, body: EmbeddingRequest) -> dict:
+        """Each input's pooled, normalized final hidden state; a place in the gate each in
+        turn (an input is one short session)."""
+        name, inputs = self.check_model(body.model), body.inputs()
+        vectors, used = [], 0
+        for item in inputs:
+            tokens = await asyncio.to_thread(self._encode, item, False, PLAIN)
+            since = await self.gate.enter()
+            try:
+                vector = await asyncio.to_thread(self.model.embed, tokens)
+            except OrchError as exc:
+                self._check_pipeline(exc)
+                raise self._api_error(exc) from None
+            finally:
+                self.gate.leave(since)
+            body.check_dimensions(len(vector))
+            vectors.append(normalized(vector))
+            used += len(tokens)
+        return embedding_reply(name, vectors, body.encoding_format, used)
 
     def _encode(self, prompt: Any, chat: bool, shape: Shape) -> list[int]:
         """Token ids of the prompt, or a 400 saying what is wrong with it (in a thread: a
@@ -237,7 +307,7 @@ class _State:
             raise ApiError(400, str(exc), param="messages" if chat else "prompt") from None
 
     async def _sse(self, events: AsyncIterator[Event], kind: str, name: str, usage: bool,
-                   shape: Shape) -> AsyncIterator[str]:
+                   shape: Shape, echo: str = "") -> AsyncIterator[str]:
         ident, created = replies.ident(kind), int(time.time())
         watch = shape.watch()
 
@@ -249,6 +319,8 @@ class _State:
         try:  # closing the events (the client went away) stops the answer
             if kind == "chat.completion":
                 yield chunk({"role": "assistant", "content": ""})
+            elif echo:
+                yield chunk(echo)
             async for event in events:
                 if isinstance(event, TextPiece):
                     text = watch.feed(event.text) if watch else event.text
@@ -274,7 +346,7 @@ class _State:
         finally:
             await events.aclose()
 
-    def _start(self, tokens: list[int], sampling: SamplingParams, stops: list[str],
+    def _start(self, tokens: list[int], session: Session, stops: list[str],
                max_tokens: int | None, since: float, special: bool = False) -> _Running:
         """Generate the answer in a thread, which gives the gate's place back when it ends:
         only then has the answer's session ended on the workers. (Given back when the
@@ -290,8 +362,8 @@ class _State:
             self.live.last, self.live.answers = running.stats, self.live.answers + 1
             self.metrics.answered(running.stats)
 
-        gen = self.model.generate(tokens, sampling, stops=stops, max_tokens=max_tokens,
-                                  chat=False, stats=running.stats, special=special)
+        gen = self.model.generate(tokens, stops=stops, max_tokens=max_tokens, chat=False,
+                                  stats=running.stats, special=special, session=session)
         threading.Thread(target=_pump, args=(gen, running, loop, ended), daemon=True,
                          name="answer").start()
         return running
@@ -396,6 +468,22 @@ async def _collect(events: AsyncIterator[Event], tokenizer: Tokenizer
             elif isinstance(event, Finished):
                 done = event
     return collected, done
+
+
+def seeded(sampling: SamplingParams, n: int) -> list[SamplingParams]:
+    """The sampling parameters of n answers: the seed given, then the next ones (a random
+    seed is drawn for each answer)."""
+    if sampling.seed == RANDOM_SEED:
+        return [sampling] * n
+    return [replace(sampling, seed=(sampling.seed + i) % RANDOM_SEED) for i in range(n)]
+
+
+async def _relay(stop: threading.Event, stops: list[threading.Event]) -> None:
+    """Once ``stop`` is set (the client went away), stop every answer."""
+    while not stop.is_set():
+        await asyncio.sleep(DISCONNECT_POLL_S)
+    for each in stops:
+        each.set()
 
 
 async def _gone(request: Request) -> None:
