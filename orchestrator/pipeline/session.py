@@ -18,7 +18,7 @@ Failover: when a step fails with an error another pipeline may not have (a dead,
 faulty worker: ``failover.calls_for_failover``), the model is planned again without that
 worker (``Replanner``, from the cluster), deployed, and every live session is replayed onto
 the new pipeline (``failover.replay``); the failed step is then retried and the answer goes
-on after one ``Failover`` event. Steps hold ``_StepGate`` shared and record their token
+on after one ``Failover`` event. Steps hold ``StepGate`` shared and record their token
 inside it; a failover holds it exclusively, so it sees every session between steps. A
 worker left out answers again: the next answer (with no session live) is planned with it.
 """
@@ -32,23 +32,24 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import Literal
+from dataclasses import replace
 
 import numpy as np
 
 from orchcore.chunks import NO_TOKEN, StageResult
 from orchcore.errors import ContextFullError, InvalidInputError, OrchError, PlanError
 from orchcore.facts import ModelFacts
-from orchcore.sampling import RANDOM_SEED, SamplingParams, TokenLogprobs
+from orchcore.sampling import RANDOM_SEED, SamplingParams
 from orchestrator.pipeline import prompt as prompting
 from orchestrator.pipeline.datapath import DataPath
 from orchestrator.pipeline.deploy import Deployment, undeploy
 from orchestrator.pipeline.embedding import Pooling, final_rows, pool
+from orchestrator.pipeline.events import Event, Failover, Finished, FinishReason, TextPiece
 from orchestrator.pipeline.failover import Pipeline, Replanner, calls_for_failover, replay
 from orchestrator.pipeline.ring import TokenRing
 from orchestrator.pipeline.sessionstate import GenerationStats, Session
 from orchestrator.pipeline.speculation import Pass, Speculator, measure_costs
+from orchestrator.pipeline.stepgate import StepGate
 from orchestrator.planning.plan import Plan
 from orchestrator.planning.speeds import SpeedBook
 from orchestrator.settings import OrchSettings
@@ -58,46 +59,7 @@ __all__ = ["Failover", "Finished", "GenerationStats", "RunningModel", "Session",
 
 log = logging.getLogger(__name__)
 
-FinishReason = Literal["length", "stop", "end"]  # max tokens or context; stop text; EOG
 MAX_FAILOVERS = 3  # consecutive failovers for one step before its error is raised
-
-
-@dataclass(frozen=True)
-class TextPiece:
-    """Text of the answer, and the generated tokens it is the text of (those since the
-    previous piece), with their logprobs when the session asked for them."""
-
-    text: str
-    tokens: tuple[int, ...] = ()
-    scores: tuple[TokenLogprobs | None, ...] = ()
-
-
-@dataclass(frozen=True)
-class Finished:
-    reason: FinishReason
-    stats: GenerationStats
-    session: Session
-
-
-@dataclass(frozen=True)
-class Failover:
-    """A worker failed mid-answer; the model was planned and deployed again without it,
-    the live sessions were replayed, and the answer goes on."""
-
-    failed: tuple[str, ...]  # the workers left out
-    reason: str  # the error that started it
-    plan: Plan  # the plan the answer goes on with
-    sessions: int  # sessions replayed onto it
-    took_s: float  # from the failure being known to the pipeline being ready again
-
-    def describe(self) -> str:
-        stages = ", ".join(f"{s.layers} on {s.worker}" for s in self.plan.stages)
-        return (f"{self.reason}; went on without {', '.join(self.failed) or 'it'} after "
-                f"{self.took_s:.1f} s ({len(self.plan.stages)} stages: {stages}; "
-                f"{self.sessions} session(s) replayed)")
-
-
-Event = TextPiece | Failover | Finished
 Prompt = str | Sequence[Mapping[str, str]] | Sequence[int]  # text, messages or token ids
 
 
@@ -127,40 +89,6 @@ def check_prompt(tokens: Sequence[int], context_tokens: int) -> None:
             f"shorten it or raise --context")
 
 
-class _StepGate:
-    """Steps hold it shared (many at once); a failover holds it alone."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._steps = 0
-        self._exclusive = False
-
-    @contextlib.contextmanager
-    def shared(self) -> Iterator[None]:
-        with self._cond:
-            self._cond.wait_for(lambda: not self._exclusive)
-            self._steps += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._steps -= 1
-                self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def exclusive(self) -> Iterator[None]:
-        with self._cond:
-            self._cond.wait_for(lambda: not self._exclusive)
-            self._exclusive = True
-            self._cond.wait_for(lambda: self._steps == 0)
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._exclusive = False
-                self._cond.notify_all()
-
-
 class RunningModel:
     """A model deployed on workers; ``generate`` yields events; ``close`` unloads it.
 
@@ -179,7 +107,7 @@ class RunningModel:
         self.deployment = deployment
         self.replanner = replanner
         self._live: dict[str, Session] = {}
-        self._gate = _StepGate()
+        self._gate = StepGate()
         self._epoch = 0  # pipelines deployed since open: a failure of an older one is moot
         self._failing_over = threading.Lock()
         self._excluded: dict[str, Deployment] = {}  # failed worker -> the pipeline it held

@@ -22,8 +22,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from importlib.resources import files
 from typing import Any
@@ -34,7 +33,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from orchcore.errors import ContextFullError, InvalidInputError, OrchError
-from orchcore.sampling import RANDOM_SEED, SamplingParams
 from orchestrator.pipeline.session import (
     Event,
     Failover,
@@ -46,6 +44,16 @@ from orchestrator.pipeline.session import (
     check_prompt,
 )
 from orchestrator.serve import legacy, replies
+from orchestrator.serve.answering import (
+    END,
+    Running,
+    collect,
+    pump,
+    relay,
+    seeded,
+    stop_when_gone,
+    unless_gone,
+)
 from orchestrator.serve.embeddings import EmbeddingRequest, normalized, parse_embeddings
 from orchestrator.serve.embeddings import reply as embedding_reply
 from orchestrator.serve.gate import ApiError, Gate
@@ -70,13 +78,11 @@ from orchestrator.serve.shaping import (
     tool_calls,
 )
 from orchestrator.settings import OrchSettings
-from orchestrator.text.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 _PATHS = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
           "/api/cluster", "/metrics", "/")
-DISCONNECT_POLL_S = 0.2  # how often a waiting or non-streamed request checks its client
 HEALTH_EVERY_S = 1.0  # how often the page's view asks each stage's worker how it is
 
 
@@ -201,9 +207,9 @@ class _State:
         tokens = await asyncio.to_thread(self._encode, prompt, chat, shape)
         sessions = self.model.fork(tokens, seeded(sampling, n),
                                    score_prompt=not chat and body.scores())
-        since = await _unless_gone(request, self.gate.enter(n),
+        since = await unless_gone(request, self.gate.enter(n),
                                    lambda t: self.gate.leave(t, n))
-        started: list[_Running] = []
+        started: list[Running] = []
         try:
             for session in sessions:
                 started.append(self._start(tokens, session, stops, body.limit(), since,
@@ -237,21 +243,21 @@ class _State:
                                    self.model.tokenizer, prompt, tokens))))
             for i, (c, d) in enumerate(answers)], [d for _, d in answers])
 
-    async def _collect_all(self, request: Request, started: list[_Running]
+    async def _collect_all(self, request: Request, started: list[Running]
                            ) -> list[tuple[Collected, Finished]] | None:
         """Every answer whole, in order; None if the client went away (which stops them)."""
         stop = threading.Event()
-        watcher = asyncio.create_task(_stop_when_gone(request, stop))
-        relay = asyncio.create_task(_relay(stop, [r.stop for r in started]))
+        watcher = asyncio.create_task(stop_when_gone(request, stop))
+        relaying = asyncio.create_task(relay(stop, [r.stop for r in started]))
         try:
-            answers = await asyncio.gather(*(_collect(self._events(r), self.model.tokenizer)
+            answers = await asyncio.gather(*(collect(self._events(r), self.model.tokenizer)
                                               for r in started))
         except BaseException:
             stop.set()  # one failed: the others stop too
             raise
         finally:
             watcher.cancel()
-            relay.cancel()
+            relaying.cancel()
         if any(done is None for _, done in answers):
             return None
         return answers  # type: ignore[return-value]
@@ -347,12 +353,12 @@ class _State:
             await events.aclose()
 
     def _start(self, tokens: list[int], session: Session, stops: list[str],
-               max_tokens: int | None, since: float, special: bool = False) -> _Running:
+               max_tokens: int | None, since: float, special: bool = False) -> Running:
         """Generate the answer in a thread, which gives the gate's place back when it ends:
         only then has the answer's session ended on the workers. (Given back when the
         client went away, the place could go to an answer whose session reaches the workers
         before the old one's end, and finds their sessions all taken.)"""
-        loop, running = asyncio.get_running_loop(), _Running(asyncio.Queue(), threading.Event())
+        loop, running = asyncio.get_running_loop(), Running(asyncio.Queue(), threading.Event())
         key = uuid.uuid4().hex
         self.live.running[key] = running.stats
 
@@ -364,15 +370,15 @@ class _State:
 
         gen = self.model.generate(tokens, stops=stops, max_tokens=max_tokens, chat=False,
                                   stats=running.stats, special=special, session=session)
-        threading.Thread(target=_pump, args=(gen, running, loop, ended), daemon=True,
+        threading.Thread(target=pump, args=(gen, running, loop, ended), daemon=True,
                          name="answer").start()
         return running
 
-    async def _events(self, running: _Running) -> AsyncIterator[Event]:
+    async def _events(self, running: Running) -> AsyncIterator[Event]:
         """The answer's events; closing this iterator (the client went away) stops the
         answer within a token, and its thread then ends its session on the workers."""
         try:
-            while (item := await running.queue.get()) is not _END:
+            while (item := await running.queue.get()) is not END:
                 if isinstance(item, BaseException):
                     self._check_pipeline(item)
                     raise self._api_error(item)
@@ -426,90 +432,3 @@ class _State:
                 "context_tokens": plan.context_tokens, "max_tokens": self.settings.max_tokens,
                 "sessions": {"slots": self.gate.slots, "active": self.gate.active,
                              "waiting": self.gate.waiting}}
-
-
-_END = object()
-
-
-@dataclass
-class _Running:
-    """An answer generated in a thread: its events (then ``_END``) arrive on ``queue``;
-    setting ``stop`` ends it within a token."""
-
-    queue: asyncio.Queue
-    stop: threading.Event
-    stats: GenerationStats = field(default_factory=GenerationStats)
-
-
-def _pump(gen: Iterator[Event], running: _Running, loop: asyncio.AbstractEventLoop,
-          ended: Callable[[], None]) -> None:
-    """Run ``gen`` in this thread, handing its events to the event loop; ``ended`` runs
-    there after the session has ended on the workers."""
-    try:
-        for event in gen:
-            loop.call_soon_threadsafe(running.queue.put_nowait, event)
-            if running.stop.is_set():
-                break
-    except BaseException as exc:  # handed to the request and raised there
-        loop.call_soon_threadsafe(running.queue.put_nowait, exc)
-    finally:
-        gen.close()  # ends the session on the workers
-        loop.call_soon_threadsafe(running.queue.put_nowait, _END)
-        loop.call_soon_threadsafe(ended)
-
-
-async def _collect(events: AsyncIterator[Event], tokenizer: Tokenizer
-                   ) -> tuple[Collected, Finished | None]:
-    collected, done = Collected(), None
-    async with aclosing(events):
-        async for event in events:
-            if isinstance(event, TextPiece):
-                collected.add(tokenizer, event)
-            elif isinstance(event, Finished):
-                done = event
-    return collected, done
-
-
-def seeded(sampling: SamplingParams, n: int) -> list[SamplingParams]:
-    """The sampling parameters of n answers: the seed given, then the next ones (a random
-    seed is drawn for each answer)."""
-    if sampling.seed == RANDOM_SEED:
-        return [sampling] * n
-    return [replace(sampling, seed=(sampling.seed + i) % RANDOM_SEED) for i in range(n)]
-
-
-async def _relay(stop: threading.Event, stops: list[threading.Event]) -> None:
-    """Once ``stop`` is set (the client went away), stop every answer."""
-    while not stop.is_set():
-        await asyncio.sleep(DISCONNECT_POLL_S)
-    for each in stops:
-        each.set()
-
-
-async def _gone(request: Request) -> None:
-    """Returns once the client has gone away."""
-    while not await request.is_disconnected():
-        await asyncio.sleep(DISCONNECT_POLL_S)
-
-
-async def _stop_when_gone(request: Request, stop: threading.Event) -> None:
-    await _gone(request)
-    stop.set()
-
-
-async def _unless_gone(request: Request, entering: Any, leave: Callable[[float], None]
-                       ) -> float:
-    """Wait for a place in the gate, unless the client goes away first (then its place in
-    the queue is given up, and a place it got meanwhile is given back)."""
-    enter, gone = asyncio.ensure_future(entering), asyncio.ensure_future(_gone(request))
-    try:
-        await asyncio.wait({enter, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not enter.done():
-            enter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                leave(await enter)  # got a place as the client left
-    if enter.cancelled():
-        raise ApiError(499, "the client went away while waiting")
-    return enter.result()
