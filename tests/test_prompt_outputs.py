@@ -10,7 +10,7 @@ import pytest
 
 from orchcore.sampling import SamplingParams
 from orchestrator.cluster.client import WorkerClient
-from orchestrator.pipeline.session import Finished, RunningModel
+from orchestrator.pipeline.session import Finished, GenerationStats, RunningModel
 from orchestrator.settings import OrchSettings
 from testkit.cluster import open_model, worker_server
 from testkit.reference import ReferenceModel, whole_llama
@@ -121,3 +121,16 @@ def test_embeddings_equal_llama_cpp_embeddings(split, smollm2_path) -> None:
     assert rows.shape[0] > 5, "the input spans several chunks of logprob_rows=5"
     want = rows.astype(np.float64).mean(axis=0)  # SmolLM2 names no pooling: mean
     assert np.abs(got - want).max() < 1e-5, np.abs(got - want).max()
+
+
+def test_verification_chunks_are_not_bound_by_the_scored_rows(smollm2_path, tmp_path) -> None:
+    """ORCH_LOGPROB_ROWS bounds chunks that score or embed their rows, not the drafts a
+    verification chunk carries (up to 17 rows)."""
+    with worker_server(tmp_path / "w0") as a, worker_server(tmp_path / "w1") as b, \
+            open_model(smollm2_path, [a, b], None, tmp_path, logprob_rows=2,
+                       speculate="ngram:4", token_ring=False) as model:
+        stats = GenerationStats()
+        tokens = model.encode("1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,", chat=False)
+        list(model.generate(tokens, SamplingParams(temperature=0.0), max_tokens=24,
+                            stats=stats))
+        assert stats.speculation.drafted > 2, stats.speculation  # chunks of 3+ rows ran

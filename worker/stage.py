@@ -267,6 +267,10 @@ class Stage:
         for m in members:  # the positions a verdict rejected go before anything is computed
             if m.start_pos < self.engine.session_length(m.session):
                 self.engine.rollback(m.session, m.start_pos)
+        limit = self.engine.config.output_rows
+        if (msg.score_rows or msg.embed) and len(msg.tokens) > limit:
+            raise InvalidInputError(f"a chunk scoring or embedding its rows carries at most "
+                                    f"{limit} tokens (output_rows), got {len(msg.tokens)}")
         steps = [Step(m.session, m.positions) for m in members]
         # a chunk with every row's output is never batched (BatchPolicy.batchable)
         every_row, embed = msg.verifies or msg.score_rows, msg.embed
