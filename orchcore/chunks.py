@@ -74,6 +74,11 @@ class Chunk:
     ring_stops: tuple[int, ...] = ()  # tokens that end the ring early
     drafted: int = 0  # the last `drafted` tokens are drafts after the pending one (verify)
     draft_k: int = 0  # the last stage drafts up to this many with each ring chunk
+    # Prompt logprobs, n answers, embeddings (StageInput fields 50-53)
+    score_rows: bool = False  # the last stage scores every row (prompt logprobs)
+    next_token: int | None = None  # the token after this chunk, for its last row's score
+    copy_to: tuple[str, ...] = ()  # sessions that get a copy of this one's KV cache after it
+    embed: bool = False  # the last stage answers with the final-norm rows, not a token
 
     @property
     def drafts(self) -> tuple[int, ...]:
@@ -84,6 +89,16 @@ class Chunk:
     def verifies(self) -> bool:
         """Whether the last stage judges drafts for this chunk (logits of every row)."""
         return self.drafted > 0
+
+    @property
+    def every_row(self) -> bool:
+        """Whether the last stage needs an output for every row (not only the last)."""
+        return self.verifies or self.score_rows or self.embed
+
+    @property
+    def answered(self) -> bool:
+        """Whether the last stage publishes a result for this chunk when it succeeds."""
+        return self.want_token or self.score_rows or self.embed or self.end_session
 
     @property
     def members(self) -> tuple[Chunk, ...]:
@@ -102,6 +117,15 @@ class Chunk:
         return replace(self, timings=(*self.timings, timing))
 
 
+class RowScore(NamedTuple):
+    """One scored row of a prompt: the logprob of the token after it (None where the chunk
+    does not know that token) and the ``top`` most likely tokens there as ``(id,
+    logprob)``, most likely first."""
+
+    logprob: float | None
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass(frozen=True)
 class StageResult:
     """The last stage's answer for one chunk: its token, or the error on its way."""
@@ -117,6 +141,8 @@ class StageResult:
     drafts: tuple[int, ...] = ()  # a verification chunk's drafts, as it carried them
     accepted: int = 0  # drafts kept: the pass added drafts[:accepted], then token
     logprobs: TokenLogprobs | None = None  # the token's, when the session asked for them
+    row_scores: tuple[RowScore, ...] = ()  # a score_rows chunk's rows, in order
+    embedding: Rows | None = None  # an embed chunk's final-norm rows
 
     @property
     def tokens(self) -> tuple[int, ...]:

@@ -247,6 +247,9 @@ class StageEngine:
         params.n_threads = params.n_threads_batch = cfg.threads or cpu_info().cores
         params.no_perf = True
         params.swa_full = SWA_FULL
+        # Embeddings are pooled by the orchestrator over every chunk's rows: llama.cpp hands
+        # out each row of the final norm, whatever pooling the model's metadata names.
+        params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_NONE
         if self._tap is not None:
             params.cb_eval = self._tap.callback
         ctx = llama_cpp.llama_init_from_model(self._model, params)
@@ -301,6 +304,20 @@ class StageEngine:
         del self._next_pos[seq]
         return True
 
+    def copy_session(self, source: str, target: str) -> None:
+        """Give the new session ``target`` a copy of ``source``'s KV cache: it goes on from
+        ``source``'s length on its own (n answers to one prompt, prefilled once). Each
+        session has a KV stream of its own, so llama.cpp copies the whole stream (before
+        the next decode)."""
+        seq = self._sessions.get(source)
+        if seq is None:
+            raise SessionError(f"session {source!r} holds no KV cache here to copy")
+        if target in self._sessions:
+            raise SessionError(f"session {target!r} exists already; a copy starts a new one")
+        new = self._seq(target)
+        llama_cpp.llama_memory_seq_cp(self._memory, seq, new, -1, -1)
+        self._next_pos[new] = self._next_pos[seq]
+
     def rollback(self, session: str, length: int) -> None:
         """Keep the first ``length`` positions of ``session`` and drop the rest of its KV
         cache (rejected draft tokens); the next forward continues at ``length``."""
@@ -326,25 +343,29 @@ class StageEngine:
         tokens: np.ndarray | list[int] | None = None,
         hidden: np.ndarray | None = None,
         all_logits: bool = False,
+        embed: bool = False,
     ) -> np.ndarray:
         """Run this stage on one chunk of ``session``.
 
         Returns float32 ``[n, n_embd]`` hidden states (non-final stage), or logits
-        ``[n, n_vocab]`` for every row (``all_logits``) or ``[1, n_vocab]`` for the last.
+        ``[n, n_vocab]`` for every row (``all_logits``) or ``[1, n_vocab]`` for the last;
+        with ``embed`` the last stage returns the final norm's ``[n, n_embd]`` rows instead.
         """
         return self.forward_batch([Step(session, np.asarray(positions, dtype=np.int32))],
-                                  tokens=tokens, hidden=hidden, all_logits=all_logits)
+                                  tokens=tokens, hidden=hidden, all_logits=all_logits,
+                                  embed=embed)
 
     def forward_batch(self, steps: Sequence[Step], *,
                       tokens: np.ndarray | list[int] | None = None,
-                      hidden: np.ndarray | None = None, all_logits: bool = False
-                      ) -> np.ndarray:
+                      hidden: np.ndarray | None = None, all_logits: bool = False,
+                      embed: bool = False) -> np.ndarray:
         """Run one chunk of each of several sessions in one ``llama_decode``.
 
         Several sessions carry one row each (a decode step each), so that llama.cpp keeps
         the rows in batch order; ``tokens``/``hidden`` hold the steps' rows in order.
         Returns hidden states for every row (non-final stage), or logits for every row
-        (``all_logits``) or for each step's last row.
+        (``all_logits``) or for each step's last row; with ``embed`` the last stage
+        returns the final norm's rows (llama.cpp's embeddings mode, for this call only).
         """
         n = sum(len(s.positions) for s in steps)
         if len(steps) > 1 and n != len(steps):
@@ -359,18 +380,27 @@ class StageEngine:
                                for s in steps])
         positions = np.concatenate([s.positions for s in steps])
         ends = np.cumsum([len(s.positions) for s in steps]) - 1
+        embed = embed and self.role.is_last
         wanted = np.ones(n, dtype=np.int8)
-        if self.role.is_last and not all_logits:
+        if self.role.is_last and not (all_logits or embed):
             wanted[:] = 0
             wanted[ends] = 1
-        if self.role.is_first and self._lookup is None:
-            self._fill_tokens(seqs, positions, np.asarray(tokens, dtype=np.int32), wanted)
-            self._decode(self._tokens)
-        else:
-            self._fill_embd(seqs, positions, tokens, hidden, wanted)
-            self._decode(self._embd.batch)
+        if embed:
+            llama_cpp.llama_set_embeddings(self._ctx, True)
+        try:
+            if self.role.is_first and self._lookup is None:
+                self._fill_tokens(seqs, positions, np.asarray(tokens, dtype=np.int32), wanted)
+                self._decode(self._tokens)
+            else:
+                self._fill_embd(seqs, positions, tokens, hidden, wanted)
+                self._decode(self._embd.batch)
+        finally:
+            if embed:
+                llama_cpp.llama_set_embeddings(self._ctx, False)
         for step in steps:
             self._next_pos[self._sessions[step.session]] = int(step.positions[-1]) + 1
+        if embed:
+            return self._embeddings(n)
         if self.role.is_last:
             return self._logits(np.flatnonzero(wanted))
         if self._tap.captured_rows != n:
@@ -459,6 +489,15 @@ class StageEngine:
             out[j] = np.frombuffer(row_type.from_address(ctypes.addressof(ptr.contents)),
                                    dtype=np.float32)
         return out
+
+    def _embeddings(self, n: int) -> np.ndarray:
+        """The final norm's rows of the last decode (every row an output)."""
+        ptr = llama_cpp.llama_get_embeddings(self._ctx)
+        if not ptr:
+            raise ComputeError(f"{self.label}: llama.cpp returned no embeddings: "
+                               f"{llama_log().tail(2)}")
+        return np.ctypeslib.as_array(ptr, shape=(n * self.n_embd,)).reshape(
+            n, self.n_embd).copy()
 
     # --- lifetime --------------------------------------------------------------------
 

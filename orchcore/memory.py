@@ -47,6 +47,9 @@ _LOGITS_BYTES_PER_SESSION = 4 + 4 + 16
 # (SmolLM2, 49k pieces and 49k merges) bytes per piece; the excess of the one is within the
 # slack of the other.
 _VOCAB_BYTES_PER_TOKEN = 224
+# A row a chunk scores (prompt logprobs) or embeds: llama.cpp's output buffer (f32) and the
+# copy the engine returns; the log-softmax then runs one row at a time.
+_SCORED_ROW_BYTES = 4 + 4
 # llama.cpp's compute buffer: graph intermediates per row of a batch, in floats of width
 # n_ff and n_embd (the pages a full chunk touches; the buffer reserved is larger).
 _COMPUTE_FF_ROWS = 4
@@ -112,11 +115,14 @@ def _kv_bytes(facts: ModelFacts, config: EngineConfig) -> list[int]:
 def logits_bytes(n_vocab_out: int, config: EngineConfig) -> int:
     """Every logits row the last stage holds: per session a row in llama.cpp's output
     buffer, in the sampler's copy and its candidates (a decode batch has a row per session;
-    the graph keeps only the rows asked for). A stage without the vocabulary
-    (``n_vocab_out`` 1) holds none."""
+    the graph keeps only the rows asked for), and the rows one chunk may score
+    (``output_rows``: prompt logprobs; 1 where nothing scores). A stage without the
+    vocabulary (``n_vocab_out`` 1) holds none."""
     if n_vocab_out <= 1:
         return 0
-    return n_vocab_out * _LOGITS_BYTES_PER_SESSION * config.max_sessions
+    scored = config.output_rows if config.output_rows > 1 else 0
+    return n_vocab_out * (_LOGITS_BYTES_PER_SESSION * config.max_sessions
+                          + _SCORED_ROW_BYTES * scored)
 
 
 def _estimate(*, weights: int, input_table: int, kv: int, n_vocab_out: int, n_embd: int,

@@ -16,7 +16,13 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from orchcore.codecs import CODEC_NAMES
-from orchcore.config import MAX_BATCH_TOKENS, MAX_CONTEXT_TOKENS, MAX_SESSIONS, EngineConfig
+from orchcore.config import (
+    MAX_BATCH_TOKENS,
+    MAX_CONTEXT_TOKENS,
+    MAX_OUTPUT_ROWS,
+    MAX_SESSIONS,
+    EngineConfig,
+)
 from orchcore.errors import InvalidSettingError, describe_validation
 from orchcore.sampling import MAX_REPEAT_LAST_N, MAX_TOP_K, RANDOM_SEED, SamplingParams
 from orchcore.speculation.mode import SpeculationMode, parse_mode
@@ -43,6 +49,11 @@ class OrchSettings(BaseSettings):
                               description="Sessions each stage holds a KV cache for at once.")
     batch_tokens: int = Field(_ENGINE.batch_tokens, ge=1, le=MAX_BATCH_TOKENS,
                               description="Prompt tokens per chunk sent down the pipeline.")
+    logprob_rows: int = Field(_ENGINE.output_rows, ge=1, le=MAX_OUTPUT_ROWS,
+                              description="Most prompt rows one chunk asks the last stage "
+                                          "to score (prompt logprobs) or return "
+                                          "(embeddings): a prompt asking for them goes in "
+                                          "chunks of at most this many tokens.")
     objective: Objective = Field("latency", description="What the plan optimises: latency "
                                  "(one stream's time per token; may leave slow workers out) "
                                  "or throughput (the slowest stage, for many sessions).")
@@ -163,7 +174,8 @@ class OrchSettings(BaseSettings):
     def engine(self, threads: int | None = None) -> EngineConfig:
         return EngineConfig(context_tokens=self.context_tokens, max_sessions=self.max_sessions,
                             batch_tokens=self.batch_tokens,
-                            threads=self.threads if threads is None else threads)
+                            threads=self.threads if threads is None else threads,
+                            output_rows=self.logprob_rows)
 
     def local_threads(self, cores: int) -> int:
         """llama.cpp threads of each local worker on a machine of ``cores``: ``threads`` if

@@ -110,3 +110,23 @@ def kl_per_row(want: np.ndarray, got: np.ndarray) -> np.ndarray:
     p -= np.log(np.exp(p).sum(-1, keepdims=True))
     q -= np.log(np.exp(q).sum(-1, keepdims=True))
     return (np.exp(p) * (p - q)).sum(-1)
+
+
+def whole_llama(path: Path, **kwargs: object) -> llama_cpp.Llama:
+    """llama-cpp-python's high-level ``Llama`` on ``path``, as a user would open it, with the
+    one setting this CPU needs (extra buffer types off where ``use_extra_buffer_types``
+    says so: its AMX kernels crash) and flash attention on, as llama.cpp's default (auto)
+    picks on CPU and the stage engine gets (``Llama`` turns it off unless asked)."""
+    binding = llama_cpp.llama_cpp  # the module ``Llama`` calls the C functions through
+    default_params = binding.llama_model_default_params
+
+    def params() -> llama_cpp.llama_model_params:
+        p = default_params()
+        p.use_extra_bufts = use_extra_buffer_types()
+        return p
+
+    binding.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(str(path), verbose=False, flash_attn=True, **kwargs)
+    finally:
+        binding.llama_model_default_params = default_params

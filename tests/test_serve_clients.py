@@ -103,7 +103,7 @@ HI = [{"role": "user", "content": "Hi"}]
 
 
 @pytest.mark.parametrize(("field", "value"), [
-    ("n", 3), ("top_logprobs", 2), ("frequency_penalty", 0.5),
+    ("n", 0), ("top_logprobs", 2), ("frequency_penalty", 0.5),
     ("presence_penalty", -1.0), ("logit_bias", {"42": 5}),
     ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
     ("tool_choice", "required"), ("store", True), ("reasoning_effort", "high"),
@@ -116,7 +116,7 @@ def test_chat_refuses_what_it_cannot_do_by_name(client, field, value) -> None:
 
 
 @pytest.mark.parametrize(("field", "value"), [
-    ("n", 2), ("best_of", 3), ("echo", True), ("suffix", " the end"), ("logprobs", 1),
+    ("n", 0), ("best_of", 3), ("suffix", " the end"), ("logprobs", 21),
     ("frequency_penalty", 1.0), ("logit_bias", {"42": -100}),
 ])
 def test_completions_refuse_what_they_cannot_do_by_name(client, field, value) -> None:

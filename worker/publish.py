@@ -7,8 +7,9 @@ import logging
 import queue
 import threading
 from collections.abc import Sequence
+from typing import NamedTuple
 
-from orchcore.chunks import NO_TOKEN, Chunk, StageResult
+from orchcore.chunks import NO_TOKEN, Chunk, Rows, RowScore, StageResult
 from orchcore.sampling import TokenLogprobs
 from orchcore.speculation.accept import Verdict
 
@@ -17,20 +18,34 @@ log = logging.getLogger(__name__)
 NOTHING = Verdict(0, NO_TOKEN)  # the answer to a chunk that asked for no token
 
 
+class Outputs(NamedTuple):
+    """What a lone chunk asked of the last stage beyond a token: its rows' scores (prompt
+    logprobs) or its final-norm rows (embeddings)."""
+
+    row_scores: tuple[RowScore, ...] = ()
+    embedding: Rows | None = None
+
+
+NO_OUTPUTS = Outputs()
+
+
 def results_for(chunk: Chunk, verdicts: list[Verdict],
-                scores: Sequence[TokenLogprobs | None] = ()) -> list[StageResult]:
-    """The answers for ``chunk``'s batch: each member that asks for a token, failed, or
-    ends its session gets one (``verdicts``: one per member, each its token and the
-    drafts it kept; empty when nothing was sampled; ``scores``: their logprobs likewise)."""
+                scores: Sequence[TokenLogprobs | None] = (),
+                outputs: Outputs = NO_OUTPUTS) -> list[StageResult]:
+    """The answers for ``chunk``'s batch: each member that asks for a token (or scored
+    rows, or embeddings), failed, or ends its session gets one (``verdicts``: one per
+    member, each its token and the drafts it kept; empty when nothing was sampled;
+    ``scores``: their logprobs likewise; ``outputs``: a lone chunk's rows)."""
     members = chunk.members
     batch = tuple(m.chunk for m in members) if chunk.batched else ()
     verdicts = verdicts or [NOTHING] * len(members)
     scores = scores or [None] * len(members)
     return [StageResult(session=m.session, chunk=m.chunk, token=v.token, timings=chunk.timings,
                         error=chunk.error, session_ended=m.end_session, batch=batch,
-                        drafts=m.drafts, accepted=v.accepted, logprobs=score)
+                        drafts=m.drafts, accepted=v.accepted, logprobs=score,
+                        row_scores=outputs.row_scores, embedding=outputs.embedding)
             for m, v, score in zip(members, verdicts, scores, strict=True)
-            if m.want_token or chunk.error is not None or m.end_session]
+            if m.answered or chunk.error is not None]
 
 
 class Subscribers:

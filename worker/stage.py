@@ -41,7 +41,7 @@ from orchcore.wire.channel import Link, StreamClosedError
 from worker.batching import BatchPolicy, InFlight
 from worker.downstream import DownstreamLink
 from worker.leases import Leases
-from worker.publish import NOTHING, Subscribers, results_for
+from worker.publish import NO_OUTPUTS, NOTHING, Outputs, Subscribers, results_for
 from worker.ring import RingFeed, ring_draft_room
 from worker.verdicts import Verdicts
 
@@ -192,6 +192,7 @@ class Stage:
         started = time.perf_counter()
         verdicts: list[Verdict] = []
         scores: list[TokenLogprobs | None] = []
+        outputs = NO_OUTPUTS
         if self.ring.dropped(msg):
             return  # a ring chunk of a session ended meanwhile (stopped by the orchestrator)
         if msg.error is not None:
@@ -200,7 +201,7 @@ class Stage:
             self.end_session(msg.session)
         else:
             try:
-                msg, verdicts, scores = self._compute(msg)
+                msg, verdicts, scores, outputs = self._compute(msg)
             except (OrchError, ValueError) as exc:
                 msg = self._fail(msg, exc)
             except Exception as exc:  # a bug: report it down the path instead of going silent
@@ -212,7 +213,7 @@ class Stage:
         timing = StageTiming(self.index, queue_ms=(started - arrived) * 1e3,
                              compute_ms=(computed - started) * 1e3)
         if self.next is None:
-            self._publish(msg.timed(timing), verdicts, scores)
+            self._publish(msg.timed(timing), verdicts, scores, outputs)
             return
         size = convert.chunk_size(msg)
         if size > self.max_message_bytes:
@@ -229,7 +230,7 @@ class Stage:
             raise StageFaultError(str(exc)) from None
 
     def _publish(self, msg: Chunk, verdicts: list[Verdict],
-                 scores: list[TokenLogprobs | None]) -> None:
+                 scores: list[TokenLogprobs | None], outputs: Outputs = NO_OUTPUTS) -> None:
         """The last stage's answer for each chunk of ``msg``'s batch that asks for one. The
         ring goes first (with the drafts it carries next), so stage 0 starts on the next
         step at once."""
@@ -242,7 +243,7 @@ class Stage:
                 self.ring.send(m, verdict, self.verdicts.draft(m, verdict, room))
             except StageFaultError as exc:
                 broken_ring = exc
-        for out in results_for(msg, verdicts, scores):
+        for out in results_for(msg, verdicts, scores, outputs):
             self.subscribers.publish(out)
         if broken_ring is not None:
             raise broken_ring
@@ -256,31 +257,55 @@ class Stage:
         return msg.failed(ChunkError(status.error_code(exc), str(exc), self.worker_name))
 
     def _compute(self, msg: Chunk
-                 ) -> tuple[Chunk, list[Verdict], list[TokenLogprobs | None]]:
+                 ) -> tuple[Chunk, list[Verdict], list[TokenLogprobs | None], Outputs]:
         """Run the chunk (and the steps batched with it): a non-final stage returns it with
         its output rows; the last stage returns each one's verdict (its token, and the
-        drafts it kept) and the token's logprobs (None where the session asked for none)."""
+        drafts it kept), the token's logprobs (None where the session asked for none), and
+        a lone chunk's scored rows or embedding rows when it asked for them. Sessions in
+        ``copy_to`` get a copy of the session's KV cache (and history) afterwards."""
         members = msg.members
         for m in members:  # the positions a verdict rejected go before anything is computed
             if m.start_pos < self.engine.session_length(m.session):
                 self.engine.rollback(m.session, m.start_pos)
+        limit = self.engine.config.output_rows
+        if (msg.score_rows or msg.embed) and len(msg.tokens) > limit:
+            raise InvalidInputError(f"a chunk scoring or embedding its rows carries at most "
+                                    f"{limit} tokens (output_rows), got {len(msg.tokens)}")
         steps = [Step(m.session, m.positions) for m in members]
-        every_row = msg.verifies  # a verification chunk is never batched
+        # a chunk with every row's output is never batched (BatchPolicy.batchable)
+        every_row, embed = msg.verifies or msg.score_rows, msg.embed
         if self.engine.role.is_first:
             tokens = np.asarray([t for m in members for t in m.tokens], dtype=np.int32)
-            out = self.engine.forward_batch(steps, tokens=tokens, all_logits=every_row)
+            out = self.engine.forward_batch(steps, tokens=tokens, all_logits=every_row,
+                                            embed=embed)
         else:
             if msg.hidden is None:
                 raise InvalidInputError(f"stage {self.index} needs hidden states")
             out = self.engine.forward_batch(steps, hidden=msg.hidden.decode(),
-                                            all_logits=every_row)
+                                            all_logits=every_row, embed=embed)
+        self._copy(msg)
         if not self.is_last:
-            return replace(msg, hidden=Rows.encode(out, self.request.codec)), [], []
-        if every_row:
-            return msg, [self.verdicts.decide(msg, out)], [None]
+            return replace(msg, hidden=Rows.encode(out, self.request.codec)), [], [], \
+                NO_OUTPUTS
+        if embed:  # no sampler: an embedding session asks for no token
+            return msg, [], [], Outputs(embedding=Rows.encode(out, "f32"))
+        if msg.verifies:
+            return msg, [self.verdicts.decide(msg, out)], [None], NO_OUTPUTS
+        if msg.score_rows:
+            verdict = self.verdicts.decide(msg, out[-1:])
+            return msg, [verdict], [self.verdicts.score(msg, out[-1], verdict)], \
+                Outputs(row_scores=self.verdicts.score_rows(msg, out))
         verdicts = [self.verdicts.decide(m, out[i:i + 1]) for i, m in enumerate(members)]
         return msg, verdicts, [self.verdicts.score(m, out[i], v)
-                               for i, (m, v) in enumerate(zip(members, verdicts, strict=True))]
+                               for i, (m, v) in enumerate(zip(members, verdicts, strict=True))
+                               ], NO_OUTPUTS
+
+    def _copy(self, msg: Chunk) -> None:
+        """n answers to one prompt: each session of ``copy_to`` starts as a copy of this one."""
+        for target in msg.copy_to:
+            self.engine.copy_session(msg.session, target)
+            if self.verdicts is not None:
+                self.verdicts.copy(msg.session, target)
 
     # --- lifetime ----------------------------------------------------------------------
 

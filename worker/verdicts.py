@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from orchcore.chunks import NO_TOKEN, Chunk
+from orchcore.chunks import NO_TOKEN, Chunk, RowScore
 from orchcore.errors import InvalidInputError
 from orchcore.sampling import TokenLogprobs
 from orchcore.speculation.accept import Verdict
 from orchcore.speculation.decode import Judge
 from orchcore.speculation.drafters import Draft, PromptLookup
 from worker.publish import NOTHING
-from worker.sampler import TokenSampler
+from worker.sampler import TokenSampler, token_logprobs
 
 
 class Verdicts:
@@ -57,6 +57,26 @@ class Verdicts:
             return None
         return self._sampler(chunk).logprobs(row, verdict.token)
 
+    def score_rows(self, chunk: Chunk, logits: np.ndarray) -> tuple[RowScore, ...]:
+        """Prompt logprobs: each row's log-softmax (float64, as ``score``) scores the token
+        after it (the chunk's next, or ``next_token`` after the last row; None where that
+        is unknown) with the session's ``top_logprobs`` most likely tokens."""
+        top = self._sampler(chunk).params.top_logprobs
+        after = (*chunk.tokens[1:], NO_TOKEN if chunk.next_token is None else chunk.next_token)
+        out = []
+        for row, token in zip(logits, after, strict=True):
+            scored = token_logprobs(row, max(token, 0), top)
+            out.append(RowScore(None if token == NO_TOKEN else scored.logprob, scored.top))
+        return tuple(out)
+
+    def copy(self, source: str, target: str) -> None:
+        """``target`` starts as a copy of ``source``: the same tokens so far. Its sampler
+        is made from its own first chunk's parameters, fed those tokens."""
+        if target in self._history or target in self._samplers:
+            raise InvalidInputError(f"session {target!r} exists already; a copy starts a "
+                                    f"new one")
+        self._history[target] = list(self._history.get(source, ()))
+
     def kept(self, chunk: Chunk, verdict: Verdict) -> list[int]:
         """The session's tokens once ``verdict`` is in: what entered the model and was kept,
         then the new pending token."""
@@ -77,6 +97,8 @@ class Verdicts:
                                         f"carry sampling parameters")
             sampler = self._samplers[chunk.session] = TokenSampler(
                 chunk.sampling, self.n_vocab, self.vocab)
+            # a copied session's tokens so far (its penalties' history)
+            sampler.accept(self._history.get(chunk.session, [])[:chunk.start_pos])
         return sampler
 
     def _judge(self, chunk: Chunk, sampler: TokenSampler) -> Judge:

@@ -8,7 +8,7 @@ from dataclasses import asdict
 
 import numpy as np
 
-from orchcore.chunks import Chunk, ChunkError, Rows, StageResult, StageTiming
+from orchcore.chunks import Chunk, ChunkError, Rows, RowScore, StageResult, StageTiming
 from orchcore.codecs import get_codec
 from orchcore.config import EngineConfig
 from orchcore.control import (
@@ -87,7 +87,8 @@ def sampling_from_proto(msg: pb.Sampling) -> SamplingParams:
 def engine_to_proto(config: EngineConfig) -> pb.EngineSettings:
     return pb.EngineSettings(context_tokens=config.context_tokens,
                              max_sessions=config.max_sessions,
-                             batch_tokens=config.batch_tokens, threads=config.threads)
+                             batch_tokens=config.batch_tokens, threads=config.threads,
+                             output_rows=config.output_rows)
 
 
 def engine_from_proto(msg: pb.EngineSettings, default_threads: int, max_threads: int
@@ -98,7 +99,8 @@ def engine_from_proto(msg: pb.EngineSettings, default_threads: int, max_threads:
     return EngineConfig(context_tokens=msg.context_tokens or default.context_tokens,
                         max_sessions=msg.max_sessions or default.max_sessions,
                         batch_tokens=msg.batch_tokens or default.batch_tokens,
-                        threads=min(msg.threads or default_threads, max_threads))
+                        threads=min(msg.threads or default_threads, max_threads),
+                        output_rows=msg.output_rows or default.output_rows)
 
 
 def fetch_to_proto(files: Sequence[RemoteFile], ranges: Sequence[ByteRange],
@@ -188,7 +190,10 @@ def chunk_to_proto(chunk: Chunk) -> pb.StageInput:
         start_pos=chunk.start_pos, tokens=chunk.tokens, want_token=chunk.want_token,
         end_session=chunk.end_session, timings=[timing_to_proto(t) for t in chunk.timings],
         batched=[chunk_to_proto(b) for b in chunk.batched], ring_left=chunk.ring_left,
-        ring_stops=chunk.ring_stops, drafted=chunk.drafted, draft_k=chunk.draft_k)
+        ring_stops=chunk.ring_stops, drafted=chunk.drafted, draft_k=chunk.draft_k,
+        score_rows=chunk.score_rows, copy_to=chunk.copy_to, embed=chunk.embed)
+    if chunk.next_token is not None:
+        msg.next_token = chunk.next_token
     if chunk.hidden is not None:
         msg.hidden.CopyFrom(rows_to_proto(chunk.hidden))
     if chunk.sampling is not None:
@@ -223,7 +228,10 @@ def chunk_from_proto(msg: pb.StageInput, worker: str) -> Chunk:
         timings=tuple(timing_from_proto(t) for t in msg.timings), error=error,
         batched=tuple(chunk_from_proto(b, worker) for b in msg.batched),
         ring_left=msg.ring_left, ring_stops=tuple(msg.ring_stops),
-        drafted=msg.drafted if error is None else 0, draft_k=msg.draft_k)
+        drafted=msg.drafted if error is None else 0, draft_k=msg.draft_k,
+        score_rows=msg.score_rows,
+        next_token=msg.next_token if msg.HasField("next_token") else None,
+        copy_to=tuple(msg.copy_to), embed=msg.embed)
 
 
 def chunk_size(chunk: Chunk) -> int:
@@ -242,6 +250,12 @@ def result_to_proto(result: StageResult) -> pb.StageOutput:
         msg.logprob = result.logprobs.logprob
         msg.top_logprobs.extend(pb.TokenLogprob(token=t, logprob=p)
                                 for t, p in result.logprobs.top)
+    for score in result.row_scores:
+        row = msg.row_scores.add(top=[pb.TokenLogprob(token=t, logprob=p) for t, p in score.top])
+        if score.logprob is not None:
+            row.logprob = score.logprob
+    if result.embedding is not None:
+        msg.embedding.CopyFrom(rows_to_proto(result.embedding))
     return msg
 
 
@@ -254,7 +268,11 @@ def result_from_proto(msg: pb.StageOutput) -> StageResult:
         accepted=msg.accepted,
         logprobs=TokenLogprobs(msg.logprob, tuple((t.token, t.logprob) for t in
                                                   msg.top_logprobs))
-        if msg.HasField("logprob") else None)
+        if msg.HasField("logprob") else None,
+        row_scores=tuple(RowScore(r.logprob if r.HasField("logprob") else None,
+                                  tuple((t.token, t.logprob) for t in r.top))
+                         for r in msg.row_scores),
+        embedding=rows_from_proto(msg.embedding) if msg.HasField("embedding") else None)
 
 
 # --- the control path ----------------------------------------------------------------------
@@ -292,7 +310,8 @@ def load_reply_to_proto(reply: LoadReply) -> pb.LoadShardReply:
 def load_reply_from_proto(msg: pb.LoadShardReply) -> LoadReply:
     engine = EngineConfig(context_tokens=msg.engine.context_tokens,
                           max_sessions=msg.engine.max_sessions,
-                          batch_tokens=msg.engine.batch_tokens, threads=msg.engine.threads)
+                          batch_tokens=msg.engine.batch_tokens, threads=msg.engine.threads,
+                          output_rows=msg.engine.output_rows or EngineConfig().output_rows)
     return LoadReply(msg.resident_bytes, msg.load_seconds, engine, msg.pipeline_id,
                      msg.shared)
 

@@ -265,16 +265,18 @@ class ShardReceipt(_message.Message):
     def __init__(self, sha256: _Optional[str] = ..., size: _Optional[int] = ..., already_cached: _Optional[bool] = ...) -> None: ...
 
 class EngineSettings(_message.Message):
-    __slots__ = ("context_tokens", "max_sessions", "batch_tokens", "threads")
+    __slots__ = ("context_tokens", "max_sessions", "batch_tokens", "threads", "output_rows")
     CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     THREADS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_ROWS_FIELD_NUMBER: _ClassVar[int]
     context_tokens: int
     max_sessions: int
     batch_tokens: int
     threads: int
-    def __init__(self, context_tokens: _Optional[int] = ..., max_sessions: _Optional[int] = ..., batch_tokens: _Optional[int] = ..., threads: _Optional[int] = ...) -> None: ...
+    output_rows: int
+    def __init__(self, context_tokens: _Optional[int] = ..., max_sessions: _Optional[int] = ..., batch_tokens: _Optional[int] = ..., threads: _Optional[int] = ..., output_rows: _Optional[int] = ...) -> None: ...
 
 class LoadShardRequest(_message.Message):
     __slots__ = ("pipeline_id", "sha256", "layer_start", "layer_end", "engine", "next_address", "codec", "stage_index", "stage_count", "holder", "model", "force", "ring_address")
@@ -403,7 +405,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., worker: _Optional[str] = ...) -> None: ...
 
 class StageInput(_message.Message):
-    __slots__ = ("pipeline_id", "session", "chunk", "start_pos", "tokens", "hidden", "want_token", "sampling", "end_session", "timings", "error", "batched", "ring_left", "ring_stops", "drafted", "draft_k")
+    __slots__ = ("pipeline_id", "session", "chunk", "start_pos", "tokens", "hidden", "want_token", "sampling", "end_session", "timings", "error", "batched", "ring_left", "ring_stops", "drafted", "draft_k", "score_rows", "next_token", "copy_to", "embed")
     PIPELINE_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
@@ -420,6 +422,10 @@ class StageInput(_message.Message):
     RING_STOPS_FIELD_NUMBER: _ClassVar[int]
     DRAFTED_FIELD_NUMBER: _ClassVar[int]
     DRAFT_K_FIELD_NUMBER: _ClassVar[int]
+    SCORE_ROWS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    COPY_TO_FIELD_NUMBER: _ClassVar[int]
+    EMBED_FIELD_NUMBER: _ClassVar[int]
     pipeline_id: str
     session: str
     chunk: int
@@ -436,10 +442,14 @@ class StageInput(_message.Message):
     ring_stops: _containers.RepeatedScalarFieldContainer[int]
     drafted: int
     draft_k: int
-    def __init__(self, pipeline_id: _Optional[str] = ..., session: _Optional[str] = ..., chunk: _Optional[int] = ..., start_pos: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Hidden, _Mapping]] = ..., want_token: _Optional[bool] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., end_session: _Optional[bool] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., batched: _Optional[_Iterable[_Union[StageInput, _Mapping]]] = ..., ring_left: _Optional[int] = ..., ring_stops: _Optional[_Iterable[int]] = ..., drafted: _Optional[int] = ..., draft_k: _Optional[int] = ...) -> None: ...
+    score_rows: bool
+    next_token: int
+    copy_to: _containers.RepeatedScalarFieldContainer[str]
+    embed: bool
+    def __init__(self, pipeline_id: _Optional[str] = ..., session: _Optional[str] = ..., chunk: _Optional[int] = ..., start_pos: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Hidden, _Mapping]] = ..., want_token: _Optional[bool] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., end_session: _Optional[bool] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., batched: _Optional[_Iterable[_Union[StageInput, _Mapping]]] = ..., ring_left: _Optional[int] = ..., ring_stops: _Optional[_Iterable[int]] = ..., drafted: _Optional[int] = ..., draft_k: _Optional[int] = ..., score_rows: _Optional[bool] = ..., next_token: _Optional[int] = ..., copy_to: _Optional[_Iterable[str]] = ..., embed: _Optional[bool] = ...) -> None: ...
 
 class StageOutput(_message.Message):
-    __slots__ = ("session", "chunk", "token", "timings", "error", "session_ended", "batch", "drafts", "accepted", "logprob", "top_logprobs")
+    __slots__ = ("session", "chunk", "token", "timings", "error", "session_ended", "batch", "drafts", "accepted", "logprob", "top_logprobs", "row_scores", "embedding")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -451,6 +461,8 @@ class StageOutput(_message.Message):
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    ROW_SCORES_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     session: str
     chunk: int
     token: int
@@ -462,7 +474,17 @@ class StageOutput(_message.Message):
     accepted: int
     logprob: float
     top_logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
-    def __init__(self, session: _Optional[str] = ..., chunk: _Optional[int] = ..., token: _Optional[int] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., session_ended: _Optional[bool] = ..., batch: _Optional[_Iterable[int]] = ..., drafts: _Optional[_Iterable[int]] = ..., accepted: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
+    row_scores: _containers.RepeatedCompositeFieldContainer[RowScore]
+    embedding: Hidden
+    def __init__(self, session: _Optional[str] = ..., chunk: _Optional[int] = ..., token: _Optional[int] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., session_ended: _Optional[bool] = ..., batch: _Optional[_Iterable[int]] = ..., drafts: _Optional[_Iterable[int]] = ..., accepted: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., row_scores: _Optional[_Iterable[_Union[RowScore, _Mapping]]] = ..., embedding: _Optional[_Union[Hidden, _Mapping]] = ...) -> None: ...
+
+class RowScore(_message.Message):
+    __slots__ = ("logprob", "top")
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    TOP_FIELD_NUMBER: _ClassVar[int]
+    logprob: float
+    top: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
+    def __init__(self, logprob: _Optional[float] = ..., top: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
 
 class ForwardSummary(_message.Message):
     __slots__ = ("chunks",)

@@ -75,7 +75,8 @@ def run(
             top_k=top_k,
             top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, codec=codec,
             context_tokens=context, max_sessions=max_sessions, threads=threads, token=token,
-            objective=objective, fetch=fetch, speculate=speculate, replan=replan)
+            objective=objective, fetch=fetch, speculate=speculate, replan=replan,
+            logprob_rows=1)  # orch run scores no prompt: no rows kept for it
         if settings.speculation().on and settings.sampling().penalised:
             raise InvalidSettingError("speculation needs --repeat-penalty 1 (a penalty "
                                       "depends on each drafted row's history); or "
@@ -135,7 +136,7 @@ def plan(
         settings = OrchSettings.load(FLAGS, local_workers=local, context_tokens=context,
                                      max_sessions=max_sessions, objective=objective,
                                      codec=codec, threads=threads, replan=replan,
-                                     token=token)
+                                     token=token, logprob_rows=1)  # as orch run deploys
         made = plan_only(model, WorkerChoice.from_flags(workers, local), settings, err=err)
     except OrchError as exc:
         fail(exc)

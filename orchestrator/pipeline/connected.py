@@ -24,6 +24,7 @@ from orchcore.facts import ModelFacts
 from orchcore.probe import layer_shape
 from orchestrator.cluster.client import WorkerClient
 from orchestrator.pipeline.deploy import DeployProgress, FromSource
+from orchestrator.pipeline.embedding import pooling_of
 from orchestrator.pipeline.failover import Replanner
 from orchestrator.pipeline.session import RunningModel
 from orchestrator.planning.plan import Plan, PlanOptions
@@ -113,7 +114,8 @@ class Cluster:
                               self.settings, self.alive, source)
         pipeline = replanner.open(plan, progress, force=force)
         return RunningModel(plan, tokenizer, pipeline.path, self.settings,
-                            pipeline.deployment, replanner if failover else None)
+                            pipeline.deployment, replanner if failover else None,
+                            pooling_of(facts))
 
     def close(self) -> None:
         for c in self.clients:

@@ -18,7 +18,7 @@ Failover: when a step fails with an error another pipeline may not have (a dead,
 faulty worker: ``failover.calls_for_failover``), the model is planned again without that
 worker (``Replanner``, from the cluster), deployed, and every live session is replayed onto
 the new pipeline (``failover.replay``); the failed step is then retried and the answer goes
-on after one ``Failover`` event. Steps hold ``_StepGate`` shared and record their token
+on after one ``Failover`` event. Steps hold ``StepGate`` shared and record their token
 inside it; a failover holds it exclusively, so it sees every session between steps. A
 worker left out answers again: the next answer (with no session live) is planned with it.
 """
@@ -32,19 +32,24 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import Literal
+from dataclasses import replace
 
-from orchcore.chunks import StageResult
+import numpy as np
+
+from orchcore.chunks import NO_TOKEN, StageResult
 from orchcore.errors import ContextFullError, InvalidInputError, OrchError, PlanError
 from orchcore.facts import ModelFacts
-from orchcore.sampling import RANDOM_SEED, SamplingParams, TokenLogprobs
+from orchcore.sampling import RANDOM_SEED, SamplingParams
+from orchestrator.pipeline import prompt as prompting
 from orchestrator.pipeline.datapath import DataPath
 from orchestrator.pipeline.deploy import Deployment, undeploy
+from orchestrator.pipeline.embedding import Pooling, final_rows, pool
+from orchestrator.pipeline.events import Event, Failover, Finished, FinishReason, TextPiece
 from orchestrator.pipeline.failover import Pipeline, Replanner, calls_for_failover, replay
 from orchestrator.pipeline.ring import TokenRing
 from orchestrator.pipeline.sessionstate import GenerationStats, Session
 from orchestrator.pipeline.speculation import Pass, Speculator, measure_costs
+from orchestrator.pipeline.stepgate import StepGate
 from orchestrator.planning.plan import Plan
 from orchestrator.planning.speeds import SpeedBook
 from orchestrator.settings import OrchSettings
@@ -54,46 +59,7 @@ __all__ = ["Failover", "Finished", "GenerationStats", "RunningModel", "Session",
 
 log = logging.getLogger(__name__)
 
-FinishReason = Literal["length", "stop", "end"]  # max tokens or context; stop text; EOG
 MAX_FAILOVERS = 3  # consecutive failovers for one step before its error is raised
-
-
-@dataclass(frozen=True)
-class TextPiece:
-    """Text of the answer, and the generated tokens it is the text of (those since the
-    previous piece), with their logprobs when the session asked for them."""
-
-    text: str
-    tokens: tuple[int, ...] = ()
-    scores: tuple[TokenLogprobs | None, ...] = ()
-
-
-@dataclass(frozen=True)
-class Finished:
-    reason: FinishReason
-    stats: GenerationStats
-    session: Session
-
-
-@dataclass(frozen=True)
-class Failover:
-    """A worker failed mid-answer; the model was planned and deployed again without it,
-    the live sessions were replayed, and the answer goes on."""
-
-    failed: tuple[str, ...]  # the workers left out
-    reason: str  # the error that started it
-    plan: Plan  # the plan the answer goes on with
-    sessions: int  # sessions replayed onto it
-    took_s: float  # from the failure being known to the pipeline being ready again
-
-    def describe(self) -> str:
-        stages = ", ".join(f"{s.layers} on {s.worker}" for s in self.plan.stages)
-        return (f"{self.reason}; went on without {', '.join(self.failed) or 'it'} after "
-                f"{self.took_s:.1f} s ({len(self.plan.stages)} stages: {stages}; "
-                f"{self.sessions} session(s) replayed)")
-
-
-Event = TextPiece | Failover | Finished
 Prompt = str | Sequence[Mapping[str, str]] | Sequence[int]  # text, messages or token ids
 
 
@@ -123,40 +89,6 @@ def check_prompt(tokens: Sequence[int], context_tokens: int) -> None:
             f"shorten it or raise --context")
 
 
-class _StepGate:
-    """Steps hold it shared (many at once); a failover holds it alone."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._steps = 0
-        self._exclusive = False
-
-    @contextlib.contextmanager
-    def shared(self) -> Iterator[None]:
-        with self._cond:
-            self._cond.wait_for(lambda: not self._exclusive)
-            self._steps += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._steps -= 1
-                self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def exclusive(self) -> Iterator[None]:
-        with self._cond:
-            self._cond.wait_for(lambda: not self._exclusive)
-            self._exclusive = True
-            self._cond.wait_for(lambda: self._steps == 0)
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._exclusive = False
-                self._cond.notify_all()
-
-
 class RunningModel:
     """A model deployed on workers; ``generate`` yields events; ``close`` unloads it.
 
@@ -164,8 +96,10 @@ class RunningModel:
 
     def __init__(self, plan: Plan, tokenizer: Tokenizer, path: DataPath,
                  settings: OrchSettings, deployment: Deployment,
-                 replanner: Replanner | None = None) -> None:
+                 replanner: Replanner | None = None, pooling: Pooling | None = "mean"
+                 ) -> None:
         self.plan = plan
+        self.pooling = pooling  # how embeddings are pooled; None: the model has none
         self.first_plan = plan  # what a full cluster runs: workers that come back rejoin it
         self.tokenizer = tokenizer
         self.path = path
@@ -173,7 +107,7 @@ class RunningModel:
         self.deployment = deployment
         self.replanner = replanner
         self._live: dict[str, Session] = {}
-        self._gate = _StepGate()
+        self._gate = StepGate()
         self._epoch = 0  # pipelines deployed since open: a failure of an older one is moot
         self._failing_over = threading.Lock()
         self._excluded: dict[str, Deployment] = {}  # failed worker -> the pipeline it held
@@ -217,12 +151,13 @@ class RunningModel:
     def generate(self, prompt: Prompt, sampling: SamplingParams | None = None, *,
                  stops: Sequence[str] = (), max_tokens: int | None = None,
                  chat: bool = True, stats: GenerationStats | None = None,
-                 special: bool = False) -> Iterator[Event]:
+                 special: bool = False, session: Session | None = None) -> Iterator[Event]:
         """Text pieces of the answer, then one ``Finished``. ``stats`` (filled as the answer
         goes) lets a caller watch it live. ``special``: control tokens the model writes
-        (not the one that ends it) appear as their text, for a parser of tool calls."""
+        (not the one that ends it) appear as their text, for a parser of tool calls.
+        ``session``: one made by ``fork`` (or ``new_session``) for this prompt."""
         tokens = self.encode(prompt, chat=chat)
-        session = self.new_session(sampling or self.settings.sampling())
+        session = session or self.new_session(sampling or self.settings.sampling())
         stats = stats or GenerationStats()
         stats.prompt_tokens = len(tokens)
         stops_at = StopMatcher(stops)
@@ -272,18 +207,53 @@ class RunningModel:
         """``stream``, with a ``Failover`` wherever the answer went on after a failure."""
         context = self.plan.context_tokens
         check_prompt(prompt, context)
-        limit = min(max_tokens or self.settings.max_tokens, context - len(prompt))
+        limit = min(self.settings.max_tokens if max_tokens is None else max_tokens,
+                    context - len(prompt))
         self._rejoin()
         self._measure_costs()
+        prompting.wait_for_share(session, self.settings.step_deadline_s)
         with self._failing_over:
             self._live[session.id] = session
         try:
             yield from self._tokens(session, list(prompt), limit, stats or GenerationStats())
         finally:
+            if session.share is not None:
+                session.share.finish(sent=False)  # never sent: the copies send it whole
             with self._failing_over:
                 self._live.pop(session.id, None)
             self.end(session)
             self.speculator.finished(session)
+
+    def fork(self, prompt: Sequence[int], samplings: Sequence[SamplingParams], *,
+             score_prompt: bool = False) -> list[Session]:
+        """Sessions for n answers to one ``prompt`` (token ids), one per sampling parameters
+        (each its own seed): the prompt is prefilled once and every stage copies its KV
+        cache to the others (``prompting``). Each then goes through ``generate``."""
+        sessions = [self.new_session(s) for s in samplings]
+        for session in sessions:
+            session.score_prompt = score_prompt
+        prompting.share(prompt, self._chunk_size(len(prompt), score_prompt), sessions)
+        return sessions
+
+    def embed(self, tokens: Sequence[int]) -> np.ndarray:
+        """The pooled final-norm hidden state of ``tokens`` (float64, not normalized),
+        computed through the stages as one short-lived session."""
+        if self.pooling is None:
+            raise InvalidInputError("this model has no embeddings (its GGUF says it ranks)")
+        check_prompt(tokens, self.plan.context_tokens)
+        session = Session(uuid.uuid4().hex[:12], SamplingParams())
+        try:
+            with self._gate.shared():
+                rows = final_rows(self.path, session.id, list(tokens),
+                                  self.plan.stages[-1].engine.output_rows)
+        finally:
+            self.end(session)
+        return pool(rows, self.pooling)
+
+    def _chunk_size(self, n_tokens: int, scored: bool) -> int:
+        """Prompt chunks' size: with scored rows, at most the last stage's output rows."""
+        size = self.plan.prompt_chunk(n_tokens)
+        return min(size, self.plan.stages[-1].engine.output_rows) if scored else size
 
     def _measure_costs(self) -> None:
         """Once, before the first answer of ``auto``: this pipeline's batch costs."""
@@ -301,15 +271,17 @@ class RunningModel:
                 stats: GenerationStats) -> Iterator[int | Failover]:
         """Sampled token ids: the prompt's chunks all in flight at once, then pass by pass
         (a pass adds one token, or with speculation the drafts its verdict kept and one)."""
-        size = self.plan.prompt_chunk(len(prompt))
-        session.prompt_chunks = [tuple(prompt[s:s + size]) for s in range(0, len(prompt), size)]
+        if not session.prompt_chunks:  # else made by ``fork``
+            session.prompt_chunks = prompting.cut(
+                prompt, self._chunk_size(len(prompt), session.score_prompt))
         session.limit = limit
-        produced = 0
-        while produced < limit:
+        produced, prompted = 0, False
+        while produced < limit or not prompted:  # a limit of 0: the prompt alone (scored)
+            prompted = True
             t0 = time.perf_counter()
             (out, step), notice = self._step(session)
             took = time.perf_counter() - t0
-            tokens = out.tokens[:limit - produced]
+            tokens = out.tokens[:limit - produced] if out.token != NO_TOKEN else ()
             if step is None:
                 stats.prompt_s = stats.first_token_s = took
             else:
@@ -355,16 +327,28 @@ class RunningModel:
                 ring_left = min(ring_left, segment)
             session.draft_k = self.speculator.choose(session)
             chunk = self._send_step(session, ring_left)
-        out = self.path.wait(session.id, chunk)
+        out = self._wait(session, chunk)
         step = session.record(out)
         session.ring = TokenRing.after(
-            chunk, ring_left, added=len(out.tokens),
+            out.chunk, ring_left, added=len(out.tokens),
             stopped=any(self.tokenizer.is_end_of_generation(t) for t in out.tokens))
         return out, step
 
-    def _send_step(self, session: Session, ring_left: int) -> int:
+    def _wait(self, session: Session, chunks: int | list[int]) -> StageResult:
+        """The result of the last of ``chunks``, after the scored rows of the others."""
+        if isinstance(chunks, int):
+            return self.path.wait(session.id, chunks)
+        scores = []
+        for chunk in chunks:
+            out = self.path.wait(session.id, chunk)
+            scores += out.row_scores
+        session.prompt_scores = scores
+        return out
+
+    def _send_step(self, session: Session, ring_left: int) -> int | list[int]:
         """Send the session's next step (its prompt in chunks, or its pending token and
-        the drafts to verify with it); returns the chunk number whose result comes next."""
+        the drafts to verify with it); returns the chunk number whose result comes next
+        (a prompt's: the numbers of every chunk that is answered, in order)."""
         stops = self.tokenizer.end_of_generation if ring_left else ()
         draft_k = session.draft_k if ring_left else 0  # the ring's steps draft this many
         if session.generated:
@@ -375,15 +359,8 @@ class RunningModel:
                                   [session.generated[-1], *drafts], want_token=True,
                                   ring_left=ring_left, ring_stops=stops,
                                   drafted=len(drafts), draft_k=draft_k)
-        start = chunk = 0
-        for i, part in enumerate(session.prompt_chunks):
-            last = i + 1 == len(session.prompt_chunks)
-            chunk = self.path.send(session.id, start, part, want_token=last,
-                                   sampling=session.sampling if i == 0 else None,
-                                   ring_left=ring_left if last else 0, ring_stops=stops,
-                                   draft_k=draft_k if last else 0)
-            start += len(part)
-        return chunk
+        return prompting.send(self.path, session, want_token=session.limit > 0,
+                              ring_left=ring_left, stops=stops, draft_k=draft_k)
 
     # --- failover ----------------------------------------------------------------------
 
@@ -437,6 +414,7 @@ class RunningModel:
                 for address in failed:
                     self._excluded[address] = pipeline.deployment
                 continue
+            prompting.unshare(list(self._live.values()))
             for session in self._live.values():
                 session.ring = None  # the old pipeline's ring is gone: the next step sends
             self._adopt(pipeline)

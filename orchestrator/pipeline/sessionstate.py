@@ -3,10 +3,11 @@ was sent in (enough to rebuild it on another pipeline), and what the answer cost
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from orchcore.chunks import StageResult, StageTiming
+from orchcore.chunks import NO_TOKEN, RowScore, StageResult, StageTiming
 from orchcore.sampling import SamplingParams, TokenLogprobs
 from orchestrator.pipeline.ring import TokenRing
 from orchestrator.pipeline.speculation import Pass, SpeculationStats
@@ -34,6 +35,21 @@ class GenerationStats:
 
 
 @dataclass
+class PromptShare:
+    """n answers to one prompt, prefilled once: the session that sends the prompt marks it
+    sent (or failed) here, and the sessions that copy its KV cache wait for that before
+    sending anything of their own (their chunks must reach each stage after the copy)."""
+
+    sent: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def finish(self, sent: bool) -> None:
+        if not self.done.is_set():
+            self.sent = sent
+            self.done.set()
+
+
+@dataclass
 class Session:
     """One answer's state: what entered the model, in its batch shapes, and the sampler's."""
 
@@ -47,9 +63,19 @@ class Session:
     limit: int = 0  # tokens this answer may generate
     ring: TokenRing | None = None  # while the last stage feeds this session's steps itself
     draft_k: int = 0  # drafts per pass now (0: plain decoding)
+    # prompt logprobs: the last stage scores every prompt row; row i scores token i + 1
+    score_prompt: bool = False
+    prompt_scores: list[RowScore] = field(default_factory=list)
+    # n answers to one prompt: the first `copied` prompt chunks reached the KV caches as a
+    # copy of another session's (its `share` says when); `copy_to` get a copy of this one's
+    copied: int = 0
+    copy_to: tuple[str, ...] = ()
+    share: PromptShare | None = None
 
     def record(self, out: StageResult) -> Pass | None:
         """Take a step's result: the tokens it added, and (after the prompt) its pass."""
+        if out.token == NO_TOKEN:
+            return None  # a prompt that asked for no token (prompt logprobs only)
         step = None
         if self.generated:
             step = Pass(self.length, (self.generated[-1], *out.drafts), len(out.drafts),

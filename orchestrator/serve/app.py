@@ -22,9 +22,8 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import aclosing
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field, replace
 from importlib.resources import files
 from typing import Any
 
@@ -34,17 +33,29 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from orchcore.errors import ContextFullError, InvalidInputError, OrchError
-from orchcore.sampling import SamplingParams
 from orchestrator.pipeline.session import (
     Event,
     Failover,
     Finished,
     GenerationStats,
     RunningModel,
+    Session,
     TextPiece,
     check_prompt,
 )
-from orchestrator.serve import replies
+from orchestrator.serve import legacy, replies
+from orchestrator.serve.answering import (
+    END,
+    Running,
+    collect,
+    pump,
+    relay,
+    seeded,
+    stop_when_gone,
+    unless_gone,
+)
+from orchestrator.serve.embeddings import EmbeddingRequest, normalized, parse_embeddings
+from orchestrator.serve.embeddings import reply as embedding_reply
 from orchestrator.serve.gate import ApiError, Gate
 from orchestrator.serve.guard import ApiKeyGuard, read_json
 from orchestrator.serve.health import HealthWatch
@@ -67,13 +78,11 @@ from orchestrator.serve.shaping import (
     tool_calls,
 )
 from orchestrator.settings import OrchSettings
-from orchestrator.text.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-_PATHS = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/api/cluster", "/metrics",
-          "/")
-DISCONNECT_POLL_S = 0.2  # how often a waiting or non-streamed request checks its client
+_PATHS = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+          "/api/cluster", "/metrics", "/")
 HEALTH_EVERY_S = 1.0  # how often the page's view asks each stage's worker how it is
 
 
@@ -149,6 +158,10 @@ def create_app(model: RunningModel, name: str, settings: OrchSettings,
         body = parse_completion(await read_json(request, limit))
         return await state.answer(request, body, body.one_prompt(), chat=False)
 
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Any:
+        return await state.embed(parse_embeddings(await read_json(request, limit)))
+
     @app.get("/api/cluster")
     async def cluster() -> dict:
         return state.cluster()
@@ -176,43 +189,106 @@ class _State:
         self.metrics = Metrics(model, lambda: self.gate.active, lambda: self.gate.waiting)
         self.health = HealthWatch(model, HEALTH_EVERY_S, settings.probe_deadline_s)
 
-    async def answer(self, request: Request, body: ChatRequest | CompletionRequest,
-                     prompt: Any, *, chat: bool, shape: Shape = PLAIN) -> Any:
-        if body.model is not None and body.model not in self.names:
-            raise ApiError(404, f"model {body.model!r} is not served here; this server serves "
+    def check_model(self, model: str | None) -> str:
+        """The name a request asked for (404 if it is not served here)."""
+        if model is not None and model not in self.names:
+            raise ApiError(404, f"model {model!r} is not served here; this server serves "
                                 f"{', '.join(self.names)}", param="model",
                            code="model_not_found")
+        return model or self.names[0]
+
+    async def answer(self, request: Request, body: ChatRequest | CompletionRequest,
+                     prompt: Any, *, chat: bool, shape: Shape = PLAIN) -> Any:
+        """``n`` answers to one prompt: prefilled once, a session and a place each."""
+        name, n = self.check_model(body.model), body.answers()
         stops, sampling = body.stops(), shape.sampling(body.sampling(self.settings.sampling()))
+        if not chat and body.logprobs is not None:  # the legacy shape
+            sampling = replace(sampling, logprobs=True, top_logprobs=body.logprobs)
         tokens = await asyncio.to_thread(self._encode, prompt, chat, shape)
-        since = await _unless_gone(request, self.gate.enter(), self.gate.leave)
+        sessions = self.model.fork(tokens, seeded(sampling, n),
+                                   score_prompt=not chat and body.scores())
+        since = await unless_gone(request, self.gate.enter(n),
+                                   lambda t: self.gate.leave(t, n))
+        started: list[Running] = []
         try:
-            running = self._start(tokens, sampling, stops, body.limit(), since,
-                                  special=shape.fmt is not None)
+            for session in sessions:
+                started.append(self._start(tokens, session, stops, body.limit(), since,
+                                           special=shape.fmt is not None))
         except BaseException:
-            self.gate.leave(since)
+            self.gate.leave(since, n - len(started))
+            for running in started:
+                running.stop.set()
             raise
-        events = self._events(running)
         kind = "chat.completion" if chat else "text_completion"
-        name = body.model or self.names[0]
+        echo = "" if chat or not body.echo else legacy.echoed(self.model.tokenizer, prompt,
+                                                               tokens)
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._sse(events, kind, name, usage, shape),
+            return StreamingResponse(self._sse(self._events(started[0]), kind, name, usage,
+                                               shape, echo),
                                      media_type="text/event-stream")
-        watcher = asyncio.create_task(_stop_when_gone(request, running.stop))
+        answers = await self._collect_all(request, started)
+        if answers is None:  # the client went away: nobody reads this
+            return Response(status_code=499)
+        if chat:
+            return replies.whole(kind, name, [self._chat_choice(i, c, d, shape)
+                                              for i, (c, d) in enumerate(answers)],
+                                 [d for _, d in answers])
+        rows = answers[0][1].session.prompt_scores  # the prompt was scored once, by the first
+        return replies.whole(kind, name, [
+            replies.choice(kind, i, echo + "".join(c.text), d, logprobs=None
+                           if body.logprobs is None else legacy.logprobs(
+                               self.model.tokenizer, d, tokens, rows, echo=bool(body.echo),
+                               start=0 if body.echo else len(legacy.echoed(
+                                   self.model.tokenizer, prompt, tokens))))
+            for i, (c, d) in enumerate(answers)], [d for _, d in answers])
+
+    async def _collect_all(self, request: Request, started: list[Running]
+                           ) -> list[tuple[Collected, Finished]] | None:
+        """Every answer whole, in order; None if the client went away (which stops them)."""
+        stop = threading.Event()
+        watcher = asyncio.create_task(stop_when_gone(request, stop))
+        relaying = asyncio.create_task(relay(stop, [r.stop for r in started]))
         try:
-            collected, done = await _collect(events, self.model.tokenizer)
+            answers = await asyncio.gather(*(collect(self._events(r), self.model.tokenizer)
+                                              for r in started))
+        except BaseException:
+            stop.set()  # one failed: the others stop too
+            raise
         finally:
             watcher.cancel()
-        if done is None:  # the client went away: nobody reads this
-            return Response(status_code=499)
-        text = "".join(collected.text)
-        if not chat:
-            return replies.whole(kind, name, text, done)
-        message, called = chat_message(text, shape)
-        return replies.whole(kind, name, text, done, message=message,
-                             finish="tool_calls" if called else None,
-                             logprobs=logprobs_of(collected.logprobs) if shape.logprobs
-                             else None)
+            relaying.cancel()
+        if any(done is None for _, done in answers):
+            return None
+        return answers  # type: ignore[return-value]
+
+    def _chat_choice(self, index: int, collected: Collected, done: Finished,
+                     shape: Shape) -> dict:
+        message, called = chat_message("".join(collected.text), shape)
+        return replies.choice("chat.completion", index, "", done, message=message,
+                              finish="tool_calls" if called else None,
+                              logprobs=logprobs_of(collected.logprobs) if shape.logprobs
+                              else None)
+
+    async def embed(self, body: EmbeddingRequest) -> dict:
+        """Each input's pooled, normalized final hidden state; a place in the gate each in
+        turn (an input is one short session)."""
+        name, inputs = self.check_model(body.model), body.inputs()
+        vectors, used = [], 0
+        for item in inputs:
+            tokens = await asyncio.to_thread(self._encode, item, False, PLAIN)
+            since = await self.gate.enter()
+            try:
+                vector = await asyncio.to_thread(self.model.embed, tokens)
+            except OrchError as exc:
+                self._check_pipeline(exc)
+                raise self._api_error(exc) from None
+            finally:
+                self.gate.leave(since)
+            body.check_dimensions(len(vector))
+            vectors.append(normalized(vector))
+            used += len(tokens)
+        return embedding_reply(name, vectors, body.encoding_format, used)
 
     def _encode(self, prompt: Any, chat: bool, shape: Shape) -> list[int]:
         """Token ids of the prompt, or a 400 saying what is wrong with it (in a thread: a
@@ -237,7 +313,7 @@ class _State:
             raise ApiError(400, str(exc), param="messages" if chat else "prompt") from None
 
     async def _sse(self, events: AsyncIterator[Event], kind: str, name: str, usage: bool,
-                   shape: Shape) -> AsyncIterator[str]:
+                   shape: Shape, echo: str = "") -> AsyncIterator[str]:
         ident, created = replies.ident(kind), int(time.time())
         watch = shape.watch()
 
@@ -249,6 +325,8 @@ class _State:
         try:  # closing the events (the client went away) stops the answer
             if kind == "chat.completion":
                 yield chunk({"role": "assistant", "content": ""})
+            elif echo:
+                yield chunk(echo)
             async for event in events:
                 if isinstance(event, TextPiece):
                     text = watch.feed(event.text) if watch else event.text
@@ -274,13 +352,13 @@ class _State:
         finally:
             await events.aclose()
 
-    def _start(self, tokens: list[int], sampling: SamplingParams, stops: list[str],
-               max_tokens: int | None, since: float, special: bool = False) -> _Running:
+    def _start(self, tokens: list[int], session: Session, stops: list[str],
+               max_tokens: int | None, since: float, special: bool = False) -> Running:
         """Generate the answer in a thread, which gives the gate's place back when it ends:
         only then has the answer's session ended on the workers. (Given back when the
         client went away, the place could go to an answer whose session reaches the workers
         before the old one's end, and finds their sessions all taken.)"""
-        loop, running = asyncio.get_running_loop(), _Running(asyncio.Queue(), threading.Event())
+        loop, running = asyncio.get_running_loop(), Running(asyncio.Queue(), threading.Event())
         key = uuid.uuid4().hex
         self.live.running[key] = running.stats
 
@@ -290,17 +368,17 @@ class _State:
             self.live.last, self.live.answers = running.stats, self.live.answers + 1
             self.metrics.answered(running.stats)
 
-        gen = self.model.generate(tokens, sampling, stops=stops, max_tokens=max_tokens,
-                                  chat=False, stats=running.stats, special=special)
-        threading.Thread(target=_pump, args=(gen, running, loop, ended), daemon=True,
+        gen = self.model.generate(tokens, stops=stops, max_tokens=max_tokens, chat=False,
+                                  stats=running.stats, special=special, session=session)
+        threading.Thread(target=pump, args=(gen, running, loop, ended), daemon=True,
                          name="answer").start()
         return running
 
-    async def _events(self, running: _Running) -> AsyncIterator[Event]:
+    async def _events(self, running: Running) -> AsyncIterator[Event]:
         """The answer's events; closing this iterator (the client went away) stops the
         answer within a token, and its thread then ends its session on the workers."""
         try:
-            while (item := await running.queue.get()) is not _END:
+            while (item := await running.queue.get()) is not END:
                 if isinstance(item, BaseException):
                     self._check_pipeline(item)
                     raise self._api_error(item)
@@ -354,74 +432,3 @@ class _State:
                 "context_tokens": plan.context_tokens, "max_tokens": self.settings.max_tokens,
                 "sessions": {"slots": self.gate.slots, "active": self.gate.active,
                              "waiting": self.gate.waiting}}
-
-
-_END = object()
-
-
-@dataclass
-class _Running:
-    """An answer generated in a thread: its events (then ``_END``) arrive on ``queue``;
-    setting ``stop`` ends it within a token."""
-
-    queue: asyncio.Queue
-    stop: threading.Event
-    stats: GenerationStats = field(default_factory=GenerationStats)
-
-
-def _pump(gen: Iterator[Event], running: _Running, loop: asyncio.AbstractEventLoop,
-          ended: Callable[[], None]) -> None:
-    """Run ``gen`` in this thread, handing its events to the event loop; ``ended`` runs
-    there after the session has ended on the workers."""
-    try:
-        for event in gen:
-            loop.call_soon_threadsafe(running.queue.put_nowait, event)
-            if running.stop.is_set():
-                break
-    except BaseException as exc:  # handed to the request and raised there
-        loop.call_soon_threadsafe(running.queue.put_nowait, exc)
-    finally:
-        gen.close()  # ends the session on the workers
-        loop.call_soon_threadsafe(running.queue.put_nowait, _END)
-        loop.call_soon_threadsafe(ended)
-
-
-async def _collect(events: AsyncIterator[Event], tokenizer: Tokenizer
-                   ) -> tuple[Collected, Finished | None]:
-    collected, done = Collected(), None
-    async with aclosing(events):
-        async for event in events:
-            if isinstance(event, TextPiece):
-                collected.add(tokenizer, event)
-            elif isinstance(event, Finished):
-                done = event
-    return collected, done
-
-
-async def _gone(request: Request) -> None:
-    """Returns once the client has gone away."""
-    while not await request.is_disconnected():
-        await asyncio.sleep(DISCONNECT_POLL_S)
-
-
-async def _stop_when_gone(request: Request, stop: threading.Event) -> None:
-    await _gone(request)
-    stop.set()
-
-
-async def _unless_gone(request: Request, entering: Any, leave: Callable[[float], None]
-                       ) -> float:
-    """Wait for a place in the gate, unless the client goes away first (then its place in
-    the queue is given up, and a place it got meanwhile is given back)."""
-    enter, gone = asyncio.ensure_future(entering), asyncio.ensure_future(_gone(request))
-    try:
-        await asyncio.wait({enter, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not enter.done():
-            enter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                leave(await enter)  # got a place as the client left
-    if enter.cancelled():
-        raise ApiError(499, "the client went away while waiting")
-    return enter.result()

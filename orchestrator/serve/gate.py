@@ -34,6 +34,7 @@ class Gate:
         self.slots, self.queue, self.wait_s = slots, queue, wait_s
         self.active = self.waiting = 0
         self._free = asyncio.Semaphore(slots)
+        self._taking = asyncio.Lock()  # one request gathers its places at a time
         self._answer_s = 2.0  # a moving average of how long an answer holds its place
 
     def retry_after(self) -> int:
@@ -45,22 +46,41 @@ class Gate:
                              f"wait; try again in {self.retry_after()} s", "rate_limit_error",
                         code="busy", retry_after=self.retry_after())
 
-    async def enter(self) -> float:
-        """Wait for a place; returns when it was taken, for ``leave``."""
+    async def enter(self, places: int = 1) -> float:
+        """Wait for ``places`` places (n answers to one request: a session each, taken
+        together, one request at a time, so two cannot each hold part of what they need);
+        returns when they were taken, for ``leave`` (once per place)."""
+        if places > self.slots:
+            raise ApiError(400, f"n={places} answers need {places} sessions at once; this "
+                                f"server has {self.slots} (--max-sessions); ask for fewer",
+                           param="n")
         if self._free.locked() and self.waiting >= self.queue:
             raise self.busy()
         self.waiting += 1
         try:
-            await asyncio.wait_for(self._free.acquire(), self.wait_s)
+            await asyncio.wait_for(self._take(places), self.wait_s)
         except TimeoutError:
             raise self.busy() from None
         finally:
             self.waiting -= 1
-        self.active += 1
+        self.active += places
         return time.monotonic()
 
-    def leave(self, since: float) -> None:
+    async def _take(self, places: int) -> None:
+        async with self._taking:
+            held = 0
+            try:
+                while held < places:
+                    await self._free.acquire()
+                    held += 1
+            except BaseException:  # timed out or the client left: give back what it held
+                for _ in range(held):
+                    self._free.release()
+                raise
+
+    def leave(self, since: float, places: int = 1) -> None:
         took = time.monotonic() - since
         self._answer_s = 0.8 * self._answer_s + 0.2 * took
-        self.active -= 1
-        self._free.release()
+        self.active -= places
+        for _ in range(places):
+            self._free.release()

@@ -32,14 +32,12 @@ class RequestError(ValueError):
 # Fields orch does not implement -> the values that mean "off" (OpenAI's defaults; None is
 # always off) and what to do instead.
 _OFF: dict[str, tuple[tuple[Any, ...], str]] = {
-    "n": ((1,), "one choice per request; send several requests"),
     "best_of": ((1,), "one candidate per request; send several requests"),
     "frequency_penalty": ((0, 0.0), "not implemented; use repeat_penalty (1 = off)"),
     "presence_penalty": ((0, 0.0), "not implemented; use repeat_penalty (1 = off)"),
     "logit_bias": (({},), "not implemented"),
     "logprobs": ((False,), "log probabilities are not returned"),
     "top_logprobs": ((0,), "log probabilities are not returned"),
-    "echo": ((False,), "the prompt is not echoed; prepend it yourself"),
     "suffix": (("",), "insertion (a suffix after the completion) is not implemented"),
     "functions": (([],), "the deprecated functions field is not implemented; use tools"),
     "function_call": (("none", "auto"), "the deprecated function_call field is not "
@@ -55,11 +53,12 @@ _OFF: dict[str, tuple[tuple[Any, ...], str]] = {
 }
 IGNORED = ("user", "metadata", "prompt_cache_key", "safety_identifier")
 
-CHAT_REFUSED = ("n", "frequency_penalty", "presence_penalty", "logit_bias", "functions",
+CHAT_REFUSED = ("frequency_penalty", "presence_penalty", "logit_bias", "functions",
                 "function_call", "modalities", "audio", "prediction", "reasoning_effort",
                 "verbosity", "web_search_options", "store", "service_tier")
-COMPLETION_REFUSED = ("n", "best_of", "frequency_penalty", "presence_penalty", "logit_bias",
-                      "logprobs", "echo", "suffix")
+COMPLETION_REFUSED = ("best_of", "frequency_penalty", "presence_penalty", "logit_bias",
+                      "suffix")
+MAX_N = 16  # answers to one request (each also needs a session of the server's)
 
 
 def _is_off(value: Any, offs: tuple[Any, ...]) -> bool:
@@ -96,8 +95,8 @@ class _Common(BaseModel):
     top_k: int | None = Field(None, ge=0, le=MAX_TOP_K)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repeat_penalty: float | None = Field(None, gt=0.0)
+    n: int | None = Field(None, ge=1, le=MAX_N)  # answers, a session each
     # refused unless off (``_OFF``, checked by ``parse`` first), or ignored (``IGNORED``)
-    n: Any = None
     frequency_penalty: Any = None
     presence_penalty: Any = None
     logit_bias: Any = None
@@ -112,6 +111,12 @@ class _Common(BaseModel):
         if len(stops) > 4 or not all(stops):
             raise RequestError("stop", "at most 4 non-empty strings")
         return stops
+
+    def answers(self) -> int:
+        if (self.n or 1) > 1 and self.stream:
+            raise RequestError("n", "several answers are not streamed; leave stream out, or "
+                                    "send n streamed requests")
+        return self.n or 1
 
     def sampling(self, default: SamplingParams) -> SamplingParams:
         given = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
@@ -303,9 +308,24 @@ Prompt = str | list[int]
 
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)  # 0 with echo: the prompt's logprobs alone
+    echo: bool | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # the legacy shape's
     best_of: Any = None
-    echo: Any = None
     suffix: Any = None
+
+    def check(self) -> None:
+        """What the fields' types alone cannot say."""
+        if self.max_tokens == 0 and not self.echo:
+            raise RequestError("max_tokens", "0 only with echo (the prompt's logprobs "
+                                             "alone); ask for at least 1 token")
+        if self.logprobs is not None and self.stream:
+            raise RequestError("logprobs", "completions' logprobs are not streamed; leave "
+                                           "stream out (chat streams its logprobs)")
+
+    def scores(self) -> bool:
+        """Whether the prompt's rows are scored (echo with logprobs)."""
+        return bool(self.echo) and self.logprobs is not None
 
     def one_prompt(self) -> Prompt:
         """The prompt as text or token ids; a batch of several is refused."""
@@ -332,7 +352,9 @@ def parse_chat(body: Any) -> ChatRequest:
 
 def parse_completion(body: Any) -> CompletionRequest:
     check_refused(_object(body), COMPLETION_REFUSED)
-    return CompletionRequest.model_validate(body)
+    request = CompletionRequest.model_validate(body)
+    request.check()
+    return request
 
 
 def _object(body: Any) -> dict[str, Any]:

@@ -40,20 +40,28 @@ def usage(done: Finished) -> dict:
             "total_tokens": done.stats.prompt_tokens + completion}
 
 
-def whole(kind: str, name: str, text: str, done: Finished, *,
-          message: dict | None = None, finish: str | None = None,
-          logprobs: dict | None = None) -> dict:
-    """A whole answer; ``message`` (chat) replaces the plain one holding ``text``, and
-    ``finish`` the finish reason of ``done`` (``tool_calls``)."""
-    choice: dict[str, Any] = {"index": 0, "finish_reason": finish or FINISH[done.reason],
-                              "logprobs": logprobs}
+def choice(kind: str, index: int, text: str, done: Finished, *,
+           message: dict | None = None, finish: str | None = None,
+           logprobs: dict | None = None) -> dict:
+    """One answer of a whole reply; ``message`` (chat) replaces the plain one holding
+    ``text``, and ``finish`` the finish reason of ``done`` (``tool_calls``)."""
+    out: dict[str, Any] = {"index": index, "finish_reason": finish or FINISH[done.reason],
+                           "logprobs": logprobs}
     if kind == "chat.completion":
-        choice["message"] = message or {"role": "assistant", "content": text,
-                                        "refusal": None}
+        out["message"] = message or {"role": "assistant", "content": text, "refusal": None}
     else:
-        choice["text"] = text
+        out["text"] = text
+    return out
+
+
+def whole(kind: str, name: str, choices: list[dict], dones: list[Finished]) -> dict:
+    """A whole reply of one or more answers to one prompt (counted once in the usage)."""
+    prompt = dones[0].stats.prompt_tokens
+    completion = sum(len(d.session.generated) for d in dones)
     return {"id": ident(kind), "object": kind, "created": int(time.time()), "model": name,
-            "choices": [choice], "usage": usage(done)}
+            "choices": choices, "usage": {"prompt_tokens": prompt,
+                                          "completion_tokens": completion,
+                                          "total_tokens": prompt + completion}}
 
 
 def chunk(kind: str, ident: str, created: int, name: str, content: str | dict | None,
