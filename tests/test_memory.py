@@ -28,7 +28,8 @@ def test_each_workers_peak_is_its_estimate_within_the_tolerance(model, request, 
     path = request.getfixturevalue(model)
     with LocalCluster(2, tmp_path / "w", threads_per_worker=1) as cluster, \
             open_model(path, cluster.addresses, cluster.token, tmp_path,
-                       context_tokens=2048, batch_tokens=256, max_sessions=2) as model_:
+                       context_tokens=2048, batch_tokens=256, max_sessions=2,
+                       logprob_rows=1) as model_:  # as orch run: no prompt rows scored
         prompt = [1 + (i * 37) % 1000 for i in range(256)]  # one full chunk of plain ids
         greedy_tokens(model_, prompt, DECODE_TOKENS)
         pids = dict(zip(cluster.addresses, (p.pid for p in cluster.procs), strict=True))
