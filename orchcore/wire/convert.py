@@ -7,7 +7,7 @@ from dataclasses import asdict
 
 import numpy as np
 
-from orchcore.chunks import Chunk, ChunkError, Rows, StageResult, StageTiming
+from orchcore.chunks import Chunk, ChunkError, EmbeddedRows, Rows, StageResult, StageTiming
 from orchcore.codecs import get_codec
 from orchcore.config import EngineConfig
 from orchcore.control import (
@@ -192,6 +192,10 @@ def chunk_to_proto(chunk: Chunk) -> pb.StageInput:
         msg.sampling.CopyFrom(sampling_to_proto(chunk.sampling))
     if chunk.error is not None:
         msg.error.CopyFrom(error_to_proto(chunk.error))
+    if chunk.rows is not None:  # stage 0 of a tied split: the tokens' embedding rows
+        msg.rows.CopyFrom(pb.EmbeddedRows(ggml_type=chunk.rows.ggml_type,
+                                          row_bytes=chunk.rows.row_bytes,
+                                          data=chunk.rows.data))
     return msg
 
 
@@ -220,7 +224,9 @@ def chunk_from_proto(msg: pb.StageInput, worker: str) -> Chunk:
         timings=tuple(timing_from_proto(t) for t in msg.timings), error=error,
         batched=tuple(chunk_from_proto(b, worker) for b in msg.batched),
         ring_left=msg.ring_left, ring_stops=tuple(msg.ring_stops),
-        drafted=msg.drafted if error is None else 0, draft_k=msg.draft_k)
+        drafted=msg.drafted if error is None else 0, draft_k=msg.draft_k,
+        rows=EmbeddedRows(msg.rows.ggml_type, msg.rows.row_bytes, msg.rows.data)
+        if msg.HasField("rows") and error is None else None)
 
 
 def chunk_size(chunk: Chunk) -> int:
