@@ -2,7 +2,9 @@
 
 Token ids go into stage 0 over one long-lived Forward stream; sampled tokens come back
 from the last stage over one Results stream and are routed to the session that waits
-for them. Hidden states flow stage to stage and never pass through here.
+for them. Hidden states flow stage to stage and never pass through here. With tied
+embeddings split in two or more, each chunk carries its tokens' embedding rows
+(``orchestrator.pipeline.embedding``): stage 0 holds no table.
 
 While a step waits, every worker is probed (``probe``) each ``probe_interval_s``: a dead
 or hung worker, a stage that reports a fault, or a worker that lost the pipeline is named
@@ -24,6 +26,7 @@ from orchcore.sampling import SamplingParams
 from orchcore.wire.channel import ForwardStream
 from orchcore.wire.status import from_code
 from orchestrator.cluster.client import ResultStream, WorkerClient
+from orchestrator.pipeline.embedding import RowSource
 from orchestrator.pipeline.ring import TokenRing
 from orchestrator.planning.plan import Plan
 from orchestrator.settings import OrchSettings
@@ -34,8 +37,10 @@ log = logging.getLogger(__name__)
 class DataPath:
     def __init__(self, plan: Plan, pipeline_id: str, clients: Sequence[WorkerClient],
                  token: str | None, settings: OrchSettings,
-                 alive: Callable[[], None] | None = None) -> None:
+                 alive: Callable[[], None] | None = None, rows: RowSource | None = None
+                 ) -> None:
         self.plan = plan
+        self.rows = rows  # where the embedding rows of what we send come from, if needed
         self.pipeline_id = pipeline_id
         self.clients = list(clients)
         self.settings = settings
@@ -108,7 +113,8 @@ class DataPath:
         step = Chunk(pipeline_id=self.pipeline_id, session=session, start_pos=start,
                      tokens=tuple(tokens), want_token=want_token, sampling=sampling,
                      ring_left=ring_left, ring_stops=tuple(ring_stops), drafted=drafted,
-                     draft_k=draft_k)
+                     draft_k=draft_k,
+                     rows=self.rows.take(tokens) if self.rows is not None else None)
         self._queue(session)  # results of this session are routed from now on
         chunk = self._send(step)
         if chunk is None:
@@ -241,3 +247,5 @@ class DataPath:
             self._forward.close()
         if self._results_call is not None:
             self._results_call.cancel()
+        if self.rows is not None:
+            self.rows.close()
