@@ -234,6 +234,24 @@ def test_refused_first_chunk_takes_no_slot(chain):
     assert first.sessions == ()
 
 
+def test_first_stage_of_a_tied_split_takes_the_file_s_rows_with_each_chunk(chain):
+    """The 135M is tied: stage 0 holds no table, refuses a chunk without its rows or with
+    rows of another type, and the last stage reads the very rows of the file from its lm
+    head (what the token ring sends)."""
+    first, last = chain.stages[0], chain.stages[-1]
+    assert first.takes_rows and not last.takes_rows
+    with pytest.raises(InvalidInputError, match="takes each token's embedding row"):
+        first.forward("s", [0], tokens=[1])
+    rows = chain.rows.take([1, 2])
+    with pytest.raises(InvalidInputError, match="this stage takes type"):
+        first.forward("s", [0, 1], tokens=[1, 2], rows=rows._replace(ggml_type=0))
+    with pytest.raises(InvalidInputError, match="2 tokens"):
+        first.forward("s", [0, 1], tokens=[1, 2], rows=rows._replace(data=rows.data[:-1]))
+    assert first.sessions == ()
+    assert last.embedding_rows([5, 49151, 5]) == chain.rows.take([5, 49151, 5])
+    assert first.embedding_rows([5]) is None and chain.stages[1].embedding_rows([5]) is None
+
+
 # --- row 0 of an embedding batch (FINDINGS 3) ----------------------------------------------
 
 
