@@ -49,7 +49,7 @@ from orchcore.errors import (
     ShardLoadError,
 )
 from orchcore.facts import OUTPUT, ModelFacts, read_model_facts
-from orchcore.llama_ext import GraphTap, RowDequantizer, init_backend, llama_log
+from orchcore.llama_ext import EmbdBatch, GraphTap, RowDequantizer, init_backend, llama_log
 from orchcore.shard import (
     KEY_INPUT_FED,
     KEY_INPUT_OFFSET,
@@ -123,42 +123,6 @@ class Step:
     positions: np.ndarray  # int32
 
 
-class _EmbdBatch:
-    """A ``llama_batch`` carrying embeddings; numpy views over its C arrays.
-
-    The rows are written into memory owned by ``llama_batch_init`` (never into a
-    temporary numpy buffer whose pointer could dangle while llama.cpp reads it).
-    """
-
-    def __init__(self, n_embd: int, max_rows: int) -> None:
-        self.n_embd = n_embd
-        self.capacity = max_rows
-        self.batch = llama_cpp.llama_batch_init(self.capacity, n_embd, 1)
-        self.embd = np.ctypeslib.as_array(self.batch.embd, shape=(self.capacity, n_embd))
-        self.pos = np.ctypeslib.as_array(self.batch.pos, shape=(self.capacity,))
-        self.n_seq = np.ctypeslib.as_array(self.batch.n_seq_id, shape=(self.capacity,))
-        self.logits = np.ctypeslib.as_array(
-            ctypes.cast(self.batch.logits, ctypes.POINTER(ctypes.c_int8)), shape=(self.capacity,))
-        self.seq_ptrs = [self.batch.seq_id[i] for i in range(self.capacity)]
-
-    def fill(self, seqs: np.ndarray, positions: np.ndarray, rows: np.ndarray | None,
-             output: np.ndarray) -> None:
-        n = len(positions)
-        if rows is not None:
-            self.embd[:n] = rows
-        self.pos[:n] = positions
-        self.n_seq[:n] = 1
-        for i in range(n):
-            self.seq_ptrs[i][0] = int(seqs[i])
-        self.logits[:n] = output
-        self.batch.n_tokens = n
-
-    def free(self) -> None:
-        if self.batch is not None:
-            llama_cpp.llama_batch_free(self.batch)
-            self.batch = None
-
-
 class StageEngine:
     """One shard in llama.cpp. Not thread-safe: one forward at a time (the worker queues)."""
 
@@ -185,7 +149,7 @@ class StageEngine:
         self._ctx = self._new_context()
         self._owned.append(("ctx", self._ctx))
         self._memory = llama_cpp.llama_get_memory(self._ctx)
-        self._embd = _EmbdBatch(self.n_embd, cfg.batch_tokens)
+        self._embd = EmbdBatch(self.n_embd, cfg.batch_tokens)
         self._owned.append(("batch", self._embd))
         self._lookup = self._input_table()
         self._output_rows = self._output_table()
