@@ -17,6 +17,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
@@ -41,6 +42,8 @@ class DataPath:
                  ) -> None:
         self.plan = plan
         self.rows = rows  # where the embedding rows of what we send come from, if needed
+        if rows is not None:  # closed with the path's last user: a step may still send on
+            weakref.finalize(self, rows.close)  # an abandoned path, and must fail typed
         self.pipeline_id = pipeline_id
         self.clients = list(clients)
         self.settings = settings
@@ -247,5 +250,3 @@ class DataPath:
             self._forward.close()
         if self._results_call is not None:
             self._results_call.cancel()
-        if self.rows is not None:
-            self.rows.close()
