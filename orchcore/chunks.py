@@ -8,12 +8,14 @@ that turns them into protobuf messages and back. Field names follow the messages
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import numpy as np
 
 from orchcore.codecs import get_codec
+from orchcore.errors import InvalidInputError
 from orchcore.sampling import SamplingParams, TokenLogprobs
 
 NO_TOKEN = -1  # a result for a chunk that asked for no token
@@ -34,6 +36,34 @@ class Rows(NamedTuple):
 
     def decode(self) -> np.ndarray:
         return get_codec(self.codec).decode(self.data, self.rows, self.cols)
+
+
+class EmbeddedRows(NamedTuple):
+    """Token embedding rows as the model file stores them: the quantized bytes of one row
+    per token, one after the other, for stage 0 of a model with tied embeddings, which
+    holds no table of its own (``docs/shard-format.md``). Stage 0 dequantizes them with
+    ggml's own ``to_float``, so they are exact under every codec."""
+
+    ggml_type: int
+    row_bytes: int
+    data: bytes
+
+    @property
+    def count(self) -> int:
+        return len(self.data) // self.row_bytes if self.row_bytes else 0
+
+    def array(self) -> np.ndarray:
+        """The rows as ``uint8[count, row_bytes]`` (a view of ``data``)."""
+        return np.frombuffer(self.data, dtype=np.uint8).reshape(self.count, self.row_bytes)
+
+    @classmethod
+    def join(cls, parts: Sequence[EmbeddedRows]) -> EmbeddedRows:
+        """The rows of several chunks, in order (one type)."""
+        first = parts[0]
+        if any((p.ggml_type, p.row_bytes) != (first.ggml_type, first.row_bytes)
+               for p in parts):
+            raise InvalidInputError("embedding rows of one batch come in one type")
+        return cls(first.ggml_type, first.row_bytes, b"".join(p.data for p in parts))
 
 
 class StageTiming(NamedTuple):
@@ -64,6 +94,7 @@ class Chunk:
     start_pos: int = 0  # positions start_pos .. start_pos + len(tokens) - 1
     tokens: tuple[int, ...] = ()
     hidden: Rows | None = None  # None into stage 0
+    rows: EmbeddedRows | None = None  # into stage 0 of a tied split: the tokens' rows
     want_token: bool = False  # sample after this chunk
     sampling: SamplingParams | None = None  # with the first chunk of a session
     end_session: bool = False  # free the session on every stage; no compute
@@ -111,7 +142,27 @@ class Chunk:
 
     def failed(self, error: ChunkError) -> Chunk:
         """This chunk carrying ``error`` instead of hidden rows."""
-        return replace(self, hidden=None, error=error)
+        return replace(self, hidden=None, rows=None, error=error)
+
+    def embedded(self) -> EmbeddedRows | None:
+        """The embedding rows of this chunk and the steps batched with it, in batch order;
+        None when they carry none (a stage 0 that holds its own table)."""
+        parts = [m.rows for m in self.members]
+        if all(p is None for p in parts):
+            return None
+        if any(p is None or p.count != len(m.tokens)
+               for p, m in zip(parts, self.members, strict=True)):
+            raise InvalidInputError(f"session {self.session!r} chunk {self.chunk}: every "
+                                    f"token needs its embedding row")
+        return EmbeddedRows.join(parts)  # type: ignore[arg-type]
+
+    def without_rows(self) -> Chunk:
+        """This chunk (and its batch) without embedding rows: past stage 0 no one reads
+        them."""
+        if all(m.rows is None for m in self.members):
+            return self
+        return replace(self, rows=None,
+                       batched=tuple(replace(b, rows=None) for b in self.batched))
 
     def timed(self, timing: StageTiming) -> Chunk:
         return replace(self, timings=(*self.timings, timing))

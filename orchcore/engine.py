@@ -13,7 +13,9 @@ The three input paths:
 * the first stage of a chain: tokens are looked up in the shard's input table with ggml's
   own dequantisation, then go in as embeddings (see ``orchcore/shard.py``), multiplied
   by the shard's input scale when its architecture scales token embeddings (llama.cpp
-  scales token input only, so the stage does it, in float32 as ggml does);
+  scales token input only, so the stage does it, in float32 as ggml does); with tied
+  embeddings the rows come with the chunk instead (``EmbeddedRows``, the file's bytes),
+  and go the same way from there;
 * later stages: hidden states go in as embeddings.
 
 On CPUs with AMX the pinned build crashes in its AMX kernels unless extra buffer types
@@ -26,7 +28,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,8 +36,10 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
+from orchcore.chunks import EmbeddedRows
 from orchcore.config import SWA_FULL, EngineConfig
 from orchcore.cpu import cpu_info, use_extra_buffer_types
+from orchcore.embedrows import RowTable
 from orchcore.errors import (
     ComputeError,
     ContextFullError,
@@ -45,15 +48,17 @@ from orchcore.errors import (
     SessionError,
     ShardLoadError,
 )
-from orchcore.facts import ModelFacts, read_model_facts
-from orchcore.llama_ext import GraphTap, RowDequantizer, init_backend, llama_log
+from orchcore.facts import OUTPUT, ModelFacts, read_model_facts
+from orchcore.llama_ext import EmbdBatch, GraphTap, RowDequantizer, init_backend, llama_log
 from orchcore.shard import (
+    KEY_INPUT_FED,
     KEY_INPUT_OFFSET,
     KEY_INPUT_ROWS,
     KEY_INPUT_SCALE,
     KEY_INPUT_TYPE,
     KEY_LAYER_END,
     KEY_LAYER_START,
+    KEY_OUTPUT_EMBEDS,
     KEY_SOURCE_LAYERS,
     KEY_SOURCE_VOCAB,
 )
@@ -71,6 +76,8 @@ class StageRole:
     input_offset: int | None  # byte offset of the table in the file
     input_rows: int | None
     input_scale: float | None = None  # the table's rows are multiplied by it (float32)
+    input_fed: bool = False  # the first stage of a tied chain: rows come with each chunk
+    output_embeds: bool = False  # the last stage of a tied chain: output.weight is the table
 
     @property
     def is_first(self) -> bool:
@@ -86,15 +93,18 @@ class StageRole:
         if KEY_LAYER_START not in meta:  # an ordinary model file: the whole model
             return cls(0, facts.n_layers, facts.n_layers, None, None, None)
         offset = meta.get(KEY_INPUT_OFFSET)
+        fed = bool(meta.get(KEY_INPUT_FED, False))
         try:
             role = cls(
                 start=int(meta[KEY_LAYER_START]),
                 end=int(meta[KEY_LAYER_END]),
                 source_layers=int(meta[KEY_SOURCE_LAYERS]),
-                input_type=int(meta[KEY_INPUT_TYPE]) if offset is not None else None,
+                input_type=int(meta[KEY_INPUT_TYPE]) if offset is not None or fed else None,
                 input_offset=facts.data_offset + int(offset) if offset is not None else None,
                 input_rows=int(meta[KEY_INPUT_ROWS]) if offset is not None else None,
                 input_scale=float(meta[KEY_INPUT_SCALE]) if KEY_INPUT_SCALE in meta else None,
+                input_fed=fed,
+                output_embeds=bool(meta.get(KEY_OUTPUT_EMBEDS, False)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptGGUFError(facts.path, f"incomplete shard metadata ({exc!r}); cut "
@@ -111,66 +121,6 @@ class Step:
 
     session: str
     positions: np.ndarray  # int32
-
-
-class _RowFile:
-    """The first stage's input table (token embeddings), read from the shard a row at a
-    time as tokens need them: a few hundred bytes per token. A memory map would keep every
-    row ever used resident in the worker (a slow climb of its RSS, up to the whole table,
-    measured in the soak benchmark)."""
-
-    def __init__(self, path: Path, offset: int, row_bytes: int) -> None:
-        self._fd = os.open(path, os.O_RDONLY)
-        self.offset, self.row_bytes = offset, row_bytes
-
-    def take(self, ids: np.ndarray) -> np.ndarray:
-        """The raw bytes of rows ``ids`` (checked in range by the caller), one per row."""
-        out = np.empty((len(ids), self.row_bytes), dtype=np.uint8)
-        for i, row in enumerate(ids.tolist()):
-            data = os.pread(self._fd, self.row_bytes, self.offset + row * self.row_bytes)
-            if len(data) != self.row_bytes:
-                raise ComputeError(f"input row {row} lies past the end of the shard")
-            out[i] = np.frombuffer(data, dtype=np.uint8)
-        return out
-
-    def close(self) -> None:
-        os.close(self._fd)
-
-
-class _EmbdBatch:
-    """A ``llama_batch`` carrying embeddings; numpy views over its C arrays.
-
-    The rows are written into memory owned by ``llama_batch_init`` (never into a
-    temporary numpy buffer whose pointer could dangle while llama.cpp reads it).
-    """
-
-    def __init__(self, n_embd: int, max_rows: int) -> None:
-        self.n_embd = n_embd
-        self.capacity = max_rows
-        self.batch = llama_cpp.llama_batch_init(self.capacity, n_embd, 1)
-        self.embd = np.ctypeslib.as_array(self.batch.embd, shape=(self.capacity, n_embd))
-        self.pos = np.ctypeslib.as_array(self.batch.pos, shape=(self.capacity,))
-        self.n_seq = np.ctypeslib.as_array(self.batch.n_seq_id, shape=(self.capacity,))
-        self.logits = np.ctypeslib.as_array(
-            ctypes.cast(self.batch.logits, ctypes.POINTER(ctypes.c_int8)), shape=(self.capacity,))
-        self.seq_ptrs = [self.batch.seq_id[i] for i in range(self.capacity)]
-
-    def fill(self, seqs: np.ndarray, positions: np.ndarray, rows: np.ndarray | None,
-             output: np.ndarray) -> None:
-        n = len(positions)
-        if rows is not None:
-            self.embd[:n] = rows
-        self.pos[:n] = positions
-        self.n_seq[:n] = 1
-        for i in range(n):
-            self.seq_ptrs[i][0] = int(seqs[i])
-        self.logits[:n] = output
-        self.batch.n_tokens = n
-
-    def free(self) -> None:
-        if self.batch is not None:
-            llama_cpp.llama_batch_free(self.batch)
-            self.batch = None
 
 
 class StageEngine:
@@ -199,9 +149,10 @@ class StageEngine:
         self._ctx = self._new_context()
         self._owned.append(("ctx", self._ctx))
         self._memory = llama_cpp.llama_get_memory(self._ctx)
-        self._embd = _EmbdBatch(self.n_embd, cfg.batch_tokens)
+        self._embd = EmbdBatch(self.n_embd, cfg.batch_tokens)
         self._owned.append(("batch", self._embd))
         self._lookup = self._input_table()
+        self._output_rows = self._output_table()
         self._tokens = None  # a token batch: only a whole model takes token ids directly
         if self.role.is_first and self._lookup is None:
             self._tokens = llama_cpp.llama_batch_init(cfg.batch_tokens, 0, 1)
@@ -258,15 +209,41 @@ class StageEngine:
                                  f"({params.n_ctx} tokens): {llama_log().tail()}")
         return ctx
 
-    def _input_table(self) -> tuple[_RowFile, RowDequantizer, np.float32 | None] | None:
+    def _input_table(self) -> tuple[RowTable | None, RowDequantizer, np.float32 | None] | None:
+        """How the first stage of a chain gets its rows: from its input table, or (None:
+        tied embeddings) with each chunk; their dequantizer and scale."""
         role = self.role
-        if role.input_offset is None:
+        if role.input_type is None or not role.is_first or role.is_last:
             return None
         deq = RowDequantizer(role.input_type, self.n_embd)
-        table = _RowFile(self.path, role.input_offset, deq.row_bytes)
-        self._owned.append(("file", table))
+        table = None
+        if not role.input_fed:
+            table = RowTable(self.path, role.input_offset, role.input_type, self.n_embd,
+                             role.input_rows)
+            self._owned.append(("file", table))
         scale = None if role.input_scale is None else np.float32(role.input_scale)
         return table, deq, scale
+
+    def _output_table(self) -> RowTable | None:
+        """The last stage of a tied chain: its lm head is the embedding, whose rows the
+        token ring sends stage 0."""
+        if not (self.role.output_embeds and self.role.is_last):
+            return None
+        table = RowTable.of_tensor(self.path, self.facts.by_name[OUTPUT])
+        self._owned.append(("file", table))
+        return table
+
+    @property
+    def takes_rows(self) -> bool:
+        """Whether each chunk must bring its tokens' embedding rows (tied embeddings)."""
+        return self._lookup is not None and self._lookup[0] is None
+
+    def embedding_rows(self, tokens: Sequence[int]) -> EmbeddedRows | None:
+        """The embedding rows of ``tokens`` for stage 0, read from this last stage's lm head
+        (tied embeddings); None when stage 0 needs none."""
+        if self._output_rows is None:
+            return None
+        return self._output_rows.take(list(tokens))
 
     # --- sessions --------------------------------------------------------------------
 
@@ -342,6 +319,7 @@ class StageEngine:
         *,
         tokens: np.ndarray | list[int] | None = None,
         hidden: np.ndarray | None = None,
+        rows: EmbeddedRows | None = None,
         all_logits: bool = False,
         embed: bool = False,
     ) -> np.ndarray:
@@ -352,13 +330,13 @@ class StageEngine:
         with ``embed`` the last stage returns the final norm's ``[n, n_embd]`` rows instead.
         """
         return self.forward_batch([Step(session, np.asarray(positions, dtype=np.int32))],
-                                  tokens=tokens, hidden=hidden, all_logits=all_logits,
-                                  embed=embed)
+                                  tokens=tokens, hidden=hidden, rows=rows,
+                                  all_logits=all_logits, embed=embed)
 
     def forward_batch(self, steps: Sequence[Step], *,
                       tokens: np.ndarray | list[int] | None = None,
-                      hidden: np.ndarray | None = None, all_logits: bool = False,
-                      embed: bool = False) -> np.ndarray:
+                      hidden: np.ndarray | None = None, rows: EmbeddedRows | None = None,
+                      all_logits: bool = False, embed: bool = False) -> np.ndarray:
         """Run one chunk of each of several sessions in one ``llama_decode``.
 
         Several sessions carry one row each (a decode step each), so that llama.cpp keeps
@@ -366,6 +344,8 @@ class StageEngine:
         Returns hidden states for every row (non-final stage), or logits for every row
         (``all_logits``) or for each step's last row; with ``embed`` the last stage
         returns the final norm's rows (llama.cpp's embeddings mode, for this call only).
+        ``rows``: the tokens' embedding rows, which the first stage of a tied chain takes
+        with its tokens.
         """
         n = sum(len(s.positions) for s in steps)
         if len(steps) > 1 and n != len(steps):
@@ -373,6 +353,7 @@ class StageEngine:
         if len({s.session for s in steps}) != len(steps):
             raise InvalidInputError("a batch carries each session once")
         self._check_input(n, tokens, hidden)
+        self._check_rows(n, rows)
         for step in steps:
             self._check_positions(step.session, self.session_length(step.session),
                                   step.positions)
@@ -392,7 +373,7 @@ class StageEngine:
                 self._fill_tokens(seqs, positions, np.asarray(tokens, dtype=np.int32), wanted)
                 self._decode(self._tokens)
             else:
-                self._fill_embd(seqs, positions, tokens, hidden, wanted)
+                self._fill_embd(seqs, positions, tokens, hidden, rows, wanted)
                 self._decode(self._embd.batch)
         finally:
             if embed:
@@ -429,6 +410,24 @@ class StageEngine:
                 raise InvalidInputError(f"hidden states of shape {hidden.shape}, expected "
                                         f"({n}, {self.n_embd})")
 
+    def _check_rows(self, n: int, rows: EmbeddedRows | None) -> None:
+        if not self.takes_rows:
+            if rows is not None:
+                raise InvalidInputError("this stage looks embedding rows up itself; send "
+                                        "token ids alone")
+            return
+        if rows is None:
+            raise InvalidInputError("the first stage of a model with tied embeddings takes "
+                                    "each token's embedding row with the chunk; the sender "
+                                    "must attach them (update the orchestrator)")
+        deq = self._lookup[1]
+        if rows.ggml_type != self.role.input_type or rows.row_bytes != deq.row_bytes \
+                or len(rows.data) != n * deq.row_bytes:
+            raise InvalidInputError(
+                f"embedding rows of type {rows.ggml_type}, {rows.row_bytes} bytes each, "
+                f"{len(rows.data)} bytes for {n} tokens; this stage takes type "
+                f"{self.role.input_type}, {deq.row_bytes} bytes a row")
+
     def _check_positions(self, session: str, expected: int, positions: np.ndarray) -> None:
         n = len(positions)
         if n == 0 or positions[0] != expected or (n > 1 and np.any(np.diff(positions) != 1)):
@@ -452,12 +451,14 @@ class StageEngine:
         batch.n_tokens = len(positions)
 
     def _fill_embd(self, seqs: np.ndarray, positions: np.ndarray, tokens: object,
-                   hidden: np.ndarray | None, wanted: np.ndarray) -> None:
+                   hidden: np.ndarray | None, rows: EmbeddedRows | None,
+                   wanted: np.ndarray) -> None:
         n = len(positions)
         if self._lookup is not None:
             table, deq, scale = self._lookup
             self._embd.fill(seqs, positions, None, wanted)
-            deq.rows(table.take(np.asarray(tokens)), self._embd.embd[:n])
+            raw = rows.array() if table is None else table.raw(np.asarray(tokens).tolist())
+            deq.rows(raw, self._embd.embd[:n])
             if scale is not None:
                 self._embd.embd[:n] *= scale
         else:

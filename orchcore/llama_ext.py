@@ -1,6 +1,6 @@
 """Our own ctypes layer over llama.cpp: what llama-cpp-python does not bind for us.
 
-Three things, each owning its C-side memory and callbacks:
+Four things, each owning its C-side memory and callbacks:
 
 * ``GraphTap``: an eval callback (``llama_context_params.cb_eval``) that copies one named
   graph tensor (the residual stream ``l_out-N`` after a shard's last layer) into a numpy
@@ -9,6 +9,7 @@ Three things, each owning its C-side memory and callbacks:
   ``get_rows`` op calls), used for the first stage's token-embedding lookup.
 * ``LlamaLog``: routes llama.cpp's log to ``logging`` and keeps the last lines, so a
   failed load can say why.
+* ``EmbdBatch``: a ``llama_batch`` carrying embeddings, with numpy views over its C arrays.
 
 Everything here is bound to the llama-cpp-python build pinned in pyproject.toml; the
 struct offset used by ``GraphTap`` is checked against ``ggml_get_name`` on the first node
@@ -208,3 +209,39 @@ def init_backend() -> None:
             llama_log()
             llama_cpp.llama_backend_init()
             _backend_ready = True
+
+
+class EmbdBatch:
+    """A ``llama_batch`` carrying embeddings; numpy views over its C arrays.
+
+    The rows are written into memory owned by ``llama_batch_init`` (never into a
+    temporary numpy buffer whose pointer could dangle while llama.cpp reads it).
+    """
+
+    def __init__(self, n_embd: int, max_rows: int) -> None:
+        self.n_embd = n_embd
+        self.capacity = max_rows
+        self.batch = llama_cpp.llama_batch_init(self.capacity, n_embd, 1)
+        self.embd = np.ctypeslib.as_array(self.batch.embd, shape=(self.capacity, n_embd))
+        self.pos = np.ctypeslib.as_array(self.batch.pos, shape=(self.capacity,))
+        self.n_seq = np.ctypeslib.as_array(self.batch.n_seq_id, shape=(self.capacity,))
+        self.logits = np.ctypeslib.as_array(
+            ctypes.cast(self.batch.logits, ctypes.POINTER(ctypes.c_int8)), shape=(self.capacity,))
+        self.seq_ptrs = [self.batch.seq_id[i] for i in range(self.capacity)]
+
+    def fill(self, seqs: np.ndarray, positions: np.ndarray, rows: np.ndarray | None,
+             output: np.ndarray) -> None:
+        n = len(positions)
+        if rows is not None:
+            self.embd[:n] = rows
+        self.pos[:n] = positions
+        self.n_seq[:n] = 1
+        for i in range(n):
+            self.seq_ptrs[i][0] = int(seqs[i])
+        self.logits[:n] = output
+        self.batch.n_tokens = n
+
+    def free(self) -> None:
+        if self.batch is not None:
+            llama_cpp.llama_batch_free(self.batch)
+            self.batch = None

@@ -27,11 +27,17 @@ What each shard carries (llama.cpp loads every one of them as an ordinary model)
   also carry a 1-row zero ``output.weight`` in their other shards.
 * what the architecture's table (``orchcore.archs``) rewrites: per-layer metadata arrays
   sliced to the range, sliding-window flags of its own layers, the input scale.
-* the first shard of a chain of two or more: the real embedding matrix, stored after the
-  GGUF tensor data (an *input table* that llama.cpp never sees; see
+* the first shard of a chain of two or more, untied model: the real embedding matrix,
+  stored after the GGUF tensor data (an *input table* that llama.cpp never sees; see
   ``docs/shard-format.md``). The worker looks rows up with ggml's own dequantisation
   (``ggml_get_type_traits(type)->to_float``, the function llama.cpp's CPU ``get_rows``
   calls), and feeds them as embeddings, so the first stage costs no lm-head memory.
+* tied embeddings split in two or more (format 4): the table is held once, by the last
+  shard as its ``output.weight``. The first shard holds no table; each chunk brings its
+  tokens' rows as the file stores them (``Chunk.rows``): the orchestrator reads those it
+  sends from the model, the last stage those the token ring sends from its
+  ``output.weight``. The first shard records the rows' type (and scale); the last one
+  records that its ``output.weight`` is the embedding.
 * a shard holding every layer is the model itself.
 
 A model in several files (a gguf-split set) gives the same shards, byte for byte, as the
@@ -72,7 +78,8 @@ from orchcore.ggufread import open_gguf, type_bytes
 
 # Bumped whenever the bytes of a shard for the same source and range change.
 # 3: the last shard carries the model's tokenizer (grammar-constrained sampling needs it).
-SHARD_FORMAT = 3
+# 4: tied embeddings are held once, by the last shard; the first takes rows with each chunk.
+SHARD_FORMAT = 4
 
 # Metadata keys of our own, under a namespace no GGUF reader interprets.
 KEY_LAYER_START = "orch.shard.layer_start"
@@ -83,6 +90,8 @@ KEY_INPUT_TYPE = "orch.shard.input_embedding.type"
 KEY_INPUT_ROWS = "orch.shard.input_embedding.rows"
 KEY_INPUT_OFFSET = "orch.shard.input_embedding.offset"  # relative to the data section
 KEY_INPUT_SCALE = "orch.shard.input_embedding.scale"  # f32 the rows are multiplied by
+KEY_INPUT_FED = "orch.shard.input_embedding.fed"  # bool: rows come with each chunk (tied)
+KEY_OUTPUT_EMBEDS = "orch.shard.output_is_embedding"  # bool: the ring sends its rows (tied)
 NO_VOCAB = "none"
 
 _COPY_CHUNK = 4 << 20
@@ -147,8 +156,11 @@ class ShardLayout:
     n_source_vocab: int
     vocab_size: int
     tensors: tuple[ShardTensor, ...]
-    input_table: TensorFacts | None  # first stage of a chain: embedding rows for lookup
+    input_table: TensorFacts | None  # first stage of an untied chain: rows for lookup
     alignment: int
+    fed_input: TensorFacts | None = None  # first stage of a tied chain: rows come with
+    #                                      each chunk; the source's table, for its type
+    output_embeds: bool = False  # last stage of a tied chain: output.weight is the table
 
     @property
     def is_first(self) -> bool:
@@ -211,8 +223,10 @@ def shard_layout(facts: ModelFacts, layers: LayerRange) -> ShardLayout:
         n_source_vocab=facts.n_vocab,
         vocab_size=facts.n_vocab if last else 1,
         tensors=tuple(tensors),
-        input_table=embd if first and not last else None,
+        input_table=embd if first and not last and not facts.tied_output else None,
         alignment=facts.alignment,
+        fed_input=embd if first and not last and facts.tied_output else None,
+        output_embeds=last and not first and facts.tied_output,
     )
 
 
@@ -280,14 +294,30 @@ def _shard_metadata(facts: ModelFacts, reader: gguf.GGUFReader, layout: ShardLay
     out.append((KEY_LAYER_END, end, GGUFValueType.UINT32, None))
     out.append((KEY_SOURCE_LAYERS, facts.n_layers, GGUFValueType.UINT32, None))
     out.append((KEY_SOURCE_VOCAB, facts.n_vocab, GGUFValueType.UINT32, None))
+    return out + _embedding_keys(facts, layout)
+
+
+def _embedding_keys(facts: ModelFacts, layout: ShardLayout
+                    ) -> list[tuple[str, Any, GGUFValueType, GGUFValueType | None]]:
+    """Where the first shard's token rows come from (its input table, or each chunk), the
+    scale they take, and whether the last shard's ``output.weight`` is the embedding."""
+    out: list[tuple[str, Any, GGUFValueType, GGUFValueType | None]] = []
+    scale = facts.architecture.input_scale
     if layout.input_table is not None:
         table_facts = layout.input_table
         out.append((KEY_INPUT_TYPE, int(table_facts.ggml_type), GGUFValueType.UINT32, None))
         out.append((KEY_INPUT_ROWS, table_facts.shape[1], GGUFValueType.UINT32, None))
         out.append((KEY_INPUT_OFFSET, layout.data_bytes, GGUFValueType.UINT64, None))
-        if table.input_scale is not None:
-            out.append((KEY_INPUT_SCALE, table.input_scale(facts.n_embd),
-                        GGUFValueType.FLOAT32, None))
+    if layout.fed_input is not None:
+        out.append((KEY_INPUT_TYPE, int(layout.fed_input.ggml_type), GGUFValueType.UINT32,
+                    None))
+        out.append((KEY_INPUT_FED, True, GGUFValueType.BOOL, None))
+    looks_up = layout.input_table is not None or layout.fed_input is not None
+    if looks_up and scale is not None:
+        out.append((KEY_INPUT_SCALE, scale(facts.n_embd),
+                    GGUFValueType.FLOAT32, None))
+    if layout.output_embeds:
+        out.append((KEY_OUTPUT_EMBEDS, True, GGUFValueType.BOOL, None))
     return out
 
 

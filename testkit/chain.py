@@ -23,6 +23,12 @@ class Chain(LocalChain):
         n_layers = read_model_facts(model).n_layers
         super().__init__(model, ranges_from_cuts(n_layers, cuts), workdir, config, codec)
 
+    def first(self, session: str, positions: Sequence[int], tokens: Sequence[int]
+              ) -> np.ndarray:
+        """Stage 0 alone on ``tokens``, with their embedding rows when it takes them."""
+        rows = self.rows.take(list(tokens)) if self.rows is not None else None
+        return self.stages[0].forward(session, positions, tokens=tokens, rows=rows)
+
     def rollback(self, session: str, length: int) -> None:
         """Drop ``session``'s positions from ``length`` onward on every stage."""
         for stage in self.stages:

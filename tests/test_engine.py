@@ -158,25 +158,25 @@ def test_end_session_frees_the_slot(chain, refs):
 def test_context_full(chain):
     first = chain.stages[0]
     for start in (0, BATCH):
-        first.forward("s", range(start, start + BATCH), tokens=[1] * BATCH)
+        chain.first("s", range(start, start + BATCH), [1] * BATCH)
     assert first.session_length("s") == CONTEXT
     with pytest.raises(ContextFullError, match=f"context length of {CONTEXT}"):
-        first.forward("s", [CONTEXT], tokens=[1])
+        chain.first("s", [CONTEXT], [1])
     first.end_session("s")
-    first.forward("s", range(BATCH), tokens=[1] * BATCH)
-    first.forward("s", range(BATCH, 40), tokens=[1] * (40 - BATCH))
+    chain.first("s", range(BATCH), [1] * BATCH)
+    chain.first("s", range(BATCH, 40), [1] * (40 - BATCH))
     with pytest.raises(ContextFullError):
-        first.forward("s", range(40, 40 + 30), tokens=[1] * 30)
+        chain.first("s", range(40, 40 + 30), [1] * 30)
     assert first.session_length("s") == 40  # the refused chunk left no trace
 
 
 def test_positions_must_continue(chain, refs):
     run = refs["A"]
     first = chain.stages[0]
-    first.forward("s", [0, 1, 2], tokens=run.prompt[:3])
+    chain.first("s", [0, 1, 2], run.prompt[:3])
     for bad in ([4], [2], [3, 5], [3, 3], [0]):
         with pytest.raises(InvalidInputError, match="continue at 3"):
-            first.forward("s", bad, tokens=run.prompt[3:3 + len(bad)])
+            chain.first("s", bad, run.prompt[3:3 + len(bad)])
     assert first.session_length("s") == 3
     # The refusals changed nothing: the session goes on exactly.
     for stage in chain.stages[1:]:
@@ -208,31 +208,48 @@ def test_wrong_hidden_shape(chain, shape):
 
 @pytest.mark.parametrize("token", [N_VOCAB, N_VOCAB + 1000, -1])
 def test_token_out_of_vocabulary(chain, token):
-    first = chain.stages[0]
     with pytest.raises(InvalidInputError, match="token id out of range"):
-        first.forward("s", [0, 1], tokens=[1, token])
-    out = first.forward("s", [0, 1], tokens=[1, N_VOCAB - 1])  # the last id is fine
+        chain.first("s", [0, 1], [1, token])
+    out = chain.first("s", [0, 1], [1, N_VOCAB - 1])  # the last id is fine
     assert out.shape == (2, N_EMBD)
 
 
 def test_row_count_limits(chain):
     first, middle, _ = chain.stages
     with pytest.raises(InvalidInputError, match=f"1..{BATCH} rows, got {BATCH + 1}"):
-        first.forward("s", range(BATCH + 1), tokens=[1] * (BATCH + 1))
+        chain.first("s", range(BATCH + 1), [1] * (BATCH + 1))
     with pytest.raises(InvalidInputError, match="got 0"):
-        first.forward("s", [], tokens=[])
+        chain.first("s", [], [])
     with pytest.raises(InvalidInputError, match=f"1..{BATCH} rows"):
         middle.forward("s", range(BATCH + 1), hidden=np.zeros((BATCH + 1, N_EMBD), np.float32))
     with pytest.raises(InvalidInputError, match="3 tokens for 2 positions"):
-        first.forward("s", [0, 1], tokens=[1, 2, 3])
+        chain.first("s", [0, 1], [1, 2, 3])
     assert first.sessions == () and middle.sessions == ()
 
 
 def test_refused_first_chunk_takes_no_slot(chain):
     first = chain.stages[0]
     with pytest.raises(InvalidInputError):
-        first.forward("x", [5], tokens=[1])
+        chain.first("x", [5], [1])
     assert first.sessions == ()
+
+
+def test_first_stage_of_a_tied_split_takes_the_file_s_rows_with_each_chunk(chain):
+    """The 135M is tied: stage 0 holds no table, refuses a chunk without its rows or with
+    rows of another type, and the last stage reads the very rows of the file from its lm
+    head (what the token ring sends)."""
+    first, last = chain.stages[0], chain.stages[-1]
+    assert first.takes_rows and not last.takes_rows
+    with pytest.raises(InvalidInputError, match="takes each token's embedding row"):
+        first.forward("s", [0], tokens=[1])
+    rows = chain.rows.take([1, 2])
+    with pytest.raises(InvalidInputError, match="this stage takes type"):
+        first.forward("s", [0, 1], tokens=[1, 2], rows=rows._replace(ggml_type=0))
+    with pytest.raises(InvalidInputError, match="2 tokens"):
+        first.forward("s", [0, 1], tokens=[1, 2], rows=rows._replace(data=rows.data[:-1]))
+    assert first.sessions == ()
+    assert last.embedding_rows([5, 49151, 5]) == chain.rows.take([5, 49151, 5])
+    assert first.embedding_rows([5]) is None and chain.stages[1].embedding_rows([5]) is None
 
 
 # --- row 0 of an embedding batch (FINDINGS 3) ----------------------------------------------
@@ -278,30 +295,36 @@ def test_extra_buffer_types_off_exactly_with_amx():
 
 _ONE_FORWARD = textwrap.dedent("""
     import sys
+    from orchcore.embedrows import RowTable
     from orchcore.engine import EngineConfig, StageEngine
+    from orchcore.facts import TOKEN_EMBD, read_model_facts
     extra = {"on": True, "auto": None}[sys.argv[2]]
     config = EngineConfig(threads=1, context_tokens=16, max_sessions=1, batch_tokens=4,
                           extra_buffer_types=extra)
-    with StageEngine(sys.argv[1], config) as engine:
-        out = engine.forward("s", [0, 1, 2], tokens=[1, 2, 3])
+    embd = read_model_facts(sys.argv[3]).by_name[TOKEN_EMBD]
+    with RowTable.of_tensor(sys.argv[3], embd) as table, \
+            StageEngine(sys.argv[1], config) as engine:
+        out = engine.forward("s", [0, 1, 2], tokens=[1, 2, 3], rows=table.take([1, 2, 3]))
     print("rows", out.shape[0], flush=True)
 """)
 
 
-def _one_forward(shard: Path, extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", _ONE_FORWARD, str(shard), extra], cwd=REPO,
+def _one_forward(shard: Path, extra: str, model: Path) -> subprocess.CompletedProcess:
+    """Stage 0 of the 135M (tied: the rows come from the model file) in a new process."""
+    return subprocess.run([sys.executable, "-c", _ONE_FORWARD, str(shard), extra, str(model)],
+                          cwd=REPO,
                           env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
                           capture_output=True, text=True, timeout=120)
 
 
-def test_default_engine_runs_in_a_fresh_process(chain):
-    result = _one_forward(chain.stages[0].path, "auto")
+def test_default_engine_runs_in_a_fresh_process(chain, smollm2_path):
+    result = _one_forward(chain.stages[0].path, "auto", smollm2_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "rows 3"
 
 
-def test_extra_buffer_types_crash_on_amx(chain):
+def test_extra_buffer_types_crash_on_amx(chain, smollm2_path):
     if not cpu_info().has_amx:
         pytest.skip("CPU has no AMX")
-    result = _one_forward(chain.stages[0].path, "on")
+    result = _one_forward(chain.stages[0].path, "on", smollm2_path)
     assert result.returncode == -signal.SIGSEGV, (result.returncode, result.stderr[-2000:])

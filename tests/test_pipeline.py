@@ -30,11 +30,12 @@ def expected(smollm2_path, threads):
     return prompt, generated
 
 
-def generate(model, addresses, token, codec, prompt, n, tmp_path, batch=256):
+def generate(model, addresses, token, codec, prompt, n, tmp_path, batch=256, **settings):
     with open_model(model, addresses, token, tmp_path, codec=codec,
-                    batch_tokens=batch) as running:
+                    batch_tokens=batch, **settings) as running:
         stats = GenerationStats()
-        return greedy_tokens(running, prompt, n, stats), stats
+        tokens = greedy_tokens(running, prompt, n, stats)
+        return tokens, stats, running.deployment.sent_bytes  # slices uploaded to the workers
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +44,20 @@ def cluster3(tmp_path_factory):
         yield cluster
 
 
+@pytest.mark.parametrize("ring", [True, False], ids=["ring", "no-ring"])
 @pytest.mark.parametrize("n_workers", [2, 3])
-def test_greedy_tokens_equal_unsplit(smollm2_path, expected, cluster3, n_workers, tmp_path):
+def test_greedy_tokens_equal_unsplit(smollm2_path, expected, cluster3, n_workers, ring,
+                                     tmp_path):
+    """With the token ring and without it (stage 0 of the tied 135M then takes every
+    token's embedding row from the orchestrator; with it, from the last stage). The first
+    deployment of a cut sends the workers at most 1.10x the file, headers included: the
+    tied embedding goes to the last stage only."""
     prompt, want = expected
-    got, stats = generate(smollm2_path, cluster3.addresses[:n_workers], cluster3.token, "f32",
-                          prompt, STEPS, tmp_path)
+    got, stats, sent = generate(smollm2_path, cluster3.addresses[:n_workers], cluster3.token,
+                            "f32", prompt, STEPS, tmp_path, token_ring=ring)
     assert got == want
+    size = smollm2_path.stat().st_size
+    assert sent <= 1.10 * size, f"{n_workers} workers were sent {sent / size:.3f}x the file"
     assert len(stats.wire_bytes) == n_workers - 1
     for hop, total in stats.wire_bytes.items():  # one f32 row of n_embd values + framing
         assert 576 * 4 < total / stats.decode_tokens < 576 * 4 + 200, hop
@@ -63,8 +72,8 @@ def test_greedy_tokens_equal_unsplit(smollm2_path, expected, cluster3, n_workers
 def test_lossy_codec_follows_unsplit(smollm2_path, expected, cluster3, codec, min_prefix,
                                      row_bytes, tmp_path):
     prompt, want = expected
-    got, stats = generate(smollm2_path, cluster3.addresses[:2], cluster3.token, codec, prompt,
-                          STEPS, tmp_path)
+    got, stats, _ = generate(smollm2_path, cluster3.addresses[:2], cluster3.token, codec,
+                             prompt, STEPS, tmp_path)
     prefix = next((i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b),
                   len(got))
     print(f"{codec}: first {prefix} of {STEPS} greedy tokens identical")
@@ -91,8 +100,8 @@ def test_long_prompt_in_several_chunks(smollm2_path, cluster3, tmp_path, threads
     want, _ = ref.greedy(prompt, 8)
     ref.close()
     assert len(prompt) > 3 * 64
-    got, _ = generate(smollm2_path, cluster3.addresses[:2], cluster3.token, "f32", prompt, 8,
-                      tmp_path, batch=64)
+    got, _, _ = generate(smollm2_path, cluster3.addresses[:2], cluster3.token, "f32", prompt, 8,
+                         tmp_path, batch=64)
     assert got == want
 
 

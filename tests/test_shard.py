@@ -23,11 +23,13 @@ from orchcore.errors import LayerRangeError
 from orchcore.facts import TensorFacts, read_model_facts
 from orchcore.modelgen import preset
 from orchcore.shard import (
+    KEY_INPUT_FED,
     KEY_INPUT_OFFSET,
     KEY_INPUT_ROWS,
     KEY_INPUT_TYPE,
     KEY_LAYER_END,
     KEY_LAYER_START,
+    KEY_OUTPUT_EMBEDS,
     KEY_SOURCE_LAYERS,
     KEY_SOURCE_VOCAB,
     LayerRange,
@@ -252,6 +254,55 @@ def test_first_shard_carries_input_table(shards, source_reader):
     table = bytes(shard.data[start:start + embd.n_bytes])
     assert len(table) == embd.n_bytes
     assert table == _tensor_bytes(source_reader, "token_embd.weight")
+
+
+# --- tied embeddings: held once, by the last shard (format 4) -------------------------------
+
+
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory) -> Path:
+    return generated_model(preset("tiny-llama-gqa"), "tied.gguf")  # 4 layers, tied
+
+
+def test_tied_first_shard_holds_no_table_and_takes_rows(tied, tmp_path):
+    facts = read_model_facts(tied)
+    embd = facts.by_name["token_embd.weight"]
+    layout = shard_layout(facts, LayerRange(0, 2))
+    assert layout.input_table is None and layout.fed_input == embd
+    shard = write_shard(tied, LayerRange(0, 2), tmp_path / "first.gguf", facts=facts)
+    reader = gguf.GGUFReader(shard.path)
+    assert _value(reader, KEY_INPUT_FED) is True
+    assert _value(reader, KEY_INPUT_TYPE) == int(embd.ggml_type)
+    assert _value(reader, KEY_INPUT_OFFSET) is None and _value(reader, KEY_INPUT_ROWS) is None
+    gguf_end = max(t.data_offset + t.n_bytes for t in reader.tensors)
+    assert shard.size - gguf_end < reader.alignment, "nothing after the tensor data"
+    last_layout = shard_layout(facts, LayerRange(2, 4))
+    assert last_layout.output_embeds and not last_layout.fed_input
+
+
+def test_tied_last_shard_says_its_lm_head_is_the_embedding(tied, tmp_path):
+    facts = read_model_facts(tied)
+    shard = write_shard(tied, LayerRange(2, 4), tmp_path / "last.gguf", facts=facts)
+    reader = gguf.GGUFReader(shard.path)
+    assert _value(reader, KEY_OUTPUT_EMBEDS) is True and _value(reader, KEY_INPUT_FED) is None
+    assert _tensor_bytes(reader, "output.weight") == _source_bytes(
+        tied, facts.by_name["token_embd.weight"])
+    whole = write_shard(tied, LayerRange(0, 4), tmp_path / "whole.gguf", facts=facts)
+    reader = gguf.GGUFReader(whole.path)
+    assert _value(reader, KEY_OUTPUT_EMBEDS) is None and _value(reader, KEY_INPUT_FED) is None
+
+
+def test_tied_split_holds_the_table_once(tied):
+    """Every shard of a split together: the embedding's bytes once (the last stage's lm
+    head), where format 3 held them twice."""
+    facts = read_model_facts(tied)
+    table = facts.by_name["token_embd.weight"].n_bytes
+    for cuts in ([1], [2], [1, 3]):
+        layouts = [shard_layout(facts, r) for r in ranges_from_cuts(facts.n_layers, cuts)]
+        held = sum(t.n_bytes for lay in layouts for t in lay.tensors
+                   if t.source is not None and t.source.name == "token_embd.weight")
+        held += sum(lay.input_table.n_bytes for lay in layouts if lay.input_table)
+        assert held == table, (cuts, held, table)
 
 
 def _source_bytes(path: Path, tensor: TensorFacts) -> bytes:

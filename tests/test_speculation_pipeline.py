@@ -30,10 +30,16 @@ SEEDED = SamplingParams(temperature=0.8, seed=4321)
 
 
 @pytest.fixture(scope="module")
-def workers(tmp_path_factory):
+def three_workers(tmp_path_factory):
     root = tmp_path_factory.mktemp("spec")
-    with worker_server(root / "a") as a, worker_server(root / "b") as b:
-        yield [a, b]
+    with worker_server(root / "a") as a, worker_server(root / "b") as b, \
+            worker_server(root / "c") as c:
+        yield [a, b, c]
+
+
+@pytest.fixture(scope="module")
+def workers(three_workers):
+    return three_workers[:2]
 
 
 def answer(model: RunningModel, prompt: list[int], sampling: SamplingParams = GREEDY,
@@ -63,8 +69,12 @@ def assert_unsplit_agrees(path, session: Session, tokens: list[int]) -> None:
 
 
 @pytest.mark.parametrize("ring", [True, False])
+@pytest.mark.parametrize("n_workers", [2, 3])
 def test_greedy_speculation_equals_the_unsplit_model_fed_the_same_batches_real(
-        smollm2_path, workers, tmp_path, ring, capsys):
+        smollm2_path, three_workers, tmp_path, ring, n_workers, capsys):
+    """Over 2 and 3 workers: stage 0 of the tied 135M takes the rows of the drafts with
+    them, from the last stage (the ring drafts) or the orchestrator (it drafts)."""
+    workers = three_workers[:n_workers]
     with open_model(smollm2_path, workers, None, tmp_path, token_ring=ring,
                     speculate="ngram:4") as model:
         prompt = model.encode([{"role": "user", "content": COPY}])
@@ -79,9 +89,9 @@ def test_greedy_speculation_equals_the_unsplit_model_fed_the_same_batches_real(
     assert_unsplit_agrees(smollm2_path, session, tokens)
     same = sum(a == b for a, b in zip(tokens, plain, strict=False))
     with capsys.disabled():
-        print(f"\n135M, ring {ring}: {len(tokens)} tokens in {stats.speculation.passes + 1} "
-              f"passes ({sum(kept)}/{sum(drafted)} drafts kept); equal to plain one-token "
-              f"decoding at {same}/{len(tokens)} tokens")
+        print(f"\n135M over {n_workers}, ring {ring}: {len(tokens)} tokens in "
+              f"{stats.speculation.passes + 1} passes ({sum(kept)}/{sum(drafted)} drafts "
+              f"kept); equal to plain one-token decoding at {same}/{len(tokens)} tokens")
 
 
 def test_greedy_speculation_equals_the_unsplit_model_fed_the_same_batches_generated(

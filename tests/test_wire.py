@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 from concurrent import futures
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -15,6 +16,7 @@ import pytest
 
 from orchcore import errors
 from orchcore.codecs import CodecError
+from orchcore.errors import InvalidInputError
 from orchcore.sampling import SamplingParams
 from orchcore.wire import channel, convert, status
 from orchcore.wire import worker_pb2 as pb
@@ -138,6 +140,24 @@ def test_a_chunk_and_a_result_round_trip_through_their_messages():
     verdict = StageResult(session="s", chunk=4, token=8, drafts=(5, 6, 7), accepted=2)
     back = convert.result_from_proto(convert.result_to_proto(verdict))
     assert back == verdict and back.tokens == (5, 6, 8)
+
+
+def test_embedding_rows_travel_with_a_chunk_into_stage_0_and_no_further():
+    from orchcore.chunks import Chunk, EmbeddedRows, Rows
+
+    rows = EmbeddedRows(8, 34, bytes(range(68)))  # two Q8_0 rows of 32 values
+    step = Chunk(pipeline_id="p", session="t", tokens=(9,), rows=EmbeddedRows(8, 34, b"x" * 34))
+    chunk = Chunk(pipeline_id="p", session="s", tokens=(1, 2), rows=rows, batched=(step,))
+    back = convert.chunk_from_proto(convert.chunk_to_proto(chunk), "w")
+    assert back == chunk and back.rows.count == 2
+    assert back.embedded() == EmbeddedRows(8, 34, bytes(range(68)) + b"x" * 34)
+    sent_on = back.without_rows()
+    assert sent_on.rows is None and sent_on.batched[0].rows is None
+    assert convert.chunk_size(sent_on) < convert.chunk_size(back) - 100
+    on = replace(sent_on, hidden=Rows.encode(np.ones((3, 4), np.float32), "f32"))
+    assert convert.chunk_from_proto(convert.chunk_to_proto(on), "w").rows is None
+    with pytest.raises(InvalidInputError, match="every token needs its embedding row"):
+        replace(chunk, batched=(replace(step, rows=None),)).embedded()
 
 
 @pytest.mark.parametrize(("tokens", "want_token"), [([4, 5], True), ([4], True),

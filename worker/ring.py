@@ -1,7 +1,9 @@
 """The token ring at the last stage: each token it samples for a chunk with ``ring_left``
 goes straight to stage 0 as the session's next chunk, so the orchestrator only listens.
 With ``draft_k`` the last stage drafts the next chunk's tokens too (prompt lookup over the
-session's tokens, ``Verdicts.draft``): the ring then carries verification chunks.
+session's tokens, ``Verdicts.draft``): the ring then carries verification chunks. With tied
+embeddings stage 0 holds no table: the last stage, which holds it as its lm head, sends the
+rows of the tokens it sends (``StageEngine.embedding_rows``).
 
 ``RingFeed`` holds the stage side of the ring in one place: the rule for the next step, the
 link to stage 0 (or stage 0 itself, when the last stage is also the first), and the
@@ -10,9 +12,10 @@ sessions ended here, so that ring chunks still on their way for them are dropped
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
-from orchcore.chunks import Chunk
+from orchcore.chunks import Chunk, EmbeddedRows
 from orchcore.errors import InvalidInputError, StageFaultError
 from orchcore.speculation.accept import Verdict
 from orchcore.speculation.decode import draft_room
@@ -57,13 +60,16 @@ class RingFeed:
     """Where a stage's ring steps go, and which sessions ended here."""
 
     def __init__(self, stage_index: int, *, is_first: bool, is_last: bool, ring_address: str,
-                 link: Callable[[str], DownstreamLink], home: Callable[[Chunk], None]) -> None:
+                 link: Callable[[str], DownstreamLink], home: Callable[[Chunk], None],
+                 embed: Callable[[Sequence[int]], EmbeddedRows | None] | None = None
+                 ) -> None:
         if ring_address and not is_last:
             raise InvalidInputError(f"stage {stage_index}: only the last stage has a "
                                     f"ring_address")
         self._index = stage_index
         self._home = home if ring_address and is_first else None
         self.link = link(ring_address) if ring_address and not is_first else None
+        self._embed = embed  # the rows of the tokens sent, when stage 0 needs them
         # Sessions ended here, oldest first (a dict: ordered, and a set for lookups).
         self._ended: dict[str, None] = {}
 
@@ -75,6 +81,8 @@ class RingFeed:
         if self._home is not None:
             self._home(step)
             return
+        if self._embed is not None:
+            step = replace(step, rows=self._embed(step.tokens))
         if self.link is None:
             raise StageFaultError(f"stage {self._index}: asked to run the token ring, but "
                                   f"it was loaded without a ring_address")

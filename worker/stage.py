@@ -89,7 +89,8 @@ class Stage:
 
         self.next = link(request.next_address) if request.next_address else None
         self.ring = RingFeed(self.index, is_first=role.is_first, is_last=role.is_last,
-                             ring_address=request.ring_address, link=link, home=self.submit)
+                             ring_address=request.ring_address, link=link, home=self.submit,
+                             embed=engine.embedding_rows)
         self.batching = BatchPolicy(
             min(engine.config.max_sessions, engine.config.batch_tokens) if role.is_first
             else 1, request.stage_count, engine.config.context_tokens)
@@ -215,6 +216,7 @@ class Stage:
         if self.next is None:
             self._publish(msg.timed(timing), verdicts, scores, outputs)
             return
+        msg = msg.without_rows()  # stage 0's input: no later stage reads it
         size = convert.chunk_size(msg)
         if size > self.max_message_bytes:
             msg = self._fail(msg, MessageTooLargeError(
@@ -276,8 +278,8 @@ class Stage:
         every_row, embed = msg.verifies or msg.score_rows, msg.embed
         if self.engine.role.is_first:
             tokens = np.asarray([t for m in members for t in m.tokens], dtype=np.int32)
-            out = self.engine.forward_batch(steps, tokens=tokens, all_logits=every_row,
-                                            embed=embed)
+            out = self.engine.forward_batch(steps, tokens=tokens, rows=msg.embedded(),
+                                            all_logits=every_row, embed=embed)
         else:
             if msg.hidden is None:
                 raise InvalidInputError(f"stage {self.index} needs hidden states")

@@ -8,7 +8,15 @@ from dataclasses import asdict
 
 import numpy as np
 
-from orchcore.chunks import Chunk, ChunkError, Rows, RowScore, StageResult, StageTiming
+from orchcore.chunks import (
+    Chunk,
+    ChunkError,
+    EmbeddedRows,
+    Rows,
+    RowScore,
+    StageResult,
+    StageTiming,
+)
 from orchcore.codecs import get_codec
 from orchcore.config import EngineConfig
 from orchcore.control import (
@@ -200,6 +208,10 @@ def chunk_to_proto(chunk: Chunk) -> pb.StageInput:
         msg.sampling.CopyFrom(sampling_to_proto(chunk.sampling))
     if chunk.error is not None:
         msg.error.CopyFrom(error_to_proto(chunk.error))
+    if chunk.rows is not None:  # stage 0 of a tied split: the tokens' embedding rows
+        msg.rows.CopyFrom(pb.EmbeddedRows(ggml_type=chunk.rows.ggml_type,
+                                          row_bytes=chunk.rows.row_bytes,
+                                          data=chunk.rows.data))
     return msg
 
 
@@ -231,7 +243,9 @@ def chunk_from_proto(msg: pb.StageInput, worker: str) -> Chunk:
         drafted=msg.drafted if error is None else 0, draft_k=msg.draft_k,
         score_rows=msg.score_rows,
         next_token=msg.next_token if msg.HasField("next_token") else None,
-        copy_to=tuple(msg.copy_to), embed=msg.embed)
+        copy_to=tuple(msg.copy_to), embed=msg.embed,
+        rows=EmbeddedRows(msg.rows.ggml_type, msg.rows.row_bytes, msg.rows.data)
+        if msg.HasField("rows") and error is None else None)
 
 
 def chunk_size(chunk: Chunk) -> int:

@@ -405,7 +405,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., worker: _Optional[str] = ...) -> None: ...
 
 class StageInput(_message.Message):
-    __slots__ = ("pipeline_id", "session", "chunk", "start_pos", "tokens", "hidden", "want_token", "sampling", "end_session", "timings", "error", "batched", "ring_left", "ring_stops", "drafted", "draft_k", "score_rows", "next_token", "copy_to", "embed")
+    __slots__ = ("pipeline_id", "session", "chunk", "start_pos", "tokens", "hidden", "want_token", "sampling", "end_session", "timings", "error", "batched", "ring_left", "ring_stops", "drafted", "draft_k", "score_rows", "next_token", "copy_to", "embed", "rows")
     PIPELINE_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
@@ -426,6 +426,7 @@ class StageInput(_message.Message):
     NEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     COPY_TO_FIELD_NUMBER: _ClassVar[int]
     EMBED_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
     pipeline_id: str
     session: str
     chunk: int
@@ -446,7 +447,18 @@ class StageInput(_message.Message):
     next_token: int
     copy_to: _containers.RepeatedScalarFieldContainer[str]
     embed: bool
-    def __init__(self, pipeline_id: _Optional[str] = ..., session: _Optional[str] = ..., chunk: _Optional[int] = ..., start_pos: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Hidden, _Mapping]] = ..., want_token: _Optional[bool] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., end_session: _Optional[bool] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., batched: _Optional[_Iterable[_Union[StageInput, _Mapping]]] = ..., ring_left: _Optional[int] = ..., ring_stops: _Optional[_Iterable[int]] = ..., drafted: _Optional[int] = ..., draft_k: _Optional[int] = ..., score_rows: _Optional[bool] = ..., next_token: _Optional[int] = ..., copy_to: _Optional[_Iterable[str]] = ..., embed: _Optional[bool] = ...) -> None: ...
+    rows: EmbeddedRows
+    def __init__(self, pipeline_id: _Optional[str] = ..., session: _Optional[str] = ..., chunk: _Optional[int] = ..., start_pos: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Hidden, _Mapping]] = ..., want_token: _Optional[bool] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., end_session: _Optional[bool] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., batched: _Optional[_Iterable[_Union[StageInput, _Mapping]]] = ..., ring_left: _Optional[int] = ..., ring_stops: _Optional[_Iterable[int]] = ..., drafted: _Optional[int] = ..., draft_k: _Optional[int] = ..., score_rows: _Optional[bool] = ..., next_token: _Optional[int] = ..., copy_to: _Optional[_Iterable[str]] = ..., embed: _Optional[bool] = ..., rows: _Optional[_Union[EmbeddedRows, _Mapping]] = ...) -> None: ...
+
+class EmbeddedRows(_message.Message):
+    __slots__ = ("ggml_type", "row_bytes", "data")
+    GGML_TYPE_FIELD_NUMBER: _ClassVar[int]
+    ROW_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    ggml_type: int
+    row_bytes: int
+    data: bytes
+    def __init__(self, ggml_type: _Optional[int] = ..., row_bytes: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class StageOutput(_message.Message):
     __slots__ = ("session", "chunk", "token", "timings", "error", "session_ended", "batch", "drafts", "accepted", "logprob", "top_logprobs", "row_scores", "embedding")

@@ -4,6 +4,10 @@ and each worker then fetches its own slice (``deploy``).
 
 ``published(target)`` says where a model given by URL, ``hf://`` or registry name is
 published, unless this machine has it already (then it is used whole, as a file).
+
+``RemoteRows``: rows of the token embedding, fetched by Range as the tokens the
+orchestrator sends need them (tied embeddings split in two or more: stage 0 holds no table
+and takes each token's row with the chunk).
 """
 
 from __future__ import annotations
@@ -11,13 +15,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from orchcore.chunks import EmbeddedRows
+from orchcore.embedrows import RowTable
 from orchcore.errors import ModelFetchError, SourceFetchError
-from orchcore.facts import split_part_paths
+from orchcore.facts import ModelFacts, TensorFacts, split_part_paths
 from orchcore.rangefetch import RemoteFile, SparseCopy, describe_url, fetch_headers
+from orchcore.slices import MERGE_GAP
 from orchestrator.models import hub
 from orchestrator.models.download import find_pulled, is_url
 from orchestrator.models.registry import (
@@ -127,3 +135,36 @@ def _sibling(first: RemoteFile, name: str) -> RemoteFile:
 def _folder(root: Path, files: list[RemoteFile] | tuple[RemoteFile, ...]) -> Path:
     identity = json.dumps([[f.url, f.size, f.etag] for f in files])
     return root / hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
+class RemoteRows:
+    """Rows of the embedding ``tensor`` of a published model, in the sparse copy that holds
+    its headers: those not held yet are fetched first (rows close together in one request),
+    and the copy keeps them for later runs."""
+
+    def __init__(self, copy: SparseCopy, tensor: TensorFacts) -> None:
+        self._copy = copy
+        self._table = RowTable.of_tensor(copy.path(tensor.part), tensor)
+        self._lock = threading.Lock()
+        self._held = self._table.rows_within(copy.held())
+
+    def take(self, ids: Sequence[int]) -> EmbeddedRows:
+        self._table.check(ids)
+        with self._lock:
+            missing = set(ids) - self._held
+            if missing:
+                spans = self._table.spans(missing, gap=MERGE_GAP)
+                fetched = self._copy.fetch_all(spans)
+                self._held |= self._table.rows_within(spans)
+                log.debug("fetched %d embedding rows (%d bytes)", len(missing), fetched)
+        return self._table.take(ids)
+
+    def close(self) -> None:
+        self._table.close()
+
+
+def remote_rows(facts: ModelFacts, files: Sequence[RemoteFile], tensor: TensorFacts
+                ) -> RemoteRows:
+    """``RemoteRows`` of the model whose headers ``open_remote`` read into the sparse copy
+    that ``facts`` were read from (published as ``files``)."""
+    return RemoteRows(SparseCopy(facts.path.parent, files, "orchestrator"), tensor)

@@ -2,7 +2,9 @@
 
 Token ids go into stage 0 over one long-lived Forward stream; sampled tokens come back
 from the last stage over one Results stream and are routed to the session that waits
-for them. Hidden states flow stage to stage and never pass through here.
+for them. Hidden states flow stage to stage and never pass through here. With tied
+embeddings split in two or more, each chunk carries its tokens' embedding rows
+(``orchestrator.pipeline.inputrows``): stage 0 holds no table.
 
 While a step waits, every worker is probed (``probe``) each ``probe_interval_s``: a dead
 or hung worker, a stage that reports a fault, or a worker that lost the pipeline is named
@@ -15,6 +17,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
@@ -24,6 +27,7 @@ from orchcore.sampling import SamplingParams
 from orchcore.wire.channel import ForwardStream
 from orchcore.wire.status import from_code
 from orchestrator.cluster.client import ResultStream, WorkerClient
+from orchestrator.pipeline.inputrows import RowSource
 from orchestrator.pipeline.ring import TokenRing
 from orchestrator.planning.plan import Plan
 from orchestrator.settings import OrchSettings
@@ -34,8 +38,12 @@ log = logging.getLogger(__name__)
 class DataPath:
     def __init__(self, plan: Plan, pipeline_id: str, clients: Sequence[WorkerClient],
                  token: str | None, settings: OrchSettings,
-                 alive: Callable[[], None] | None = None) -> None:
+                 alive: Callable[[], None] | None = None, rows: RowSource | None = None
+                 ) -> None:
         self.plan = plan
+        self.rows = rows  # where the embedding rows of what we send come from, if needed
+        if rows is not None:  # closed with the path's last user: a step may still send on
+            weakref.finalize(self, rows.close)  # an abandoned path, and must fail typed
         self.pipeline_id = pipeline_id
         self.clients = list(clients)
         self.settings = settings
@@ -112,7 +120,8 @@ class DataPath:
                      tokens=tuple(tokens), want_token=want_token, sampling=sampling,
                      ring_left=ring_left, ring_stops=tuple(ring_stops), drafted=drafted,
                      draft_k=draft_k, score_rows=score_rows, next_token=next_token,
-                     copy_to=tuple(copy_to), embed=embed)
+                     copy_to=tuple(copy_to), embed=embed,
+                     rows=self.rows.take(tokens) if self.rows is not None else None)
         self._queue(session)  # results of this session are routed from now on
         chunk = self._send(step)
         if chunk is None:

@@ -36,6 +36,7 @@ from orchestrator.pipeline.deploy import (
     deploy,
     undeploy,
 )
+from orchestrator.pipeline.inputrows import input_rows
 from orchestrator.planning.plan import Plan, PlanOptions, make_plan
 from orchestrator.settings import OrchSettings
 
@@ -124,7 +125,7 @@ class Replanner:
         deployment = deploy(plan, self.facts, clients, progress or LogProgress(),
                             force=force, source=self.source)
         path = DataPath(plan, deployment.pipeline_id, clients, self.token, self.settings,
-                        self.alive)
+                        self.alive, input_rows(self.facts, plan, self.source))
         try:
             path.open()
         except BaseException:

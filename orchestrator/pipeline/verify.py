@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from orchcore.codecs import get_codec
+from orchcore.embedrows import RowTable
 from orchcore.engine import EngineConfig, StageEngine, Step
-from orchcore.facts import read_model_facts
+from orchcore.facts import TOKEN_EMBD, read_model_facts
 from orchcore.shard import LayerRange, even_ranges, write_shard
 
 
@@ -38,7 +39,8 @@ class LocalChain:
     """A chain of stage engines in this process: the split model, without sockets.
 
     Hidden states cross every hop encoded and decoded with ``codec``, exactly as between
-    workers (f32 is a plain copy).
+    workers (f32 is a plain copy). With tied embeddings the first stage takes each token's
+    row from the model file, as the orchestrator sends it.
     """
 
     def __init__(self, model: Path, ranges: Sequence[LayerRange], workdir: Path,
@@ -47,11 +49,15 @@ class LocalChain:
         self.codec = get_codec(codec)
         self.ranges = tuple(ranges)
         self.stages: list[StageEngine] = []
+        self.rows: RowTable | None = None
         try:
             for r in self.ranges:
                 shard = write_shard(model, r, workdir / f"shard-{r.start}-{r.end}.gguf",
                                     facts=facts)
                 self.stages.append(StageEngine(shard.path, config))
+            if self.stages[0].takes_rows:
+                embd = facts.by_name[TOKEN_EMBD]
+                self.rows = RowTable.of_tensor(facts.parts[embd.part], embd)
         except BaseException:
             self.close()
             raise
@@ -69,7 +75,9 @@ class LocalChain:
 
     def _through(self, steps: list[Step], tokens: list[int], all_logits: bool = False
                  ) -> np.ndarray:
-        out = self.stages[0].forward_batch(steps, tokens=tokens, all_logits=all_logits)
+        rows = self.rows.take(tokens) if self.rows is not None else None
+        out = self.stages[0].forward_batch(steps, tokens=tokens, rows=rows,
+                                           all_logits=all_logits)
         for stage in self.stages[1:]:
             out = self.codec.decode(self.codec.encode(out), *out.shape)
             out = stage.forward_batch(steps, hidden=out, all_logits=all_logits)
@@ -82,6 +90,8 @@ class LocalChain:
     def close(self) -> None:
         for stage in self.stages:
             stage.close()
+        if self.rows is not None:
+            self.rows.close()
 
 
 def verify_split(model: Path, prompt: list[int], n_stages: int, decode_steps: int = 32,
