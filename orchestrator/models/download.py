@@ -28,7 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from orchcore.errors import GGUFError, ModelFetchError, SourceChangedError, SourceFetchError
+from orchcore.errors import (
+    DiskFullError,
+    GGUFError,
+    ModelFetchError,
+    SourceChangedError,
+    SourceFetchError,
+)
 from orchcore.facts import check_model_complete
 from orchcore.files import locked, read_json, write_atomic
 from orchcore.ggufscan import check_file_complete
@@ -156,7 +162,7 @@ def _download(url: str, part: Path, progress: bool) -> tuple[int, str]:
             log.info("%s; starting over", exc)
             part.unlink(missing_ok=True)
             journal.unlink(missing_ok=True)
-        except ModelFetchError as exc:
+        except (ModelFetchError, DiskFullError) as exc:
             kept = part.stat().st_size if part.exists() else 0
             if not kept:  # nothing to resume: no part, no record of its version
                 part.unlink(missing_ok=True)
