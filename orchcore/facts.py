@@ -21,12 +21,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import gguf
 from gguf import (
     MODEL_TENSOR,
-    SHARD_NAME_FORMAT,
     TENSOR_NAMES,
     GGMLQuantizationType,
     Keys,
@@ -40,12 +39,18 @@ from orchcore.errors import (
     UnsupportedModelError,
 )
 from orchcore.ggufread import (
+    _SPLIT_TENSORS,
+    SPLIT_KEYS,
     FileVersion,
+    Split,
     cached_reader,
     file_version,
+    first_file_name,
     metadata_of,
     open_reader,
     scalar,
+    split_of,
+    split_part_paths,
     type_bytes,
     widest,
 )
@@ -57,10 +62,6 @@ _BLOCK_NAME = re.compile(re.escape(BLOCK_PREFIX) + r"(\d+)\.(.+)")
 TOKEN_EMBD = TENSOR_NAMES[MODEL_TENSOR.TOKEN_EMBD] + ".weight"
 OUTPUT = TENSOR_NAMES[MODEL_TENSOR.OUTPUT] + ".weight"
 OUTPUT_NORM = TENSOR_NAMES[MODEL_TENSOR.OUTPUT_NORM] + ".weight"
-# The keys gguf-split adds to every file of a set; they describe files, not the model.
-_SPLIT_NO, _SPLIT_COUNT, _SPLIT_TENSORS = SPLIT_KEYS = (
-    Keys.Split.LLM_KV_SPLIT_NO, Keys.Split.LLM_KV_SPLIT_COUNT,
-    Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT)
 
 log = logging.getLogger(__name__)
 
@@ -213,53 +214,6 @@ class ModelFacts:
             raise UnsupportedModelError(self.path, self.support_problem)
 
 
-def split_part_paths(first: Path | str, count: int) -> tuple[Path, ...]:
-    """The files of a ``count``-file gguf-split set, named after its ``first``, in order.
-
-    llama.cpp's naming: ``m-00001-of-00003.gguf`` -> ``m-00001-of-00003.gguf``,
-    ``m-00002-of-00003.gguf``, ``m-00003-of-00003.gguf`` in the same folder. A model in one
-    file (``count`` 1) is its own set, whatever its name. Pure: looks at no file.
-    """
-    first = Path(first)
-    if count < 1:
-        raise ValueError(f"a split set has at least one file, not {count}")
-    if count == 1:
-        return (first,)
-    suffix = SHARD_NAME_FORMAT.format("", 1, count)
-    if not first.name.endswith(suffix) or first.name == suffix:
-        raise UnsupportedModelError(
-            first, f"the first of {count} split files must be named NAME{suffix}, as "
-                   f"llama.cpp finds the other files by that name; rename the files")
-    prefix = first.name.removesuffix(suffix)
-    return tuple(first.with_name(SHARD_NAME_FORMAT.format(prefix, no, count))
-                 for no in range(1, count + 1))
-
-
-class _Split(NamedTuple):
-    """A file's place in its gguf-split set; an ordinary file is file 0 of 1."""
-
-    no: int  # index of the file in the set, from 0
-    count: int  # files in the set
-    n_tensors: int | None  # tensors of the whole set, as the set's files state it
-
-
-def _split_of(reader: gguf.GGUFReader, path: Path) -> _Split:
-    fields = (reader.get_field(key) for key in SPLIT_KEYS)
-    no, count, n_tensors = (None if f is None else int(f.contents()) for f in fields)
-    split = _Split(no or 0, 1 if count is None else count, n_tensors)
-    if not 0 <= split.no < split.count:
-        raise CorruptGGUFError(path, f"{_SPLIT_NO} {split.no} does not fit {_SPLIT_COUNT} "
-                                     f"{split.count}: download the model again")
-    return split
-
-
-def _first_file_name(path: Path, split: _Split) -> str:
-    """The name of the first file of the set ``path`` belongs to (``NAME`` if unknown)."""
-    suffix = SHARD_NAME_FORMAT.format("", split.no + 1, split.count)
-    prefix = path.name.removesuffix(suffix) if path.name.endswith(suffix) else "NAME"
-    return SHARD_NAME_FORMAT.format(prefix, 1, split.count)
-
-
 @contextmanager
 def _arch_named(path: Path, arch: str) -> Iterator[None]:
     """A model of an unsupported architecture lacking keys or tensors: name the first."""
@@ -308,7 +262,7 @@ def _part_version(path: Path, count: int, first: Path) -> FileVersion:
 class _Head:
     """What the file given for a model says: the model's keys, its own tensors, its set."""
 
-    split: _Split
+    split: Split
     keys: dict[str, Any]  # the ModelFacts fields that come from metadata
     tensors: tuple[TensorFacts, ...]
     data_offset: int
@@ -317,11 +271,11 @@ class _Head:
 @lru_cache(maxsize=32)
 def _cached_head(path: Path, mtime_ns: int, size: int) -> _Head:
     reader = cached_reader(path, mtime_ns, size)  # the shard writer needs the same parse
-    split = _split_of(reader, path)
+    split = split_of(reader, path)
     if split.no != 0:
         raise UnsupportedModelError(
             path, f"this is file {split.no + 1} of the {split.count} files of a split model; "
-                  f"give the first, {_first_file_name(path, split)}, which holds its metadata")
+                  f"give the first, {first_file_name(path, split)}, which holds its metadata")
     arch = scalar(reader, Keys.General.ARCHITECTURE, path)
     with _arch_named(path, arch):
         keys = _model_keys(path, reader, arch)
@@ -418,10 +372,10 @@ def _cached_facts(versions: tuple[FileVersion, ...]) -> ModelFacts:
         return _facts(head, versions, tensors)
 
 
-def _part_tensors(path: Path, no: int, first: _Split) -> tuple[TensorFacts, ...]:
+def _part_tensors(path: Path, no: int, first: Split) -> tuple[TensorFacts, ...]:
     """The tensors file ``no`` of a split set holds, after checking its place in the set."""
     reader = open_reader(path)
-    split = _split_of(reader, path)
+    split = split_of(reader, path)
     if (split.no, split.count) != (no, first.count):
         raise CorruptGGUFError(
             path, f"its header says file {split.no + 1} of {split.count}, but it is named "
@@ -429,7 +383,7 @@ def _part_tensors(path: Path, no: int, first: _Split) -> tuple[TensorFacts, ...]
     return _tensor_facts(reader, no)
 
 
-def _check_set(path: Path, split: _Split, tensors: tuple[TensorFacts, ...]) -> None:
+def _check_set(path: Path, split: Split, tensors: tuple[TensorFacts, ...]) -> None:
     """The files of a split set hold the tensors its first file announces, each once."""
     if split.count == 1:
         return

@@ -1,7 +1,7 @@
 """Opening GGUF files: gguf-py's reader, checked (every tensor inside the file, named when it
 is not) and quick on long arrays, kept per file version so one model cut into several shards
-is parsed once. ``orchcore.facts`` reads facts through it; the shard writer opens files
-with ``open_gguf``.
+is parsed once; and a gguf-split set's files, found from the first (``split_part_paths``).
+``orchcore.facts`` reads facts through it; the shard writer opens files with ``open_gguf``.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import logging
 import struct
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import gguf
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFValueType
+from gguf import SHARD_NAME_FORMAT, GGMLQuantizationType, GGUFValueType, Keys
 
 from orchcore.errors import (
     CorruptGGUFError,
@@ -195,3 +195,56 @@ def metadata_of(reader: gguf.GGUFReader) -> dict[str, Any]:
             continue
         out[key] = field.contents()
     return out
+
+
+# The keys gguf-split adds to every file of a set; they describe files, not the model.
+_SPLIT_NO, _SPLIT_COUNT, _SPLIT_TENSORS = SPLIT_KEYS = (
+    Keys.Split.LLM_KV_SPLIT_NO, Keys.Split.LLM_KV_SPLIT_COUNT,
+    Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT)
+
+
+def split_part_paths(first: Path | str, count: int) -> tuple[Path, ...]:
+    """The files of a ``count``-file gguf-split set, named after its ``first``, in order.
+
+    llama.cpp's naming: ``m-00001-of-00003.gguf`` -> ``m-00001-of-00003.gguf``,
+    ``m-00002-of-00003.gguf``, ``m-00003-of-00003.gguf`` in the same folder. A model in one
+    file (``count`` 1) is its own set, whatever its name. Pure: looks at no file.
+    """
+    first = Path(first)
+    if count < 1:
+        raise ValueError(f"a split set has at least one file, not {count}")
+    if count == 1:
+        return (first,)
+    suffix = SHARD_NAME_FORMAT.format("", 1, count)
+    if not first.name.endswith(suffix) or first.name == suffix:
+        raise UnsupportedModelError(
+            first, f"the first of {count} split files must be named NAME{suffix}, as "
+                   f"llama.cpp finds the other files by that name; rename the files")
+    prefix = first.name.removesuffix(suffix)
+    return tuple(first.with_name(SHARD_NAME_FORMAT.format(prefix, no, count))
+                 for no in range(1, count + 1))
+
+
+class Split(NamedTuple):
+    """A file's place in its gguf-split set; an ordinary file is file 0 of 1."""
+
+    no: int  # index of the file in the set, from 0
+    count: int  # files in the set
+    n_tensors: int | None  # tensors of the whole set, as the set's files state it
+
+
+def split_of(reader: gguf.GGUFReader, path: Path) -> Split:
+    fields = (reader.get_field(key) for key in SPLIT_KEYS)
+    no, count, n_tensors = (None if f is None else int(f.contents()) for f in fields)
+    split = Split(no or 0, 1 if count is None else count, n_tensors)
+    if not 0 <= split.no < split.count:
+        raise CorruptGGUFError(path, f"{_SPLIT_NO} {split.no} does not fit {_SPLIT_COUNT} "
+                                     f"{split.count}: download the model again")
+    return split
+
+
+def first_file_name(path: Path, split: Split) -> str:
+    """The name of the first file of the set ``path`` belongs to (``NAME`` if unknown)."""
+    suffix = SHARD_NAME_FORMAT.format("", split.no + 1, split.count)
+    prefix = path.name.removesuffix(suffix) if path.name.endswith(suffix) else "NAME"
+    return SHARD_NAME_FORMAT.format(prefix, 1, split.count)

@@ -24,13 +24,13 @@ import grpc
 
 from orchcore.config import EngineConfig
 from orchcore.control import LoadRequest
-from orchcore.engine import StageRole
 from orchcore.errors import GGUFError
 from orchcore.facts import read_model_facts
 from orchcore.ggufread import forget_parsed_headers
 from orchcore.ggufscan import scan_header
 from orchcore.modelgen import ModelSpec
 from orchcore.shard import LayerRange, write_shard
+from orchcore.stagerole import StageRole
 from orchcore.wire import worker_pb2 as pb
 from orchcore.wire.channel import auth_metadata
 from orchestrator.cluster.client import WorkerClient

@@ -37,7 +37,7 @@ from orchcore.control import (
 )
 from orchcore.cpu import cpu_info, host_id, memory_info
 from orchcore.discovery import Advert, proof
-from orchcore.engine import StageEngine, StageRole
+from orchcore.engine import StageEngine
 from orchcore.errors import (
     GGUFError,
     InvalidInputError,
@@ -50,6 +50,7 @@ from orchcore.files import write_atomic
 from orchcore.memory import PROCESS_BASELINE_BYTES, estimate_shard
 from orchcore.shard import LayerRange
 from orchcore.slices import total_bytes
+from orchcore.stagerole import StageRole
 from orchcore.wire import PROTOCOL_VERSION, convert, status
 from orchcore.wire import worker_pb2 as pb
 from orchcore.wire import worker_pb2_grpc as pb_grpc
