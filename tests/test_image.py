@@ -420,3 +420,22 @@ def test_orch_publish_serves_the_wheels_and_their_list(tmp_path):
     said = err.replace("\n", " ")
     assert "is loopback: a Pi cannot fetch from it, and orch image refuses it" in said, err
     assert "--host 0.0.0.0" in said and "next: orch image" not in said, err
+
+
+def test_a_first_boot_download_leaves_no_proxy_behind(monkeypatch, tmp_path):
+    """firstboot's download used urlopen's shared opener, which keeps the proxy settings of
+    its first use: in one process (the test suite) every later fetch went to that proxy."""
+    import urllib.request
+
+    from testkit.httpserver import serve
+
+    monkeypatch.setattr(urllib.request, "_opener", None)  # as in a fresh process
+    for name in ("http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)  # this module's fixtures set some
+    with serve({"w.whl": b"abc"}) as server:
+        monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # nothing listens there
+        with pytest.raises(firstboot.FirstBootError):
+            firstboot._download(server.url("w.whl"), tmp_path / "w.whl", "0" * 64)
+        monkeypatch.delenv("http_proxy")
+        with urllib.request.urlopen(server.url("w.whl"), timeout=10) as answer:
+            assert answer.read() == b"abc", "a later fetch still went to the proxy"

@@ -189,7 +189,10 @@ def _download(url: str, path: Path, sha256: str) -> None:
     tmp = path.with_name(f".{path.name}.part")
     digest = hashlib.sha256()
     try:
-        with urllib.request.urlopen(url, timeout=60) as answer, tmp.open("wb") as out:
+        # an opener of its own: the proxy settings of this moment, nothing installed for
+        # the rest of the process (urlopen's shared opener keeps those of its first use)
+        with urllib.request.build_opener().open(url, timeout=60) as answer, \
+                tmp.open("wb") as out:
             while chunk := answer.read(_CHUNK):
                 digest.update(chunk)
                 out.write(chunk)
