@@ -178,9 +178,15 @@ def test_a_measured_baseline_decides_what_fits(smollm2_path):
     assert all(s.memory.baseline == 100 * MIB for s in plan.stages)
 
 
-def test_the_last_stage_counts_a_whole_chunk_of_logits_rows(shapes):
+def test_the_last_stage_counts_the_logits_rows_it_holds(shapes):
+    """A row per session (the graph keeps only the rows asked for: measured), and the rows
+    a chunk may score for prompt logprobs; none before the last stage."""
     facts = shapes["qwen3-8b"]
-    engine = EngineConfig(context_tokens=512, max_sessions=2, batch_tokens=256)
-    last = StageMemory(facts, engine)(35, 36)
-    assert last.logits >= 151936 * 4 * 256, "llama.cpp reserves a chunk of output rows"
-    assert StageMemory(facts, engine)(1, 2).logits == 0
+    plain = EngineConfig(context_tokens=512, max_sessions=2, batch_tokens=256, output_rows=1)
+    scoring = EngineConfig(context_tokens=512, max_sessions=2, batch_tokens=256,
+                           output_rows=64)
+    last = StageMemory(facts, plain)(35, 36)
+    assert last.logits >= 151936 * 4 * 2, "a row per session"
+    assert last.logits < 151936 * 4 * 256, "not a whole chunk: the graph keeps asked rows"
+    assert StageMemory(facts, scoring)(35, 36).logits >= last.logits + 151936 * 4 * 64
+    assert StageMemory(facts, plain)(1, 2).logits == 0
