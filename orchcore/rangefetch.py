@@ -88,7 +88,7 @@ def describe_url(url: str, client: str = "orchestrator") -> RemoteFile:
     serves ranges; a 200 answer is closed unread)."""
     request = urllib.request.Request(url, headers={"Range": "bytes=0-0", CLIENT_HEADER: client})
     try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as reply:
+        with urllib.request.build_opener().open(request, timeout=TIMEOUT_S) as reply:
             found = _CONTENT_RANGE.fullmatch(reply.headers.get("Content-Range", ""))
             if reply.status != 206 or found is None:
                 raise NoRangeError(f"{url}: the server does not answer Range requests, so "
@@ -135,7 +135,7 @@ def fetch_span(span: Span, client: str, *, on_answer: Callable[[Span], None] | N
         while span.end is None or pos < span.end:
             before = pos
             try:
-                with urllib.request.urlopen(_request(span, pos, client),
+                with urllib.request.build_opener().open(_request(span, pos, client),
                                             timeout=TIMEOUT_S) as reply:
                     pos = _accept(span, reply, pos, out)
                     if on_answer is not None:

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from orchcore.errors import ImageError
-from orchestrator.pi import cloudinit
+from orchestrator.pi import cloudinit, publish
 from orchestrator.pi.image import prepare_image
 from orchestrator.pi.mbr import SECTOR, boot_partition, parse_mbr
 from orchestrator.pi.publish import MANIFEST, lan_url
@@ -423,10 +423,13 @@ def test_orch_publish_serves_the_wheels_and_their_list(tmp_path):
 
 
 def test_a_first_boot_download_leaves_no_proxy_behind(monkeypatch, tmp_path):
-    """firstboot's download used urlopen's shared opener, which keeps the proxy settings of
-    its first use: in one process (the test suite) every later fetch went to that proxy."""
+    """Our fetches (a Pi's first boot, orch image's manifest check, the one HTTP fetcher)
+    used urlopen's shared opener, which keeps the proxy settings of its first use: in one
+    process (the test suite) every later fetch went to that proxy."""
     import urllib.request
 
+    from orchcore.errors import SourceFetchError
+    from orchcore.rangefetch import describe_url
     from testkit.httpserver import serve
 
     monkeypatch.setattr(urllib.request, "_opener", None)  # as in a fresh process
@@ -436,6 +439,11 @@ def test_a_first_boot_download_leaves_no_proxy_behind(monkeypatch, tmp_path):
         monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # nothing listens there
         with pytest.raises(firstboot.FirstBootError):
             firstboot._download(server.url("w.whl"), tmp_path / "w.whl", "0" * 64)
+        with pytest.raises(publish.PublishError):  # orch image's manifest check, in process
+            publish.fetch_manifest(server.url(""))
+        with pytest.raises(SourceFetchError):  # the one HTTP fetcher
+            describe_url(server.url("w.whl"), "test")
+        assert urllib.request._opener is None, "a shared opener keeps this proxy for good"
         monkeypatch.delenv("http_proxy")
         with urllib.request.urlopen(server.url("w.whl"), timeout=10) as answer:
             assert answer.read() == b"abc", "a later fetch still went to the proxy"

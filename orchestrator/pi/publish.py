@@ -204,7 +204,7 @@ def fetch_manifest(url: str) -> tuple[PinnedWheel, ...]:
     """The wheels ``orch publish`` serves at ``url``, with their sha256."""
     base = url if url.endswith("/") else url + "/"
     try:
-        with urllib.request.urlopen(base + MANIFEST, timeout=10) as answer:
+        with urllib.request.build_opener().open(base + MANIFEST, timeout=10) as answer:
             data = json.loads(answer.read())
         return tuple(PinnedWheel(f["name"], f["sha256"], int(f["size"])) for f in data["files"])
     except (urllib.error.URLError, OSError) as exc:
