@@ -226,3 +226,33 @@ def test_logprobs_without_asking_are_absent_and_top_needs_logprobs(client) -> No
     with pytest.raises(openai.BadRequestError, match="top_logprobs"):
         client.chat.completions.create(model="smollm2", messages=ASK, max_tokens=2,
                                        logprobs=True, top_logprobs=21)
+
+
+# --- langchain-openai, as agents and editors call it ----------------------------------------
+
+
+@pytest.mark.usefixtures("qwen_template")
+def test_langchain_structured_output_and_a_bound_tool_round_trip(served) -> None:
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
+
+    class City(BaseModel):
+        """A city and its country."""
+
+        name: str = Field(max_length=24)
+        country: str = Field(max_length=24)
+
+    llm = ChatOpenAI(base_url=served["base"] + "/v1", api_key="none", model="smollm2",
+                     temperature=0, max_tokens=120, max_retries=0)
+    city = llm.with_structured_output(City).invoke("Describe Paris.")  # json_schema
+    assert isinstance(city, City), city
+    bound = llm.bind_tools([WEATHER], tool_choice="required")
+    ask = HumanMessage("What is the weather in Paris?")
+    called = bound.invoke([ask])
+    (call,) = called.tool_calls
+    assert call["name"] == "get_weather", call
+    jsonschema.validate(call["args"], WEATHER["function"]["parameters"])
+    answer = llm.bind_tools([WEATHER]).invoke(
+        [ask, called, ToolMessage("18 degrees, sunny", tool_call_id=call["id"])])
+    assert answer.content, answer
