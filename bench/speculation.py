@@ -215,10 +215,13 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--pipeline", action="store_true",
                     help="through two pinned local workers instead of in process")
+    ap.add_argument("--shipped", action="store_true",
+                    help="the model as shipped (Q4_1), not requantized to Q4_0")
     args = ap.parse_args()
     if args.pipeline:
         print_header(console(), "Speculative decoding through the pipeline (prompt lookup)")
-        model = requantized(resolve_model("smollm2-135m", progress=False))
+        shipped = resolve_model("smollm2-135m", progress=False)
+        model = shipped if args.shipped else requantized(shipped)
         with Tokenizer.from_gguf(model) as tok:
             prompts = {t: tok.encode_chat([{"role": "user", "content": m}])
                        for t, m in TASKS.items()}
