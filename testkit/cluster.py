@@ -4,7 +4,12 @@ processes a test left running."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,6 +76,26 @@ def open_model(model: Path, addresses: Sequence[str], token: str | None, workdir
 def greedy_tokens(model: RunningModel, prompt: Sequence[int], n: int,
                   stats: GenerationStats | None = None) -> list[int]:
     return list(model.stream(model.new_session(GREEDY), prompt, n, stats))
+
+
+def worker_once(folder: Path, token: str, *flags: str, host: str = "127.0.0.1"
+                ) -> subprocess.CompletedProcess[str]:
+    """`orch worker` started with ``token`` and ``flags``, on a free port of ``host``: refused
+    at once (its exit code and words), or serving, then stopped (exit 0)."""
+    ready = folder / "ready"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "worker", "--host", host, "--port", "0",
+         "--discovery", "off", "--cache-dir", str(folder / "cache"), "--ready-file",
+         str(ready), *flags], env={**os.environ, "ORCH_WORKER_TOKEN": token, "COLUMNS": "200"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    served = ready.exists()
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    return subprocess.CompletedProcess(proc.args, 0 if served else proc.returncode, out, err)
 
 
 def workers_under(folder: Path) -> list[psutil.Process]:

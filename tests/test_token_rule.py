@@ -5,10 +5,8 @@ loopback (where a short token is only warned about)."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ import pytest
 from orchcore import clustertoken
 from orchcore.clustertoken import Verdict
 from orchcore.errors import ClusterTokenError
+from testkit.cluster import worker_once
 from testkit.pipublish import published_wheels
 from worker import doctor
 from worker.doctor import Status, doctor_options, run_checks
@@ -53,21 +52,10 @@ def install_verdict(token: str, root: Path) -> Verdict:
 
 def worker_verdict(token: str, host: str, tmp: Path) -> Verdict:
     """`orch worker` started with the token: refused at once, or serving (then stopped)."""
-    ready = tmp / "ready"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "worker", "--host", host, "--port", "0",
-         "--discovery", "off", "--cache-dir", str(tmp / "cache"), "--ready-file", str(ready)],
-        env={**os.environ, "ORCH_WORKER_TOKEN": token}, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=30)
-    assert ready.exists() or proc.returncode == 1, f"neither served nor refused: {err}"
-    return verdict_of(subprocess.CompletedProcess(proc.args, 0 if ready.exists() else 1,
-                                                  out, err))
+    done = worker_once(tmp, token, host=host)
+    assert (tmp / "ready").exists() or done.returncode == 1, \
+        f"neither served nor refused: {done.stderr}"
+    return verdict_of(done)
 
 
 def doctor_verdict(token: str, host: str, tmp: Path) -> Verdict:

@@ -4,16 +4,13 @@ about a program the service could not see."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
 
 import pytest
 
 from orchcore.cpu import cpu_info, memory_info
 from orchcore.memory import MIB, PROCESS_BASELINE_BYTES
+from testkit.cluster import worker_once
 from worker.install import InstallRequest, install
 
 TOKEN = "a-cluster-token-for-the-flag-tests"
@@ -21,19 +18,7 @@ TOKEN = "a-cluster-token-for-the-flag-tests"
 
 def start_worker(tmp_path, *flags: str) -> subprocess.CompletedProcess[str]:
     """`orch worker` on loopback with ``flags``: refused at once, or served (then stopped)."""
-    ready = tmp_path / "ready"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "worker", "--host", "127.0.0.1", "--port",
-         "0", "--discovery", "off", "--cache-dir", str(tmp_path / "cache"), "--ready-file",
-         str(ready), *flags], env={**os.environ, "ORCH_WORKER_TOKEN": TOKEN, "COLUMNS": "200"},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=30)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return worker_once(tmp_path, TOKEN, *flags)
 
 
 @pytest.mark.parametrize("budget", ["1", "99999999"])
