@@ -205,7 +205,12 @@ class _State:
         if not chat and body.logprobs is not None:  # the legacy shape
             sampling = replace(sampling, logprobs=True, top_logprobs=body.logprobs)
         tokens = await asyncio.to_thread(self._encode, prompt, chat, shape)
-        sessions = self.model.fork(tokens, seeded(sampling, n),
+        # Greedy answers to one prompt are one answer: it is generated once and given n
+        # times (n sessions would only race to the same tokens, and batched together they
+        # may part at a near-tie). Its places at the gate are taken, and the others given
+        # back once it runs.
+        runs = 1 if sampling.greedy else n
+        sessions = self.model.fork(tokens, seeded(sampling, runs),
                                    score_prompt=not chat and body.scores())
         since = await unless_gone(request, self.gate.enter(n),
                                    lambda t: self.gate.leave(t, n))
@@ -214,6 +219,8 @@ class _State:
             for session in sessions:
                 started.append(self._start(tokens, session, stops, body.limit(), since,
                                            special=shape.fmt is not None))
+            if runs < n:
+                self.gate.leave(since, n - runs)
         except BaseException:
             self.gate.leave(since, n - len(started))
             for running in started:
@@ -230,6 +237,7 @@ class _State:
         answers = await self._collect_all(request, started)
         if answers is None:  # the client went away: nobody reads this
             return Response(status_code=499)
+        answers = answers * (n // runs)  # a greedy answer, given n times
         if chat:
             return replies.whole(kind, name, [self._chat_choice(i, c, d, shape)
                                               for i, (c, d) in enumerate(answers)],
