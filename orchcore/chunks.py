@@ -105,6 +105,8 @@ class Chunk:
     ring_stops: tuple[int, ...] = ()  # tokens that end the ring early
     drafted: int = 0  # the last `drafted` tokens are drafts after the pending one (verify)
     draft_k: int = 0  # the last stage drafts up to this many with each ring chunk
+    draft_ahead: bool = False  # the last stage may send the ring's next step before its verdict
+    ahead: bool = False  # sent before the verdict it assumes; dropped at the last stage if wrong
     # Prompt logprobs, n answers, embeddings (StageInput fields 50-53)
     score_rows: bool = False  # the last stage scores every row (prompt logprobs)
     next_token: int | None = None  # the token after this chunk, for its last row's score
@@ -194,6 +196,7 @@ class StageResult:
     logprobs: TokenLogprobs | None = None  # the token's, when the session asked for them
     row_scores: tuple[RowScore, ...] = ()  # a score_rows chunk's rows, in order
     embedding: Rows | None = None  # an embed chunk's final-norm rows
+    ahead: bool = False  # sent before its predecessor's verdict, which kept it (overlapped)
 
     @property
     def tokens(self) -> tuple[int, ...]:

@@ -91,6 +91,11 @@ class OrchSettings(BaseSettings):
                            "ngram:K) drafts K tokens per pass by prompt lookup and the last "
                            "stage verifies them in one batch; auto picks K per answer from "
                            "measured batch costs and acceptance, off when it would not pay.")
+    speculate_ahead: bool = Field(True, description="With --speculate and the token ring: "
+                                  "the last stage sends the next pass to stage 0 before its "
+                                  "verdict on the current one, betting that every draft is "
+                                  "kept, so the stages work at once (a lost bet costs only "
+                                  "work the idle stages did); off: one pass at a time.")
     temperature: float = Field(_SAMPLING.temperature, ge=0.0, description="0 = greedy.")
     top_k: int = Field(_SAMPLING.top_k, ge=0, le=MAX_TOP_K, description="0 = off.")
     top_p: float = Field(_SAMPLING.top_p, gt=0.0, le=1.0, description="1 = off.")

@@ -12,7 +12,7 @@ from orchcore.speculation.accept import Verdict
 from orchestrator.pipeline.ring import TokenRing
 from worker.batching import MERGE_WAIT_MAX_S, STRAGGLER_WAIT_S, BatchPolicy
 from worker.publish import results_for
-from worker.ring import next_step, ring_draft_room
+from worker.ring import RingFeed, next_step, ring_draft_room
 
 
 def step(session: str, pos: int = 5, **fields: object) -> Chunk:
@@ -149,3 +149,73 @@ def test_a_batch_gets_a_result_for_each_step_that_asks_and_all_see_its_error():
     assert (judged.drafts, judged.accepted, judged.tokens) == ((2, 3), 1, (2, 7))
     assert [r.session for r in results_for(failed, [])] == ["a", "b", "c"]
     assert all(r.token == -1 and r.error.code == "compute" for r in results_for(failed, []))
+
+
+class _Link:
+    """What a ring link was asked to send, in order."""
+
+    def __init__(self) -> None:
+        self.sent: list[Chunk] = []
+
+    def send(self, chunk: Chunk) -> None:
+        self.sent.append(chunk)
+
+    def close(self) -> None:
+        pass
+
+
+def _feed() -> tuple[RingFeed, _Link]:
+    link = _Link()
+    feed = RingFeed(1, is_first=False, is_last=True, ring_address="stage0:1",
+                    link=lambda _address: link, home=lambda _chunk: None)  # type: ignore
+    return feed, link
+
+
+def test_a_step_sent_ahead_is_not_sent_again_when_its_bet_wins():
+    feed, link = _feed()
+    sent = Chunk("p", "s", chunk=3, start_pos=10, tokens=(1, 2, 3), want_token=True,
+                 drafted=2, draft_k=2, draft_ahead=True, ring_left=8)
+    assert feed.can_send_ahead(sent)
+    bet = Verdict(2, 4)  # both drafts kept, then 4
+    feed.send_ahead(next_step(sent, bet, (5, 6)))
+    assert link.sent[-1].ahead and link.sent[-1].start_pos == 13
+    assert not feed.can_send_ahead(sent), "one step ahead per session at a time"
+    feed.send(sent, bet, (5, 6))
+    assert len(link.sent) == 1, "the step on its way is the verdict's own"
+    assert not feed.stale(link.sent[0]), "it is computed when it comes"
+
+
+@pytest.mark.parametrize(("verdict", "drafts"), [
+    (Verdict(1, 9), (5, 6)),  # a draft rejected: the real step starts lower
+    (Verdict(2, 7), (5, 6)),  # every draft kept, but another token than the guess
+    (Verdict(2, 4), (5,)),  # the guess right, but the lookup drafts otherwise from there
+])
+def test_a_step_sent_ahead_of_a_lost_bet_is_dropped_and_the_real_one_follows(verdict, drafts):
+    feed, link = _feed()
+    sent = Chunk("p", "s", chunk=3, start_pos=10, tokens=(1, 2, 3), want_token=True,
+                 drafted=2, draft_k=2, draft_ahead=True, ring_left=8)
+    feed.send_ahead(next_step(sent, Verdict(2, 4), (5, 6)))
+    feed.send(sent, verdict, drafts)
+    ahead, real = link.sent
+    assert real == next_step(sent, verdict, drafts) and not real.ahead
+    assert real.chunk == ahead.chunk, "the real step takes the number the bet took"
+    assert feed.stale(ahead), "the lost bet is dropped when it arrives"
+    assert not feed.stale(real) and not feed.stale(ahead), "only once, and never the real one"
+
+
+def test_no_step_goes_ahead_without_a_ring_drafts_or_the_ask():
+    feed, _ = _feed()
+    ring = Chunk("p", "s", chunk=3, start_pos=10, tokens=(1,), want_token=True, draft_k=2,
+                 draft_ahead=True, ring_left=8)
+    assert feed.can_send_ahead(ring), "a ring step without drafts bets on the guess alone"
+    for why in (replace(ring, draft_ahead=False), replace(ring, draft_k=0),
+                replace(ring, ring_left=0), replace(ring, want_token=False),
+                replace(ring, batched=(ring,))):
+        assert not feed.can_send_ahead(why)
+    home, _ = RingFeed(0, is_first=True, is_last=True, ring_address="self:1",
+                       link=lambda _a: _Link(), home=lambda _c: None), None  # type: ignore
+    assert not home.can_send_ahead(ring), "a lone stage has nothing to overlap"
+    policy, plain = BatchPolicy(4, 2, 64), replace(ring, draft_k=0)
+    assert policy.batchable(plain, 10)
+    assert not policy.batchable(replace(plain, ahead=True), 10), \
+        "a step sent ahead is never batched: the last stage may drop it"

@@ -151,3 +151,31 @@ def test_speculating_and_plain_sessions_share_the_pipeline(smollm2_path, workers
         while (held := [c.info().loaded.sessions for c in model.path.clients]) != [0, 0]:
             assert time.monotonic() < give_up, f"sessions still held: {held}"
             time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_passes_sent_ahead_are_the_passes_of_one_at_a_time(smollm2_path, workers, tmp_path,
+                                                             sampling, capsys):
+    """Asynchronous speculation: the last stage sends each pass before its verdict on the
+    one before, betting every draft is kept. Won bets overlap two passes, lost ones are
+    dropped at the last stage and the real pass follows: the answer and every pass equal
+    the one-at-a-time run's."""
+    runs = {}
+    for ahead in (True, False):
+        with open_model(smollm2_path, workers, None, tmp_path, speculate="ngram:4",
+                        speculate_ahead=ahead) as model:
+            prompt = model.encode([{"role": "user", "content": COPY}])
+            tokens, session, stats = answer(model, prompt, sampling)
+            runs[ahead] = (tokens, [(p.start, p.tokens, p.added) for p in session.passes],
+                           stats.speculation, session)
+    (tokens, passes, spec, session), (plain_tokens, plain_passes, plain_spec, _) = \
+        runs[True], runs[False]
+    assert tokens == plain_tokens and passes == plain_passes
+    assert plain_spec.overlapped == 0
+    assert 0 < spec.overlapped < spec.passes, \
+        f"some bets should win and some lose: {spec.overlapped} of {spec.passes} overlapped"
+    if sampling is GREEDY:
+        assert_unsplit_agrees(smollm2_path, session, tokens)
+    with capsys.disabled():
+        print(f"\n135M ahead ({'greedy' if sampling is GREEDY else 'seeded'}): "
+              f"{spec.overlapped} of {spec.passes} passes overlapped")

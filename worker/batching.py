@@ -69,6 +69,7 @@ class BatchPolicy:
         return (self.limit > 1 and len(chunk.tokens) == 1 and chunk.error is None
                 and chunk.hidden is None and not chunk.batched and not chunk.end_session
                 and chunk.sampling is None and not chunk.every_row and not chunk.copy_to
+                and not chunk.ahead
                 and 0 < chunk.start_pos == held and chunk.start_pos < self.context_tokens)
 
     def open(self, lead: str, queued: int, now: float) -> tuple[int, float]:

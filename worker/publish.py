@@ -42,7 +42,7 @@ def results_for(chunk: Chunk, verdicts: list[Verdict],
     scores = scores or [None] * len(members)
     return [StageResult(session=m.session, chunk=m.chunk, token=v.token, timings=chunk.timings,
                         error=chunk.error, session_ended=m.end_session, batch=batch,
-                        drafts=m.drafts, accepted=v.accepted, logprobs=score,
+                        drafts=m.drafts, accepted=v.accepted, ahead=m.ahead, logprobs=score,
                         row_scores=outputs.row_scores, embedding=outputs.embedding)
             for m, v, score in zip(members, verdicts, scores, strict=True)
             if m.answered or chunk.error is not None]

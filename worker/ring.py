@@ -43,7 +43,7 @@ def next_step(chunk: Chunk, verdict: Verdict, drafts: tuple[int, ...] = ()) -> C
     return Chunk(pipeline_id=chunk.pipeline_id, session=chunk.session, chunk=chunk.chunk + 1,
                  start_pos=_pending_at(chunk, verdict), tokens=(verdict.token, *drafts),
                  want_token=True, ring_left=left, ring_stops=chunk.ring_stops,
-                 drafted=len(drafts), draft_k=chunk.draft_k)
+                 drafted=len(drafts), draft_k=chunk.draft_k, draft_ahead=chunk.draft_ahead)
 
 
 def ring_draft_room(chunk: Chunk, verdict: Verdict, context_tokens: int,
@@ -72,12 +72,48 @@ class RingFeed:
         self._embed = embed  # the rows of the tokens sent, when stage 0 needs them
         # Sessions ended here, oldest first (a dict: ordered, and a set for lookups).
         self._ended: dict[str, None] = {}
+        self._ahead: dict[str, Chunk] = {}  # per session: the step sent before its verdict
+        self._stale: dict[str, set[int]] = {}  # per session: numbers of ahead steps to drop
+
+    def can_send_ahead(self, chunk: Chunk) -> bool:
+        """Whether the ring's step after ``chunk`` may go before the verdict on it: a lone
+        ring chunk of a speculating session that asks for it, with a stage 0 elsewhere
+        (a stage that is also stage 0 has nothing to overlap)."""
+        return bool(chunk.draft_ahead and chunk.draft_k and chunk.ring_left and chunk.want_token
+                    and not chunk.batched and chunk.error is None and self.link is not None
+                    and chunk.session not in self._ahead)
+
+    def send_ahead(self, step: Chunk) -> None:
+        """Send ``step`` (the ring's step after a chunk whose verdict is not in yet, built
+        for the verdict assumed) to stage 0 now, marked ``ahead``."""
+        step = replace(step, ahead=True)
+        self._ahead[step.session] = step
+        self._send(step)
 
     def send(self, chunk: Chunk, verdict: Verdict, drafts: tuple[int, ...] = ()) -> None:
-        """Send the ring's step after ``chunk`` to stage 0, if the ring goes on."""
+        """Send the ring's step after ``chunk`` to stage 0, if the ring goes on, unless the
+        step sent ahead of this verdict is that very step: it is on its way. An ahead step
+        that is not is marked stale, and dropped here when it arrives."""
         step = next_step(chunk, verdict, drafts)
-        if step is None:
-            return
+        ahead = self._ahead.get(chunk.session)
+        if ahead is not None and ahead.chunk == chunk.chunk + 1:
+            del self._ahead[chunk.session]
+            if step is not None and replace(step, ahead=True) == ahead:
+                return
+            self._stale.setdefault(chunk.session, set()).add(ahead.chunk)
+        if step is not None:
+            self._send(step)
+
+    def stale(self, chunk: Chunk) -> bool:
+        """Whether ``chunk`` was sent ahead of a verdict that did not lead to it (drop it:
+        the step sent instead follows with its number)."""
+        numbers = self._stale.get(chunk.session) if chunk.ahead else None
+        if not numbers or chunk.chunk not in numbers:
+            return False
+        numbers.discard(chunk.chunk)
+        return True
+
+    def _send(self, step: Chunk) -> None:
         if self._home is not None:
             self._home(step)
             return
@@ -93,6 +129,8 @@ class RingFeed:
 
     def ended(self, session: str) -> None:
         self._ended[session] = None
+        self._ahead.pop(session, None)
+        self._stale.pop(session, None)
         if len(self._ended) > _ENDED_KEPT:
             del self._ended[next(iter(self._ended))]
 

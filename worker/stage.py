@@ -42,7 +42,7 @@ from worker.batching import BatchPolicy, InFlight
 from worker.downstream import DownstreamLink
 from worker.leases import Leases
 from worker.publish import NO_OUTPUTS, NOTHING, Outputs, Subscribers, results_for
-from worker.ring import RingFeed, ring_draft_room
+from worker.ring import RingFeed, next_step, ring_draft_room
 from worker.verdicts import Verdicts
 
 __all__ = ["DownstreamLink", "InFlight", "Stage"]
@@ -194,14 +194,16 @@ class Stage:
         verdicts: list[Verdict] = []
         scores: list[TokenLogprobs | None] = []
         outputs = NO_OUTPUTS
-        if self.ring.dropped(msg):
-            return  # a ring chunk of a session ended meanwhile (stopped by the orchestrator)
+        if self.ring.dropped(msg) or self.ring.stale(msg):
+            return  # a ring chunk of a session ended meanwhile, or one sent ahead in vain
         if msg.error is not None:
             pass  # an earlier stage failed: pass the error on untouched
         elif msg.end_session:
             self.end_session(msg.session)
         else:
             try:
+                if self.ring.can_send_ahead(msg):
+                    self._send_ahead(msg)
                 msg, verdicts, scores, outputs = self._compute(msg)
             except (OrchError, ValueError) as exc:
                 msg = self._fail(msg, exc)
@@ -249,6 +251,20 @@ class Stage:
             self.subscribers.publish(out)
         if broken_ring is not None:
             raise broken_ring
+
+    def _send_ahead(self, msg: Chunk) -> None:
+        """Asynchronous speculation: before computing ``msg``, send the ring's step that
+        would follow the verdict prompt lookup expects (every draft kept, then its guess), so
+        stage 0 computes it while this stage verifies ``msg``. ``_publish`` then sends the
+        real step only when the verdict differs (``RingFeed.send``)."""
+        assumed = self.verdicts.guess(msg)
+        if assumed is None:
+            return
+        config = self.engine.config
+        room = ring_draft_room(msg, assumed, config.context_tokens, config.batch_tokens)
+        step = next_step(msg, assumed, self.verdicts.draft(msg, assumed, room))
+        if step is not None:
+            self.ring.send_ahead(step)
 
     def _set_fault(self, exc: BaseException) -> None:
         if self.fault is None:

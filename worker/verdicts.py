@@ -79,15 +79,23 @@ class Verdicts:
 
     def kept(self, chunk: Chunk, verdict: Verdict) -> list[int]:
         """The session's tokens once ``verdict`` is in: what entered the model and was kept,
-        then the new pending token."""
-        length = chunk.start_pos + len(chunk.tokens) - chunk.drafted + verdict.accepted
-        return [*self._history.get(chunk.session, [])[:length], verdict.token]
+        then the new pending token (before ``decide`` on ``chunk`` too)."""
+        length = len(chunk.tokens) - chunk.drafted + verdict.accepted
+        return [*self._history.get(chunk.session, [])[:chunk.start_pos],
+                *chunk.tokens[:length], verdict.token]
 
     def draft(self, chunk: Chunk, verdict: Verdict, room: int) -> tuple[int, ...]:
         """Up to ``room`` tokens to verify after the new pending token (prompt lookup)."""
         if room <= 0:
             return ()
         return self._drafter.propose(self.kept(chunk, verdict), room).tokens
+
+    def guess(self, chunk: Chunk) -> Verdict | None:
+        """The verdict on ``chunk`` that prompt lookup expects, before it is computed:
+        every draft kept, then the token the lookup proposes next; None when it has none."""
+        context = [*self._history.get(chunk.session, [])[:chunk.start_pos], *chunk.tokens]
+        proposed = self._drafter.propose(context, 1).tokens
+        return Verdict(chunk.drafted, proposed[0]) if proposed else None
 
     def _sampler(self, chunk: Chunk) -> TokenSampler:
         sampler = self._samplers.get(chunk.session)

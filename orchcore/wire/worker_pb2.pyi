@@ -405,7 +405,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., worker: _Optional[str] = ...) -> None: ...
 
 class StageInput(_message.Message):
-    __slots__ = ("pipeline_id", "session", "chunk", "start_pos", "tokens", "hidden", "want_token", "sampling", "end_session", "timings", "error", "batched", "ring_left", "ring_stops", "drafted", "draft_k", "score_rows", "next_token", "copy_to", "embed", "rows")
+    __slots__ = ("pipeline_id", "session", "chunk", "start_pos", "tokens", "hidden", "want_token", "sampling", "end_session", "timings", "error", "batched", "ring_left", "ring_stops", "drafted", "draft_k", "draft_ahead", "ahead", "score_rows", "next_token", "copy_to", "embed", "rows")
     PIPELINE_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
@@ -422,6 +422,8 @@ class StageInput(_message.Message):
     RING_STOPS_FIELD_NUMBER: _ClassVar[int]
     DRAFTED_FIELD_NUMBER: _ClassVar[int]
     DRAFT_K_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_AHEAD_FIELD_NUMBER: _ClassVar[int]
+    AHEAD_FIELD_NUMBER: _ClassVar[int]
     SCORE_ROWS_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     COPY_TO_FIELD_NUMBER: _ClassVar[int]
@@ -443,12 +445,14 @@ class StageInput(_message.Message):
     ring_stops: _containers.RepeatedScalarFieldContainer[int]
     drafted: int
     draft_k: int
+    draft_ahead: bool
+    ahead: bool
     score_rows: bool
     next_token: int
     copy_to: _containers.RepeatedScalarFieldContainer[str]
     embed: bool
     rows: EmbeddedRows
-    def __init__(self, pipeline_id: _Optional[str] = ..., session: _Optional[str] = ..., chunk: _Optional[int] = ..., start_pos: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Hidden, _Mapping]] = ..., want_token: _Optional[bool] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., end_session: _Optional[bool] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., batched: _Optional[_Iterable[_Union[StageInput, _Mapping]]] = ..., ring_left: _Optional[int] = ..., ring_stops: _Optional[_Iterable[int]] = ..., drafted: _Optional[int] = ..., draft_k: _Optional[int] = ..., score_rows: _Optional[bool] = ..., next_token: _Optional[int] = ..., copy_to: _Optional[_Iterable[str]] = ..., embed: _Optional[bool] = ..., rows: _Optional[_Union[EmbeddedRows, _Mapping]] = ...) -> None: ...
+    def __init__(self, pipeline_id: _Optional[str] = ..., session: _Optional[str] = ..., chunk: _Optional[int] = ..., start_pos: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Hidden, _Mapping]] = ..., want_token: _Optional[bool] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., end_session: _Optional[bool] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., batched: _Optional[_Iterable[_Union[StageInput, _Mapping]]] = ..., ring_left: _Optional[int] = ..., ring_stops: _Optional[_Iterable[int]] = ..., drafted: _Optional[int] = ..., draft_k: _Optional[int] = ..., draft_ahead: _Optional[bool] = ..., ahead: _Optional[bool] = ..., score_rows: _Optional[bool] = ..., next_token: _Optional[int] = ..., copy_to: _Optional[_Iterable[str]] = ..., embed: _Optional[bool] = ..., rows: _Optional[_Union[EmbeddedRows, _Mapping]] = ...) -> None: ...
 
 class EmbeddedRows(_message.Message):
     __slots__ = ("ggml_type", "row_bytes", "data")
@@ -461,7 +465,7 @@ class EmbeddedRows(_message.Message):
     def __init__(self, ggml_type: _Optional[int] = ..., row_bytes: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class StageOutput(_message.Message):
-    __slots__ = ("session", "chunk", "token", "timings", "error", "session_ended", "batch", "drafts", "accepted", "logprob", "top_logprobs", "row_scores", "embedding")
+    __slots__ = ("session", "chunk", "token", "timings", "error", "session_ended", "batch", "drafts", "accepted", "logprob", "ahead", "top_logprobs", "row_scores", "embedding")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -472,6 +476,7 @@ class StageOutput(_message.Message):
     DRAFTS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    AHEAD_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     ROW_SCORES_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
@@ -485,10 +490,11 @@ class StageOutput(_message.Message):
     drafts: _containers.RepeatedScalarFieldContainer[int]
     accepted: int
     logprob: float
+    ahead: bool
     top_logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
     row_scores: _containers.RepeatedCompositeFieldContainer[RowScore]
     embedding: Hidden
-    def __init__(self, session: _Optional[str] = ..., chunk: _Optional[int] = ..., token: _Optional[int] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., session_ended: _Optional[bool] = ..., batch: _Optional[_Iterable[int]] = ..., drafts: _Optional[_Iterable[int]] = ..., accepted: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., row_scores: _Optional[_Iterable[_Union[RowScore, _Mapping]]] = ..., embedding: _Optional[_Union[Hidden, _Mapping]] = ...) -> None: ...
+    def __init__(self, session: _Optional[str] = ..., chunk: _Optional[int] = ..., token: _Optional[int] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., session_ended: _Optional[bool] = ..., batch: _Optional[_Iterable[int]] = ..., drafts: _Optional[_Iterable[int]] = ..., accepted: _Optional[int] = ..., logprob: _Optional[float] = ..., ahead: _Optional[bool] = ..., top_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., row_scores: _Optional[_Iterable[_Union[RowScore, _Mapping]]] = ..., embedding: _Optional[_Union[Hidden, _Mapping]] = ...) -> None: ...
 
 class RowScore(_message.Message):
     __slots__ = ("logprob", "top")

@@ -433,7 +433,9 @@ def _speculation_rows(table: Table, stats: GenerationStats, model: RunningModel)
         return
     table.add_row("speculation", f"{model.settings.speculate}: {spec.accepted}/{spec.drafted} "
                                  f"drafts kept (acceptance {spec.acceptance:.2f}), "
-                                 f"{spec.tokens_per_pass:.2f} tokens/pass")
+                                 f"{spec.tokens_per_pass:.2f} tokens/pass"
+                                 + (f", {spec.overlapped}/{spec.passes} passes overlapped"
+                                    if model.settings.speculate_ahead else ""))
     costs = model.speculator.costs
     if spec.plain_pass_s:
         plain_s = statistics.median(spec.plain_pass_s)

@@ -109,17 +109,19 @@ class DataPath:
     def send(self, session: str, start: int, tokens: Sequence[int], want_token: bool,
              sampling: SamplingParams | None = None, ring_left: int = 0,
              ring_stops: Sequence[int] = (), drafted: int = 0, draft_k: int = 0, *,
-             score_rows: bool = False, next_token: int | None = None,
+             draft_ahead: bool = False, score_rows: bool = False, next_token: int | None = None,
              copy_to: Sequence[str] = (), embed: bool = False) -> int:
         """Queue one chunk of ``session`` into stage 0; returns its chunk number. With
         ``ring_left`` the last stage goes on with that many tokens on its own (the token
         ring), as chunks numbered on from this one; each comes back to ``wait``. The last
-        ``drafted`` tokens are drafts to verify; ``draft_k``: the ring drafts that many.
+        ``drafted`` tokens are drafts to verify; ``draft_k``: the ring drafts that many,
+        and with ``draft_ahead`` sends each step before the verdict it assumes.
         ``score_rows`` (with ``next_token``), ``copy_to`` and ``embed``: see ``Chunk``."""
         step = Chunk(pipeline_id=self.pipeline_id, session=session, start_pos=start,
                      tokens=tuple(tokens), want_token=want_token, sampling=sampling,
                      ring_left=ring_left, ring_stops=tuple(ring_stops), drafted=drafted,
-                     draft_k=draft_k, score_rows=score_rows, next_token=next_token,
+                     draft_k=draft_k, draft_ahead=draft_ahead and bool(draft_k),
+                     score_rows=score_rows, next_token=next_token,
                      copy_to=tuple(copy_to), embed=embed,
                      rows=self.rows.take(tokens) if self.rows is not None else None)
         self._queue(session)  # results of this session are routed from now on

@@ -288,7 +288,7 @@ class RunningModel:
                 stats.decode_s += took
                 stats.decode_tokens += len(tokens)
                 stats.add_decode(out.timings)
-                stats.speculation.add(step, took)
+                stats.speculation.add(step, took, overlapped=out.ahead)
             if notice is not None:
                 yield notice
             for token in tokens:
@@ -351,6 +351,7 @@ class RunningModel:
         (a prompt's: the numbers of every chunk that is answered, in order)."""
         stops = self.tokenizer.end_of_generation if ring_left else ()
         draft_k = session.draft_k if ring_left else 0  # the ring's steps draft this many
+        ahead = self.settings.speculate_ahead  # and are sent before the verdicts they assume
         if session.generated:
             budget = ring_left or session.limit - len(session.generated) - 1
             drafts = self.speculator.drafts(session, budget, self.plan.context_tokens,
@@ -358,9 +359,10 @@ class RunningModel:
             return self.path.send(session.id, session.length,
                                   [session.generated[-1], *drafts], want_token=True,
                                   ring_left=ring_left, ring_stops=stops,
-                                  drafted=len(drafts), draft_k=draft_k)
+                                  drafted=len(drafts), draft_k=draft_k, draft_ahead=ahead)
         return prompting.send(self.path, session, want_token=session.limit > 0,
-                              ring_left=ring_left, stops=stops, draft_k=draft_k)
+                              ring_left=ring_left, stops=stops, draft_k=draft_k,
+                              draft_ahead=ahead)
 
     # --- failover ----------------------------------------------------------------------
 

@@ -67,15 +67,17 @@ class SpeculationStats:
     accepted: int = 0
     rejections: int = 0
     drafting_passes: int = 0
+    overlapped: int = 0  # passes sent ahead of the verdict before them, which kept them
     plain_pass_s: list[float] = field(default_factory=list)  # passes without drafts
 
-    def add(self, step: Pass, took_s: float) -> None:
+    def add(self, step: Pass, took_s: float, *, overlapped: bool = False) -> None:
         self.passes += 1
+        self.overlapped += overlapped
         self.drafted += step.drafted
         self.accepted += len(step.added) - 1
         self.rejections += len(step.added) - 1 < step.drafted
         self.drafting_passes += bool(step.drafted)
-        if not step.drafted:
+        if not step.drafted and not overlapped:
             self.plain_pass_s.append(took_s)
 
     @property

@@ -119,7 +119,7 @@ def chunk_to_proto(chunk: Chunk) -> pb.StageInput:
         end_session=chunk.end_session, timings=[timing_to_proto(t) for t in chunk.timings],
         batched=[chunk_to_proto(b) for b in chunk.batched], ring_left=chunk.ring_left,
         ring_stops=chunk.ring_stops, drafted=chunk.drafted, draft_k=chunk.draft_k,
-        score_rows=chunk.score_rows, copy_to=chunk.copy_to, embed=chunk.embed)
+        draft_ahead=chunk.draft_ahead, ahead=chunk.ahead, score_rows=chunk.score_rows, copy_to=chunk.copy_to, embed=chunk.embed)
     if chunk.next_token is not None:
         msg.next_token = chunk.next_token
     if chunk.hidden is not None:
@@ -161,6 +161,7 @@ def chunk_from_proto(msg: pb.StageInput, worker: str) -> Chunk:
         batched=tuple(chunk_from_proto(b, worker) for b in msg.batched),
         ring_left=msg.ring_left, ring_stops=tuple(msg.ring_stops),
         drafted=msg.drafted if error is None else 0, draft_k=msg.draft_k,
+        draft_ahead=msg.draft_ahead, ahead=msg.ahead,
         score_rows=msg.score_rows,
         next_token=msg.next_token if msg.HasField("next_token") else None,
         copy_to=tuple(msg.copy_to), embed=msg.embed,
@@ -177,7 +178,8 @@ def result_to_proto(result: StageResult) -> pb.StageOutput:
     msg = pb.StageOutput(session=result.session, chunk=result.chunk, token=result.token,
                          timings=[timing_to_proto(t) for t in result.timings],
                          session_ended=result.session_ended, batch=result.batch,
-                         drafts=result.drafts, accepted=result.accepted)
+                         drafts=result.drafts, accepted=result.accepted,
+                         ahead=result.ahead)
     if result.error is not None:
         msg.error.CopyFrom(error_to_proto(result.error))
     if result.logprobs is not None:
@@ -199,7 +201,7 @@ def result_from_proto(msg: pb.StageOutput) -> StageResult:
         timings=tuple(timing_from_proto(t) for t in msg.timings),
         error=error_from_proto(msg.error) if msg.HasField("error") else None,
         session_ended=msg.session_ended, batch=tuple(msg.batch), drafts=tuple(msg.drafts),
-        accepted=msg.accepted,
+        accepted=msg.accepted, ahead=msg.ahead,
         logprobs=TokenLogprobs(msg.logprob, tuple((t.token, t.logprob) for t in
                                                   msg.top_logprobs))
         if msg.HasField("logprob") else None,
