@@ -36,7 +36,7 @@ from rich.table import Table
 from orchcore.engine import EngineConfig, StageEngine
 from orchcore.llama_ext import init_backend
 from orchcore.paths import cache_dir
-from orchcore.speculation.cost import PassCosts, expected_tokens
+from orchcore.speculation.cost import PassCosts, ahead_pass_ms, expected_tokens
 from orchcore.speculation.decode import DecodeStats, EngineTarget, Target, decode
 from orchcore.speculation.drafters import PromptLookup
 from orchestrator.cluster.local import LocalCluster
@@ -145,19 +145,32 @@ def predicted(st: DecodeStats, k: int, costs: PassCosts) -> float:
     return tokens / (f * costs.rows_cost(k + 1) + (1 - f))
 
 
-def pipeline_predicted(spec: SpeculationStats, k: int, costs: PassCosts) -> float:
-    """``predicted`` for passes through the pipeline: each pass also pays the link."""
+def pipeline_predicted(spec: SpeculationStats, k: int, costs: PassCosts,
+                       stages: int = 0) -> float:
+    """``predicted`` for passes through the pipeline: each pass also pays the link. With
+    ``stages``, passes were sent ahead: the measured share of them that overlapped the pass
+    before took ``ahead_pass_ms`` instead of a whole pass."""
     f = spec.drafting_passes / spec.passes if spec.passes else 0.0
+    q = spec.overlapped / spec.passes if spec.passes and stages else 0.0
     tokens = f * expected_tokens(spec.acceptance, k) + (1 - f)
     plain = costs.step_ms + costs.link_ms
-    spent = f * (costs.rows_cost(k + 1) * costs.step_ms + costs.link_ms) + (1 - f) * plain
+
+    def pass_ms(rows: int) -> float:
+        whole = costs.rows_cost(rows) * costs.step_ms + costs.link_ms
+        return q * ahead_pass_ms(costs, rows, stages) + (1 - q) * whole if q else whole
+
+    spent = f * pass_ms(k + 1) + (1 - f) * pass_ms(1)
     return tokens * plain / spent
 
 
 def pipeline_main(args: argparse.Namespace, model: Path, prompts: dict[str, list[int]]
                   ) -> None:
     out = console()
-    variants = ["off", f"ngram:{args.k}", "auto"]
+    ngram = f"ngram:{args.k}"
+    variants = {"plain": {"speculate": "off"},  # label -> settings
+                "sync": {"speculate": ngram, "speculate_ahead": False},
+                "ahead": {"speculate": ngram, "speculate_ahead": True},
+                "auto": {"speculate": "auto"}}
     with tempfile.TemporaryDirectory(prefix="orch-bench-") as tmp, \
             LocalCluster(2, Path(tmp) / "workers", threads_per_worker=1,
                          pin_cores=True) as cluster:
@@ -167,13 +180,13 @@ def pipeline_main(args: argparse.Namespace, model: Path, prompts: dict[str, list
         costs: list[PassCosts] = []
         for r in range(args.rounds):
             for task, prompt in prompts.items():
-                order = variants if r % 2 == 0 else variants[::-1]
+                order = list(variants) if r % 2 == 0 else list(variants)[::-1]
                 answers = {}
                 for variant in order:
                     with open_model(model, cluster.addresses, cluster.token, Path(tmp),
-                                    speculate=variant, context_tokens=1024,
-                                    batch_tokens=128) as running:
-                        if variant == "off" and task == next(iter(prompts)):
+                                    context_tokens=1024, batch_tokens=128,
+                                    **variants[variant]) as running:
+                        if variant == "plain" and task == next(iter(prompts)):
                             costs.append(measure_costs(running.path, f"costs-{r}",
                                                        prompt[:32], 128, GREEDY))
                         stats = GenerationStats()
@@ -181,29 +194,32 @@ def pipeline_main(args: argparse.Namespace, model: Path, prompts: dict[str, list
                         rate.setdefault((task, variant), []).append(
                             stats.decode_tokens / stats.decode_s)
                         spec[task, variant] = stats.speculation
-                same[task] = answers["off"] == answers[f"ngram:{args.k}"]
+                same[task] = answers["plain"] == answers["sync"] == answers["ahead"]
                 out.print(f"round {r + 1} {task}: " + ", ".join(
                     f"{v} {rate[task, v][-1]:.1f} tok/s" for v in variants))
     cost = PassCosts({n: median([c.batch_cost[n] for c in costs]) for n in costs[0].batch_cost},
                      step_ms=median([c.step_ms for c in costs]),
                      link_ms=median([c.link_ms for c in costs]))
     table = Table(title=f"{model.name} over 2 pinned workers x 1 thread, token ring on; "
-                        f"k = {args.k}; step {cost.step_ms:.1f} ms, link {cost.link_ms:.1f} "
+                        f"{ngram}; step {cost.step_ms:.1f} ms, link {cost.link_ms:.1f} "
                         f"ms; " + ", ".join(f"c({n}) {c:.2f}"
                                             for n, c in sorted(cost.batch_cost.items())))
-    for col in ("task", "plain tok/s", f"ngram:{args.k} tok/s", "x", "auto tok/s", "x",
-                "kept/drafted", "a", "tokens/pass", "ceiling (k+1)/c(k+1)", "predicted x",
-                "same tokens"):
+    for col in ("task", "plain tok/s", "sync tok/s", "x", "ahead tok/s", "x", "auto tok/s",
+                "x", "kept/drafted", "a", "tokens/pass", "overlapped", "ceiling sync",
+                "predicted sync x", "predicted ahead x", "same tokens"):
         table.add_column(col, justify="right")
     for task in prompts:
-        plain = median(rate[task, "off"])
-        ngram, auto = median(rate[task, f"ngram:{args.k}"]), median(rate[task, "auto"])
-        st = spec[task, f"ngram:{args.k}"]
-        table.add_row(task, f"{plain:.1f}", f"{ngram:.1f}", f"{ngram / plain:.2f}",
-                      f"{auto:.1f}", f"{auto / plain:.2f}", f"{st.accepted}/{st.drafted}",
+        plain = median(rate[task, "plain"])
+        sync, ahead = median(rate[task, "sync"]), median(rate[task, "ahead"])
+        auto = median(rate[task, "auto"])
+        st, sa = spec[task, "sync"], spec[task, "ahead"]
+        table.add_row(task, f"{plain:.1f}", f"{sync:.1f}", f"{sync / plain:.2f}",
+                      f"{ahead:.1f}", f"{ahead / plain:.2f}", f"{auto:.1f}",
+                      f"{auto / plain:.2f}", f"{st.accepted}/{st.drafted}",
                       f"{st.acceptance:.2f}", f"{st.tokens_per_pass:.2f}",
-                      f"{cost.ceiling(args.k):.2f}",
+                      f"{sa.overlapped}/{sa.passes}", f"{cost.ceiling(args.k):.2f}",
                       f"{pipeline_predicted(st, args.k, cost):.2f}",
+                      f"{pipeline_predicted(sa, args.k, cost, stages=2):.2f}",
                       "yes" if same[task] else "no")
     out.print(table)
 

@@ -11,6 +11,7 @@ from orchcore.sampling import SamplingParams
 from orchcore.speculation.cost import (
     AcceptanceMeter,
     PassCosts,
+    ahead_pass_ms,
     choose_draft_length,
     expected_tokens,
     predicted_speedup,
@@ -93,3 +94,21 @@ def test_costs_are_checked():
 def test_penalised_sessions_do_not_speculate():
     assert speculation_allowed(SamplingParams(temperature=0.7))
     assert not speculation_allowed(SamplingParams(repeat_penalty=1.1))
+
+
+def test_passes_sent_ahead_overlap_when_their_bet_wins():
+    """Over two stages a won bet lets the last stage verify one pass while stage 0
+    computes the next: the pair takes the longer half, not both. A lost bet costs no time
+    (stage 0 would have waited), so the prediction never falls below one at a time."""
+    linked = PassCosts(Q4_0.batch_cost, step_ms=20.0, link_ms=2.0)
+    assert ahead_pass_ms(linked, 4, stages=2) == pytest.approx(2.60 * 20.0 / 2 + 2.0)
+    assert ahead_pass_ms(linked, 4, stages=4) == pytest.approx(2.60 * 20.0 * 3 / 4 + 2.0)
+    sync = predicted_speedup(0.8, 3, linked)
+    ahead = predicted_speedup(0.8, 3, linked, stages=2)
+    won = 0.8 ** 4
+    assert ahead == pytest.approx(expected_tokens(0.8, 3) * 22.0 / (
+        won * (2.60 * 10.0 + 2.0) + (1 - won) * (2.60 * 20.0 + 2.0)))
+    assert ahead > sync
+    assert predicted_speedup(0.0, 3, linked, stages=2) == pytest.approx(
+        predicted_speedup(0.0, 3, linked)), "bets that never win change nothing"
+    assert choose_draft_length(0.75, linked, stages=2) >= choose_draft_length(0.75, linked)

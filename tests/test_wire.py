@@ -134,10 +134,12 @@ def test_a_chunk_and_a_result_round_trip_through_their_messages():
                          error=ChunkError("compute", "x", "w"), batch=(3, 4))
     assert convert.result_from_proto(convert.result_to_proto(result)) == result
     verify = Chunk(pipeline_id="p", session="s", start_pos=9, tokens=(4, 5, 6, 7),
-                   want_token=True, drafted=3, draft_k=3, ring_left=10)
+                   want_token=True, drafted=3, draft_k=3, ring_left=10, draft_ahead=True,
+                   ahead=True)
     back = convert.chunk_from_proto(convert.chunk_to_proto(verify), "w")
     assert back == verify and back.drafts == (5, 6, 7) and back.verifies
-    verdict = StageResult(session="s", chunk=4, token=8, drafts=(5, 6, 7), accepted=2)
+    verdict = StageResult(session="s", chunk=4, token=8, drafts=(5, 6, 7), accepted=2,
+                          ahead=True)
     back = convert.result_from_proto(convert.result_to_proto(verdict))
     assert back == verdict and back.tokens == (5, 6, 8)
 

@@ -70,22 +70,42 @@ class PassCosts:
         return (k + 1) / self.rows_cost(k + 1)
 
 
-def predicted_speedup(acceptance: float, k: int, costs: PassCosts) -> float:
-    """Speculative tokens/s over plain tokens/s, for synchronous passes."""
+def ahead_pass_ms(costs: PassCosts, rows: int, stages: int) -> float:
+    """The time between two passes of ``rows`` rows when the second was sent ahead of the
+    verdict on the first and its bet won: the last stage verifies the first while the
+    stages before it compute the second, so the longer of the two (stages of equal
+    compute; the link is on the second's way)."""
+    compute = costs.rows_cost(rows) * costs.step_ms
+    last = compute / max(stages, 1)
+    return max(last, compute - last + costs.link_ms)
+
+
+def predicted_speedup(acceptance: float, k: int, costs: PassCosts, stages: int = 0) -> float:
+    """Speculative tokens/s over plain tokens/s: synchronous passes, or with ``stages``
+    (two or more) passes sent ahead, each winning its bet when all k drafts and the guessed
+    token are kept (probability ``acceptance ** (k + 1)``) and then overlapping the pass
+    before it (``ahead_pass_ms``); a lost bet costs only what idle stages computed."""
     if k == 0:
         return 1.0
     plain = costs.step_ms + costs.link_ms
-    spec = costs.rows_cost(k + 1) * costs.step_ms + costs.link_ms + k * costs.draft_ms
-    return expected_tokens(acceptance, k) * plain / spec
+    spec = costs.rows_cost(k + 1) * costs.step_ms + costs.link_ms
+    if stages >= 2:
+        won = acceptance ** (k + 1)
+        spec = won * ahead_pass_ms(costs, k + 1, stages) + (1 - won) * spec
+    return expected_tokens(acceptance, k) * plain / (spec + k * costs.draft_ms)
 
 
 def choose_draft_length(acceptance: float, costs: PassCosts,
                         lengths: tuple[int, ...] = DRAFT_LENGTHS,
-                        min_gain: float = MIN_GAIN) -> int:
-    """The draft length with the best predicted speedup, or 0 (speculation off) when even
-    that gains less than ``min_gain``."""
-    best = max(lengths, key=lambda k: (predicted_speedup(acceptance, k, costs), -k))
-    return best if predicted_speedup(acceptance, best, costs) >= min_gain else 0
+                        min_gain: float = MIN_GAIN, stages: int = 0) -> int:
+    """The draft length with the best predicted speedup (passes sent ahead over
+    ``stages``, when given), or 0 (speculation off) when even that gains less than
+    ``min_gain``."""
+    def gain(k: int) -> float:
+        return predicted_speedup(acceptance, k, costs, stages)
+
+    best = max(lengths, key=lambda k: (gain(k), -k))
+    return best if gain(best) >= min_gain else 0
 
 
 def speculation_allowed(params: SamplingParams) -> bool:

@@ -58,7 +58,8 @@ def send(path: DataPath, session: Session, *, want_token: bool, ring_left: int,
             session.id, start, part, want_token=want_token and last,
             sampling=session.sampling if i == first else None,
             ring_left=ring_left if last else 0, ring_stops=stops,
-            draft_k=draft_k if last else 0, draft_ahead=draft_ahead, score_rows=session.score_prompt,
+            draft_k=draft_k if last else 0, draft_ahead=draft_ahead,
+            score_rows=session.score_prompt,
             next_token=chunks[i + 1][0] if session.score_prompt and not last else None,
             copy_to=copy_to)
         if copy_to:

@@ -325,7 +325,9 @@ class RunningModel:
                                          len(session.generated))
             if (segment := self.speculator.ring_segment()) is not None:
                 ring_left = min(ring_left, segment)
-            session.draft_k = self.speculator.choose(session)
+            ahead = self.settings.speculate_ahead and bool(ring_left)
+            session.draft_k = self.speculator.choose(
+                session, ahead_stages=len(self.plan.stages) if ahead else 0)
             chunk = self._send_step(session, ring_left)
         out = self._wait(session, chunk)
         step = session.record(out)

@@ -108,8 +108,9 @@ class Speculator:
         """The most tokens a ring runs before this side decides again (None: no limit)."""
         return AUTO_SEGMENT if self.mode.kind == "auto" else None
 
-    def choose(self, session: Session) -> int:
-        """Drafts per pass for ``session``'s next passes (0: plain decoding)."""
+    def choose(self, session: Session, ahead_stages: int = 0) -> int:
+        """Drafts per pass for ``session``'s next passes (0: plain decoding);
+        ``ahead_stages``: the stages passes sent ahead overlap over (0: one at a time)."""
         if not self.mode.on or not speculation_allowed(session.sampling):
             return 0
         if self.mode.kind == "ngram":
@@ -122,7 +123,7 @@ class Speculator:
         meter.kept, meter.rejected = shadow_counts(self._drafter, session.prompt,
                                                    session.generated, SHADOW_K)
         lengths = tuple(k for k in AUTO_LENGTHS if k <= self.mode.k)
-        return choose_draft_length(meter.rate, self.costs, lengths)
+        return choose_draft_length(meter.rate, self.costs, lengths, stages=ahead_stages)
 
     def drafts(self, session: Session, budget: int, context_tokens: int,
                batch_tokens: int) -> tuple[int, ...]:

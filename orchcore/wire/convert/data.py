@@ -119,7 +119,8 @@ def chunk_to_proto(chunk: Chunk) -> pb.StageInput:
         end_session=chunk.end_session, timings=[timing_to_proto(t) for t in chunk.timings],
         batched=[chunk_to_proto(b) for b in chunk.batched], ring_left=chunk.ring_left,
         ring_stops=chunk.ring_stops, drafted=chunk.drafted, draft_k=chunk.draft_k,
-        draft_ahead=chunk.draft_ahead, ahead=chunk.ahead, score_rows=chunk.score_rows, copy_to=chunk.copy_to, embed=chunk.embed)
+        draft_ahead=chunk.draft_ahead, ahead=chunk.ahead, score_rows=chunk.score_rows,
+        copy_to=chunk.copy_to, embed=chunk.embed)
     if chunk.next_token is not None:
         msg.next_token = chunk.next_token
     if chunk.hidden is not None:
