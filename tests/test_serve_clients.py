@@ -11,43 +11,20 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import openai
 import pytest
-import uvicorn
 
 from orchestrator.cluster.client import WorkerClient
 from orchestrator.serve.app import create_app
 from orchestrator.settings import OrchSettings
 from testkit.cluster import open_model, worker_server
+from testkit.serving import running
 
 KEY = "clients-key"
 TOKEN = "clients-token"
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8,"  # greedy SmolLM2 goes on counting: a long answer
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def running(app: Any) -> Iterator[str]:
-    """``app`` served by uvicorn on loopback, in a thread; its base URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="critical"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    until(lambda: server.started, 20, "the server did not start")
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def call(base: str, method: str, path: str, body: Any = None, *,

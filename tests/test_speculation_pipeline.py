@@ -179,3 +179,41 @@ def test_passes_sent_ahead_are_the_passes_of_one_at_a_time(smollm2_path, workers
     with capsys.disabled():
         print(f"\n135M ahead ({'greedy' if sampling is GREEDY else 'seeded'}): "
               f"{spec.overlapped} of {spec.passes} passes overlapped")
+
+
+def test_serve_shows_what_speculation_kept(smollm2_path, workers, tmp_path):
+    """`orch serve --speculate`: /api/cluster (the page) gives the last answer's drafts
+    kept, tokens per pass, passes overlapped and speedup; /metrics counts them."""
+    import json
+    import urllib.request
+
+    from orchestrator.serve.app import create_app
+    from orchestrator.settings import OrchSettings
+    from testkit.serving import running
+    from testkit.waiting import wait_until
+
+    def get(base: str, path: str, body: dict | None = None) -> str:
+        request = urllib.request.Request(base + path, None if body is None else
+                                         json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+        with urllib.request.build_opener().open(request, timeout=120) as reply:
+            return reply.read().decode()
+
+    with open_model(smollm2_path, workers, None, tmp_path, speculate="ngram:4",
+                    context_tokens=1024) as model, \
+            running(create_app(model, "smollm2", OrchSettings.load(max_tokens=48))) as base:
+        idle = json.loads(get(base, "/api/cluster"))
+        assert idle["speculation"] is None, "no answer yet"
+        get(base, "/v1/chat/completions", {"messages": [{"role": "user", "content": COPY}],
+                                           "temperature": 0, "max_tokens": 48})
+        spec = wait_until(lambda: json.loads(get(base, "/api/cluster"))["speculation"], 10,
+                          "the answer's speculation on /api/cluster")  # once it has ended
+        assert spec["mode"] == "ngram:4" and 0 < spec["accepted"] <= spec["drafted"]
+        assert spec["tokens_per_pass"] > 1 and spec["overlapped"] <= spec["passes"]
+        assert spec["speedup"] is not None and spec["speedup"] > 0
+        metrics = get(base, "/metrics")
+    counted = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+               if line.startswith("orch_speculation")}
+    assert counted["orch_speculation_drafted_tokens_total"] == spec["drafted"]
+    assert counted["orch_speculation_accepted_tokens_total"] == spec["accepted"]
+    assert counted['orch_speculation_passes_total{overlapped="yes"}'] == spec["overlapped"]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import platform
-import statistics
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
@@ -431,18 +430,14 @@ def _speculation_rows(table: Table, stats: GenerationStats, model: RunningModel)
     spec = stats.speculation
     if not model.speculator.mode.on or not spec.passes:
         return
-    table.add_row("speculation", f"{model.settings.speculate}: {spec.accepted}/{spec.drafted} "
-                                 f"drafts kept (acceptance {spec.acceptance:.2f}), "
-                                 f"{spec.tokens_per_pass:.2f} tokens/pass"
-                                 + (f", {spec.overlapped}/{spec.passes} passes overlapped"
+    s = spec.summary(model.settings.speculate, stats.decode_tokens, stats.decode_s,
+                     model.speculator.costs)
+    table.add_row("speculation", f"{s['mode']}: {s['accepted']}/{s['drafted']} drafts kept "
+                                 f"(acceptance {s['acceptance']:.2f}), "
+                                 f"{s['tokens_per_pass']:.2f} tokens/pass"
+                                 + (f", {s['overlapped']}/{s['passes']} passes overlapped"
                                     if model.settings.speculate_ahead else ""))
-    costs = model.speculator.costs
-    if spec.plain_pass_s:
-        plain_s = statistics.median(spec.plain_pass_s)
-    elif costs is not None:
-        plain_s = (costs.step_ms + costs.link_ms) / 1e3
-    else:
-        return
-    actual_s = stats.decode_s / stats.decode_tokens
-    table.add_row("speedup against plain decoding",
-                  f"{plain_s / actual_s:.2f}x (plain estimate {plain_s * 1e3:.1f} ms/token)")
+    if s["speedup"] is not None:
+        table.add_row("speedup against plain decoding",
+                      f"{s['speedup']:.2f}x (plain estimate "
+                      f"{s['plain_ms_per_token']:.1f} ms/token)")

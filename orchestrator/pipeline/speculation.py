@@ -89,6 +89,30 @@ class SpeculationStats:
     def tokens_per_pass(self) -> float:
         return (self.accepted + self.passes) / self.passes if self.passes else 0.0
 
+    def plain_estimate_s(self, costs: PassCosts | None) -> float | None:
+        """What one token would have taken without speculation: the median pass of this
+        answer that carried no drafts and went one at a time, else the measured one-row
+        pass; None when neither is known."""
+        if self.plain_pass_s:
+            return statistics.median(self.plain_pass_s)
+        if costs is not None:
+            return (costs.step_ms + costs.link_ms) / 1e3
+        return None
+
+    def summary(self, mode: str, decode_tokens: int, decode_s: float,
+                costs: PassCosts | None) -> dict:
+        """What ``--stats``, the serve page and ``/api/cluster`` show of an answer's
+        speculation: drafts kept, acceptance, tokens per pass, passes overlapped, and the
+        speedup against the plain estimate (None when unknown)."""
+        plain_s = self.plain_estimate_s(costs)
+        actual_s = decode_s / decode_tokens if decode_tokens else None
+        return {"mode": mode, "passes": self.passes, "drafted": self.drafted,
+                "accepted": self.accepted, "acceptance": round(self.acceptance, 4),
+                "tokens_per_pass": round(self.tokens_per_pass, 4),
+                "overlapped": self.overlapped,
+                "plain_ms_per_token": plain_s * 1e3 if plain_s else None,
+                "speedup": plain_s / actual_s if plain_s and actual_s else None}
+
 
 class Speculator:
     """A running model's speculation: its mode, measured batch costs, and the acceptance

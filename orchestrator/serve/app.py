@@ -418,7 +418,8 @@ class _State:
 
     def cluster(self) -> dict:
         """The plan; each stage's health, memory, codec to the next stage, and speed
-        (answers in flight first, else the last one); the context and answer lengths."""
+        (answers in flight first, else the last one) with what its speculation kept; the
+        context and answer lengths."""
         watched = next(iter(self.live.running.values()), None) or self.live.last
         plan, stages = self.model.plan, []
         for s in plan.stages:
@@ -435,8 +436,13 @@ class _State:
                            "tokens_per_s": 1e3 / ms if ms else None})
         rate = (watched.decode_tokens / watched.decode_s
                 if watched and watched.decode_s else None)
+        speculation = (watched.speculation.summary(
+            self.model.settings.speculate, watched.decode_tokens, watched.decode_s,
+            self.model.speculator.costs)
+            if watched and self.model.speculator.mode.on and watched.speculation.passes
+            else None)
         return {"model": self.names[0], "layers": plan.n_layers, "stages": stages,
-                "tokens_per_s": rate, "answers": self.live.answers,
+                "tokens_per_s": rate, "speculation": speculation, "answers": self.live.answers,
                 "context_tokens": plan.context_tokens, "max_tokens": self.settings.max_tokens,
                 "sessions": {"slots": self.gate.slots, "active": self.gate.active,
                              "waiting": self.gate.waiting}}

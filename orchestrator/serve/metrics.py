@@ -36,6 +36,13 @@ class Metrics:
                                    registry=r)
         self.stage_compute = Counter("orch_stage_compute_seconds", "Compute time of each "
                                      "stage in decode steps", ["stage", "worker"], registry=r)
+        self.drafted = Counter("orch_speculation_drafted_tokens", "Drafted tokens sent for "
+                               "verification", registry=r)
+        self.accepted = Counter("orch_speculation_accepted_tokens", "Drafted tokens the "
+                                "verdicts kept", registry=r)
+        self.passes = Counter("orch_speculation_passes", "Decode passes of speculating "
+                              "answers, and those sent ahead that overlapped the pass before",
+                              ["overlapped"], registry=r)
         self.failovers = Counter("orch_failovers", "Answers that went on after a worker "
                                  "failed", registry=r)
         Gauge("orch_queue_depth", "Requests waiting for a session",
@@ -56,6 +63,12 @@ class Metrics:
             self.first_token.observe(stats.first_token_s)
         if stats.decode_tokens:
             self.per_token.observe(stats.decode_s / stats.decode_tokens)
+        spec = stats.speculation
+        if spec.drafted:
+            self.drafted.inc(spec.drafted)
+            self.accepted.inc(spec.accepted)
+            self.passes.labels("yes").inc(spec.overlapped)
+            self.passes.labels("no").inc(spec.passes - spec.overlapped)
         workers = {s.index: s.worker for s in self._model.plan.stages}
         for stage, ms in stats.compute_ms.items():
             self.stage_compute.labels(str(stage), workers.get(stage, "?")).inc(ms / 1e3)
