@@ -3,10 +3,12 @@ the pipeline.
 
     python bench/speculation.py --rounds 3 --tokens 96 --k 4
     python bench/speculation.py --pipeline --rounds 3 --tokens 64 --k 4
+    python bench/speculation.py --pipeline --generated --rounds 3 --tokens 64 --k 4
 
 ``--pipeline``: two local workers pinned to separate cores, one thread each (as
-``bench/throughput.py``), the token ring on; per task the plain pipeline, ``ngram:K`` and
-``auto`` in alternating order each round, decode tokens/s from the session's own stats;
+``bench/throughput.py``), the token ring on; per task the plain pipeline, ``ngram:K`` one
+pass at a time (``sync``) and with passes sent ahead (``ahead``), and ``auto``, in
+alternating order each round, decode tokens/s from the session's own stats;
 beside them the batch-cost ceiling (k+1) / c(k+1) and the cost model's prediction, with
 c(n) measured through the same pipeline in the same run (``measure_costs``: the stages'
 compute time for a verification chunk of n rows).
@@ -33,6 +35,7 @@ import llama_cpp
 from _common import console, median, print_header
 from rich.table import Table
 
+from orchcore import modelgen
 from orchcore.engine import EngineConfig, StageEngine
 from orchcore.llama_ext import init_backend
 from orchcore.paths import cache_dir
@@ -46,6 +49,7 @@ from orchestrator.pipeline.speculation import SpeculationStats, measure_costs
 from orchestrator.text.tokenizer import Tokenizer
 from testkit.chain import Chain, ChainTarget
 from testkit.cluster import GREEDY, greedy_tokens, open_model
+from testkit.models import generated_model
 
 TASKS = {
     "copy with an edit": "Repeat this paragraph exactly, but write 'evening' instead of "
@@ -58,6 +62,12 @@ TASKS = {
     "    return total\n",
 }
 Q4_0 = 2  # llama_ftype LLAMA_FTYPE_MOSTLY_Q4_0
+
+
+# Token ids for the generated 1B (random weights, no chat template): greedy decoding of
+# such weights falls into a short cycle, which prompt lookup then drafts (synthetic).
+SYNTHETIC = {"synthetic: a cycle": [1, 17, 300, 42, 99, 17, 300, 42, 5, 17, 300, 42, 99],
+             "synthetic: counting": [1, *range(1000, 1040)]}
 
 
 def requantized(source: Path) -> Path:
@@ -233,7 +243,16 @@ def main() -> None:
                     help="through two pinned local workers instead of in process")
     ap.add_argument("--shipped", action="store_true",
                     help="the model as shipped (Q4_1), not requantized to Q4_0")
+    ap.add_argument("--generated", action="store_true",
+                    help="with --pipeline: the generated 1B-shaped Q4_0 (random weights) on a "
+                         "synthetic prompt it repeats, instead of the 135M")
     args = ap.parse_args()
+    if args.pipeline and args.generated:
+        print_header(console(), "Speculative decoding through the pipeline, generated 1B "
+                                "(synthetic: random weights on a prompt they repeat)")
+        model = generated_model(modelgen.preset("bench-1b-q4_0"), "1b.gguf")
+        pipeline_main(args, model, SYNTHETIC)
+        return
     if args.pipeline:
         print_header(console(), "Speculative decoding through the pipeline (prompt lookup)")
         shipped = resolve_model("smollm2-135m", progress=False)

@@ -31,10 +31,12 @@ def test_lookup_prefers_the_longest_suffix():
     assert PromptLookup(max_ngram=2).propose(context, 3).tokens == (5, 5, 1), "latest 2-gram"
 
 
-def test_lookup_caps_at_k_and_at_the_end_of_the_context():
+def test_lookup_caps_at_k_and_copies_on_over_its_own_copy_at_the_end():
     context = [4, 5, 6, 4, 5]
     assert PromptLookup().propose(context, 1).tokens == (6,)
-    assert PromptLookup().propose(context, 8).tokens == (6, 4, 5), "runs up to the end"
+    assert PromptLookup().propose(context, 8).tokens == (6, 4, 5, 6, 4, 5, 6, 4), \
+        "a text that repeats every 3 tokens goes on repeating"
+    assert PromptLookup().propose([9, 9], 3).tokens == (9, 9, 9)
 
 
 def test_lookup_without_a_match_proposes_nothing():

@@ -43,7 +43,10 @@ class Drafter(Protocol):
 
 class PromptLookup:
     """The longest suffix of the context (``max_ngram`` down to ``min_ngram`` tokens) that
-    occurred earlier in it; proposes what followed its latest earlier occurrence."""
+    occurred earlier in it; proposes what followed its latest earlier occurrence. When that
+    runs into the end of the context (the text repeats with a period shorter than ``k``),
+    the copy goes on over what it has copied, as an LZ77 copy does: ``a b a b`` proposes
+    ``a b a b ...``, not one token."""
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
         if not 1 <= min_ngram <= max_ngram:
@@ -58,8 +61,11 @@ class PromptLookup:
         for n in range(min(self.max_ngram, len(tokens) - 1), self.min_ngram - 1, -1):
             start = _latest_earlier(tokens, n)
             if start is not None:
-                follow = tokens[start + n:start + n + k]
-                return Draft(tuple(int(t) for t in follow))
+                copied = [int(t) for t in tokens[start + n:start + n + k]]
+                period = len(tokens) - n - start
+                while len(copied) < k:
+                    copied.append(copied[len(copied) - period])
+                return Draft(tuple(copied))
         return NO_DRAFT
 
 
