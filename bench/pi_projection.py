@@ -91,8 +91,8 @@ def main() -> None:
     out.print("[bold]A projection from published numbers and the cost model, not a "
               "measurement[/]")
     table = Table(title=f"{STAGES} Raspberry Pi 5s in a pipeline, 1 GbE; prompt lookup")
-    for col in ("model", "c(2) c(5) c(9)", "plain tok/s", "task (a)", "auto's K", "sync tok/s (same K)",
-                "ahead tok/s", "x", "distributed-llama tok/s"):
+    for col in ("model", "c(2) c(5) c(9)", "plain tok/s", "task (a)", "auto's K",
+                "sync tok/s (same K)", "ahead tok/s", "x", "distributed-llama tok/s"):
         table.add_column(col, justify="right")
     for shape in SHAPES:
         step_ms = shape.step_s() * 1e3
