@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from orchcore.errors import InvalidSettingError
-from orchcore.speculation.decode import shadow_counts
+from orchcore.speculation.cost import PassCosts, choose_by_replay, replayed_speedup
+from orchcore.speculation.decode import Lookahead, lookaheads
 from orchcore.speculation.drafters import PromptLookup
 from orchcore.speculation.mode import DEFAULT_K, SpeculationMode, parse_mode
 from orchestrator.settings import OrchSettings
@@ -30,11 +31,34 @@ def test_refused_modes_say_what_to_write(text, says):
         OrchSettings.load(speculate=text)
 
 
-def test_shadow_acceptance_counts_what_verified_passes_would_keep():
+def test_lookaheads_measure_what_lookup_proposed_against_what_came():
     prompt = [1, 2, 3, 4, 5, 6]
-    # Pending 1; lookup of [..., 1] drafts 2 3 4 5: the answer keeps 2 3, then says 9
-    # (one rejection); pending 9 has no earlier occurrence: a pass without drafts.
+    # Pending 1: lookup of [..., 1] proposes 2 3 4 5; the answer had 2 3, then 9.
     answer = [1, 2, 3, 9, 7]
-    assert shadow_counts(PromptLookup(), prompt, answer, 4) == (2, 1)
-    assert shadow_counts(PromptLookup(), prompt, [1, 2, 3, 4, 5], 4) == (4, 0)
-    assert shadow_counts(PromptLookup(), prompt, [8], 4) == (0, 0)
+    assert lookaheads(PromptLookup(), prompt, answer, 0, 4) == [Lookahead(4, 2)], \
+        "only positions with 4 known tokens after them"
+    assert lookaheads(PromptLookup(), prompt, answer, 0, 4, partial=True) == [
+        Lookahead(4, 2), Lookahead(3, 1), Lookahead(2, 0), Lookahead(0, 0)], \
+        "later ones cut to what is known; 9 never occurred before: nothing proposed"
+    assert lookaheads(PromptLookup(), prompt, answer, 1, 4, partial=True)[0] == (3, 1)
+
+
+def test_auto_replays_the_passes_each_k_would_have_made():
+    costs = PassCosts({2: 1.2, 3: 1.4, 5: 2.0}, step_ms=10.0)
+    copying = [Lookahead(4, 4)] * 10  # every proposal right, none beyond four
+    assert replayed_speedup(copying, 4, costs) == pytest.approx(10 * 10 / (2 * 20.0))
+    betting = [Lookahead(5, 5)] * 10  # and the guess after four drafts right too
+    assert replayed_speedup(betting, 4, costs, stages=2) == pytest.approx(
+        10 * 10 / (20.0 + 10.0)), "the second pass went ahead of the first's verdict"
+    assert replayed_speedup(copying, 4, costs, stages=2) == replayed_speedup(copying, 4, costs)
+    nothing = [Lookahead(0, 0)] * 10
+    assert replayed_speedup(nothing, 4, costs) == 1.0, "no proposal: plain passes"
+    wrong = [Lookahead(4, 0)] * 10
+    assert replayed_speedup(wrong, 4, costs) == pytest.approx(0.5)
+    assert choose_by_replay(copying, costs, (1, 2, 4)) == 4
+    assert choose_by_replay(nothing, costs, (1, 2, 4)) == 0
+    assert choose_by_replay(wrong, costs, (1, 2, 4)) == 0, "off when it would lose"
+    bursty = [Lookahead(4, 4)] * 5 + [Lookahead(4, 0)] * 5  # a copy, then free text
+    assert choose_by_replay(bursty, costs, (1, 2, 4)) == 1, \
+        "short drafts: a long one rejected costs c(5) for one token"
+    assert replayed_speedup(bursty, 4, costs) < 1 < replayed_speedup(bursty, 1, costs)

@@ -217,3 +217,21 @@ def test_serve_shows_what_speculation_kept(smollm2_path, workers, tmp_path):
     assert counted["orch_speculation_drafted_tokens_total"] == spec["drafted"]
     assert counted["orch_speculation_accepted_tokens_total"] == spec["accepted"]
     assert counted['orch_speculation_passes_total{overlapped="yes"}'] == spec["overlapped"]
+
+
+def test_auto_measures_then_speculates_only_as_far_as_its_replay_says(smollm2_path, workers,
+                                                                      tmp_path, capsys):
+    """`auto` measures batch costs through the pipeline before its first answer, replays
+    what prompt lookup would have met for each K, and whatever it picks stays exact: the
+    same tokens as plain decoding's verified batches on the unsplit model."""
+    with open_model(smollm2_path, workers, None, tmp_path, speculate="auto") as model:
+        prompt = model.encode([{"role": "user", "content": COPY}])
+        tokens, session, stats = answer(model, prompt, n=64)
+        costs = model.speculator.costs
+        assert costs is not None and costs.step_ms > 0 and 2 in costs.batch_cost
+        assert len(session.lookaheads) >= 32, "the answer's positions were measured"
+        assert len(model.speculator.recent) > 0, "and kept for the next answers"
+    assert_unsplit_agrees(smollm2_path, session, tokens)
+    with capsys.disabled():
+        print(f"\nauto on the 135M: c(2) {costs.batch_cost[2]:.2f}, "
+              f"{stats.speculation.drafted} drafted in {stats.speculation.passes} passes")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -152,22 +152,28 @@ def _until_stop(tokens: list[int], stop: Collection[int]) -> list[int]:
     return tokens
 
 
-def shadow_counts(drafter: Drafter, prompt: Sequence[int], answer: Sequence[int], k: int
-                  ) -> tuple[int, int]:
-    """(kept, rejections) that drafting ``k`` per pass would have met on ``answer`` (the
-    tokens the target chose after ``prompt``), pass by pass as ``decode`` runs them. The
-    target's own tokens are what a greedy verdict keeps, and a sampled one keeps a
-    deterministic draft with the probability the target gives it, so this measures
-    acceptance without verifying anything: also while speculation is off."""
-    kept = rejections = 0
-    i = 0  # answer[i] is the pending token
-    while i < len(answer) - 1:
-        room = min(k, len(answer) - 1 - i)
-        draft = drafter.propose([*prompt, *answer[:i + 1]], room).tokens
-        m = 0
-        while m < len(draft) and draft[m] == answer[i + 1 + m]:
-            m += 1
-        kept += m
-        rejections += m < len(draft)
-        i += m + 1
-    return kept, rejections
+class Lookahead(NamedTuple):
+    """At one pending position of an answer: how many tokens the drafter proposed (up to
+    the depth asked) and how many of them, from the first, the answer then had."""
+
+    proposed: int
+    matched: int
+
+
+def lookaheads(drafter: Drafter, prompt: Sequence[int], answer: Sequence[int], start: int,
+               depth: int, *, partial: bool = False) -> list[Lookahead]:
+    """What ``drafter`` proposes (room ``depth``) at each pending position ``i`` of
+    ``answer`` from ``start`` on, against the tokens the target chose after it: the
+    positions with ``depth`` tokens known after them, and with ``partial`` the later ones
+    too, each cut to the tokens known. A drafter's k proposals are the first k of its
+    ``depth`` (prompt lookup's are), so one lookahead serves every draft length."""
+    out = []
+    stop = len(answer) - 1 if partial else len(answer) - depth
+    for i in range(start, stop):
+        known = answer[i + 1:i + 1 + depth]
+        proposal = drafter.propose([*prompt, *answer[:i + 1]], len(known)).tokens
+        matched = 0
+        while matched < len(proposal) and proposal[matched] == known[matched]:
+            matched += 1
+        out.append(Lookahead(len(proposal), matched))
+    return out

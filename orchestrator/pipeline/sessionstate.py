@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from orchcore.chunks import NO_TOKEN, RowScore, StageResult, StageTiming
 from orchcore.sampling import SamplingParams, TokenLogprobs
+from orchcore.speculation.decode import Lookahead
 from orchestrator.pipeline.ring import TokenRing
 from orchestrator.pipeline.speculation import Pass, SpeculationStats
 
@@ -63,6 +64,8 @@ class Session:
     limit: int = 0  # tokens this answer may generate
     ring: TokenRing | None = None  # while the last stage feeds this session's steps itself
     draft_k: int = 0  # drafts per pass now (0: plain decoding)
+    lookaheads: list[Lookahead] = field(default_factory=list)  # auto: what prompt lookup
+    #                                  proposed at each position of the answer, and met
     # prompt logprobs: the last stage scores every prompt row; row i scores token i + 1
     score_prompt: bool = False
     prompt_scores: list[RowScore] = field(default_factory=list)

@@ -1,13 +1,14 @@
 """Speculative decoding as the orchestrator runs it: how many tokens a session drafts per
 pass, the drafts of the passes it sends itself, and what every pass cost and kept.
 
-``ngram`` drafts a fixed K per pass. ``auto`` chooses K with the cost model
-(``orchcore.speculation.cost``) over batch costs measured through this very pipeline
-(``measure_costs``: a verification chunk of each size, timed by the stages themselves) and
-the acceptance prompt lookup meets on the session's own answer so far (``shadow_counts``,
-which needs no verification, so it is measured while speculation is off too), starting from
-what earlier answers met. With the token ring, ``auto`` runs the ring in segments of
-``AUTO_SEGMENT`` tokens and decides again between them; K = 0 is plain decoding.
+``ngram`` drafts a fixed K per pass. ``auto`` chooses K by replaying the latest answers'
+passes for each K (``cost.replayed_speedup``) over batch costs measured through this very
+pipeline (``measure_costs``: a verification chunk of each size, timed by the stages
+themselves): what prompt lookup proposed at each position of the answer so far, against the
+tokens the target chose there (``decode.lookaheads``, which needs no verification, so it is
+measured while speculation is off too), after what earlier answers met. With the token
+ring, ``auto`` runs the ring in segments of ``AUTO_SEGMENT`` tokens and decides again
+between them; K = 0 is plain decoding.
 
 The drafts a session's passes carry are a pure function of its tokens and K, whether the
 last stage drafts them (the ring) or this side does: a session rebuilt after a failover
@@ -19,18 +20,14 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from orchcore.sampling import SamplingParams
-from orchcore.speculation.cost import (
-    AcceptanceMeter,
-    PassCosts,
-    choose_draft_length,
-    speculation_allowed,
-)
-from orchcore.speculation.decode import draft_room, shadow_counts
+from orchcore.speculation.cost import PassCosts, choose_by_replay, speculation_allowed
+from orchcore.speculation.decode import Lookahead, draft_room, lookaheads
 from orchcore.speculation.drafters import PromptLookup
 from orchcore.speculation.mode import SpeculationMode
 
@@ -44,7 +41,9 @@ AUTO_SEGMENT = 16  # tokens of a ring between two decisions of auto
 AUTO_LENGTHS = (1, 2, 3, 4, 6, 8)  # K auto chooses from: batch sizes measured up to 9 rows
 COST_ROWS = (1, 2, 3, 5, 9)  # verification batch sizes timed by measure_costs
 COST_REPEATS = 3
-SHADOW_K = 4  # drafts per pass when acceptance is measured on an answer
+REPLAY_WINDOW = 128  # positions of the latest answers auto replays to choose K
+REPLAY_MIN = 4  # positions measured before auto speculates at all
+REPLAY_DEPTH = max(AUTO_LENGTHS) + 1  # the longest draft, and the guess of a bet after it
 
 
 @dataclass(frozen=True)
@@ -121,7 +120,7 @@ class Speculator:
     def __init__(self, mode: SpeculationMode, costs: PassCosts | None = None) -> None:
         self.mode = mode
         self.costs = costs
-        self.history = AcceptanceMeter()  # every answer's shadow acceptance
+        self.recent: deque[Lookahead] = deque(maxlen=REPLAY_WINDOW)  # earlier answers'
         self._drafter = PromptLookup()
 
     @property
@@ -139,15 +138,23 @@ class Speculator:
             return 0
         if self.mode.kind == "ngram":
             return self.mode.k
-        if self.costs is None or (len(session.generated) < AUTO_SEGMENT // 2
-                                  and not self.history.passes):
+        if self.costs is None:
+            return 0
+        window = self._window(session)
+        if len(window) < REPLAY_MIN:
             return 0  # nothing measured yet: plain, until the answer shows what drafts meet
-        meter = AcceptanceMeter(prior_kept=2 * self.history.rate,
-                                prior_rejected=2 * (1 - self.history.rate))
-        meter.kept, meter.rejected = shadow_counts(self._drafter, session.prompt,
-                                                   session.generated, SHADOW_K)
         lengths = tuple(k for k in AUTO_LENGTHS if k <= self.mode.k)
-        return choose_draft_length(meter.rate, self.costs, lengths, stages=ahead_stages)
+        return choose_by_replay(window, self.costs, lengths, stages=ahead_stages)
+
+    def _window(self, session: Session) -> list[Lookahead]:
+        """The latest ``REPLAY_WINDOW`` positions with what prompt lookup proposed there:
+        earlier answers', then this one's (kept as they are measured; the last few, whose
+        following tokens are not all known yet, measured afresh each time)."""
+        session.lookaheads += lookaheads(self._drafter, session.prompt, session.generated,
+                                         len(session.lookaheads), REPLAY_DEPTH)
+        fresh = lookaheads(self._drafter, session.prompt, session.generated,
+                           len(session.lookaheads), REPLAY_DEPTH, partial=True)
+        return [*self.recent, *session.lookaheads, *fresh][-REPLAY_WINDOW:]
 
     def drafts(self, session: Session, budget: int, context_tokens: int,
                batch_tokens: int) -> tuple[int, ...]:
@@ -160,12 +167,9 @@ class Speculator:
         return self._drafter.propose([*session.prompt, *session.generated], room).tokens
 
     def finished(self, session: Session) -> None:
-        """Learn the acceptance ``session``'s answer met, for the answers after it."""
-        kept, rejected = shadow_counts(self._drafter, session.prompt, session.generated,
-                                       SHADOW_K)
-        self.history.kept += kept
-        self.history.rejected += rejected
-        self.history.passes += kept + rejected > 0
+        """Learn what drafts met on ``session``'s answer, for the answers after it."""
+        if self.mode.kind == "auto" and session.generated:
+            self.recent.extend(self._window(session)[-len(session.generated):])
 
 
 def measure_costs(path: DataPath, session: str, prompt: Sequence[int], batch_tokens: int,
