@@ -97,7 +97,7 @@ class Stage:
         self.subscribers = Subscribers(self.index)
         self.verdicts = Verdicts(engine.n_vocab, engine.vocab) if role.is_last else None
         self._inbox: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
-        self._held: deque[_Item | None] = deque()  # taken, not batched: computed next
+        self._held: deque[_Item | None] = deque()  # taken, not computed yet: next, in order
         self._closing = False
         self._thread = threading.Thread(target=self._run, name=f"stage-{self.index}",
                                         daemon=True)
@@ -155,7 +155,7 @@ class Stage:
         give_up = None
         while len(sessions) < share:
             try:
-                more = self._inbox.get_nowait()
+                more = self._held.popleft() if self._held else self._inbox.get_nowait()
             except queue.Empty:
                 give_up = give_up or time.perf_counter() + wait_s
                 try:
@@ -164,7 +164,7 @@ class Stage:
                     break
             if more is None or not isinstance(more[0], Chunk) or not self.batching.joins(
                     more[0], self._held_length(more[0]), sessions, time.perf_counter()):
-                self._held.append(more)  # computed next, in order
+                self._held.appendleft(more)  # computed next, in order
                 break
             batched.append(more[0])
             sessions.append(more[0].session)
@@ -189,12 +189,27 @@ class Stage:
                     _sched_yield()
         return self._inbox.get()
 
+    def _superseded(self, chunk: Chunk) -> bool:
+        """Whether ``chunk`` is a step sent ahead whose bet was lost and whose real step is
+        already queued behind it (same session and number): skip it here, whichever stage
+        this is, instead of computing it for nothing before the real one."""
+        if not chunk.ahead:
+            return False
+        while True:  # what has come meanwhile, kept in order for the next takes
+            try:
+                self._held.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        return any(item is not None and isinstance(item[0], Chunk) and not item[0].ahead
+                   and (item[0].session, item[0].chunk) == (chunk.session, chunk.chunk)
+                   for item in self._held)
+
     def _handle(self, msg: Chunk, arrived: float) -> None:
         started = time.perf_counter()
         verdicts: list[Verdict] = []
         scores: list[TokenLogprobs | None] = []
         outputs = NO_OUTPUTS
-        if self.ring.dropped(msg) or self.ring.stale(msg):
+        if self.ring.dropped(msg) or self.ring.stale(msg) or self._superseded(msg):
             return  # a ring chunk of a session ended meanwhile, or one sent ahead in vain
         if msg.error is not None:
             pass  # an earlier stage failed: pass the error on untouched
