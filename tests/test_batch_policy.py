@@ -179,10 +179,42 @@ def test_a_step_sent_ahead_is_not_sent_again_when_its_bet_wins():
     bet = Verdict(2, 4)  # both drafts kept, then 4
     feed.send_ahead(next_step(sent, bet, (5, 6)))
     assert link.sent[-1].ahead and link.sent[-1].start_pos == 13
-    assert not feed.can_send_ahead(sent), "one step ahead per session at a time"
+    assert not feed.can_send_ahead(sent), "as many bets in flight as stages before this one"
     feed.send(sent, bet, (5, 6))
     assert len(link.sent) == 1, "the step on its way is the verdict's own"
     assert not feed.stale(link.sent[0]), "it is computed when it comes"
+    assert feed.can_send_ahead(link.sent[0]), "which bets on its own successor in turn"
+
+
+def test_bets_chain_over_three_stages_and_a_lost_one_takes_the_later_ones_with_it():
+    link = _Link()
+    feed = RingFeed(2, is_first=False, is_last=True, ring_address="stage0:1",
+                    link=lambda _address: link, home=lambda _chunk: None,  # type: ignore
+                    depth=2)
+    sent = Chunk("p", "s", chunk=3, start_pos=10, tokens=(1, 2), want_token=True,
+                 drafted=1, draft_k=1, draft_ahead=True, ring_left=8)
+    first = next_step(sent, Verdict(1, 3), (4,))
+    feed.send_ahead(first)
+    assert feed.can_send_ahead(sent), "two stages before this one: two bets"
+    second = next_step(first, Verdict(1, 5), (6,))
+    feed.send_ahead(second)
+    assert not feed.can_send_ahead(sent)
+    assert [b.chunk for b in feed.bets("s")] == [4, 5]
+    feed.send(sent, Verdict(1, 3), (4,))  # the first bet won
+    assert len(link.sent) == 2 and [b.chunk for b in feed.bets("s")] == [5]
+    lost = Verdict(0, 9)
+    feed.send(replace(first, ahead=True), lost, ())  # the second bet lost
+    ahead_first, ahead_second, real = link.sent
+    assert real == next_step(first, lost, ()) and real.chunk == 5 and not real.ahead
+    assert feed.bets("s") == []
+    assert feed.stale(ahead_second), "the lost bet comes first and is dropped"
+    assert not feed.stale(real), "then the real step"
+    feed.send_ahead(first)
+    feed.send_ahead(second)
+    feed.send(sent, lost, ())  # again, lost at once: both bets of the chain stale
+    assert feed.stale(replace(first, ahead=True))
+    assert not feed.stale(replace(first, ahead=False)), "the real step came: marks cleared"
+    assert not feed.stale(ahead_second), "skipped on the way, its number is a new bet's now"
 
 
 @pytest.mark.parametrize(("verdict", "drafts"), [

@@ -61,8 +61,8 @@ class RingFeed:
 
     def __init__(self, stage_index: int, *, is_first: bool, is_last: bool, ring_address: str,
                  link: Callable[[str], DownstreamLink], home: Callable[[Chunk], None],
-                 embed: Callable[[Sequence[int]], EmbeddedRows | None] | None = None
-                 ) -> None:
+                 embed: Callable[[Sequence[int]], EmbeddedRows | None] | None = None,
+                 depth: int = 1) -> None:
         if ring_address and not is_last:
             raise InvalidInputError(f"stage {stage_index}: only the last stage has a "
                                     f"ring_address")
@@ -72,42 +72,54 @@ class RingFeed:
         self._embed = embed  # the rows of the tokens sent, when stage 0 needs them
         # Sessions ended here, oldest first (a dict: ordered, and a set for lookups).
         self._ended: dict[str, None] = {}
-        self._ahead: dict[str, Chunk] = {}  # per session: the step sent before its verdict
+        self.depth = depth  # bets in flight per session at most: the stages before this one
+        self._ahead: dict[str, list[Chunk]] = {}  # per session: steps sent before verdicts
         self._stale: dict[str, set[int]] = {}  # per session: numbers of ahead steps to drop
 
     def can_send_ahead(self, chunk: Chunk) -> bool:
-        """Whether the ring's step after ``chunk`` may go before the verdict on it: a lone
-        ring chunk of a speculating session that asks for it, with a stage 0 elsewhere
-        (a stage that is also stage 0 has nothing to overlap)."""
+        """Whether steps after ``chunk`` may go before the verdict on it: a lone ring chunk
+        of a speculating session that asks for it, with a stage 0 elsewhere (a stage that is
+        also stage 0 has nothing to overlap), and fewer than ``depth`` bets in flight."""
         return bool(chunk.draft_ahead and chunk.draft_k and chunk.ring_left and chunk.want_token
                     and not chunk.batched and chunk.error is None and self.link is not None
-                    and chunk.session not in self._ahead)
+                    and len(self._ahead.get(chunk.session, ())) < self.depth)
+
+    def bets(self, session: str) -> list[Chunk]:
+        """The steps of ``session`` sent ahead and not yet resolved, in order."""
+        return list(self._ahead.get(session, ()))
 
     def send_ahead(self, step: Chunk) -> None:
         """Send ``step`` (the ring's step after a chunk whose verdict is not in yet, built
         for the verdict assumed) to stage 0 now, marked ``ahead``."""
         step = replace(step, ahead=True)
-        self._ahead[step.session] = step
+        self._ahead.setdefault(step.session, []).append(step)
         self._send(step)
 
     def send(self, chunk: Chunk, verdict: Verdict, drafts: tuple[int, ...] = ()) -> None:
         """Send the ring's step after ``chunk`` to stage 0, if the ring goes on, unless the
-        step sent ahead of this verdict is that very step: it is on its way. An ahead step
-        that is not is marked stale, and dropped here when it arrives."""
+        first step sent ahead of this verdict is that very step: it is on its way, and the
+        bets after it stand. Otherwise every bet in flight is marked stale (each built on
+        this one), and dropped here when it arrives."""
         step = next_step(chunk, verdict, drafts)
-        ahead = self._ahead.get(chunk.session)
-        if ahead is not None and ahead.chunk == chunk.chunk + 1:
-            del self._ahead[chunk.session]
-            if step is not None and replace(step, ahead=True) == ahead:
-                return
-            self._stale.setdefault(chunk.session, set()).add(ahead.chunk)
+        bets = self._ahead.pop(chunk.session, [])
+        if bets and step is not None and replace(step, ahead=True) == bets[0]:
+            if len(bets) > 1:
+                self._ahead[chunk.session] = bets[1:]
+            return
+        if bets:
+            self._stale.setdefault(chunk.session, set()).update(b.chunk for b in bets)
         if step is not None:
             self._send(step)
 
     def stale(self, chunk: Chunk) -> bool:
         """Whether ``chunk`` was sent ahead of a verdict that did not lead to it (drop it:
-        the step sent instead follows with its number)."""
-        numbers = self._stale.get(chunk.session) if chunk.ahead else None
+        the step sent instead follows with its number). A real step clears its session's
+        marks: the bets it replaced were all sent before it, so they have come by now, or
+        were skipped on the way (``Stage._superseded``), and their numbers go to new ones."""
+        if not chunk.ahead:
+            self._stale.pop(chunk.session, None)
+            return False
+        numbers = self._stale.get(chunk.session)
         if not numbers or chunk.chunk not in numbers:
             return False
         numbers.discard(chunk.chunk)

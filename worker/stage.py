@@ -90,7 +90,8 @@ class Stage:
         self.next = link(request.next_address) if request.next_address else None
         self.ring = RingFeed(self.index, is_first=role.is_first, is_last=role.is_last,
                              ring_address=request.ring_address, link=link, home=self.submit,
-                             embed=engine.embedding_rows)
+                             embed=engine.embedding_rows,
+                             depth=max(1, request.stage_count - 1))
         self.batching = BatchPolicy(
             min(engine.config.max_sessions, engine.config.batch_tokens) if role.is_first
             else 1, request.stage_count, engine.config.context_tokens)
@@ -190,9 +191,10 @@ class Stage:
         return self._inbox.get()
 
     def _superseded(self, chunk: Chunk) -> bool:
-        """Whether ``chunk`` is a step sent ahead whose bet was lost and whose real step is
-        already queued behind it (same session and number): skip it here, whichever stage
-        this is, instead of computing it for nothing before the real one."""
+        """Whether ``chunk`` is a step sent ahead whose bet was lost: a real step of its
+        session numbered at or below it is already queued behind it (the last stage sends
+        one only when a bet up to there lost, and every later bet built on it). Skip it
+        here, whichever stage this is, instead of computing it before the real one."""
         if not chunk.ahead:
             return False
         while True:  # what has come meanwhile, kept in order for the next takes
@@ -201,7 +203,7 @@ class Stage:
             except queue.Empty:
                 break
         return any(item is not None and isinstance(item[0], Chunk) and not item[0].ahead
-                   and (item[0].session, item[0].chunk) == (chunk.session, chunk.chunk)
+                   and item[0].session == chunk.session and item[0].chunk <= chunk.chunk
                    for item in self._held)
 
     def _handle(self, msg: Chunk, arrived: float) -> None:
@@ -268,18 +270,24 @@ class Stage:
             raise broken_ring
 
     def _send_ahead(self, msg: Chunk) -> None:
-        """Asynchronous speculation: before computing ``msg``, send the ring's step that
-        would follow the verdict prompt lookup expects (every draft kept, then its guess), so
-        stage 0 computes it while this stage verifies ``msg``. ``_publish`` then sends the
-        real step only when the verdict differs (``RingFeed.send``)."""
-        assumed = self.verdicts.guess(msg)
-        if assumed is None:
-            return
+        """Asynchronous speculation: before computing ``msg``, send the ring's steps that
+        would follow the verdicts prompt lookup expects (every draft kept, then its guess),
+        each built on the one before, up to one per stage before this one, so those stages
+        compute them while this one verifies. ``_publish`` then sends the real step only
+        when a verdict differs (``RingFeed.send``)."""
+        chain = [msg, *self.ring.bets(msg.session)]
         config = self.engine.config
-        room = ring_draft_room(msg, assumed, config.context_tokens, config.batch_tokens)
-        step = next_step(msg, assumed, self.verdicts.draft(msg, assumed, room))
-        if step is not None:
+        while self.ring.can_send_ahead(msg):
+            last = chain[-1]
+            assumed = self.verdicts.guess(chain)
+            if assumed is None:
+                return
+            room = ring_draft_room(last, assumed, config.context_tokens, config.batch_tokens)
+            step = next_step(last, assumed, self.verdicts.draft_after(chain, assumed, room))
+            if step is None:
+                return
             self.ring.send_ahead(step)
+            chain.append(step)
 
     def _set_fault(self, exc: BaseException) -> None:
         if self.fault is None:

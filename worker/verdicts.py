@@ -90,12 +90,24 @@ class Verdicts:
             return ()
         return self._drafter.propose(self.kept(chunk, verdict), room).tokens
 
-    def guess(self, chunk: Chunk) -> Verdict | None:
-        """The verdict on ``chunk`` that prompt lookup expects, before it is computed:
-        every draft kept, then the token the lookup proposes next; None when it has none."""
-        context = [*self._history.get(chunk.session, [])[:chunk.start_pos], *chunk.tokens]
-        proposed = self._drafter.propose(context, 1).tokens
-        return Verdict(chunk.drafted, proposed[0]) if proposed else None
+    def guess(self, chain: list[Chunk]) -> Verdict | None:
+        """The verdict on the last of ``chain`` (a chunk, then the steps sent ahead after
+        it) that prompt lookup expects before any is computed: every draft of each kept,
+        then the token the lookup proposes next; None when it has none."""
+        proposed = self._drafter.propose(self._assumed(chain), 1).tokens
+        return Verdict(chain[-1].drafted, proposed[0]) if proposed else None
+
+    def draft_after(self, chain: list[Chunk], verdict: Verdict, room: int) -> tuple[int, ...]:
+        """``draft`` for the last of ``chain`` had every chunk of it been kept whole."""
+        if room <= 0:
+            return ()
+        return self._drafter.propose([*self._assumed(chain), verdict.token], room).tokens
+
+    def _assumed(self, chain: list[Chunk]) -> list[int]:
+        """The session's tokens had every chunk of ``chain`` (consecutive) been kept."""
+        first = chain[0]
+        return [*self._history.get(first.session, [])[:first.start_pos],
+                *(t for c in chain for t in c.tokens)]
 
     def _sampler(self, chunk: Chunk) -> TokenSampler:
         sampler = self._samplers.get(chunk.session)
