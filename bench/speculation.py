@@ -11,7 +11,7 @@ beside them the batch-cost ceiling (k+1) / c(k+1) and the cost model's predictio
 c(n) measured through the same pipeline in the same run (``measure_costs``: the stages'
 compute time for a verification chunk of n rows).
 
-The real SmolLM2-135M requantized to Q4_0 (cached in the orch cache; its batches are
+The real SmolLM2-135M requantized to Q4_0 (cached in the test model cache; its batches are
 cheap on x86, FINDINGS 11), one thread pinned to one core, as one engine and as a chain of
 two engines in this process. Three tasks: copying a paragraph with one edit (input
 grounded), free chat, and code. Per task: plain and speculative tokens/s (medians of
@@ -22,20 +22,16 @@ alternating rounds), acceptance, tokens per pass, the measured batch-cost ceilin
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import llama_cpp
 from _common import console, median, print_header
 from rich.table import Table
 
 from orchcore.engine import EngineConfig, StageEngine
-from orchcore.llama_ext import init_backend
-from orchcore.paths import cache_dir
 from orchcore.speculation.cost import PassCosts, expected_tokens
 from orchcore.speculation.decode import DecodeStats, EngineTarget, Target, decode
 from orchcore.speculation.drafters import PromptLookup
@@ -46,6 +42,7 @@ from orchestrator.pipeline.speculation import SpeculationStats, measure_costs
 from orchestrator.text.tokenizer import Tokenizer
 from testkit.chain import Chain, ChainTarget
 from testkit.cluster import GREEDY, greedy_tokens, open_model
+from testkit.models import requantized_model
 
 TASKS = {
     "copy with an edit": "Repeat this paragraph exactly, but write 'evening' instead of "
@@ -57,28 +54,6 @@ TASKS = {
     "def add_all(values):\n    total = 0\n    for value in values:\n        total += value\n"
     "    return total\n",
 }
-Q4_0 = 2  # llama_ftype LLAMA_FTYPE_MOSTLY_Q4_0
-
-
-def requantized(source: Path) -> Path:
-    """``source`` requantized to Q4_0, made once into the orch cache."""
-    dest = cache_dir() / "bench" / f"{source.stem}.requant-Q4_0.gguf"
-    if dest.exists():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    init_backend()  # llama.cpp's log to logging
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = Q4_0
-    params.allow_requantize = True
-    params.nthread = 1
-    part = dest.with_suffix(".part")
-    code = llama_cpp.llama_model_quantize(str(source).encode(), str(part).encode(),
-                                          ctypes.byref(params))
-    if code != 0:
-        part.unlink(missing_ok=True)
-        raise SystemExit(f"llama_model_quantize failed with code {code}")
-    part.rename(dest)
-    return dest
 
 
 def batch_costs(target: Target, sizes: list[int], repeats: int = 9) -> dict[int, float]:
@@ -221,7 +196,7 @@ def main() -> None:
     if args.pipeline:
         print_header(console(), "Speculative decoding through the pipeline (prompt lookup)")
         shipped = resolve_model("smollm2-135m", progress=False)
-        model = shipped if args.shipped else requantized(shipped)
+        model = shipped if args.shipped else requantized_model(shipped)
         with Tokenizer.from_gguf(model) as tok:
             prompts = {t: tok.encode_chat([{"role": "user", "content": m}])
                        for t, m in TASKS.items()}
@@ -230,7 +205,7 @@ def main() -> None:
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[-1]})
     out = console()
     print_header(out, "Speculative decoding in process (prompt lookup)")
-    model = requantized(resolve_model("smollm2-135m", progress=False))
+    model = requantized_model(resolve_model("smollm2-135m", progress=False))
     tok = Tokenizer.from_gguf(model)
     prompts = {t: tok.encode_chat([{"role": "user", "content": m}]) for t, m in TASKS.items()}
     stop = set(tok.end_of_generation)
