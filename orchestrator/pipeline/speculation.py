@@ -1,17 +1,21 @@
 """Speculative decoding as the orchestrator runs it: how many tokens a session drafts per
 pass, the drafts of the passes it sends itself, and what every pass cost and kept.
 
-``ngram`` drafts a fixed K per pass. ``auto`` chooses K with the cost model
-(``orchcore.speculation.cost``) over batch costs measured through this very pipeline
-(``measure_costs``: a verification chunk of each size, timed by the stages themselves) and
-the acceptance prompt lookup meets on the session's own answer so far (``shadow_counts``,
-which needs no verification, so it is measured while speculation is off too), starting from
-what earlier answers met. With the token ring, ``auto`` runs the ring in segments of
-``AUTO_SEGMENT`` tokens and decides again between them; K = 0 is plain decoding.
+``ngram`` drafts a fixed K per pass by prompt lookup; ``draft:MODEL`` drafts K per pass
+with a draft model on this machine (``drafting.HostDraft``), so its sessions' passes are
+sent from here and the ring does not run for them (``drafts_here``). ``auto`` chooses K
+with the cost model (``orchcore.speculation.cost``) over batch costs measured through this
+very pipeline (``measure_costs``: a verification chunk of each size, timed by the stages
+themselves) and the acceptance prompt lookup meets on the session's own answer so far
+(``shadow_counts``, which needs no verification, so it is measured while speculation is
+off too), starting from what earlier answers met. With the token ring, ``auto`` runs the
+ring in segments of ``AUTO_SEGMENT`` tokens and decides again between them; K = 0 is plain
+decoding.
 
 The drafts a session's passes carry are a pure function of its tokens and K, whether the
 last stage drafts them (the ring) or this side does: a session rebuilt after a failover
-goes on with the very passes it would have made.
+goes on with the very passes it would have made (a draft model's too: it drafts greedily
+from the session's tokens alone).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from orchcore.errors import InvalidSettingError
 from orchcore.sampling import SamplingParams
 from orchcore.speculation.cost import (
     AcceptanceMeter,
@@ -36,6 +41,7 @@ from orchcore.speculation.mode import SpeculationMode
 
 if TYPE_CHECKING:
     from orchestrator.pipeline.datapath import DataPath
+    from orchestrator.pipeline.drafting import HostDraft
     from orchestrator.pipeline.session import Session
 
 log = logging.getLogger(__name__)
@@ -89,14 +95,29 @@ class SpeculationStats:
 
 
 class Speculator:
-    """A running model's speculation: its mode, measured batch costs, and the acceptance
-    earlier answers met."""
+    """A running model's speculation: its mode, measured batch costs, the acceptance
+    earlier answers met, and for ``draft:MODEL`` the draft model (opened by the caller,
+    which closes it)."""
 
-    def __init__(self, mode: SpeculationMode, costs: PassCosts | None = None) -> None:
+    def __init__(self, mode: SpeculationMode, costs: PassCosts | None = None,
+                 draft: HostDraft | None = None) -> None:
+        if mode.kind == "draft" and draft is None:
+            raise InvalidSettingError("draft:MODEL needs its draft model opened here "
+                                      "(orchestrator.pipeline.drafting.HostDraft)")
+        if mode.kind != "draft" and draft is not None:
+            raise InvalidSettingError(f"a draft model drafts only with --speculate "
+                                      f"draft:MODEL, not {mode.kind}")
         self.mode = mode
         self.costs = costs
+        self.draft = draft
         self.history = AcceptanceMeter()  # every answer's shadow acceptance
         self._drafter = PromptLookup()
+
+    @property
+    def drafts_here(self) -> bool:
+        """Whether this side drafts every speculating pass (a draft model): the ring must
+        not run for a session that drafts."""
+        return self.draft is not None
 
     @property
     def needs_costs(self) -> bool:
@@ -110,7 +131,7 @@ class Speculator:
         """Drafts per pass for ``session``'s next passes (0: plain decoding)."""
         if not self.mode.on or not speculation_allowed(session.sampling):
             return 0
-        if self.mode.kind == "ngram":
+        if self.mode.kind in ("ngram", "draft"):
             return self.mode.k
         if self.costs is None or (len(session.generated) < AUTO_SEGMENT // 2
                                   and not self.history.passes):
@@ -130,10 +151,16 @@ class Speculator:
                           batch_tokens)
         if room <= 0:
             return ()
-        return self._drafter.propose([*session.prompt, *session.generated], room).tokens
+        context = [*session.prompt, *session.generated]
+        if self.draft is not None:
+            return self.draft.propose(session.id, context, room).tokens
+        return self._drafter.propose(context, room).tokens
 
     def finished(self, session: Session) -> None:
-        """Learn the acceptance ``session``'s answer met, for the answers after it."""
+        """Learn the acceptance ``session``'s answer met, for the answers after it; free its
+        draft cache."""
+        if self.draft is not None:
+            self.draft.end(session.id)
         kept, rejected = shadow_counts(self._drafter, session.prompt, session.generated,
                                        SHADOW_K)
         self.history.kept += kept
