@@ -81,6 +81,7 @@ def test_greedy_draft_model_speculation_equals_the_unsplit_target(workers, targe
     assert [p.tokens[1:] for p in session.passes] == own_proposals(draft, session), \
         "a pass carried drafts that are not the draft model's"
     assert held == 0, "the answer's draft cache was not freed"
+    assert stats.speculation.draft_s > 0, "the drafting time was not counted"
     assert_unsplit_agrees(target, session, tokens)
     with capsys.disabled():
         print(f"\ndraft model, ring {ring}: {len(tokens)} tokens in "

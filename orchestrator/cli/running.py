@@ -464,6 +464,9 @@ def _speculation_rows(table: Table, stats: GenerationStats, model: RunningModel)
     table.add_row("speculation", f"{model.settings.speculate}: {spec.accepted}/{spec.drafted} "
                                  f"drafts kept (acceptance {spec.acceptance:.2f}), "
                                  f"{spec.tokens_per_pass:.2f} tokens/pass")
+    if spec.draft_s and spec.drafting_passes:
+        table.add_row("drafting on this machine",
+                      f"{spec.draft_s / spec.drafting_passes * 1e3:.1f} ms/pass")
     costs = model.speculator.costs
     if spec.plain_pass_s:
         plain_s = statistics.median(spec.plain_pass_s)

@@ -292,6 +292,7 @@ class RunningModel:
                 stats.decode_tokens += len(tokens)
                 stats.add_decode(out.timings)
                 stats.speculation.add(step, took)
+                stats.speculation.draft_s = session.draft_s
             if notice is not None:
                 yield notice
             for token in tokens:

@@ -63,6 +63,7 @@ class Session:
     limit: int = 0  # tokens this answer may generate
     ring: TokenRing | None = None  # while the last stage feeds this session's steps itself
     draft_k: int = 0  # drafts per pass now (0: plain decoding)
+    draft_s: float = 0.0  # time this side spent drafting the session's passes
     # prompt logprobs: the last stage scores every prompt row; row i scores token i + 1
     score_prompt: bool = False
     prompt_scores: list[RowScore] = field(default_factory=list)

@@ -74,6 +74,7 @@ class SpeculationStats:
     rejections: int = 0
     drafting_passes: int = 0
     plain_pass_s: list[float] = field(default_factory=list)  # passes without drafts
+    draft_s: float = 0.0  # drafting on this side (a draft model's time; lookup's is nil)
 
     def add(self, step: Pass, took_s: float) -> None:
         self.passes += 1
@@ -152,9 +153,13 @@ class Speculator:
         if room <= 0:
             return ()
         context = [*session.prompt, *session.generated]
+        started = time.perf_counter()
         if self.draft is not None:
-            return self.draft.propose(session.id, context, room).tokens
-        return self._drafter.propose(context, room).tokens
+            drafts = self.draft.propose(session.id, context, room).tokens
+        else:
+            drafts = self._drafter.propose(context, room).tokens
+        session.draft_s += time.perf_counter() - started
+        return drafts
 
     def finished(self, session: Session) -> None:
         """Learn the acceptance ``session``'s answer met, for the answers after it; free its
