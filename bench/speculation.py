@@ -3,13 +3,18 @@ the pipeline.
 
     python bench/speculation.py --rounds 3 --tokens 96 --k 4
     python bench/speculation.py --pipeline --rounds 3 --tokens 64 --k 4
+    python bench/speculation.py --pipeline --shipped --draft q4_0 --rounds 3 --tokens 64
 
 ``--pipeline``: two local workers pinned to separate cores, one thread each (as
 ``bench/throughput.py``), the token ring on; per task the plain pipeline, ``ngram:K`` and
 ``auto`` in alternating order each round, decode tokens/s from the session's own stats;
 beside them the batch-cost ceiling (k+1) / c(k+1) and the cost model's prediction, with
 c(n) measured through the same pipeline in the same run (``measure_costs``: the stages'
-compute time for a verification chunk of n rows).
+compute time for a verification chunk of n rows). ``--draft MODEL`` adds
+``draft:MODEL`` to the variants (a draft model in this process, the orchestrator, drafting
+4 per pass; unpinned, so on a 2-core machine it competes with the workers): MODEL is a
+.gguf file, a known model's name, or ``q4_0`` for the 135M requantized to Q4_0 (with
+``--shipped``, a real small draft for the shipped Q4_1).
 
 The real SmolLM2-135M requantized to Q4_0 (cached in the test model cache; its batches are
 cheap on x86, FINDINGS 11), one thread pinned to one core, as one engine and as a chain of
@@ -35,6 +40,7 @@ from orchcore.engine import EngineConfig, StageEngine
 from orchcore.speculation.cost import PassCosts, expected_tokens
 from orchcore.speculation.decode import DecodeStats, EngineTarget, Target, decode
 from orchcore.speculation.drafters import PromptLookup
+from orchcore.speculation.mode import DEFAULT_K
 from orchestrator.cluster.local import LocalCluster
 from orchestrator.models.store import resolve_model
 from orchestrator.pipeline.session import GenerationStats
@@ -129,16 +135,16 @@ def pipeline_predicted(spec: SpeculationStats, k: int, costs: PassCosts) -> floa
     return tokens * plain / spent
 
 
-def pipeline_main(args: argparse.Namespace, model: Path, prompts: dict[str, list[int]]
-                  ) -> None:
+def pipeline_main(args: argparse.Namespace, model: Path, prompts: dict[str, list[int]],
+                  draft: Path | None = None) -> None:
     out = console()
-    variants = ["off", f"ngram:{args.k}", "auto"]
+    variants = ["off", f"ngram:{args.k}", "auto", *([f"draft:{draft}"] if draft else [])]
     with tempfile.TemporaryDirectory(prefix="orch-bench-") as tmp, \
             LocalCluster(2, Path(tmp) / "workers", threads_per_worker=1,
                          pin_cores=True) as cluster:
         rate: dict[tuple[str, str], list[float]] = {}
         spec: dict[tuple[str, str], SpeculationStats] = {}
-        same: dict[str, bool] = {}
+        same: dict[tuple[str, str], bool] = {}  # (task, variant): the plain answer's tokens
         costs: list[PassCosts] = []
         for r in range(args.rounds):
             for task, prompt in prompts.items():
@@ -156,9 +162,11 @@ def pipeline_main(args: argparse.Namespace, model: Path, prompts: dict[str, list
                         rate.setdefault((task, variant), []).append(
                             stats.decode_tokens / stats.decode_s)
                         spec[task, variant] = stats.speculation
-                same[task] = answers["off"] == answers[f"ngram:{args.k}"]
+                for variant in variants[1:]:
+                    same[task, variant] = answers["off"] == answers[variant]
                 out.print(f"round {r + 1} {task}: " + ", ".join(
-                    f"{v} {rate[task, v][-1]:.1f} tok/s" for v in variants))
+                    f"{v.split(':')[0] if v.startswith('draft:') else v} "
+                    f"{rate[task, v][-1]:.1f} tok/s" for v in variants))
     cost = PassCosts({n: median([c.batch_cost[n] for c in costs]) for n in costs[0].batch_cost},
                      step_ms=median([c.step_ms for c in costs]),
                      link_ms=median([c.link_ms for c in costs]))
@@ -179,8 +187,37 @@ def pipeline_main(args: argparse.Namespace, model: Path, prompts: dict[str, list
                       f"{st.acceptance:.2f}", f"{st.tokens_per_pass:.2f}",
                       f"{cost.ceiling(args.k):.2f}",
                       f"{pipeline_predicted(st, args.k, cost):.2f}",
-                      "yes" if same[task] else "no")
+                      "yes" if same[task, f"ngram:{args.k}"] else "no")
     out.print(table)
+    if draft:
+        draft_table(out, model, draft, prompts, rate, spec, same)
+
+
+def draft_table(out, model: Path, draft: Path, prompts: dict[str, list[int]],
+                rate: dict[tuple[str, str], list[float]],
+                spec: dict[tuple[str, str], SpeculationStats],
+                same: dict[tuple[str, str], bool]) -> None:
+    """The draft model's row per task, beside plain decoding of the same rounds."""
+    variant = f"draft:{draft}"
+    table = Table(title=f"{model.name} drafted by {draft.name} in the orchestrator's process "
+                        f"({DEFAULT_K} per pass, ring off for drafting sessions)")
+    for col in ("task", "plain tok/s", "draft tok/s", "x", "kept/drafted", "a",
+                "tokens/pass", "drafting ms/pass", "same tokens"):
+        table.add_column(col, justify="right")
+    for task in prompts:
+        plain, drafted = median(rate[task, "off"]), median(rate[task, variant])
+        st = spec[task, variant]
+        table.add_row(task, f"{plain:.1f}", f"{drafted:.1f}", f"{drafted / plain:.2f}",
+                      f"{st.accepted}/{st.drafted}", f"{st.acceptance:.2f}",
+                      f"{st.tokens_per_pass:.2f}",
+                      f"{st.draft_s / max(1, st.drafting_passes) * 1e3:.1f}",
+                      "yes" if same[task, variant] else "no")
+    out.print(table)
+
+
+def draft_model(name: str, shipped: Path) -> Path:
+    """``--draft``: ``q4_0`` (the 135M requantized), else a file or a known model."""
+    return requantized_model(shipped) if name == "q4_0" else resolve_model(name, progress=False)
 
 
 def main() -> None:
@@ -192,15 +229,22 @@ def main() -> None:
                     help="through two pinned local workers instead of in process")
     ap.add_argument("--shipped", action="store_true",
                     help="the model as shipped (Q4_1), not requantized to Q4_0")
+    ap.add_argument("--draft", metavar="MODEL",
+                    help="with --pipeline, also draft:MODEL (a .gguf file, a known model, or "
+                         "q4_0: the 135M requantized; pair it with --shipped)")
     args = ap.parse_args()
+    if args.draft and not args.pipeline:
+        ap.error("--draft runs through the pipeline: add --pipeline")
     if args.pipeline:
-        print_header(console(), "Speculative decoding through the pipeline (prompt lookup)")
+        print_header(console(), "Speculative decoding through the pipeline (prompt lookup"
+                     + (", a draft model)" if args.draft else ")"))
         shipped = resolve_model("smollm2-135m", progress=False)
         model = shipped if args.shipped else requantized_model(shipped)
         with Tokenizer.from_gguf(model) as tok:
             prompts = {t: tok.encode_chat([{"role": "user", "content": m}])
                        for t, m in TASKS.items()}
-        pipeline_main(args, model, prompts)
+        pipeline_main(args, model, prompts,
+                      draft_model(args.draft, shipped) if args.draft else None)
         return
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[-1]})
     out = console()
