@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -87,6 +88,24 @@ def test_greedy_draft_model_speculation_equals_the_unsplit_target(workers, targe
         print(f"\ndraft model, ring {ring}: {len(tokens)} tokens in "
               f"{stats.speculation.passes + 1} passes ({sum(kept)}/{sum(drafted)} drafts "
               f"kept)")
+
+
+def test_sessions_in_threads_draft_from_one_draft_model(workers, target, draft, tmp_path):
+    """Two answers drafting at once (as orch serve runs them): each equals the same answer
+    alone, and both draft caches are freed."""
+    with open_model(target, workers, None, tmp_path, max_sessions=2,
+                    speculate=f"draft:{draft}") as model:
+        alone, _, _ = answer(model, PROMPT, GREEDY, n=48)
+        results: dict[int, list[int]] = {}
+        threads = [threading.Thread(target=lambda i=i: results.update(
+            {i: answer(model, PROMPT, GREEDY, n=48)[0]})) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        held = model.speculator.draft.engine.session_count
+    assert results == {0: alone, 1: alone}
+    assert held == 0
 
 
 def test_the_real_135m_requantized_drafts_for_the_shipped_one(smollm2_path, workers,
