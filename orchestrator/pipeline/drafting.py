@@ -54,8 +54,8 @@ class HostDraft:
     def describe(self) -> str:
         m = self.memory
         return (f"draft model {self.name} on this machine: {held_bytes(m) / MIB:.0f} MiB "
-                f"(weights {m.weights / MIB:.0f}, KV {m.kv_cache / MIB:.0f}, logits and "
-                f"compute {(m.logits + m.compute + m.vocab) / MIB:.0f}), "
+                f"(weights {m.weights / MIB:.0f}, KV {m.kv_cache / MIB:.0f}, logits, "
+                f"vocabulary and compute {(m.logits + m.compute + m.vocab) / MIB:.0f}), "
                 f"{self.engine.config.threads} thread"
                 f"{'s' if self.engine.config.threads != 1 else ''}")
 
