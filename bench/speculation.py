@@ -4,6 +4,7 @@ the pipeline.
     python bench/speculation.py --rounds 3 --tokens 96 --k 4
     python bench/speculation.py --pipeline --rounds 3 --tokens 64 --k 4
     python bench/speculation.py --pipeline --generated --rounds 3 --tokens 64 --k 4
+    python bench/speculation.py --pipeline --shipped --draft q4_0 --rounds 3 --tokens 64
 
 ``--pipeline``: two local workers pinned to separate cores, one thread each (as
 ``bench/throughput.py``), the token ring on; per task the plain pipeline, ``ngram:K`` one
@@ -11,9 +12,13 @@ pass at a time (``sync``) and with passes sent ahead (``ahead``), and ``auto``, 
 alternating order each round, decode tokens/s from the session's own stats;
 beside them the batch-cost ceiling (k+1) / c(k+1) and the cost model's prediction, with
 c(n) measured through the same pipeline in the same run (``measure_costs``: the stages'
-compute time for a verification chunk of n rows).
+compute time for a verification chunk of n rows). ``--draft MODEL`` adds
+``draft:MODEL`` to the variants (a draft model in this process, the orchestrator, drafting
+4 per pass; unpinned, so on a 2-core machine it competes with the workers): MODEL is a
+.gguf file, a known model's name, or ``q4_0`` for the 135M requantized to Q4_0 (with
+``--shipped``, a real small draft for the shipped Q4_1).
 
-The real SmolLM2-135M requantized to Q4_0 (cached in the orch cache; its batches are
+The real SmolLM2-135M requantized to Q4_0 (cached in the test model cache; its batches are
 cheap on x86, FINDINGS 11), one thread pinned to one core, as one engine and as a chain of
 two engines in this process. Three tasks: copying a paragraph with one edit (input
 grounded), free chat, and code. Per task: plain and speculative tokens/s (medians of
@@ -24,24 +29,21 @@ alternating rounds), acceptance, tokens per pass, the measured batch-cost ceilin
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import llama_cpp
 from _common import console, median, print_header
 from rich.table import Table
 
 from orchcore import modelgen
 from orchcore.engine import EngineConfig, StageEngine
-from orchcore.llama_ext import init_backend
-from orchcore.paths import cache_dir
 from orchcore.speculation.cost import PassCosts, ahead_pass_ms, expected_tokens
 from orchcore.speculation.decode import DecodeStats, EngineTarget, Target, decode
 from orchcore.speculation.drafters import PromptLookup
+from orchcore.speculation.mode import DEFAULT_K
 from orchestrator.cluster.local import LocalCluster
 from orchestrator.models.store import resolve_model
 from orchestrator.pipeline.session import GenerationStats
@@ -49,7 +51,7 @@ from orchestrator.pipeline.speculation import SpeculationStats, measure_costs
 from orchestrator.text.tokenizer import Tokenizer
 from testkit.chain import Chain, ChainTarget
 from testkit.cluster import GREEDY, greedy_tokens, open_model
-from testkit.models import generated_model
+from testkit.models import generated_model, requantized_model
 
 TASKS = {
     "copy with an edit": "Repeat this paragraph exactly, but write 'evening' instead of "
@@ -61,34 +63,12 @@ TASKS = {
     "def add_all(values):\n    total = 0\n    for value in values:\n        total += value\n"
     "    return total\n",
 }
-Q4_0 = 2  # llama_ftype LLAMA_FTYPE_MOSTLY_Q4_0
 
 
 # Token ids for the generated 1B (random weights, no chat template): greedy decoding of
 # such weights falls into a short cycle, which prompt lookup then drafts (synthetic).
 SYNTHETIC = {"synthetic: a cycle": [1, 17, 300, 42, 99, 17, 300, 42, 5, 17, 300, 42, 99],
              "synthetic: counting": [1, *range(1000, 1040)]}
-
-
-def requantized(source: Path) -> Path:
-    """``source`` requantized to Q4_0, made once into the orch cache."""
-    dest = cache_dir() / "bench" / f"{source.stem}.requant-Q4_0.gguf"
-    if dest.exists():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    init_backend()  # llama.cpp's log to logging
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = Q4_0
-    params.allow_requantize = True
-    params.nthread = 1
-    part = dest.with_suffix(".part")
-    code = llama_cpp.llama_model_quantize(str(source).encode(), str(part).encode(),
-                                          ctypes.byref(params))
-    if code != 0:
-        part.unlink(missing_ok=True)
-        raise SystemExit(f"llama_model_quantize failed with code {code}")
-    part.rename(dest)
-    return dest
 
 
 def batch_costs(target: Target, sizes: list[int], repeats: int = 9) -> dict[int, float]:
@@ -173,20 +153,21 @@ def pipeline_predicted(spec: SpeculationStats, k: int, costs: PassCosts,
     return tokens * plain / spent
 
 
-def pipeline_main(args: argparse.Namespace, model: Path, prompts: dict[str, list[int]]
-                  ) -> None:
+def pipeline_main(args: argparse.Namespace, model: Path, prompts: dict[str, list[int]],
+                  draft: Path | None = None) -> None:
     out = console()
     ngram = f"ngram:{args.k}"
-    variants = {"plain": {"speculate": "off"},  # label -> settings
+    variants = {"off": {"speculate": "off"},  # label -> settings
                 "sync": {"speculate": ngram, "speculate_ahead": False},
                 "ahead": {"speculate": ngram, "speculate_ahead": True},
-                "auto": {"speculate": "auto"}}
+                "auto": {"speculate": "auto"},
+                **({f"draft:{draft}": {"speculate": f"draft:{draft}"}} if draft else {})}
     with tempfile.TemporaryDirectory(prefix="orch-bench-") as tmp, \
             LocalCluster(2, Path(tmp) / "workers", threads_per_worker=1,
                          pin_cores=True) as cluster:
         rate: dict[tuple[str, str], list[float]] = {}
         spec: dict[tuple[str, str], SpeculationStats] = {}
-        same: dict[str, bool] = {}
+        same: dict[tuple[str, str], bool] = {}  # (task, variant): the plain answer's tokens
         costs: list[PassCosts] = []
         for r in range(args.rounds):
             for task, prompt in prompts.items():
@@ -196,7 +177,7 @@ def pipeline_main(args: argparse.Namespace, model: Path, prompts: dict[str, list
                     with open_model(model, cluster.addresses, cluster.token, Path(tmp),
                                     context_tokens=1024, batch_tokens=128,
                                     **variants[variant]) as running:
-                        if variant == "plain" and task == next(iter(prompts)):
+                        if variant == "off" and task == next(iter(prompts)):
                             costs.append(measure_costs(running.path, f"costs-{r}",
                                                        prompt[:32], 128, GREEDY))
                         stats = GenerationStats()
@@ -204,9 +185,11 @@ def pipeline_main(args: argparse.Namespace, model: Path, prompts: dict[str, list
                         rate.setdefault((task, variant), []).append(
                             stats.decode_tokens / stats.decode_s)
                         spec[task, variant] = stats.speculation
-                same[task] = answers["plain"] == answers["sync"] == answers["ahead"]
+                for variant in list(variants)[1:]:
+                    same[task, variant] = answers["off"] == answers[variant]
                 out.print(f"round {r + 1} {task}: " + ", ".join(
-                    f"{v} {rate[task, v][-1]:.1f} tok/s" for v in variants))
+                    f"{v.split(':')[0] if v.startswith('draft:') else v} "
+                    f"{rate[task, v][-1]:.1f} tok/s" for v in variants))
     cost = PassCosts({n: median([c.batch_cost[n] for c in costs]) for n in costs[0].batch_cost},
                      step_ms=median([c.step_ms for c in costs]),
                      link_ms=median([c.link_ms for c in costs]))
@@ -219,7 +202,7 @@ def pipeline_main(args: argparse.Namespace, model: Path, prompts: dict[str, list
                 "predicted sync x", "predicted ahead x", "same tokens"):
         table.add_column(col, justify="right")
     for task in prompts:
-        plain = median(rate[task, "plain"])
+        plain = median(rate[task, "off"])
         sync, ahead = median(rate[task, "sync"]), median(rate[task, "ahead"])
         auto = median(rate[task, "auto"])
         st, sa = spec[task, "sync"], spec[task, "ahead"]
@@ -230,8 +213,37 @@ def pipeline_main(args: argparse.Namespace, model: Path, prompts: dict[str, list
                       f"{sa.overlapped}/{sa.passes}", f"{cost.ceiling(args.k):.2f}",
                       f"{pipeline_predicted(st, args.k, cost):.2f}",
                       f"{pipeline_predicted(sa, args.k, cost, stages=2):.2f}",
-                      "yes" if same[task] else "no")
+                      "yes" if same[task, "sync"] and same[task, "ahead"] else "no")
     out.print(table)
+    if draft:
+        draft_table(out, model, draft, prompts, rate, spec, same)
+
+
+def draft_table(out, model: Path, draft: Path, prompts: dict[str, list[int]],
+                rate: dict[tuple[str, str], list[float]],
+                spec: dict[tuple[str, str], SpeculationStats],
+                same: dict[tuple[str, str], bool]) -> None:
+    """The draft model's row per task, beside plain decoding of the same rounds."""
+    variant = f"draft:{draft}"
+    table = Table(title=f"{model.name} drafted by {draft.name} in the orchestrator's process "
+                        f"({DEFAULT_K} per pass, ring off for drafting sessions)")
+    for col in ("task", "plain tok/s", "draft tok/s", "x", "kept/drafted", "a",
+                "tokens/pass", "drafting ms/pass", "same tokens"):
+        table.add_column(col, justify="right")
+    for task in prompts:
+        plain, drafted = median(rate[task, "off"]), median(rate[task, variant])
+        st = spec[task, variant]
+        table.add_row(task, f"{plain:.1f}", f"{drafted:.1f}", f"{drafted / plain:.2f}",
+                      f"{st.accepted}/{st.drafted}", f"{st.acceptance:.2f}",
+                      f"{st.tokens_per_pass:.2f}",
+                      f"{st.draft_s / max(1, st.drafting_passes) * 1e3:.1f}",
+                      "yes" if same[task, variant] else "no")
+    out.print(table)
+
+
+def draft_model(name: str, shipped: Path) -> Path:
+    """``--draft``: ``q4_0`` (the 135M requantized), else a file or a known model."""
+    return requantized_model(shipped) if name == "q4_0" else resolve_model(name, progress=False)
 
 
 def main() -> None:
@@ -243,6 +255,9 @@ def main() -> None:
                     help="through two pinned local workers instead of in process")
     ap.add_argument("--shipped", action="store_true",
                     help="the model as shipped (Q4_1), not requantized to Q4_0")
+    ap.add_argument("--draft", metavar="MODEL",
+                    help="with --pipeline, also draft:MODEL (a .gguf file, a known model, or "
+                         "q4_0: the 135M requantized; pair it with --shipped)")
     ap.add_argument("--generated", action="store_true",
                     help="with --pipeline: the generated 1B-shaped Q4_0 (random weights) on a "
                          "synthetic prompt it repeats, instead of the 135M")
@@ -253,19 +268,23 @@ def main() -> None:
         model = generated_model(modelgen.preset("bench-1b-q4_0"), "1b.gguf")
         pipeline_main(args, model, SYNTHETIC)
         return
+    if args.draft and not args.pipeline:
+        ap.error("--draft runs through the pipeline: add --pipeline")
     if args.pipeline:
-        print_header(console(), "Speculative decoding through the pipeline (prompt lookup)")
+        print_header(console(), "Speculative decoding through the pipeline (prompt lookup"
+                     + (", a draft model)" if args.draft else ")"))
         shipped = resolve_model("smollm2-135m", progress=False)
-        model = shipped if args.shipped else requantized(shipped)
+        model = shipped if args.shipped else requantized_model(shipped)
         with Tokenizer.from_gguf(model) as tok:
             prompts = {t: tok.encode_chat([{"role": "user", "content": m}])
                        for t, m in TASKS.items()}
-        pipeline_main(args, model, prompts)
+        pipeline_main(args, model, prompts,
+                      draft_model(args.draft, shipped) if args.draft else None)
         return
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[-1]})
     out = console()
     print_header(out, "Speculative decoding in process (prompt lookup)")
-    model = requantized(resolve_model("smollm2-135m", progress=False))
+    model = requantized_model(resolve_model("smollm2-135m", progress=False))
     tok = Tokenizer.from_gguf(model)
     prompts = {t: tok.encode_chat([{"role": "user", "content": m}]) for t, m in TASKS.items()}
     stop = set(tok.end_of_generation)

@@ -25,7 +25,7 @@ from orchcore.config import (
 )
 from orchcore.errors import InvalidSettingError, describe_validation
 from orchcore.sampling import MAX_REPEAT_LAST_N, MAX_TOP_K, RANDOM_SEED, SamplingParams
-from orchcore.speculation.mode import SpeculationMode, parse_mode
+from orchcore.speculation.mode import DEFAULT_K, SpeculationMode, parse_mode
 from orchestrator.planning.plan import DEFAULT_HORIZON_TOKENS, Objective, PlanOptions
 
 _ENGINE = EngineConfig()
@@ -90,7 +90,10 @@ class OrchSettings(BaseSettings):
     speculate: str = Field("off", description="Speculative decoding: off; ngram (or "
                            "ngram:K) drafts K tokens per pass by prompt lookup and the last "
                            "stage verifies them in one batch; auto picks K per answer from "
-                           "measured batch costs and acceptance, off when it would not pay.")
+                           "measured batch costs and acceptance, off when it would not pay; "
+                           f"draft:MODEL drafts {DEFAULT_K} per pass with a small model of "
+                           "the same vocabulary (a .gguf file or a known model's name) run on "
+                           "this machine.")
     speculate_ahead: bool = Field(True, description="With --speculate and the token ring: "
                                   "the last stage sends the next pass to stage 0 before its "
                                   "verdict on the current one, betting that every draft is "

@@ -11,13 +11,15 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import psutil
+from rich.console import Console
 
 from orchcore.facts import read_model_facts
 from orchcore.sampling import SamplingParams
+from orchestrator.cli.running import open_draft
 from orchestrator.pipeline.connected import Cluster
 from orchestrator.pipeline.deploy import DeployProgress
 from orchestrator.pipeline.session import GenerationStats, RunningModel
@@ -58,19 +60,21 @@ def open_model(model: Path, addresses: Sequence[str], token: str | None, workdir
                progress: DeployProgress | None = None,
                **settings: object) -> Iterator[RunningModel]:
     """``model`` deployed on ``addresses`` (in order) with ``OrchSettings(**settings)``;
-    with ``measure``, planned on the workers' probed speeds."""
+    with ``measure``, planned on the workers' probed speeds; with ``speculate="draft:M"``,
+    M drafting in this process as ``orch run`` loads it."""
     config = OrchSettings.load(**{"context_tokens": 512, **settings})
     facts = read_model_facts(model)
-    cluster = Cluster.connect(addresses, token, config, alive)
-    try:
+    with ExitStack() as stack:
+        draft = open_draft(stack, config, model, Console(stderr=True))
+        cluster = Cluster.connect(addresses, token, config, alive)
+        stack.callback(cluster.close)
         if measure:
             cluster.measure_speeds(facts)
         plan = make_plan(facts, cluster.devices, config.plan_options(use_all=True))
-        with Tokenizer.from_gguf(model) as tokenizer, \
-                cluster.open(plan, facts, tokenizer, progress, force=force) as opened:
+        tokenizer = stack.enter_context(Tokenizer.from_gguf(model))
+        with cluster.open(plan, facts, tokenizer, progress, force=force,
+                          draft=draft) as opened:
             yield opened
-    finally:
-        cluster.close()
 
 
 def greedy_tokens(model: RunningModel, prompt: Sequence[int], n: int,

@@ -10,6 +10,8 @@ The folder is ``$ORCH_TEST_CACHE``, else ``$XDG_CACHE_HOME/orch-test``, else
     generated/<key>/ready    the first file's name, written last; its mtime is the last use
     generated/<key>.lock     flock held while the model is written (runs in parallel wait)
     fetched/                 the orch model store of the real models (SmolLM2, Gemma 3)
+    requantized/<stem>.Q4_0.gguf  a real model requantized by llama.cpp (a draft model of
+                             the shipped one, whose batches are cheap on x86)
 
 When a new model takes the folder over ``LIMIT_BYTES``, the generated models used least
 recently are removed until it fits again.
@@ -17,6 +19,7 @@ recently are removed until it fits again.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import os
@@ -24,8 +27,11 @@ import shutil
 import time
 from pathlib import Path
 
+import llama_cpp
+
 from orchcore import modelblocks, modelgen, modelvocab
 from orchcore.files import locked, write_atomic
+from orchcore.llama_ext import init_backend
 from orchcore.modelgen import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -78,6 +84,29 @@ def fetched_model(name: str) -> Path:
     from orchestrator.models.store import resolve_model
 
     return resolve_model(name, cache=fetched_cache(), progress=False)
+
+
+def requantized_model(source: Path) -> Path:
+    """``source`` requantized to Q4_0 by llama.cpp (seconds for the 135M), made once into
+    the cache."""
+    dest = cache_root() / "requantized" / f"{source.stem}.Q4_0.gguf"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with locked(dest.with_name(dest.name + ".lock")):
+        if dest.exists():
+            return dest
+        init_backend()  # llama.cpp's log to logging
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+        params.allow_requantize = True
+        params.nthread = 1
+        part = dest.with_suffix(".part")
+        code = llama_cpp.llama_model_quantize(str(source).encode(), str(part).encode(),
+                                              ctypes.byref(params))
+        if code != 0:
+            part.unlink(missing_ok=True)
+            raise RuntimeError(f"llama_model_quantize of {source} failed with code {code}")
+        part.rename(dest)
+    return dest
 
 
 def _key(spec: ModelSpec, name: str, split_max_tensors: int) -> str:

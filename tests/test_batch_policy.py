@@ -204,7 +204,7 @@ def test_bets_chain_over_three_stages_and_a_lost_one_takes_the_later_ones_with_i
     assert len(link.sent) == 2 and [b.chunk for b in feed.bets("s")] == [5]
     lost = Verdict(0, 9)
     feed.send(replace(first, ahead=True), lost, ())  # the second bet lost
-    ahead_first, ahead_second, real = link.sent
+    _, ahead_second, real = link.sent
     assert real == next_step(first, lost, ()) and real.chunk == 5 and not real.ahead
     assert feed.bets("s") == []
     assert feed.stale(ahead_second), "the lost bet comes first and is dropped"

@@ -10,19 +10,22 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import pytest
+from rich.console import Console
 
 from orchcore.errors import PlanError
 from orchcore.facts import read_model_facts
 from orchcore.sampling import SamplingParams
+from orchestrator.cli.running import open_draft
 from orchestrator.cluster.local import LocalCluster
 from orchestrator.pipeline.connected import Cluster
 from orchestrator.pipeline.session import Failover, RunningModel
 from orchestrator.planning.plan import make_plan
 from orchestrator.settings import OrchSettings
 from orchestrator.text.tokenizer import Tokenizer
+from testkit.models import requantized_model
 from testkit.waiting import wait_until
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"
@@ -53,10 +56,12 @@ def failover_model(smollm2_path, cluster: LocalCluster, stages: int, **settings:
     options = settings.plan_options(use_all=True)
     plan = make_plan(facts, connected.devices[:stages], options)
     try:
-        with Tokenizer.from_gguf(smollm2_path) as tokenizer, \
-                connected.open(plan, facts, tokenizer, options=options,
-                               failover=True) as model:
-            yield model
+        with ExitStack() as stack:
+            draft = open_draft(stack, settings, smollm2_path, Console(stderr=True))
+            tokenizer = stack.enter_context(Tokenizer.from_gguf(smollm2_path))
+            with connected.open(plan, facts, tokenizer, options=options, failover=True,
+                                draft=draft) as model:
+                yield model
     finally:
         connected.close()
 
@@ -115,13 +120,17 @@ def test_killed_stage_is_replaced_and_the_answers_are_unchanged(
         assert gap < 10
 
 
+@pytest.mark.parametrize("drafter", ["ngram:3", "draft"])
 def test_a_speculative_session_is_replayed_pass_by_pass_and_goes_on_unchanged(
-        smollm2_path, prompt, tmp_path):
-    """Prompt lookup drafts on this answer (it repeats the prompt's pattern); the session's
-    passes, rejected drafts included, are sent again on the new pipeline: a greedy and a
-    seeded answer go on exactly as without the kill."""
+        smollm2_path, prompt, tmp_path, drafter):
+    """Prompt lookup drafts on this answer (it repeats the prompt's pattern), or a draft
+    model here (the 135M requantized to Q4_0); the session's passes, rejected drafts
+    included, are sent again on the new pipeline: a greedy and a seeded answer go on
+    exactly as without the kill."""
+    if drafter == "draft":
+        drafter = f"draft:{requantized_model(smollm2_path)}"
     with LocalCluster(3, tmp_path / "w", threads_per_worker=1) as cluster, \
-            failover_model(smollm2_path, cluster, 2, speculate="ngram:3") as model:
+            failover_model(smollm2_path, cluster, 2, speculate=drafter) as model:
         sessions = []
         original = model.new_session
         model.new_session = lambda s: sessions.append(original(s)) or sessions[-1]

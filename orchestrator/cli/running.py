@@ -27,7 +27,13 @@ from rich.table import Table
 from orchcore.cpu import cpu_info, host_id, memory_info
 from orchcore.devices import DeviceFacts
 from orchcore.diskspace import size_text
-from orchcore.errors import ContextFullError, InvalidInputError, NoRangeError, OrchError
+from orchcore.errors import (
+    ContextFullError,
+    InvalidInputError,
+    ModelNotFoundError,
+    NoRangeError,
+    OrchError,
+)
 from orchcore.facts import ModelFacts, read_model_facts
 from orchcore.memory import default_budget
 from orchcore.paths import cache_dir
@@ -38,6 +44,7 @@ from orchestrator.models.remote import check_header, expected_for, open_remote, 
 from orchestrator.models.store import Store
 from orchestrator.pipeline.connected import Cluster
 from orchestrator.pipeline.deploy import Deployment, FromSource, forget_shard_copies
+from orchestrator.pipeline.drafting import HostDraft
 from orchestrator.pipeline.session import (
     Failover,
     Finished,
@@ -121,6 +128,7 @@ def open_model(stack: ExitStack, target: str, choice: WorkerChoice, settings: Or
     tokenizer = stack.enter_context(Tokenizer.from_gguf(path))
     if check is not None:
         check(tokenizer)
+    draft = open_draft(stack, settings, path, err)
     alive = None
     workers = choice.addresses(settings, err)
     if workers:
@@ -141,14 +149,36 @@ def open_model(stack: ExitStack, target: str, choice: WorkerChoice, settings: Or
     plan = _sticky_plan(facts, cluster.devices, options)
     for line in plan.describe():
         err.print(f"[dim]{line}[/]", highlight=False)
+    if draft is not None:
+        err.print(f"[dim]{draft.describe()}[/]", highlight=False)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                   DownloadColumn(), TransferSpeedColumn(), console=err,
                   transient=True) as bars:
         model = cluster.open(plan, facts, tokenizer, RichProgress(bars, err), force=force,
-                             source=source, options=options, failover=True)
+                             source=source, options=options, failover=True, draft=draft)
     stack.callback(model.close)
     _report_deployment(model.deployment, err)
     return Opened(model, facts, book)
+
+
+def open_draft(stack: ExitStack, settings: OrchSettings, target: Path, err: Console
+               ) -> HostDraft | None:
+    """The draft model of ``--speculate draft:MODEL`` (a file or a known model's name,
+    resolved as the model is), loaded here after its vocabulary is checked against
+    ``target``'s; closed with ``stack``. None for any other mode."""
+    mode = settings.speculation()
+    if mode.draft_model is None:
+        return None
+    store = Store(notify=lambda text: err.print(f"[yellow]note:[/] {text}", highlight=False))
+    try:
+        path = store.resolve(mode.draft_model)
+    except ModelNotFoundError as exc:
+        raise ModelNotFoundError(f"the draft model of --speculate draft:MODEL: {exc}") from None
+    config = replace(settings.engine(settings.local_threads(cpu_info().cores)), output_rows=1)
+    with err.status(f"loading the draft model {path.name}"):
+        draft = HostDraft(path, target, config)
+    stack.callback(draft.close)
+    return draft
 
 
 def _measure_speeds(cluster: Cluster, facts: ModelFacts, book: SpeedBook | None,
@@ -436,7 +466,10 @@ def _speculation_rows(table: Table, stats: GenerationStats, model: RunningModel)
                                  f"(acceptance {s['acceptance']:.2f}), "
                                  f"{s['tokens_per_pass']:.2f} tokens/pass"
                                  + (f", {s['overlapped']}/{s['passes']} passes overlapped"
-                                    if model.settings.speculate_ahead else ""))
+                                    if s["overlapped"] else ""))
+    if spec.draft_s and spec.drafting_passes:
+        table.add_row("drafting on this machine",
+                      f"{spec.draft_s / spec.drafting_passes * 1e3:.1f} ms/pass")
     if s["speedup"] is not None:
         table.add_row("speedup against plain decoding",
                       f"{s['speedup']:.2f}x (plain estimate "

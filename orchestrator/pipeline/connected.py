@@ -24,6 +24,7 @@ from orchcore.facts import ModelFacts
 from orchcore.probe import layer_shape
 from orchestrator.cluster.client import WorkerClient
 from orchestrator.pipeline.deploy import DeployProgress, FromSource
+from orchestrator.pipeline.drafting import HostDraft
 from orchestrator.pipeline.embedding import pooling_of
 from orchestrator.pipeline.failover import Replanner
 from orchestrator.pipeline.session import RunningModel
@@ -104,18 +105,20 @@ class Cluster:
     def open(self, plan: Plan, facts: ModelFacts, tokenizer: Tokenizer,
              progress: DeployProgress | None = None, *, force: bool = False,
              source: FromSource | None = None,
-             options: PlanOptions | None = None, failover: bool = False) -> RunningModel:
+             options: PlanOptions | None = None, failover: bool = False,
+             draft: HostDraft | None = None) -> RunningModel:
         """Deploy ``plan`` (made for ``self.devices`` with ``options``) and open its data
         path; with ``source``, the workers fetch their slices from it. With ``failover`` a
         worker that fails mid-answer is replaced (planning again with the same ``options``,
-        default the settings'); without it the failure is the caller's error."""
+        default the settings'); without it the failure is the caller's error. ``draft``:
+        the draft model of ``--speculate draft:MODEL`` (the caller closes it)."""
         replanner = Replanner(self.clients, self.devices, facts,
                               options or self.settings.plan_options(), self.token,
                               self.settings, self.alive, source)
         pipeline = replanner.open(plan, progress, force=force)
         return RunningModel(plan, tokenizer, pipeline.path, self.settings,
                             pipeline.deployment, replanner if failover else None,
-                            pooling_of(facts))
+                            pooling_of(facts), draft)
 
     def close(self) -> None:
         for c in self.clients:

@@ -43,6 +43,7 @@ from orchcore.sampling import RANDOM_SEED, SamplingParams
 from orchestrator.pipeline import prompt as prompting
 from orchestrator.pipeline.datapath import DataPath
 from orchestrator.pipeline.deploy import Deployment, undeploy
+from orchestrator.pipeline.drafting import HostDraft
 from orchestrator.pipeline.embedding import Pooling, final_rows, pool
 from orchestrator.pipeline.events import Event, Failover, Finished, FinishReason, TextPiece
 from orchestrator.pipeline.failover import Pipeline, Replanner, calls_for_failover, replay
@@ -92,12 +93,14 @@ def check_prompt(tokens: Sequence[int], context_tokens: int) -> None:
 class RunningModel:
     """A model deployed on workers; ``generate`` yields events; ``close`` unloads it.
 
-    With a ``replanner`` a failed worker is replaced mid-answer (see the module's doc)."""
+    With a ``replanner`` a failed worker is replaced mid-answer (see the module's doc).
+    ``draft``: the draft model of ``--speculate draft:MODEL``, opened (and closed) by the
+    caller."""
 
     def __init__(self, plan: Plan, tokenizer: Tokenizer, path: DataPath,
                  settings: OrchSettings, deployment: Deployment,
-                 replanner: Replanner | None = None, pooling: Pooling | None = "mean"
-                 ) -> None:
+                 replanner: Replanner | None = None, pooling: Pooling | None = "mean",
+                 draft: HostDraft | None = None) -> None:
         self.plan = plan
         self.pooling = pooling  # how embeddings are pooled; None: the model has none
         self.first_plan = plan  # what a full cluster runs: workers that come back rejoin it
@@ -113,7 +116,7 @@ class RunningModel:
         self._excluded: dict[str, Deployment] = {}  # failed worker -> the pipeline it held
         self._returned: set[str] = set()  # excluded workers that answer again
         self._closed = threading.Event()
-        self.speculator = Speculator(settings.speculation())
+        self.speculator = Speculator(settings.speculation(), draft=draft)
         self._measuring = threading.Lock()
         self._renewer = threading.Thread(target=self._renew_leases, name="leases", daemon=True)
         self._renewer.start()
@@ -289,6 +292,7 @@ class RunningModel:
                 stats.decode_tokens += len(tokens)
                 stats.add_decode(out.timings)
                 stats.speculation.add(step, took, overlapped=out.ahead)
+                stats.speculation.draft_s = session.draft_s
             if notice is not None:
                 yield notice
             for token in tokens:
@@ -317,17 +321,20 @@ class RunningModel:
         """Send what the session has not fed yet (the whole prompt, or its pending token
         and its drafts) and record what the step added. Runs under the step gate, so a
         failover sees either the step recorded or not done. With the token ring on, the
-        last stage feeds each step to stage 0 itself: after the first, steps only wait."""
+        last stage feeds each step to stage 0 itself: after the first, steps only wait; a
+        session this side drafts for (a draft model) sends every step."""
         if session.ring is not None:
             chunk, ring_left = session.ring.chunk, session.ring.left
         else:
-            ring_left = TokenRing.length(self.settings.token_ring, session.limit,
-                                         len(session.generated))
-            if (segment := self.speculator.ring_segment()) is not None:
-                ring_left = min(ring_left, segment)
-            ahead = self.settings.speculate_ahead and bool(ring_left)
+            ahead = (self.settings.speculate_ahead and self.settings.token_ring
+                     and not self.speculator.drafts_here)
             session.draft_k = self.speculator.choose(
                 session, ahead_stages=len(self.plan.stages) if ahead else 0)
+            ring = self.settings.token_ring and not (session.draft_k
+                                                     and self.speculator.drafts_here)
+            ring_left = TokenRing.length(ring, session.limit, len(session.generated))
+            if (segment := self.speculator.ring_segment()) is not None:
+                ring_left = min(ring_left, segment)
             chunk = self._send_step(session, ring_left)
         out = self._wait(session, chunk)
         step = session.record(out)

@@ -66,6 +66,7 @@ class Session:
     draft_k: int = 0  # drafts per pass now (0: plain decoding)
     lookaheads: list[Lookahead] = field(default_factory=list)  # auto: what prompt lookup
     #                                  proposed at each position of the answer, and met
+    draft_s: float = 0.0  # time this side spent drafting the session's passes
     # prompt logprobs: the last stage scores every prompt row; row i scores token i + 1
     score_prompt: bool = False
     prompt_scores: list[RowScore] = field(default_factory=list)

@@ -1,18 +1,21 @@
 """Speculative decoding as the orchestrator runs it: how many tokens a session drafts per
 pass, the drafts of the passes it sends itself, and what every pass cost and kept.
 
-``ngram`` drafts a fixed K per pass. ``auto`` chooses K by replaying the latest answers'
-passes for each K (``cost.replayed_speedup``) over batch costs measured through this very
-pipeline (``measure_costs``: a verification chunk of each size, timed by the stages
-themselves): what prompt lookup proposed at each position of the answer so far, against the
-tokens the target chose there (``decode.lookaheads``, which needs no verification, so it is
-measured while speculation is off too), after what earlier answers met. With the token
-ring, ``auto`` runs the ring in segments of ``AUTO_SEGMENT`` tokens and decides again
-between them; K = 0 is plain decoding.
+``ngram`` drafts a fixed K per pass by prompt lookup; ``draft:MODEL`` drafts K per pass
+with a draft model on this machine (``drafting.HostDraft``), so its sessions' passes are
+sent from here and the ring does not run for them (``drafts_here``). ``auto`` chooses K by
+replaying the latest answers' passes for each K (``cost.replayed_speedup``) over batch
+costs measured through this very pipeline (``measure_costs``: a verification chunk of each
+size, timed by the stages themselves): what prompt lookup proposed at each position of the
+answer so far, against the tokens the target chose there (``decode.lookaheads``, which
+needs no verification, so it is measured while speculation is off too), after what earlier
+answers met. With the token ring, ``auto`` runs the ring in segments of ``AUTO_SEGMENT``
+tokens and decides again between them; K = 0 is plain decoding.
 
 The drafts a session's passes carry are a pure function of its tokens and K, whether the
 last stage drafts them (the ring) or this side does: a session rebuilt after a failover
-goes on with the very passes it would have made.
+goes on with the very passes it would have made (a draft model's too: it drafts greedily
+from the session's tokens alone).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from orchcore.errors import InvalidSettingError
 from orchcore.sampling import SamplingParams
 from orchcore.speculation.cost import PassCosts, choose_by_replay, speculation_allowed
 from orchcore.speculation.decode import Lookahead, draft_room, lookaheads
@@ -33,6 +37,7 @@ from orchcore.speculation.mode import SpeculationMode
 
 if TYPE_CHECKING:
     from orchestrator.pipeline.datapath import DataPath
+    from orchestrator.pipeline.drafting import HostDraft
     from orchestrator.pipeline.session import Session
 
 log = logging.getLogger(__name__)
@@ -68,6 +73,7 @@ class SpeculationStats:
     drafting_passes: int = 0
     overlapped: int = 0  # passes sent ahead of the verdict before them, which kept them
     plain_pass_s: list[float] = field(default_factory=list)  # passes without drafts
+    draft_s: float = 0.0  # drafting on this side (a draft model's time; lookup's is nil)
 
     def add(self, step: Pass, took_s: float, *, overlapped: bool = False) -> None:
         self.passes += 1
@@ -114,14 +120,29 @@ class SpeculationStats:
 
 
 class Speculator:
-    """A running model's speculation: its mode, measured batch costs, and the acceptance
-    earlier answers met."""
+    """A running model's speculation: its mode, measured batch costs, the acceptance
+    earlier answers met, and for ``draft:MODEL`` the draft model (opened by the caller,
+    which closes it)."""
 
-    def __init__(self, mode: SpeculationMode, costs: PassCosts | None = None) -> None:
+    def __init__(self, mode: SpeculationMode, costs: PassCosts | None = None,
+                 draft: HostDraft | None = None) -> None:
+        if mode.kind == "draft" and draft is None:
+            raise InvalidSettingError("draft:MODEL needs its draft model opened here "
+                                      "(orchestrator.pipeline.drafting.HostDraft)")
+        if mode.kind != "draft" and draft is not None:
+            raise InvalidSettingError(f"a draft model drafts only with --speculate "
+                                      f"draft:MODEL, not {mode.kind}")
         self.mode = mode
         self.costs = costs
+        self.draft = draft
         self.recent: deque[Lookahead] = deque(maxlen=REPLAY_WINDOW)  # earlier answers'
         self._drafter = PromptLookup()
+
+    @property
+    def drafts_here(self) -> bool:
+        """Whether this side drafts every speculating pass (a draft model): the ring must
+        not run for a session that drafts."""
+        return self.draft is not None
 
     @property
     def needs_costs(self) -> bool:
@@ -136,7 +157,7 @@ class Speculator:
         ``ahead_stages``: the stages passes sent ahead overlap over (0: one at a time)."""
         if not self.mode.on or not speculation_allowed(session.sampling):
             return 0
-        if self.mode.kind == "ngram":
+        if self.mode.kind in ("ngram", "draft"):
             return self.mode.k
         if self.costs is None:
             return 0
@@ -164,10 +185,20 @@ class Speculator:
                           batch_tokens)
         if room <= 0:
             return ()
-        return self._drafter.propose([*session.prompt, *session.generated], room).tokens
+        context = [*session.prompt, *session.generated]
+        started = time.perf_counter()
+        if self.draft is not None:
+            drafts = self.draft.propose(session.id, context, room).tokens
+        else:
+            drafts = self._drafter.propose(context, room).tokens
+        session.draft_s += time.perf_counter() - started
+        return drafts
 
     def finished(self, session: Session) -> None:
-        """Learn what drafts met on ``session``'s answer, for the answers after it."""
+        """Learn what drafts met on ``session``'s answer, for the answers after it; free its
+        draft cache."""
+        if self.draft is not None:
+            self.draft.end(session.id)
         if self.mode.kind == "auto" and session.generated:
             self.recent.extend(self._window(session)[-len(session.generated):])
 
