@@ -102,7 +102,9 @@ def test_passes_sent_ahead_overlap_when_their_bet_wins():
     (stage 0 would have waited), so the prediction never falls below one at a time."""
     linked = PassCosts(Q4_0.batch_cost, step_ms=20.0, link_ms=2.0)
     assert ahead_pass_ms(linked, 4, stages=2) == pytest.approx(2.60 * 20.0 / 2 + 2.0)
-    assert ahead_pass_ms(linked, 4, stages=4) == pytest.approx(2.60 * 20.0 * 3 / 4 + 2.0)
+    assert ahead_pass_ms(linked, 4, stages=4) == pytest.approx(
+        (2.60 * 20.0 * 3 / 4 + 2.0) / 3), "three bets in flight: one per stage before the last"
+    assert ahead_pass_ms(linked, 4, stages=1) == pytest.approx(2.60 * 20.0 + 2.0)
     sync = predicted_speedup(0.8, 3, linked)
     ahead = predicted_speedup(0.8, 3, linked, stages=2)
     won = 0.8 ** 4

@@ -76,12 +76,15 @@ class PassCosts:
 
 def ahead_pass_ms(costs: PassCosts, rows: int, stages: int) -> float:
     """The time between two passes of ``rows`` rows when the second was sent ahead of the
-    verdict on the first and its bet won: the last stage verifies the first while the
-    stages before it compute the second, so the longer of the two (stages of equal
-    compute; the link is on the second's way)."""
+    verdict on the first and its bet won. With a bet in flight for every stage before the
+    last (``worker/ring.py``), each stage works on another pass at once: a pass leaves the
+    pipeline every stage's share of the compute, or every hop's share of the rest of the
+    trip, whichever is longer (stages of equal compute)."""
     compute = costs.rows_cost(rows) * costs.step_ms
-    last = compute / max(stages, 1)
-    return max(last, compute - last + costs.link_ms)
+    if stages < 2:
+        return compute + costs.link_ms
+    return max(compute / stages, (compute * (stages - 1) / stages + costs.link_ms)
+               / (stages - 1))
 
 
 def predicted_speedup(acceptance: float, k: int, costs: PassCosts, stages: int = 0) -> float:
