@@ -190,14 +190,17 @@ def test_speculating_and_plain_sessions_share_the_pipeline(smollm2_path, workers
             time.sleep(0.05)
 
 
-@pytest.mark.parametrize("sampling", [GREEDY, SEEDED], ids=["greedy", "seeded"])
-def test_passes_sent_ahead_are_the_passes_of_one_at_a_time(smollm2_path, workers, tmp_path,
-                                                             sampling, capsys):
+@pytest.mark.parametrize(("sampling", "n_workers"), [(GREEDY, 2), (SEEDED, 2), (GREEDY, 3)],
+                         ids=["greedy", "seeded", "greedy-3-stages"])
+def test_passes_sent_ahead_are_the_passes_of_one_at_a_time(smollm2_path, three_workers,
+                                                             tmp_path, sampling, n_workers,
+                                                             capsys):
     """Asynchronous speculation: the last stage sends each pass before its verdict on the
-    one before, betting every draft is kept. Won bets overlap two passes, lost ones are
-    dropped at the last stage and the real pass follows: the answer and every pass equal
-    the one-at-a-time run's."""
+    one before, betting every draft is kept (over 3 stages, a chain of 2 bets). Won bets
+    overlap passes, lost ones are dropped and the real pass follows: the answer and every
+    pass equal the one-at-a-time run's."""
     runs = {}
+    workers = three_workers[:n_workers]
     for ahead in (True, False):
         with open_model(smollm2_path, workers, None, tmp_path, speculate="ngram:4",
                         speculate_ahead=ahead) as model:
@@ -214,8 +217,8 @@ def test_passes_sent_ahead_are_the_passes_of_one_at_a_time(smollm2_path, workers
     if sampling is GREEDY:
         assert_unsplit_agrees(smollm2_path, session, tokens)
     with capsys.disabled():
-        print(f"\n135M ahead ({'greedy' if sampling is GREEDY else 'seeded'}): "
-              f"{spec.overlapped} of {spec.passes} passes overlapped")
+        print(f"\n135M ahead over {n_workers} ({'greedy' if sampling is GREEDY else 'seeded'}):"
+              f" {spec.overlapped} of {spec.passes} passes overlapped")
 
 
 def test_serve_shows_what_speculation_kept(smollm2_path, workers, tmp_path):
