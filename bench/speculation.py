@@ -4,6 +4,7 @@ the pipeline.
     python bench/speculation.py --rounds 3 --tokens 96 --k 4
     python bench/speculation.py --pipeline --rounds 3 --tokens 64 --k 4
     python bench/speculation.py --pipeline --generated --rounds 3 --tokens 64 --k 4
+    python bench/speculation.py --pipeline --gemma --rounds 3 --tokens 64 --k 4
     python bench/speculation.py --pipeline --shipped --draft q4_0 --rounds 3 --tokens 64
 
 ``--pipeline``: two local workers pinned to separate cores, one thread each (as
@@ -51,7 +52,7 @@ from orchestrator.pipeline.speculation import SpeculationStats, measure_costs
 from orchestrator.text.tokenizer import Tokenizer
 from testkit.chain import Chain, ChainTarget
 from testkit.cluster import GREEDY, greedy_tokens, open_model
-from testkit.models import generated_model, requantized_model
+from testkit.models import fetched_model, generated_model, requantized_model
 
 TASKS = {
     "copy with an edit": "Repeat this paragraph exactly, but write 'evening' instead of "
@@ -258,6 +259,9 @@ def main() -> None:
     ap.add_argument("--draft", metavar="MODEL",
                     help="with --pipeline, also draft:MODEL (a .gguf file, a known model, or "
                          "q4_0: the 135M requantized; pair it with --shipped)")
+    ap.add_argument("--gemma", action="store_true",
+                    help="with --pipeline: Gemma 3 270M (Q4_K_M, as published) instead of the "
+                         "135M")
     ap.add_argument("--generated", action="store_true",
                     help="with --pipeline: the generated 1B-shaped Q4_0 (random weights) on a "
                          "synthetic prompt it repeats, instead of the 135M")
@@ -275,6 +279,8 @@ def main() -> None:
                      + (", a draft model)" if args.draft else ")"))
         shipped = resolve_model("smollm2-135m", progress=False)
         model = shipped if args.shipped else requantized_model(shipped)
+        if args.gemma:
+            model = fetched_model("gemma3-270m")
         with Tokenizer.from_gguf(model) as tok:
             prompts = {t: tok.encode_chat([{"role": "user", "content": m}])
                        for t, m in TASKS.items()}
