@@ -39,6 +39,11 @@ What each shard carries (llama.cpp loads every one of them as an ordinary model)
   ``output.weight``. The first shard records the rows' type (and scale); the last one
   records that its ``output.weight`` is the embedding.
 * a shard holding every layer is the model itself.
+* an *exit shard* (``write_exit_shard``) holds layers ``[0, K)`` of a deeper model with the
+  model's final norm, lm head and tokenizer, laid out as a whole model of K layers: the
+  early-exit drafter, which shares the model's vocabulary by construction. Its metadata
+  says so (``orch.shard.exit``): it is the last shard of its chain though K is below the
+  source's layer count.
 
 A model in several files (a gguf-split set) gives the same shards, byte for byte, as the
 same model in one file: each tensor is copied from the file holding it, and the ``split.*``
@@ -92,6 +97,7 @@ KEY_INPUT_OFFSET = "orch.shard.input_embedding.offset"  # relative to the data s
 KEY_INPUT_SCALE = "orch.shard.input_embedding.scale"  # f32 the rows are multiplied by
 KEY_INPUT_FED = "orch.shard.input_embedding.fed"  # bool: rows come with each chunk (tied)
 KEY_OUTPUT_EMBEDS = "orch.shard.output_is_embedding"  # bool: the ring sends its rows (tied)
+KEY_EXIT = "orch.shard.exit"  # bool: the lm head follows layer_end < source_layers
 NO_VOCAB = "none"
 
 _COPY_CHUNK = 4 << 20
@@ -161,6 +167,7 @@ class ShardLayout:
     fed_input: TensorFacts | None = None  # first stage of a tied chain: rows come with
     #                                      each chunk; the source's table, for its type
     output_embeds: bool = False  # last stage of a tied chain: output.weight is the table
+    exit: bool = False  # an exit shard: [0, K) and the head, a whole model of K layers
 
     @property
     def is_first(self) -> bool:
@@ -168,7 +175,7 @@ class ShardLayout:
 
     @property
     def is_last(self) -> bool:
-        return self.layers.end == self.n_source_layers
+        return self.layers.end == self.n_source_layers or self.exit
 
     def padded(self, n: int) -> int:
         return -(-n // self.alignment) * self.alignment
@@ -187,12 +194,19 @@ def _copied(tensor: TensorFacts, name: str | None = None) -> ShardTensor:
     return ShardTensor(name or tensor.name, tensor.ggml_type, tensor.shape, tensor.n_bytes, tensor)
 
 
-def shard_layout(facts: ModelFacts, layers: LayerRange) -> ShardLayout:
-    """Which tensors the shard for ``layers`` holds. Pure: reads no file."""
+def shard_layout(facts: ModelFacts, layers: LayerRange, *, exit: bool = False) -> ShardLayout:
+    """Which tensors the shard for ``layers`` holds. Pure: reads no file.
+
+    ``exit``: the exit shard of ``layers`` = ``[0, K)``, the model's first K layers as a
+    whole model of K layers (embedding, final norm, lm head, vocabulary).
+    """
     facts.require_supported()
     explicit_output = facts.architecture.explicit_output
     layers.check_within(facts.n_layers, str(facts.path))
-    first, last = layers.start == 0, layers.end == facts.n_layers
+    if exit and (layers.start != 0 or layers.end == facts.n_layers):
+        raise LayerRangeError(f"an exit shard holds layers [0, K) with 0 < K < "
+                              f"{facts.n_layers} of {facts.path}; got {layers}")
+    first, last = layers.start == 0, layers.end == facts.n_layers or exit
     by_name = facts.by_name
     embd = by_name[TOKEN_EMBD]
     tensors: list[ShardTensor] = [_copied(t) for t in facts.global_tensors]
@@ -227,7 +241,13 @@ def shard_layout(facts: ModelFacts, layers: LayerRange) -> ShardLayout:
         alignment=facts.alignment,
         fed_input=embd if first and not last and facts.tied_output else None,
         output_embeds=last and not first and facts.tied_output,
+        exit=exit,
     )
+
+
+def exit_layout(facts: ModelFacts, k: int) -> ShardLayout:
+    """The exit shard of the first ``k`` layers (``shard_layout(..., exit=True)``)."""
+    return shard_layout(facts, LayerRange(0, k), exit=True)
 
 
 def _zeros(name: str, ggml_type: GGMLQuantizationType, row: int, rows: int) -> ShardTensor:
@@ -294,6 +314,8 @@ def _shard_metadata(facts: ModelFacts, reader: gguf.GGUFReader, layout: ShardLay
     out.append((KEY_LAYER_END, end, GGUFValueType.UINT32, None))
     out.append((KEY_SOURCE_LAYERS, facts.n_layers, GGUFValueType.UINT32, None))
     out.append((KEY_SOURCE_VOCAB, facts.n_vocab, GGUFValueType.UINT32, None))
+    if layout.exit:
+        out.append((KEY_EXIT, True, GGUFValueType.BOOL, None))
     return out + _embedding_keys(facts, layout)
 
 
@@ -365,7 +387,31 @@ def write_shard(
     source, dest = Path(source), Path(dest)
     facts = facts or read_model_facts(source)
     layout = shard_layout(facts, layers)
-    doing = f"the shard of layers {layers}"
+    return _write_layout(source, facts, layout, dest, f"the shard of layers {layers}",
+                         progress, machine)
+
+
+def write_exit_shard(
+    source: Path | str,
+    k: int,
+    dest: Path | str,
+    *,
+    facts: ModelFacts | None = None,
+    progress: ProgressFn | None = None,
+    machine: str | None = THIS_MACHINE,
+) -> ShardFile:
+    """Write the exit shard of the first ``k`` layers of ``source`` to ``dest`` (as
+    ``write_shard`` writes a shard): a whole model of ``k`` layers that llama.cpp opens on
+    its own, the early-exit drafter of the source."""
+    source, dest = Path(source), Path(dest)
+    facts = facts or read_model_facts(source)
+    layout = exit_layout(facts, k)
+    return _write_layout(source, facts, layout, dest, f"the exit shard of layers {layout.layers}",
+                         progress, machine)
+
+
+def _write_layout(source: Path, facts: ModelFacts, layout: ShardLayout, dest: Path,
+                  doing: str, progress: ProgressFn | None, machine: str | None) -> ShardFile:
     require_free(dest.parent, layout.total_tensor_bytes, doing, machine)
     reader = open_gguf(source)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")

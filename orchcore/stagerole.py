@@ -1,6 +1,7 @@
 """Where a shard sits in its chain (``StageRole``), read from the shard's own metadata: its
 layer range among the source model's layers, whether it is the first (an input table, or
-rows fed with each chunk) or the last (the lm head). Pure: facts in, a value out."""
+rows fed with each chunk) or the last (the lm head; an exit shard, the first K layers with
+the head, is first and last at once). Pure: facts in, a value out."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 from orchcore.errors import CorruptGGUFError
 from orchcore.facts import ModelFacts
 from orchcore.shard import (
+    KEY_EXIT,
     KEY_INPUT_FED,
     KEY_INPUT_OFFSET,
     KEY_INPUT_ROWS,
@@ -34,6 +36,7 @@ class StageRole:
     input_scale: float | None = None  # the table's rows are multiplied by it (float32)
     input_fed: bool = False  # the first stage of a tied chain: rows come with each chunk
     output_embeds: bool = False  # the last stage of a tied chain: output.weight is the table
+    exit: bool = False  # an exit shard: layers [0, end) with the head, end < source_layers
 
     @property
     def is_first(self) -> bool:
@@ -41,7 +44,7 @@ class StageRole:
 
     @property
     def is_last(self) -> bool:
-        return self.end == self.source_layers
+        return self.end == self.source_layers or self.exit
 
     @classmethod
     def of(cls, facts: ModelFacts) -> StageRole:
@@ -61,6 +64,7 @@ class StageRole:
                 input_scale=float(meta[KEY_INPUT_SCALE]) if KEY_INPUT_SCALE in meta else None,
                 input_fed=fed,
                 output_embeds=bool(meta.get(KEY_OUTPUT_EMBEDS, False)),
+                exit=bool(meta.get(KEY_EXIT, False)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptGGUFError(facts.path, f"incomplete shard metadata ({exc!r}); cut "
@@ -68,4 +72,7 @@ class StageRole:
         if not 0 <= role.start < role.end <= role.source_layers:
             raise CorruptGGUFError(facts.path, f"shard layers [{role.start}, {role.end}) do "
                                                f"not lie within {role.source_layers} layers")
+        if role.exit and role.start != 0:
+            raise CorruptGGUFError(facts.path, f"an exit shard holds layers [0, K), not "
+                                               f"[{role.start}, {role.end}); cut it again")
         return role

@@ -1,6 +1,6 @@
 """Drafters: prompt lookup (pure), a draft model kept in step with the context by rollback,
-and the vocabulary check that refuses a draft model of another family, naming the
-difference."""
+the early-exit drafter (the target's first layers and head), and the vocabulary check that
+refuses a draft model of another family, naming the difference."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from orchcore.engine import EngineConfig
 from orchcore.errors import InvalidSettingError
 from orchcore.modelgen import preset, write_model
-from orchcore.speculation.drafters import DraftModel, PromptLookup
+from orchcore.speculation.drafters import DraftModel, PromptLookup, open_early_exit
 from orchcore.speculation.vocab import (
     DraftVocabularyError,
     VocabFacts,
@@ -17,6 +17,7 @@ from orchcore.speculation.vocab import (
     read_vocab_facts,
     vocab_mismatch,
 )
+from testkit.models import generated_model
 from testkit.reference import ReferenceModel
 
 CONFIG = EngineConfig(threads=1, context_tokens=64, max_sessions=1, batch_tokens=16)
@@ -120,3 +121,23 @@ def test_draft_model_must_be_whole(tmp_path):
     with StageEngine(shard.path, CONFIG) as engine, pytest.raises(InvalidSettingError,
                                                                   match="whole model"):
         DraftModel(engine)
+
+
+def test_early_exit_drafts_what_the_first_layers_and_the_head_choose(tmp_path):
+    """The exit shard of a generated model drafts as the same model generated with K layers
+    (same weights), greedily, also after rejections."""
+    target = generated_model(preset("tiny-llama-gqa"), "tied.gguf")  # 4 layers
+    shorter = generated_model(preset("tiny-llama-gqa", n_layers=2), "tied.gguf")
+    drafter = open_early_exit(target, 2, tmp_path / "exit.gguf", CONFIG)
+    ref = ReferenceModel(shorter, n_ctx=64, threads=1)
+    try:
+        assert drafter.engine.role.exit and drafter.engine.n_vocab == 384
+        context = [1, 17, 300, 42, 99]
+        for turn in range(3):
+            proposal = drafter.propose(context, 4).tokens
+            ref.rollback(0)
+            assert list(proposal) == ref.greedy(context, 4)[0], (turn, context, proposal)
+            context = [*context, proposal[0], (proposal[1] + 7) % 384]
+    finally:
+        drafter.close()
+        ref.close()

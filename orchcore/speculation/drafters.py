@@ -9,20 +9,24 @@ and the pending token the target has chosen but not yet evaluated) and returns a
   runs of it.
 * ``DraftModel``: a small GGUF whose vocabulary is the target's (``vocab``), greedy, with
   its own KV cache kept in step with the context by rollback.
-* Early exit (the target's first layers + final norm + head) needs a shard layout of its
-  own; its design is in ``docs/speculation.md``.
+* Early exit (``open_early_exit``): the target's own first K layers with its final norm and
+  head, an exit shard (``shard.write_exit_shard``) that runs as a whole model of K layers,
+  in a ``DraftModel``. Same vocabulary by construction, no second model file.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from orchcore.config import EngineConfig
 from orchcore.engine import StageEngine
 from orchcore.errors import InvalidSettingError
+from orchcore.shard import write_exit_shard
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,8 @@ def _latest_earlier(tokens: np.ndarray, n: int) -> int | None:
 
 class DraftModel:
     """A small whole model in a ``StageEngine``, drafting greedily. Open it with
-    ``vocab.open_draft_model`` (which refuses a vocabulary unlike the target's)."""
+    ``vocab.open_draft_model`` (which refuses a vocabulary unlike the target's), or over
+    the target's exit shard with ``open_early_exit``."""
 
     def __init__(self, engine: StageEngine, session: str = "draft") -> None:
         if not (engine.role.is_first and engine.role.is_last):
@@ -129,3 +134,12 @@ class DraftModel:
 
     def close(self) -> None:
         self.engine.close()
+
+
+def open_early_exit(model: Path | str, k: int, dest: Path | str,
+                    config: EngineConfig) -> DraftModel:
+    """The early-exit drafter of ``model``: its first ``k`` layers with its final norm and
+    head, written to ``dest`` as an exit shard, drafting greedily in a ``DraftModel``."""
+    shard = write_exit_shard(model, k, dest)
+    return DraftModel(StageEngine(shard.path, config,
+                                  label=f"the exit shard of layers {shard.layout.layers}"))
