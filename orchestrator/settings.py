@@ -93,7 +93,8 @@ class OrchSettings(BaseSettings):
                            "measured batch costs and acceptance, off when it would not pay; "
                            f"draft:MODEL drafts {DEFAULT_K} per pass with a small model of "
                            "the same vocabulary (a .gguf file or a known model's name) run on "
-                           "this machine.")
+                           "this machine; early:K drafts the same way with the model's own "
+                           "first K layers and its head (cut here once).")
     speculate_ahead: bool = Field(True, description="With --speculate and the token ring: "
                                   "the last stage sends the next pass to stage 0 before its "
                                   "verdict on the current one, betting that every draft is "

@@ -19,7 +19,7 @@ from rich.console import Console
 
 from orchcore.facts import read_model_facts
 from orchcore.sampling import SamplingParams
-from orchestrator.cli.running import open_draft
+from orchestrator.cli.drafts import open_draft
 from orchestrator.pipeline.connected import Cluster
 from orchestrator.pipeline.deploy import DeployProgress
 from orchestrator.pipeline.session import GenerationStats, RunningModel

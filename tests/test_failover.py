@@ -18,7 +18,7 @@ from rich.console import Console
 from orchcore.errors import PlanError
 from orchcore.facts import read_model_facts
 from orchcore.sampling import SamplingParams
-from orchestrator.cli.running import open_draft
+from orchestrator.cli.drafts import open_draft
 from orchestrator.cluster.local import LocalCluster
 from orchestrator.pipeline.connected import Cluster
 from orchestrator.pipeline.session import Failover, RunningModel

@@ -149,8 +149,32 @@ def test_a_draft_model_that_cannot_draft_is_refused_in_one_line(target, tmp_path
     assert not (tmp_path / "local").exists()  # no local worker was started
 
 
-def test_early_exit_is_still_refused_as_not_built(target, tmp_path):
-    done = orch_run(target, "--speculate", "early:4", cache=tmp_path)
-    assert done.returncode == 1
-    assert "designed" in done.stderr and "not built" in done.stderr
-    assert "Traceback" not in done.stderr
+@pytest.mark.parametrize(("mode", "says"), [
+    ("early:4", "1 to 3 for target.gguf (4 layers)"),
+    ("early:x", "K of early:K is how many of the model's first layers draft"),
+])
+def test_an_early_exit_the_model_cannot_make_is_refused_in_one_line(target, tmp_path, mode,
+                                                                    says):
+    done = orch_run(target, "--speculate", mode, cache=tmp_path)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert says in done.stderr.replace("\n", " "), done.stderr
+    assert not (tmp_path / "local").exists()  # no local worker was started
+
+
+def test_early_exit_drafts_with_the_targets_first_layers(workers, target, tmp_path, capsys,
+                                                        monkeypatch):
+    """`early:2`: the target's first 2 of 4 layers with its head draft on the orchestrator;
+    every pass carries the exit shard's own greedy proposals, and the answer equals the
+    unsplit target fed the same batches."""
+    monkeypatch.setenv("ORCH_CACHE_DIR", str(tmp_path / "cache"))  # the exit shard's home
+    assert parse_mode("early:2") == SpeculationMode("early", DEFAULT_K, exit_layers=2)
+    with open_model(target, workers, None, tmp_path, speculate="early:2") as model:
+        tokens, session, stats = answer(model, PROMPT, GREEDY, n=48)
+        shard = model.speculator.draft.path
+    assert shard.name.endswith(".exit2.gguf") and shard.parent.name == "exit"
+    assert [p.tokens[1:] for p in session.passes] == own_proposals(shard, session)
+    assert sum(len(p.added) - 1 for p in session.passes) > 0, "no draft was ever kept"
+    assert_unsplit_agrees(target, session, tokens)
+    with capsys.disabled():
+        print(f"\nearly:2 of 4: {stats.speculation.accepted}/{stats.speculation.drafted} "
+              f"drafts kept in {stats.speculation.passes} passes")

@@ -16,6 +16,7 @@ from orchestrator.settings import OrchSettings
 @pytest.mark.parametrize(("text", "mode"), [
     ("off", SpeculationMode("off", 0)), ("auto", SpeculationMode("auto", 16)),
     ("ngram", SpeculationMode("ngram", DEFAULT_K)), ("NGRAM:7", SpeculationMode("ngram", 7)),
+    ("early:12", SpeculationMode("early", DEFAULT_K, exit_layers=12)),
 ])
 def test_modes(text, mode):
     assert parse_mode(text) == mode
@@ -23,7 +24,7 @@ def test_modes(text, mode):
 
 
 @pytest.mark.parametrize(("text", "says"), [
-    ("draft:", "needs a model"), ("early:4", "early exit.*not built"),
+    ("draft:", "needs a model"), ("early:0", "at least 1"), ("early:", "at least 1"),
     ("ngram:0", "1..16"), ("ngram:x", "1..16"), ("fast", "choose off, auto, ngram"),
 ])
 def test_refused_modes_say_what_to_write(text, says):

@@ -30,7 +30,6 @@ from orchcore.diskspace import size_text
 from orchcore.errors import (
     ContextFullError,
     InvalidInputError,
-    ModelNotFoundError,
     NoRangeError,
     OrchError,
 )
@@ -38,13 +37,13 @@ from orchcore.facts import ModelFacts, read_model_facts
 from orchcore.memory import default_budget
 from orchcore.paths import cache_dir
 from orchcore.probe import layer_shape
+from orchestrator.cli.drafts import open_draft
 from orchestrator.cluster.discover import discover
 from orchestrator.cluster.local import LocalCluster
 from orchestrator.models.remote import check_header, expected_for, open_remote, published
 from orchestrator.models.store import Store
 from orchestrator.pipeline.connected import Cluster
 from orchestrator.pipeline.deploy import Deployment, FromSource, forget_shard_copies
-from orchestrator.pipeline.drafting import HostDraft
 from orchestrator.pipeline.session import (
     Failover,
     Finished,
@@ -128,7 +127,7 @@ def open_model(stack: ExitStack, target: str, choice: WorkerChoice, settings: Or
     tokenizer = stack.enter_context(Tokenizer.from_gguf(path))
     if check is not None:
         check(tokenizer)
-    draft = open_draft(stack, settings, path, err)
+    draft = open_draft(stack, settings, path, err, whole=source is None)
     alive = None
     workers = choice.addresses(settings, err)
     if workers:
@@ -159,26 +158,6 @@ def open_model(stack: ExitStack, target: str, choice: WorkerChoice, settings: Or
     stack.callback(model.close)
     _report_deployment(model.deployment, err)
     return Opened(model, facts, book)
-
-
-def open_draft(stack: ExitStack, settings: OrchSettings, target: Path, err: Console
-               ) -> HostDraft | None:
-    """The draft model of ``--speculate draft:MODEL`` (a file or a known model's name,
-    resolved as the model is), loaded here after its vocabulary is checked against
-    ``target``'s; closed with ``stack``. None for any other mode."""
-    mode = settings.speculation()
-    if mode.draft_model is None:
-        return None
-    store = Store(notify=lambda text: err.print(f"[yellow]note:[/] {text}", highlight=False))
-    try:
-        path = store.resolve(mode.draft_model)
-    except ModelNotFoundError as exc:
-        raise ModelNotFoundError(f"the draft model of --speculate draft:MODEL: {exc}") from None
-    config = replace(settings.engine(settings.local_threads(cpu_info().cores)), output_rows=1)
-    with err.status(f"loading the draft model {path.name}"):
-        draft = HostDraft(path, target, config)
-    stack.callback(draft.close)
-    return draft
 
 
 def _measure_speeds(cluster: Cluster, facts: ModelFacts, book: SpeedBook | None,

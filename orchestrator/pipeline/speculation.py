@@ -126,10 +126,10 @@ class Speculator:
 
     def __init__(self, mode: SpeculationMode, costs: PassCosts | None = None,
                  draft: HostDraft | None = None) -> None:
-        if mode.kind == "draft" and draft is None:
-            raise InvalidSettingError("draft:MODEL needs its draft model opened here "
+        if mode.model_drafts and draft is None:
+            raise InvalidSettingError(f"{mode.kind}: needs its draft model opened here "
                                       "(orchestrator.pipeline.drafting.HostDraft)")
-        if mode.kind != "draft" and draft is not None:
+        if not mode.model_drafts and draft is not None:
             raise InvalidSettingError(f"a draft model drafts only with --speculate "
                                       f"draft:MODEL, not {mode.kind}")
         self.mode = mode
@@ -157,7 +157,7 @@ class Speculator:
         ``ahead_stages``: the stages passes sent ahead overlap over (0: one at a time)."""
         if not self.mode.on or not speculation_allowed(session.sampling):
             return 0
-        if self.mode.kind in ("ngram", "draft"):
+        if self.mode.kind == "ngram" or self.mode.model_drafts:
             return self.mode.k
         if self.costs is None:
             return 0
