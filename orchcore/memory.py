@@ -146,9 +146,12 @@ def _output_rows(config: EngineConfig) -> int:
 
 
 def compute_bytes(n_embd: int, ffn_width: int, config: EngineConfig, *, n_vocab_out: int,
-                  n_layers: int) -> int:
+                  n_layers: int, n_expert_used: int = 0) -> int:
     """The pages of llama.cpp's compute buffer a full chunk touches: intermediates per row
-    in floats of width n_embd and n_ff. On the last stage the last layer runs its
+    in floats of width n_embd and n_ff, and in a mixture of experts each used expert's
+    output before they are summed (n_embd wide: the Qwen3-30B-A3B shape touched 56 MiB for
+    a 256-row chunk, 40 of them the n_ff-wide part, 16 the 8 experts' outputs). On the last
+    stage the last layer runs its
     feed-forward only on the rows asked for (llama.cpp drops the others before it), so a
     last stage of one layer takes the n_ff-wide part for those rows only; and the logits
     of the widest chunk of outputs are a tensor of that buffer too, which a narrow stage's
@@ -156,7 +159,8 @@ def compute_bytes(n_embd: int, ffn_width: int, config: EngineConfig, *, n_vocab_
     rows, last = config.batch_tokens, n_vocab_out > 1
     ff_rows = min(rows, max(_output_rows(config), config.max_sessions)) \
         if last and n_layers == 1 else rows
-    layers = 4 * (rows * _COMPUTE_EMBD_ROWS * n_embd + ff_rows * _COMPUTE_FF_ROWS * ffn_width)
+    ff = _COMPUTE_FF_ROWS * ffn_width + n_expert_used * n_embd
+    layers = 4 * (rows * _COMPUTE_EMBD_ROWS * n_embd + ff_rows * ff)
     return max(layers, 4 * n_vocab_out * _output_rows(config)) if last else layers
 
 
@@ -168,10 +172,10 @@ def hidden_bytes(n_embd: int, config: EngineConfig, *, first: bool, last: bool) 
 
 
 def _estimate(*, weights: int, input_table: int, kv: int, n_vocab_out: int, n_embd: int,
-              ffn_width: int, n_layers: int, first: bool, config: EngineConfig,
-              baseline: int | None = None) -> MemoryEstimate:
+              ffn_width: int, n_expert_used: int, n_layers: int, first: bool,
+              config: EngineConfig, baseline: int | None = None) -> MemoryEstimate:
     compute = compute_bytes(n_embd, ffn_width, config, n_vocab_out=n_vocab_out,
-                            n_layers=n_layers)
+                            n_layers=n_layers, n_expert_used=n_expert_used)
     return MemoryEstimate(baseline=baseline or PROCESS_BASELINE_BYTES, weights=weights,
                           kv_cache=kv, logits=logits_bytes(n_vocab_out, config),
                           compute=compute, input_table=input_table,
@@ -223,8 +227,8 @@ class StageMemory:
                          kv=self._kv_prefix[end] - self._kv_prefix[start],
                          n_vocab_out=facts.n_vocab if end == self.n_layers else 1,
                          n_embd=facts.n_embd, ffn_width=facts.ffn_width,
-                         n_layers=end - start, first=start == 0, config=self.config,
-                         baseline=baseline)
+                         n_expert_used=facts.n_expert_used, n_layers=end - start,
+                         first=start == 0, config=self.config, baseline=baseline)
 
 
 def estimate_stage(facts: ModelFacts, layers: LayerRange, config: EngineConfig,
@@ -246,5 +250,6 @@ def estimate_shard(shard: ModelFacts, config: EngineConfig, baseline: int | None
     return _estimate(weights=sum(t.n_bytes for t in shard.tensors), input_table=table,
                      kv=sum(_kv_bytes(shard, config)),
                      n_vocab_out=shard.n_vocab, n_embd=shard.n_embd,
-                     ffn_width=shard.ffn_width, n_layers=shard.n_layers,
+                     ffn_width=shard.ffn_width, n_expert_used=shard.n_expert_used,
+                     n_layers=shard.n_layers,
                      first=StageRole.of(shard).is_first, config=config, baseline=baseline)

@@ -1,6 +1,7 @@
 """The memory estimate's terms at the 8B's shape (36 layers, 4096 wide, untied 151,936-row
-head), each against what was measured term by term in worker processes
-(docs/benchmarks.md, bench/stage_memory.py). Pure: a header-only model, no process."""
+head) and the Qwen3-30B-A3B's, each against what was measured term by term in worker
+processes (docs/benchmarks.md, bench/stage_memory.py). Pure: header-only models, no
+process."""
 
 from __future__ import annotations
 
@@ -17,11 +18,20 @@ N_VOCAB = 151936
 PLAIN = EngineConfig(context_tokens=512, max_sessions=1, batch_tokens=256, output_rows=1)
 
 
+def _memory(tmp_path_factory, preset: str) -> StageMemory:
+    path = modelgen.write_model(tmp_path_factory.mktemp("shape") / f"{preset}.gguf",
+                                modelgen.preset(preset), sparse=True)
+    return StageMemory(read_model_facts(path), PLAIN)
+
+
 @pytest.fixture(scope="module")
 def memory(tmp_path_factory) -> StageMemory:
-    path = modelgen.write_model(tmp_path_factory.mktemp("shape") / "qwen3-8b.gguf",
-                                modelgen.preset("qwen3-8b"), sparse=True)
-    return StageMemory(read_model_facts(path), PLAIN)
+    return _memory(tmp_path_factory, "qwen3-8b")
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory) -> StageMemory:
+    return _memory(tmp_path_factory, "qwen3moe-30b-a3b")
 
 
 def test_the_last_stage_counts_a_verification_chunks_logits_though_nothing_scores(memory):
@@ -51,6 +61,14 @@ def test_hidden_states_count_where_they_are_received_and_sent(memory):
     assert middle == first + last
     assert first > last > 0
     assert memory(0, 36).hidden == 0
+
+
+def test_a_mixture_of_experts_counts_each_used_experts_output(moe):
+    """Each of the 8 used experts' outputs is a 2048-wide row before they are summed: a
+    256-row chunk touched 56 MiB of compute buffer on 12 layers of the Qwen3-30B-A3B shape
+    (fresh process; 58 with the head's row), where the n_ff-wide part alone is 40."""
+    assert moe(18, 36).compute == 56 * MIB
+    assert moe(36, 48).compute == 56 * MIB
 
 
 @pytest.mark.parametrize(("start", "end", "peak_mib"), [(0, 13, 1824), (13, 26, 1623),
