@@ -11,7 +11,10 @@ earlier runs: ``SpeedBook``), plans with the cut the workers hold (``PlanBook``)
 deploys, answers, and files what it measured. Reported per run: the time to the first
 answer token, the shard bytes sent, the plan's choice, disk used by the orchestrator and
 each worker, each worker's VmHWM against its stage's estimate, decode tokens/s against
-predicted. The target: the second and third run send 0 bytes.
+predicted, and each stage's compute per decoded token against the plan's prediction. The
+targets: the second and third run send 0 bytes and keep the cut; each stage's predicted
+time within 15% of its measured time. The model is deployed as ``orch run`` deploys it
+(no rows kept for prompt logprobs).
 
 Needs about three times the model's size free on disk (the model, the orchestrator's
 shards, the workers' caches); everything generated is deleted after each model.
@@ -46,6 +49,7 @@ from testkit.cluster import GREEDY
 
 WORKERS = 3
 GB = 1e9
+STAGE_TIME_TOLERANCE = 0.15  # each stage's predicted time per token against its measured
 
 
 def orchestrator_bytes(work: Path, model: Path) -> int:
@@ -113,6 +117,21 @@ def one_run(local: LocalCluster, facts, settings: OrchSettings, work: Path, args
     return {"plan": plan, "first_s": first_s, "sent": sent, "peaks": peaks, "stats": stats}
 
 
+def stage_times(plan, stats: GenerationStats) -> str:
+    """Each stage's compute per decoded token, measured (predicted), in ms; a miss of the
+    15% target is marked."""
+    cells = []
+    for s in plan.stages:
+        measured = stats.compute_ms.get(s.index, 0.0) / max(stats.decode_tokens, 1)
+        if s.decode_s is None or not measured:
+            cells.append(f"{measured:.1f}")
+            continue
+        off = s.decode_s * 1e3 / measured - 1
+        cells.append(f"{measured:.1f} ({s.decode_s * 1e3:.1f}, {off:+.0%}"
+                     f"{'' if abs(off) <= STAGE_TIME_TOLERANCE else ' MISS'})")
+    return " ".join(cells)
+
+
 def run_model(out, name: str, work: Path, args) -> None:
     spec = modelgen.preset(name)
     path = work / f"{name}.gguf"
@@ -129,12 +148,14 @@ def run_model(out, name: str, work: Path, args) -> None:
     out.print(f"{name}: {path.stat().st_size / GB:.2f} GB written in "
               f"{time.perf_counter() - t:.0f} s")
     facts = read_model_facts(path)
-    settings = OrchSettings.load(context_tokens=512, max_sessions=1, threads=1)
+    settings = OrchSettings.load(context_tokens=512, max_sessions=1, threads=1,
+                                 logprob_rows=1)
     budgets = budgets_mb(facts, settings)
     table = Table(title=f"{name} ({facts.file_size / GB:.2f} GB) over {WORKERS} workers of "
                         f"{budgets[0]} MiB, 1 thread each, context 512")
     for column in ("run", "cut", "first token s", "sent GB", "decode tok/s (pred.)",
-                   "VmHWM / estimate GiB", "disk GB: orch / workers"):
+                   "stage ms/token (pred.)", "VmHWM / estimate GiB",
+                   "disk GB: orch / workers"):
         table.add_column(column)
     try:
         with LocalCluster(WORKERS, work / "workers", threads_per_worker=1,
@@ -151,7 +172,7 @@ def run_model(out, name: str, work: Path, args) -> None:
                 table.add_row(str(run), " ".join(str(s.layers) for s in plan.stages),
                               f"{r['first_s']:.1f}", f"{r['sent'] / GB:.2f}",
                               f"{decode:.1f} ({1 / predicted:.1f})" if predicted else
-                              f"{decode:.1f}", mem,
+                              f"{decode:.1f}", stage_times(plan, stats), mem,
                               f"{orchestrator_bytes(work, path) / GB:.2f} / {disks}")
                 if plan.choice is not None:
                     out.print(f"run {run}: {plan.choice.describe()}", highlight=False)

@@ -6,12 +6,19 @@ one session of one full prompt chunk plus 64 decode tokens; then every worker's 
 (``orchcore.memory``). The target: the peak is at or below the estimate, and at most
 max(40 MiB, 1% of the estimate) below it.
 
+The model is deployed as ``orch run`` deploys it (no rows kept for prompt logprobs) and
+the session speculates (``ngram:16``) over a prompt that repeats itself, so the last
+stage verifies chunks of 17 rows with logits for each: the widest chunk of logits an
+estimate counts.
+
     python bench/stage_memory.py                       # 135m, gemma3, 1b
+    python bench/stage_memory.py --models qwen3-8b     # 4.6 GB: ~14 GB of disk, 3 workers
     python bench/stage_memory.py --models moe          # the 16.8 GB MoE: ~17 GB of disk
                                                        # three times over, 3 x 7000 MiB
 
-The MoE (``qwen3moe-30b-a3b``) is generated into the work folder and deleted afterwards,
-with the workers' caches; the others come from the test model cache (``testkit.models``).
+The generated full-size models (``qwen3-8b``, ``moe``: ``orchcore.modelgen`` presets) are
+written into the work folder and deleted afterwards, with the workers' caches; the others
+come from the test model cache (``testkit.models``).
 """
 
 from __future__ import annotations
@@ -29,10 +36,12 @@ from orchcore import modelgen
 from orchcore.facts import read_model_facts
 from orchcore.memory import MIB, MemoryEstimate
 from orchestrator.cluster.local import LocalCluster
+from orchestrator.pipeline.session import GenerationStats
 from testkit.cluster import greedy_tokens, open_model
 from testkit.models import fetched_model, generated_model
 
 DECODE_TOKENS = 64
+SPECULATE = "ngram:16"  # a verification chunk of 17 rows, the most a run may send
 TOLERANCE_BYTES = 40 * MIB  # the estimate may be this much above the peak (or 1% of it)
 
 
@@ -51,8 +60,10 @@ SETUPS = {
     "135m": Setup(),
     "gemma3": Setup(),
     "1b": Setup(),
+    "qwen3-8b": Setup(workers=3, budget_mb=2368, context_tokens=512, max_sessions=1),
     "moe": Setup(workers=3, budget_mb=7000, context_tokens=512, max_sessions=1),
 }
+GENERATED = {"qwen3-8b": "qwen3-8b", "moe": "qwen3moe-30b-a3b"}  # key -> modelgen preset
 
 
 @dataclass(frozen=True)
@@ -93,10 +104,11 @@ def model_path(key: str, workdir: Path) -> Path:
         return fetched_model("gemma3-270m")
     if key == "1b":
         return generated_model(modelgen.preset("bench-1b-q4_0"), "1b.gguf")
-    path = workdir / "qwen3moe-30b-a3b.gguf"
+    name = GENERATED[key]
+    path = workdir / f"{name}.gguf"
     if not path.exists():
-        with console().status("writing the 16.8 GB MoE"):
-            modelgen.write_model(path, modelgen.preset("qwen3moe-30b-a3b"))
+        with console().status(f"writing {name}"):
+            modelgen.write_model(path, modelgen.preset(name))
     return path
 
 
@@ -113,19 +125,33 @@ def measure(key: str, setup: Setup, workdir: Path) -> list[StageRow]:
             with open_model(path, cluster.addresses, cluster.token, workdir,
                             context_tokens=setup.context_tokens,
                             max_sessions=setup.max_sessions,
-                            batch_tokens=setup.batch_tokens, threads=1) as model:
+                            batch_tokens=setup.batch_tokens, threads=1, logprob_rows=1,
+                            speculate=SPECULATE) as model:
                 return _run(key, model, facts.n_vocab, pids, idle)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-        if key == "moe":
+        if key in GENERATED:
             path.unlink(missing_ok=True)
 
 
 def _run(key: str, model, n_vocab: int, pids: dict[str, int], idle: dict[str, int]
          ) -> list[StageRow]:
-    """One full prompt chunk and the decode tokens in one session; each stage's figures."""
+    """One full prompt chunk and the decode tokens in one session; each stage's figures.
+
+    The prompt repeats 32 tokens, the 16th of them the token the model answers a
+    one-token prompt with (a first, 2-token session). A real model copies the pattern, a
+    generated one answers that token whatever the prompt; either way the drafter finds
+    16 tokens to draft, and the last stage verifies a chunk of 17 rows."""
     loaded = {a: proc_status(pid)["VmRSS"] for a, pid in pids.items()}
-    greedy_tokens(model, prompt_tokens(model.plan.batch_tokens, n_vocab), DECODE_TOKENS)
+    favourite = greedy_tokens(model, prompt_tokens(1, n_vocab), 1)[0]
+    others = prompt_tokens(31, n_vocab)
+    block = [*others[:15], favourite, *others[15:]]
+    prompt = (block * model.plan.batch_tokens)[:model.plan.batch_tokens]
+    stats = GenerationStats()
+    greedy_tokens(model, prompt, DECODE_TOKENS, stats)
+    spec = stats.speculation
+    console().print(f"{key}: {spec.drafted} drafts in {spec.drafting_passes} of "
+                    f"{spec.passes} passes, {spec.accepted} accepted", highlight=False)
     rows = []
     for stage, client in zip(model.plan.stages, model.path.clients, strict=True):
         rows.append(StageRow(key, stage.index, str(stage.layers), stage.memory,

@@ -26,6 +26,8 @@ from orchcore.config import SWA_FULL, EngineConfig
 from orchcore.facts import ModelFacts
 from orchcore.ggufread import type_bytes
 from orchcore.shard import KEY_INPUT_ROWS, KEY_INPUT_TYPE, LayerRange, shard_layout
+from orchcore.speculation.mode import MAX_K
+from orchcore.stagerole import StageRole
 
 MIB = 1 << 20
 DEFAULT_RESERVE_MB = 512  # a worker without a budget leaves this much RAM to the machine
@@ -47,9 +49,20 @@ _LOGITS_BYTES_PER_SESSION = 4 + 4 + 16
 # (SmolLM2, 49k pieces and 49k merges) bytes per piece; the excess of the one is within the
 # slack of the other.
 _VOCAB_BYTES_PER_TOKEN = 224
-# A row a chunk scores (prompt logprobs) or embeds: llama.cpp's output buffer (f32) and the
-# copy the engine returns; the log-softmax then runs one row at a time.
+# A row a chunk scores (prompt logprobs), embeds or verifies (a draft): llama.cpp's output
+# buffer (f32) and the copy the engine returns; the log-softmax then runs one row at a time.
 _SCORED_ROW_BYTES = 4 + 4
+# A speculative verification chunk: the pending token and up to MAX_K drafts, logits for
+# every row. A worker is not told whether its run speculates, so a last stage counts them.
+VERIFY_ROWS = MAX_K + 1
+# A full chunk's hidden states passing through a serving worker, in copies of
+# batch_tokens x n_embd floats: a stage that receives them holds the message, its parse
+# and the batch llama.cpp reads; one that sends them the engine's copy, the encoded bytes,
+# the message and gRPC's buffers. Measured on the 8B-shaped model (4 MiB a copy) during a
+# 256-row chunk, beyond the compute buffer: middle stage 33-35 MiB, first 19-25, last
+# 13-16; the 1B (2 MiB a copy): first 11, last 8.
+_WIRE_COPIES_IN = 4
+_WIRE_COPIES_OUT = 6
 # llama.cpp's compute buffer: graph intermediates per row of a batch, in floats of width
 # n_ff and n_embd (the pages a full chunk touches; the buffer reserved is larger).
 _COMPUTE_FF_ROWS = 4
@@ -73,10 +86,11 @@ class MemoryEstimate:
     input_table: int = 0  # the first stage's token embeddings: read per row once loaded
     vocab: int = 0  # the tokenizer a last stage holds
     serving: int = _SERVING_BYTES  # gRPC, TLS, threads beyond the idle figure
+    hidden: int = 0  # a chunk's hidden states received and sent, with their copies
 
     @property
     def total(self) -> int:
-        after_load = self.kv_cache + self.logits + self.compute + self.vocab
+        after_load = self.kv_cache + self.logits + self.compute + self.vocab + self.hidden
         return self.baseline + self.serving + self.weights + max(self.input_table, after_load)
 
     def describe(self) -> str:
@@ -84,7 +98,8 @@ class MemoryEstimate:
             return f"{n / MIB:.0f}"
 
         extra = (f", input table {mib(self.input_table)} while loading" if self.input_table
-                 else "") + (f", vocabulary {mib(self.vocab)}" if self.vocab else "")
+                 else "") + (f", vocabulary {mib(self.vocab)}" if self.vocab else "") + (
+                 f", hidden states {mib(self.hidden)}" if self.hidden else "")
         return (f"{mib(self.total)} MiB (weights {mib(self.weights)}, KV {mib(self.kv_cache)}, "
                 f"logits {mib(self.logits)}, compute {mib(self.compute)}{extra}, process "
                 f"{mib(self.baseline)} + {mib(self.serving)} serving)")
@@ -115,24 +130,57 @@ def _kv_bytes(facts: ModelFacts, config: EngineConfig) -> list[int]:
 def logits_bytes(n_vocab_out: int, config: EngineConfig) -> int:
     """Every logits row the last stage holds: per session a row in llama.cpp's output
     buffer, in the sampler's copy and its candidates (a decode batch has a row per session;
-    the graph keeps only the rows asked for), and the rows one chunk may score
-    (``output_rows``: prompt logprobs; 1 where nothing scores). A stage without the
-    vocabulary (``n_vocab_out`` 1) holds none."""
+    the graph keeps only the rows asked for), and the rows of the widest chunk that returns
+    more than one: the rows it may score (``output_rows``: prompt logprobs) or a
+    speculative verification chunk (``VERIFY_ROWS``). llama.cpp's output buffer keeps the
+    widest size it had. A stage without the vocabulary (``n_vocab_out`` 1) holds none."""
     if n_vocab_out <= 1:
         return 0
-    scored = config.output_rows if config.output_rows > 1 else 0
     return n_vocab_out * (_LOGITS_BYTES_PER_SESSION * config.max_sessions
-                          + _SCORED_ROW_BYTES * scored)
+                          + _SCORED_ROW_BYTES * _output_rows(config))
+
+
+def _output_rows(config: EngineConfig) -> int:
+    """The most rows one chunk at the last stage asks logits (or embeddings) for."""
+    return min(config.batch_tokens, max(config.output_rows, VERIFY_ROWS))
+
+
+def compute_bytes(n_embd: int, ffn_width: int, config: EngineConfig, *, n_vocab_out: int,
+                  n_layers: int, n_expert_used: int = 0) -> int:
+    """The pages of llama.cpp's compute buffer a full chunk touches: intermediates per row
+    in floats of width n_embd and n_ff, and in a mixture of experts each used expert's
+    output before they are summed (n_embd wide: the Qwen3-30B-A3B shape touched 56 MiB for
+    a 256-row chunk, 40 of them the n_ff-wide part, 16 the 8 experts' outputs). On the last
+    stage the last layer runs its
+    feed-forward only on the rows asked for (llama.cpp drops the others before it), so a
+    last stage of one layer takes the n_ff-wide part for those rows only; and the logits
+    of the widest chunk of outputs are a tensor of that buffer too, which a narrow stage's
+    intermediates do not cover (Gemma 3's one-layer last stage: 17 rows of 262k floats)."""
+    rows, last = config.batch_tokens, n_vocab_out > 1
+    ff_rows = min(rows, max(_output_rows(config), config.max_sessions)) \
+        if last and n_layers == 1 else rows
+    ff = _COMPUTE_FF_ROWS * ffn_width + n_expert_used * n_embd
+    layers = 4 * (rows * _COMPUTE_EMBD_ROWS * n_embd + ff_rows * ff)
+    return max(layers, 4 * n_vocab_out * _output_rows(config)) if last else layers
+
+
+def hidden_bytes(n_embd: int, config: EngineConfig, *, first: bool, last: bool) -> int:
+    """A full chunk's hidden states in a serving worker: received unless ``first``, sent
+    unless ``last``, each with its copies (``_WIRE_COPIES_IN``, ``_WIRE_COPIES_OUT``)."""
+    copies = (0 if first else _WIRE_COPIES_IN) + (0 if last else _WIRE_COPIES_OUT)
+    return copies * 4 * config.batch_tokens * n_embd
 
 
 def _estimate(*, weights: int, input_table: int, kv: int, n_vocab_out: int, n_embd: int,
-              ffn_width: int, config: EngineConfig, baseline: int | None = None
-              ) -> MemoryEstimate:
-    rows = config.batch_tokens
-    compute = 4 * rows * (_COMPUTE_FF_ROWS * ffn_width + _COMPUTE_EMBD_ROWS * n_embd)
+              ffn_width: int, n_expert_used: int, n_layers: int, first: bool,
+              config: EngineConfig, baseline: int | None = None) -> MemoryEstimate:
+    compute = compute_bytes(n_embd, ffn_width, config, n_vocab_out=n_vocab_out,
+                            n_layers=n_layers, n_expert_used=n_expert_used)
     return MemoryEstimate(baseline=baseline or PROCESS_BASELINE_BYTES, weights=weights,
                           kv_cache=kv, logits=logits_bytes(n_vocab_out, config),
                           compute=compute, input_table=input_table,
+                          hidden=hidden_bytes(n_embd, config, first=first,
+                                              last=n_vocab_out > 1),
                           vocab=_VOCAB_BYTES_PER_TOKEN * n_vocab_out if n_vocab_out > 1 else 0)
 
 
@@ -178,8 +226,9 @@ class StageMemory:
                          input_table=self._extra[start == 0, end == self.n_layers][1],
                          kv=self._kv_prefix[end] - self._kv_prefix[start],
                          n_vocab_out=facts.n_vocab if end == self.n_layers else 1,
-                         n_embd=facts.n_embd, ffn_width=facts.ffn_width, config=self.config,
-                         baseline=baseline)
+                         n_embd=facts.n_embd, ffn_width=facts.ffn_width,
+                         n_expert_used=facts.n_expert_used, n_layers=end - start,
+                         first=start == 0, config=self.config, baseline=baseline)
 
 
 def estimate_stage(facts: ModelFacts, layers: LayerRange, config: EngineConfig,
@@ -201,4 +250,6 @@ def estimate_shard(shard: ModelFacts, config: EngineConfig, baseline: int | None
     return _estimate(weights=sum(t.n_bytes for t in shard.tensors), input_table=table,
                      kv=sum(_kv_bytes(shard, config)),
                      n_vocab_out=shard.n_vocab, n_embd=shard.n_embd,
-                     ffn_width=shard.ffn_width, config=config, baseline=baseline)
+                     ffn_width=shard.ffn_width, n_expert_used=shard.n_expert_used,
+                     n_layers=shard.n_layers,
+                     first=StageRole.of(shard).is_first, config=config, baseline=baseline)

@@ -68,7 +68,7 @@ def _measure(folder: Path, threads: int) -> int:
     finally:
         model.unlink(missing_ok=True)
     gc.collect()
-    _trim_heap()
+    trim_heap()
     return resident_bytes()
 
 
@@ -84,7 +84,7 @@ def resident_bytes() -> int:
     return 0
 
 
-def _trim_heap() -> None:
+def trim_heap() -> None:
     """Give freed heap pages back to the system (glibc), so the figure is what stays."""
     name = ctypes.util.find_library("c")
     libc = ctypes.CDLL(name) if name else None
