@@ -279,10 +279,11 @@ def main() -> None:
                      + (", a draft model)" if args.draft else ")"))
         shipped = resolve_model("smollm2-135m", progress=False)
         model = shipped if args.shipped else requantized_model(shipped)
-        if args.gemma:
-            model = fetched_model("gemma3-270m")
+        template = None
+        if args.gemma:  # its file has no chat template: llama.cpp's own "gemma" one
+            model, template = fetched_model("gemma3-270m"), "gemma"
         with Tokenizer.from_gguf(model) as tok:
-            prompts = {t: tok.encode_chat([{"role": "user", "content": m}])
+            prompts = {t: tok.encode_chat([{"role": "user", "content": m}], template=template)
                        for t, m in TASKS.items()}
         pipeline_main(args, model, prompts,
                       draft_model(args.draft, shipped) if args.draft else None)

@@ -193,6 +193,8 @@ def test_bets_chain_over_three_stages_and_a_lost_one_takes_the_later_ones_with_i
                     depth=2)
     sent = Chunk("p", "s", chunk=3, start_pos=10, tokens=(1, 2), want_token=True,
                  drafted=1, draft_k=1, draft_ahead=True, ring_left=8)
+    for _ in range(8):
+        feed._score("s", won=True)  # a session whose bets have been winning
     first = next_step(sent, Verdict(1, 3), (4,))
     feed.send_ahead(first)
     assert feed.can_send_ahead(sent), "two stages before this one: two bets"
@@ -209,8 +211,9 @@ def test_bets_chain_over_three_stages_and_a_lost_one_takes_the_later_ones_with_i
     assert feed.bets("s") == []
     assert feed.stale(ahead_second), "the lost bet comes first and is dropped"
     assert not feed.stale(real), "then the real step"
-    feed.send_ahead(first)
-    feed.send_ahead(second)
+    for _ in range(8):
+        feed._score("s", won=True)
+    assert feed.send_ahead(first) and feed.send_ahead(second)
     feed.send(sent, lost, ())  # again, lost at once: both bets of the chain stale
     assert feed.stale(replace(first, ahead=True))
     assert not feed.stale(replace(first, ahead=False)), "the real step came: marks cleared"
@@ -251,3 +254,20 @@ def test_no_step_goes_ahead_without_a_ring_drafts_or_the_ask():
     assert policy.batchable(plain, 10)
     assert not policy.batchable(replace(plain, ahead=True), 10), \
         "a step sent ahead is never batched: the last stage may drop it"
+
+
+def test_bets_stop_while_they_lose_and_come_back_when_they_would_have_won():
+    """A lost bet is not free (the real step waits behind it at stage 0): a session whose
+    bets lose stops betting; the bets it does not place are still scored against the
+    verdicts, and when they would have won, betting resumes."""
+    feed, link = _feed()
+    sent = Chunk("p", "s", chunk=3, start_pos=10, tokens=(1, 2), want_token=True,
+                 drafted=1, draft_k=1, draft_ahead=True, ring_left=50)
+    bet = next_step(sent, Verdict(1, 3), (4,))
+    assert feed.send_ahead(bet), "even odds at first: one bet"
+    feed.send(sent, Verdict(0, 9), ())  # lost
+    assert not feed.send_ahead(bet), "after a loss, no bet"
+    assert len(link.sent) == 2  # the bet and the real step
+    feed.send(sent, Verdict(1, 3), (4,))  # the bet not placed would have won
+    assert len(link.sent) == 3, "the real step goes, since no bet was placed"
+    assert feed.send_ahead(bet), "it would have won: betting again"

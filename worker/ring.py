@@ -23,6 +23,9 @@ from orchcore.wire.channel import StreamClosedError
 from worker.downstream import DownstreamLink
 
 _ENDED_KEPT = 4096  # sessions remembered as ended, to drop ring chunks still on their way
+BET_ODDS_PRIOR = 0.5  # a session's odds that a bet wins, before any verdict
+BET_ODDS_WEIGHT = 0.25  # how much each verdict moves them (a moving average)
+BET_ODDS_MIN = 0.5  # a bet goes only at these odds or better (a chain: their power)
 
 
 def _pending_at(chunk: Chunk, verdict: Verdict) -> int:
@@ -75,6 +78,8 @@ class RingFeed:
         self.depth = depth  # bets in flight per session at most: the stages before this one
         self._ahead: dict[str, list[Chunk]] = {}  # per session: steps sent before verdicts
         self._stale: dict[str, set[int]] = {}  # per session: numbers of ahead steps to drop
+        self._odds: dict[str, float] = {}  # per session: how often its bets win, lately
+        self._unsent: dict[str, Chunk] = {}  # per session: the bet not placed, to score it
 
     def can_send_ahead(self, chunk: Chunk) -> bool:
         """Whether steps after ``chunk`` may go before the verdict on it: a lone ring chunk
@@ -88,12 +93,26 @@ class RingFeed:
         """The steps of ``session`` sent ahead and not yet resolved, in order."""
         return list(self._ahead.get(session, ()))
 
-    def send_ahead(self, step: Chunk) -> None:
+    def send_ahead(self, step: Chunk) -> bool:
         """Send ``step`` (the ring's step after a chunk whose verdict is not in yet, built
-        for the verdict assumed) to stage 0 now, marked ``ahead``."""
+        for the verdict assumed) to stage 0 now, marked ``ahead``, if the session's bets
+        have won often enough lately for one more in its chain to pay (a lost bet is not
+        free: the real step waits while stage 0 finishes it). A bet not placed is kept to
+        be scored against the verdict all the same. Returns whether it went."""
         step = replace(step, ahead=True)
-        self._ahead.setdefault(step.session, []).append(step)
+        placed = self._ahead.setdefault(step.session, [])
+        odds = self._odds.get(step.session, BET_ODDS_PRIOR)
+        if odds ** (len(placed) + 1) < BET_ODDS_MIN:
+            if not placed:
+                self._unsent[step.session] = step
+            return False
+        placed.append(step)
         self._send(step)
+        return True
+
+    def _score(self, session: str, won: bool) -> None:
+        odds = self._odds.get(session, BET_ODDS_PRIOR)
+        self._odds[session] = odds + BET_ODDS_WEIGHT * (won - odds)
 
     def send(self, chunk: Chunk, verdict: Verdict, drafts: tuple[int, ...] = ()) -> None:
         """Send the ring's step after ``chunk`` to stage 0, if the ring goes on, unless the
@@ -101,8 +120,14 @@ class RingFeed:
         bets after it stand. Otherwise every bet in flight is marked stale (each built on
         this one), and dropped here when it arrives."""
         step = next_step(chunk, verdict, drafts)
+        real = None if step is None else replace(step, ahead=True)  # as a bet on it reads
+        unsent = self._unsent.pop(chunk.session, None)
+        if unsent is not None and unsent.chunk == chunk.chunk + 1:
+            self._score(chunk.session, unsent == real)
         bets = self._ahead.pop(chunk.session, [])
-        if bets and step is not None and replace(step, ahead=True) == bets[0]:
+        if bets:
+            self._score(chunk.session, bets[0] == real)
+        if bets and bets[0] == real:
             if len(bets) > 1:
                 self._ahead[chunk.session] = bets[1:]
             return
@@ -141,8 +166,8 @@ class RingFeed:
 
     def ended(self, session: str) -> None:
         self._ended[session] = None
-        self._ahead.pop(session, None)
-        self._stale.pop(session, None)
+        for kept in (self._ahead, self._stale, self._odds, self._unsent):
+            kept.pop(session, None)
         if len(self._ended) > _ENDED_KEPT:
             del self._ended[next(iter(self._ended))]
 

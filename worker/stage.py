@@ -284,9 +284,8 @@ class Stage:
                 return
             room = ring_draft_room(last, assumed, config.context_tokens, config.batch_tokens)
             step = next_step(last, assumed, self.verdicts.draft_after(chain, assumed, room))
-            if step is None:
+            if step is None or not self.ring.send_ahead(step):
                 return
-            self.ring.send_ahead(step)
             chain.append(step)
 
     def _set_fault(self, exc: BaseException) -> None:

@@ -115,38 +115,34 @@ def choose_draft_length(acceptance: float, costs: PassCosts,
     return best if gain(best) >= min_gain else 0
 
 
-def replayed_speedup(looks: Sequence[Lookahead], k: int, costs: PassCosts,
-                     stages: int = 0) -> float:
+def replayed_speedup(looks: Sequence[Lookahead], k: int, costs: PassCosts) -> float:
     """Speculative over plain tokens/s, had the passes over ``looks`` (what the drafter
     proposed at each position of an answer, and what the target then chose) drafted up to
-    ``k``: each pass keeps the drafts that matched and adds one, and costs ``c(rows)``
-    steps and the link; with ``stages`` (passes sent ahead), a pass after a won bet (every
-    draft and the guess after them kept) costs ``ahead_pass_ms``. Measured, not modelled:
-    bursts of good drafts and positions with no proposal count as they came."""
+    ``k``, one pass at a time: each pass keeps the drafts that matched and adds one, and
+    costs ``c(rows)`` steps and the link. Measured, not modelled: bursts of good drafts and
+    positions with no proposal count as they came. Passes sent ahead are not counted: what
+    they gain is a bonus on top, and their lost bets are not free."""
     if k == 0 or not looks:
         return 1.0
-    tokens, spent, won, i = 0, 0.0, False, 0
+    tokens, spent, i = 0, 0.0, 0
     while i < len(looks):
         look = looks[i]
         drafted = min(k, look.proposed)
         kept = min(look.matched, drafted)
-        rows = drafted + 1
-        spent += (ahead_pass_ms(costs, rows, stages) if won and stages >= 2 else
-                  costs.rows_cost(rows) * costs.step_ms + costs.link_ms)
+        spent += costs.rows_cost(drafted + 1) * costs.step_ms + costs.link_ms
         spent += drafted * costs.draft_ms
-        won = drafted > 0 and look.matched > drafted
         tokens += kept + 1
         i += kept + 1
     return tokens * (costs.step_ms + costs.link_ms) / spent
 
 
 def choose_by_replay(looks: Sequence[Lookahead], costs: PassCosts,
-                     lengths: tuple[int, ...] = DRAFT_LENGTHS, min_gain: float = MIN_GAIN,
-                     stages: int = 0) -> int:
+                     lengths: tuple[int, ...] = DRAFT_LENGTHS,
+                     min_gain: float = MIN_GAIN) -> int:
     """The draft length whose replay over ``looks`` gains most, or 0 (speculation off)
     when even that gains less than ``min_gain``."""
     def gain(k: int) -> float:
-        return replayed_speedup(looks, k, costs, stages)
+        return replayed_speedup(looks, k, costs)
 
     best = max(lengths, key=lambda k: (gain(k), -k))
     return best if gain(best) >= min_gain else 0

@@ -326,10 +326,7 @@ class RunningModel:
         if session.ring is not None:
             chunk, ring_left = session.ring.chunk, session.ring.left
         else:
-            ahead = (self.settings.speculate_ahead and self.settings.token_ring
-                     and not self.speculator.drafts_here)
-            session.draft_k = self.speculator.choose(
-                session, ahead_stages=len(self.plan.stages) if ahead else 0)
+            session.draft_k = self.speculator.choose(session)
             ring = self.settings.token_ring and not (session.draft_k
                                                      and self.speculator.drafts_here)
             ring_left = TokenRing.length(ring, session.limit, len(session.generated))

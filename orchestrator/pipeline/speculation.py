@@ -152,9 +152,8 @@ class Speculator:
         """The most tokens a ring runs before this side decides again (None: no limit)."""
         return AUTO_SEGMENT if self.mode.kind == "auto" else None
 
-    def choose(self, session: Session, ahead_stages: int = 0) -> int:
-        """Drafts per pass for ``session``'s next passes (0: plain decoding);
-        ``ahead_stages``: the stages passes sent ahead overlap over (0: one at a time)."""
+    def choose(self, session: Session) -> int:
+        """Drafts per pass for ``session``'s next passes (0: plain decoding)."""
         if not self.mode.on or not speculation_allowed(session.sampling):
             return 0
         if self.mode.kind == "ngram" or self.mode.model_drafts:
@@ -165,7 +164,7 @@ class Speculator:
         if len(window) < REPLAY_MIN:
             return 0  # nothing measured yet: plain, until the answer shows what drafts meet
         lengths = tuple(k for k in AUTO_LENGTHS if k <= self.mode.k)
-        return choose_by_replay(window, self.costs, lengths, stages=ahead_stages)
+        return choose_by_replay(window, self.costs, lengths)
 
     def _window(self, session: Session) -> list[Lookahead]:
         """The latest ``REPLAY_WINDOW`` positions with what prompt lookup proposed there:
