@@ -42,13 +42,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-AUTO_SEGMENT = 16  # tokens of a ring between two decisions of auto
-AUTO_LENGTHS = (1, 2, 3, 4, 6, 8)  # K auto chooses from: batch sizes measured up to 9 rows
+AUTO_SEGMENT = 8  # tokens of a ring between two decisions of auto: a burst of good drafts
+#                   ends without warning, and a long K costs c(K+1) a token until then
+AUTO_LENGTHS = (1, 2, 3, 4)  # K auto chooses from: past 4, a burst gains little more on a
+#                              CPU (c(9) is 1.5-2x c(5)) and its end costs that much more
 COST_ROWS = (1, 2, 3, 5, 9)  # verification batch sizes timed by measure_costs
 COST_REPEATS = 3
-REPLAY_WINDOW = 128  # positions of the latest answers auto replays to choose K
+REPLAY_WINDOW = 32  # positions of the latest answers auto replays to choose K: recent
+#                     ones only, so that the end of a burst shows within a segment or two
 REPLAY_MIN = 4  # positions measured before auto speculates at all
-REPLAY_DEPTH = max(AUTO_LENGTHS) + 1  # the longest draft, and the guess of a bet after it
+REPLAY_DEPTH = max(AUTO_LENGTHS)  # the longest draft
 
 
 @dataclass(frozen=True)
