@@ -91,7 +91,7 @@ def main() -> None:
     out.print("[bold]A projection from published numbers and the cost model, not a "
               "measurement[/]")
     table = Table(title=f"{STAGES} Raspberry Pi 5s in a pipeline, 1 GbE; prompt lookup")
-    for col in ("model", "c(2) c(5) c(9)", "plain tok/s", "task (a)", "auto's K",
+    for col in ("model", "c(2) c(5) c(9)", "plain tok/s", "task (a)", "best K",
                 "sync tok/s (same K)", "ahead tok/s", "x", "distributed-llama tok/s"):
         table.add_column(col, justify="right")
     for shape in SHAPES:
@@ -101,7 +101,7 @@ def main() -> None:
                           step_ms=step_ms, link_ms=STAGES * hop)
         plain = 1e3 / (step_ms + costs.link_ms)
         for i, (task, a) in enumerate(TASKS.items()):
-            k = choose_draft_length(a, costs, stages=STAGES)  # what auto picks; 0: off
+            k = choose_draft_length(a, costs, stages=STAGES)  # the model's best K; 0: off
             sync = plain * predicted_speedup(a, k, costs)
             ahead = plain * predicted_speedup(a, k, costs, stages=STAGES)
             table.add_row(shape.name if i == 0 else "",
