@@ -151,11 +151,11 @@ def compute_bytes(n_embd: int, ffn_width: int, config: EngineConfig, *, n_vocab_
     in floats of width n_embd and n_ff, and in a mixture of experts each used expert's
     output before they are summed (n_embd wide: the Qwen3-30B-A3B shape touched 56 MiB for
     a 256-row chunk, 40 of them the n_ff-wide part, 16 the 8 experts' outputs). On the last
-    stage the last layer runs its
-    feed-forward only on the rows asked for (llama.cpp drops the others before it), so a
-    last stage of one layer takes the n_ff-wide part for those rows only; and the logits
-    of the widest chunk of outputs are a tensor of that buffer too, which a narrow stage's
-    intermediates do not cover (Gemma 3's one-layer last stage: 17 rows of 262k floats)."""
+    stage the last layer runs its feed-forward only on the rows asked for (llama.cpp drops
+    the others before it), so a last stage of one layer takes the n_ff-wide part for those
+    rows only; and the logits of the widest chunk of outputs are a tensor of that buffer
+    too, which a narrow stage's intermediates do not cover (Gemma 3's one-layer last stage:
+    17 rows of 262k floats)."""
     rows, last = config.batch_tokens, n_vocab_out > 1
     ff_rows = min(rows, max(_output_rows(config), config.max_sessions)) \
         if last and n_layers == 1 else rows
