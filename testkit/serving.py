@@ -21,16 +21,19 @@ def free_port() -> int:
 
 
 @contextmanager
-def running(app: Any) -> Iterator[str]:
-    """``app`` served by uvicorn on loopback, in a thread; its base URL."""
+def running(app: Any, *, scheme: str = "http", log_level: str = "critical",
+            **config: Any) -> Iterator[str]:
+    """``app`` served by uvicorn on loopback, in a thread; its base URL. ``config``: more of
+    uvicorn's settings (``ssl_certfile``, ``ssl_keyfile`` for HTTPS)."""
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="critical"))
+                                           log_level=log_level, **config))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    wait_until(lambda: server.started, 20, "the server to start")
+    wait_until(lambda: server.started or not thread.is_alive(), 30, "the server to start")
+    assert server.started, "the server stopped before it started serving"
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"{scheme}://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=10)

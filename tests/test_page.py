@@ -8,21 +8,19 @@ browser serves the whole module."""
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import uvicorn
 
 from orchestrator.cluster.client import WorkerClient
 from orchestrator.pipeline.session import RunningModel
 from orchestrator.serve.app import create_app
 from orchestrator.settings import OrchSettings
 from testkit.cluster import open_model, worker_server
+from testkit.serving import running
 
 QUESTION = "What is the capital of France?"
 KEY = "page-key-123"
@@ -32,26 +30,11 @@ PHONE, DESKTOP = (390, 844), (1280, 800)
 LEFT_OUT = "older messages were left out to fit the model's memory"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def serving(model: RunningModel, settings: OrchSettings) -> Iterator[str]:
     """``orch serve``'s app over ``model`` on a free loopback port; yields its base URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(model, "smollm2", settings),
-                                           host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    until(lambda: server.started, "the server did not start")
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with running(create_app(model, "smollm2", settings), log_level="warning") as base:
+        yield base
 
 
 def until(check: Callable[[], object], what: str, timeout_s: float = WAIT_S) -> object:

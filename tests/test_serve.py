@@ -19,24 +19,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-import uvicorn
 
 from orchestrator.cluster.client import WorkerClient
 from orchestrator.serve.app import create_app
 from orchestrator.serve.gate import ApiError, Gate
 from orchestrator.settings import OrchSettings
 from testkit.cluster import open_model, worker_server
+from testkit.serving import running
 from testkit.waiting import wait_until
 
 QUESTION = "What is the capital of France?"
 KEY = "test-key-123"
 TOKEN = "serve-test-token"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -47,18 +41,8 @@ def served(smollm2_path, tmp_path_factory) -> Iterator[dict]:
             open_model(smollm2_path, [a, b], TOKEN, root, max_sessions=2,
                        context_tokens=1024) as model:
         settings = OrchSettings.load(api_key=KEY, serve_queue=4, max_tokens=24)
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(create_app(model, "smollm2", settings),
-                                               host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        wait_until(lambda: server.started or not thread.is_alive(), 30, "the API server to start")
-        assert server.started, "the API server stopped before it started serving"
-        try:
-            yield {"base": f"http://127.0.0.1:{port}", "workers": [a, b], "model": model}
-        finally:
-            server.should_exit = True
-            thread.join(timeout=10)
+        with running(create_app(model, "smollm2", settings), log_level="warning") as base:
+            yield {"base": base, "workers": [a, b], "model": model}
 
 
 @pytest.fixture
@@ -212,20 +196,10 @@ def test_a_dead_worker_ends_the_stream_with_an_error_and_stops_the_server(
     last = worker_server(tmp_path / "b", token=TOKEN)  # stopped mid-answer below
     with worker_server(tmp_path / "a", token=TOKEN) as a:
         b = last.__enter__()
-        with open_model(smollm2_path, [a, b], TOKEN, tmp_path, max_sessions=1) as model:
-            settings = OrchSettings.load(max_tokens=400)
-            port = free_port()
-            server = uvicorn.Server(uvicorn.Config(create_app(model, "m", settings,
-                                                              broken.append),
-                                                   host="127.0.0.1", port=port,
-                                                   log_level="critical"))
-            thread = threading.Thread(target=server.run, daemon=True)
-            thread.start()
-            wait_until(lambda: server.started or not thread.is_alive(), 30,
-                       "the API server to start")
-            assert server.started, "the API server stopped before it started serving"
-            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
-                                   max_retries=0)
+        with open_model(smollm2_path, [a, b], TOKEN, tmp_path, max_sessions=1) as model, \
+                running(create_app(model, "m", OrchSettings.load(max_tokens=400),
+                                   broken.append)) as base:
+            client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
             stream = client.completions.create(model="m", prompt="Once upon a time",
                                                max_tokens=400, stream=True)
             with pytest.raises(openai.APIError, match="worker") as failed:
@@ -233,6 +207,4 @@ def test_a_dead_worker_ends_the_stream_with_an_error_and_stops_the_server(
                     if i == 2:  # the last stage's worker goes away mid-answer
                         threading.Thread(target=last.__exit__, args=(None, None, None)).start()
             assert b not in str(failed.value), "the client is told the server's own details"
-            server.should_exit = True
-            thread.join(timeout=10)
     assert broken and b in broken[0]

@@ -11,17 +11,15 @@ import ssl
 import stat
 import subprocess
 import sys
-import threading
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-import uvicorn
 from fastapi import FastAPI
 
 from orchestrator.serve.guard import ApiKeyGuard
 from orchestrator.serve.tls import tls_files
+from testkit.serving import running
 
 
 def test_a_self_signed_certificate_is_made_once_and_kept(tmp_path, monkeypatch) -> None:
@@ -43,31 +41,19 @@ def test_https_with_the_pinned_certificate(tmp_path, monkeypatch) -> None:
     async def models() -> dict:
         return {"data": []}
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="critical", ssl_certfile=str(files.cert),
-                                           ssl_keyfile=str(files.key)))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    try:
+    with running(app, scheme="https", ssl_certfile=str(files.cert),
+                 ssl_keyfile=str(files.key)) as base:
+        port = int(base.rsplit(":", 1)[1])
         context = ssl.create_default_context()
         context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # pinned below
         with socket.create_connection(("127.0.0.1", port)) as raw, \
                 context.wrap_socket(raw) as tls:
             presented = hashlib.sha256(tls.getpeercert(binary_form=True)).hexdigest()
         assert presented == files.fingerprint
-        request = urllib.request.Request(f"https://127.0.0.1:{port}/v1/models",
+        request = urllib.request.Request(f"{base}/v1/models",
                                          headers={"Authorization": "bearer k"})
         with urllib.request.urlopen(request, context=context, timeout=10) as reply:
             assert reply.status == 200
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def orch_serve(*args: str, cache: Path) -> subprocess.CompletedProcess[str]:
