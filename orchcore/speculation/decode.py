@@ -168,10 +168,11 @@ def lookaheads(drafter: Drafter, prompt: Sequence[int], answer: Sequence[int], s
     too, each cut to the tokens known. A drafter's k proposals are the first k of its
     ``depth`` (prompt lookup's are), so one lookahead serves every draft length."""
     out = []
+    tokens = [*prompt, *answer]  # the context at position i is its first len(prompt) + i + 1
     stop = len(answer) - 1 if partial else len(answer) - depth
     for i in range(start, stop):
         known = answer[i + 1:i + 1 + depth]
-        proposal = drafter.propose([*prompt, *answer[:i + 1]], len(known)).tokens
+        proposal = drafter.propose(tokens[:len(prompt) + i + 1], len(known)).tokens
         matched = 0
         while matched < len(proposal) and proposal[matched] == known[matched]:
             matched += 1
