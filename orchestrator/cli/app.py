@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import NoReturn
 
 import typer
@@ -39,6 +40,14 @@ def setting_option(field: str, *flags: str) -> typer.models.OptionInfo:
     shown = "" if default is None else f"default {default}; "
     return typer.Option(*flags, help=f"{info.description} ({shown}env ORCH_{field.upper()})",
                         show_default=False)
+
+
+def note_on(out: Console) -> Callable[[str], None]:
+    """What a command prints for a note (a model's store, a fetch): one yellow line."""
+    def note(text: str) -> None:
+        out.print(f"[yellow]note:[/] {text}", highlight=False)
+
+    return note
 
 
 def fail(exc: OrchError) -> NoReturn:

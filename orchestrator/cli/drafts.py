@@ -15,6 +15,7 @@ from orchcore.errors import InvalidSettingError, ModelNotFoundError
 from orchcore.facts import read_model_facts
 from orchcore.paths import cache_dir
 from orchcore.shard import write_exit_shard
+from orchestrator.cli.app import note_on
 from orchestrator.models.store import Store
 from orchestrator.pipeline.drafting import HostDraft
 from orchestrator.settings import OrchSettings
@@ -30,8 +31,7 @@ def open_draft(stack: ExitStack, settings: OrchSettings, target: Path, err: Cons
     if mode.kind == "early":
         path = exit_shard(target, mode.exit_layers, whole, err)
     elif mode.draft_model is not None:
-        store = Store(notify=lambda text: err.print(f"[yellow]note:[/] {text}",
-                                                    highlight=False))
+        store = Store(notify=note_on(err))
         try:
             path = store.resolve(mode.draft_model)
         except ModelNotFoundError as exc:

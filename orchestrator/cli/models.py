@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from orchcore.errors import OrchError
-from orchestrator.cli.app import app, console, err, fail, setup_logging
+from orchestrator.cli.app import app, console, err, fail, note_on, setup_logging
 from orchestrator.settings import OrchSettings
 
 
@@ -23,7 +23,7 @@ def pull(target: Annotated[str, typer.Argument(
     setup_logging(False)
     from orchestrator.models.store import Store
 
-    store = Store(notify=lambda text: err.print(f"[yellow]note:[/] {text}", highlight=False))
+    store = Store(notify=note_on(err))
     try:
         path = store.resolve(target)
         stamp = store.stamp(path)

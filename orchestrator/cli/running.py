@@ -37,6 +37,7 @@ from orchcore.facts import ModelFacts, read_model_facts
 from orchcore.memory import default_budget
 from orchcore.paths import cache_dir
 from orchcore.probe import layer_shape
+from orchestrator.cli.app import note_on
 from orchestrator.cli.drafts import open_draft
 from orchestrator.cluster.discover import discover
 from orchestrator.cluster.local import LocalCluster
@@ -299,16 +300,14 @@ class RichProgress:
         return advance
 
     def note(self, text: str) -> None:
-        self.err.print(f"[yellow]note:[/] {text}", highlight=False)
+        note_on(self.err)(text)
 
 
 def locate_model(target: str, settings: OrchSettings, err: Console
                  ) -> tuple[Path, FromSource | None]:
     """The model's file here, or (``settings.fetch`` permitting) a copy of its headers read
     from where it is published, with the source the workers fetch their slices from."""
-    def notify(text: str) -> None:
-        err.print(f"[yellow]note:[/] {text}", highlight=False)
-
+    notify = note_on(err)
     store = Store(notify=notify)
     first = None
     if settings.fetch != "orchestrator":
